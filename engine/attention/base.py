@@ -1,0 +1,101 @@
+"""The attention-backend contract and the per-step metadata every backend reads.
+
+Field names follow FlashInfer's arguments so that a FlashInfer backend passes them straight on.
+KV pool layout per layer: `[num_pages, 2, page_size, num_kv_heads, head_dim]` (NHD; index 0 = K,
+1 = V). A request's KV is the concatenation of its pages `kv_indices[kv_indptr[b]:kv_indptr[b+1]]`,
+the last one filled to `kv_last_page_len[b]`. The KV lengths include this step's new tokens: the
+backend writes the new K/V first, then attends. Queries are the last `qo_len` tokens of their
+request, so the causal mask is aligned to the bottom right:
+query i sees kv j <= kv_len - qo_len + i.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CascadeLevel:
+    """One level of a cascade: attention of a run of queries over a run of pages.
+
+    Entry g covers queries `qo_indptr[g]:qo_indptr[g+1]` and pages `kv_indices[kv_indptr[g]:...]`.
+    In the shared-prefix level an entry is a group of requests (all their queries) and its shared
+    full pages; in the last level an entry is one request and its own pages.
+    """
+
+    qo_indptr: torch.Tensor  # [G+1] int32
+    kv_indptr: torch.Tensor  # [G+1] int32
+    kv_indices: torch.Tensor  # [nnz_pages] int32
+    kv_last_page_len: torch.Tensor  # [G] int32, in 1..page_size
+
+
+@dataclass
+class AttentionMetadata:
+    qo_indptr: torch.Tensor  # [B+1] int32: request b's queries are q[qo_indptr[b]:qo_indptr[b+1]]
+    kv_indptr: torch.Tensor  # [B+1] int32
+    kv_indices: torch.Tensor  # [nnz_pages] int32
+    kv_last_page_len: torch.Tensor  # [B] int32, in 1..page_size
+    slot_mapping: torch.Tensor  # [T] int64: page * page_size + offset for each new token's K/V
+    positions: torch.Tensor  # [T] int64
+    page_size: int
+    num_decode_only: bool  # True when every request has exactly one query token
+    # Host mirrors, so that python-side planning never syncs with the device.
+    qo_indptr_host: list[int]
+    kv_lens_host: list[int]
+    # Cascade (decode batches only): the first `num_cascade_reqs` requests are covered by
+    # `cascade` levels (shared prefix first, own suffix last); the rest use plain decode.
+    cascade: list[CascadeLevel] | None = None
+    num_cascade_reqs: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.kv_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.qo_indptr_host[-1]
+
+
+class AttentionBackend(ABC):
+    """Runs paged attention for one model.
+
+    Contract:
+    - `plan(meta)` is called once per step, before any layer runs; it may build index buffers
+      or kernel plans. It must not read the KV pool.
+    - `forward(layer, q, k, v, kv_cache)` is called once per layer with q `[T, Hq, D]`,
+      k and v `[T, Hkv, D]` (rotary already applied) and that layer's pool tensor. It writes
+      k and v into the pool at `meta.slot_mapping`, then returns attention output `[T, Hq, D]`
+      (scaled dot product, scale 1/sqrt(D), causal as described in this module's docstring).
+    - With `meta.cascade` set, the result must equal plain attention up to rounding.
+    """
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, **_: object) -> None:
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.scale = head_dim ** -0.5
+        self.meta: AttentionMetadata | None = None
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor) -> torch.Tensor: ...
+
+    def warmup(self) -> None:  # noqa: B027 - optional hook, most backends need none
+        """Compile or load kernels ahead of the first request (no-op for the torch backend)."""
+
+
+def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    page_size = kv_cache.shape[2]
+    pages, offsets = slot_mapping // page_size, slot_mapping % page_size
+    kv_cache[pages, 0, offsets] = k
+    kv_cache[pages, 1, offsets] = v

@@ -1,0 +1,112 @@
+"""TorchBackend: the CPU reference for paged attention, including cascade, in plain PyTorch.
+
+It loops over requests (and cascade groups) in Python: correctness first; the GPU runs FlashInfer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.attention.base import AttentionBackend, CascadeLevel, write_kv
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [n, Hq, D] over k, v [m, Hkv, D] (GQA: Hq a multiple of Hkv).
+
+    Causal aligns the queries with the last n keys. Returns out [n, Hq, D] (float32) and the
+    log-sum-exp of the scaled scores in base 2, [n, Hq], as FlashInfer reports it.
+    """
+    n, hq, _ = q.shape
+    m, hkv, _ = k.shape
+    group = hq // hkv
+    qf = q.float().view(n, hkv, group, -1)  # [n, Hkv, G, D]
+    scores = torch.einsum("nhgd,mhd->hgnm", qf, k.float()) * scale  # [Hkv, G, n, m]
+    if causal:
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hkv, G, n]
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    out = torch.einsum("hgnm,mhd->nhgd", probs, v.float()).reshape(n, hq, -1)
+    return out, (lse * LOG2E).permute(2, 0, 1).reshape(n, hq)
+
+
+def merge_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+                 lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial attention results over disjoint key sets (base-2 LSE)."""
+    lse = torch.logaddexp2(lse1, lse2)
+    w1 = torch.exp2(lse1 - lse).unsqueeze(-1)
+    w2 = torch.exp2(lse2 - lse).unsqueeze(-1)
+    return o1 * w1 + o2 * w2, lse
+
+
+def gather_kv(kv_cache: torch.Tensor, pages: torch.Tensor,
+              kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [kv_len, Hkv, D] of one run of pages."""
+    kv = kv_cache[pages]  # [P, 2, page_size, Hkv, D]
+    k = kv[:, 0].flatten(0, 1)[:kv_len]
+    v = kv[:, 1].flatten(0, 1)[:kv_len]
+    return k, v
+
+
+def level_kv_lens(level: CascadeLevel, page_size: int) -> list[int]:
+    indptr = level.kv_indptr.tolist()
+    last = level.kv_last_page_len.tolist()
+    return [0 if e == s else (e - s - 1) * page_size + ln
+            for s, e, ln in zip(indptr[:-1], indptr[1:], last)]
+
+
+class TorchBackend(AttentionBackend):
+    def plan(self, meta) -> None:
+        super().plan(meta)
+        # Host copies once per step, not once per layer.
+        self._kv_indptr = meta.kv_indptr.tolist()
+        self._levels = []
+        for level in meta.cascade or []:
+            self._levels.append((level.qo_indptr.tolist(), level.kv_indptr.tolist(),
+                                 level_kv_lens(level, meta.page_size), level))
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        meta = self.meta
+        write_kv(kv_cache, meta.slot_mapping, k, v)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        qo = meta.qo_indptr_host
+        first_plain = 0
+        if self._levels:
+            first_plain = meta.num_cascade_reqs
+            self._forward_cascade(q, kv_cache, out)
+        for b in range(first_plain, meta.batch_size):
+            pages = meta.kv_indices[self._kv_indptr[b]:self._kv_indptr[b + 1]]
+            kb, vb = gather_kv(kv_cache, pages, meta.kv_lens_host[b])
+            out[qo[b]:qo[b + 1]], _ = attend(q[qo[b]:qo[b + 1]], kb, vb, self.scale, causal=True)
+        return out.to(q.dtype)
+
+    def _forward_cascade(self, q: torch.Tensor, kv_cache: torch.Tensor,
+                         out: torch.Tensor) -> None:
+        """Each level attends its query runs over its pages; levels merge by LSE.
+
+        Only the last level can hold a query's own new token, so only it is causal.
+        """
+        end = self._levels[0][0][-1]
+        acc_o = acc_lse = None
+        for i, (qo, kv_indptr, kv_lens, level) in enumerate(self._levels):
+            causal = i == len(self._levels) - 1
+            o = torch.zeros(end, q.shape[1], q.shape[2], dtype=torch.float32, device=q.device)
+            lse = torch.full((end, q.shape[1]), float("-inf"), device=q.device)
+            for g in range(len(kv_lens)):
+                if kv_lens[g] == 0:
+                    continue
+                pages = level.kv_indices[kv_indptr[g]:kv_indptr[g + 1]]
+                kg, vg = gather_kv(kv_cache, pages, kv_lens[g])
+                o[qo[g]:qo[g + 1]], lse[qo[g]:qo[g + 1]] = attend(
+                    q[qo[g]:qo[g + 1]], kg, vg, self.scale, causal)
+            if acc_o is None:
+                acc_o, acc_lse = o, lse
+            else:
+                acc_o, acc_lse = merge_states(acc_o, acc_lse, o, lse)
+        out[:end] = acc_o

@@ -1,0 +1,124 @@
+"""Incremental detokenization of one request's output, with stop strings.
+
+Contract of `IncrementalDetokenizer`:
+
+- `push(token_ids)` returns the text delta those tokens add. Deltas followed by `flush()`
+  concatenate exactly to `tokenizer.decode(output_ids, skip_special_tokens=...)` when no stop
+  string matched; a character whose bytes are split across tokens is never emitted partially.
+- Stop strings (`params.stop`): the text ends just before the earliest-ending match (just after
+  it with `params.include_stop_str_in_output`), `finished_by_stop` turns True, and later pushes
+  return ''. A tail that could still grow into a stop string is held back until resolved, so a
+  stop string is never emitted partially.
+- `flush()` returns what is still held back (an unresolved stop-string prefix, or a trailing
+  undecodable byte sequence); call it once when the request ends for another reason.
+- `text` is everything emitted so far.
+
+Cost per push is independent of the output length: only a short window of recent tokens is
+decoded. The window runs from `_prefix` to the end; `_anchor` is the text of
+`ids[_prefix:_read]`, which has already been emitted. The new text is the window's decode minus
+the anchor, a diff that keeps context-dependent pieces (byte-level BPE bytes, leading spaces
+that some decoders strip at the start of a sequence) identical to a decode of the whole output.
+The prompt is not part of the window, so the output decodes as it would on its own.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from engine.sampling_params import SamplingParams
+
+_REPLACEMENT = "\ufffd"  # what a decoder yields for bytes that are not (yet) a whole character
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = list(params.stop)
+        self.include_stop = params.include_stop_str_in_output
+        self.finished_by_stop = False
+        self.output_ids: list[int] = []
+        self._prefix = 0  # window start (token index)
+        self._read = 0  # tokens before this index have had their text emitted
+        self._anchor = ""  # decode of output_ids[_prefix:_read]
+        self._held = ""  # decoded text held back as a possible stop-string prefix
+        self._emitted: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._emitted)
+
+    def push(self, token_ids: list[int]) -> str:
+        if self.finished_by_stop:
+            return ""
+        self.output_ids.extend(token_ids)
+        return self._emit(self._decode_new(final=False), final=False)
+
+    def flush(self) -> str:
+        if self.finished_by_stop:
+            return ""
+        return self._emit(self._decode_new(final=True), final=True)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _decode_new(self, final: bool) -> str:
+        """Text of the tokens after `_read`, or '' while it ends inside a character."""
+        if self._read == len(self.output_ids):
+            return ""
+        window = self._decode(self.output_ids[self._prefix :])
+        # A trailing U+FFFD may be a character whose remaining bytes are in the next token;
+        # wait for them. At the end of the request it is final, so release it then.
+        if window.endswith(_REPLACEMENT) and not final:
+            return ""
+        new = window[len(self._anchor) :]
+        self._prefix, self._read = self._read, len(self.output_ids)
+        self._anchor = self._decode(self.output_ids[self._prefix : self._read])
+        return new
+
+    def _emit(self, new: str, final: bool) -> str:
+        """Apply stop strings to held + new text; return the part that is safe to emit."""
+        buf = self._held + new
+        self._held = ""
+        if not buf:
+            return ""
+        match = self._find_stop(buf)
+        if match is not None:
+            start, end = match
+            self.finished_by_stop = True
+            out = buf[: end if self.include_stop else start]
+        else:
+            hold = 0 if final else self._stop_prefix_len(buf)
+            out, self._held = buf[: len(buf) - hold], buf[len(buf) - hold :]
+        self._emitted.append(out)
+        return out
+
+    def _find_stop(self, buf: str) -> tuple[int, int] | None:
+        """(start, end) of the match that ends first (ties: the longer one), or None.
+
+        Ending first is what a character-by-character stream would see first, so the result
+        does not depend on how the text was split into tokens. Earlier emitted text needs no
+        search: `_held` always covers every suffix of it that a stop string could start in.
+        """
+        best: tuple[int, int] | None = None
+        for s in self.stop:
+            i = buf.find(s)
+            if i >= 0 and (best is None or (i + len(s), i) < (best[1], best[0])):
+                best = (i, i + len(s))
+        return best
+
+    def _stop_prefix_len(self, buf: str) -> int:
+        """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
+        longest = max((len(s) for s in self.stop), default=0)
+        for k in range(min(len(buf), longest - 1), 0, -1):
+            tail = buf[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0

@@ -1,0 +1,136 @@
+"""Build the model and fill its weights from safetensors (memory-mapped) or at random (dummy).
+
+Checkpoint names map to ours through `WEIGHT_MAP`: q/k/v land in slices of the fused
+`qkv_proj`, gate/up in slices of `gate_up_proj`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.model import CausalLM
+from engine.model_arch import ModelArch
+
+# checkpoint name pattern -> (our name, shard) ; shard None = whole tensor
+WEIGHT_MAP: dict[str, tuple[str, str | None]] = {
+    r"model\.embed_tokens\.weight": ("embed_tokens.weight", None),
+    r"model\.norm\.weight": ("norm.weight", None),
+    r"lm_head\.weight": ("lm_head.weight", None),
+    r"model\.layers\.(\d+)\.input_layernorm\.weight": ("layers.{}.input_norm.weight", None),
+    r"model\.layers\.(\d+)\.post_attention_layernorm\.weight":
+        ("layers.{}.post_attn_norm.weight", None),
+    r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)": ("layers.{}.qkv_proj.{}", "q"),
+    r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)": ("layers.{}.qkv_proj.{}", "k"),
+    r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)": ("layers.{}.qkv_proj.{}", "v"),
+    r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight": ("layers.{}.o_proj.weight", None),
+    r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight": ("layers.{}.gate_up_proj.weight", "gate"),
+    r"model\.layers\.(\d+)\.mlp\.up_proj\.weight": ("layers.{}.gate_up_proj.weight", "up"),
+    r"model\.layers\.(\d+)\.mlp\.down_proj\.weight": ("layers.{}.down_proj.weight", None),
+}
+_COMPILED = [(re.compile(p + "$"), target) for p, target in WEIGHT_MAP.items()]
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def shard_rows(arch: ModelArch, shard: str) -> slice:
+    q, kv, inter = arch.q_size, arch.kv_size, arch.intermediate_size
+    return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv),
+            "gate": slice(0, inter), "up": slice(inter, 2 * inter)}[shard]
+
+
+def map_name(name: str) -> tuple[str, str | None] | None:
+    for pattern, (target, shard) in _COMPILED:
+        m = pattern.match(name)
+        if m:
+            return target.format(*m.groups()), shard
+    return None
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(cfg: ModelConfig, arch: ModelArch, max_positions: int) -> CausalLM:
+    # Built directly in the target dtype and device: no fp32 copy of a big model on the way.
+    with _default_dtype(cfg.torch_dtype), torch.device(cfg.device):
+        model = CausalLM(arch, max_positions)
+    model.rope.float()  # cos/sin tables stay fp32, like the checkpoint's reference code
+    if cfg.load_format == "dummy":
+        init_dummy_weights(model, cfg.seed)
+    else:
+        load_safetensors(model, Path(cfg.path), arch)
+    return model.eval().requires_grad_(False)
+
+
+def init_dummy_weights(model: CausalLM, seed: int) -> None:
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: listed in the safetensors index but missing")
+    return files
+
+
+def load_safetensors(model: CausalLM, path: Path, arch: ModelArch) -> None:
+    params = dict(model.named_parameters())
+    # Every (name, rows) a checkpoint must provide; lm_head comes from embed when tied.
+    expected: set[tuple[str, str | None]] = set()
+    for name in params:
+        if "qkv_proj" in name:
+            expected |= {(name, s) for s in ("q", "k", "v")}
+        elif "gate_up_proj" in name:
+            expected |= {(name, s) for s in ("gate", "up")}
+        elif not (name == "lm_head.weight" and arch.tie_word_embeddings):
+            expected.add((name, None))
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:  # memory-mapped
+            for ckpt_name in f.keys():
+                target = map_name(ckpt_name)
+                if target is None:
+                    if IGNORED.match(ckpt_name) or (ckpt_name == "lm_head.weight"
+                                                    and arch.tie_word_embeddings):
+                        continue
+                    raise ValueError(f"{file.name}: unexpected weight {ckpt_name!r}")
+                name, shard = target
+                if name not in params:
+                    raise ValueError(f"{file.name}: weight {ckpt_name!r} has no place in the "
+                                     f"model (mapped to {name!r})")
+                dest = params[name].data
+                if shard is not None:
+                    dest = dest[shard_rows(arch, shard)]
+                tensor = f.get_tensor(ckpt_name)
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise ValueError(f"{file.name}: shape mismatch for {ckpt_name!r}: checkpoint "
+                                     f"{tuple(tensor.shape)}, model expects {tuple(dest.shape)}")
+                dest.copy_(tensor)
+                expected.discard((name, shard))
+    if expected:
+        missing = sorted(f"{n}[{s}]" if s else n for n, s in expected)
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")

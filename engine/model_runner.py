@@ -1,0 +1,66 @@
+"""Runs one scheduled batch through the model: inputs, attention plan, forward, sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention.base import AttentionBackend
+from engine.attention.cascade import plan_cascade
+from engine.attention.metadata import build_metadata
+from engine.config import EngineConfig
+from engine.kv_pool import KVPool
+from engine.model import CausalLM
+from engine.sampler import Sampler
+from engine.scheduler import ModelOutput, ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, pool: KVPool, backend: AttentionBackend,
+                 cfg: EngineConfig, device: torch.device) -> None:
+        self.model = model
+        self.pool = pool
+        self.backend = backend
+        self.cfg = cfg
+        self.device = device
+        self.sampler = Sampler()
+        self.num_cascade_steps = 0
+        self.num_cascade_tokens = 0
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> ModelOutput:
+        if not batch.requests:
+            return ModelOutput([])
+        order = list(range(len(batch)))
+        plan = None
+        if all(n == 1 for n in batch.num_new_tokens):
+            plan = plan_cascade([r.block_table for r in batch.requests],
+                                [r.num_computed_tokens + 1 for r in batch.requests],
+                                self.pool.page_size, self.cfg.cascade)
+            if plan is not None:
+                order = plan.order
+                self.num_cascade_steps += 1
+                self.num_cascade_tokens += plan.num_cascade_reqs
+        reqs = [batch.requests[i] for i in order]
+        num_new = [batch.num_new_tokens[i] for i in order]
+        meta = build_metadata([r.block_table for r in reqs], [r.num_computed_tokens for r in reqs],
+                              num_new, self.pool.page_size, self.device, plan)
+        input_ids = []
+        for r, n in zip(reqs, num_new):
+            input_ids += r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + n]
+        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        self.backend.plan(meta)
+        hidden = self.model(ids, meta.positions, self.pool.layers, self.backend)  # [T, H]
+        # Only a request whose step reaches its last token samples one.
+        sampling = [i for i, (r, n) in enumerate(zip(reqs, num_new))
+                    if r.num_computed_tokens + n == r.num_tokens]
+        token_ids: list[int | None] = [None] * len(batch)
+        logprobs: list = [None] * len(batch)
+        if sampling:
+            last = torch.tensor([meta.qo_indptr_host[i + 1] - 1 for i in sampling],
+                                device=self.device)
+            logits = self.model.logits(hidden[last])  # [S, vocab]
+            out = self.sampler.sample(logits, [reqs[i] for i in sampling])
+            for i, tok, lp in zip(sampling, out.token_ids, out.logprobs):
+                token_ids[order[i]] = tok
+                logprobs[order[i]] = lp
+        return ModelOutput(token_ids, logprobs)

@@ -1,0 +1,51 @@
+"""A request's state as plain data: token ids and integer progress counters, no phase flags.
+
+The phase is what the counters say: `num_computed_tokens < num_prompt_tokens` is prefill,
+`num_tokens - num_computed_tokens == 1` is a decode step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)  # one TokenLogprob per output token
+    num_computed_tokens: int = 0  # tokens whose KV is in the pool
+    num_cached_tokens: int = 0  # tokens found in the prefix cache (stats)
+    block_table: list[int] = field(default_factory=list)  # page ids, in token order
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks
+    num_preemptions: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    arrival: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

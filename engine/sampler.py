@@ -1,0 +1,177 @@
+"""Turns one step's logits into one token per request (plus optional logprobs).
+
+Contract of `Sampler.sample(logits [B, V], requests) -> SamplerOutput`, row b for requests[b]:
+
+1. Repetition penalty (CTRL / HF style) over the set of prompt + output token ids: positive
+   logits are divided by the penalty, negative ones multiplied.
+2. Greedy rows (`params.greedy`: temperature 0 or top_k 1) take `torch.argmax` of the penalised
+   logits, bit for bit what HF's greedy `generate` picks.
+3. Other rows: divide by the temperature, keep the top-k, then the nucleus (the smallest set of
+   most likely tokens whose probability sums to >= top_p; the top token always stays), and draw.
+4. Draws are inverse-CDF lookups of one uniform number per row. A seeded request's number is a
+   pure function of (seed, len(output_token_ids)), so a replay on another replica or after a
+   preemption draws the same token; unseeded rows take theirs from torch's global CPU RNG.
+5. `params.logprobs = n` reports the chosen token's logprob and the top-n alternatives from the
+   log-softmax of the RAW logits (before penalty and temperature), as OpenAI reports them.
+
+Everything runs batched on the logits' device; the only device-to-host copy is the one at the
+end that turns the results into Python lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.request import Request
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # one per request
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit ints that scatters nearby inputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`; on CUDA via pinned memory so the copy is
+    queued on the stream instead of making the host wait for the kernels before it."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def seeded_uniform(seed: int, step: int) -> float:
+    """The uniform number in [0, 1) that a request with `seed` draws at output position `step`.
+
+    Stateless on purpose: no generator object survives between steps, so the draw at step n
+    depends on (seed, n) only, on any replica and on any device.
+    """
+    h = _mix64(_mix64(seed & _MASK64) ^ (step & _MASK64))
+    return (h >> 11) * 2.0**-53  # the top 53 bits fill a double's mantissa exactly
+
+
+class Sampler:
+    """Stateless; one instance can serve every step of every request."""
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(requests), logits.shape
+        raw = logits.float()  # [B, V]
+        dev = raw.device
+        params = [r.params for r in requests]
+
+        penalised = self._apply_repetition_penalty(raw, requests)  # [B, V]
+        token_ids = penalised.argmax(dim=-1)  # [B]
+
+        if not all(p.greedy for p in params):
+            sampled = self._sample_rows(penalised, requests)  # [B]
+            greedy = _to_device([p.greedy for p in params], torch.bool, dev)
+            token_ids = torch.where(greedy, token_ids, sampled)
+
+        want = [p.logprobs for p in params]
+        if all(n is None for n in want):
+            return SamplerOutput(token_ids.tolist(), [None] * len(requests))
+        return self._with_logprobs(raw, token_ids, want)
+
+    @staticmethod
+    def _apply_repetition_penalty(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        pens = [r.params.repetition_penalty for r in requests]
+        if all(p == 1.0 for p in pens):
+            return logits
+        V = logits.shape[1]
+        dev = logits.device
+        seen = [list(set(r.all_token_ids)) if r.params.repetition_penalty != 1.0 else []
+                for r in requests]
+        width = max(1, max(len(s) for s in seen))
+        # Pad with column V, an extra column sliced off below, so rows need no valid filler id.
+        ids = _to_device([s + [V] * (width - len(s)) for s in seen], torch.long, dev)  # [B, W]
+        hit = torch.zeros(len(requests), V + 1, dtype=torch.bool, device=dev)
+        hit.scatter_(1, ids, True)
+        pen = _to_device(pens, torch.float32, dev)[:, None]  # [B, 1]
+        penalised = torch.where(logits > 0, logits / pen, logits * pen)
+        return torch.where(hit[:, :V], penalised, logits)
+
+    @staticmethod
+    def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row drawn from the temperature / top-k / top-p distribution: [B]."""
+        B, V = logits.shape
+        dev = logits.device
+        params = [r.params for r in requests]
+        # Greedy rows ride along with harmless settings; their draw is discarded by the caller.
+        temp = [1.0 if p.greedy else float(p.temperature) for p in params]
+        top_k = [V if p.greedy or p.top_k == 0 else min(p.top_k, V) for p in params]
+        top_p = [1.0 if p.greedy else float(p.top_p) for p in params]
+
+        scaled = logits / _to_device(temp, torch.float32, dev)[:, None]
+        if all(k == V for k in top_k) and all(p >= 1.0 for p in top_p):
+            order = None  # no filtering: draw straight from the vocabulary order
+            probs = scaled.softmax(dim=-1)  # [B, V]
+        else:
+            scaled, order = scaled.sort(dim=-1, descending=True)  # [B, V] each
+            rank = torch.arange(V, device=dev)[None, :]
+            keep = rank < _to_device(top_k, torch.long, dev)[:, None]
+            probs = scaled.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+            tp = _to_device(top_p, torch.float32, dev)[:, None]
+            # Exclusive cumsum: a token stays while the mass strictly above it is < top_p, which
+            # keeps the smallest nucleus reaching top_p and always the top token (mass 0 above).
+            above = probs.cumsum(dim=-1) - probs
+            keep &= (above < tp) | (tp >= 1.0)
+            probs = probs.masked_fill(~keep, 0.0)
+
+        cdf = probs.cumsum(dim=-1)  # [B, V], non-decreasing
+        u = _to_device(Sampler._uniforms(requests), cdf.dtype, dev)[:, None]  # [B, 1]
+        # First position whose cdf exceeds u * total; zero-probability tokens never get picked
+        # because their cdf equals the previous one. The clamp guards rounding at the very top.
+        pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
+        last = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # last kept position
+        pos = torch.minimum(pos, last)
+        if order is None:
+            return pos[:, 0]
+        return order.gather(1, pos)[:, 0]
+
+    @staticmethod
+    def _uniforms(requests: list[Request]) -> list[float]:
+        unseeded = [r for r in requests if r.params.seed is None]
+        fresh = iter(torch.rand(len(unseeded), dtype=torch.float64).tolist())
+        return [
+            next(fresh) if r.params.seed is None
+            else seeded_uniform(r.params.seed, len(r.output_token_ids))
+            for r in requests
+        ]
+
+    @staticmethod
+    def _with_logprobs(
+        raw: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]
+    ) -> SamplerOutput:
+        logp = raw.log_softmax(dim=-1)  # [B, V]
+        chosen = logp.gather(1, token_ids[:, None])  # [B, 1]
+        n = min(max(k or 0 for k in want), raw.shape[1])
+        top_lp, top_ids = logp.topk(n, dim=-1)  # [B, n] each, sorted descending
+        # One packed float64 tensor so the host waits once; ids < 2**53 survive exactly.
+        packed = torch.cat(
+            [token_ids[:, None].double(), chosen.double(), top_ids.double(), top_lp.double()],
+            dim=1,
+        ).tolist()  # [B, 2 + 2n]
+        ids: list[int] = []
+        out: list[TokenLogprob | None] = []
+        for row, k in zip(packed, want, strict=True):
+            ids.append(int(row[0]))
+            if k is None:
+                out.append(None)
+                continue
+            alt_ids, alt_lp = row[2 : 2 + n], row[2 + n :]
+            top = [(int(alt_ids[j]), alt_lp[j]) for j in range(min(k, n))]
+            out.append(TokenLogprob(int(row[0]), row[1], top))
+        return SamplerOutput(ids, out)
