@@ -103,7 +103,8 @@ class StreamState:
             return
         if obj.get("error"):
             err = obj["error"]
-            self.error = self.error or str(err.get("message", err) if isinstance(err, dict) else err)
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            self.error = self.error or str(msg)
             return
         choices = obj.get("choices") or []
         if choices and isinstance(choices[0], dict) and choices[0].get("text"):

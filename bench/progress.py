@@ -43,7 +43,6 @@ class Progress:
         elapsed = now - self._start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         fail = f" {self.failed} failed" if self.failed else ""
-        self.stream.write(
-            f"\r{self.desc} [{bar}] {self.done}/{self.total} {elapsed:6.1f}s {rate:6.2f} req/s{fail}"
-        )
+        count = f"{self.done}/{self.total}"
+        self.stream.write(f"\r{self.desc} [{bar}] {count} {elapsed:6.1f}s {rate:6.2f} req/s{fail}")
         self.stream.flush()

@@ -13,21 +13,51 @@ Contract of `IncrementalDetokenizer`:
   undecodable byte sequence); call it once when the request ends for another reason.
 - `text` is everything emitted so far.
 
-Cost per push is independent of the output length: only a short window of recent tokens is
-decoded. The window runs from `_prefix` to the end; `_anchor` is the text of
+Only a short window of recent tokens is decoded per push, so the work is linear in the output
+length. The window runs from `_prefix` to the end; `_anchor` is the text of
 `ids[_prefix:_read]`, which has already been emitted. The new text is the window's decode minus
 the anchor, a diff that keeps context-dependent pieces (byte-level BPE bytes, leading spaces
 that some decoders strip at the start of a sequence) identical to a decode of the whole output.
+Text is emitted only at a token where the decoder is back at a character boundary, which is
+what keeps the diff exact; the window grows while tokens keep ending mid-character. With
+sentencepiece byte fallback (`<0xNN>` tokens) HF decodes a run of byte tokens as one unit,
+all U+FFFD if any byte is invalid, so such a run is held until a non-byte token ends it.
 The prompt is not part of the window, so the output decodes as it would on its own.
 """
 
 from __future__ import annotations
+
+import re
+import weakref
 
 from transformers import PreTrainedTokenizerBase
 
 from engine.sampling_params import SamplingParams
 
 _REPLACEMENT = "\ufffd"  # what a decoder yields for bytes that are not (yet) a whole character
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_byte_ids_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def byte_fallback_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of `<0xNN>` byte tokens when the tokenizer's model falls back to bytes, else empty.
+
+    Scanning a vocabulary costs tens of milliseconds, so the answer is kept per tokenizer.
+    """
+    try:
+        return _byte_ids_cache[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    ids: frozenset[int] = frozenset()
+    if getattr(model, "byte_fallback", False):
+        vocab = tokenizer.get_vocab()
+        ids = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t))
+    try:
+        _byte_ids_cache[tokenizer] = ids
+    except TypeError:  # not weak-referenceable: recompute next time
+        pass
+    return ids
 
 
 class IncrementalDetokenizer:
@@ -41,6 +71,9 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.num_prompt_tokens = len(prompt_token_ids)
         self.skip_special_tokens = skip_special_tokens
+        self._byte_ids = byte_fallback_ids(tokenizer)
+        # Tokens that vanish from the decode: what precedes them decides where the text ends.
+        self._skipped = frozenset(tokenizer.all_special_ids if skip_special_tokens else ())
         self.stop = list(params.stop)
         self.include_stop = params.include_stop_str_in_output
         self.finished_by_stop = False
@@ -74,14 +107,27 @@ class IncrementalDetokenizer:
         if self._read == len(self.output_ids):
             return ""
         window = self._decode(self.output_ids[self._prefix :])
-        # A trailing U+FFFD may be a character whose remaining bytes are in the next token;
-        # wait for them. At the end of the request it is final, so release it then.
-        if window.endswith(_REPLACEMENT) and not final:
+        # A trailing U+FFFD may be a character whose remaining bytes are in the next token, and
+        # a trailing byte-fallback run may still be rewritten by the next byte token; wait for
+        # either to end. At the end of the request the text is final, so release it then.
+        if not final and (window.endswith(_REPLACEMENT) or self._ends_in_byte_run()):
             return ""
         new = window[len(self._anchor) :]
-        self._prefix, self._read = self._read, len(self.output_ids)
+        # The anchor must hold a visible token: decoders that strip a leading space at the start
+        # of a sequence then strip it from the anchor, never from the new text.
+        if any(t not in self._skipped for t in self.output_ids[self._read :]):
+            self._prefix = self._read
+        self._read = len(self.output_ids)
         self._anchor = self._decode(self.output_ids[self._prefix : self._read])
         return new
+
+    def _ends_in_byte_run(self) -> bool:
+        if not self._byte_ids:
+            return False
+        for t in reversed(self.output_ids):
+            if t not in self._skipped:
+                return t in self._byte_ids
+        return False
 
     def _emit(self, new: str, final: bool) -> str:
         """Apply stop strings to held + new text; return the part that is safe to emit."""

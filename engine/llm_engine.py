@@ -16,6 +16,7 @@ import torch
 
 from engine.attention import make_backend
 from engine.block_allocator import BlockAllocator
+from engine.block_hash import block_hashes
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_pool import KVPool
@@ -61,6 +62,7 @@ class Engine:
         self.scheduler = Scheduler(engine_cfg, self.allocator, self.max_model_len,
                                    arch.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # finished, pages kept for export
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         backend.warmup()
@@ -110,21 +112,81 @@ class Engine:
                              f"({self.allocator.num_pages} pages of {self.cfg.page_size})")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, hold_kv: bool = False) -> str:
+        """Queue a request. With `hold_kv` its pages outlive it until `release()` (prefill role)."""
         params = params or SamplingParams()
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
-        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params)
-        if req.request_id in self.requests:
+        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params, hold_kv=hold_kv)
+        self._register(req)
+        self.scheduler.add(req)
+        return req.request_id
+
+    def _register(self, req: Request) -> None:
+        if req.request_id in self.requests or req.request_id in self.held:
             raise ValueError(f"request id {req.request_id!r} is already running")
         self.requests[req.request_id] = req
         if self.tokenizer is not None:
             self.detokenizers[req.request_id] = IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, params)
-        self.scheduler.add(req)
-        return req.request_id
+                self.tokenizer, req.prompt_token_ids, req.params)
+
+    # -- the prefill role: pages outlive the request until exported ------------------------
+    def export_kv(self, request_id: str, first_block: int = 0):
+        """KV of a held request's pages from `first_block` on, and all its full-block hashes."""
+        req = self.held[request_id]
+        n_pages = -(-req.num_prompt_tokens // self.cfg.page_size)
+        data = self.pool.read_pages(req.block_table[first_block:n_pages])
+        return data, block_hashes(req.prompt_token_ids, self.cfg.page_size, req.block_hashes)
+
+    def release(self, request_id: str) -> None:
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.scheduler.release(req)
+
+    # -- the decode role: admit a request whose prompt KV comes from elsewhere -------------
+    def reserve(self, req: Request) -> int | None:
+        """Pages for req's prompt: cached prefix pages first, fresh pages for the rest.
+
+        Returns how many leading blocks were found in the prefix cache (they need no transfer),
+        or None when the pool cannot hold the prompt now (nothing is kept then).
+        """
+        ps = self.cfg.page_size
+        req.block_hashes = block_hashes(req.prompt_token_ids, ps)
+        cached = self.allocator.match_prefix(req.block_hashes) if self.cfg.enable_prefix_caching \
+            else []
+        missing = -(-req.num_prompt_tokens // ps) - len(cached)
+        if not self.allocator.can_allocate(missing):
+            self.allocator.free(cached)
+            return None
+        req.block_table = cached + self.allocator.allocate(missing)
+        req.num_cached_tokens = len(cached) * ps
+        return len(cached)
+
+    def unreserve(self, req: Request) -> None:
+        self.scheduler.release(req)
+
+    def import_kv(self, req: Request, first_block: int, data) -> None:
+        """Write transferred pages into req's reserved pages from `first_block` on."""
+        self.pool.write_pages(req.block_table[first_block:], data)
+        req.num_computed_tokens = req.num_prompt_tokens
+        if self.cfg.enable_prefix_caching:
+            for i in range(first_block, req.num_prompt_tokens // self.cfg.page_size):
+                self.allocator.register(req.block_table[i], req.block_hashes[i])
+
+    def admit_prefilled(self, req: Request, first_token: int, logprob=None) -> RequestOutput:
+        """Join the running batch with the first token that the prefill side sampled."""
+        self._register(req)
+        req.output_token_ids.append(first_token)
+        req.output_logprobs.append(logprob)
+        reason = self.scheduler.stop_reason(req, first_token)
+        if reason:
+            self.scheduler.finish(req, reason)
+        else:
+            self.scheduler.add_running(req)
+        return self._output(req)
 
     def abort(self, request_id: str) -> bool:
+        self.release(request_id)
         req = self.requests.pop(request_id, None)
         self.detokenizers.pop(request_id, None)
         if req is None:
@@ -155,6 +217,8 @@ class Engine:
         if req.finished:
             self.requests.pop(req.request_id, None)
             self.detokenizers.pop(req.request_id, None)
+            if req.hold_kv and req.block_table:
+                self.held[req.request_id] = req
         lp = req.output_logprobs[-1]
         return RequestOutput(
             request_id=req.request_id, new_token_ids=[tok], new_text=text,

@@ -25,6 +25,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.num_cascade_steps = 0
         self.num_cascade_tokens = 0
+        self.graphs = None  # decode-only steps replay CUDA graphs (GPU + cuda_graphs only)
+        if cfg.cuda_graphs and device.type == "cuda":
+            from engine.cuda_graph import CudaGraphRunner
+
+            self.graphs = CudaGraphRunner(model, pool, backend, cfg.max_num_seqs, device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
@@ -48,8 +53,12 @@ class ModelRunner:
         for r, n in zip(reqs, num_new):
             input_ids += r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + n]
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        self.backend.plan(meta)
-        hidden = self.model(ids, meta.positions, self.pool.layers, self.backend)  # [T, H]
+        graph_logits = None
+        if self.graphs is not None and self.graphs.can_run(meta):
+            graph_logits = self.graphs.run(ids, meta)  # [B, vocab]: every row is a last token
+        else:
+            self.backend.plan(meta)
+            hidden = self.model(ids, meta.positions, self.pool.layers, self.backend)  # [T, H]
         # Only a request whose step reaches its last token samples one.
         sampling = [i for i, (r, n) in enumerate(zip(reqs, num_new))
                     if r.num_computed_tokens + n == r.num_tokens]
@@ -58,7 +67,10 @@ class ModelRunner:
         if sampling:
             last = torch.tensor([meta.qo_indptr_host[i + 1] - 1 for i in sampling],
                                 device=self.device)
-            logits = self.model.logits(hidden[last])  # [S, vocab]
+            if graph_logits is not None:
+                logits = graph_logits if len(sampling) == len(reqs) else graph_logits[last]
+            else:
+                logits = self.model.logits(hidden[last])  # [S, vocab]
             out = self.sampler.sample(logits, [reqs[i] for i in sampling])
             for i, tok, lp in zip(sampling, out.token_ids, out.logprobs):
                 token_ids[order[i]] = tok

@@ -26,6 +26,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)  # page ids, in token order
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks
     num_preemptions: int = 0
+    hold_kv: bool = False  # keep pages after finishing until release() (prefill role: export)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival: int = field(default_factory=lambda: next(_ids))
 

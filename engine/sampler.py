@@ -106,7 +106,7 @@ class Sampler:
     @staticmethod
     def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """One token per row drawn from the temperature / top-k / top-p distribution: [B]."""
-        B, V = logits.shape
+        V = logits.shape[1]
         dev = logits.device
         params = [r.params for r in requests]
         # Greedy rows ride along with harmless settings; their draw is discarded by the caller.
@@ -115,31 +115,38 @@ class Sampler:
         top_p = [1.0 if p.greedy else float(p.top_p) for p in params]
 
         scaled = logits / _to_device(temp, torch.float32, dev)[:, None]
-        if all(k == V for k in top_k) and all(p >= 1.0 for p in top_p):
-            order = None  # no filtering: draw straight from the vocabulary order
-            probs = scaled.softmax(dim=-1)  # [B, V]
-        else:
-            scaled, order = scaled.sort(dim=-1, descending=True)  # [B, V] each
-            rank = torch.arange(V, device=dev)[None, :]
-            keep = rank < _to_device(top_k, torch.long, dev)[:, None]
-            probs = scaled.masked_fill(~keep, float("-inf")).softmax(dim=-1)
-            tp = _to_device(top_p, torch.float32, dev)[:, None]
-            # Exclusive cumsum: a token stays while the mass strictly above it is < top_p, which
-            # keeps the smallest nucleus reaching top_p and always the top token (mass 0 above).
-            above = probs.cumsum(dim=-1) - probs
-            keep &= (above < tp) | (tp >= 1.0)
-            probs = probs.masked_fill(~keep, 0.0)
+        probs = scaled.softmax(dim=-1)  # [B, V]
+        if any(k < V for k in top_k) or any(p < 1.0 for p in top_p):
+            probs = probs.masked_fill(~Sampler._filter_mask(scaled, top_k, top_p), 0.0)
 
-        cdf = probs.cumsum(dim=-1)  # [B, V], non-decreasing
-        u = _to_device(Sampler._uniforms(requests), cdf.dtype, dev)[:, None]  # [B, 1]
-        # First position whose cdf exceeds u * total; zero-probability tokens never get picked
-        # because their cdf equals the previous one. The clamp guards rounding at the very top.
-        pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
-        last = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # last kept position
-        pos = torch.minimum(pos, last)
-        if order is None:
-            return pos[:, 0]
-        return order.gather(1, pos)[:, 0]
+        # The draw walks the cdf in vocabulary order for every row, whatever else is in the
+        # batch, so a seeded request maps its uniform to the same token in any batch. float64,
+        # because a float32 running sum stops growing under tokens of probability < ~1e-7.
+        cdf = probs.double().cumsum(dim=-1)  # [B, V], non-decreasing
+        u = _to_device(Sampler._uniforms(requests), torch.float64, dev)[:, None]  # [B, 1]
+        # The first token whose cdf exceeds u * total; a zero-probability token adds nothing to
+        # the cdf, so it is never the first to exceed it.
+        pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1)  # [B, 1]
+        # Rounding can still land outside the kept set (u * total rounding up to the total, or a
+        # parallel scan's rounding at block edges); fall back to the most likely token then.
+        ok = probs.gather(1, pos) > 0
+        return torch.where(ok, pos, probs.argmax(dim=-1, keepdim=True))[:, 0]
+
+    @staticmethod
+    def _filter_mask(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        """[B, V] bool, vocabulary order: the tokens that survive top-k, then top-p."""
+        V = scaled.shape[1]
+        dev = scaled.device
+        ranked, order = scaled.sort(dim=-1, descending=True)  # [B, V] each
+        rank = torch.arange(V, device=dev)[None, :]
+        keep = rank < _to_device(top_k, torch.long, dev)[:, None]
+        probs = ranked.masked_fill(~keep, float("-inf")).softmax(dim=-1)  # renormalised top-k
+        tp = _to_device(top_p, torch.float32, dev)[:, None]
+        # Exclusive cumsum: a token stays while the mass strictly above it is < top_p, which
+        # keeps the smallest nucleus reaching top_p and always the top token (nothing above).
+        above = probs.cumsum(dim=-1) - probs
+        keep &= (above < tp) | (tp >= 1.0)
+        return torch.zeros_like(keep).scatter_(1, order, keep)
 
     @staticmethod
     def _uniforms(requests: list[Request]) -> list[float]:

@@ -70,7 +70,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self._release(req)
+        if not req.hold_kv or reason == "abort":
+            self.release(req)
 
     # -- the step ------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -103,7 +104,7 @@ class Scheduler:
                 self._match_prefix(req)
             n = min(req.num_pending_tokens, budget)
             if not self._can_grow(req, n):
-                self._release(req)  # give cached prefix pages back until it can run
+                self.release(req)  # give cached prefix pages back until it can run
                 break
             self.waiting.popleft()
             self.running.append(req)
@@ -131,13 +132,13 @@ class Scheduler:
             req.output_token_ids.append(tok)
             req.output_logprobs.append(lp)
             changed.append(req)
-            reason = self._stop_reason(req, tok)
+            reason = self.stop_reason(req, tok)
             if reason:
                 self.finish(req, reason)
         return changed
 
     # -- helpers -------------------------------------------------------------------------
-    def _stop_reason(self, req: Request, tok: int) -> str | None:
+    def stop_reason(self, req: Request, tok: int) -> str | None:
         p = req.params
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return "stop"
@@ -176,7 +177,7 @@ class Scheduler:
         for i in range(first, last):
             self.allocator.register(req.block_table[i], req.block_hashes[i])
 
-    def _release(self, req: Request) -> None:
+    def release(self, req: Request) -> None:
         if req.block_table:
             self.allocator.free(req.block_table)
         req.block_table = []
@@ -184,7 +185,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self._release(req)
+        self.release(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)

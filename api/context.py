@@ -1,0 +1,98 @@
+"""What every route shares: the generation client, the tokenizer and the model's length limit.
+
+Prompts are tokenized and their lengths checked here, in the API, so bad input is refused before
+anything reaches a replica. Messages state the numbers involved.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from api.errors import APIError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class GenerateClient(Protocol):
+    """An AsyncEngine, or a Serve handle adapted by api.handle_client.HandleClient.
+
+    `generate` raises ValueError (before its first output) for input the engine refuses;
+    closing the iterator early aborts the request and frees its KV pages.
+    """
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]: ...
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ServerContext:
+    def __init__(self, client: GenerateClient, tokenizer: Any, model_name: str,
+                 max_model_len: int) -> None:
+        self.client, self.tokenizer = client, tokenizer
+        self.model_name, self.max_model_len = model_name, max_model_len
+        self.created = int(time.time())
+        # Ids past the tokenizer are either padding rows of the embedding or garbage: refuse.
+        self.vocab_size = len(tokenizer)
+        self.special_ids = set(tokenizer.all_special_ids)
+        self._texts: dict[int, str] = {}
+
+    # -- prompts --------------------------------------------------------------------------
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
+        if not text:
+            raise APIError("the prompt is empty", param)
+        return list(self.tokenizer.encode(text))
+
+    def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
+        if not ids:
+            raise APIError("the prompt is empty", param)
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise APIError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})",
+                               param)
+        return list(ids)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError("this model has no chat template; use /v1/completions", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as e:  # the template's own raise_exception, bad roles, bad content
+            raise APIError(f"cannot apply the chat template: {e}", "messages") from None
+        # The template already holds BOS and the role markers.
+        return self.check_ids(list(self.tokenizer.encode(text, add_special_tokens=False)),
+                              "messages")
+
+    def check_length(self, num_prompt: int, max_tokens: int | None, param: str = "prompt",
+                     max_tokens_name: str = "max_tokens") -> int:
+        """Returns max_tokens (filled in to the limit when None); refuses what cannot fit."""
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise APIError(f"the prompt has {num_prompt} tokens, but this model's maximum "
+                           f"context length is {limit} tokens (prompt + output)", param,
+                           "context_length_exceeded")
+        if max_tokens is None:
+            return limit - num_prompt
+        if num_prompt + max_tokens > limit:
+            raise APIError(f"this model's maximum context length is {limit} tokens, but "
+                           f"{num_prompt + max_tokens} were requested ({num_prompt} in the "
+                           f"prompt, {max_tokens} for {max_tokens_name})", max_tokens_name,
+                           "context_length_exceeded")
+        return max_tokens
+
+    # -- outputs --------------------------------------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (for logprobs and TGI token details)."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.special_ids

@@ -1,0 +1,107 @@
+"""Error bodies for both API families, and the handlers that turn every failure into one.
+
+The route family decides the shape: paths under `/v1` answer OpenAI-style
+`{"error": {"message", "type", "param", "code"}}` with 400 for bad input; the TGI routes answer
+`{"error": "...", "error_type": "validation"}` with 422. FastAPI's own 422 body never leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """A failure the client is told about. `status=None` means bad input: 400 on OpenAI routes,
+    422 on TGI routes. Server-side failures carry their own status (500 / 424 / 503)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+    @property
+    def is_client_error(self) -> bool:
+        return self.status is None or 400 <= self.status < 500
+
+
+class GenerationError(APIError):
+    """The request was accepted but failed on the server (engine error, replica gone)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=500)
+
+
+def is_openai(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def openai_body(err: APIError) -> dict[str, Any]:
+    kind = "invalid_request_error" if err.is_client_error else "server_error"
+    if err.status == 404:
+        kind = "not_found_error"
+    return {"error": {"message": err.message, "type": kind, "param": err.param,
+                      "code": err.code}}
+
+
+def tgi_body(err: APIError) -> dict[str, Any]:
+    return {"error": err.message,
+            "error_type": "validation" if err.is_client_error else "generation"}
+
+
+def error_status(err: APIError, openai: bool) -> int:
+    if err.status is not None:
+        # TGI reports a failed generation as 424, as text-generation-inference does.
+        return 424 if not openai and isinstance(err, GenerationError) else err.status
+    return 400 if openai else 422
+
+
+def error_response(err: APIError, path: str) -> JSONResponse:
+    openai = is_openai(path)
+    body = openai_body(err) if openai else tgi_body(err)
+    return JSONResponse(body, status_code=error_status(err, openai))
+
+
+def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable message (and the offending parameter) from pydantic's error list."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON: {detail}".rstrip(": "), None
+    if first.get("type") == "missing" and not loc:
+        return "the request body is missing", None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    param = ".".join(loc) or None
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return (f"{param}: {msg}{more}" if param else msg + more), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation(list(exc.errors()))
+        return error_response(APIError(message, param), request.url.path)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        err = APIError(str(exc.detail), status=exc.status_code)
+        return error_response(err, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(GenerationError(f"internal error: {exc}"), request.url.path)

@@ -1,0 +1,138 @@
+"""Starting a server under test as a subprocess, waiting for it to be healthy, stopping it.
+
+The default commands are Ray Serve's: `serve run CONFIG` in the foreground, then on stop an
+interrupt (serve run shuts its apps down on Ctrl-C), `serve shutdown -y` and `ray stop` for
+whatever a cluster kept running, and a kill of the process group as the last resort.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+DEFAULT_LAUNCH = "{serve} run {config}"
+DEFAULT_STOP = ("{serve} shutdown -y", "{ray} stop")
+
+
+def _tool(name: str) -> str:
+    """A console script of this interpreter's environment, else whatever PATH has."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def expand(template: str, config: str = "") -> list[str]:
+    """Split a command template and fill {config}, {python}, {serve}, {ray}."""
+    subs = {"config": config, "python": sys.executable, "serve": _tool("serve"),
+            "ray": _tool("ray")}
+    return [part.format(**subs) for part in shlex.split(template)]
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        launch: Sequence[str],
+        health_url: str,
+        log_path: Path,
+        stop_cmds: Sequence[Sequence[str]] = (),
+    ) -> None:
+        self.launch = list(launch)
+        self.health_url = health_url
+        self.log_path = log_path
+        self.stop_cmds = [list(c) for c in stop_cmds]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {shlex.join(self.launch)}\n".encode())
+            log.flush()
+            # A session of its own, so stop() can signal serve run and everything it spawned.
+            self.proc = subprocess.Popen(
+                self.launch, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = 300.0, interval: float = 0.5) -> float:
+        """Poll the health URL until it answers 200; returns seconds waited. Fails fast if the
+        process exits, with the tail of its log in the message."""
+        t0 = time.monotonic()
+        while True:
+            if not self.alive():
+                rc = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"server exited (rc={rc}) before ready:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=2.0) as resp:
+                    if resp.status == 200:
+                        return time.monotonic() - t0
+            except (urllib.error.URLError, OSError):
+                pass  # not listening yet, or unhealthy (HTTPError is a URLError)
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{self.health_url} not healthy after {timeout:.0f} s:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(interval)
+
+    def stop(self, grace: float = 30.0) -> None:
+        if self.alive():
+            assert self.proc is not None
+            # The leader only: Ray's own processes must outlive serve run's graceful shutdown.
+            self.proc.send_signal(signal.SIGINT)
+            self._wait(grace)
+        with open(self.log_path, "ab") as log:
+            for cmd in self.stop_cmds:
+                log.write(f"$ {shlex.join(cmd)}\n".encode())
+                log.flush()
+                try:
+                    subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, timeout=120, check=False)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    log.write(f"stop command failed: {e}\n".encode())
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not self.alive():
+                break
+            self._signal(sig)
+            self._wait(10.0)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _wait(self, timeout: float) -> None:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

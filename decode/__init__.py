@@ -1,0 +1,1 @@
+"""The decode role: admits requests whose KV arrived, continuously batches their generation."""

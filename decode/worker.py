@@ -1,0 +1,73 @@
+"""DecodeWorker: orchestrates one request across the phases and streams its tokens.
+
+1. reserve pages for the prompt, reusing blocks this replica already caches;
+2. ask a prefill replica for the first token and only the blocks this side lacks;
+3. receive the pages through the transport, check them, place them into the reserved pages;
+4. join the running batch between two steps and stream every token until the request ends.
+No Ray here: `prefill` is anything with an async `prefill(...)` returning a PrefillResult.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from engine.async_engine import AsyncEngine
+from engine.metrics import Metrics, track_stream
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from kvtransfer import KVTransport
+
+
+class DecodeWorker:
+    def __init__(self, engine: AsyncEngine, prefill, transport: KVTransport, fingerprint: str,
+                 metrics: Metrics | None = None, reserve_timeout_s: float = 60.0) -> None:
+        self.engine = engine
+        self.prefill = prefill
+        self.transport = transport
+        self.fingerprint = fingerprint
+        self.metrics = metrics or Metrics("decode", "local")
+        self.reserve_timeout_s = reserve_timeout_s
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str):
+        start = time.perf_counter()
+        self.metrics.inc("pdserve_requests_total")
+        stream = self._generate(list(prompt_ids), params, request_id)
+        async for out in track_stream(stream, self.metrics, start):
+            yield out
+
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+        eng = self.engine.engine
+        eng.validate(prompt_ids, params)
+        req = Request(request_id, prompt_ids, params)
+        first_block = await self._reserve(req)
+        try:
+            result = await self.prefill.prefill(prompt_ids, params, request_id, first_block)
+            payload = await self.transport.receive(result.kv)
+            payload.check(dtype=eng.pool.dtype, page_size=eng.cfg.page_size,
+                          first_block=first_block, block_hashes=req.block_hashes,
+                          fingerprint=self.fingerprint,
+                          num_pages=len(req.block_table) - first_block)
+        except BaseException:
+            self.engine.submit(lambda: eng.unreserve(req))
+            raise
+        self.metrics.inc("pdserve_kv_transfer_bytes_total", payload.nbytes)
+        self.metrics.inc("pdserve_kv_transfer_blocks_skipped_total", first_block)
+        self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
+        req.num_cached_tokens = max(req.num_cached_tokens, result.num_cached_tokens)
+        async for out in self.engine.admit_prefilled(req, first_block, payload.to_tensor(),
+                                                     result.first_token, result.logprob):
+            yield out
+
+    async def _reserve(self, req: Request) -> int:
+        """Pages for the prompt; waits (bounded) while the pool is full of running requests."""
+        deadline = time.monotonic() + self.reserve_timeout_s
+        while True:
+            first_block = await self.engine.call(lambda: self.engine.engine.reserve(req))
+            if first_block is not None:
+                return first_block
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no KV pages free for {req.request_id} after "
+                                   f"{self.reserve_timeout_s:.0f} s")
+            await asyncio.sleep(0.01)

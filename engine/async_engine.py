@@ -1,0 +1,149 @@
+"""AsyncEngine: the engine's step loop as an asyncio task, with one output stream per request.
+
+The loop applies pending adds and aborts between steps (the engine is never mutated while a
+step runs) and runs each step in a worker thread so the event loop keeps serving streams.
+Cancelling a stream (client gone) aborts its request, which frees its pages before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from engine.llm_engine import Engine
+from engine.outputs import RequestOutput
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending: list[tuple[str, Callable[[], None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.num_steps = 0
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str, hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+        prompt_ids = self.engine.tokenize(prompt)
+        self.engine.validate(prompt_ids, params)  # raises ValueError before anything is queued
+        queue = self._open(request_id)
+        self._submit(request_id,
+                     lambda: self.engine.add_request(prompt_ids, params, request_id, hold_kv))
+        async for out in self._drain(request_id, queue):
+            yield out
+
+    async def admit_prefilled(self, req: Request, first_block: int, kv_data, first_token: int,
+                              logprob=None) -> AsyncIterator[RequestOutput]:
+        """Stream a request reserved with `reserve`, whose prompt KV from `first_block` on
+        arrived from a prefill replica; the first output is the token prefill sampled."""
+        queue = self._open(req.request_id)
+
+        def admit() -> None:
+            try:
+                self.engine.import_kv(req, first_block, kv_data)
+            except Exception:
+                self.engine.unreserve(req)
+                raise
+            queue.put_nowait(self.engine.admit_prefilled(req, first_token, logprob))
+
+        self._submit(req.request_id, admit)
+        async for out in self._drain(req.request_id, queue):
+            yield out
+
+    async def call(self, fn: Callable[[], object]) -> object:
+        """Run fn between two steps (where the engine may be mutated) and return its result."""
+        self.start()
+        fut = asyncio.get_running_loop().create_future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+        self.submit(run)
+        return await fut
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run fn between two steps, without waiting for it (safe from a cancelled task)."""
+        self.start()
+        self._submit("", fn)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(request_id, lambda: self.engine.abort(request_id))
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(None)
+
+    # -- internals ------------------------------------------------------------------------
+    def _open(self, request_id: str) -> asyncio.Queue:
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.start()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        return queue
+
+    async def _drain(self, request_id: str, queue: asyncio.Queue
+                     ) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if out is None:  # aborted
+                    return
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:  # consumer went away (disconnect, timeout): free its pages
+                self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def _submit(self, request_id: str, fn: Callable[[], None]) -> None:
+        self._pending.append((request_id, fn))
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending and not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+            pending, self._pending = self._pending, []
+            for request_id, fn in pending:
+                try:
+                    fn()
+                except Exception as e:  # a bad request must not stop the loop
+                    log.exception("engine action for %s failed", request_id)
+                    queue = self._streams.pop(request_id, None)
+                    if queue is not None:
+                        queue.put_nowait(e)
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as e:
+                log.exception("engine step failed; failing its requests")
+                for rid in list(self._streams):
+                    self.engine.abort(rid)
+                    self._streams.pop(rid).put_nowait(e)
+                continue
+            self.num_steps += 1
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            await asyncio.sleep(0)  # let streams flush between steps

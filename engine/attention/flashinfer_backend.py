@@ -1,0 +1,205 @@
+"""FlashInferBackend: paged attention on the GPU through FlashInfer's batch wrappers.
+
+One wrapper per kind of step, each planned once per step and run once per layer:
+- any batch holding a prefill chunk: `BatchPrefillWithPagedKVCacheWrapper` (causal) for all of
+  its requests (decode rows are prefill rows of length one);
+- decode-only batches: `BatchDecodeWithPagedKVCacheWrapper` with tensor cores (GQA groups ride
+  the MMA rows);
+- decode batches with a cascade plan: `MultiLevelCascadeAttentionWrapper` (2 levels: shared
+  prefix pages, then each request's own pages) for the first `num_cascade_reqs` requests, plain
+  decode for the rest;
+- CUDA-graph replays (engine/cuda_graph.py): one decode wrapper per captured batch size, with
+  fixed index buffers that `plan_cuda_graph` refills before each replay.
+
+All wrappers share one float workspace (they run one after another on one stream). Planning
+reads only host lists (`qo_indptr_host`, `kv_lens_host`) and device index tensors, so a plain
+step never waits on the GPU; a cascade step copies its small level tensors to the host once.
+FlashInfer is imported here, lazily: CPU installs never load this module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+
+WORKSPACE_BYTES = 128 * 1024 * 1024
+
+
+def _host_i32(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+class FlashInferBackend(AttentionBackend):
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, page_size: int = 16,
+                 prefill_backend: str = "auto", **_: object) -> None:
+        super().__init__(num_q_heads, num_kv_heads, head_dim, dtype, device)
+        if self.device.type != "cuda":
+            raise ValueError("the flashinfer attention backend needs a CUDA device")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"the flashinfer attention backend runs float16/bfloat16, not {dtype}")
+        import flashinfer
+
+        self._fi = flashinfer
+        self.page_size = page_size
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=prefill_backend)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=True, backend="fa2")
+        self.cascade = flashinfer.MultiLevelCascadeAttentionWrapper(2, self.workspace, "NHD")
+        self._graph_wrappers: dict[int, object] = {}
+        self._mode = "none"
+        self._num_cascade = 0
+        self._write_page = self._write_offset = None  # [T] int64 each, set by plan
+
+    # -- planning ---------------------------------------------------------------------------
+    def _paging(self, kv_lens: list[int]) -> tuple[list[int], list[int]]:
+        """Host kv_indptr [B+1] and kv_last_page_len [B] from the KV lengths (no device read)."""
+        ps = self.page_size
+        indptr, last = [0], []
+        for n in kv_lens:
+            indptr.append(indptr[-1] + -(-n // ps))
+            last.append((n - 1) % ps + 1)
+        return indptr, last
+
+    def _plan_args(self) -> dict:
+        return dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+
+    def _set_write_index(self, slot_mapping: torch.Tensor) -> None:
+        self._write_page = torch.div(slot_mapping, self.page_size, rounding_mode="floor")
+        self._write_offset = slot_mapping - self._write_page * self.page_size
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        super().plan(meta)
+        self._set_write_index(meta.slot_mapping)
+        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
+        indptr, last = self._paging(meta.kv_lens_host)
+        if not meta.num_decode_only:
+            self._mode = "prefill"
+            self.prefill.plan(_host_i32(meta.qo_indptr_host), _host_i32(indptr), meta.kv_indices,
+                              _host_i32(last), *heads, causal=True, **self._plan_args())
+            return
+        nc = meta.num_cascade_reqs if meta.cascade else 0
+        self._num_cascade = nc
+        self._mode = "cascade" if nc else "decode"
+        if nc:
+            self._plan_cascade(meta, heads)
+        if nc < meta.batch_size:
+            rest = [p - indptr[nc] for p in indptr[nc:]]
+            self.decode.plan(_host_i32(rest), meta.kv_indices[indptr[nc]:], _host_i32(last[nc:]),
+                             *heads, **self._plan_args())
+
+    def _plan_cascade(self, meta: AttentionMetadata, heads: tuple) -> None:
+        levels = meta.cascade
+        # One device-to-host copy for every small per-level array the planner wants on the host.
+        small = [t for lv in levels for t in (lv.qo_indptr, lv.kv_indptr, lv.kv_last_page_len)]
+        flat = torch.cat(small).cpu()
+        host = list(torch.split(flat, [t.numel() for t in small]))
+        qo, kv_indptr, last = host[0::3], host[1::3], host[2::3]
+        self.cascade.plan(qo, kv_indptr, [lv.kv_indices for lv in levels], last, *heads,
+                          causal=True, q_data_type=self.dtype, kv_data_type=self.dtype,
+                          sm_scale=self.scale)
+
+    # -- CUDA graphs ------------------------------------------------------------------------
+    def enable_cuda_graphs(self, batch_sizes: list[int], max_num_indices: int) -> None:
+        """Make one decode wrapper per batch size over fixed index buffers (filled per step)."""
+        b_max = max(batch_sizes)
+        dev = self.device
+        self._graph_indices = torch.zeros(max_num_indices + b_max, dtype=torch.int32, device=dev)
+        self._graph_page = torch.zeros(b_max, dtype=torch.int64, device=dev)
+        self._graph_offset = torch.zeros(b_max, dtype=torch.int64, device=dev)
+        for b in batch_sizes:
+            self._graph_wrappers[b] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=self._graph_indices,
+                paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=dev),
+                backend="fa2")
+
+    def max_graph_indices(self) -> int:
+        return self._graph_indices.numel() - self._graph_page.numel()
+
+    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> None:
+        """Plan a decode-only, cascade-free step for the graph captured at `batch_size`.
+
+        The rows past the real ones copy row 0 (the graph runner feeds them row 0's token and
+        position): they attend over row 0's last page and write row 0's K/V into row 0's slot,
+        the very bytes row 0 writes there, so padding changes nothing a real request reads.
+        """
+        assert meta.num_decode_only and meta.batch_size <= batch_size
+        super().plan(meta)
+        pad = batch_size - meta.batch_size
+        indptr, last = self._paging(meta.kv_lens_host)
+        indices, slots = meta.kv_indices, meta.slot_mapping
+        if pad:
+            indptr += [indptr[-1] + i for i in range(1, pad + 1)]
+            last += [last[0]] * pad
+            row0_last = meta.kv_indices[indptr[1] - 1:indptr[1]]
+            indices = torch.cat([indices, row0_last.expand(pad)])
+            slots = torch.cat([slots, slots[:1].expand(pad)])
+        page = self._graph_page[:batch_size]
+        offset = self._graph_offset[:batch_size]
+        page.copy_(torch.div(slots, self.page_size, rounding_mode="floor"))
+        offset.copy_(slots % self.page_size)
+        self._write_page, self._write_offset = page, offset
+        wrapper = self._graph_wrappers[batch_size]
+        wrapper.plan(_host_i32(indptr), indices, _host_i32(last), self.num_q_heads,
+                     self.num_kv_heads, self.head_dim, meta.page_size, **self._plan_args())
+        self._mode = "graph"
+        self._graph_wrapper = wrapper
+        self._num_cascade = 0
+
+    # -- the layer call ---------------------------------------------------------------------
+    def _write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        gap = v.data_ptr() - k.data_ptr()
+        if (k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+                and k.stride() == v.stride() and gap > 0 and gap % k.element_size() == 0):
+            # k and v lie side by side in the fused qkv output: view them as one [T, 2, Hkv, D]
+            # tensor, so that one scatter kernel writes both.
+            kv = k.as_strided((k.shape[0], 2, *k.shape[1:]),
+                              (k.stride(0), gap // k.element_size(), *k.stride()[1:]))
+        else:
+            kv = torch.stack((k, v), dim=1)
+        kv_cache[self._write_page, :, self._write_offset] = kv
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        self._write_kv(kv_cache, k, v)
+        if self._mode == "graph":
+            return self._graph_wrapper.run(q, kv_cache)
+        if self._mode == "prefill":
+            return self.prefill.run(q, kv_cache)
+        if self._mode == "decode":
+            return self.decode.run(q, kv_cache)
+        nc = self._num_cascade
+        out = self.cascade.run(q[:nc], kv_cache)
+        if nc == q.shape[0]:
+            return out
+        return torch.cat([out, self.decode.run(q[nc:], kv_cache)])
+
+    # -- start-up ---------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Run each wrapper once on a toy batch so that FlashInfer's JIT builds happen now."""
+        from engine.attention.cascade import CascadeGroup, CascadePlan
+        from engine.attention.metadata import build_metadata
+
+        ps, dev = self.page_size, self.device
+        cache = torch.randn(8, 2, ps, self.num_kv_heads, self.head_dim, device=dev).to(self.dtype)
+        saved = (self.meta, self._mode, self._write_page, self._write_offset)
+
+        def run(tables, done, new, plan=None):
+            meta = build_metadata(tables, done, new, ps, dev, plan)
+            self.plan(meta)
+            t = meta.num_tokens
+            q = torch.randn(t, self.num_q_heads, self.head_dim, device=dev, dtype=self.dtype)
+            kv = torch.randn(t, 2, self.num_kv_heads, self.head_dim, device=dev, dtype=self.dtype)
+            self.forward(0, q, kv[:, 0], kv[:, 1], cache)
+
+        run([[0, 1]], [ps - 3], [5])  # prefill chunk over a cached prefix
+        run([[2, 3], [4]], [ps + 2, 3], [1, 1])  # decode
+        run([[0, 2], [0, 3], [5]], [ps + 1, ps + 4, 2], [1, 1, 1],
+            CascadePlan(order=[0, 1, 2], groups=[CascadeGroup([0, 1], 1)]))
+        torch.cuda.synchronize(dev)
+        self.meta, self._mode, self._write_page, self._write_offset = saved

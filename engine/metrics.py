@@ -1,0 +1,87 @@
+"""Plain counters, gauges and histograms a replica keeps; rendered as Prometheus by api/."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=list)  # per bucket; overflow counted in count only
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * len(self.buckets)
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.buckets):
+            self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def snapshot(self) -> dict:
+        return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.sum,
+                "count": self.count}
+
+
+class Metrics:
+    def __init__(self, role: str, replica: str) -> None:
+        self.role, self.replica = role, replica
+        self.counters: dict[str, float] = {}
+        self.gauges: dict[str, float] = {}
+        self.histograms: dict[str, Histogram] = {}
+
+    def inc(self, name: str, value: float = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + value
+
+    def set(self, name: str, value: float) -> None:
+        self.gauges[name] = value
+
+    def observe(self, name: str, value: float) -> None:
+        self.histograms.setdefault(name, Histogram()).observe(value)
+
+    def record_engine(self, eng) -> None:
+        """Read the engine's gauges and counters (call between steps or before a snapshot)."""
+        self.set("pdserve_kv_pages_total", eng.allocator.num_pages)
+        self.set("pdserve_kv_pages_used", eng.num_pages_used)
+        self.set("pdserve_kv_pages_cached", len(eng.allocator.evictable))
+        self.set("pdserve_num_running", len(eng.scheduler.running))
+        self.set("pdserve_num_waiting", len(eng.scheduler.waiting))
+        self.counters["pdserve_cascade_steps_total"] = eng.runner.num_cascade_steps
+        self.counters["pdserve_cascade_tokens_total"] = eng.runner.num_cascade_tokens
+        self.counters["pdserve_preemptions_total"] = eng.scheduler.num_preemptions
+
+    def snapshot(self) -> dict:
+        return {"role": self.role, "replica": self.replica, "gauges": dict(self.gauges),
+                "counters": dict(self.counters),
+                "histograms": {k: h.snapshot() for k, h in self.histograms.items()}}
+
+
+async def track_stream(stream, metrics: Metrics, start: float):
+    """Pass a RequestOutput stream through, recording TTFT, time per output token and counts."""
+    import time
+
+    first = last = None
+    n = 0
+    async for out in stream:
+        now = time.perf_counter()
+        if first is None:
+            first = now
+            metrics.observe("pdserve_ttft_seconds", now - start)
+        elif out.new_token_ids:
+            metrics.observe("pdserve_time_per_output_token_seconds",
+                            (now - last) / len(out.new_token_ids))
+        last = now
+        n += len(out.new_token_ids)
+        metrics.inc("pdserve_generated_tokens_total", len(out.new_token_ids))
+        if out.finished:
+            metrics.inc("pdserve_requests_finished_total")
+            metrics.inc(f"pdserve_requests_finished_{out.finish_reason}_total")
+        yield out

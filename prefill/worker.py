@@ -1,0 +1,54 @@
+"""PrefillWorker: runs prompts (batched and chunked by the engine loop), samples the first token,
+and hands the prompt's KV pages that the decode side lacks to the transport. No Ray here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from engine.async_engine import AsyncEngine
+from engine.metrics import Metrics
+from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
+from kvtransfer import KVPayload, KVTransport
+
+
+@dataclass
+class PrefillResult:
+    first_token: int
+    logprob: TokenLogprob | None
+    kv: object  # transport handle of a KVPayload
+    num_cached_tokens: int  # prompt tokens the prefill side found in its own prefix cache
+
+
+class PrefillWorker:
+    def __init__(self, engine: AsyncEngine, transport: KVTransport, fingerprint: str,
+                 metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.fingerprint = fingerprint
+        self.metrics = metrics or Metrics("prefill", "local")
+
+    async def prefill(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                      first_block: int = 0) -> PrefillResult:
+        """Prefill `prompt_ids`, sample one token with `params`, export blocks >= first_block."""
+        # Stop strings and length limits are the decode side's business: sample exactly one.
+        one = dataclasses.replace(params, max_tokens=1, stop=[])
+        self.metrics.inc("pdserve_requests_total")
+        last = None
+        async for out in self.engine.generate(prompt_ids, one, request_id, hold_kv=True):
+            last = out
+        if last is None:
+            raise RuntimeError(f"prefill of {request_id} ended without a token")
+        eng = self.engine.engine
+        try:
+            data, hashes = await self.engine.call(lambda: eng.export_kv(request_id, first_block))
+        finally:
+            self.engine.submit(lambda: eng.release(request_id))
+        payload = KVPayload.from_tensor(data, eng.cfg.page_size, first_block, hashes,
+                                        self.fingerprint)
+        self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
+        self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
+        return PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0],
+                             self.transport.send(payload), last.num_cached_tokens)
