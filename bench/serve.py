@@ -173,8 +173,9 @@ def run_benchmark(
     else:
         for _ in range(args.repeats):
             one_run(args.request_rate, args.concurrency)
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     return {"label": label, "model": client.model, "base_url": client.base_url,
-            "workload": asdict(wl), "runs": runs, "goodput": goodput}
+            "workload": asdict(wl), "args": flags, "runs": runs, "goodput": goodput}
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -217,7 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    results = run_benchmark(args, client_config(args))
+    try:
+        client = client_config(args)
+    except OSError as e:  # urllib's errors included: no server, or no /v1/models
+        print(f"cannot reach {args.base_url}: {e}", file=sys.stderr)
+        return 2
+    results = run_benchmark(args, client)
     print(format_results(results))
     if args.out:
         write_json(args.out, results)

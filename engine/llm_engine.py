@@ -46,7 +46,7 @@ class Engine:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> None:
         self.model_cfg, self.cfg = model_cfg, engine_cfg
         self.arch = arch = ModelArch.from_pretrained(model_cfg.path)
-        self.max_model_len = self._max_model_len(arch, engine_cfg)
+        self.max_model_len = self.max_model_len_for(arch, engine_cfg)
         self.tokenizer = load_tokenizer(model_cfg.path, model_cfg.load_format != "dummy")
         self.device = torch.device(model_cfg.device)
         self.model = load_model(model_cfg, arch, self.max_model_len)
@@ -69,7 +69,7 @@ class Engine:
 
     # -- set-up ---------------------------------------------------------------------------
     @staticmethod
-    def _max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:
+    def max_model_len_for(arch: ModelArch, cfg: EngineConfig) -> int:
         limit = arch.max_position_embeddings
         if arch.sliding_window:
             # Attention here is full, not windowed: stay where the two are the same.

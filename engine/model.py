@@ -7,6 +7,9 @@ flattened to [T], positions say where each sits in its sequence, and the attenti
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +19,49 @@ from engine.model_arch import ModelArch
 from engine.rope import RotaryEmbedding
 
 
+@functools.cache
+def _load_fused_kernels():
+    if os.environ.get("PDSERVE_FUSED_KERNELS", "1") == "0":
+        return None
+    # FlashInfer's CUDA norm kernels, not its CuTe-DSL ones (an extra, optional stack).
+    os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")
+    try:
+        import flashinfer.activation
+        import flashinfer.norm
+        import flashinfer.rope
+    except ImportError:
+        return None
+    return flashinfer
+
+
+def fused_kernels(x: torch.Tensor):
+    """FlashInfer's fused RMSNorm / RoPE / SiLU-and-mul for fp16/bf16 CUDA tensors, else None.
+
+    On the GPU a decode step is bandwidth- and launch-bound: one kernel instead of the eight of
+    the plain-PyTorch RMSNorm (and of the ten of RoPE) matters there. CPU runs never use them.
+    """
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return _load_fused_kernels()
+
+
+def _rope_fused(fi, rope: RotaryEmbedding, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE in place on q and k (views into the qkv output) for the head sizes FlashInfer's
+    fast rotary kernel has; the plain version (new tensors) for the others."""
+    if q.shape[-1] not in (64, 128, 256, 512):
+        return rope(positions, q, k)
+    cache = getattr(rope, "_cos_sin_cache", None)
+    if cache is None:
+        # [max_positions, D] float32: the D/2 distinct cosines, then the D/2 sines.
+        half = rope.cos.shape[-1] // 2
+        cache = torch.cat([rope.cos[:, :half], rope.sin[:, :half]], dim=-1).float().contiguous()
+        rope._cos_sin_cache = cache
+    fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cache,
+                                                  is_neox=True)
+    return q, k
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -23,6 +69,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fi = fused_kernels(x)
+        if fi is not None:
+            return fi.norm.rmsnorm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -45,6 +94,9 @@ class DecoderLayer(nn.Module):
                 backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         a = self.arch
         t = x.shape[0]
+        fi = fused_kernels(x)
+        if fi is not None:
+            return self._forward_fused(fi, layer, x, positions, rope, backend, kv_cache)
         qkv = self.qkv_proj(self.input_norm(x))  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q, k = rope(positions, q.view(t, a.num_heads, a.head_dim),
@@ -53,6 +105,21 @@ class DecoderLayer(nn.Module):
         x = x + self.o_proj(attn.reshape(t, a.q_size))  # [T, H]
         gate, up = self.gate_up_proj(self.post_attn_norm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
+
+    def _forward_fused(self, fi, layer: int, x: torch.Tensor, positions: torch.Tensor,
+                       rope: RotaryEmbedding, backend: AttentionBackend,
+                       kv_cache: torch.Tensor) -> torch.Tensor:
+        """The same layer in fused GPU kernels; x (this layer's input) is updated in place."""
+        a = self.arch
+        t = x.shape[0]
+        qkv = self.qkv_proj(self.input_norm(x))  # [T, q_size + 2 * kv_size]
+        q, k, v = (y.view(t, -1, a.head_dim)
+                   for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
+        q, k = _rope_fused(fi, rope, positions, q, k)
+        h = self.o_proj(backend.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size))
+        fi.norm.fused_add_rmsnorm(h, x, self.post_attn_norm.weight, self.post_attn_norm.eps)
+        # now x = x + attention and h = post_attn_norm(x)
+        return x + self.down_proj(fi.activation.silu_and_mul(self.gate_up_proj(h)))
 
 
 class CausalLM(nn.Module):

@@ -44,13 +44,12 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on `device`; on CUDA via pinned memory so the copy is
-    queued on the stream instead of making the host wait for the kernels before it."""
-    t = torch.tensor(values, dtype=dtype)
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`; on CUDA through pinned memory, so the copy is queued on
+    the stream instead of making the host wait for the kernels queued before it."""
     if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def seeded_uniform(seed: int, step: int) -> float:
@@ -63,22 +62,62 @@ def seeded_uniform(seed: int, step: int) -> float:
     return (h >> 11) * 2.0**-53  # the top 53 bits fill a double's mantissa exactly
 
 
+class _Rows:
+    """Per-row settings as device columns [B, 1], sent in one host-to-device copy."""
+
+    def __init__(self, requests: list[Request], vocab: int, device: torch.device) -> None:
+        params = [r.params for r in requests]
+        self.any_sampled = not all(p.greedy for p in params)
+        # Greedy rows ride along with settings that cost nothing; their draw is discarded.
+        self.top_k = [1 if p.greedy else min(p.top_k or vocab, vocab) for p in params]
+        self.top_p = [1.0 if p.greedy else float(p.top_p) for p in params]
+        self.filtered = any(k < vocab for k in self.top_k if k > 1) or min(self.top_p) < 1.0
+        table = torch.tensor(
+            [
+                [
+                    1.0 if p.greedy else float(p.temperature), float(k), tp,
+                    float(p.repetition_penalty), float(p.greedy), u,
+                ]
+                for p, k, tp, u in zip(
+                    params, self.top_k, self.top_p, self._uniforms(requests), strict=True
+                )
+            ],
+            dtype=torch.float64,
+        )
+        cols = _to_device(table, device).unsqueeze(-1).unbind(1)  # six [B, 1] columns
+        self.temperature = cols[0].float()
+        self.top_k_t = cols[1].long()
+        self.top_p_t = cols[2].float()
+        self.penalty = cols[3].float()
+        self.greedy = cols[4] > 0
+        self.u = cols[5]  # float64
+
+    def _uniforms(self, requests: list[Request]) -> list[float]:
+        if not self.any_sampled:
+            return [0.0] * len(requests)  # nothing is drawn: leave the global RNG untouched
+        unseeded = sum(r.params.seed is None for r in requests)
+        fresh = iter(torch.rand(unseeded, dtype=torch.float64).tolist())
+        return [
+            next(fresh) if r.params.seed is None
+            else seeded_uniform(r.params.seed, len(r.output_token_ids))
+            for r in requests
+        ]
+
+
 class Sampler:
     """Stateless; one instance can serve every step of every request."""
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(requests), logits.shape
         raw = logits.float()  # [B, V]
-        dev = raw.device
         params = [r.params for r in requests]
-
-        penalised = self._apply_repetition_penalty(raw, requests)  # [B, V]
+        penalised = raw
+        if not all(p.greedy for p in params) or any(p.repetition_penalty != 1.0 for p in params):
+            rows = _Rows(requests, raw.shape[1], raw.device)
+            penalised = self._apply_repetition_penalty(raw, requests, rows.penalty)
         token_ids = penalised.argmax(dim=-1)  # [B]
-
         if not all(p.greedy for p in params):
-            sampled = self._sample_rows(penalised, requests)  # [B]
-            greedy = _to_device([p.greedy for p in params], torch.bool, dev)
-            token_ids = torch.where(greedy, token_ids, sampled)
+            token_ids = torch.where(rows.greedy[:, 0], token_ids, self._draw(penalised, rows))
 
         want = [p.logprobs for p in params]
         if all(n is None for n in want):
@@ -86,77 +125,65 @@ class Sampler:
         return self._with_logprobs(raw, token_ids, want)
 
     @staticmethod
-    def _apply_repetition_penalty(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        pens = [r.params.repetition_penalty for r in requests]
-        if all(p == 1.0 for p in pens):
+    def _apply_repetition_penalty(
+        logits: torch.Tensor, requests: list[Request], penalty: torch.Tensor
+    ) -> torch.Tensor:
+        rows = [b for b, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
+        if not rows:
             return logits
-        V = logits.shape[1]
-        dev = logits.device
-        seen = [list(set(r.all_token_ids)) if r.params.repetition_penalty != 1.0 else []
-                for r in requests]
-        width = max(1, max(len(s) for s in seen))
-        # Pad with column V, an extra column sliced off below, so rows need no valid filler id.
-        ids = _to_device([s + [V] * (width - len(s)) for s in seen], torch.long, dev)  # [B, W]
-        hit = torch.zeros(len(requests), V + 1, dtype=torch.bool, device=dev)
-        hit.scatter_(1, ids, True)
-        pen = _to_device(pens, torch.float32, dev)[:, None]  # [B, 1]
-        penalised = torch.where(logits > 0, logits / pen, logits * pen)
-        return torch.where(hit[:, :V], penalised, logits)
+        B, V = logits.shape
+        # Flat indices b * V + id of every (row, token) seen; duplicates just set True twice.
+        # Ids outside the logits (a tokenizer larger than the head) are dropped, not wrapped
+        # into the next row.
+        seen = []
+        for b in rows:
+            ids = torch.tensor(requests[b].all_token_ids, dtype=torch.long)
+            seen.append(ids[(ids >= 0) & (ids < V)] + b * V)
+        hit = torch.zeros(B * V, dtype=torch.bool, device=logits.device)
+        hit[_to_device(torch.cat(seen), logits.device)] = True
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        return torch.where(hit.view(B, V), penalised, logits)
 
     @staticmethod
-    def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """One token per row drawn from the temperature / top-k / top-p distribution: [B]."""
+    def _draw(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        """One token per row from the temperature / top-k / top-p distribution: [B]."""
         V = logits.shape[1]
-        dev = logits.device
-        params = [r.params for r in requests]
-        # Greedy rows ride along with harmless settings; their draw is discarded by the caller.
-        temp = [1.0 if p.greedy else float(p.temperature) for p in params]
-        top_k = [V if p.greedy or p.top_k == 0 else min(p.top_k, V) for p in params]
-        top_p = [1.0 if p.greedy else float(p.top_p) for p in params]
-
-        scaled = logits / _to_device(temp, torch.float32, dev)[:, None]
+        scaled = logits / rows.temperature
         probs = scaled.softmax(dim=-1)  # [B, V]
-        if any(k < V for k in top_k) or any(p < 1.0 for p in top_p):
-            probs = probs.masked_fill(~Sampler._filter_mask(scaled, top_k, top_p), 0.0)
+        if rows.filtered:
+            probs = probs.masked_fill(~Sampler._filter_mask(scaled, rows), 0.0)
 
         # The draw walks the cdf in vocabulary order for every row, whatever else is in the
         # batch, so a seeded request maps its uniform to the same token in any batch. float64,
         # because a float32 running sum stops growing under tokens of probability < ~1e-7.
         cdf = probs.double().cumsum(dim=-1)  # [B, V], non-decreasing
-        u = _to_device(Sampler._uniforms(requests), torch.float64, dev)[:, None]  # [B, 1]
         # The first token whose cdf exceeds u * total; a zero-probability token adds nothing to
         # the cdf, so it is never the first to exceed it.
-        pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1)  # [B, 1]
+        pos = torch.searchsorted(cdf, rows.u * cdf[:, -1:], right=True).clamp_(max=V - 1)
         # Rounding can still land outside the kept set (u * total rounding up to the total, or a
         # parallel scan's rounding at block edges); fall back to the most likely token then.
         ok = probs.gather(1, pos) > 0
         return torch.where(ok, pos, probs.argmax(dim=-1, keepdim=True))[:, 0]
 
     @staticmethod
-    def _filter_mask(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    def _filter_mask(scaled: torch.Tensor, rows: _Rows) -> torch.Tensor:
         """[B, V] bool, vocabulary order: the tokens that survive top-k, then top-p."""
         V = scaled.shape[1]
-        dev = scaled.device
-        ranked, order = scaled.sort(dim=-1, descending=True)  # [B, V] each
-        rank = torch.arange(V, device=dev)[None, :]
-        keep = rank < _to_device(top_k, torch.long, dev)[:, None]
+        kmax = max(rows.top_k)
+        # Every row's candidates lie in its top kmax, so a partial top-k replaces the full sort
+        # whenever every row sets top_k (the common top_k + top_p case).
+        if kmax < V:
+            ranked, order = scaled.topk(kmax, dim=-1)  # [B, kmax] each, sorted descending
+        else:
+            ranked, order = scaled.sort(dim=-1, descending=True)  # [B, V] each
+        keep = torch.arange(kmax, device=scaled.device)[None, :] < rows.top_k_t
         probs = ranked.masked_fill(~keep, float("-inf")).softmax(dim=-1)  # renormalised top-k
-        tp = _to_device(top_p, torch.float32, dev)[:, None]
         # Exclusive cumsum: a token stays while the mass strictly above it is < top_p, which
         # keeps the smallest nucleus reaching top_p and always the top token (nothing above).
         above = probs.cumsum(dim=-1) - probs
-        keep &= (above < tp) | (tp >= 1.0)
-        return torch.zeros_like(keep).scatter_(1, order, keep)
-
-    @staticmethod
-    def _uniforms(requests: list[Request]) -> list[float]:
-        unseeded = [r for r in requests if r.params.seed is None]
-        fresh = iter(torch.rand(len(unseeded), dtype=torch.float64).tolist())
-        return [
-            next(fresh) if r.params.seed is None
-            else seeded_uniform(r.params.seed, len(r.output_token_ids))
-            for r in requests
-        ]
+        keep &= (above < rows.top_p_t) | (rows.top_p_t >= 1.0)
+        mask = torch.zeros_like(scaled, dtype=torch.bool)
+        return mask.scatter_(1, order, keep)
 
     @staticmethod
     def _with_logprobs(

@@ -26,7 +26,8 @@ BOS, EOS, SYSTEM, USER, ASSISTANT, END = (
 )
 SPECIAL_TOKENS = [BOS, EOS, SYSTEM, USER, ASSISTANT, END]  # ids 0..5, in this order
 
-# Each message is "<|role|>\n" + content + "<|end|>\n"; a generation prompt opens the assistant turn.
+# Each message is "<|role|>\n" + content + "<|end|>\n"; add_generation_prompt opens an assistant
+# turn. BOS comes from the template because chat prompts are encoded without special tokens.
 _CHAT_TEMPLATE = (
     "{%- if bos_token %}{{ bos_token }}{% endif -%}\n"
     "{%- for message in messages -%}\n"
@@ -62,19 +63,18 @@ HIDDEN, LAYERS, HEADS, HEAD_DIM, INTERMEDIATE, MAX_POS = 256, 4, 8, 32, 688, 204
 
 # Init scales, chosen empirically (see tests): q/k large enough that attention is far from
 # uniform (so RoPE and masking bugs change the output), a wide lm_head for clear top-1 margins.
-STD = {"embed": 1.0, "q": 0.08, "k": 0.08, "v": 0.06, "o": 0.06, "mlp": 0.06, "lm_head": 0.25,
+STD = {"embed": 0.4, "lm_head": 0.4, "q": 0.08, "k": 0.08, "v": 0.06, "o": 0.15, "mlp": 0.12,
        "bias": 0.1, "norm": 0.1}
 
 
-def default_tiny_model_dir() -> Path:
-    return default_model_dir()
+def default_tiny_model_dir(family: str = "llama") -> Path:
+    """$PDSERVE_HOME/models/tiny-llama; other families sit beside it as tiny-<family>."""
+    return default_model_dir().with_name(f"tiny-{family}")
 
 
 @functools.lru_cache(maxsize=1)
 def _trained_bpe() -> str:
     """Trains the byte-level BPE once per process; returns its JSON (no post-processor yet)."""
-    # One thread: the trainer's merge order must not depend on scheduling (same bytes every run).
-    os.environ["RAYON_NUM_THREADS"] = "1"
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -90,7 +90,7 @@ def _trained_bpe() -> str:
     return tok.to_str()
 
 
-def _qwen2_pre_tokenizer():
+def _qwen2_pre_tokenizer() -> tuple[Any, Any] | None:
     """transformers 5 rebuilds a qwen2 tokenizer with its own NFC normalizer and split regex,
     ignoring tokenizer.json's; writing the same ones keeps the file and AutoTokenizer in step."""
     try:
@@ -203,7 +203,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def make_tiny_model(out_dir: str | os.PathLike, family: str = "llama", seed: int = 0) -> Path:
     """Writes a tiny random `family` checkpoint into out_dir; same family+seed, same bytes."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
@@ -217,8 +217,9 @@ def make_tiny_model(out_dir: str | os.PathLike, family: str = "llama", seed: int
     tok.save(str(out / "tokenizer.json"))
 
     _write_json(out / "config.json", _config(fam, vocab_size, ids))
-    save_file(_weights(fam, vocab_size, seed), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    # save() + write_bytes rather than save_file, which leaves the file owner-only.
+    weights = save(_weights(fam, vocab_size, seed), metadata={"format": "pt"})
+    (out / "model.safetensors").write_bytes(weights)
 
     bos = BOS if fam.add_bos else None
     # unk_token null: otherwise transformers' Qwen2Tokenizer adds its own default unk token.
@@ -251,13 +252,14 @@ def ensure_tiny_model(path: str | os.PathLike | None = None, family: str = "llam
     Safe under concurrent callers: each builds in a private temp dir next to path and renames
     it into place; a loser of the rename race discards its copy and uses the winner's.
     """
-    dest = Path(path) if path is not None else default_tiny_model_dir()
+    dest = Path(path) if path is not None else default_tiny_model_dir(family)
     if (dest / "config.json").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         make_tiny_model(tmp, family=family, seed=seed)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         try:
             os.rename(tmp, dest)  # atomic; replaces dest only if it is an empty directory
         except OSError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,11 @@ class KVPayload:
                          fingerprint)
 
     def to_tensor(self) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(self.data))
+        # The object store hands out read-only zero-copy arrays; the tensor is only ever read
+        # (KVPool.write_pages copies it into the pool), so no defensive copy is made.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.ascontiguousarray(self.data))
         if self.dtype == "bfloat16":
             t = t.view(torch.bfloat16)
         return t

@@ -61,11 +61,21 @@ def test_repetition_penalty_matches_hf_and_changes_argmax() -> None:
     out = Sampler().sample(logits.clone(), rs)
     assert out.token_ids == [6, 5]
 
-    scores = rand_logits(1, seed=2)
-    r = req(prompt=[1, 4, 9, 4], outputs=[33, 60], repetition_penalty=1.7)
-    ours = Sampler._apply_repetition_penalty(scores.clone(), [r])
-    hf = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([r.all_token_ids]), scores.clone())
-    assert torch.equal(ours, hf)
+    # Many random rows, histories and penalties: the greedy pick is HF's, token for token.
+    rng = torch.Generator().manual_seed(2)
+    scores = rand_logits(200, seed=2, scale=1.0)
+    rs = []
+    for b in range(200):
+        hist = torch.randint(0, V, (12,), generator=rng).tolist()
+        pen = [0.5, 0.9, 1.2, 2.0, 4.0][b % 5]
+        rs.append(req(prompt=hist[:7], outputs=hist[7:], temperature=0.0, repetition_penalty=pen))
+    want = [
+        int(RepetitionPenaltyLogitsProcessor(r.params.repetition_penalty)(
+            torch.tensor([r.all_token_ids]), scores[b : b + 1].clone()).argmax())
+        for b, r in enumerate(rs)
+    ]
+    assert Sampler().sample(scores, rs).token_ids == want
+    assert want != scores.argmax(-1).tolist()  # the penalty really moved some picks
 
 
 def test_same_seed_same_tokens_and_draw_depends_only_on_seed_and_step() -> None:
@@ -195,6 +205,7 @@ def test_cuda_matches_cpu_and_syncs_once() -> None:
           req(seed=2, top_k=5, repetition_penalty=1.2), req(seed=3, logprobs=0),
           req(top_k=1)]
     cpu = Sampler().sample(logits, rs)
+    Sampler().sample(logits.cuda(), rs)  # first use initialises CUDA state; not a step's cost
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with pytest.warns(UserWarning) as rec:

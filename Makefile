@@ -1,0 +1,46 @@
+# Every target sets itself up on a fresh machine: a virtualenv, torch pinned for CPU, pdserve.
+PYTHON ?= python3
+VENV ?= .venv
+# On CPU machines pin torch: an unpinned torch pulls several GB of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install test test-unit test-e2e lint serve serve-colocated tiny-model bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+test-e2e: install
+	$(BIN)/python -m pytest -q -m e2e
+
+tiny-model: install
+	$(BIN)/pdserve make-tiny-model
+
+serve: install
+	$(BIN)/serve run configs/tiny.yaml
+
+serve-colocated: install
+	$(BIN)/serve run configs/tiny-colocated.yaml
+
+bench: install
+	$(BIN)/python -m bench.compare configs/tiny-colocated.yaml configs/tiny.yaml \
+		--workload shared-prefix --num-prompts 64 --out docs/bench-tiny-cpu.json \
+		--plot-dir docs/img
+
+clean:
+	rm -rf $(VENV) build *.egg-info

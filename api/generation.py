@@ -1,0 +1,177 @@
+"""Driving the client's output streams: start (primed), merge, collect, stop on disconnect.
+
+A stream is primed (its first output awaited) before any response starts, so input that the
+engine refuses (ValueError) still becomes a 4xx body instead of a broken 200 stream. Every
+stream is closed on every exit path: closing is what aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+
+from api.context import GenerateClient
+from api.errors import APIError, GenerationError
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+class Generation:
+    """One request's outputs, first one already received. Iterate once; close when done."""
+
+    def __init__(self, stream: AsyncIterator[RequestOutput], first: RequestOutput,
+                 num_prompt_tokens: int) -> None:
+        self._stream, self._first = stream, first
+        self.num_prompt_tokens = num_prompt_tokens
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        out: RequestOutput | None = self._first
+        try:
+            while out is not None:
+                if out.error is not None:
+                    raise GenerationError(out.error)
+                if out.finished and out.finish_reason == "abort":
+                    raise GenerationError("the request was aborted by the server")
+                yield out
+                if out.finished:
+                    return
+                try:
+                    out = await anext(self._stream, None)
+                except ValueError as e:
+                    raise APIError(str(e)) from None
+                except Exception as e:
+                    raise GenerationError(f"generation failed: {e}") from e
+            raise GenerationError("the output stream ended before the request finished")
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def start(client: GenerateClient, prompt_ids: list[int], params: SamplingParams,
+                request_id: str) -> Generation:
+    stream = client.generate(prompt_ids, params, request_id)
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        raise GenerationError("the request ended without output") from None
+    except ValueError as e:  # the engine's own validation
+        raise APIError(str(e)) from None
+    except APIError:
+        raise
+    except Exception as e:
+        raise GenerationError(f"generation failed: {e}") from e
+    return Generation(stream, first, len(prompt_ids))
+
+
+async def start_all(client: GenerateClient, jobs: list[tuple[list[int], SamplingParams, str]],
+                    ) -> list[Generation]:
+    """Starts every job; if one is refused, closes the ones that started and re-raises."""
+    results = await asyncio.gather(*(start(client, *job) for job in jobs),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for r in results:
+            if isinstance(r, Generation):
+                await r.aclose()
+        raise errors[0]
+    return list(results)  # type: ignore[arg-type]
+
+
+async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) pairs from several generations, in arrival order."""
+    if len(gens) == 1:
+        async for out in gens[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for out in gen:
+                await queue.put((i, out))
+            await queue.put(done)
+        except Exception as e:  # handed to the consumer, which re-raises it
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class Collected:
+    """A whole generation: what the non-streaming responses are built from."""
+
+    token_ids: list[int] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)  # text delta owed to each token
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.token_texts)
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.new_token_ids
+        # A step's text belongs to its last token: earlier ones may be partial characters.
+        self.token_texts += [""] * (len(out.new_token_ids) - 1) + [out.new_text]
+        self.logprobs += out.new_logprobs
+        self.finish_reason = out.finish_reason
+
+
+async def collect(gens: list[Generation]) -> list[Collected]:
+    results = [Collected(num_prompt_tokens=g.num_prompt_tokens) for g in gens]
+    async for i, out in merged(gens):
+        results[i].add(out)
+    return results
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it if the client goes away first (its streams then close).
+
+    Streaming responses need none of this: Starlette (or the Serve proxy) stops them.
+    """
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watch
+    if not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError("the client disconnected", status=499)
+    return task.result()

@@ -1,0 +1,169 @@
+"""TGI-compatible request models and response builders (/generate, /generate_stream, /info).
+
+Semantics follow text-generation-inference: sampling is on when `do_sample` is true or any of
+temperature / top_k / top_p is given (otherwise greedy); a sampled request without a seed gets a
+random one, reported in `details.seed`; `truncate` keeps the last N prompt tokens; `max_new_tokens`
+defaults to 100.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.context import ServerContext
+from api.errors import APIError
+from api.generation import Collected
+from engine.sampling_params import SamplingParams
+
+DEFAULT_MAX_NEW_TOKENS = 100
+_seeds = random.SystemRandom()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Parameters(_Model):
+    best_of: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS
+    return_full_text: bool | None = None
+    stop: list[str] = Field(default_factory=list)
+    truncate: int | None = None
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False  # accepted, ignored: `prefill` is always []
+    seed: int | None = Field(None, ge=0)
+    top_n_tokens: int | None = Field(None, ge=0, le=20)
+    grammar: dict[str, Any] | None = None
+
+
+class GenerateRequest(_Model):
+    inputs: str
+    parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = False  # only read by the compat route `/`
+
+
+def _check(p: Parameters, max_input_tokens: int) -> None:
+    def bad(msg: str, param: str) -> None:
+        raise APIError(msg, param)
+
+    if p.temperature is not None and p.temperature <= 0:
+        bad("`temperature` must be strictly positive", "temperature")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        bad("`repetition_penalty` must be strictly positive", "repetition_penalty")
+    if p.top_p is not None and not 0 < p.top_p < 1:
+        bad("`top_p` must be > 0.0 and < 1.0", "top_p")
+    if p.top_k is not None and p.top_k <= 0:
+        bad("`top_k` must be strictly positive", "top_k")
+    if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+        bad("`max_new_tokens` must be strictly positive", "max_new_tokens")
+    if p.truncate is not None and not 0 < p.truncate <= max_input_tokens:
+        bad(f"`truncate` must be strictly positive and at most {max_input_tokens}. "
+            f"Given: {p.truncate}", "truncate")
+    if p.best_of not in (None, 1):
+        bad("`best_of` != 1 is not supported", "best_of")
+    if p.frequency_penalty:
+        bad("`frequency_penalty` is not supported; use `repetition_penalty`", "frequency_penalty")
+    if p.typical_p is not None:
+        bad("`typical_p` is not supported", "typical_p")
+    if p.watermark:
+        bad("`watermark` is not supported", "watermark")
+    if p.grammar is not None:
+        bad("`grammar` is not supported", "grammar")
+
+
+def prepare(ctx: ServerContext, req: GenerateRequest, stream: bool,
+            ) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and engine parameters for a TGI request; raises APIError on bad input."""
+    p = req.parameters
+    _check(p, ctx.max_model_len - 1)
+    if not req.inputs:
+        raise APIError("`inputs` cannot be empty", "inputs")
+    ids = ctx.encode(req.inputs, "inputs")
+    if p.truncate is not None:
+        ids = ids[-p.truncate:]
+    max_new = ctx.check_length(len(ids), p.max_new_tokens, "inputs", "max_new_tokens")
+    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
+    seed = (p.seed if p.seed is not None else _seeds.getrandbits(63)) if sampling else None
+    logprobs = p.top_n_tokens if p.top_n_tokens else (0 if stream or p.details else None)
+    try:
+        params = SamplingParams(
+            max_tokens=max_new, temperature=(p.temperature or 1.0) if sampling else 0.0,
+            top_k=p.top_k or 0, top_p=p.top_p or 1.0,
+            repetition_penalty=p.repetition_penalty or 1.0, seed=seed, stop=list(p.stop),
+            logprobs=logprobs)
+    except ValueError as e:
+        raise APIError(str(e)) from None
+    return ids, params
+
+
+# -- responses --------------------------------------------------------------------------------
+def finish_reason(ctx: ServerContext, reason: str | None, last_token: int | None,
+                  params: SamplingParams) -> str:
+    if reason == "length":
+        return "length"
+    # The engine says "stop" for both; a special (EOS) token or a stop token id ends with the
+    # token itself, a stop string with text.
+    if last_token is not None and (ctx.is_special(last_token)
+                                   or last_token in params.stop_token_ids):
+        return "eos_token"
+    return "stop_sequence"
+
+
+def token(ctx: ServerContext, token_id: int, text: str, logprob: float | None) -> dict[str, Any]:
+    return {"id": token_id, "text": text, "logprob": logprob, "special": ctx.is_special(token_id)}
+
+
+def top_tokens(ctx: ServerContext, top: list[tuple[int, float]]) -> list[dict[str, Any]]:
+    return [token(ctx, t, ctx.token_text(t), v) for t, v in top]
+
+
+def full_text(req: GenerateRequest, generated: str) -> str:
+    return req.inputs + generated if req.parameters.return_full_text else generated
+
+
+def generate_response(ctx: ServerContext, req: GenerateRequest, params: SamplingParams,
+                      r: Collected) -> dict[str, Any]:
+    body: dict[str, Any] = {"generated_text": full_text(req, r.text)}
+    if req.parameters.details:
+        last = r.token_ids[-1] if r.token_ids else None
+        lps = r.logprobs or [None] * len(r.token_ids)
+        details: dict[str, Any] = {
+            "finish_reason": finish_reason(ctx, r.finish_reason, last, params),
+            "generated_tokens": len(r.token_ids),
+            "seed": params.seed,
+            "prefill": [],
+            "tokens": [token(ctx, t, text, lp.logprob if lp else None)
+                       for t, text, lp in zip(r.token_ids, r.token_texts, lps)],
+        }
+        if req.parameters.top_n_tokens:
+            details["top_tokens"] = [top_tokens(ctx, lp.top) for lp in r.logprobs]
+        body["details"] = details
+    return body
+
+
+def stream_event(index: int, tok: dict[str, Any], top: list[dict[str, Any]],
+                 generated_text: str | None, details: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "token": tok, "top_tokens": top, "generated_text": generated_text,
+            "details": details}
+
+
+def info(ctx: ServerContext) -> dict[str, Any]:
+    return {
+        "model_id": ctx.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": None, "max_best_of": 1, "max_stop_sequences": 16,
+        "max_input_tokens": ctx.max_model_len - 1, "max_input_length": ctx.max_model_len - 1,
+        "max_total_tokens": ctx.max_model_len, "max_client_batch_size": 1,
+        "validation_workers": 1, "router": "pdserve", "version": "0.1.0", "sha": None,
+        "docker_label": None,
+    }

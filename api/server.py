@@ -1,0 +1,77 @@
+"""build_api: the whole HTTP surface as one FastAPI app over a generation client.
+
+OpenAI routes under /v1, TGI routes at the root, plus /health and /metrics. The app holds no
+engine: `client.generate(prompt_ids, params, request_id)` is all it needs (an AsyncEngine in
+tests, a Serve handle adapter in the cluster), so it runs the same in-process and behind Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from api import prometheus, request_stats
+from api.context import GenerateClient, ServerContext
+from api.errors import install_error_handlers
+from api.routes_openai import openai_router
+from api.routes_tgi import tgi_router
+
+log = logging.getLogger(__name__)
+
+MetricsSource = Callable[[], "list[dict[str, Any]] | Awaitable[list[dict[str, Any]]]"]
+METRICS_TIMEOUT_S = 5.0
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model_len: int,
+              metrics_source: MetricsSource | None = None,
+              ready: Callable[[], bool | Awaitable[bool]] = lambda: True) -> FastAPI:
+    """`metrics_source()` (sync or async) returns per-replica snapshots for /metrics (see
+    api/prometheus.py); `ready()` (sync or async) decides /health."""
+    ctx = ServerContext(client, tokenizer, model_name, max_model_len)
+    app = FastAPI(title="pdserve", version="0.1.0")
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    counts: Counter = Counter()
+    replica = request_stats.replica_name()
+    app.add_middleware(request_stats.RequestStats, counts=counts)
+    app.include_router(openai_router(ctx))
+    app.include_router(tgi_router(ctx))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            ok = bool(await _maybe_await(ready()))
+        except Exception:
+            log.exception("readiness check failed")
+            ok = False
+        return JSONResponse({"status": "ok" if ok else "unavailable"},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        snapshots: list[dict[str, Any]] = []
+        up: bool | None = None
+        if metrics_source is not None:
+            try:
+                result = await asyncio.wait_for(_maybe_await(metrics_source()),
+                                                METRICS_TIMEOUT_S)
+                snapshots, up = list(result), True
+            except Exception:  # a scrape must still answer: report the source as down
+                log.exception("metrics source failed")
+                up = False
+        snapshots.append(request_stats.snapshot(counts, replica, up))
+        return PlainTextResponse(prometheus.render(snapshots),
+                                 media_type=prometheus.CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,36 @@
+"""Server-sent events: `data: <json>` lines, and a response that always closes its source."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+
+def event(data: Any, sep: str = " ") -> str:
+    """One SSE event. TGI writes `data:{...}` (no space); OpenAI writes `data: {...}`."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False,
+                                                           separators=(",", ":"))
+    return f"data:{sep}{payload}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream response whose event iterator is closed however the response ends
+    (finished, client gone, handler cancelled), so the generation under it is aborted at once
+    instead of whenever the iterator is garbage-collected."""
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()

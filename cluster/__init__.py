@@ -1,0 +1,1 @@
+"""The Ray Serve application: config schema, deployments wiring, metrics hub."""

@@ -1,0 +1,35 @@
+"""`serve run configs/tiny.yaml` or `serve run cluster.app:build_app model=/path/to/hf`.
+
+disaggregated:  Ingress -> DecodeServer (orchestrates) -> PrefillServer, KV via kvtransfer
+colocated:      Ingress -> ColocatedServer (one engine, both phases)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.ingress import Ingress
+from cluster.colocated import ColocatedServer
+from cluster.config import AppConfig
+from decode.deployment import DecodeServer
+from engine.llm_engine import Engine
+from engine.model_arch import ModelArch
+from engine.tiny_model import ensure_tiny_model
+from prefill.deployment import PrefillServer
+
+
+def build_app(args: dict[str, Any]):
+    cfg = AppConfig.from_args(args)
+    if cfg.model.path is None:
+        ensure_tiny_model()  # created once, here, before any replica starts
+    arch = ModelArch.from_pretrained(cfg.model.resolved_path)
+    role = "decode" if cfg.mode == "disaggregated" else "colocated"
+    max_model_len = Engine.max_model_len_for(arch, cfg.engine_config(role))
+    plain = cfg.model_dump()
+    if cfg.mode == "disaggregated":
+        prefill = PrefillServer.options(**cfg.prefill.serve_options("prefill")).bind(plain)
+        server = DecodeServer.options(**cfg.decode.serve_options("decode")).bind(plain, prefill)
+    else:
+        server = ColocatedServer.options(**cfg.colocated.serve_options("colocated")).bind(plain)
+    return Ingress.options(**cfg.ingress.serve_options("ingress")).bind(
+        server, cfg.model.resolved_path, cfg.model.served_name, max_model_len)

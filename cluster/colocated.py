@@ -1,0 +1,29 @@
+"""The colocated deployment: one engine does both phases (the baseline for every
+disaggregation claim). Same `generate` stream as the decode deployment."""
+
+from __future__ import annotations
+
+import time
+
+from ray import serve
+
+from cluster.replica import Replica
+from engine.metrics import track_stream
+from engine.sampling_params import SamplingParams
+
+
+@serve.deployment(name="colocated")
+class ColocatedServer:
+    def __init__(self, args: dict) -> None:
+        self.replica = Replica(args, "colocated")
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+        start = time.perf_counter()
+        self.replica.metrics.inc("pdserve_requests_total")
+        self.replica.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
+        stream = self.replica.engine.generate(prompt_ids, params, request_id)
+        async for out in track_stream(stream, self.replica.metrics, start):
+            yield out
+
+    def check_integrity(self) -> dict:
+        return self.replica.check_integrity()

@@ -1,0 +1,52 @@
+"""What every serving replica does at start: build its engine from the app config, name itself,
+publish its metrics. Shared by the prefill, decode and colocated deployments."""
+
+from __future__ import annotations
+
+import logging
+
+from cluster.config import AppConfig
+from cluster.metrics_hub import start_pushing
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import Engine
+from engine.metrics import Metrics
+from engine.tiny_model import ensure_tiny_model
+from kvtransfer import model_fingerprint
+
+log = logging.getLogger("pdserve")
+
+
+def replica_name(role: str) -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return f"{role}-local"
+
+
+class Replica:
+    """The engine, its metrics and fingerprint of one serving replica of `role`."""
+
+    def __init__(self, args: dict, role: str) -> None:
+        self.cfg = cfg = AppConfig.from_args(args)
+        if cfg.model.path is None:
+            ensure_tiny_model()
+        model_cfg = cfg.model.to_config()
+        self.engine = AsyncEngine(Engine(model_cfg, cfg.engine_config(role)))
+        self.fingerprint = model_fingerprint(model_cfg.path, model_cfg.dtype,
+                                             model_cfg.load_format, model_cfg.seed)
+        self.metrics = Metrics(role, replica_name(role))
+        self._stop_push = start_pushing(self.snapshot)
+        log.info("%s replica %s ready: %d KV pages", role, self.metrics.replica,
+                 self.engine.engine.allocator.num_pages)
+
+    def snapshot(self) -> dict:
+        self.metrics.record_engine(self.engine.engine)
+        return self.metrics.snapshot()
+
+    def check_integrity(self) -> dict:
+        eng = self.engine.engine
+        eng.allocator.check_integrity()
+        return {"pages_used": eng.num_pages_used, "pages_total": eng.allocator.num_pages,
+                "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting)}

@@ -1,0 +1,25 @@
+"""The prefill Serve deployment: a thin wrapper around PrefillWorker."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from cluster.replica import Replica
+from engine.sampling_params import SamplingParams
+from kvtransfer import make_transport
+from prefill.worker import PrefillResult, PrefillWorker
+
+
+@serve.deployment(name="prefill")
+class PrefillServer:
+    def __init__(self, args: dict) -> None:
+        self.replica = Replica(args, "prefill")
+        self.worker = PrefillWorker(self.replica.engine, make_transport(
+            self.replica.cfg.kv_transport), self.replica.fingerprint, self.replica.metrics)
+
+    async def prefill(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                      first_block: int = 0) -> PrefillResult:
+        return await self.worker.prefill(prompt_ids, params, request_id, first_block)
+
+    def check_integrity(self) -> dict:
+        return self.replica.check_integrity()

@@ -1,0 +1,94 @@
+"""Prefill and decode workers wired in one process (inline transport): tokens equal the
+colocated engine's, and a shared prompt prefix crosses the wire only once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from decode.worker import DecodeWorker
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, ModelConfig
+from engine.llm import LLM
+from engine.llm_engine import Engine
+from engine.sampling_params import SamplingParams
+from kvtransfer import KVPayload, make_transport, model_fingerprint
+from prefill.worker import PrefillWorker
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _pair(path: str, **engine_kwargs):
+    cfg = EngineConfig(page_size=16, num_pages=128, **engine_kwargs)
+    fp = model_fingerprint(path, "float32", "safetensors", 0)
+    transport = make_transport("inline")
+    prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), transport, fp)
+    decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), prefill, transport, fp)
+    return prefill, decode
+
+
+async def _collect(decode: DecodeWorker, prompt, params, rid):
+    return [out async for out in decode.generate(prompt, params, rid)]
+
+
+def test_tokens_equal_colocated_and_prefix_pages_move_once(tiny_llama):
+    async def main():
+        prefill, decode = _pair(tiny_llama)
+        shared = list(range(100, 164))  # 4 full blocks
+        a, b = shared + [7, 8, 9], shared + [10, 11]
+        outs_a = await _collect(decode, a, GREEDY, "a")
+        bytes_a = decode.metrics.counters["pdserve_kv_transfer_bytes_total"]
+        outs_b = await _collect(decode, b, GREEDY, "b")
+        bytes_b = decode.metrics.counters["pdserve_kv_transfer_bytes_total"] - bytes_a
+        return prefill, decode, outs_a, outs_b, bytes_a, bytes_b
+
+    prefill, decode, outs_a, outs_b, bytes_a, bytes_b = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=128).generate([list(range(100, 164)) + [7, 8, 9],
+                                                    list(range(100, 164)) + [10, 11]], GREEDY)
+    assert [t for o in outs_a for t in o.new_token_ids] == ref[0].token_ids
+    assert [t for o in outs_b for t in o.new_token_ids] == ref[1].token_ids
+    assert "".join(o.new_text for o in outs_a) == ref[0].text
+    page_bytes = bytes_a // 5  # prompt a: 67 tokens = 5 pages
+    assert bytes_b == page_bytes  # b: 4 shared blocks cached on the decode side, 1 page moved
+    assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
+    for worker in (prefill, decode):
+        worker.engine.engine.allocator.check_integrity()
+        assert worker.engine.engine.num_pages_used == 0
+
+
+def test_concurrent_requests_and_abort_free_pages(tiny_llama):
+    async def main():
+        prefill, decode = _pair(tiny_llama)
+        prompts = [[5 + i] * (10 + 7 * i) for i in range(6)]
+        results = await asyncio.gather(*[_collect(decode, p, GREEDY, f"r{i}")
+                                         for i, p in enumerate(prompts)])
+        long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        stream = decode.generate([3] * 20, long, "gone")
+        async for _ in stream:
+            break  # the client goes away after the first token
+        await stream.aclose()
+        await asyncio.sleep(0.2)
+        return prefill, decode, prompts, results
+
+    prefill, decode, prompts, results = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=128).generate(prompts, GREEDY)
+    assert [[t for o in r for t in o.new_token_ids] for r in results] == \
+        [o.token_ids for o in ref]
+    for worker in (prefill, decode):
+        worker.engine.engine.allocator.check_integrity()
+        assert worker.engine.engine.num_pages_used == 0
+
+
+def test_payload_mismatch_is_rejected(tiny_llama):
+    import torch
+
+    p = KVPayload.from_tensor(torch.zeros(4, 1, 2, 16, 2, 32), 16, 0, [1], "abc")
+    kw = dict(dtype=torch.float32, page_size=16, first_block=0, block_hashes=[1], num_pages=1)
+    p.check(fingerprint="abc", **kw)
+    with pytest.raises(ValueError, match="fingerprint"):
+        p.check(fingerprint="xyz", **kw)
+    with pytest.raises(ValueError, match="dtype"):
+        p.check(fingerprint="abc", **{**kw, "dtype": torch.bfloat16})
+    bf = KVPayload.from_tensor(torch.ones(1, 1, 2, 2, 1, 1, dtype=torch.bfloat16), 2, 0, [], "f")
+    assert bf.to_tensor().dtype == torch.bfloat16 and bf.to_tensor().sum().item() == 4
