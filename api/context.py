@@ -46,7 +46,7 @@ class ServerContext:
     def encode(self, text: str, param: str = "prompt") -> list[int]:
         if not text:
             raise APIError("the prompt is empty", param)
-        return list(self.tokenizer.encode(text))
+        return list(self.tokenizer.encode(text, verbose=False))
 
     def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         if not ids:
@@ -66,8 +66,8 @@ class ServerContext:
         except Exception as e:  # the template's own raise_exception, bad roles, bad content
             raise APIError(f"cannot apply the chat template: {e}", "messages") from None
         # The template already holds BOS and the role markers.
-        return self.check_ids(list(self.tokenizer.encode(text, add_special_tokens=False)),
-                              "messages")
+        ids = self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
+        return self.check_ids(list(ids), "messages")
 
     def check_length(self, num_prompt: int, max_tokens: int | None, param: str = "prompt",
                      max_tokens_name: str = "max_tokens") -> int:

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +70,39 @@ def error_response(err: APIError, path: str) -> JSONResponse:
     return JSONResponse(body, status_code=error_status(err, openai))
 
 
+def _param(loc: tuple | list) -> str | None:
+    # pydantic puts union members (`str`, `list[int]`, ...) in the location: not parameters.
+    parts = [str(p) for p in loc if p != "body" and not _is_type_tag(p)]
+    return ".".join(parts) or None
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instance"}
+
+
 def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """One readable message (and the offending parameter) from pydantic's error list."""
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON: {detail}".rstrip(": "), None
-    if first.get("type") == "missing" and not loc:
+    param = _param(first.get("loc", ()))
+    if first.get("type") == "missing" and param is None:
         return "the request body is missing", None
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    param = ".".join(loc) or None
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return (f"{param}: {msg}{more}" if param else msg + more), param
+    # Errors for the same parameter are the alternatives of a union: list them all.
+    msgs: list[str] = []
+    for e in errors:
+        if _param(e.get("loc", ())) == param:
+            msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+            if msg not in msgs:
+                msgs.append(msg)
+    text = "; or ".join(msgs)
+    return (f"{param}: {text}" if param else text), param
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -103,5 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
+        # Starlette calls this even after a stream started; a vanished client is no error.
+        if not isinstance(exc, ClientDisconnect):
+            log.exception("unhandled error on %s", request.url.path)
         return error_response(GenerationError(f"internal error: {exc}"), request.url.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -21,17 +22,22 @@ from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
+Job = tuple[list[int], SamplingParams, str]  # prompt ids, params, request id
 
 
 class Generation:
-    """One request's outputs, first one already received. Iterate once; close when done."""
+    """One request's outputs, first one already received.
+
+    Iterate `outputs()` once, inside `aclosing(...)`; `aclose()` ends the request if it is
+    still running (safe to call again once iteration is over).
+    """
 
     def __init__(self, stream: AsyncIterator[RequestOutput], first: RequestOutput,
                  num_prompt_tokens: int) -> None:
         self._stream, self._first = stream, first
         self.num_prompt_tokens = num_prompt_tokens
 
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
         out: RequestOutput | None = self._first
         try:
             while out is not None:
@@ -74,8 +80,7 @@ async def start(client: GenerateClient, prompt_ids: list[int], params: SamplingP
     return Generation(stream, first, len(prompt_ids))
 
 
-async def start_all(client: GenerateClient, jobs: list[tuple[list[int], SamplingParams, str]],
-                    ) -> list[Generation]:
+async def start_all(client: GenerateClient, jobs: list[Job]) -> list[Generation]:
     """Starts every job; if one is refused, closes the ones that started and re-raises."""
     results = await asyncio.gather(*(start(client, *job) for job in jobs),
                                    return_exceptions=True)
@@ -91,20 +96,23 @@ async def start_all(client: GenerateClient, jobs: list[tuple[list[int], Sampling
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(index, output) pairs from several generations, in arrival order."""
     if len(gens) == 1:
-        async for out in gens[0]:
-            yield 0, out
+        async with aclosing(gens[0].outputs()) as outs:
+            async for out in outs:
+                yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
     async def pump(i: int, gen: Generation) -> None:
         try:
-            async for out in gen:
-                await queue.put((i, out))
-            await queue.put(done)
+            async with aclosing(gen.outputs()) as outs:
+                async for out in outs:
+                    queue.put_nowait((i, out))
+            queue.put_nowait(done)
         except Exception as e:  # handed to the consumer, which re-raises it
-            await queue.put(e)
+            queue.put_nowait(e)
 
+    # Cancelling a pump raises inside the client's stream, which aborts that request.
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
     try:
         remaining = len(tasks)
@@ -144,11 +152,22 @@ class Collected:
         self.finish_reason = out.finish_reason
 
 
-async def collect(gens: list[Generation]) -> list[Collected]:
+async def collect(client: GenerateClient, jobs: list[Job]) -> list[Collected]:
+    """Runs jobs to the end (the non-streaming responses)."""
+    gens = await start_all(client, jobs)
     results = [Collected(num_prompt_tokens=g.num_prompt_tokens) for g in gens]
-    async for i, out in merged(gens):
-        results[i].add(out)
+    try:
+        async with aclosing(merged(gens)) as outs:
+            async for i, out in outs:
+                results[i].add(out)
+    finally:
+        await close_all(gens)
     return results
+
+
+async def close_all(gens: list[Generation]) -> None:
+    for g in gens:
+        await g.aclose()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

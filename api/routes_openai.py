@@ -9,20 +9,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 
 from api import protocol_openai as oai
 from api.context import ServerContext, new_id
 from api.errors import APIError, GenerationError, openai_body
-from api.generation import Generation, collect, merged, start_all, unless_disconnected
+from api.generation import Generation, Job, collect, merged, start_all, unless_disconnected
 from api.sse import EventStream, event
-from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-Job = tuple[list[int], SamplingParams, str]
-
 
 def _jobs(ctx: ServerContext, prompts: list[list[int]], req: oai._Common, rid: str,
           max_tokens: int | None, logprobs: int | None) -> list[Job]:
@@ -38,8 +35,9 @@ def _jobs(ctx: ServerContext, prompts: list[list[int]], req: oai._Common, rid: s
 async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """Turns a failure mid-stream into an error event; always ends with [DONE]."""
     try:
-        async for e in events:
-            yield e
+        async with aclosing(events):
+            async for e in events:
+                yield e
     except APIError as e:
         yield event(openai_body(e))
     except Exception as e:
@@ -68,13 +66,10 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         rid, created = new_id("cmpl"), int(time.time())
         jobs = _jobs(ctx, req.prompts(ctx), req, rid, req.max_tokens, req.logprobs)
         if not req.stream:
-            async def run() -> list:
-                return await collect(await start_all(ctx.client, jobs))
-
-            results = await unless_disconnected(request, run())
+            results = await unless_disconnected(request, collect(ctx.client, jobs))
             return oai.completion_response(ctx, rid, created, results, req.logprobs is not None)
         gens = await start_all(ctx.client, jobs)
-        return EventStream(_guarded(_completion_events(ctx, rid, created, gens, req)))
+        return EventStream(_guarded(_completion_events(ctx, rid, created, gens, req)), gens)
 
     @router.post("/chat/completions")
     async def chat(req: oai.ChatCompletionRequest, request: Request):
@@ -83,13 +78,10 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         ids = ctx.chat_ids([m.as_template_input() for m in req.messages])
         jobs = _jobs(ctx, [ids], req, rid, req.requested_max_tokens, req.engine_logprobs)
         if not req.stream:
-            async def run() -> list:
-                return await collect(await start_all(ctx.client, jobs))
-
-            [result] = await unless_disconnected(request, run())
+            [result] = await unless_disconnected(request, collect(ctx.client, jobs))
             return oai.chat_response(ctx, rid, created, result, req)
         gens = await start_all(ctx.client, jobs)
-        return EventStream(_guarded(_chat_events(ctx, rid, created, gens[0], req)))
+        return EventStream(_guarded(_chat_events(ctx, rid, created, gens[0], req)), gens)
 
     return router
 
@@ -100,19 +92,20 @@ async def _completion_events(ctx: ServerContext, rid: str, created: int,
     offsets = [0] * len(gens)
     generated = [0] * len(gens)
     with_usage = req.include_usage
-    async for i, out in merged(gens):
-        generated[i] += len(out.new_token_ids)
-        lp = None
-        if req.logprobs is not None:
-            texts = [""] * (len(out.new_token_ids) - 1) + [out.new_text]
-            lp = oai.completion_logprobs(ctx, out.new_logprobs, texts, offsets[i])
-        offsets[i] += len(out.new_text)
-        if not out.new_text and lp is None and not out.finished:
-            continue  # text held back (partial character, possible stop string)
-        choice = oai.completion_choice(i, out.new_text, lp,
-                                       out.finish_reason if out.finished else None)
-        yield event(oai.completion_object(rid, created, ctx.model_name, [choice], None,
-                                          with_usage))
+    async with aclosing(merged(gens)) as outs:
+        async for i, out in outs:
+            generated[i] += len(out.new_token_ids)
+            lp = None
+            if req.logprobs is not None:
+                texts = [""] * (len(out.new_token_ids) - 1) + [out.new_text]
+                lp = oai.completion_logprobs(ctx, out.new_logprobs, texts, offsets[i])
+            offsets[i] += len(out.new_text)
+            if not out.new_text and lp is None and not out.finished:
+                continue  # text held back (partial character, possible stop string)
+            choice = oai.completion_choice(i, out.new_text, lp,
+                                           out.finish_reason if out.finished else None)
+            yield event(oai.completion_object(rid, created, ctx.model_name, [choice], None,
+                                              with_usage))
     if with_usage:
         total = oai.usage(sum(g.num_prompt_tokens for g in gens), sum(generated))
         yield event(oai.completion_object(rid, created, ctx.model_name, [], total))
@@ -127,13 +120,15 @@ async def _chat_events(ctx: ServerContext, rid: str, created: int, gen: Generati
 
     yield chunk([oai.chat_choice({"role": "assistant", "content": ""})])
     generated = 0
-    async for out in gen:
-        generated += len(out.new_token_ids)
-        lp = (oai.chat_logprobs(ctx, out.new_logprobs, req.top_logprobs or 0)
-              if req.logprobs else None)
-        if not out.new_text and lp is None and not out.finished:
-            continue
-        delta = {"content": out.new_text} if out.new_text else {}
-        yield chunk([oai.chat_choice(delta, lp, out.finish_reason if out.finished else None)])
+    async with aclosing(gen.outputs()) as outs:
+        async for out in outs:
+            generated += len(out.new_token_ids)
+            lp = (oai.chat_logprobs(ctx, out.new_logprobs, req.top_logprobs or 0)
+                  if req.logprobs else None)
+            if not out.new_text and lp is None and not out.finished:
+                continue
+            delta = {"content": out.new_text} if out.new_text else {}
+            yield chunk([oai.chat_choice(delta, lp,
+                                         out.finish_reason if out.finished else None)])
     if with_usage:
         yield chunk([], oai.usage(gen.num_prompt_tokens, generated))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 
@@ -17,6 +18,7 @@ from api.context import ServerContext, new_id
 from api.errors import APIError, GenerationError, tgi_body
 from api.generation import Generation, collect, start, unless_disconnected
 from api.sse import EventStream, event
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -27,17 +29,14 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
 
     async def generate_once(req: tgi.GenerateRequest, request: Request) -> dict:
         ids, params = tgi.prepare(ctx, req, stream=False)
-
-        async def run() -> list:
-            return await collect([await start(ctx.client, ids, params, new_id("tgi"))])
-
-        [result] = await unless_disconnected(request, run())
+        job = (ids, params, new_id("tgi"))
+        [result] = await unless_disconnected(request, collect(ctx.client, [job]))
         return tgi.generate_response(ctx, req, params, result)
 
     async def generate_stream_once(req: tgi.GenerateRequest) -> EventStream:
         ids, params = tgi.prepare(ctx, req, stream=True)
         gen = await start(ctx.client, ids, params, new_id("tgi"))
-        return EventStream(_guarded(_stream_events(ctx, req, params, gen)))
+        return EventStream(_guarded(_stream_events(ctx, req, params, gen)), [gen])
 
     @router.get("/info")
     async def info() -> dict:
@@ -63,8 +62,9 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
 
 async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
-        async for e in events:
-            yield e
+        async with aclosing(events):
+            async for e in events:
+                yield e
     except APIError as e:
         yield event(tgi_body(e), sep="")
     except Exception as e:
@@ -75,22 +75,26 @@ async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
 async def _stream_events(ctx: ServerContext, req: tgi.GenerateRequest, params: SamplingParams,
                          gen: Generation) -> AsyncIterator[str]:
     index, text = 0, ""
-    async for out in gen:
-        n = len(out.new_token_ids)
-        text += out.new_text
-        for j, token_id in enumerate(out.new_token_ids):
-            index += 1
-            last = out.finished and j == n - 1
-            lp = out.new_logprobs[j] if j < len(out.new_logprobs) else None
-            tok = tgi.token(ctx, token_id, out.new_text if j == n - 1 else "",
-                            lp.logprob if lp else None)
-            top = tgi.top_tokens(ctx, lp.top) if lp and req.parameters.top_n_tokens else []
-            details = None
-            if last:
-                details = {"finish_reason": tgi.finish_reason(ctx, out.finish_reason, token_id,
-                                                              params),
-                           "generated_tokens": index, "seed": params.seed,
-                           "input_length": gen.num_prompt_tokens}
-            yield event(tgi.stream_event(index, tok, top,
-                                         tgi.full_text(req, text) if last else None, details),
-                        sep="")
+    async with aclosing(gen.outputs()) as outs:
+        async for out in outs:
+            text += out.new_text
+            for j in range(len(out.new_token_ids)):
+                index += 1
+                yield event(_token_event(ctx, req, params, gen, out, j, index, text), sep="")
+
+
+def _token_event(ctx: ServerContext, req: tgi.GenerateRequest, params: SamplingParams,
+                 gen: Generation, out: RequestOutput, j: int, index: int, text: str) -> dict:
+    """The event for token j of this step; `text` is everything generated so far."""
+    n = len(out.new_token_ids)
+    token_id = out.new_token_ids[j]
+    lp = out.new_logprobs[j] if j < len(out.new_logprobs) else None
+    tok = tgi.token(ctx, token_id, out.new_text if j == n - 1 else "",
+                    lp.logprob if lp else None)
+    top = tgi.top_tokens(ctx, lp.top) if lp and req.parameters.top_n_tokens else []
+    if not (out.finished and j == n - 1):
+        return tgi.stream_event(index, tok, top, None, None)
+    details = {"finish_reason": tgi.finish_reason(ctx, out.finish_reason, token_id, params),
+               "generated_tokens": index, "seed": params.seed,
+               "input_length": gen.num_prompt_tokens}
+    return tgi.stream_event(index, tok, top, tgi.full_text(req, text), details)

@@ -9,6 +9,8 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from api.generation import Generation, close_all
+
 
 def event(data: Any, sep: str = " ") -> str:
     """One SSE event. TGI writes `data:{...}` (no space); OpenAI writes `data: {...}`."""
@@ -18,14 +20,14 @@ def event(data: Any, sep: str = " ") -> str:
 
 
 class EventStream(StreamingResponse):
-    """A text/event-stream response whose event iterator is closed however the response ends
-    (finished, client gone, handler cancelled), so the generation under it is aborted at once
-    instead of whenever the iterator is garbage-collected."""
+    """A text/event-stream response whose event iterator and generations are closed however
+    the response ends (finished, client gone, handler cancelled), so a request still running
+    is aborted at once instead of whenever the iterator is garbage-collected."""
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
+    def __init__(self, events: AsyncIterator[str], generations: list[Generation]) -> None:
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._events = events
+        self._events, self._generations = events, generations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -34,3 +36,6 @@ class EventStream(StreamingResponse):
             aclose = getattr(self._events, "aclose", None)
             if aclose is not None:
                 await aclose()
+            # Also covers a response that never started iterating (client gone before the
+            # headers went out): its generations are still open.
+            await close_all(self._generations)

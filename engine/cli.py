@@ -13,8 +13,12 @@ Runner = Callable[[argparse.Namespace], int]
 
 def _cmd_make_tiny_model(p: argparse.ArgumentParser) -> Runner:
     """Write the deterministic tiny random model (config, safetensors, tokenizer)."""
-    p.add_argument("dir", nargs="?", default=None,
-                   help="output directory (default: $PDSERVE_HOME/models/tiny-FAMILY)")
+    p.add_argument(
+        "dir",
+        nargs="?",
+        default=None,
+        help="output directory (default: $PDSERVE_HOME/models/tiny-FAMILY)",
+    )
     p.add_argument("--family", choices=["llama", "mistral", "qwen2"], default="llama")
     p.add_argument("--seed", type=int, default=0)
 

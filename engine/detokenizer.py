@@ -61,6 +61,8 @@ def byte_fallback_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
 
 
 class IncrementalDetokenizer:
+    """One request's streaming text; `prompt_token_ids` is only counted, never decoded."""
+
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
@@ -162,9 +164,13 @@ class IncrementalDetokenizer:
 
     def _stop_prefix_len(self, buf: str) -> int:
         """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
-        longest = max((len(s) for s in self.stop), default=0)
-        for k in range(min(len(buf), longest - 1), 0, -1):
-            tail = buf[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0
+        best = 0
+        for s in self.stop:
+            # Candidate starts: occurrences of s[0] among the last len(s) - 1 characters.
+            i = buf.find(s[0], max(0, len(buf) - len(s) + 1))
+            while i != -1 and len(buf) - i > best:
+                if s.startswith(buf[i:]):
+                    best = len(buf) - i
+                    break
+                i = buf.find(s[0], i + 1)
+        return best

@@ -54,10 +54,12 @@ class Family:
 
 
 FAMILIES = {
-    "llama": Family("LlamaForCausalLM", "llama", 2, 500000.0, 1e-5, True, llama3_rope=True),
-    "mistral": Family("MistralForCausalLM", "mistral", 4, 10000.0, 1e-5, True),
-    "qwen2": Family("Qwen2ForCausalLM", "qwen2", 2, 1000000.0, 1e-6, False,
-                    qkv_bias=True, tie_word_embeddings=True),
+    "llama": Family("LlamaForCausalLM", "llama", num_key_value_heads=2, rope_theta=500000.0,
+                    rms_norm_eps=1e-5, add_bos=True, llama3_rope=True),
+    "mistral": Family("MistralForCausalLM", "mistral", num_key_value_heads=4, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, add_bos=True),
+    "qwen2": Family("Qwen2ForCausalLM", "qwen2", num_key_value_heads=2, rope_theta=1000000.0,
+                    rms_norm_eps=1e-6, add_bos=False, qkv_bias=True, tie_word_embeddings=True),
 }
 HIDDEN, LAYERS, HEADS, HEAD_DIM, INTERMEDIATE, MAX_POS = 256, 4, 8, 32, 688, 2048
 
@@ -69,7 +71,8 @@ STD = {"embed": 0.4, "lm_head": 0.4, "q": 0.08, "k": 0.08, "v": 0.06, "o": 0.15,
 
 def default_tiny_model_dir(family: str = "llama") -> Path:
     """$PDSERVE_HOME/models/tiny-llama; other families sit beside it as tiny-<family>."""
-    return default_model_dir().with_name(f"tiny-{family}")
+    home = default_model_dir()
+    return home if family == "llama" else home.with_name(f"tiny-{family}")
 
 
 @functools.lru_cache(maxsize=1)

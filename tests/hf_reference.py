@@ -10,7 +10,11 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 @functools.lru_cache(maxsize=4)
 def hf_model(path: str):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # generate() falls back to the checkpoint's generation_config for unset fields: clear EOS
+    # there too, or it stops early where the engine (ignore_eos) goes on.
+    model.generation_config.eos_token_id = None
+    return model
 
 
 def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

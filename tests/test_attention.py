@@ -41,7 +41,8 @@ def test_paged_prefill_equals_dense_causal():
     for table, c, n in zip(tables, done, new):
         kv = cache[table].transpose(0, 1).reshape(2, -1, HKV, D)[:, : c + n]
         # the new K/V were written into the pool before attention
-        assert torch.equal(kv[0, c:], k[start:start + n]) and torch.equal(kv[1, c:], v[start:start + n])
+        assert torch.equal(kv[0, c:], k[start:start + n])
+        assert torch.equal(kv[1, c:], v[start:start + n])
         ref, _ = attend(q[start:start + n], kv[0], kv[1], D ** -0.5, causal=True)
         # dense reference by hand: softmax over allowed keys
         qh = q[start:start + n].view(n, HKV, HQ // HKV, D)

@@ -238,3 +238,34 @@ def test_stop_inside_one_token_and_repeated_stop_characters(
     assert "".join(stream(d, tok.encode(SENTENCE))) == "Stop here. S"
     d = detok(tok, stop=["\n\nNew"])
     assert "".join(stream(d, tok.encode(SENTENCE))) == SENTENCE[: SENTENCE.index("\n\n")]
+
+
+def test_random_stop_strings_match_a_character_level_reference(
+    tok: PreTrainedTokenizerFast,
+) -> None:
+    rng = random.Random(3)
+    text = " ".join(LINES)
+    ids = tok.encode(text)
+    for _ in range(200):
+        stops = []
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(text) - 8)
+            s = text[i : i + rng.randint(1, 8)]
+            stops.append(s + "\u00a7" if rng.random() < 0.3 else s)  # some never complete
+        include = rng.random() < 0.5
+        ends = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+        if ends:
+            end, start = min(ends)
+            want = text[: end if include else start]
+        else:
+            want = text
+        chunks = []
+        while sum(chunks) < len(ids):
+            chunks.append(min(rng.randint(1, 5), len(ids) - sum(chunks)))
+        d = detok(tok, stop=stops, include_stop_str_in_output=include)
+        emitted = ""
+        for delta in stream(d, ids, chunks):
+            emitted += delta
+            assert want.startswith(emitted), (stops, emitted)
+        assert emitted + d.flush() == want == d.text, stops
+        assert d.finished_by_stop == bool(ends)

@@ -78,6 +78,16 @@ def test_repetition_penalty_matches_hf_and_changes_argmax() -> None:
     assert want != scores.argmax(-1).tolist()  # the penalty really moved some picks
 
 
+def test_repetition_penalty_ignores_ids_outside_the_logits() -> None:
+    logits = torch.zeros(2, V)
+    logits[:, 0] = 1.0
+    logits[:, 1] = 0.9
+    # Id V would be row 1's token 0 in a flattened [B * V] mask; it must not leak there.
+    rs = [req(prompt=[V, V + 5], temperature=0.0, repetition_penalty=2.0),
+          req(prompt=[7], temperature=0.0, repetition_penalty=2.0)]
+    assert Sampler().sample(logits, rs).token_ids == [0, 0]
+
+
 def test_same_seed_same_tokens_and_draw_depends_only_on_seed_and_step() -> None:
     logits = torch.zeros(1, V)  # uniform: any difference in the draw shows in the token
     s = Sampler()
@@ -199,17 +209,19 @@ def test_mixed_batch_rows_match_their_single_row_results() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
 def test_cuda_matches_cpu_and_syncs_once() -> None:
     logits = rand_logits(5, seed=3)
     rs = [req(temperature=0.0, logprobs=3), req(seed=1, top_p=0.9),
           req(seed=2, top_k=5, repetition_penalty=1.2), req(seed=3, logprobs=0),
           req(top_k=1)]
     cpu = Sampler().sample(logits, rs)
-    Sampler().sample(logits.cuda(), rs)  # first use initialises CUDA state; not a step's cost
+    on_gpu = logits.cuda()
+    Sampler().sample(on_gpu, rs)  # first use initialises CUDA state; not a step's cost
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with pytest.warns(UserWarning) as rec:
-            gpu = Sampler().sample(logits.cuda(), rs)
+            gpu = Sampler().sample(on_gpu, rs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert sum("synchroniz" in str(w.message) for w in rec) == 1

@@ -6,16 +6,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from engine import tiny_model
 from engine.cli import main as cli_main
 from engine.tiny_model import ensure_tiny_model, make_tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2"]
-FILES = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-         "tokenizer.json", "tokenizer_config.json"]
+FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 MULTIBYTE = [
     "naïve café, Größe, señor, cœur — «ok» …",
     "今日はとても良い天気です。春天来了。",
@@ -31,9 +38,9 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {f: make_tiny_model(root / f, family=f, seed=0) for f in FAMILIES}
+def models(tiny_models: dict[str, str]) -> dict[str, Path]:
+    """The session's seed-0 models (tests/conftest.py), one per family."""
+    return {f: Path(p) for f, p in tiny_models.items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -52,7 +59,8 @@ def test_different_seed_changes_only_weights(models, tmp_path):
     base = _files(models["llama"])
     assert other["model.safetensors"] != base["model.safetensors"]
     assert {k: v for k, v in other.items() if k != "model.safetensors"} == {
-        k: v for k, v in base.items() if k != "model.safetensors"}
+        k: v for k, v in base.items() if k != "model.safetensors"
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -66,9 +74,14 @@ def test_config_round_trips_through_autoconfig(models, tmp_path, family):
     assert cfg.tie_word_embeddings == (family == "qwen2")
     rope = cfg.rope_parameters
     if family == "llama":
-        assert rope == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 1024}
+        assert rope == {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024,
+        }
     else:
         assert rope["rope_type"] == "default"
         assert cfg.sliding_window is None
@@ -94,9 +107,14 @@ def test_hf_loads_and_greedy_generation_is_not_degenerate(models, family):
     for prompt in ["The weather today is", "def fibonacci(n):", "Le matin, la boulangerie"]:
         enc = tok(prompt, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=40, do_sample=False,
-                                 output_scores=True, return_dict_in_generate=True)
-        new = out.sequences[0, enc.input_ids.shape[1]:].tolist()
+            out = model.generate(
+                **enc,
+                max_new_tokens=40,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        new = out.sequences[0, enc.input_ids.shape[1] :].tolist()
         assert len(set(new)) >= 20, new
         margins = [float(s[0].topk(2).values.diff().abs()) for s in out.scores]
         assert sorted(margins)[len(margins) // 2] > 0.3  # median top-1/top-2 logit gap
@@ -117,9 +135,8 @@ def test_tokenizer_round_trips_and_matches_tokenizer_json(models, family):
         assert bos not in plain
         assert hf.decode(plain) == text
         assert hf.decode(ids, skip_special_tokens=True) == text
-    # Byte-level: a 4-byte emoji split over tokens decodes to replacement chars piecewise.
-    pieces = [hf.decode([i]) for i in hf("🦉", add_special_tokens=False).input_ids]
-    assert "".join(pieces) != "🦉" and hf.decode(hf("🦉").input_ids, skip_special_tokens=True)
+    owl = hf("🦉", add_special_tokens=False).input_ids  # not in the corpus: byte pieces
+    assert len(owl) > 1 and hf.decode(owl) == "🦉"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,15 +151,10 @@ def test_chat_template(models, family):
     ids = tok(text, add_special_tokens=False).input_ids
     specials = [tok.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>")]
     assert all(ids.count(i) == 1 for i in specials)
-    assert tok.convert_tokens_to_ids("<|end|>") in model_eos_ids(models[family])
-    with pytest.raises(Exception, match="unknown role"):
+    eos_ids = GenerationConfig.from_pretrained(models[family]).eos_token_id
+    assert eos_ids == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+    with pytest.raises(TemplateError, match="unknown role"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
-
-
-def model_eos_ids(path: Path) -> list[int]:
-    from transformers import GenerationConfig
-
-    return GenerationConfig.from_pretrained(path).eos_token_id
 
 
 def test_ensure_tiny_model_creates_once_then_reuses(tmp_path, monkeypatch):

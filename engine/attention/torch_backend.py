@@ -15,11 +15,12 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+           causal: bool, with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q [n, Hq, D] over k, v [m, Hkv, D] (GQA: Hq a multiple of Hkv).
 
     Causal aligns the queries with the last n keys. Returns out [n, Hq, D] (float32) and the
-    log-sum-exp of the scaled scores in base 2, [n, Hq], as FlashInfer reports it.
+    log-sum-exp of the scaled scores in base 2, [n, Hq], as FlashInfer reports it (None
+    unless `with_lse`).
     """
     n, hq, _ = q.shape
     m, hkv, _ = k.shape
@@ -29,6 +30,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if causal:
         mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
         scores = scores.masked_fill(~mask, float("-inf"))
+    if not with_lse:
+        out = torch.matmul(scores.softmax(-1), v.float().transpose(0, 1).unsqueeze(1))
+        return out.permute(2, 0, 1, 3).reshape(n, hq, -1), None
     lse = torch.logsumexp(scores, dim=-1)  # [Hkv, G, n]
     probs = torch.exp(scores - lse.unsqueeze(-1))
     out = torch.einsum("hgnm,mhd->nhgd", probs, v.float()).reshape(n, hq, -1)
@@ -69,6 +73,28 @@ class TorchBackend(AttentionBackend):
         for level in meta.cascade or []:
             self._levels.append((level.qo_indptr.tolist(), level.kv_indptr.tolist(),
                                  level_kv_lens(level, meta.page_size), level))
+        first = meta.num_cascade_reqs if meta.cascade else 0
+        qo = meta.qo_indptr_host
+        decodes = [b for b in range(first, meta.batch_size) if qo[b + 1] - qo[b] == 1]
+        self._prefills = [b for b in range(first, meta.batch_size) if qo[b + 1] - qo[b] > 1]
+        self._decode = self._plan_decodes(meta, decodes) if decodes else None
+
+    def _plan_decodes(self, meta, reqs: list[int]):
+        """Gather indices for all single-token requests at once: [B, max_kv] page and offset,
+        padded, with a validity mask (one batched attention instead of a loop)."""
+        ps = meta.page_size
+        lens = [meta.kv_lens_host[b] for b in reqs]
+        width = max(lens)
+        pages = torch.zeros(len(reqs), width, dtype=torch.long)
+        pos = torch.arange(width)
+        indices = meta.kv_indices.cpu().long()
+        for row, b in enumerate(reqs):
+            own = indices[self._kv_indptr[b]:self._kv_indptr[b + 1]]
+            pages[row, :lens[row]] = own.repeat_interleave(ps)[:lens[row]]
+        valid = pos[None, :] < torch.tensor(lens)[:, None]
+        tokens = torch.tensor([meta.qo_indptr_host[b] for b in reqs])
+        dev = self.device
+        return tokens.to(dev), pages.to(dev), (pos % ps).expand_as(pages).to(dev), valid.to(dev)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
@@ -76,15 +102,27 @@ class TorchBackend(AttentionBackend):
         write_kv(kv_cache, meta.slot_mapping, k, v)
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         qo = meta.qo_indptr_host
-        first_plain = 0
         if self._levels:
-            first_plain = meta.num_cascade_reqs
             self._forward_cascade(q, kv_cache, out)
-        for b in range(first_plain, meta.batch_size):
+        if self._decode is not None:
+            self._forward_decodes(q, kv_cache, out)
+        for b in self._prefills:
             pages = meta.kv_indices[self._kv_indptr[b]:self._kv_indptr[b + 1]]
             kb, vb = gather_kv(kv_cache, pages, meta.kv_lens_host[b])
-            out[qo[b]:qo[b + 1]], _ = attend(q[qo[b]:qo[b + 1]], kb, vb, self.scale, causal=True)
+            out[qo[b]:qo[b + 1]], _ = attend(q[qo[b]:qo[b + 1]], kb, vb, self.scale,
+                                             causal=True, with_lse=False)
         return out.to(q.dtype)
+
+    def _forward_decodes(self, q: torch.Tensor, kv_cache: torch.Tensor,
+                         out: torch.Tensor) -> None:
+        tokens, pages, offsets, valid = self._decode
+        b, hkv = pages.shape[0], self.num_kv_heads
+        k = kv_cache[pages, 0, offsets].float().transpose(1, 2)  # [B, Hkv, L, D]
+        v = kv_cache[pages, 1, offsets].float().transpose(1, 2)
+        qb = q[tokens].float().view(b, hkv, -1, self.head_dim)  # [B, Hkv, G, D]
+        scores = torch.matmul(qb, k.transpose(-1, -2)) * self.scale  # [B, Hkv, G, L]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        out[tokens] = torch.matmul(scores.softmax(-1), v).reshape(b, -1, self.head_dim)
 
     def _forward_cascade(self, q: torch.Tensor, kv_cache: torch.Tensor,
                          out: torch.Tensor) -> None:

@@ -1,0 +1,220 @@
+"""Cascade attention vs plain decode: the calibration grid for `cascade_pays` and engine runs.
+
+Part 1, `grid`: the attention of one decode step (metadata, plan, and 32 layers of K/V write +
+attention, Llama-3-8B heads 32/8 x 128, page 16, bf16) for G requests sharing an S-token prefix,
+each with U tokens of its own, cascade vs plain, on the backend directly. Each layer reads its
+own pool (up to 32 distinct ones) so the L2 cache does not flatter small cases. It prints which
+is faster where, and the (MIN_GROUP_SIZE, MIN_SAVED_TOKENS) pair that loses the least time.
+
+Part 2, `engine`: the whole decode step of Llama-3-8B (dummy weights, CUDA graphs on) in one
+engine, switching `cascade` between auto / on / off on the same running batch: 128 requests
+sharing a 32K prefix (256 tokens each of their own; target >= 8x) and 16 sharing 2K (auto
+must pick the faster).
+
+    python -m bench.gpu_cascade grid
+    python -m bench.gpu_cascade engine --cases 128x32768x256,16x2048x128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from bench.gpu_floor import llama3_8b_dir
+from engine.attention import cascade as cascade_rule
+from engine.attention.cascade import plan_cascade
+from engine.attention.metadata import build_metadata
+
+HQ, HKV, D, PS, LAYERS = 32, 8, 128, 16, 32
+PAGE_BYTES = 2 * PS * HKV * D * 2
+
+
+# -- part 1: the attention-only grid ------------------------------------------------------------
+def _case(group: int, shared: int, own: int, rng: random.Random):
+    """Tables and KV lengths (grouped requests first) and the number of pages they use."""
+    shared_pages = shared // PS
+    own_pages = -(-(own + 1) // PS)
+    num_pages = shared_pages + group * own_pages
+    perm = list(range(num_pages))
+    rng.shuffle(perm)
+    prefix = perm[:shared_pages]
+    tables = [prefix + perm[shared_pages + i * own_pages:shared_pages + (i + 1) * own_pages]
+              for i in range(group)]
+    return tables, [shared + own + 1] * group, num_pages
+
+
+def _wall_ms(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def attention_step_ms(backend, pool: torch.Tensor, group: int, shared: int, own: int,
+                      rng: random.Random) -> dict:
+    tables, kv_lens, num_pages = _case(group, shared, own, rng)
+    views = max(1, min(LAYERS, pool.shape[0] // num_pages))
+    caches = [pool[i * num_pages:(i + 1) * num_pages] for i in range(views)]
+    plan = plan_cascade(tables, kv_lens, PS, mode="on")
+    assert plan is not None and plan.num_cascade_reqs == group
+    dev = pool.device
+    q = torch.randn(group, HQ, D, device=dev).to(torch.bfloat16)
+    kv = torch.randn(group, 2, HKV, D, device=dev).to(torch.bfloat16)
+    done, new = [n - 1 for n in kv_lens], [1] * group
+
+    def step(cascade):
+        meta = build_metadata(tables, done, new, PS, dev, plan if cascade else None)
+        backend.plan(meta)
+        for layer in range(LAYERS):
+            backend.forward(layer, q, kv[:, 0], kv[:, 1], caches[layer % views])
+
+    plain_bytes = sum(kv_lens) * PAGE_BYTES // PS * LAYERS
+    reps = 3 if plain_bytes > 20e9 else 7
+    plain = _wall_ms(lambda: step(False), reps)
+    casc = _wall_ms(lambda: step(True), reps)
+    return {"group": group, "shared": shared, "own": own, "plain_ms": plain, "cascade_ms": casc,
+            "speedup": plain / casc, "saved_tokens": (group - 1) * shared}
+
+
+def _regret(rows: list[dict], min_group: int, min_saved: int) -> float:
+    """Summed extra time (ms per step) of the rule's choices over the faster choice."""
+    lost = 0.0
+    for r in rows:
+        use = r["group"] >= min_group and r["saved_tokens"] >= min_saved
+        chosen = r["cascade_ms"] if use else r["plain_ms"]
+        lost += chosen - min(r["cascade_ms"], r["plain_ms"])
+    return lost
+
+
+def grid(args) -> None:
+    from engine.attention.flashinfer_backend import FlashInferBackend
+
+    backend = FlashInferBackend(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                                dtype=torch.bfloat16, device="cuda", page_size=PS)
+    backend.warmup()
+    pool_pages = int(args.pool_gb * 1e9) // PAGE_BYTES
+    pool = torch.randn(pool_pages, 2, PS, HKV, D, device="cuda", dtype=torch.bfloat16)
+    rng = random.Random(0)
+    rows = []
+    for g, s, u in itertools.product(args.groups, args.shared, args.own):
+        row = attention_step_ms(backend, pool, g, s, u, rng)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"bench": "cascade_grid", **row}) + "\n")
+    print("\nspeedup of cascade over plain decode (attention of one step, 32 layers), per U:")
+    for u in args.own:
+        print(f"U={u}: rows G, columns S")
+        print("      " + "".join(f"{s:>8}" for s in args.shared))
+        for g in args.groups:
+            cells = [r["speedup"] for r in rows if r["group"] == g and r["own"] == u]
+            print(f"{g:>6}" + "".join(f"{c:8.2f}" for c in cells))
+    cands = [(mg, ms) for mg in (2, 3, 4, 6, 8, 12, 16) for ms in (2**k for k in range(8, 21))]
+    best = min(cands, key=lambda c: (_regret(rows, *c), -c[1]))
+    cur = (cascade_rule.MIN_GROUP_SIZE, cascade_rule.MIN_SAVED_TOKENS)
+    print(f"\ncurrent rule {cur}: loses {_regret(rows, *cur):.2f} ms over the grid")
+    print(f"best rule {best}: loses {_regret(rows, *best):.2f} ms over the grid")
+    for r in rows:
+        use = cascade_rule.cascade_pays(r["group"], r["shared"], "auto")
+        if (r["cascade_ms"] < r["plain_ms"]) != use:
+            worse = abs(r["cascade_ms"] - r["plain_ms"])
+            print(f"  current rule picks the slower path at G={r['group']} S={r['shared']} "
+                  f"U={r['own']}: {worse:.3f} ms lost ({r['speedup']:.2f}x)")
+
+
+# -- part 2: whole engine steps -----------------------------------------------------------------
+def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.Random) -> dict:
+    from bench.gpu_decode import StepTimer, add_requests, run_until_decoding
+
+    engine = llm.engine
+    vocab = engine.arch.vocab_size
+    prefix = [rng.randrange(vocab) for _ in range(shared)]
+    prompts = [prefix + [rng.randrange(vocab) for _ in range(own)] for _ in range(group)]
+    max_tokens = 8 * steps + 16
+    first = add_requests(engine, prompts[:1], max_tokens)  # computes and caches the prefix
+    run_until_decoding(engine, first)
+    rids = first + add_requests(engine, prompts[1:], max_tokens)
+    run_until_decoding(engine, rids)
+    assert sum(engine.requests[r].num_cached_tokens >= shared for r in rids) == group - 1
+    timer = getattr(llm, "_timer", None) or StepTimer(engine)
+    llm._timer = timer
+    runner = engine.runner
+    base_cfg = runner.cfg
+    row = {"group": group, "shared": shared, "own": own}
+    for mode in ("auto", "on", "off"):
+        runner.cfg = dataclasses.replace(base_cfg, cascade=mode)
+        before = runner.num_cascade_steps
+        step_s, runner_s, _ = timer.steps(steps if mode != "off" or shared < 16384 else 4)
+        row[f"{mode}_ms"] = step_s * 1e3
+        row[f"{mode}_cascade_steps"] = runner.num_cascade_steps - before
+    runner.cfg = base_cfg
+    for rid in rids:
+        engine.abort(rid)
+    row["speedup_on_vs_off"] = row["off_ms"] / row["on_ms"]
+    row["auto_picked"] = "cascade" if row["auto_cascade_steps"] else "plain"
+    row["faster"] = "cascade" if row["on_ms"] < row["off_ms"] else "plain"
+    return row
+
+
+def engine_runs(args) -> None:
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    max_len = max(s + u for _, s, u in cases) + 8 * args.steps + 64
+    num_pages = max(s // PS + g * -(-(u + 8 * args.steps + 32) // PS) for g, s, u in cases) + 512
+    from engine.llm import LLM
+
+    llm = LLM(llama3_8b_dir(), load_format="dummy", dtype="bfloat16", device="cuda",
+              attention_backend="flashinfer", cuda_graphs=True, cascade="auto",
+              max_num_seqs=max(g for g, _, _ in cases), max_num_batched_tokens=16384,
+              max_model_len=max_len, num_pages=num_pages, enable_prefix_caching=True)
+    rng = random.Random(1)
+    rows = []
+    for g, s, u in cases:
+        row = engine_case(llm, g, s, u, args.steps, rng)
+        row["device"] = torch.cuda.get_device_name()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"bench": "cascade_engine", **row}) + "\n")
+    print("\nLlama-3-8B decode step (ms), cascade auto / on / off in one engine:")
+    print(f"{'G x S x U':>18} {'auto':>8} {'on':>8} {'off':>8} {'on vs off':>10}"
+          f" {'auto picked':>12} {'faster':>8}")
+    for r in rows:
+        name = f"{r['group']}x{r['shared']}x{r['own']}"
+        print(f"{name:>18} {r['auto_ms']:8.2f} {r['on_ms']:8.2f} {r['off_ms']:8.2f}"
+              f" {r['speedup_on_vs_off']:9.2f}x {r['auto_picked']:>12} {r['faster']:>8}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="part", required=True)
+    g = sub.add_parser("grid")
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    g.add_argument("--groups", type=ints, default=ints("2,4,8,16,32,64,128"))
+    g.add_argument("--shared", type=ints, default=ints("256,1024,2048,4096,8192,32768"))
+    g.add_argument("--own", type=ints, default=ints("128,1024"))
+    g.add_argument("--pool-gb", type=float, default=20.0)
+    g.add_argument("--out")
+    e = sub.add_parser("engine")
+    e.add_argument("--cases", default="128x32768x256,16x2048x128")
+    e.add_argument("--steps", type=int, default=10)
+    e.add_argument("--out")
+    args = ap.parse_args()
+    grid(args) if args.part == "grid" else engine_runs(args)
+
+
+if __name__ == "__main__":
+    main()

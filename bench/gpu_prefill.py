@@ -1,0 +1,73 @@
+"""Prefill throughput of Llama-3-8B (bf16, dummy weights) as a share of the bf16 matmul rate.
+
+Each case is one engine step that prefills whole prompts from scratch (no prefix-cache hits)
+and samples their first tokens; its matmul flops (bench/gpu_floor.prefill_flops) over the step's
+wall time, divided by the matmul rate measured in this run, is the share (target >= 70%).
+
+    python -m bench.gpu_prefill --cases 1x4096,8x1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+from bench.gpu_floor import llama3_8b_dir, measure_floor, prefill_flops
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+
+def bench_case(engine, num: int, length: int, reps: int, rng: random.Random) -> dict:
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for i in range(reps + 1):
+        for _ in range(num):
+            engine.add_request([rng.randrange(engine.arch.vocab_size) for _ in range(length)],
+                               params)
+        t0 = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t0
+        assert len(outs) == num and all(o.finished for o in outs), "not one prefill step"
+        if i:  # the first round warms this shape up
+            times.append(dt)
+    step_s = statistics.median(times)
+    flops = prefill_flops(engine.arch, [length] * num)
+    return {"case": f"{num}x{length}", "step_ms": step_s * 1e3, "tflops": flops / step_s / 1e12}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="1x4096,8x1024")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", help="append JSON lines here")
+    args = ap.parse_args()
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    floor = measure_floor()
+    print(floor, flush=True)
+    budget = max(n * t for n, t in cases)
+    llm = LLM(llama3_8b_dir(), load_format="dummy", dtype="bfloat16", device="cuda",
+              attention_backend="flashinfer", max_num_seqs=max(n for n, _ in cases),
+              max_num_batched_tokens=budget, max_model_len=max(t for _, t in cases) + 64,
+              num_pages=budget // 16 + 256, enable_prefix_caching=False)
+    rng = random.Random(0)
+    rows = []
+    for num, length in cases:
+        row = bench_case(llm.engine, num, length, args.reps, rng)
+        row.update(device=floor.device, matmul_tflops=floor.matmul_flops_per_s / 1e12,
+                   share=row["tflops"] * 1e12 / floor.matmul_flops_per_s)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"bench": "prefill", **row}) + "\n")
+    print(f"\nLlama-3-8B prefill, bf16, {floor}")
+    print(f"{'case':>8} {'step ms':>8} {'TFLOP/s':>8} {'share of matmul':>16}")
+    for r in rows:
+        print(f"{r['case']:>8} {r['step_ms']:8.1f} {r['tflops']:8.0f} {r['share']:16.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""One running Serve cluster shared by every end-to-end test (start-up costs ~20 s).
+
+Two applications on one Ray instance: the disaggregated app (1 prefill + 1 decode replica) at
+`/` and the colocated baseline at `/colocated`, both over the same tiny model.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from engine.tiny_model import make_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(model_dir: str, mode: str) -> dict:
+    return {"mode": mode, "model": {"path": model_dir},
+            "engine": {"page_size": 16, "num_pages": 512, "max_num_batched_tokens": 512},
+            "prefill": ZERO_CPU, "decode": ZERO_CPU, "colocated": ZERO_CPU, "ingress": ZERO_CPU,
+            "request_timeout_s": 120}
+
+
+@pytest.fixture(scope="session")
+def e2e_model(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("e2e") / "tiny-llama", "llama", 0))
+
+
+@pytest.fixture(scope="session")
+def cluster(e2e_model):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from cluster.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args(e2e_model, "disaggregated")), name="pd", route_prefix="/")
+    serve.run(build_app(app_args(e2e_model, "colocated")), name="colo",
+              route_prefix="/colocated")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if all(httpx.get(f"{base}{p}/health").status_code == 200 for p in ("", "/colocated")):
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield {"base": base, "colocated": f"{base}/colocated", "model_dir": e2e_model}
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,130 @@
+"""TGI routes over a real engine: /generate details carry the LLM's token ids, /generate_stream
+sends one event per token with the full text and details on the last, `/` dispatches on
+`stream`, truncate / return_full_text / seeded sampling behave as in TGI."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from api.server import build_api
+from engine.async_engine import AsyncEngine
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from engine.tiny_model import ensure_tiny_model
+
+pytestmark = pytest.mark.anyio
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    return LLM(ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama"), num_pages=256)
+
+
+@pytest.fixture
+async def http(llm: LLM):
+    engine = AsyncEngine(llm.engine)
+    app = build_api(engine, llm.tokenizer, "tiny-llama", llm.engine.max_model_len)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as c:
+        yield c
+    if engine._task is not None:
+        engine._task.cancel()
+    assert llm.engine.num_pages_used == 0
+
+
+def greedy(llm: LLM, prompt: str | list[int], n: int):
+    return llm.generate(prompt, SamplingParams(max_tokens=n, temperature=0.0, logprobs=0))[0]
+
+
+def events(text: str) -> list[dict]:
+    raw = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data:{") for e in raw), raw  # TGI style: no space after "data:"
+    return [json.loads(e.removeprefix("data:")) for e in raw]
+
+
+async def test_generate_details(http: httpx.AsyncClient, llm: LLM) -> None:
+    ref = greedy(llm, PROMPT, 6)
+    r = await http.post("/generate", json={"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 6, "details": True, "decoder_input_details": True}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["generated_text"] == ref.text
+    d = body["details"]
+    assert d["finish_reason"] == "length" and d["generated_tokens"] == 6
+    assert d["seed"] is None and d["prefill"] == []  # greedy; decoder_input_details ignored
+    assert [t["id"] for t in d["tokens"]] == ref.token_ids
+    assert [t["logprob"] for t in d["tokens"]] == pytest.approx(
+        [x.logprob for x in ref.logprobs], abs=1e-5)
+    assert "".join(t["text"] for t in d["tokens"]) == ref.text
+    assert all(t["special"] is False for t in d["tokens"])
+
+    plain = (await http.post("/generate", json={"inputs": PROMPT,
+                                                "parameters": {"max_new_tokens": 6}})).json()
+    assert plain == {"generated_text": ref.text}
+
+
+async def test_generate_stream(http: httpx.AsyncClient, llm: LLM) -> None:
+    ref = greedy(llm, PROMPT, 5)
+    r = await http.post("/generate_stream", json={"inputs": PROMPT,
+                                                  "parameters": {"max_new_tokens": 5}})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    evs = events(r.text)
+    assert [e["token"]["id"] for e in evs] == ref.token_ids
+    assert [e["index"] for e in evs] == [1, 2, 3, 4, 5]
+    assert all(e["generated_text"] is None and e["details"] is None for e in evs[:-1])
+    assert evs[-1]["generated_text"] == ref.text
+    assert "".join(e["token"]["text"] for e in evs) == ref.text
+    assert evs[-1]["details"] == {"finish_reason": "length", "generated_tokens": 5,
+                                  "seed": None,
+                                  "input_length": len(llm.tokenizer.encode(PROMPT))}
+
+
+async def test_compat_route(http: httpx.AsyncClient, llm: LLM) -> None:
+    ref = greedy(llm, PROMPT, 3)
+    req = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}
+    assert (await http.post("/", json=req)).json() == [{"generated_text": ref.text}]
+    evs = events((await http.post("/", json={**req, "stream": True})).text)
+    assert evs[-1]["generated_text"] == ref.text
+
+
+async def test_truncate_and_full_text(http: httpx.AsyncClient, llm: LLM) -> None:
+    ids = llm.tokenizer.encode(PROMPT)
+    ref = greedy(llm, ids[-2:], 4)
+    r = await http.post("/generate", json={"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 4, "truncate": 2, "return_full_text": True, "details": True}})
+    body = r.json()
+    assert [t["id"] for t in body["details"]["tokens"]] == ref.token_ids
+    assert body["generated_text"] == PROMPT + ref.text
+
+
+async def test_sampling_seed_and_stop(http: httpx.AsyncClient, llm: LLM) -> None:
+    params = {"max_new_tokens": 6, "do_sample": True, "seed": 1234, "details": True}
+    a = (await http.post("/generate", json={"inputs": PROMPT, "parameters": params})).json()
+    b = (await http.post("/generate", json={"inputs": PROMPT, "parameters": params})).json()
+    assert a == b and a["details"]["seed"] == 1234
+    unseeded = {"max_new_tokens": 2, "temperature": 0.7, "details": True}
+    c = (await http.post("/generate", json={"inputs": PROMPT, "parameters": unseeded})).json()
+    assert isinstance(c["details"]["seed"], int)  # sampling: a seed is picked and reported
+
+    text = greedy(llm, PROMPT, 6).text
+    stop = text[3:6]
+    r = await http.post("/generate", json={"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 6, "stop": [stop], "details": True}})
+    body = r.json()
+    assert body["generated_text"] == text[: text.index(stop)]
+    assert body["details"]["finish_reason"] == "stop_sequence"
+
+
+async def test_info(http: httpx.AsyncClient) -> None:
+    info = (await http.get("/info")).json()
+    assert info["model_id"] == "tiny-llama"
+    assert info["max_total_tokens"] == 2048 and info["max_input_tokens"] == 2047
