@@ -23,12 +23,16 @@ log = logging.getLogger(__name__)
 
 def _jobs(ctx: ServerContext, prompts: list[list[int]], req: oai._Common, rid: str,
           max_tokens: int | None, logprobs: int | None) -> list[Job]:
+    """One engine request per prompt; each must fit the model with its max_tokens."""
+    chat = isinstance(req, oai.ChatCompletionRequest)
+    param = "messages" if chat else "prompt"
+    limit_name = ("max_completion_tokens" if chat and req.max_completion_tokens
+                  else "max_tokens")
     jobs = []
     for i, ids in enumerate(prompts):
-        param = "messages" if isinstance(req, oai.ChatCompletionRequest) else "prompt"
-        n = ctx.check_length(len(ids), max_tokens, param)
-        jobs.append((ids, req.sampling_params(n, logprobs), rid if len(prompts) == 1
-                     else f"{rid}-{i}"))
+        n = ctx.check_length(len(ids), max_tokens, param, limit_name)
+        jobs.append((ids, req.sampling_params(n, logprobs),
+                     rid if len(prompts) == 1 else f"{rid}-{i}"))
     return jobs
 
 

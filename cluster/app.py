@@ -11,6 +11,7 @@ from typing import Any
 from api.ingress import Ingress
 from cluster.colocated import ColocatedServer
 from cluster.config import AppConfig
+from cluster.metrics_hub import collect_snapshots
 from decode.deployment import DecodeServer
 from engine.llm_engine import Engine
 from engine.model_arch import ModelArch
@@ -32,4 +33,5 @@ def build_app(args: dict[str, Any]):
     else:
         server = ColocatedServer.options(**cfg.colocated.serve_options("colocated")).bind(plain)
     return Ingress.options(**cfg.ingress.serve_options("ingress")).bind(
-        server, cfg.model.resolved_path, cfg.model.served_name, max_model_len)
+        server, cfg.model.resolved_path, cfg.model.served_name, max_model_len,
+        metrics_source=collect_snapshots)

@@ -22,5 +22,8 @@ def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int) -> list[int
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                            pad_token_id=0, bos_token_id=None)
     with torch.no_grad():
-        out = hf_model(path).generate(torch.tensor([prompt_ids]), generation_config=cfg)
+        ids = torch.tensor([prompt_ids])
+        # An explicit mask: otherwise generate() takes every pad id (0 = BOS here) for padding.
+        out = hf_model(path).generate(ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=cfg)
     return out[0, len(prompt_ids):].tolist()

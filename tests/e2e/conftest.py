@@ -14,7 +14,11 @@ import pytest
 
 from engine.tiny_model import make_tiny_model
 
-pytestmark = pytest.mark.e2e
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
 
 ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
