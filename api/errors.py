@@ -3,10 +3,14 @@
 The route family decides the shape: paths under `/v1` answer OpenAI-style
 `{"error": {"message", "type", "param", "code"}}` with 400 for bad input; the TGI routes answer
 `{"error": "...", "error_type": "validation"}` with 422. FastAPI's own 422 body never leaves.
+Overload is a 429 on both (`rate_limit_error` / `overloaded`) with a Retry-After header. Bodies
+are written as ASCII JSON, so text echoed from the request (even a lone surrogate) cannot break
+the encoding of the error that reports it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -24,9 +28,10 @@ class APIError(Exception):
     422 on TGI routes. Server-side failures carry their own status (500 / 424 / 503)."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 status: int | None = None) -> None:
+                 status: int | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.code, self.status = message, param, code, status
+        self.headers = headers or {}
 
     @property
     def is_client_error(self) -> bool:
@@ -44,17 +49,27 @@ def is_openai(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
+def route_path(scope: dict[str, Any]) -> str:
+    """The path inside the app (an app served under a route prefix sees it in root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def openai_body(err: APIError) -> dict[str, Any]:
     kind = "invalid_request_error" if err.is_client_error else "server_error"
     if err.status == 404:
         kind = "not_found_error"
+    elif err.status == 429:
+        kind = "rate_limit_error"
     return {"error": {"message": err.message, "type": kind, "param": err.param,
                       "code": err.code}}
 
 
 def tgi_body(err: APIError) -> dict[str, Any]:
-    return {"error": err.message,
-            "error_type": "validation" if err.is_client_error else "generation"}
+    kind = "validation" if err.is_client_error else "generation"
+    if err.status == 429:
+        kind = "overloaded"
+    return {"error": err.message, "error_type": kind}
 
 
 def error_status(err: APIError, openai: bool) -> int:
@@ -64,10 +79,15 @@ def error_status(err: APIError, openai: bool) -> int:
     return 400 if openai else 422
 
 
+class ASCIIJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(err: APIError, path: str) -> JSONResponse:
     openai = is_openai(path)
     body = openai_body(err) if openai else tgi_body(err)
-    return JSONResponse(body, status_code=error_status(err, openai))
+    return ASCIIJSONResponse(body, status_code=error_status(err, openai), headers=err.headers)
 
 
 def _param(loc: tuple | list) -> str | None:
@@ -108,21 +128,23 @@ def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc, request.url.path)
+        return error_response(exc, route_path(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = describe_validation(list(exc.errors()))
-        return error_response(APIError(message, param), request.url.path)
+        return error_response(APIError(message, param), route_path(request.scope))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        err = APIError(str(exc.detail), status=exc.status_code)
-        return error_response(err, request.url.path)
+        err = APIError(str(exc.detail), status=exc.status_code, headers=exc.headers)
+        return error_response(err, route_path(request.scope))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette calls this even after a stream started; a vanished client is no error.
         if not isinstance(exc, ClientDisconnect):
-            log.exception("unhandled error on %s", request.url.path)
-        return error_response(GenerationError(f"internal error: {exc}"), request.url.path)
+            log.exception("unhandled error on %s (request_id=%s)", route_path(request.scope),
+                          request.scope.get("state", {}).get("request_id", "-"))
+        err = GenerationError(f"internal error: {exc}")
+        return error_response(err, route_path(request.scope))

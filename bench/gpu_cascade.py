@@ -98,12 +98,18 @@ def _regret(rows: list[dict], min_group: int, min_saved: int) -> float:
     return lost
 
 
-def grid(args) -> None:
+def _make_backend(cascade_backend: str):
     from engine.attention.flashinfer_backend import FlashInferBackend
 
     backend = FlashInferBackend(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
-                                dtype=torch.bfloat16, device="cuda", page_size=PS)
+                                dtype=torch.bfloat16, device="cuda", page_size=PS,
+                                cascade_backend=cascade_backend)
     backend.warmup()
+    return backend
+
+
+def grid(args) -> None:
+    backend = _make_backend(args.cascade_backend)
     pool_pages = int(args.pool_gb * 1e9) // PAGE_BYTES
     pool = torch.randn(pool_pages, 2, PS, HKV, D, device="cuda", dtype=torch.bfloat16)
     rng = random.Random(0)
@@ -122,6 +128,16 @@ def grid(args) -> None:
         for g in args.groups:
             cells = [r["speedup"] for r in rows if r["group"] == g and r["own"] == u]
             print(f"{g:>6}" + "".join(f"{c:8.2f}" for c in cells))
+    if args.compare_backend:
+        other = _make_backend(args.compare_backend)
+        print(f"\ncascade levels on {args.cascade_backend} vs {args.compare_backend} (ms/step):")
+        for g, sh, u in ((16, 2048, 128), (64, 8192, 128), (128, 32768, 256)):
+            a = attention_step_ms(backend, pool, g, sh, u, random.Random(5))
+            b = attention_step_ms(other, pool, g, sh, u, random.Random(5))
+            print(f"  G={g} S={sh} U={u}: plain {a['plain_ms']:.2f}, cascade "
+                  f"{args.cascade_backend} {a['cascade_ms']:.2f}, cascade {args.compare_backend} "
+                  f"{b['cascade_ms']:.2f}")
+        del other
     cands = [(mg, ms) for mg in (2, 3, 4, 6, 8, 12, 16) for ms in (2**k for k in range(8, 21))]
     best = min(cands, key=lambda c: (_regret(rows, *c), -c[1]))
     cur = (cascade_rule.MIN_GROUP_SIZE, cascade_rule.MIN_SAVED_TOKENS)
@@ -207,9 +223,11 @@ def main() -> None:
     g.add_argument("--shared", type=ints, default=ints("256,1024,2048,4096,8192,32768"))
     g.add_argument("--own", type=ints, default=ints("128,1024"))
     g.add_argument("--pool-gb", type=float, default=20.0)
+    g.add_argument("--cascade-backend", default="fa2", help="kernel of the cascade levels")
+    g.add_argument("--compare-backend", help="also time a few cases with this one")
     g.add_argument("--out")
     e = sub.add_parser("engine")
-    e.add_argument("--cases", default="128x32768x256,16x2048x128")
+    e.add_argument("--cases", default="128x32768x256,16x2048x128,32x8192x128,64x2048x256")
     e.add_argument("--steps", type=int, default=10)
     e.add_argument("--out")
     args = ap.parse_args()

@@ -84,7 +84,7 @@ def print_kernel_profile(fn, title: str, reps: int = 5) -> None:
 
 
 def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, floor,
-                rng: random.Random, profile: bool = False) -> dict:
+                rng: random.Random, profile: bool = False, host_profile: bool = False) -> dict:
     arch = engine.arch
     prompts = [[rng.randrange(arch.vocab_size) for _ in range(context)] for _ in range(batch)]
     rids = add_requests(engine, prompts, max_tokens=4 * steps + 16)
@@ -96,6 +96,17 @@ def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, 
     floor_s = (weights + kv) / floor.copy_bytes_per_s
     row.update(floor_ms=floor_s * 1e3, weight_gb=weights / 1e9, kv_gb=kv / 1e9,
                step_ms=step_s * 1e3, runner_ms=runner_s * 1e3)
+    if host_profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            engine.step()
+        prof.disable()
+        print(f"\nB={batch}: host-side profile of 5 engine steps (CUDA graphs on)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     if runner.graphs is not None:
         # Replays of the step just planned: the forward's GPU time alone (no host work).
         b = runner.graphs.bucket(batch)
@@ -124,6 +135,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top kernels per step")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the host side of a few steps at the largest batch")
     ap.add_argument("--out", help="append JSON lines here")
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -142,7 +155,9 @@ def main() -> None:
     rng = random.Random(0)
     rows = []
     for b in sizes:
-        row = bench_batch(engine, timer, b, args.context, args.steps, floor, rng, args.profile)
+        host = args.host_profile and b == max(sizes)
+        row = bench_batch(engine, timer, b, args.context, args.steps, floor, rng, args.profile,
+                          host)
         row["device"] = floor.device
         rows.append(row)
         print(json.dumps(row), flush=True)

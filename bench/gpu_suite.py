@@ -22,10 +22,10 @@ def commands(out: Path, extra: dict[str, str]) -> dict[str, list[str]]:
     res = str(out / "results.jsonl")
     cmds = {
         "jit": [PY, "-m", "bench.gpu_jit"],
-        "tests": [PY, "-m", "pytest", "tests/gpu", "-q", "-x", "-p", "no:cacheprovider"],
-        "decode": [PY, "-m", "bench.gpu_decode", "--out", res, "--profile"],
+        "tests": [PY, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider"],
+        "decode": [PY, "-m", "bench.gpu_decode", "--out", res, "--profile", "--host-profile"],
         "prefill": [PY, "-m", "bench.gpu_prefill", "--out", res],
-        "grid": [PY, "-m", "bench.gpu_cascade", "grid", "--out", res],
+        "grid": [PY, "-m", "bench.gpu_cascade", "grid", "--out", res, "--compare-backend", "auto"],
         "cascade": [PY, "-m", "bench.gpu_cascade", "engine", "--out", res],
     }
     for part, args in extra.items():
@@ -33,7 +33,7 @@ def commands(out: Path, extra: dict[str, str]) -> dict[str, list[str]]:
     return cmds
 
 
-SUMMARY_LINES = {"jit": 8, "tests": 15, "decode": 45, "prefill": 5, "grid": 40, "cascade": 6}
+SUMMARY_LINES = {"jit": 8, "tests": 15, "decode": 8, "prefill": 5, "grid": 45, "cascade": 8}
 
 
 def main() -> None:

@@ -85,6 +85,9 @@ class AppConfig(_Strict):
     colocated: DeploymentSection = Field(default_factory=DeploymentSection)
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
     request_timeout_s: float = 600.0
+    # While a replica streams to many clients, hand each one its tokens at most this often
+    # (merged): fewer, larger messages through Serve. 0 = every token as it comes.
+    stream_interval_ms: float = 0.0
 
     @field_validator("model", mode="before")
     @classmethod

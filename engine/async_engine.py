@@ -8,6 +8,7 @@ Cancelling a stream (client gone) aborts its request, which frees its pages befo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -20,8 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stream_interval_s: float = 0.0,
+                 busy_streams: int = 8) -> None:
+        """`stream_interval_s`: while more than `busy_streams` streams are open, a stream
+        hands out its tokens at most this often (merged), so that per-message costs downstream
+        do not grow with the batch. A first token is never held."""
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
+        self.busy_streams = busy_streams
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending: list[tuple[str, Callable[[], None]]] = []
         self._wake = asyncio.Event()
@@ -98,16 +105,26 @@ class AsyncEngine:
                      ) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
-            while True:
-                out = await queue.get()
-                if out is None:  # aborted
-                    return
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-                if finished:
-                    return
+            while not finished:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                # A consumer that fell behind gets what piled up as one output: under load
+                # this cuts per-message costs downstream (Serve streams, SSE chunks).
+                merged = None
+                for item in items:
+                    if item is None or isinstance(item, BaseException):
+                        if merged is not None:
+                            yield merged
+                        if item is None:  # aborted
+                            return
+                        raise item
+                    merged = item if merged is None else merge_outputs(merged, item)
+                finished = merged.finished
+                yield merged
+                if (not finished and self.stream_interval_s
+                        and len(self._streams) > self.busy_streams):
+                    await asyncio.sleep(self.stream_interval_s)
         finally:
             if not finished:  # consumer went away (disconnect, timeout): free its pages
                 self.abort(request_id)
@@ -147,3 +164,10 @@ class AsyncEngine:
                 if queue is not None:
                     queue.put_nowait(out)
             await asyncio.sleep(0)  # let streams flush between steps
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """b follows a in the same request's stream: one output carrying both."""
+    return dataclasses.replace(
+        b, new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
+        new_logprobs=a.new_logprobs + b.new_logprobs)

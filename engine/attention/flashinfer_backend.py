@@ -5,9 +5,14 @@ One wrapper per kind of step, each planned once per step and run once per layer:
   its requests (decode rows are prefill rows of length one);
 - decode-only batches: `BatchDecodeWithPagedKVCacheWrapper` with tensor cores (GQA groups ride
   the MMA rows);
-- decode batches with a cascade plan: `MultiLevelCascadeAttentionWrapper` (2 levels: shared
-  prefix pages, then each request's own pages) for the first `num_cascade_reqs` requests, plain
-  decode for the rest;
+- decode batches with a cascade plan: a 2-level cascade (shared prefix pages, then each
+  request's own pages, merged by LSE) for the first `num_cascade_reqs` requests, plain decode
+  for the rest. It is FlashInfer's `MultiLevelCascadeAttentionWrapper` rebuilt from the same
+  public parts (one `BatchPrefillWithPagedKVCacheWrapper` per level + `merge_state_in_place`)
+  so that the levels' kernel can be chosen: that wrapper always takes `auto`, which is FA3 on
+  Hopper, and FA3 does not split the KV, so the shared level (one long KV run, all the
+  group's queries) ran on only (KV heads x query tiles) CTAs: 1.2x over plain decode instead
+  of 8x for 128 requests sharing 32K tokens (docs/benchmarks.md);
 - CUDA-graph replays (engine/cuda_graph.py): one decode wrapper per captured batch size, with
   fixed index buffers that `plan_cuda_graph` refills before each replay.
 
@@ -24,6 +29,33 @@ import torch
 from engine.attention.base import AttentionBackend, AttentionMetadata
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
+HEAD_DIMS = (64, 128, 256)  # what both FlashInfer prefill kernels (FA2, FA3) instantiate
+
+
+class TwoLevelCascade:
+    """Shared-prefix attention merged with per-request attention, for one run of queries.
+
+    `plan` takes per level (shared first) qo_indptr, kv_indptr, kv_indices, kv_last_page_len;
+    only the last level is causal. `run(q, kv_cache)` -> [n, Hq, D].
+    """
+
+    def __init__(self, flashinfer, workspace: torch.Tensor, backend: str) -> None:
+        self._merge = flashinfer.merge_state_in_place
+        self.levels = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD",
+                                                                      backend=backend)
+                       for _ in range(2)]
+
+    def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, *heads, **kwargs) -> None:
+        for i, wrapper in enumerate(self.levels):
+            wrapper.plan(qo_indptr[i], kv_indptr[i], kv_indices[i], last_page_len[i], *heads,
+                         causal=i == len(self.levels) - 1, **kwargs)
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        out, lse = self.levels[-1].run(q, kv_cache, return_lse=True)
+        for wrapper in self.levels[:-1]:
+            out_i, lse_i = wrapper.run(q, kv_cache, return_lse=True)
+            self._merge(out, lse, out_i, lse_i)
+        return out
 
 
 def _host_i32(values: list[int]) -> torch.Tensor:
@@ -33,10 +65,14 @@ def _host_i32(values: list[int]) -> torch.Tensor:
 class FlashInferBackend(AttentionBackend):
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, page_size: int = 16,
-                 prefill_backend: str = "auto", **_: object) -> None:
+                 prefill_backend: str = "auto", cascade_backend: str = "fa2",
+                 **_: object) -> None:
         super().__init__(num_q_heads, num_kv_heads, head_dim, dtype, device)
         if self.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"the flashinfer attention backend runs head_dim {HEAD_DIMS}, not "
+                             f"{head_dim}; use attention_backend='torch' for this model")
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"the flashinfer attention backend runs float16/bfloat16, not {dtype}")
         import flashinfer
@@ -48,7 +84,7 @@ class FlashInferBackend(AttentionBackend):
             self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True, backend="fa2")
-        self.cascade = flashinfer.MultiLevelCascadeAttentionWrapper(2, self.workspace, "NHD")
+        self.cascade = TwoLevelCascade(flashinfer, self.workspace, cascade_backend)
         self._graph_wrappers: dict[int, object] = {}
         self._mode = "none"
         self._num_cascade = 0
@@ -99,8 +135,7 @@ class FlashInferBackend(AttentionBackend):
         host = list(torch.split(flat, [t.numel() for t in small]))
         qo, kv_indptr, last = host[0::3], host[1::3], host[2::3]
         self.cascade.plan(qo, kv_indptr, [lv.kv_indices for lv in levels], last, *heads,
-                          causal=True, q_data_type=self.dtype, kv_data_type=self.dtype,
-                          sm_scale=self.scale)
+                          **self._plan_args())
 
     # -- CUDA graphs ------------------------------------------------------------------------
     def enable_cuda_graphs(self, batch_sizes: list[int], max_num_indices: int) -> None:

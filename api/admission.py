@@ -1,0 +1,120 @@
+"""Admission control: overload gets a fast 429 with Retry-After instead of a pile-up.
+
+Two gates, both per ingress replica, both passed before anything reaches a serving replica:
+
+- `max_concurrent_requests`: a request past the limit is refused at once (as TGI does);
+- `max_batch_prefill_tokens`: prompt tokens admitted but still waiting for their first token.
+  Past it, requests wait in a FIFO queue for at most `queue_timeout_s`, then get a 429. A prompt
+  larger than the whole budget runs alone, so that nothing waits forever.
+
+`AdmittedClient` wraps a generation client with both gates: the concurrency slot is held until
+the stream closes, the prefill tokens until its first output arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+from api.context import GenerateClient
+from api.errors import APIError
+from api.limits import Limits
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class Overloaded(APIError):
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, code="overloaded", status=429,
+                         headers={"Retry-After": str(retry_after_s)})
+
+
+class Admission:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.active = 0  # admitted requests
+        self.prefilling = 0  # prompt tokens admitted, first token not yet out
+        self._queue: deque[tuple[int, asyncio.Future]] = deque()
+        self.num_rejected = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._queue)
+
+    def enter(self) -> None:
+        """Take a concurrency slot or raise Overloaded (never waits)."""
+        limit = self.limits.max_concurrent_requests
+        if self.active >= limit:
+            self.num_rejected += 1
+            raise Overloaded(f"the server is overloaded: {limit} requests are already running; "
+                             "retry later", self.limits.retry_after_s)
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+
+    async def start_prefill(self, tokens: int) -> None:
+        """Admit `tokens` prompt tokens to prefill, waiting (bounded) for room."""
+        budget = self.limits.max_batch_prefill_tokens
+        if budget is None or (not self._queue and self._fits(tokens, budget)):
+            self.prefilling += tokens
+            return
+        fut = asyncio.get_running_loop().create_future()
+        entry = (tokens, fut)
+        self._queue.append(entry)
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.limits.queue_timeout_s)
+        except asyncio.TimeoutError:
+            if not fut.done():
+                self._queue.remove(entry)
+                self.num_rejected += 1
+                raise Overloaded(f"the server is overloaded: waited "
+                                 f"{time.monotonic() - start:.1f} s for prefill capacity "
+                                 f"({budget} prompt tokens); retry later",
+                                 self.limits.retry_after_s) from None
+        except BaseException:  # cancelled (client gone): give back what was granted
+            if entry in self._queue:
+                self._queue.remove(entry)
+            elif fut.done():
+                self.end_prefill(tokens)
+            raise
+
+    def end_prefill(self, tokens: int) -> None:
+        self.prefilling -= tokens
+        budget = self.limits.max_batch_prefill_tokens
+        while self._queue and budget is not None and self._fits(self._queue[0][0], budget):
+            tokens_next, fut = self._queue.popleft()
+            self.prefilling += tokens_next
+            fut.set_result(None)
+
+    def _fits(self, tokens: int, budget: int) -> bool:
+        return self.prefilling == 0 or self.prefilling + tokens <= budget
+
+
+class AdmittedClient:
+    """A GenerateClient behind the admission gates (raises Overloaded before any output)."""
+
+    def __init__(self, client: GenerateClient, admission: Admission) -> None:
+        self.client, self.admission = client, admission
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        gate = self.admission
+        gate.enter()
+        try:
+            await gate.start_prefill(len(prompt_ids))
+            prefilling = True
+            try:
+                async for out in self.client.generate(prompt_ids, params, request_id):
+                    if prefilling:
+                        prefilling = False
+                        gate.end_prefill(len(prompt_ids))
+                    yield out
+            finally:
+                if prefilling:
+                    gate.end_prefill(len(prompt_ids))
+        finally:
+            gate.leave()

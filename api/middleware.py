@@ -1,0 +1,112 @@
+"""Plain ASGI middlewares (streaming responses pass through untouched).
+
+- `RequestId`: every request gets an id: the client's `X-Request-Id` when it is a sane token,
+  else a fresh one. It is echoed in the response header (unless the Serve proxy in front already
+  does that), readable through `current_request_id()`, and in each request's log line.
+- `BodyLimit`: a request body larger than `max_bytes` gets a 413 in its route family's error
+  shape before any of it is parsed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import APIError, error_response, route_path
+
+log = logging.getLogger("pdserve.api")
+
+HEADER = "x-request-id"
+_SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_QUIET = ("/health", "/metrics")  # polled: no log line
+
+
+def current_request_id() -> str:
+    return _request_id.get()
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.decode("latin-1").lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestId:
+    def __init__(self, app: ASGIApp, add_header: bool = True) -> None:
+        self.app, self.add_header = app, add_header
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, HEADER)
+        rid = given if given and _SANE.fullmatch(given) else uuid.uuid4().hex
+        token = _request_id.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid
+        status, start = 500, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if self.add_header:
+                    message = {**message, "headers": [*message.get("headers", ()),
+                                                      (HEADER.encode(), rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if route_path(scope) not in _QUIET:
+                log.info("request_id=%s %s %s -> %d in %.3f s", rid, scope["method"],
+                         scope["path"], status, time.perf_counter() - start)
+            _request_id.reset(token)
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, "content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        # Read the body here (bounded), then hand it on: FastAPI would turn a failure while it
+        # reads the body itself into a 400.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # gone before the body arrived
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(f"the request body is larger than {self.max_bytes} bytes", status=413)
+        await error_response(err, route_path(scope))(scope, receive, send)

@@ -1,0 +1,75 @@
+"""The cluster on CPU, end to end: `serve run CONFIG` readiness, one stream vs 32 streams.
+
+python -m bench.cpu_cluster [--config configs/tiny.yaml] [--out-dir docs/bench]
+Prints time to first HTTP 200, TTFT and TPOT of one stream, output tokens/s at concurrency
+1 and 32 and their ratio, and KV bytes moved per request (from /metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from bench import serve as bench_serve
+from bench.launcher import ServerProcess, expand
+
+
+def kv_bytes(base: str) -> tuple[float, float]:
+    """(KV bytes received by decode replicas, requests they served) from /metrics."""
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    total = reqs = 0.0
+    for line in text.splitlines():
+        if 'role="decode"' not in line:
+            continue
+        if line.startswith("pdserve_kv_transfer_bytes_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("pdserve_requests_total{"):
+            reqs += float(line.rsplit(" ", 1)[1])
+    return total, reqs
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--out-dir", default="docs/bench")
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=64)
+    args = ap.parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Path(tempfile.mkdtemp()) / "serve.log"
+    # No `ray stop` afterwards: serve run owns the Ray instance it started and ends it on exit.
+    server = ServerProcess(expand("{serve} run {config}", args.config), f"{args.base_url}/health",
+                           log)
+    server.start()
+    try:
+        ready_s = server.wait_ready(timeout=300)
+        results = {}
+        for conc, n in ((1, 8), (32, 64)):
+            path = out / f"tiny-cpu-c{conc}.json"
+            bench_serve.main(["--base-url", args.base_url, "--workload", "synthetic",
+                              "--input-len", str(args.input_len), "--output-len",
+                              str(args.output_len), "--num-prompts", str(n), "--concurrency",
+                              str(conc), "--request-rate", "inf", "--seed", "0",
+                              "--no-progress", "--out", str(path)])
+            results[conc] = json.loads(path.read_text())["runs"][0]
+        moved, served = kv_bytes(args.base_url)
+    finally:
+        server.stop()
+    one, many = results[1], results[32]
+    print(f"\nconfig {args.config}: first HTTP 200 after {ready_s:.1f} s")
+    print(f"1 stream:   TTFT p50 {one['ttft_ms']['p50']:.1f} ms, TPOT p50 "
+          f"{one['tpot_ms']['p50']:.2f} ms, {one['output_throughput']:.1f} tok/s")
+    print(f"32 streams: TTFT p50 {many['ttft_ms']['p50']:.1f} ms, TPOT p50 "
+          f"{many['tpot_ms']['p50']:.2f} ms, {many['output_throughput']:.1f} tok/s")
+    print(f"throughput ratio 32/1: {many['output_throughput'] / one['output_throughput']:.2f}x")
+    if served:
+        print(f"KV bytes moved per request: {moved / served:.0f} ({served:.0f} requests)")
+
+
+if __name__ == "__main__":
+    main()
