@@ -2,13 +2,14 @@
 
 Two gates, both per ingress replica, both passed before anything reaches a serving replica:
 
-- `max_concurrent_requests`: a request past the limit is refused at once (as TGI does);
+- `max_concurrent_requests`: generation requests (HTTP requests, as TGI counts them) past the
+  limit are refused at once, before their body is even read (`AdmissionGate`, a plain ASGI
+  middleware): a burst is answered at the cost of a header check, not of parsing and
+  tokenizing. The slot is held until the response has been sent, stream included.
 - `max_batch_prefill_tokens`: prompt tokens admitted but still waiting for their first token.
   Past it, requests wait in a FIFO queue for at most `queue_timeout_s`, then get a 429. A prompt
-  larger than the whole budget runs alone, so that nothing waits forever.
-
-`AdmittedClient` wraps a generation client with both gates: the concurrency slot is held until
-the stream closes, the prefill tokens until its first output arrives.
+  larger than the whole budget runs alone, so that nothing waits forever. `AdmittedClient`
+  wraps the generation client with this gate: the tokens count until the first output arrives.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from api.context import GenerateClient
-from api.errors import APIError
+from api.errors import APIError, error_response, route_path
 from api.limits import Limits
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -34,7 +37,7 @@ class Overloaded(APIError):
 class Admission:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.active = 0  # admitted requests
+        self.active = 0  # admitted generation requests
         self.prefilling = 0  # prompt tokens admitted, first token not yet out
         self._queue: deque[tuple[int, asyncio.Future]] = deque()
         self.num_rejected = 0
@@ -95,7 +98,7 @@ class Admission:
 
 
 class AdmittedClient:
-    """A GenerateClient behind the admission gates (raises Overloaded before any output)."""
+    """A GenerateClient behind the prefill-token gate (raises Overloaded before any output)."""
 
     def __init__(self, client: GenerateClient, admission: Admission) -> None:
         self.client, self.admission = client, admission
@@ -103,18 +106,41 @@ class AdmittedClient:
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         gate = self.admission
-        gate.enter()
+        await gate.start_prefill(len(prompt_ids))
+        prefilling = True
         try:
-            await gate.start_prefill(len(prompt_ids))
-            prefilling = True
-            try:
-                async for out in self.client.generate(prompt_ids, params, request_id):
-                    if prefilling:
-                        prefilling = False
-                        gate.end_prefill(len(prompt_ids))
-                    yield out
-            finally:
+            async for out in self.client.generate(prompt_ids, params, request_id):
                 if prefilling:
+                    prefilling = False
                     gate.end_prefill(len(prompt_ids))
+                yield out
         finally:
-            gate.leave()
+            if prefilling:
+                gate.end_prefill(len(prompt_ids))
+
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate",
+                              "/generate_stream", "/"})
+
+
+class AdmissionGate:
+    """ASGI middleware: a concurrency slot per generation request, or a 429 at once."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app, self.admission = app, admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or path not in GENERATION_PATHS):
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.admission.enter()
+        except Overloaded as e:
+            await error_response(e, path)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.leave()

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from api.errors import APIError
+from api.limits import Limits
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -31,11 +32,30 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def valid_unicode(value: Any) -> Any:
+    """A pydantic validator: JSON can carry lone surrogates (`"\\ud800"`), which no tokenizer
+    or response encoder takes; refuse them where they enter."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, list | tuple):
+        for v in value:
+            valid_unicode(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            valid_unicode(k)
+            valid_unicode(v)
+    return value
+
+
 class ServerContext:
     def __init__(self, client: GenerateClient, tokenizer: Any, model_name: str,
-                 max_model_len: int) -> None:
+                 max_model_len: int, limits: Limits | None = None) -> None:
         self.client, self.tokenizer = client, tokenizer
         self.model_name, self.max_model_len = model_name, max_model_len
+        self.limits = (limits or Limits()).resolved(max_model_len)
         self.created = int(time.time())
         # Ids past the tokenizer are either padding rows of the embedding or garbage: refuse.
         self.vocab_size = len(tokenizer)
@@ -46,10 +66,14 @@ class ServerContext:
     def encode(self, text: str, param: str = "prompt") -> list[int]:
         if not text:
             raise APIError("the prompt is empty", param)
-        return list(self.tokenizer.encode(text, verbose=False))
+        try:
+            return list(self.tokenizer.encode(text, verbose=False))
+        except Exception as e:  # text the tokenizer cannot take is the client's to fix
+            raise APIError(f"cannot tokenize the prompt: {e}", param) from None
 
-    def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
-        if not ids:
+    def check_ids(self, ids: list[int], param: str = "prompt", empty_ok: bool = False
+                  ) -> list[int]:
+        if not ids and not empty_ok:
             raise APIError("the prompt is empty", param)
         for t in ids:
             if not 0 <= t < self.vocab_size:
@@ -69,14 +93,19 @@ class ServerContext:
         ids = self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
         return self.check_ids(list(ids), "messages")
 
+    def check_stop(self, stop: list[str], param: str = "stop") -> None:
+        limit = self.limits.max_stop_sequences
+        if len(stop) > limit:
+            raise APIError(f"at most {limit} stop sequences are allowed, got {len(stop)}", param)
+
     def check_length(self, num_prompt: int, max_tokens: int | None, param: str = "prompt",
                      max_tokens_name: str = "max_tokens") -> int:
         """Returns max_tokens (filled in to the limit when None); refuses what cannot fit."""
-        limit = self.max_model_len
-        if num_prompt >= limit:
+        limit, max_input = self.limits.max_total_tokens, self.limits.max_input_tokens
+        if num_prompt > max_input:
             raise APIError(f"the prompt has {num_prompt} tokens, but this model's maximum "
-                           f"context length is {limit} tokens (prompt + output)", param,
-                           "context_length_exceeded")
+                           f"context length is {limit} tokens (prompt + output), of which at "
+                           f"most {max_input} may be prompt", param, "context_length_exceeded")
         if max_tokens is None:
             return limit - num_prompt
         if num_prompt + max_tokens > limit:

@@ -45,6 +45,18 @@ class GenerationError(APIError):
         super().__init__(message, status=500)
 
 
+def client_gone(exc: BaseException) -> bool:
+    """True for the ways a vanished client surfaces: Starlette's ClientDisconnect, or, behind
+    Serve, the cancelled proxy task that `receive()` raises once the client has gone."""
+    if isinstance(exc, ClientDisconnect):
+        return True
+    try:
+        from ray.exceptions import TaskCancelledError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return isinstance(exc, TaskCancelledError)
+
+
 def is_openai(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
@@ -143,7 +155,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette calls this even after a stream started; a vanished client is no error.
-        if not isinstance(exc, ClientDisconnect):
+        if not client_gone(exc):
             log.exception("unhandled error on %s (request_id=%s)", route_path(request.scope),
                           request.scope.get("state", {}).get("request_id", "-"))
         err = GenerationError(f"internal error: {exc}")

@@ -6,15 +6,30 @@ consumer stops early (client disconnect, error, cancellation), the Serve call is
 which cancels the replica's generator: that is what aborts the request and frees its pages.
 A ValueError raised in the replica (the engine refusing the input) comes back as a plain
 ValueError, so the API answers it with a 4xx body.
+
+Failover: when the replica serving a stream dies (Ray's actor errors), the request is issued
+again, on whichever replica Serve picks, as prompt + the tokens generated so far with
+max_tokens reduced by as many; `resumed_tokens` keeps seeded draws at their positions, so the
+continuation is what the first replica would have produced. The text of a resumed stream is
+re-derived here from all generated tokens, so stop strings and multi-byte characters that span
+the failure point come out right. At most `max_resumes` times; then the error goes up and the
+API ends the stream with an error event. Every wait for an output is bounded by `timeout_s`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
+from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def _value_error(e: BaseException) -> ValueError | None:
@@ -27,21 +42,104 @@ def _value_error(e: BaseException) -> ValueError | None:
     return None
 
 
+def replica_died(e: BaseException) -> bool:
+    """True for the errors of a replica actor that died or cannot be reached."""
+    try:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return isinstance(e, RayActorError | ActorUnavailableError)
+
+
+class _Resumed:
+    """The text of a resumed request, re-derived from every token it generated."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams,
+                 generated: list[int], sent: str) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params)
+        self.detok.push(generated)
+        self.sent = sent  # text the client already has
+
+    def text(self, out: RequestOutput) -> str:
+        self.detok.push(out.new_token_ids)
+        if out.finished:
+            self.detok.flush()
+        full = self.detok.text
+        if not full.startswith(self.sent):  # cannot happen with a deterministic tokenizer
+            return ""
+        new, self.sent = full[len(self.sent):], full
+        return new
+
+
 class HandleClient:
-    def __init__(self, handle: Any, method: str = "generate") -> None:
+    def __init__(self, handle: Any, method: str = "generate", timeout_s: float = 600.0,
+                 max_resumes: int = 3, tokenizer: Any = None) -> None:
         self._handle = handle.options(stream=True)
         self._method = method
+        self.timeout_s, self.max_resumes, self.tokenizer = timeout_s, max_resumes, tokenizer
+        self.num_resumes = 0
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
+        generated: list[int] = []
+        sent = ""
+        resumed: _Resumed | None = None
+        for attempt in range(self.max_resumes + 1):
+            ids, p, rid = prompt_ids, params, request_id
+            if attempt:
+                ids = prompt_ids + generated
+                p = dataclasses.replace(params, max_tokens=params.max_tokens - len(generated),
+                                        resumed_tokens=params.resumed_tokens + len(generated))
+                rid = f"{request_id}-resume{attempt}"
+                if self.tokenizer is not None:
+                    resumed = _Resumed(self.tokenizer, prompt_ids, params, generated, sent)
+            try:
+                async with aclosing(self._call(ids, p, rid)) as stream:
+                    async for out in stream:
+                        generated += out.new_token_ids
+                        if attempt:
+                            out = self._renumber(out, resumed, len(prompt_ids), len(generated))
+                        sent += out.new_text
+                        yield out
+                        if out.finished:
+                            return
+                return
+            except Exception as e:
+                if (not replica_died(e) or attempt == self.max_resumes
+                        or len(generated) >= params.max_tokens):
+                    raise
+                self.num_resumes += 1
+                log.warning("request %s: serving replica lost after %d tokens (%s); resuming "
+                            "on another replica", request_id, len(generated), type(e).__name__)
+                await asyncio.sleep(0.1 * 2**attempt)  # let Serve notice the dead replica
+
+    @staticmethod
+    def _renumber(out: RequestOutput, resumed: _Resumed | None, num_prompt: int,
+                  num_generated: int) -> RequestOutput:
+        """An output of the resumed request as the original request would have produced it."""
+        text = out.new_text if resumed is None else resumed.text(out)
+        finished, reason = out.finished, out.finish_reason
+        if resumed is not None and resumed.detok.finished_by_stop and not finished:
+            finished, reason = True, "stop"  # a stop string spanning the failure point
+        return dataclasses.replace(out, new_text=text, finished=finished,
+                                   finish_reason=reason, num_prompt_tokens=num_prompt,
+                                   num_output_tokens=num_generated)
+
+    async def _call(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str) -> AsyncIterator[RequestOutput]:
         response = getattr(self._handle, self._method).remote(prompt_ids, params, request_id)
         finished = False
         try:
-            async for out in response:
+            while not finished:
+                try:
+                    out = await asyncio.wait_for(anext(response), self.timeout_s)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"no output from the serving replica for "
+                                       f"{self.timeout_s:.0f} s") from None
                 finished = out.finished
                 yield out
-                if finished:
-                    return
         except Exception as e:
             bad_input = _value_error(e)
             if bad_input is not None:

@@ -8,37 +8,51 @@ Binding (cluster/app.py):
 
     serving = DecodeServer.bind(...)          # exposes async-generator `generate(...)`
     app = Ingress.bind(serving, model_path, model_name="tiny-llama", max_model_len=2048,
-                       metrics_source=collect_snapshots)
+                       metrics_source=collect_snapshots, limits={...}, request_timeout_s=600)
 
 `metrics_source` is a zero-argument callable returning a list of snapshot dicts or an awaitable
 of one (see api/prometheus.py). It is pickled into the replica and called there, so it must not
 capture DeploymentHandles built on the driver; look them up inside the call instead
 (`serve.get_deployment_handle(name, app_name)`), or leave it None to serve only API metrics.
+
+/health is ready when the serving deployment answers its own `health()` (the decode deployment
+asks prefill in turn) within HEALTH_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray import serve
 from transformers import AutoTokenizer
 
 from api.handle_client import HandleClient
+from api.limits import Limits
 from api.server import MetricsSource, build_api
+
+HEALTH_TIMEOUT_S = 5.0
 
 
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress()
 class Ingress:
     def __init__(self, handle: Any, model_path: str, model_name: str | None = None,
-                 max_model_len: int = 2048, metrics_source: MetricsSource | None = None
-                 ) -> None:
-        self.client = HandleClient(handle)
+                 max_model_len: int = 2048, metrics_source: MetricsSource | None = None,
+                 limits: dict | None = None, request_timeout_s: float = 600.0) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        self.handle = handle
+        self.client = HandleClient(handle, timeout_s=request_timeout_s, tokenizer=self.tokenizer)
         self.model_name = model_name or model_path
         self.max_model_len = max_model_len
         self.metrics_source = metrics_source
+        self.limits = Limits(**(limits or {}))
+
+    async def ready(self) -> bool:
+        await asyncio.wait_for(self.handle.health.remote(), HEALTH_TIMEOUT_S)
+        return True
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_api(self.client, self.tokenizer, self.model_name, self.max_model_len,
-                         metrics_source=self.metrics_source)
+                         metrics_source=self.metrics_source, ready=self.ready,
+                         limits=self.limits, request_id_header=False)

@@ -15,7 +15,7 @@ from pydantic import ConfigDict
 class Limits:
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    max_concurrent_requests: int = 128  # admitted requests (each prompt of a batch counts)
+    max_concurrent_requests: int = 128  # generation requests being served
     max_input_tokens: int | None = None  # None: max_total_tokens - 1
     max_total_tokens: int | None = None  # prompt + output; None: the model's max_model_len
     # Prompt tokens admitted but still waiting for their first token; more waits in a queue.

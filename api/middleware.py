@@ -1,8 +1,11 @@
 """Plain ASGI middlewares (streaming responses pass through untouched).
 
 - `RequestId`: every request gets an id: the client's `X-Request-Id` when it is a sane token,
-  else a fresh one. It is echoed in the response header (unless the Serve proxy in front already
-  does that), readable through `current_request_id()`, and in each request's log line.
+  else a fresh one, readable through `current_request_id()` and `scope["state"]`. Standalone,
+  the id is echoed in the response header and logged with each request's line. Behind Serve,
+  the proxy already does both (its RequestIdMiddleware sets the header, the replica's access
+  log carries the id, and the id reaches the downstream replicas' log records), so the app
+  only takes the id the proxy put in the request headers.
 - `BodyLimit`: a request body larger than `max_bytes` gets a 413 in its route family's error
   shape before any of it is parsed.
 """
@@ -39,8 +42,8 @@ def _header(scope: Scope, name: str) -> str | None:
 
 
 class RequestId:
-    def __init__(self, app: ASGIApp, add_header: bool = True) -> None:
-        self.app, self.add_header = app, add_header
+    def __init__(self, app: ASGIApp, standalone: bool = True) -> None:
+        self.app, self.standalone = app, standalone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +59,7 @@ class RequestId:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if self.add_header:
+                if self.standalone:
                     message = {**message, "headers": [*message.get("headers", ()),
                                                       (HEADER.encode(), rid.encode())]}
             await send(message)
@@ -64,7 +67,7 @@ class RequestId:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if route_path(scope) not in _QUIET:
+            if self.standalone and route_path(scope) not in _QUIET:
                 log.info("request_id=%s %s %s -> %d in %.3f s", rid, scope["method"],
                          scope["path"], status, time.perf_counter() - start)
             _request_id.reset(token)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from api.context import ServerContext
+from api.context import ServerContext, valid_unicode
 from api.errors import APIError
 from api.generation import Collected
 from engine.outputs import TokenLogprob
@@ -20,6 +20,8 @@ from engine.sampling_params import SamplingParams
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    _unicode = field_validator("*")(valid_unicode)
 
 
 class StreamOptions(_Model):
@@ -59,13 +61,19 @@ class _Common(_Model):
             raise APIError("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed with stream=true", "stream_options")
+        ctx.check_stop(self.stop_list)
+        ctx.check_ids(self.stop_token_ids or [], "stop_token_ids", empty_ok=True)
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop = self.stop_list
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -106,6 +114,9 @@ class CompletionRequest(_Common):
             return [ctx.encode(p)]
         if not p:
             raise APIError("the prompt is empty", "prompt")
+        limit = ctx.limits.max_client_batch_size
+        if not isinstance(p[0], int) and len(p) > limit:
+            raise APIError(f"at most {limit} prompts per request, got {len(p)}", "prompt")
         if isinstance(p[0], str):
             return [ctx.encode(s) for s in p]  # type: ignore[arg-type]
         if isinstance(p[0], int):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.context import ServerContext
+from api.context import ServerContext, valid_unicode
 from api.errors import APIError
 from api.generation import Collected
 from engine.sampling_params import SamplingParams
@@ -24,6 +24,8 @@ _seeds = random.SystemRandom()
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    _unicode = field_validator("*")(valid_unicode)
 
 
 class Parameters(_Model):
@@ -86,7 +88,8 @@ def prepare(ctx: ServerContext, req: GenerateRequest, stream: bool,
             ) -> tuple[list[int], SamplingParams]:
     """Prompt ids and engine parameters for a TGI request; raises APIError on bad input."""
     p = req.parameters
-    _check(p, ctx.max_model_len - 1)
+    _check(p, ctx.limits.max_input_tokens)
+    ctx.check_stop(p.stop)
     if not req.inputs:
         raise APIError("`inputs` cannot be empty", "inputs")
     ids = ctx.encode(req.inputs, "inputs")
@@ -159,11 +162,13 @@ def stream_event(index: int, tok: dict[str, Any], top: list[dict[str, Any]],
 
 
 def info(ctx: ServerContext) -> dict[str, Any]:
+    lim = ctx.limits
     return {
         "model_id": ctx.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": None, "max_best_of": 1, "max_stop_sequences": 16,
-        "max_input_tokens": ctx.max_model_len - 1, "max_input_length": ctx.max_model_len - 1,
-        "max_total_tokens": ctx.max_model_len, "max_client_batch_size": 1,
+        "max_concurrent_requests": lim.max_concurrent_requests, "max_best_of": 1,
+        "max_stop_sequences": lim.max_stop_sequences, "max_input_tokens": lim.max_input_tokens,
+        "max_input_length": lim.max_input_tokens, "max_total_tokens": lim.max_total_tokens,
+        "max_client_batch_size": 1,
         "validation_workers": 1, "router": "pdserve", "version": "0.1.0", "sha": None,
         "docker_label": None,
     }

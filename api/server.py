@@ -3,6 +3,7 @@
 OpenAI routes under /v1, TGI routes at the root, plus /health and /metrics. The app holds no
 engine: `client.generate(prompt_ids, params, request_id)` is all it needs (an AsyncEngine in
 tests, a Serve handle adapter in the cluster), so it runs the same in-process and behind Serve.
+Every generation passes the admission gates of `limits` (api/admission.py) on its way there.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from api import prometheus, request_stats
+from api.admission import Admission, AdmissionGate, AdmittedClient
 from api.context import GenerateClient, ServerContext
 from api.errors import install_error_handlers
+from api.limits import Limits
+from api.middleware import BodyLimit, RequestId
 from api.routes_openai import openai_router
 from api.routes_tgi import tgi_router
 
@@ -35,16 +39,24 @@ async def _maybe_await(value: Any) -> Any:
 
 def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model_len: int,
               metrics_source: MetricsSource | None = None,
-              ready: Callable[[], bool | Awaitable[bool]] = lambda: True) -> FastAPI:
+              ready: Callable[[], bool | Awaitable[bool]] = lambda: True,
+              limits: Limits | None = None, request_id_header: bool = True) -> FastAPI:
     """`metrics_source()` (sync or async) returns per-replica snapshots for /metrics (see
-    api/prometheus.py); `ready()` (sync or async) decides /health."""
-    ctx = ServerContext(client, tokenizer, model_name, max_model_len)
+    api/prometheus.py); `ready()` (sync or async) decides /health. `request_id_header=False`
+    leaves the X-Request-Id response header and the access log to the Serve proxy in front."""
+    limits = (limits or Limits()).resolved(max_model_len)
+    admission = Admission(limits)
+    ctx = ServerContext(AdmittedClient(client, admission), tokenizer, model_name,
+                        max_model_len, limits)
     app = FastAPI(title="pdserve", version="0.1.0")
-    app.state.ctx = ctx
+    app.state.ctx, app.state.admission = ctx, admission
     install_error_handlers(app)
     counts: Counter = Counter()
     replica = request_stats.replica_name()
     app.add_middleware(request_stats.RequestStats, counts=counts)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(AdmissionGate, admission=admission)
+    app.add_middleware(RequestId, standalone=request_id_header)  # outermost: sees every answer
     app.include_router(openai_router(ctx))
     app.include_router(tgi_router(ctx))
 
@@ -70,7 +82,8 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
             except Exception:  # a scrape must still answer: report the source as down
                 log.exception("metrics source failed")
                 up = False
-        snapshots.append(request_stats.snapshot(counts, replica, up))
+        snapshots.append(request_stats.snapshot(counts, replica, up, admission,
+                                                getattr(client, "num_resumes", None)))
         return PlainTextResponse(prometheus.render(snapshots),
                                  media_type=prometheus.CONTENT_TYPE)
 

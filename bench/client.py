@@ -1,9 +1,11 @@
 """Streaming client for OpenAI-compatible `/v1/completions`: one request in, one timed record out.
 
 Timing comes from SSE events: TTFT is the first event carrying text, inter-token latencies are
-the gaps between such events. One event may carry several tokens, so the output token count
-comes from the final `usage` (requested through `stream_options.include_usage`) when the server
-reports it, and from the number of text events otherwise.
+the gaps between such events (with `count_empty`, also empty-text chunks that are not the closing
+one: a server streaming tokens of random weights, which decode to no text, sends those).
+One event may carry several tokens, so the output token count comes from the final `usage`
+(requested through `stream_options.include_usage`) when the server reports it, and from the
+number of events otherwise.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class SSEParser:
 class StreamState:
     """Accumulates the timing of one streamed completion from (data, arrival time) events."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_empty: bool = False) -> None:
+        self.count_empty = count_empty
         self.text_times: list[float] = []
         self.usage_completion: int | None = None
         self.usage_prompt: int | None = None
@@ -107,12 +110,17 @@ class StreamState:
             self.error = self.error or str(msg)
             return
         choices = obj.get("choices") or []
-        if choices and isinstance(choices[0], dict) and choices[0].get("text"):
+        if choices and isinstance(choices[0], dict) and self._counts(choices[0]):
             self.text_times.append(now)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage_completion = usage.get("completion_tokens", self.usage_completion)
             self.usage_prompt = usage.get("prompt_tokens", self.usage_prompt)
+
+    def _counts(self, choice: dict) -> bool:
+        if choice.get("text"):
+            return True
+        return self.count_empty and "text" in choice and choice.get("finish_reason") is None
 
     def finish(self, record: RequestRecord, start: float, end: float) -> RequestRecord:
         """Fill `record` from the events seen; `start` is when the request was sent and `end`
@@ -161,12 +169,13 @@ def completion_payload(
 
 
 async def stream_completion(
-    session: aiohttp.ClientSession, url: str, payload: dict[str, Any], spec: RequestSpec
+    session: aiohttp.ClientSession, url: str, payload: dict[str, Any], spec: RequestSpec,
+    count_empty: bool = False,
 ) -> RequestRecord:
     """POST one streaming completion and time it. Never raises for request failures: they come
     back as a record with `error` set, so one bad request cannot stop a run."""
     record = RequestRecord(spec.prompt_len, spec.output_len, prompt_tokens=spec.prompt_len)
-    state = StreamState()
+    state = StreamState(count_empty)
     start = time.perf_counter()
     try:
         async with session.post(url, json=payload) as resp:

@@ -152,7 +152,8 @@ def grid(args) -> None:
 
 
 # -- part 2: whole engine steps -----------------------------------------------------------------
-def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.Random) -> dict:
+def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.Random,
+                profile: bool = False, host_profile: bool = False) -> dict:
     from bench.gpu_decode import StepTimer, add_requests, run_until_decoding
 
     engine = llm.engine
@@ -176,6 +177,39 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
         step_s, runner_s, _ = timer.steps(steps if mode != "off" or shared < 16384 else 4)
         row[f"{mode}_ms"] = step_s * 1e3
         row[f"{mode}_cascade_steps"] = runner.num_cascade_steps - before
+    # Host work of one step's planning on this batch (the GPU waits during it), replayed on
+    # the last step's shape (the next token's page may not be allocated yet).
+    reqs = list(engine.scheduler.running)
+    tables = [r.block_table for r in reqs]
+    done = [r.num_computed_tokens - 1 for r in reqs]
+    t0 = time.perf_counter()
+    plan = plan_cascade(tables, [d + 1 for d in done], PS, mode="on")
+    t1 = time.perf_counter()
+    build_metadata([tables[i] for i in plan.order], [done[i] for i in plan.order],
+                   [1] * len(reqs), PS, engine.device, plan)
+    t2 = time.perf_counter()
+    build_metadata(tables, done, [1] * len(reqs), PS, engine.device)
+    t3 = time.perf_counter()
+    row.update(host_plan_cascade_ms=(t1 - t0) * 1e3, host_metadata_cascade_ms=(t2 - t1) * 1e3,
+               host_metadata_plain_ms=(t3 - t2) * 1e3)
+    if profile:
+        from bench.gpu_decode import print_kernel_profile
+
+        runner.cfg = dataclasses.replace(base_cfg, cascade="on")
+        print_kernel_profile(engine.step, f"{group}x{shared}x{own} cascade step", reps=3)
+    if host_profile:
+        import cProfile
+        import pstats
+
+        for mode in ("on", "off"):
+            runner.cfg = dataclasses.replace(base_cfg, cascade=mode)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(3):
+                engine.step()
+            prof.disable()
+            print(f"\n{group}x{shared}x{own}: host profile of 3 steps, cascade {mode}")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     runner.cfg = base_cfg
     for rid in rids:
         engine.abort(rid)
@@ -198,7 +232,9 @@ def engine_runs(args) -> None:
     rng = random.Random(1)
     rows = []
     for g, s, u in cases:
-        row = engine_case(llm, g, s, u, args.steps, rng)
+        first = not rows
+        row = engine_case(llm, g, s, u, args.steps, rng, profile=args.profile and first,
+                          host_profile=args.host_profile and first)
         row["device"] = torch.cuda.get_device_name()
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -227,7 +263,11 @@ def main() -> None:
     g.add_argument("--compare-backend", help="also time a few cases with this one")
     g.add_argument("--out")
     e = sub.add_parser("engine")
-    e.add_argument("--cases", default="128x32768x256,16x2048x128,32x8192x128,64x2048x256")
+    e.add_argument("--cases", default="128x32768x256,16x2048x128,64x2048x256,32x8192x128,"
+                   "128x8192x128,64x16384x128,32x32768x128,64x32768x128")
+    e.add_argument("--profile", action="store_true", help="kernel profile of the first case "
+                   "(eager launches stay slower in the process afterwards: use alone)")
+    e.add_argument("--host-profile", action="store_true", help="cProfile of the first case")
     e.add_argument("--steps", type=int, default=10)
     e.add_argument("--out")
     args = ap.parse_args()

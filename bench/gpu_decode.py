@@ -96,6 +96,15 @@ def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, 
     floor_s = (weights + kv) / floor.copy_bytes_per_s
     row.update(floor_ms=floor_s * 1e3, weight_gb=weights / 1e9, kv_gb=kv / 1e9,
                step_ms=step_s * 1e3, runner_ms=runner_s * 1e3)
+    if profile and runner.graphs is not None:
+        # Only after every timing of the run: once torch.profiler has run, eager launches in
+        # this process stay slower.
+        engine.step()
+        b = runner.graphs.bucket(batch)
+        print_kernel_profile(runner.graphs.graphs[b].replay, f"B={batch} graph replay")
+        for rid in rids:
+            engine.abort(rid)
+        return {}
     if host_profile:
         import cProfile
         import pstats
@@ -111,8 +120,6 @@ def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, 
         # Replays of the step just planned: the forward's GPU time alone (no host work).
         b = runner.graphs.bucket(batch)
         row["graph_gpu_ms"] = cuda_time_ms(runner.graphs.graphs[b].replay, reps=20)
-        if profile:
-            print_kernel_profile(runner.graphs.graphs[b].replay, f"B={batch} graph replay")
         graphs, runner.graphs = runner.graphs, None
         row["eager_step_ms"] = timer.steps(steps)[0] * 1e3
         fused = model_module.fused_kernels
@@ -156,14 +163,17 @@ def main() -> None:
     rows = []
     for b in sizes:
         host = args.host_profile and b == max(sizes)
-        row = bench_batch(engine, timer, b, args.context, args.steps, floor, rng, args.profile,
-                          host)
+        row = bench_batch(engine, timer, b, args.context, args.steps, floor, rng,
+                          host_profile=host)
         row["device"] = floor.device
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps({"bench": "decode", **row}) + "\n")
+    if args.profile:
+        for b in sizes:
+            bench_batch(engine, timer, b, args.context, 1, floor, rng, profile=True)
     print(f"\nLlama-3-8B decode, context {args.context}, bf16, {floor}")
     print(f"{'B':>4} {'floor ms':>9} {'step ms':>8} {'x floor':>8} {'runner':>7} {'graph GPU':>10}"
           f" {'eager':>7} {'plain':>7}")

@@ -26,14 +26,14 @@ def commands(out: Path, extra: dict[str, str]) -> dict[str, list[str]]:
         "decode": [PY, "-m", "bench.gpu_decode", "--out", res, "--profile", "--host-profile"],
         "prefill": [PY, "-m", "bench.gpu_prefill", "--out", res],
         "grid": [PY, "-m", "bench.gpu_cascade", "grid", "--out", res, "--compare-backend", "auto"],
-        "cascade": [PY, "-m", "bench.gpu_cascade", "engine", "--out", res],
+        "cascade": [PY, "-m", "bench.gpu_cascade", "engine", "--out", res, "--host-profile"],
     }
     for part, args in extra.items():
         cmds[part] += args.split()
     return cmds
 
 
-SUMMARY_LINES = {"jit": 8, "tests": 15, "decode": 8, "prefill": 5, "grid": 45, "cascade": 8}
+SUMMARY_LINES = {"jit": 8, "tests": 15, "decode": 8, "prefill": 5, "grid": 45, "cascade": 14}
 
 
 def main() -> None:

@@ -99,6 +99,7 @@ class ClientConfig:
     include_usage: bool = True
     timeout_s: float = 600.0
     extra_body: dict[str, Any] = field(default_factory=dict)
+    count_empty_chunks: bool = False
 
     @property
     def url(self) -> str:
@@ -125,7 +126,8 @@ def run_http(
                 payload = completion_payload(
                     client.model, spec, client.ignore_eos, client.include_usage, client.extra_body
                 )
-                return stream_completion(session, client.url, payload, spec)
+                return stream_completion(session, client.url, payload, spec,
+                                         client.count_empty_chunks)
 
             return await run_load(specs, send, rate, concurrency, seed, burstiness, progress)
 

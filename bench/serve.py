@@ -40,6 +40,8 @@ def add_benchmark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--endpoint", default="/v1/completions")
     g.add_argument("--model", default=None, help="default: the first of GET /v1/models")
     g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--count-empty-chunks", action="store_true",
+                   help="time empty-text chunks as tokens (servers of random-weight models)")
     g.add_argument("--include-usage", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for usage in the last chunk (exact output token counts)")
     g.add_argument("--extra-body", type=json.loads, default={}, help="JSON merged into requests")
@@ -114,7 +116,7 @@ def client_config(args: argparse.Namespace, base_url: str | None = None) -> Clie
     base = base_url or args.base_url
     return ClientConfig(
         base, args.endpoint, args.model or fetch_first_model(base), args.ignore_eos,
-        args.include_usage, args.timeout, args.extra_body,
+        args.include_usage, args.timeout, args.extra_body, args.count_empty_chunks,
     )
 
 

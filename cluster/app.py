@@ -6,6 +6,7 @@ colocated:      Ingress -> ColocatedServer (one engine, both phases)
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from api.ingress import Ingress
@@ -26,6 +27,7 @@ def build_app(args: dict[str, Any]):
     arch = ModelArch.from_pretrained(cfg.model.resolved_path)
     role = "decode" if cfg.mode == "disaggregated" else "colocated"
     max_model_len = Engine.max_model_len_for(arch, cfg.engine_config(role))
+    limits = cfg.limits.resolved(max_model_len)  # refuses limits past the model, at build time
     plain = cfg.model_dump()
     if cfg.mode == "disaggregated":
         prefill = PrefillServer.options(**cfg.prefill.serve_options("prefill")).bind(plain)
@@ -34,4 +36,5 @@ def build_app(args: dict[str, Any]):
         server = ColocatedServer.options(**cfg.colocated.serve_options("colocated")).bind(plain)
     return Ingress.options(**cfg.ingress.serve_options("ingress")).bind(
         server, cfg.model.resolved_path, cfg.model.served_name, max_model_len,
-        metrics_source=collect_snapshots)
+        metrics_source=collect_snapshots, limits=dataclasses.asdict(limits),
+        request_timeout_s=cfg.request_timeout_s)

@@ -25,5 +25,8 @@ class ColocatedServer:
         async for out in track_stream(stream, self.replica.metrics, start):
             yield out
 
+    def health(self) -> dict:
+        return self.replica.health()
+
     def check_integrity(self) -> dict:
         return self.replica.check_integrity()

@@ -6,10 +6,12 @@ model=/path/to/hf` passes `{"model": "/path/to/hf"}`.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.limits import Limits
 from engine.config import EngineConfig, ModelConfig, default_model_dir
 
 
@@ -27,7 +29,9 @@ class ModelSection(_Strict):
 
     @property
     def resolved_path(self) -> str:
-        return self.path or str(default_model_dir())
+        if self.path is None:
+            return str(default_model_dir())
+        return os.path.expandvars(os.path.expanduser(self.path))
 
     @property
     def served_name(self) -> str:
@@ -84,7 +88,8 @@ class AppConfig(_Strict):
     decode: DeploymentSection = Field(default_factory=DeploymentSection)
     colocated: DeploymentSection = Field(default_factory=DeploymentSection)
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = Field(600.0, gt=0)
+    limits: Limits = Field(default_factory=Limits)  # admission limits of the HTTP API
     # While a replica streams to many clients, hand each one its tokens at most this often
     # (merged): fewer, larger messages through Serve. 0 = every token as it comes.
     stream_interval_ms: float = 0.0

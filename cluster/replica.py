@@ -16,6 +16,14 @@ from kvtransfer import model_fingerprint
 log = logging.getLogger("pdserve")
 
 
+def replica_lost(e: BaseException) -> bool:
+    """True for errors that mean another replica should take the call: the actor died or
+    cannot be reached, or an object it owned (a KV payload) went with it."""
+    from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
+
+    return isinstance(e, RayActorError | ActorUnavailableError | ObjectLostError)
+
+
 def replica_name(role: str) -> str:
     try:
         from ray import serve
@@ -43,8 +51,28 @@ class Replica:
                  self.engine.engine.allocator.num_pages)
 
     def snapshot(self) -> dict:
+        """Called from the metrics thread; also queues an allocator audit for the loop."""
         self.metrics.record_engine(self.engine.engine)
+        loop = self.engine.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.engine.submit, self._audit)
         return self.metrics.snapshot()
+
+    def _audit(self) -> None:
+        """The allocator's integrity check, between two steps; published as a gauge."""
+        try:
+            self.engine.engine.allocator.check_integrity()
+            ok = 1
+        except AssertionError:
+            log.exception("KV allocator integrity check failed")
+            self.metrics.inc("pdserve_kv_integrity_failures_total")
+            ok = 0
+        self.metrics.set("pdserve_kv_integrity_ok", ok)
+
+    def health(self) -> dict:
+        eng = self.engine.engine
+        return {"role": self.metrics.role, "replica": self.metrics.replica,
+                "pages_used": eng.num_pages_used, "pages_total": eng.allocator.num_pages}
 
     def check_integrity(self) -> dict:
         eng = self.engine.engine

@@ -6,10 +6,12 @@ import asyncio
 
 from ray import serve
 
-from cluster.replica import Replica
+from cluster.replica import Replica, replica_lost
 from decode.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport
+
+HEALTH_TIMEOUT_S = 5.0
 
 
 class PrefillClient:
@@ -27,14 +29,23 @@ class PrefillClient:
 class DecodeServer:
     def __init__(self, args: dict, prefill_handle) -> None:
         self.replica = Replica(args, "decode")
-        prefill = PrefillClient(prefill_handle, self.replica.cfg.request_timeout_s)
+        self.prefill_handle = prefill_handle
+        timeout_s = self.replica.cfg.request_timeout_s
+        prefill = PrefillClient(prefill_handle, timeout_s)
         self.worker = DecodeWorker(self.replica.engine, prefill,
                                    make_transport(self.replica.cfg.kv_transport),
-                                   self.replica.fingerprint, self.replica.metrics)
+                                   self.replica.fingerprint, self.replica.metrics,
+                                   reserve_timeout_s=min(60.0, timeout_s), timeout_s=timeout_s,
+                                   retriable=replica_lost)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         async for out in self.worker.generate(prompt_ids, params, request_id):
             yield out
+
+    async def health(self) -> dict:
+        """Ready when this replica and a prefill replica answer (raises otherwise)."""
+        await asyncio.wait_for(self.prefill_handle.health.remote(), HEALTH_TIMEOUT_S)
+        return self.replica.health()
 
     def check_integrity(self) -> dict:
         return self.replica.check_integrity()

@@ -5,29 +5,44 @@
 3. receive the pages through the transport, check them, place them into the reserved pages;
 4. join the running batch between two steps and stream every token until the request ends.
 No Ray here: `prefill` is anything with an async `prefill(...)` returning a PrefillResult.
+
+Steps 2-3 are retried, at most `prefill_retries` times, when `retriable(error)` says the
+prefill replica (or the KV it owned) was lost: the next call goes to another prefill replica.
+The receive is bounded by `timeout_s`; the prefill client bounds its own call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from engine.async_engine import AsyncEngine
 from engine.metrics import Metrics, track_stream
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from kvtransfer import KVTransport
+from kvtransfer import KVPayload, KVTransport
+
+if TYPE_CHECKING:
+    from prefill.worker import PrefillResult
+
+log = logging.getLogger(__name__)
 
 
 class DecodeWorker:
     def __init__(self, engine: AsyncEngine, prefill, transport: KVTransport, fingerprint: str,
-                 metrics: Metrics | None = None, reserve_timeout_s: float = 60.0) -> None:
+                 metrics: Metrics | None = None, reserve_timeout_s: float = 60.0,
+                 timeout_s: float = 600.0, prefill_retries: int = 2,
+                 retriable: Callable[[BaseException], bool] = lambda e: False) -> None:
         self.engine = engine
         self.prefill = prefill
         self.transport = transport
         self.fingerprint = fingerprint
         self.metrics = metrics or Metrics("decode", "local")
         self.reserve_timeout_s = reserve_timeout_s
+        self.timeout_s, self.prefill_retries, self.retriable = timeout_s, prefill_retries, retriable
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str):
@@ -43,12 +58,13 @@ class DecodeWorker:
         req = Request(request_id, prompt_ids, params)
         first_block = await self._reserve(req)
         try:
-            result = await self.prefill.prefill(prompt_ids, params, request_id, first_block)
-            payload = await self.transport.receive(result.kv)
+            result, payload = await self._fetch(prompt_ids, params, request_id, first_block)
             payload.check(dtype=eng.pool.dtype, page_size=eng.cfg.page_size,
                           first_block=first_block, block_hashes=req.block_hashes,
                           fingerprint=self.fingerprint,
                           num_pages=len(req.block_table) - first_block)
+            # Host-to-device copy off the engine loop; between steps only the page scatter runs.
+            kv = await asyncio.to_thread(lambda: payload.to_tensor().to(eng.device))
         except BaseException:
             self.engine.submit(lambda: eng.unreserve(req))
             raise
@@ -56,15 +72,40 @@ class DecodeWorker:
         self.metrics.inc("pdserve_kv_transfer_blocks_skipped_total", first_block)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         req.num_cached_tokens = max(req.num_cached_tokens, result.num_cached_tokens)
-        async for out in self.engine.admit_prefilled(req, first_block, payload.to_tensor(),
+        async for out in self.engine.admit_prefilled(req, first_block, kv,
                                                      result.first_token, result.logprob):
             yield out
+
+    async def _fetch(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                     first_block: int) -> tuple[PrefillResult, KVPayload]:
+        """The first token and the missing KV blocks, from another prefill replica if one is
+        lost on the way."""
+        for attempt in range(self.prefill_retries + 1):
+            try:
+                result = await self.prefill.prefill(prompt_ids, params, request_id, first_block)
+                payload = await asyncio.wait_for(self.transport.receive(result.kv),
+                                                 self.timeout_s)
+                return result, payload
+            except Exception as e:
+                if attempt == self.prefill_retries or not self.retriable(e):
+                    raise
+                self.metrics.inc("pdserve_prefill_retries_total")
+                log.warning("prefill of %s lost (%s); retrying on another replica",
+                            request_id, type(e).__name__)
+                await asyncio.sleep(0.1 * 2**attempt)  # let Serve notice the dead replica
+        raise AssertionError("unreachable")
 
     async def _reserve(self, req: Request) -> int:
         """Pages for the prompt; waits (bounded) while the pool is full of running requests."""
         deadline = time.monotonic() + self.reserve_timeout_s
+        eng = self.engine.engine
         while True:
-            first_block = await self.engine.call(lambda: self.engine.engine.reserve(req))
+            try:
+                first_block = await self.engine.call(lambda: eng.reserve(req))
+            except asyncio.CancelledError:
+                # The reservation may still run: queue its undoing right behind it.
+                self.engine.submit(lambda: eng.unreserve(req))
+                raise
             if first_block is not None:
                 return first_block
             if time.monotonic() > deadline:

@@ -35,6 +35,11 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self.num_steps = 0
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop that runs the step loop (None before the first request)."""
+        return None if self._task is None else self._task.get_loop()
+
     def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -68,15 +73,26 @@ class AsyncEngine:
             yield out
 
     async def call(self, fn: Callable[[], object]) -> object:
-        """Run fn between two steps (where the engine may be mutated) and return its result."""
+        """Run fn between two steps (where the engine may be mutated) and return its result.
+
+        fn runs even if the caller is cancelled while waiting: undo its effects with `submit`,
+        which runs after it."""
         self.start()
         fut = asyncio.get_running_loop().create_future()
 
         def run() -> None:
             try:
-                fut.set_result(fn())
+                result = fn()
             except Exception as e:
-                fut.set_exception(e)
+                result, error = None, e
+            else:
+                error = None
+            if fut.cancelled():  # the caller gave up; fn's effects are the caller's to undo
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
 
         self.submit(run)
         return await fut

@@ -31,15 +31,13 @@ from engine.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(path: str | Path, required: bool = True):
+def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
-        if required:
-            raise ValueError(f"{path}: cannot load the tokenizer: {e}") from e
-        return None
+        raise ValueError(f"{path}: cannot load the tokenizer: {e}") from e
 
 
 class Engine:
@@ -47,7 +45,10 @@ class Engine:
         self.model_cfg, self.cfg = model_cfg, engine_cfg
         self.arch = arch = ModelArch.from_pretrained(model_cfg.path)
         self.max_model_len = self.max_model_len_for(arch, engine_cfg)
-        self.tokenizer = load_tokenizer(model_cfg.path, model_cfg.load_format != "dummy")
+        # Random weights sample ids the tokenizer may not know (a shape-only model directory
+        # can carry any tokenizer): with dummy weights the engine streams token ids, no text.
+        self.tokenizer = (None if model_cfg.load_format == "dummy"
+                          else load_tokenizer(model_cfg.path))
         self.device = torch.device(model_cfg.device)
         self.model = load_model(model_cfg, arch, self.max_model_len)
         dtype = model_cfg.torch_dtype

@@ -14,7 +14,7 @@ from engine.sampling_params import SamplingParams
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `in`/`remove` must not compare token lists
 class Request:
     request_id: str
     prompt_token_ids: list[int]

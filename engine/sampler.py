@@ -9,8 +9,10 @@ Contract of `Sampler.sample(logits [B, V], requests) -> SamplerOutput`, row b fo
 3. Other rows: divide by the temperature, keep the top-k, then the nucleus (the smallest set of
    most likely tokens whose probability sums to >= top_p; the top token always stays), and draw.
 4. Draws are inverse-CDF lookups of one uniform number per row. A seeded request's number is a
-   pure function of (seed, len(output_token_ids)), so a replay on another replica or after a
-   preemption draws the same token; unseeded rows take theirs from torch's global CPU RNG.
+   pure function of (seed, output position), so a replay on another replica or after a
+   preemption draws the same token (a request resumed with its earlier output in the prompt
+   counts positions from `params.resumed_tokens`); unseeded rows take theirs from torch's
+   global CPU RNG.
 5. `params.logprobs = n` reports the chosen token's logprob and the top-n alternatives from the
    log-softmax of the RAW logits (before penalty and temperature), as OpenAI reports them.
 
@@ -100,7 +102,7 @@ class _Rows:
         fresh = iter(torch.rand(unseeded, dtype=torch.float64).tolist())
         return [
             next(fresh) if r.params.seed is None
-            else seeded_uniform(r.params.seed, len(r.output_token_ids))
+            else seeded_uniform(r.params.seed, r.params.resumed_tokens + len(r.output_token_ids))
             for r in requests
         ]
 

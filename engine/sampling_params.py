@@ -18,6 +18,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token + top-n alternatives
     include_stop_str_in_output: bool = False
+    # Output tokens an earlier attempt generated, now at the end of the prompt (a request
+    # resumed on another replica after a failure): seeded draws continue at their positions.
+    resumed_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +54,8 @@ class SamplingParams:
             bad(f"at most 16 stop strings, got {len(self.stop)}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
+        if not isinstance(self.resumed_tokens, int) or self.resumed_tokens < 0:
+            bad(f"resumed_tokens must be an integer >= 0, got {self.resumed_tokens!r}")
 
     @property
     def greedy(self) -> bool:

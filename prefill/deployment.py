@@ -21,5 +21,8 @@ class PrefillServer:
                       first_block: int = 0) -> PrefillResult:
         return await self.worker.prefill(prompt_ids, params, request_id, first_block)
 
+    def health(self) -> dict:
+        return self.replica.health()
+
     def check_integrity(self) -> dict:
         return self.replica.check_integrity()

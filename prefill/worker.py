@@ -4,6 +4,7 @@ and hands the prompt's KV pages that the decode side lacks to the transport. No 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from dataclasses import dataclass
 
@@ -46,9 +47,12 @@ class PrefillWorker:
             data, hashes = await self.engine.call(lambda: eng.export_kv(request_id, first_block))
         finally:
             self.engine.submit(lambda: eng.release(request_id))
-        payload = KVPayload.from_tensor(data, eng.cfg.page_size, first_block, hashes,
-                                        self.fingerprint)
+        # The device-to-host copy and the hand-off run in a thread: the engine loop keeps
+        # stepping other requests meanwhile.
+        payload = await asyncio.to_thread(KVPayload.from_tensor, data, eng.cfg.page_size,
+                                          first_block, hashes, self.fingerprint)
+        handle = await asyncio.to_thread(self.transport.send, payload)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
         return PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0],
-                             self.transport.send(payload), last.num_cached_tokens)
+                             handle, last.num_cached_tokens)

@@ -27,11 +27,16 @@ class CascadePlan:
         return sum(len(g.members) for g in self.groups)
 
 
-# Measured rule (docs/benchmarks.md): cascade wins when the prefix reads it saves are large.
-# Cost model in tokens of KV read: plain = sum(kv_len); cascade = shared + sum(suffix) plus a
-# fixed overhead per group (an extra kernel pass and the merge).
-MIN_GROUP_SIZE = 4
-MIN_SAVED_TOKENS = 65536
+# Measured rule (docs/benchmarks.md, "Cascade"): cascade wins when the prefix reads it saves,
+# (group - 1) * shared tokens, are large. Its cost is not a few extra launches: the shared level
+# is attention of all the group's queries over the prefix (compute-bound: ~2 TFLOP per step for
+# 128 x 32K at Llama-3-8B shape), a cascade step runs eagerly while plain decode replays a CUDA
+# graph (~6 ms more at batch 64-128 on an H200), and with GQA 8 x 128 plain decode reads a
+# shared prefix largely from L2. Calibrated on whole Llama-3-8B engine steps (H200, CUDA graphs
+# on): plain is faster at 16 x 2K, 64 x 2K, 32 x 8K (saving 31K-254K tokens); cascade at
+# 128 x 8K, 64 x 16K, 32 x 32K (1.02M-1.04M, by 8-17%), 64 x 32K and 128 x 32K (2M-4M).
+MIN_GROUP_SIZE = 8
+MIN_SAVED_TOKENS = 1_000_000
 
 
 def cascade_pays(group_size: int, shared_tokens: int, mode: str) -> bool:
@@ -62,9 +67,9 @@ def plan_cascade(block_tables: list[list[int]], kv_lens: list[int], page_size: i
             continue
         limit = min((kv_lens[i] - 1) // page_size for i in members)
         first = block_tables[members[0]]
-        shared = 0
-        while shared < limit and all(block_tables[i][shared] == first[shared] for i in members):
-            shared += 1
+        shared = limit
+        for i in members[1:]:
+            shared = _common_prefix(first, block_tables[i], shared)
         if cascade_pays(len(members), shared * page_size, mode):
             groups.append(CascadeGroup(members, shared))
     if not groups:
@@ -73,3 +78,17 @@ def plan_cascade(block_tables: list[list[int]], kv_lens: list[int], page_size: i
     order = [i for g in groups for i in g.members]
     order += [i for i in range(len(block_tables)) if i not in grouped]
     return CascadePlan(order, groups)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most `limit` (slice compares run in C)."""
+    if a[:limit] == b[:limit]:
+        return limit
+    lo, hi = 0, limit - 1  # a[:lo] == b[:lo] holds, a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

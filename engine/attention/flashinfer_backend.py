@@ -10,9 +10,10 @@ One wrapper per kind of step, each planned once per step and run once per layer:
   for the rest. It is FlashInfer's `MultiLevelCascadeAttentionWrapper` rebuilt from the same
   public parts (one `BatchPrefillWithPagedKVCacheWrapper` per level + `merge_state_in_place`)
   so that the levels' kernel can be chosen: that wrapper always takes `auto`, which is FA3 on
-  Hopper, and FA3 does not split the KV, so the shared level (one long KV run, all the
-  group's queries) ran on only (KV heads x query tiles) CTAs: 1.2x over plain decode instead
-  of 8x for 128 requests sharing 32K tokens (docs/benchmarks.md);
+  Hopper, and FA3 runs the shared level (one long KV run, all the group's queries) slower
+  than FA2 (whose planner splits the KV over the SMs): for 128 requests sharing 32K tokens the
+  cascade attention took 42 ms per step on FA3 and 30 ms on FA2, against 79 ms for plain
+  decode (H200, docs/benchmarks.md);
 - CUDA-graph replays (engine/cuda_graph.py): one decode wrapper per captured batch size, with
   fixed index buffers that `plan_cuda_graph` refills before each replay.
 
@@ -145,6 +146,7 @@ class FlashInferBackend(AttentionBackend):
         self._graph_indices = torch.zeros(max_num_indices + b_max, dtype=torch.int32, device=dev)
         self._graph_page = torch.zeros(b_max, dtype=torch.int64, device=dev)
         self._graph_offset = torch.zeros(b_max, dtype=torch.int64, device=dev)
+        self._graph_source = torch.zeros(b_max, dtype=torch.int64, device=dev)
         for b in batch_sizes:
             self._graph_wrappers[b] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
@@ -159,9 +161,10 @@ class FlashInferBackend(AttentionBackend):
     def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> None:
         """Plan a decode-only, cascade-free step for the graph captured at `batch_size`.
 
-        The rows past the real ones copy row 0 (the graph runner feeds them row 0's token and
-        position): they attend over row 0's last page and write row 0's K/V into row 0's slot,
-        the very bytes row 0 writes there, so padding changes nothing a real request reads.
+        The rows past the real ones are padding: they attend over row 0's last page (their
+        outputs are dropped) and write into row 0's slot the K/V of row 0 itself, gathered
+        through `_graph_source` (their own K/V differ from row 0's after the first layer), so
+        padding changes no byte that a real request reads.
         """
         assert meta.num_decode_only and meta.batch_size <= batch_size
         super().plan(meta)
@@ -178,7 +181,9 @@ class FlashInferBackend(AttentionBackend):
         offset = self._graph_offset[:batch_size]
         page.copy_(torch.div(slots, self.page_size, rounding_mode="floor"))
         offset.copy_(slots % self.page_size)
-        self._write_page, self._write_offset = page, offset
+        source = self._graph_source[:batch_size]
+        source.copy_(torch.tensor(list(range(meta.batch_size)) + [0] * pad), non_blocking=True)
+        self._write_page, self._write_offset, self._write_source = page, offset, source
         wrapper = self._graph_wrappers[batch_size]
         wrapper.plan(_host_i32(indptr), indices, _host_i32(last), self.num_q_heads,
                      self.num_kv_heads, self.head_dim, meta.page_size, **self._plan_args())
@@ -197,6 +202,8 @@ class FlashInferBackend(AttentionBackend):
                               (k.stride(0), gap // k.element_size(), *k.stride()[1:]))
         else:
             kv = torch.stack((k, v), dim=1)
+        if self._mode == "graph":
+            kv = kv.index_select(0, self._write_source)
         kv_cache[self._write_page, :, self._write_offset] = kv
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -144,8 +144,9 @@ def test_cascade_matches_plain(fi_backend, seed):
 
 
 def test_cuda_graph_replay_with_padding(fi_backend):
-    """A captured decode step replayed for fewer requests than its bucket: padded rows (copies
-    of row 0) must not change any page a real request owns."""
+    """A captured decode step replayed for fewer requests than its bucket: padded rows (whose
+    K/V differ from every real row's, as they do past the model's first layer) must not change
+    any byte of the pool that the reference step leaves alone."""
     fi_backend.enable_cuda_graphs([4, 8], max_num_indices=8 * 64)
     b = 8
     num_pages = 300
@@ -166,7 +167,7 @@ def test_cuda_graph_replay_with_padding(fi_backend):
         ref_cache = cache.clone()
         fresh = torch.randn(n, HQ + 2 * HKV, D, device=DEV).to(DT)
         qkv[:n] = fresh
-        qkv[n:] = fresh[:1]  # what the graph runner feeds padded rows
+        qkv[n:] = torch.randn(b - n, HQ + 2 * HKV, D, device=DEV).to(DT)
         meta = build_metadata(tables, done, [1] * n, PS, DEV)
         ref_backend = _torch_backend()
         ref_backend.plan(meta)

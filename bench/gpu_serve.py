@@ -1,0 +1,118 @@
+"""Through Ray Serve on one GPU: N concurrent requests against HF transformers `generate`.
+
+    python -m bench.gpu_serve [--concurrency 128] [--input-len 512] [--output-len 128]
+
+1. makes the Llama-3-8B-shaped model directory (config.json + the tiny model's tokenizer files,
+   so the API can run; prompts are token ids below the tokenizer's size);
+2. times HF `generate` on the same GPU: one batch of `concurrency` random prompts, bf16,
+   random weights, exactly `output-len` new tokens (the baseline);
+3. starts `serve run configs/llama3-8b-gpu.yaml` (FlashInfer, CUDA graphs, 1P + 1D sharing the
+   GPU) and runs bench.serve at that concurrency; prints tokens/s of both and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.gpu_floor import LLAMA3_8B
+
+
+def make_model_dir(path: Path) -> Path:
+    from engine.tiny_model import ensure_tiny_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(LLAMA3_8B, indent=2))
+    tiny = ensure_tiny_model()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny / name).exists():
+            shutil.copy(tiny / name, path / name)
+    return path
+
+
+def hf_baseline(path: Path, batch: int, input_len: int, output_len: int) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    ids = torch.randint(10, 1000, (batch, input_len), device="cuda")
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        model.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=4)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, generation_config=gen)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+    tokens = (out.shape[1] - input_len) * batch
+    del model, out
+    torch.cuda.empty_cache()
+    return tokens / dt
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="configs/llama3-8b-gpu.yaml")
+    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--out-dir", default=os.environ.get("OUT", tempfile.mkdtemp()))
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--make-model-only", action="store_true")
+    args = ap.parse_args(argv)
+    path = make_model_dir(Path("~/.cache/pdserve/models/llama3-8b-shape").expanduser())
+    if args.make_model_only:
+        print(path)
+        return
+    hf_tps = None
+    if not args.skip_hf:
+        hf_tps = hf_baseline(path, args.concurrency, args.input_len, args.output_len)
+        print(f"HF generate, batch {args.concurrency}: {hf_tps:.1f} tok/s", flush=True)
+
+    from bench import serve as bench_serve
+    from bench.launcher import ServerProcess, expand
+
+    out = Path(args.out_dir)
+    server = ServerProcess(expand("{serve} run {config}", args.config),
+                           "http://127.0.0.1:8000/health", out / "serve.log")
+    server.start()
+    try:
+        ready = server.wait_ready(timeout=480)
+        print(f"serve ready after {ready:.0f} s", flush=True)
+        common = ["--base-url", "http://127.0.0.1:8000", "--workload", "synthetic",
+                  "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+                  "--request-rate", "inf", "--no-progress", "--vocab-size", "1000",
+                  # Random weights' tokens decode to no text, and the API sends no empty chunk
+                  # unless it carries a logprob: ask for one so every token is timed.
+                  "--count-empty-chunks", "--extra-body", '{"logprobs": 0}']
+        bench_serve.main(common + ["--num-prompts", "16", "--concurrency", "16", "--seed", "1",
+                                   "--out", str(out / "warmup.json")])
+        res_path = out / "serve.json"
+        bench_serve.main(common + ["--num-prompts", str(args.num_prompts), "--concurrency",
+                                   str(args.concurrency), "--seed", "0", "--out", str(res_path)])
+        run = json.loads(res_path.read_text())["runs"][0]
+    finally:
+        server.stop()
+    if not run["completed"]:
+        raise SystemExit(f"no request completed: {run['errors']}")
+    tps = run["output_throughput"]
+    print(f"\npdserve 1P1D on one GPU, concurrency {args.concurrency}: {tps:.1f} tok/s "
+          f"(TTFT p50 {run['ttft_ms']['p50']:.0f} ms, TPOT p50 {run['tpot_ms']['p50']:.1f} ms)")
+    if hf_tps:
+        print(f"HF generate, batch {args.concurrency}: {hf_tps:.1f} tok/s -> ratio "
+              f"{tps / hf_tps:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Admission limits and the request-level checks around them, in process over a real engine:
+overload at 4x the concurrency limit gets fast 429s with Retry-After while the admitted requests
+complete; the prefill-token queue times out into a 429; bodies past the limit get a 413; token
+limits state both numbers; X-Request-Id is echoed; /health follows ready()."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from api.limits import Limits
+from api.server import build_api
+from engine.async_engine import AsyncEngine
+from engine.llm import LLM
+from engine.outputs import RequestOutput
+from engine.tiny_model import ensure_tiny_model
+
+pytestmark = pytest.mark.anyio
+LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    return LLM(ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama"), num_pages=256)
+
+
+def client_for(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                             timeout=60)
+
+
+@pytest.fixture
+async def engine(llm: LLM):
+    engine = AsyncEngine(llm.engine)
+    yield engine
+    if engine._task is not None:
+        engine._task.cancel()
+    llm.engine.allocator.check_integrity()
+    assert llm.engine.num_pages_used == 0
+
+
+async def test_overload_at_4x_gets_fast_429_and_admitted_complete(llm: LLM, engine) -> None:
+    limits = Limits(max_concurrent_requests=LIMIT)
+    app = build_api(engine, llm.tokenizer, "tiny", 2048, limits=limits)
+    n_tokens = 48
+
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[int, float, httpx.Response]:
+        if i % 2:
+            path, body = "/generate", {"inputs": f"Request {i} says", "parameters": {
+                "max_new_tokens": n_tokens, "details": True}}
+        else:
+            path, body = "/v1/completions", {"prompt": f"Request {i} says", "temperature": 0,
+                                             "max_tokens": n_tokens, "ignore_eos": True}
+        start = time.perf_counter()
+        r = await http.post(path, json=body)
+        return i, time.perf_counter() - start, r
+
+    async with client_for(app) as http:
+        results = await asyncio.gather(*(one(http, i) for i in range(4 * LIMIT)))
+    rejected = [(i, dt, r) for i, dt, r in results if r.status_code == 429]
+    admitted = [(i, dt, r) for i, dt, r in results if r.status_code == 200]
+    assert len(rejected) + len(admitted) == 4 * LIMIT
+    assert len(rejected) >= 2 * LIMIT and len(admitted) >= LIMIT
+    print(f"\noverload: {len(admitted)} admitted, {len(rejected)} x 429, slowest 429 in "
+          f"{max(dt for _, dt, _ in rejected) * 1000:.1f} ms")
+    for i, dt, r in rejected:
+        assert dt < 0.1, f"429 took {dt * 1000:.0f} ms"
+        assert r.headers["retry-after"] == "1"
+        if i % 2:
+            assert r.json()["error_type"] == "overloaded"
+        else:
+            assert r.json()["error"]["type"] == "rate_limit_error"
+    for i, _, r in admitted:
+        body = r.json()
+        if i % 2:
+            assert body["details"]["generated_tokens"] <= n_tokens
+        else:
+            assert body["usage"]["completion_tokens"] == n_tokens
+    assert app.state.admission.active == 0
+
+
+class SlowClient:
+    """First output after `delay` seconds; records the prompts it saw."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.seen = delay, []
+
+    async def generate(self, prompt_ids, params, request_id) -> AsyncIterator[RequestOutput]:
+        self.seen.append(len(prompt_ids))
+        await asyncio.sleep(self.delay)
+        yield RequestOutput(request_id, [42], "ok", True, "length", num_output_tokens=1)
+
+
+async def test_prefill_token_queue_times_out_into_429(llm: LLM) -> None:
+    fake = SlowClient(0.3)
+    limits = Limits(max_batch_prefill_tokens=200, max_input_tokens=200, queue_timeout_s=0.05)
+    app = build_api(fake, llm.tokenizer, "tiny", 2048, limits=limits)
+    body = {"prompt": [7] * 150, "max_tokens": 1}
+    async with client_for(app) as http:
+        first = asyncio.create_task(http.post("/v1/completions", json=body))
+        while not app.state.admission.prefilling:  # the first one is in prefill
+            await asyncio.sleep(0.001)
+        start = time.perf_counter()
+        r = await http.post("/v1/completions", json=body)  # 150 + 150 > 200: queued
+        assert r.status_code == 429 and 0.05 <= time.perf_counter() - start < 0.25
+        assert "prefill capacity" in r.json()["error"]["message"]
+        assert (await first).status_code == 200
+        # Room again once the first one's first token is out.
+        assert (await http.post("/v1/completions", json=body)).status_code == 200
+    assert app.state.admission.prefilling == 0 and app.state.admission.active == 0
+
+
+async def test_queued_request_runs_when_prefill_room_frees(llm: LLM) -> None:
+    fake = SlowClient(0.1)
+    limits = Limits(max_batch_prefill_tokens=200, max_input_tokens=200, queue_timeout_s=2)
+    app = build_api(fake, llm.tokenizer, "tiny", 2048, limits=limits)
+    body = {"prompt": [7] * 150, "max_tokens": 1}
+    async with client_for(app) as http:
+        rs = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(3)))
+    assert [r.status_code for r in rs] == [200] * 3
+
+
+async def test_body_limit_413_in_both_shapes(llm: LLM, engine) -> None:
+    app = build_api(engine, llm.tokenizer, "tiny", 2048, limits=Limits(max_body_bytes=1000))
+    big = json.dumps({"prompt": "x" * 2000, "inputs": "x" * 2000}).encode()
+
+    async def chunked():
+        for i in range(0, len(big), 100):
+            yield big[i:i + 100]
+
+    async with client_for(app) as http:
+        for content in (big, chunked()):
+            r = await http.post("/v1/completions", content=content)
+            assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        r = await http.post("/generate", content=big)
+        assert r.status_code == 413 and r.json()["error_type"] == "validation"
+        assert (await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                                         "temperature": 0})).status_code == 200
+
+
+async def test_token_limits_stop_count_and_ids(llm: LLM, engine) -> None:
+    limits = Limits(max_input_tokens=50, max_total_tokens=60, max_stop_sequences=2,
+                    max_client_batch_size=3)
+    app = build_api(engine, llm.tokenizer, "tiny", 2048, limits=limits)
+    async with client_for(app) as http:
+        err = (await http.post("/v1/completions", json={"prompt": [5] * 51})).json()["error"]
+        assert "51 tokens" in err["message"] and "at most 50" in err["message"]
+        err = (await http.post("/v1/completions", json={"prompt": [5] * 50, "max_tokens": 11})
+               ).json()["error"]
+        assert "60 tokens, but 61 were requested" in err["message"]
+        r = await http.post("/generate", json={"inputs": "hi " * 80,
+                                               "parameters": {"max_new_tokens": 5}})
+        assert r.status_code == 422 and "at most 50" in r.json()["error"]
+        # TGI's truncate keeps the last 40 tokens instead.
+        r = await http.post("/generate", json={"inputs": "hi " * 80, "parameters": {
+            "max_new_tokens": 5, "truncate": 40, "details": True}})
+        assert r.status_code == 200 and r.json()["details"]["generated_tokens"] <= 5
+        info = (await http.get("/info")).json()
+        assert (info["max_input_tokens"], info["max_total_tokens"]) == (50, 60)
+        for path, body in [("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c"]}),
+                           ("/generate", {"inputs": "hi", "parameters": {"stop": ["a"] * 3}})]:
+            r = await http.post(path, json=body)
+            assert r.status_code in (400, 422) and "at most 2 stop sequences" in r.text
+        r = await http.post("/v1/completions", json={"prompt": "hi", "stop_token_ids": [5000]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
+        r = await http.post("/v1/completions", json={"prompt": ["a", "b", "c", "d"]})
+        assert r.status_code == 400 and "at most 3 prompts" in r.text
+        r = await http.post("/v1/completions", content=b'{"prompt": "a\\ud800"}',
+                            headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+
+
+async def test_request_id_header_and_health(llm: LLM) -> None:
+    state = {"ready": True}
+    app = build_api(SlowClient(0), llm.tokenizer, "tiny", 2048, ready=lambda: state["ready"])
+    async with client_for(app) as http:
+        r = await http.post("/v1/completions", json={"prompt": "hi"},
+                            headers={"X-Request-Id": "client-7"})
+        assert r.headers["x-request-id"] == "client-7"
+        generated = (await http.get("/v1/models")).headers["x-request-id"]
+        bad = (await http.get("/v1/models", headers={"X-Request-Id": "no spaces"})
+               ).headers["x-request-id"]
+        assert len(generated) == 32 and bad != "no spaces"
+        assert (await http.get("/health")).status_code == 200
+        state["ready"] = False
+        r = await http.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "unavailable"

@@ -1,0 +1,140 @@
+"""The decode side under failures and pressure, prefill and decode workers wired in one process:
+a lost prefill call is retried (on another replica) and the tokens stay right; a client gone
+before its first token frees its decode pages and its prefill never runs; a decode pool too small
+for the batch preempts and recomputes, giving the tokens of a roomy pool."""
+
+from __future__ import annotations
+
+import asyncio
+
+from decode.worker import DecodeWorker
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, ModelConfig
+from engine.llm import LLM
+from engine.llm_engine import Engine
+from engine.sampling_params import SamplingParams
+from kvtransfer import make_transport, model_fingerprint
+from prefill.worker import PrefillWorker
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+class ReplicaLost(Exception):
+    pass
+
+
+class FlakyPrefill:
+    """The first `failures` calls fail as a lost replica would; the rest reach `worker`."""
+
+    def __init__(self, worker: PrefillWorker, failures: int) -> None:
+        self.worker, self.failures, self.calls = worker, failures, 0
+
+    async def prefill(self, *args):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ReplicaLost("prefill replica died")
+        return await self.worker.prefill(*args)
+
+
+def workers(path: str, decode_pages: int = 128, failures: int = 0):
+    fp = model_fingerprint(path, "float32", "safetensors", 0)
+    transport = make_transport("inline")
+    prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), EngineConfig(
+        page_size=16, num_pages=128))), transport, fp)
+    decode_cfg = EngineConfig(page_size=16, num_pages=decode_pages, enable_prefix_caching=False)
+    decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), decode_cfg)),
+                          FlakyPrefill(prefill, failures), transport, fp, timeout_s=30,
+                          retriable=lambda e: isinstance(e, ReplicaLost))
+    return prefill, decode
+
+
+async def tokens(decode: DecodeWorker, prompt: list[int], params: SamplingParams,
+                 rid: str) -> list[int]:
+    return [t async for out in decode.generate(prompt, params, rid) for t in out.new_token_ids]
+
+
+def assert_clean(*ws) -> None:
+    for w in ws:
+        w.engine.engine.allocator.check_integrity()
+        assert w.engine.engine.num_pages_used == 0
+
+
+def test_lost_prefill_is_retried(tiny_llama):
+    prompt = list(range(100, 140))
+
+    async def main():
+        prefill, decode = workers(tiny_llama, failures=2)
+        got = await tokens(decode, prompt, GREEDY, "a")
+        return prefill, decode, got
+
+    prefill, decode, got = asyncio.run(main())
+    assert got == LLM(tiny_llama, num_pages=64).generate(prompt, GREEDY)[0].token_ids
+    assert decode.prefill.calls == 3
+    assert decode.metrics.counters["pdserve_prefill_retries_total"] == 2
+    assert_clean(prefill, decode)
+
+
+def test_disconnect_before_first_token_cancels_prefill(tiny_llama):
+    async def main():
+        prefill, decode = workers(tiny_llama)
+        eng = prefill.engine.engine
+        ran: list[str] = []
+        execute, step = eng.runner.execute, eng.step
+
+        def spy(batch):
+            ran.extend(r.request_id for r in batch.requests)
+            return execute(batch)
+
+        def slow_step():
+            import time
+
+            time.sleep(0.3)  # keeps "first" running while "gone" waits to be scheduled
+            return step()
+
+        eng.runner.execute, eng.step = spy, slow_step
+        first = asyncio.create_task(tokens(decode, [5] * 30, GREEDY, "first"))
+        await asyncio.sleep(0.1)
+        gone = asyncio.create_task(tokens(decode, [6] * 30, GREEDY, "gone"))
+        await asyncio.sleep(0.1)
+        assert decode.engine.engine.num_pages_used > 0  # "gone" holds reserved pages
+        gone.cancel()  # the client disconnects before its first token
+        await asyncio.gather(gone, return_exceptions=True)
+        await first
+        await asyncio.sleep(0.1)
+        return prefill, decode, ran
+
+    prefill, decode, ran = asyncio.run(main())
+    assert "gone" not in ran and "first" in ran
+    assert_clean(prefill, decode)
+
+
+def test_decode_pool_pressure_preempts_and_recomputes(tiny_llama):
+    prompts = [[7 + i] * (30 + 5 * i) for i in range(6)]
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        prefill, decode = workers(tiny_llama, decode_pages=16)
+        got = await asyncio.gather(*(tokens(decode, p, params, f"r{i}")
+                                     for i, p in enumerate(prompts)))
+        return prefill, decode, got
+
+    prefill, decode, got = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=256).generate(prompts, params)
+    assert got == [c.token_ids for c in ref]  # nothing truncated, nothing changed
+    assert decode.engine.engine.scheduler.num_preemptions > 0
+    assert_clean(prefill, decode)
+
+
+def test_cancel_while_reserving_frees_the_pages(tiny_llama):
+    async def main():
+        prefill, decode = workers(tiny_llama)
+        for delay in range(6):  # cancel at successive suspension points of the request
+            task = asyncio.create_task(tokens(decode, [9] * 40, GREEDY, f"c{delay}"))
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.2)
+        return prefill, decode
+
+    assert_clean(*asyncio.run(main()))

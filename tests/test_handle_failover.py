@@ -1,0 +1,167 @@
+"""Decode-replica failover in HandleClient, against stand-in handles over a real engine: a stream
+whose replica dies mid-way continues on a fresh call with prompt + tokens so far and yields
+exactly the tokens and text of a clean run (greedy and seeded sampling); when replicas keep
+dying the API ends the stream with an error event; nothing hangs and no page is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from ray.exceptions import ActorDiedError
+
+from api.handle_client import HandleClient
+from api.server import build_api
+from engine.async_engine import AsyncEngine
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from engine.tiny_model import ensure_tiny_model
+
+pytestmark = pytest.mark.anyio
+PROMPT = "Once upon a time, the lighthouse keeper"
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    return LLM(ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama"), num_pages=256)
+
+
+class DyingResponse:
+    """A streaming DeploymentResponse whose replica dies after `die_after` outputs."""
+
+    def __init__(self, stream, die_after: int | None) -> None:
+        self.stream, self.die_after, self.n, self.cancelled = stream, die_after, 0, False
+
+    def __aiter__(self) -> DyingResponse:
+        return self
+
+    async def __anext__(self):
+        if self.die_after is not None and self.n >= self.die_after:
+            await self.stream.aclose()  # the replica's engine goes down with it
+            raise ActorDiedError()
+        self.n += 1
+        out = await anext(self.stream)
+        if out.finished:  # the replica runs its generator to the end on its own
+            await self.stream.aclose()
+        return out
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        asyncio.ensure_future(self.stream.aclose())
+
+
+class EngineHandle:
+    """Stands in for a DeploymentHandle; call i dies after `deaths[i]` outputs (None: never)."""
+
+    def __init__(self, engine: AsyncEngine, deaths: list[int | None]) -> None:
+        self.engine, self.deaths = engine, list(deaths)
+        self.calls: list[tuple] = []
+
+    def options(self, stream: bool = False) -> EngineHandle:
+        return self
+
+    @property
+    def generate(self) -> EngineHandle:
+        return self
+
+    def remote(self, prompt_ids, params, request_id) -> DyingResponse:
+        self.calls.append((list(prompt_ids), params, request_id))
+        die = self.deaths.pop(0) if self.deaths else None
+        return DyingResponse(self.engine.generate(prompt_ids, params, request_id), die)
+
+
+async def run(client, prompt_ids, params) -> tuple[list[int], str, str | None]:
+    ids, text, reason = [], "", None
+    async for out in client.generate(prompt_ids, params, "r"):
+        ids += out.new_token_ids
+        text += out.new_text
+        reason = out.finish_reason
+    return ids, text, reason
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=40, temperature=1.0, top_k=50, seed=11, ignore_eos=True),
+], ids=["greedy", "seeded"])
+async def test_stream_resumes_with_the_same_tokens_and_text(llm: LLM, params) -> None:
+    engine = AsyncEngine(llm.engine)
+    prompt = llm.tokenizer.encode(PROMPT)
+    clean = await run(HandleClient(EngineHandle(engine, [])), prompt, params)
+    handle = EngineHandle(engine, [5, 3])  # two replicas die, the third one finishes
+    client = HandleClient(handle, tokenizer=llm.tokenizer)
+    assert await run(client, prompt, params) == clean
+    assert client.num_resumes == 2 and len(clean[0]) == 40
+    (p0, _, _), (p1, q1, r1), (p2, q2, r2) = handle.calls
+    n1 = len(p1) - len(prompt)
+    assert p1 == prompt + clean[0][:n1] and q1.max_tokens == 40 - n1 and q1.resumed_tokens == n1
+    assert r1 == "r-resume1" and r2 == "r-resume2" and q2.resumed_tokens == len(p2) - len(prompt)
+    await asyncio.sleep(0.05)
+    assert llm.engine.num_pages_used == 0
+    engine._task.cancel()
+
+
+async def test_stop_string_spanning_the_failure_point(llm: LLM) -> None:
+    engine = AsyncEngine(llm.engine)
+    prompt = llm.tokenizer.encode(PROMPT)
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    _, text, _ = await run(HandleClient(EngineHandle(engine, [])), prompt, greedy)
+    stop = text[8:14]  # some text around token 3-4
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=[stop])
+    clean = await run(HandleClient(EngineHandle(engine, [])), prompt, params)
+    assert clean[2] == "stop" and stop not in clean[1]
+    for die_after in range(1, 6):
+        client = HandleClient(EngineHandle(engine, [die_after]), tokenizer=llm.tokenizer)
+        got = await run(client, prompt, params)
+        assert got[1:] == clean[1:] and got[0][:len(clean[0])] == clean[0], die_after
+    await asyncio.sleep(0.05)
+    assert llm.engine.num_pages_used == 0
+    engine._task.cancel()
+
+
+async def test_no_replica_left_ends_with_an_error_event(llm: LLM) -> None:
+    engine = AsyncEngine(llm.engine)
+    handle = EngineHandle(engine, [2, 0, 0, 0])  # every replica dies: 3 resumes, then give up
+    app = build_api(HandleClient(handle, tokenizer=llm.tokenizer), llm.tokenizer, "tiny", 2048)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as http:
+        r = await asyncio.wait_for(http.post("/v1/completions", json={
+            "prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stream": True}), 30)
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+    assert len(handle.calls) == 4
+    await asyncio.sleep(0.05)
+    assert llm.engine.num_pages_used == 0
+    engine._task.cancel()
+
+
+async def test_a_timeout_bounds_every_wait() -> None:
+    class Silent:
+        cancelled = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.sleep(3600)
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class SilentHandle(EngineHandle):
+        def remote(self, *args) -> Silent:
+            self.response = Silent()
+            return self.response
+
+    handle = SilentHandle(None, [])
+    client = HandleClient(handle, timeout_s=0.1)
+    with pytest.raises(TimeoutError, match="no output"):
+        await asyncio.wait_for(run(client, [1, 2], SamplingParams()), 5)
+    assert handle.response.cancelled
