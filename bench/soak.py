@@ -161,6 +161,9 @@ async def run_soak(url: str, requests: int = 1000, concurrency: int = 16, abort_
             if not any(used.values()) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
+        await asyncio.sleep(3)  # replicas audit their allocators when idle, every 2 s
+        after = await replicas_state(http)
+        used = after["pdserve_kv_pages_used"]
     engine_roles = {"prefill", "decode", "colocated"}
     replicas_before = {k for k in before["pdserve_kv_pages_used"] if k[0] in engine_roles}
     replicas_after = {k for k in after["pdserve_kv_pages_used"] if k[0] in engine_roles}

@@ -4,6 +4,7 @@ publish its metrics. Shared by the prefill, decode and colocated deployments."""
 from __future__ import annotations
 
 import logging
+import time
 
 from cluster.config import AppConfig
 from cluster.metrics_hub import start_pushing
@@ -14,6 +15,7 @@ from engine.tiny_model import ensure_tiny_model
 from kvtransfer import model_fingerprint
 
 log = logging.getLogger("pdserve")
+AUDIT_EVERY_S = 2.0
 
 
 def replica_lost(e: BaseException) -> bool:
@@ -46,20 +48,29 @@ class Replica:
         self.fingerprint = model_fingerprint(model_cfg.path, model_cfg.dtype,
                                              model_cfg.load_format, model_cfg.seed)
         self.metrics = Metrics(role, replica_name(role))
+        self._last_audit = 0.0
         self._stop_push = start_pushing(self.snapshot)
         log.info("%s replica %s ready: %d KV pages", role, self.metrics.replica,
                  self.engine.engine.allocator.num_pages)
 
     def snapshot(self) -> dict:
         """Called from the metrics thread; also queues an allocator audit for the loop."""
-        self.metrics.record_engine(self.engine.engine)
+        eng = self.engine.engine
+        self.metrics.record_engine(eng)
         loop = self.engine.loop
-        if loop is not None and not loop.is_closed():
+        now = time.monotonic()
+        # The audit walks every page: run it while idle (when "all pages back" must hold and
+        # nothing waits for the loop), and not too often.
+        if (loop is not None and not loop.is_closed() and not eng.has_unfinished()
+                and now - self._last_audit >= AUDIT_EVERY_S):
+            self._last_audit = now
             loop.call_soon_threadsafe(self.engine.submit, self._audit)
         return self.metrics.snapshot()
 
     def _audit(self) -> None:
         """The allocator's integrity check, between two steps; published as a gauge."""
+        if self.engine.engine.has_unfinished():
+            return
         try:
             self.engine.engine.allocator.check_integrity()
             ok = 1
