@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.tiny_model import make_tiny_model
+from engine.llm import LLM
+from engine.tiny_model import ensure_tiny_model, make_tiny_model
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -17,3 +18,14 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> str:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    """A real engine on the tiny Llama, one per test module (the API tests drive it)."""
+    return LLM(ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama"), num_pages=256)

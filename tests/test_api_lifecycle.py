@@ -18,20 +18,9 @@ from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.tiny_model import ensure_tiny_model
 
 pytestmark = pytest.mark.anyio
 LONG = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
-    return LLM(ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama"), num_pages=256)
 
 
 async def call_asgi(app, path: str, body: dict, spec: str, disconnect_after: int | None,

@@ -18,20 +18,9 @@ from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.outputs import RequestOutput
-from engine.tiny_model import ensure_tiny_model
 
 pytestmark = pytest.mark.anyio
 LIMIT = 4
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
-    return LLM(ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama"), num_pages=256)
 
 
 def client_for(app) -> httpx.AsyncClient:

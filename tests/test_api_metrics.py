@@ -42,11 +42,6 @@ pdserve_ttft_seconds_count{role="decode",replica="decode-1"} 4
 """
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class StubTokenizer:
     """Just enough tokenizer for routes that never tokenize."""
 

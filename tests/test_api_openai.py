@@ -14,21 +14,10 @@ from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
-from engine.tiny_model import ensure_tiny_model
 
 pytestmark = pytest.mark.anyio
 PROMPT = "Hello there, how are"
 MODEL = "tiny-llama"
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
-    return LLM(ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama"), num_pages=256)
 
 
 @pytest.fixture
