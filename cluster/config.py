@@ -83,7 +83,7 @@ class AppConfig(_Strict):
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineSection = Field(default_factory=EngineSection)
-    kv_transport: Literal["ray", "inline"] = "ray"
+    kv_transport: Literal["ray", "cuda_ipc", "inline"] = "ray"
     prefill: DeploymentSection = Field(default_factory=DeploymentSection)
     decode: DeploymentSection = Field(default_factory=DeploymentSection)
     colocated: DeploymentSection = Field(default_factory=DeploymentSection)

@@ -64,7 +64,7 @@ class DecodeWorker:
                           fingerprint=self.fingerprint,
                           num_pages=len(req.block_table) - first_block)
             # Host-to-device copy off the engine loop; between steps only the page scatter runs.
-            kv = await asyncio.to_thread(lambda: payload.to_tensor().to(eng.device))
+            kv = await asyncio.to_thread(payload.to_tensor().to, eng.device)
         except BaseException:
             self.engine.submit(lambda: eng.unreserve(req))
             raise
@@ -72,8 +72,10 @@ class DecodeWorker:
         self.metrics.inc("pdserve_kv_transfer_blocks_skipped_total", first_block)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         req.num_cached_tokens = max(req.num_cached_tokens, result.num_cached_tokens)
-        async for out in self.engine.admit_prefilled(req, first_block, kv,
-                                                     result.first_token, result.logprob):
+        stream = self.engine.admit_prefilled(req, first_block, kv, result.first_token,
+                                             result.logprob)
+        del kv, payload  # the stream holds the pages only until they are copied into the pool
+        async for out in stream:
             yield out
 
     async def _fetch(self, prompt_ids: list[int], params: SamplingParams, request_id: str,

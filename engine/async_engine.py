@@ -61,11 +61,14 @@ class AsyncEngine:
         queue = self._open(req.request_id)
 
         def admit() -> None:
+            nonlocal kv_data
             try:
                 self.engine.import_kv(req, first_block, kv_data)
             except Exception:
                 self.engine.unreserve(req)
                 raise
+            finally:
+                kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
             queue.put_nowait(self.engine.admit_prefilled(req, first_token, logprob))
 
         self._submit(req.request_id, admit)

@@ -20,7 +20,7 @@ _RAW = {torch.bfloat16: (torch.int16, "bfloat16")}
 
 @dataclass
 class KVPayload:
-    data: np.ndarray  # [L, P, 2, page_size, Hkv, D]
+    data: np.ndarray | torch.Tensor  # [L, P, 2, page_size, Hkv, D]; a tensor: device transports
     dtype: str  # torch dtype name of the pool, e.g. "float32", "bfloat16"
     page_size: int
     first_block: int  # the payload's pages hold blocks first_block .. first_block + P - 1
@@ -29,12 +29,19 @@ class KVPayload:
 
     @property
     def nbytes(self) -> int:
+        if isinstance(self.data, torch.Tensor):
+            return self.data.numel() * self.data.element_size()
         return int(self.data.nbytes)
 
     @staticmethod
     def from_tensor(data: torch.Tensor, page_size: int, first_block: int,
-                    block_hashes: list[int], fingerprint: str) -> KVPayload:
+                    block_hashes: list[int], fingerprint: str,
+                    on_device: bool = False) -> KVPayload:
+        """`on_device`: keep the pages where they are (for transports that map device memory)."""
         dtype = str(data.dtype).removeprefix("torch.")
+        if on_device:
+            return KVPayload(data.detach().contiguous(), dtype, page_size, first_block,
+                             list(block_hashes), fingerprint)
         data = data.detach().cpu()
         if data.dtype in _RAW:
             data = data.view(_RAW[data.dtype][0])
@@ -42,6 +49,8 @@ class KVPayload:
                          fingerprint)
 
     def to_tensor(self) -> torch.Tensor:
+        if isinstance(self.data, torch.Tensor):
+            return self.data
         # The object store hands out read-only zero-copy arrays; the tensor is only ever read
         # (KVPool.write_pages copies it into the pool), so no defensive copy is made.
         with warnings.catch_warnings():

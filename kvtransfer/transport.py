@@ -19,6 +19,7 @@ class KVTransport(ABC):
     """
 
     name: str
+    keeps_device: bool = False  # payload data stays a device tensor (the transport maps it)
 
     @abstractmethod
     def send(self, payload: KVPayload) -> object: ...
@@ -32,8 +33,12 @@ def make_transport(name: str) -> KVTransport:
         from kvtransfer.ray_object_store import RayObjectStoreTransport
 
         return RayObjectStoreTransport()
+    if name == "cuda_ipc":
+        from kvtransfer.cuda_ipc import CudaIpcTransport
+
+        return CudaIpcTransport()
     if name == "inline":
         from kvtransfer.inline import InlineTransport
 
         return InlineTransport()
-    raise ValueError(f"unknown KV transport {name!r} (choose 'ray' or 'inline')")
+    raise ValueError(f"unknown KV transport {name!r} (choose 'ray', 'cuda_ipc' or 'inline')")

@@ -50,7 +50,8 @@ class PrefillWorker:
         # The device-to-host copy and the hand-off run in a thread: the engine loop keeps
         # stepping other requests meanwhile.
         payload = await asyncio.to_thread(KVPayload.from_tensor, data, eng.cfg.page_size,
-                                          first_block, hashes, self.fingerprint)
+                                          first_block, hashes, self.fingerprint,
+                                          self.transport.keeps_device)
         handle = await asyncio.to_thread(self.transport.send, payload)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
