@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request
 
 from api import protocol_openai as oai
 from api.context import ServerContext, new_id
-from api.errors import APIError, GenerationError, openai_body
+from api.errors import APIError, openai_body
 from api.generation import Generation, Job, collect, merged, start_all, unless_disconnected
-from api.sse import EventStream, event
+from api.sse import EventStream, event, guarded
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +34,6 @@ def _jobs(ctx: ServerContext, prompts: list[list[int]], req: oai._Common, rid: s
         jobs.append((ids, req.sampling_params(n, logprobs),
                      rid if len(prompts) == 1 else f"{rid}-{i}"))
     return jobs
-
-
-async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Turns a failure mid-stream into an error event; always ends with [DONE]."""
-    try:
-        async with aclosing(events):
-            async for e in events:
-                yield e
-    except APIError as e:
-        yield event(openai_body(e))
-    except Exception as e:
-        log.exception("stream failed")
-        yield event(openai_body(GenerationError(f"generation failed: {e}")))
-    yield event("[DONE]")
 
 
 def openai_router(ctx: ServerContext) -> APIRouter:
@@ -136,3 +122,8 @@ async def _chat_events(ctx: ServerContext, rid: str, created: int, gen: Generati
                                          out.finish_reason if out.finished else None)])
     if with_usage:
         yield chunk([], oai.usage(gen.num_prompt_tokens, generated))
+
+
+def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """OpenAI streams end with [DONE], after an error event too."""
+    return guarded(events, lambda e: event(openai_body(e)), event("[DONE]"))

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request
 
 from api import protocol_tgi as tgi
 from api.context import ServerContext, new_id
-from api.errors import APIError, GenerationError, tgi_body
+from api.errors import tgi_body
 from api.generation import Generation, collect, start, unless_disconnected
-from api.sse import EventStream, event
+from api.sse import EventStream, event, guarded
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -60,16 +60,8 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
     return router
 
 
-async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    try:
-        async with aclosing(events):
-            async for e in events:
-                yield e
-    except APIError as e:
-        yield event(tgi_body(e), sep="")
-    except Exception as e:
-        log.exception("stream failed")
-        yield event(tgi_body(GenerationError(f"generation failed: {e}")), sep="")
+def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    return guarded(events, lambda e: event(tgi_body(e), sep=""))
 
 
 async def _stream_events(ctx: ServerContext, req: tgi.GenerateRequest, params: SamplingParams,

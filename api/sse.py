@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from api.errors import APIError, GenerationError
 from api.generation import Generation, close_all
 
 
@@ -39,3 +42,19 @@ class EventStream(StreamingResponse):
             # Also covers a response that never started iterating (client gone before the
             # headers went out): its generations are still open.
             await close_all(self._generations)
+
+
+async def guarded(events: AsyncIterator[str], error_event: Callable[[APIError], str],
+                  last: str | None = None) -> AsyncIterator[str]:
+    """Turns a failure mid-stream into one error event (shaped by `error_event`), then `last`."""
+    try:
+        async with aclosing(events):
+            async for e in events:
+                yield e
+    except APIError as e:
+        yield error_event(e)
+    except Exception as e:
+        logging.getLogger(__name__).exception("stream failed")
+        yield error_event(GenerationError(f"generation failed: {e}"))
+    if last is not None:
+        yield last
