@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run a command on the GPU machine with the project's kit (see ../shared/device/README.md):
+#   bash bench/device_run.sh python -m bench.gpu_serve
+# Sources .device/gpu-env.sh, restores a saved FlashInfer JIT cache if .device has one, puts
+# `ray` / `serve` command shims on PATH (the kit ships Ray as a package without its console
+# scripts), starts a one-GPU Ray head without the dashboard, then runs the command.
+set -euo pipefail
+. .device/gpu-env.sh
+if [ -f .device/ficache.tar.xz ]; then mkdir -p ~/.cache && tar -xJf .device/ficache.tar.xz -C ~/.cache; fi
+export PDSERVE_HOME=${PDSERVE_HOME:-$HOME/.cache/pdserve} RAY_ADDRESS=auto
+mkdir -p /tmp/bin
+for tool in serve ray; do
+  case $tool in
+    serve) entry="from ray.serve.scripts import cli as main" ;;
+    ray) entry="from ray.scripts.scripts import main" ;;
+  esac
+  printf '#!/bin/sh\nexec python3 -c "import sys; %s; sys.argv[0]=\\"%s\\"; main()" "$@"\n' \
+    "$entry" "$tool" > /tmp/bin/$tool
+  chmod +x /tmp/bin/$tool
+done
+export PATH=/tmp/bin:$PATH
+ray start --head --num-gpus=1 --include-dashboard=false --disable-usage-stats > /dev/null
+"$@"
