@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -66,8 +67,6 @@ class Metrics:
 
 async def track_stream(stream, metrics: Metrics, start: float):
     """Pass a RequestOutput stream through, recording TTFT, time per output token and counts."""
-    import time
-
     first = last = None
     n = 0
     async for out in stream:

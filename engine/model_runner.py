@@ -14,17 +14,6 @@ from engine.sampler import Sampler
 from engine.scheduler import ModelOutput, ScheduledBatch
 
 
-def _token_slice(r, start: int, n: int) -> list[int]:
-    """r.all_token_ids[start:start + n] without building the whole list (a decode step of
-    128 requests with 1K-token prompts spent ~0.6 ms of host time on those copies)."""
-    p = r.num_prompt_tokens
-    if start >= p:
-        return r.output_token_ids[start - p:start - p + n]
-    if start + n <= p:
-        return r.prompt_token_ids[start:start + n]
-    return r.all_token_ids[start:start + n]
-
-
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, backend: AttentionBackend,
                  cfg: EngineConfig, device: torch.device) -> None:
@@ -62,7 +51,7 @@ class ModelRunner:
                               num_new, self.pool.page_size, self.device, plan)
         input_ids = []
         for r, n in zip(reqs, num_new):
-            input_ids += _token_slice(r, r.num_computed_tokens, n)
+            input_ids += r.token_slice(r.num_computed_tokens, n)
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
         graph_logits = None
         if self.graphs is not None and self.graphs.can_run(meta):

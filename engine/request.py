@@ -42,6 +42,16 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """all_token_ids[start:start + n] without building the whole list (a hot path: a decode
+        step of 128 requests with 1K-token prompts spent ~0.6 ms of host time on those copies)."""
+        p = self.num_prompt_tokens
+        if start >= p:
+            return self.output_token_ids[start - p:start - p + n]
+        if start + n <= p:
+            return self.prompt_token_ids[start:start + n]
+        return self.all_token_ids[start:start + n]
+
     @property
     def num_pending_tokens(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
