@@ -4,7 +4,7 @@ Each part runs as its own process with its own time limit; its output goes to DI
 and the JSON rows of the benchmarks to DIR/results.jsonl. The last lines printed are each
 part's summary, so a truncated console still shows the figures.
 
-    python -m bench.gpu_suite --dir $OUT --parts jit,tests,decode,prefill,grid,cascade
+    python -m bench.gpu_suite --dir $OUT --parts jit,tests,decode,prefill,grid,cascade,transfer
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ def commands(out: Path, extra: dict[str, str]) -> dict[str, list[str]]:
         "prefill": [PY, "-m", "bench.gpu_prefill", "--out", res],
         "grid": [PY, "-m", "bench.gpu_cascade", "grid", "--out", res, "--compare-backend", "auto"],
         "cascade": [PY, "-m", "bench.gpu_cascade", "engine", "--out", res, "--host-profile"],
+        "transfer": [PY, "-m", "bench.gpu_transfer"],
     }
     for part, args in extra.items():
         cmds[part] += args.split()
     return cmds
 
 
-SUMMARY_LINES = {"jit": 8, "tests": 15, "decode": 8, "prefill": 5, "grid": 45, "cascade": 14}
+SUMMARY_LINES = {"jit": 8, "tests": 15, "decode": 8, "prefill": 5, "grid": 45, "cascade": 14,
+                 "transfer": 12}
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ from kvtransfer.transport import KVTransport
 
 class CudaIpcTransport(KVTransport):
     name = "cuda_ipc"
-    keeps_device = True
 
     def send(self, payload: KVPayload) -> object:
         if not (isinstance(payload.data, torch.Tensor) and payload.data.is_cuda):
@@ -30,7 +29,14 @@ class CudaIpcTransport(KVTransport):
         torch.cuda.ipc_collect()  # free blocks that earlier receivers have released
         return bytes(ForkingPickler.dumps(payload))
 
-    async def receive(self, handle: object) -> KVPayload:
+    async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
         if not isinstance(handle, bytes):
             raise TypeError(f"cuda_ipc transport got {type(handle).__name__}, not bytes")
-        return pickle.loads(handle)
+        payload = pickle.loads(handle)
+        want = torch.device(device)
+        if want.type == "cuda" and want.index is None:
+            want = torch.device("cuda", torch.cuda.current_device())
+        if payload.data.device != want:
+            raise ValueError(f"cuda_ipc transport: pages are on {payload.data.device}, the "
+                             f"receiver runs on {device}; use the 'ray' transport across GPUs")
+        return payload

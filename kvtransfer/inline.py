@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from kvtransfer.payload import KVPayload
 from kvtransfer.transport import KVTransport
 
@@ -12,7 +16,7 @@ class InlineTransport(KVTransport):
     def send(self, payload: KVPayload) -> object:
         return payload
 
-    async def receive(self, handle: object) -> KVPayload:
+    async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
         if not isinstance(handle, KVPayload):
             raise TypeError(f"inline transport got {type(handle).__name__}, not a KVPayload")
-        return handle
+        return dataclasses.replace(handle, data=handle.data.to(device))

@@ -1,26 +1,23 @@
-"""The KV payload that crosses the wire, and the checks made before it touches a pool.
+"""The KV payload that crosses between replicas, and the checks made before it touches a pool.
 
-Page data travels as one numpy array `[num_layers, num_pages, 2, page_size, Hkv, D]` (bf16 as
-its raw 16-bit pattern: numpy has no bfloat16), so Ray's object store can share it zero-copy.
+In a process the pages are one tensor `[num_layers, num_pages, 2, page_size, Hkv, D]`; how they
+travel (object store chunks, a CUDA IPC handle, the response itself) is the transport's business.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-
-_RAW = {torch.bfloat16: (torch.int16, "bfloat16")}
 
 
 @dataclass
 class KVPayload:
-    data: np.ndarray | torch.Tensor  # [L, P, 2, page_size, Hkv, D]; a tensor: device transports
+    data: torch.Tensor  # [L, P, 2, page_size, Hkv, D]; "meta" in a header (shape and dtype only)
     dtype: str  # torch dtype name of the pool, e.g. "float32", "bfloat16"
     page_size: int
     first_block: int  # the payload's pages hold blocks first_block .. first_block + P - 1
@@ -29,36 +26,19 @@ class KVPayload:
 
     @property
     def nbytes(self) -> int:
-        if isinstance(self.data, torch.Tensor):
-            return self.data.numel() * self.data.element_size()
-        return int(self.data.nbytes)
+        return self.data.numel() * self.data.element_size()
 
     @staticmethod
     def from_tensor(data: torch.Tensor, page_size: int, first_block: int,
-                    block_hashes: list[int], fingerprint: str,
-                    on_device: bool = False) -> KVPayload:
-        """`on_device`: keep the pages where they are (for transports that map device memory)."""
+                    block_hashes: list[int], fingerprint: str) -> KVPayload:
         dtype = str(data.dtype).removeprefix("torch.")
-        if on_device:
-            return KVPayload(data.detach().contiguous(), dtype, page_size, first_block,
-                             list(block_hashes), fingerprint)
-        data = data.detach().cpu()
-        if data.dtype in _RAW:
-            data = data.view(_RAW[data.dtype][0])
-        return KVPayload(data.numpy(), dtype, page_size, first_block, list(block_hashes),
-                         fingerprint)
+        return KVPayload(data.detach().contiguous(), dtype, page_size, first_block,
+                         list(block_hashes), fingerprint)
 
-    def to_tensor(self) -> torch.Tensor:
-        if isinstance(self.data, torch.Tensor):
-            return self.data
-        # The object store hands out read-only zero-copy arrays; the tensor is only ever read
-        # (KVPool.write_pages copies it into the pool), so no defensive copy is made.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            t = torch.from_numpy(np.ascontiguousarray(self.data))
-        if self.dtype == "bfloat16":
-            t = t.view(torch.bfloat16)
-        return t
+    def header(self) -> KVPayload:
+        """This payload without its bytes: the data becomes a meta tensor of the same shape."""
+        meta = torch.empty(self.data.shape, dtype=self.data.dtype, device="meta")
+        return dataclasses.replace(self, data=meta)
 
     def check(self, *, dtype: torch.dtype, page_size: int, first_block: int,
               block_hashes: list[int], fingerprint: str, num_pages: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass
 
 from engine.async_engine import AsyncEngine
@@ -47,12 +48,13 @@ class PrefillWorker:
             data, hashes = await self.engine.call(lambda: eng.export_kv(request_id, first_block))
         finally:
             self.engine.submit(lambda: eng.release(request_id))
-        # The device-to-host copy and the hand-off run in a thread: the engine loop keeps
-        # stepping other requests meanwhile.
-        payload = await asyncio.to_thread(KVPayload.from_tensor, data, eng.cfg.page_size,
-                                          first_block, hashes, self.fingerprint,
-                                          self.transport.keeps_device)
+        # The hand-off (for the object store: device-to-host copies) runs in a thread, so the
+        # engine loop keeps stepping other requests meanwhile.
+        payload = KVPayload.from_tensor(data, eng.cfg.page_size, first_block, hashes,
+                                        self.fingerprint)
+        start = time.perf_counter()
         handle = await asyncio.to_thread(self.transport.send, payload)
+        self.metrics.inc("pdserve_kv_transfer_send_seconds_total", time.perf_counter() - start)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
         return PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0],

@@ -90,5 +90,6 @@ def test_payload_mismatch_is_rejected(tiny_llama):
         p.check(fingerprint="xyz", **kw)
     with pytest.raises(ValueError, match="dtype"):
         p.check(fingerprint="abc", **{**kw, "dtype": torch.bfloat16})
-    bf = KVPayload.from_tensor(torch.ones(1, 1, 2, 2, 1, 1, dtype=torch.bfloat16), 2, 0, [], "f")
-    assert bf.to_tensor().dtype == torch.bfloat16 and bf.to_tensor().sum().item() == 4
+    with pytest.raises(ValueError, match="2 pages sent, 1 expected"):
+        KVPayload.from_tensor(torch.zeros(4, 2, 2, 16, 2, 32), 16, 0, [1], "abc").header() \
+            .check(fingerprint="abc", **kw)

@@ -17,7 +17,7 @@ def _sender(queue, done) -> None:
 
     torch.manual_seed(0)
     pages = torch.randn(2, 3, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
-    payload = KVPayload.from_tensor(pages[:, 1:], 16, 1, [7, 8], "fp", on_device=True)
+    payload = KVPayload.from_tensor(pages[:, 1:], 16, 1, [7, 8], "fp")
     queue.put((CudaIpcTransport().send(payload), pages[:, 1:].float().sum().item()))
     done.wait(60)  # the sender must outlive the receiver's copy
 
@@ -31,8 +31,8 @@ def test_pages_cross_processes_on_device():
     proc.start()
     try:
         handle, expected = queue.get(timeout=120)
-        payload = asyncio.run(CudaIpcTransport().receive(handle))
-        data = payload.to_tensor()
+        payload = asyncio.run(CudaIpcTransport().receive(handle, "cuda"))
+        data = payload.data
         assert data.is_cuda and data.dtype == torch.bfloat16
         assert tuple(data.shape) == (2, 2, 2, 16, 8, 128)
         copy = data.clone()
