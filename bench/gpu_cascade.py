@@ -31,6 +31,7 @@ from bench.gpu_floor import llama3_8b_dir
 from engine.attention import cascade as cascade_rule
 from engine.attention.cascade import plan_cascade
 from engine.attention.metadata import build_metadata
+from engine.block_table import PageRows
 
 HQ, HKV, D, PS, LAYERS = 32, 8, 128, 16, 32
 PAGE_BYTES = 2 * PS * HKV * D * 2
@@ -73,9 +74,10 @@ def attention_step_ms(backend, pool: torch.Tensor, group: int, shared: int, own:
     q = torch.randn(group, HQ, D, device=dev).to(torch.bfloat16)
     kv = torch.randn(group, 2, HKV, D, device=dev).to(torch.bfloat16)
     done, new = [n - 1 for n in kv_lens], [1] * group
+    rows = PageRows.from_lists(tables)  # as the runner's mirror holds them (plan order = batch)
 
     def step(cascade):
-        meta = build_metadata(tables, done, new, PS, dev, plan if cascade else None)
+        meta = build_metadata(rows, done, new, PS, dev, plan if cascade else None)
         backend.plan(meta)
         for layer in range(LAYERS):
             backend.forward(layer, q, kv[:, 0], kv[:, 1], caches[layer % views])
@@ -180,18 +182,19 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
     # Host work of one step's planning on this batch (the GPU waits during it), replayed on
     # the last step's shape (the next token's page may not be allocated yet).
     reqs = list(engine.scheduler.running)
-    tables = [r.block_table for r in reqs]
     done = [r.num_computed_tokens - 1 for r in reqs]
+    ts = time.perf_counter()
+    tables = runner.block_tables.sync(reqs)  # the runner's mirror: nothing new to copy
     t0 = time.perf_counter()
     plan = plan_cascade(tables, [d + 1 for d in done], PS, mode="on")
     t1 = time.perf_counter()
-    build_metadata([tables[i] for i in plan.order], [done[i] for i in plan.order],
+    build_metadata(tables.take(plan.order), [done[i] for i in plan.order],
                    [1] * len(reqs), PS, engine.device, plan)
     t2 = time.perf_counter()
     build_metadata(tables, done, [1] * len(reqs), PS, engine.device)
     t3 = time.perf_counter()
-    row.update(host_plan_cascade_ms=(t1 - t0) * 1e3, host_metadata_cascade_ms=(t2 - t1) * 1e3,
-               host_metadata_plain_ms=(t3 - t2) * 1e3)
+    row.update(host_sync_ms=(t0 - ts) * 1e3, host_plan_cascade_ms=(t1 - t0) * 1e3,
+               host_metadata_cascade_ms=(t2 - t1) * 1e3, host_metadata_plain_ms=(t3 - t2) * 1e3)
     if profile:
         from bench.gpu_decode import print_kernel_profile
 

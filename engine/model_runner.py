@@ -7,6 +7,7 @@ import torch
 from engine.attention.base import AttentionBackend
 from engine.attention.cascade import plan_cascade
 from engine.attention.metadata import build_metadata
+from engine.block_table import BlockTableMirror
 from engine.config import EngineConfig
 from engine.kv_pool import KVPool
 from engine.model import CausalLM
@@ -25,6 +26,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.num_cascade_steps = 0
         self.num_cascade_tokens = 0
+        self.block_tables = BlockTableMirror()  # numpy rows of the scheduled requests' pages
         self.graphs = None  # decode-only steps replay CUDA graphs (GPU + cuda_graphs only)
         if cfg.cuda_graphs and device.type == "cuda":
             from engine.cuda_graph import CudaGraphRunner
@@ -33,22 +35,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
+        tables = self.block_tables.sync(batch.requests)  # also frees the rows of leavers
         if not batch.requests:
             return ModelOutput([])
         order = list(range(len(batch)))
         plan = None
         if all(n == 1 for n in batch.num_new_tokens):
-            plan = plan_cascade([r.block_table for r in batch.requests],
-                                [r.num_computed_tokens + 1 for r in batch.requests],
+            plan = plan_cascade(tables, [r.num_computed_tokens + 1 for r in batch.requests],
                                 self.pool.page_size, self.cfg.cascade)
             if plan is not None:
                 order = plan.order
+                tables = tables.take(order)
                 self.num_cascade_steps += 1
                 self.num_cascade_tokens += plan.num_cascade_reqs
         reqs = [batch.requests[i] for i in order]
         num_new = [batch.num_new_tokens[i] for i in order]
-        meta = build_metadata([r.block_table for r in reqs], [r.num_computed_tokens for r in reqs],
-                              num_new, self.pool.page_size, self.device, plan)
+        meta = build_metadata(tables, [r.num_computed_tokens for r in reqs], num_new,
+                              self.pool.page_size, self.device, plan)
         input_ids = []
         for r, n in zip(reqs, num_new):
             input_ids += r.token_slice(r.num_computed_tokens, n)

@@ -3,12 +3,17 @@
 The prefix cache makes requests with a common prompt prefix point at the same pages. For such a
 group, attention over the shared pages can be computed once for all its queries (one pass over
 the prefix instead of one per request) and merged with each request's own suffix by LSE.
-Plain Python over page lists: no torch.
+Numpy over block-table rows (engine/block_table.py): no torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+from engine.block_table import PageRows, as_page_rows
 
 
 @dataclass
@@ -47,8 +52,8 @@ def cascade_pays(group_size: int, shared_tokens: int, mode: str) -> bool:
     return group_size >= MIN_GROUP_SIZE and (group_size - 1) * shared_tokens >= MIN_SAVED_TOKENS
 
 
-def plan_cascade(block_tables: list[list[int]], kv_lens: list[int], page_size: int,
-                 mode: str = "auto") -> CascadePlan | None:
+def plan_cascade(block_tables: PageRows | Sequence[Sequence[int]], kv_lens: Sequence[int],
+                 page_size: int, mode: str = "auto") -> CascadePlan | None:
     """Group decode requests by shared leading pages; None when no group is worth a cascade.
 
     A shared page must be full and must not hold any request's newest token (that token's KV
@@ -57,38 +62,30 @@ def plan_cascade(block_tables: list[list[int]], kv_lens: list[int], page_size: i
     """
     if mode == "off":
         return None
+    tables = as_page_rows(block_tables)
+    firsts = tables.table[tables.rows, 0].tolist()  # [B]; garbage where a table is empty
+    lens = tables.lens.tolist()
     by_first: dict[int, list[int]] = {}
-    for i, table in enumerate(block_tables):
-        if table:
-            by_first.setdefault(table[0], []).append(i)
+    for i, (page, n) in enumerate(zip(firsts, lens)):
+        if n:
+            by_first.setdefault(page, []).append(i)
     groups = []
     for members in by_first.values():
         if len(members) < 2:
             continue
-        limit = min((kv_lens[i] - 1) // page_size for i in members)
-        first = block_tables[members[0]]
-        shared = limit
-        for i in members[1:]:
-            shared = _common_prefix(first, block_tables[i], shared)
+        limit = min(min((kv_lens[i] - 1) // page_size, lens[i]) for i in members)
+        shared = _common_prefix(tables.table[tables.rows[members], :limit])
         if cascade_pays(len(members), shared * page_size, mode):
             groups.append(CascadeGroup(members, shared))
     if not groups:
         return None
     grouped = {i for g in groups for i in g.members}
     order = [i for g in groups for i in g.members]
-    order += [i for i in range(len(block_tables)) if i not in grouped]
+    order += [i for i in range(len(tables)) if i not in grouped]
     return CascadePlan(order, groups)
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common prefix of a and b, at most `limit` (slice compares run in C)."""
-    if a[:limit] == b[:limit]:
-        return limit
-    lo, hi = 0, limit - 1  # a[:lo] == b[:lo] holds, a[:hi + 1] != b[:hi + 1]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def _common_prefix(rows: np.ndarray) -> int:
+    """Length of the longest prefix that all rows [m, limit] share (one vectorized compare)."""
+    differs = (rows != rows[0]).any(axis=0)  # [limit]
+    return int(differs.argmax()) if differs.any() else rows.shape[1]
