@@ -11,7 +11,7 @@ from engine.block_table import BlockTableMirror
 from engine.config import EngineConfig
 from engine.kv_pool import KVPool
 from engine.model import CausalLM
-from engine.sampler import Sampler
+from engine.sampler import Sampler, to_device_async
 from engine.scheduler import ModelOutput, ScheduledBatch
 
 
@@ -68,14 +68,20 @@ class ModelRunner:
         token_ids: list[int | None] = [None] * len(batch)
         logprobs: list = [None] * len(batch)
         if sampling:
-            last = torch.tensor([meta.qo_indptr_host[i + 1] - 1 for i in sampling],
-                                device=self.device)
-            if graph_logits is not None:
-                logits = graph_logits if len(sampling) == len(reqs) else graph_logits[last]
+            # Index tensors go through pinned memory: a plain copy would make the host wait for
+            # the forward pass before it could prepare the sampling.
+            if graph_logits is None:
+                last = [meta.qo_indptr_host[i + 1] - 1 for i in sampling]
+                logits = self.model.logits(hidden[self._index(last)])  # [S, vocab]
+            elif len(sampling) == len(reqs):
+                logits = graph_logits
             else:
-                logits = self.model.logits(hidden[last])  # [S, vocab]
+                logits = graph_logits[self._index(sampling)]  # graph rows are the requests'
             out = self.sampler.sample(logits, [reqs[i] for i in sampling])
             for i, tok, lp in zip(sampling, out.token_ids, out.logprobs):
                 token_ids[order[i]] = tok
                 logprobs[order[i]] = lp
         return ModelOutput(token_ids, logprobs)
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        return to_device_async(torch.tensor(values, dtype=torch.long), self.device)

@@ -47,7 +47,7 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on `device`; on CUDA through pinned memory, so the copy is queued on
     the stream instead of making the host wait for the kernels queued before it."""
     if device.type != "cuda":
@@ -87,7 +87,7 @@ class _Rows:
             ],
             dtype=torch.float64,
         )
-        cols = _to_device(table, device).unsqueeze(-1).unbind(1)  # six [B, 1] columns
+        cols = to_device_async(table, device).unsqueeze(-1).unbind(1)  # six [B, 1] columns
         self.temperature = cols[0].float()
         self.top_k_t = cols[1].long()
         self.top_p_t = cols[2].float()
@@ -154,7 +154,7 @@ class Sampler:
         # into the next row.
         ids = (tok + row_start)[(tok >= 0) & (tok < V)]
         hit = torch.zeros(B * V, dtype=torch.bool, device=logits.device)
-        hit.index_fill_(0, _to_device(ids, logits.device), True)
+        hit.index_fill_(0, to_device_async(ids, logits.device), True)
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         return torch.where(hit.view(B, V), penalised, logits)
 

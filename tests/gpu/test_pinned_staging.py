@@ -51,7 +51,7 @@ def test_object_store_round_trip_on_gpu():
     ray = pytest.importorskip("ray")
     from kvtransfer.ray_object_store import RayObjectStoreTransport
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False)  # joins RAY_ADDRESS if one is set
     try:
         data = _pages(5)
         transport = RayObjectStoreTransport(chunk_bytes=2 << 20)
