@@ -3,7 +3,7 @@
 #   bash bench/device_run.sh python -m bench.gpu_serve
 # Sources .device/gpu-env.sh, restores a saved FlashInfer JIT cache if .device has one, puts
 # `ray` / `serve` command shims on PATH (the kit ships Ray as a package without its console
-# scripts), starts a one-GPU Ray head without the dashboard, then runs the command.
+# scripts), starts a Ray head over every GPU without the dashboard, then runs the command.
 set -euo pipefail
 . .device/gpu-env.sh
 if [ -f .device/ficache.tar.xz ]; then mkdir -p ~/.cache && tar -xJf .device/ficache.tar.xz -C ~/.cache; fi
@@ -19,5 +19,5 @@ for tool in serve ray; do
   chmod +x /tmp/bin/$tool
 done
 export PATH=/tmp/bin:$PATH
-ray start --head --num-gpus=1 --include-dashboard=false --disable-usage-stats > /dev/null
+ray start --head --num-gpus=$(nvidia-smi -L | wc -l) --include-dashboard=false --disable-usage-stats > /dev/null
 "$@"
