@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if not run["completed"]:
         raise SystemExit(f"no request completed: {run['errors']}")
     tps = run["output_throughput"]
-    print(f"\npdserve ({args.config}) on one GPU, concurrency {args.concurrency}: {tps:.1f} tok/s "
+    print(f"\npdserve ({args.config}), concurrency {args.concurrency}: {tps:.1f} tok/s "
           f"(TTFT p50 {run['ttft_ms']['p50']:.0f} ms, TPOT p50 {run['tpot_ms']['p50']:.1f} ms)")
     if hf_tps:
         print(f"HF generate, batch {args.concurrency}: {hf_tps:.1f} tok/s -> ratio "
