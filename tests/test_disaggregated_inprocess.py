@@ -52,6 +52,8 @@ def test_tokens_equal_colocated_and_prefix_pages_move_once(tiny_llama):
     page_bytes = bytes_a // 5  # prompt a: 67 tokens = 5 pages
     assert bytes_b == page_bytes  # b: 4 shared blocks cached on the decode side, 1 page moved
     assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
+    assert decode.metrics.counters["pdserve_kv_transfer_seconds_total"] > 0  # two receives timed
+    assert prefill.metrics.counters["pdserve_kv_transfer_bytes_sent_total"] == bytes_a + bytes_b
     for worker in (prefill, decode):
         worker.engine.engine.allocator.check_integrity()
         assert worker.engine.engine.num_pages_used == 0
