@@ -22,12 +22,11 @@ import dataclasses
 import itertools
 import json
 import random
-import statistics
 import time
 
 import torch
 
-from bench.gpu_floor import llama3_8b_dir
+from bench.gpu_floor import llama3_8b_dir, wall_time_ms
 from engine.attention import cascade as cascade_rule
 from engine.attention.cascade import plan_cascade
 from engine.attention.metadata import build_metadata
@@ -51,18 +50,6 @@ def _case(group: int, shared: int, own: int, rng: random.Random):
     return tables, [shared + own + 1] * group, num_pages
 
 
-def _wall_ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def attention_step_ms(backend, pool: torch.Tensor, group: int, shared: int, own: int,
                       rng: random.Random) -> dict:
     tables, kv_lens, num_pages = _case(group, shared, own, rng)
@@ -84,8 +71,8 @@ def attention_step_ms(backend, pool: torch.Tensor, group: int, shared: int, own:
 
     plain_bytes = sum(kv_lens) * PAGE_BYTES // PS * LAYERS
     reps = 3 if plain_bytes > 20e9 else 7
-    plain = _wall_ms(lambda: step(False), reps)
-    casc = _wall_ms(lambda: step(True), reps)
+    plain = wall_time_ms(lambda: step(False), reps)
+    casc = wall_time_ms(lambda: step(True), reps)
     return {"group": group, "shared": shared, "own": own, "plain_ms": plain, "cascade_ms": casc,
             "speedup": plain / casc, "saved_tokens": (group - 1) * shared}
 

@@ -6,11 +6,5 @@ C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 sed -e 's/kv_transport: cuda_ipc .*/kv_transport: ray/' $C > /tmp/ray.yaml
 sed -e 's/max_num_batched_tokens: 8192}/max_num_batched_tokens: 2048}/' $K > /tmp/colo2k.yaml
 sed -e 's/stream_interval_ms: 100 .*/stream_interval_ms: 250/' $C > /tmp/s250.yaml
-grep -n "kv_transport\|8192}\|2048}" /tmp/ray.yaml /tmp/colo2k.yaml
-for run in ipc:$C s250:/tmp/s250.yaml ray:/tmp/ray.yaml colo8k:$K colo2k:/tmp/colo2k.yaml; do
-  name=${run%%:*}; cfg=${run#*:}
-  echo "=== $name ($cfg) $(date -u +%H:%M:%S)"
-  timeout 170 python -m bench.gpu_serve --skip-hf --config $cfg --out-dir /tmp/r_$name 2>&1 | grep -v "INFO\|WARNING" | tail -4
-  cp /tmp/r_$name/serve.json $OUT/$name.json 2>/dev/null
-  grep -i "Traceback\|Error" /tmp/r_$name/serve.log | head -3
-done
+bash bench/gpu_serve_runs.sh ipc:$C s250:/tmp/s250.yaml ray:/tmp/ray.yaml colo8k:$K \
+  colo2k:/tmp/colo2k.yaml

@@ -14,29 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-import time
 
 import ray
 import torch
 
+from bench.gpu_floor import wall_time_ms
 from kvtransfer import KVPayload
 from kvtransfer.pinned_staging import PinnedStaging
 from kvtransfer.ray_object_store import RayObjectStoreTransport
 
 KV_SHAPE = (32, 2, 16, 8, 128)  # per page: layers first, then [2, page, Hkv, D]
-
-
-def wall_ms(fn, reps: int = 5) -> float:
-    fn()  # warm-up: allocations, pinned slots
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def link_gbps(nbytes: int = 1 << 30) -> dict[str, float]:
@@ -45,8 +32,9 @@ def link_gbps(nbytes: int = 1 << 30) -> dict[str, float]:
     for kind, pinned in (("pinned", True), ("pageable", False)):
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         host.fill_(1)  # touch every page, so the first copy pays no page faults
-        out[f"H2D {kind}"] = nbytes / wall_ms(lambda h=host: dev.copy_(h, non_blocking=True)) / 1e6
-        out[f"D2H {kind}"] = nbytes / wall_ms(lambda h=host: h.copy_(dev, non_blocking=True)) / 1e6
+        h2d = wall_time_ms(lambda h=host: dev.copy_(h, non_blocking=True))
+        d2h = wall_time_ms(lambda h=host: h.copy_(dev, non_blocking=True))
+        out[f"H2D {kind}"], out[f"D2H {kind}"] = nbytes / h2d / 1e6, nbytes / d2h / 1e6
     return out
 
 
@@ -64,8 +52,8 @@ def pageable_round(data: torch.Tensor) -> tuple[float, float]:
         return torch.from_numpy(ray.get(ref)).view(torch.bfloat16).to("cuda")
 
     ref = send()
-    send_ms = wall_ms(send)  # each result is dropped at once, which frees its object
-    recv_ms = wall_ms(lambda: receive(ref))
+    send_ms = wall_time_ms(send)  # each result is dropped at once, which frees its object
+    recv_ms = wall_time_ms(lambda: receive(ref))
     return send_ms, recv_ms
 
 
@@ -74,8 +62,8 @@ def staged_round(data: torch.Tensor, chunk_bytes: int) -> tuple[float, float]:
     payload = KVPayload.from_tensor(data, 16, 0, [], "bench")
 
     handle = transport.send(payload)
-    send_ms = wall_ms(lambda: transport.send(payload))
-    recv_ms = wall_ms(lambda: asyncio.run(transport.receive(handle, "cuda")))
+    send_ms = wall_time_ms(lambda: transport.send(payload))
+    recv_ms = wall_time_ms(lambda: asyncio.run(transport.receive(handle, "cuda")))
     return send_ms, recv_ms
 
 
@@ -84,8 +72,8 @@ def dma_round(data: torch.Tensor, chunk_bytes: int) -> tuple[float, float]:
     host = data.cpu()
     chunks = [(a, b, host[a:b]) for a, b in staging.chunks(data.shape, data.dtype)]
     out = torch.empty_like(data)
-    return (wall_ms(lambda: staging.to_host(data, lambda *_: None)),
-            wall_ms(lambda: staging.to_device(chunks, out)))
+    return (wall_time_ms(lambda: staging.to_host(data, lambda *_: None)),
+            wall_time_ms(lambda: staging.to_device(chunks, out)))
 
 
 def main() -> None:
