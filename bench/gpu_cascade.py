@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import random
 import time
 
 import torch
 
-from bench.gpu_floor import llama3_8b_dir, wall_time_ms
+from bench.gpu_floor import emit_row, llama3_8b_dir, wall_time_ms
 from engine.attention import cascade as cascade_rule
 from engine.attention.cascade import plan_cascade
 from engine.attention.metadata import build_metadata
@@ -106,10 +105,7 @@ def grid(args) -> None:
     for g, s, u in itertools.product(args.groups, args.shared, args.own):
         row = attention_step_ms(backend, pool, g, s, u, rng)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"bench": "cascade_grid", **row}) + "\n")
+        emit_row(row, "cascade_grid", args.out)
     print("\nspeedup of cascade over plain decode (attention of one step, 32 layers), per U:")
     for u in args.own:
         print(f"U={u}: rows G, columns S")
@@ -227,10 +223,7 @@ def engine_runs(args) -> None:
                           host_profile=args.host_profile and first)
         row["device"] = torch.cuda.get_device_name()
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"bench": "cascade_engine", **row}) + "\n")
+        emit_row(row, "cascade_engine", args.out)
     print("\nLlama-3-8B decode step (ms), cascade auto / on / off in one engine:")
     print(f"{'G x S x U':>18} {'auto':>8} {'on':>8} {'off':>8} {'on vs off':>10}"
           f" {'auto picked':>12} {'faster':>8}")

@@ -14,7 +14,6 @@ without CUDA graphs, and without graphs and fused kernels (plain PyTorch around 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -22,7 +21,7 @@ import time
 import torch
 
 import engine.model as model_module
-from bench.gpu_floor import cuda_time_ms, decode_bytes, llama3_8b_dir, measure_floor
+from bench.gpu_floor import cuda_time_ms, decode_bytes, emit_row, llama3_8b_dir, measure_floor
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -167,10 +166,7 @@ def main() -> None:
                           host_profile=host)
         row["device"] = floor.device
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"bench": "decode", **row}) + "\n")
+        emit_row(row, "decode", args.out)
     if args.profile:
         for b in sizes:
             bench_batch(engine, timer, b, args.context, 1, floor, rng, profile=True)

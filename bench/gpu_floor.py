@@ -81,6 +81,15 @@ def wall_time_ms(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def emit_row(row: dict, bench: str, out: str | None) -> None:
+    """Print one result row as JSON and, with `out`, append it there tagged with its benchmark
+    (the JSON lines that bench.gpu_suite collects)."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps({"bench": bench, **row}) + "\n")
+
+
 @dataclass
 class Floor:
     device: str

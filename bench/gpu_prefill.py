@@ -10,12 +10,11 @@ wall time, divided by the matmul rate measured in this run, is the share (target
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 
-from bench.gpu_floor import llama3_8b_dir, measure_floor, prefill_flops
+from bench.gpu_floor import emit_row, llama3_8b_dir, measure_floor, prefill_flops
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -59,10 +58,7 @@ def main() -> None:
         row.update(device=floor.device, matmul_tflops=floor.matmul_flops_per_s / 1e12,
                    share=row["tflops"] * 1e12 / floor.matmul_flops_per_s)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"bench": "prefill", **row}) + "\n")
+        emit_row(row, "prefill", args.out)
     print(f"\nLlama-3-8B prefill, bf16, {floor}")
     print(f"{'case':>8} {'step ms':>8} {'TFLOP/s':>8} {'share of matmul':>16}")
     for r in rows:
