@@ -23,9 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.context import GenerateClient
 from api.errors import APIError, error_response, route_path
-from api.limits import Limits
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from serving.limits import Limits
 
 
 class Overloaded(APIError):

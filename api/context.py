@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from api.errors import APIError
-from api.limits import Limits
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from serving.limits import Limits
 
 
 class GenerateClient(Protocol):

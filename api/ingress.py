@@ -28,8 +28,8 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from api.handle_client import HandleClient
-from api.limits import Limits
 from api.server import MetricsSource, build_api
+from serving.limits import Limits
 
 HEALTH_TIMEOUT_S = 5.0
 

@@ -22,10 +22,10 @@ from api import prometheus, request_stats
 from api.admission import Admission, AdmissionGate, AdmittedClient
 from api.context import GenerateClient, ServerContext
 from api.errors import install_error_handlers
-from api.limits import Limits
 from api.middleware import BodyLimit, RequestId
 from api.routes_openai import openai_router
 from api.routes_tgi import tgi_router
+from serving.limits import Limits
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from typing import Any
 
 from api.ingress import Ingress
 from cluster.colocated import ColocatedServer
-from cluster.config import AppConfig
-from cluster.metrics_hub import collect_snapshots
 from decode.deployment import DecodeServer
 from engine.llm_engine import Engine
 from engine.model_arch import ModelArch
 from engine.tiny_model import ensure_tiny_model
 from prefill.deployment import PrefillServer
+from serving.config import AppConfig
+from serving.metrics_hub import collect_snapshots
 
 
 def build_app(args: dict[str, Any]):

@@ -7,9 +7,9 @@ import time
 
 from ray import serve
 
-from cluster.replica import Replica
 from engine.metrics import track_stream
 from engine.sampling_params import SamplingParams
+from serving.replica import Replica
 
 
 @serve.deployment(name="colocated")

@@ -6,10 +6,10 @@ import asyncio
 
 from ray import serve
 
-from cluster.replica import Replica, replica_lost
 from decode.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport
+from serving.replica import Replica, replica_lost
 
 HEALTH_TIMEOUT_S = 5.0
 

@@ -4,7 +4,7 @@
 2. ask a prefill replica for the first token and only the blocks this side lacks;
 3. receive the pages through the transport, check them, place them into the reserved pages;
 4. join the running batch between two steps and stream every token until the request ends.
-No Ray here: `prefill` is anything with an async `prefill(...)` returning a PrefillResult.
+No Ray here: `prefill` is any `Prefiller` (serving/pd_protocol.py).
 
 Steps 2-3 are retried, at most `prefill_retries` times, when `retriable(error)` says the
 prefill replica (or the KV it owned) was lost: the next call goes to another prefill replica.
@@ -17,23 +17,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from engine.async_engine import AsyncEngine
 from engine.metrics import Metrics, track_stream
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVPayload, KVTransport
-
-if TYPE_CHECKING:
-    from prefill.worker import PrefillResult
+from serving.pd_protocol import Prefiller, PrefillResult
 
 log = logging.getLogger(__name__)
 
 
 class DecodeWorker:
-    def __init__(self, engine: AsyncEngine, prefill, transport: KVTransport, fingerprint: str,
-                 metrics: Metrics | None = None, reserve_timeout_s: float = 60.0,
+    def __init__(self, engine: AsyncEngine, prefill: Prefiller, transport: KVTransport,
+                 fingerprint: str, metrics: Metrics | None = None, reserve_timeout_s: float = 60.0,
                  timeout_s: float = 600.0, prefill_retries: int = 2,
                  retriable: Callable[[BaseException], bool] = lambda e: False) -> None:
         self.engine = engine

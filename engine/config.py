@@ -1,4 +1,4 @@
-"""Frozen configs for the engine. The Serve YAML maps onto these (see cluster/config.py)."""
+"""Frozen configs for the engine. The Serve YAML maps onto these (see serving/config.py)."""
 
 from __future__ import annotations
 
@@ -35,12 +35,6 @@ class ModelConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-
-    @property
-    def torch_dtype(self):
-        import torch
-
-        return getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ class Engine:
                           else load_tokenizer(model_cfg.path))
         self.device = torch.device(model_cfg.device)
         self.model = load_model(model_cfg, arch, self.max_model_len)
-        dtype = model_cfg.torch_dtype
+        dtype = getattr(torch, model_cfg.dtype)
         num_pages = engine_cfg.num_pages or self._auto_num_pages(dtype)
         self.pool = KVPool(arch, num_pages, engine_cfg.page_size, dtype, self.device)
         self.allocator = BlockAllocator(num_pages, engine_cfg.page_size)

@@ -64,7 +64,7 @@ def _default_dtype(dtype: torch.dtype):
 
 def load_model(cfg: ModelConfig, arch: ModelArch, max_positions: int) -> CausalLM:
     # Built directly in the target dtype and device: no fp32 copy of a big model on the way.
-    with _default_dtype(cfg.torch_dtype), torch.device(cfg.device):
+    with _default_dtype(getattr(torch, cfg.dtype)), torch.device(cfg.device):
         model = CausalLM(arch, max_positions)
     model.rope.float()  # cos/sin tables stay fp32, like the checkpoint's reference code
     if cfg.load_format == "dummy":

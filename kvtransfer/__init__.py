@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvtransfer.payload import KVPayload, model_fingerprint
-from kvtransfer.transport import KVTransport, make_transport
+from kvtransfer.registry import TRANSPORTS, make_transport
+from kvtransfer.transport import KVTransport
 
-__all__ = ["KVPayload", "KVTransport", "make_transport", "model_fingerprint"]
+__all__ = ["TRANSPORTS", "KVPayload", "KVTransport", "make_transport", "model_fingerprint"]

@@ -21,7 +21,6 @@ from kvtransfer.transport import KVTransport
 
 
 class CudaIpcTransport(KVTransport):
-    name = "cuda_ipc"
 
     def send(self, payload: KVPayload) -> object:
         if not (isinstance(payload.data, torch.Tensor) and payload.data.is_cuda):

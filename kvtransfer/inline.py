@@ -11,7 +11,6 @@ from kvtransfer.transport import KVTransport
 
 
 class InlineTransport(KVTransport):
-    name = "inline"
 
     def send(self, payload: KVPayload) -> object:
         return payload

@@ -27,7 +27,6 @@ class ObjectStoreHandle:
 
 
 class RayObjectStoreTransport(KVTransport):
-    name = "ray"
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.staging = PinnedStaging(chunk_bytes)

@@ -1,4 +1,4 @@
-"""The KV transport contract and the choice of implementation by name."""
+"""The KV transport contract. Implementations are chosen by name in kvtransfer/registry.py."""
 
 from __future__ import annotations
 
@@ -22,26 +22,9 @@ class KVTransport(ABC):
     - Bytes moved are counted by the receiver (`KVPayload.nbytes`).
     """
 
-    name: str
-
     @abstractmethod
     def send(self, payload: KVPayload) -> object: ...
 
     @abstractmethod
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload: ...
 
-
-def make_transport(name: str) -> KVTransport:
-    if name == "ray":
-        from kvtransfer.ray_object_store import RayObjectStoreTransport
-
-        return RayObjectStoreTransport()
-    if name == "cuda_ipc":
-        from kvtransfer.cuda_ipc import CudaIpcTransport
-
-        return CudaIpcTransport()
-    if name == "inline":
-        from kvtransfer.inline import InlineTransport
-
-        return InlineTransport()
-    raise ValueError(f"unknown KV transport {name!r} (choose 'ray', 'cuda_ipc' or 'inline')")

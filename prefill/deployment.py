@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ray import serve
 
-from cluster.replica import Replica
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport
-from prefill.worker import PrefillResult, PrefillWorker
+from prefill.worker import PrefillWorker
+from serving.pd_protocol import PrefillResult
+from serving.replica import Replica
 
 
 @serve.deployment(name="prefill")

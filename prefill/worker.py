@@ -7,21 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from dataclasses import dataclass
 
 from engine.async_engine import AsyncEngine
 from engine.metrics import Metrics
-from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVPayload, KVTransport
-
-
-@dataclass
-class PrefillResult:
-    first_token: int
-    logprob: TokenLogprob | None
-    kv: object  # transport handle of a KVPayload
-    num_cached_tokens: int  # prompt tokens the prefill side found in its own prefix cache
+from serving.pd_protocol import PrefillResult
 
 
 class PrefillWorker:

@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.limits import Limits
 from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.tiny_model import ensure_tiny_model
+from serving.limits import Limits
 
 EXAMPLES = int(os.environ.get("PDSERVE_FUZZ_EXAMPLES", "150"))
 RANDOM = bool(os.environ.get("PDSERVE_FUZZ_RANDOM"))

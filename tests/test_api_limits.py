@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from api.limits import Limits
 from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.outputs import RequestOutput
+from serving.limits import Limits
 
 pytestmark = pytest.mark.anyio
 LIMIT = 4

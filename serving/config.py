@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.limits import Limits
 from engine.config import EngineConfig, ModelConfig, default_model_dir
+from serving.limits import Limits
 
 
 class _Strict(BaseModel):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import time
 
-from cluster.config import AppConfig
-from cluster.metrics_hub import start_pushing
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import Engine
 from engine.metrics import Metrics
 from engine.tiny_model import ensure_tiny_model
 from kvtransfer import model_fingerprint
+from serving.config import AppConfig
+from serving.metrics_hub import start_pushing
 
 log = logging.getLogger("pdserve")
 AUDIT_EVERY_S = 2.0
