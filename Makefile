@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports  # the layer contracts in pyproject.toml
 
 test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
