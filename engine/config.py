@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.attention.registry import ATTENTION_BACKENDS
+
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
-BACKENDS = ("torch", "flashinfer")
 CASCADE_MODES = ("auto", "on", "off")
 
 
@@ -62,7 +63,7 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend must be one of {BACKENDS}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {sorted(ATTENTION_BACKENDS)}")
         if self.cascade not in CASCADE_MODES:
             raise ValueError(f"cascade must be one of {CASCADE_MODES}")

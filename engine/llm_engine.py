@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import make_backend
+from engine.attention.registry import make_backend
 from engine.block_allocator import BlockAllocator
 from engine.block_hash import block_hashes
 from engine.config import EngineConfig, ModelConfig
