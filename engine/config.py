@@ -1,8 +1,11 @@
-"""Frozen configs for the engine. The Serve YAML maps onto these (see serving/config.py)."""
+"""Frozen configs for the engine. Every knob is declared once, here, with its comment: the Serve
+app config (serving/config.py) validates `engine:` as EngineConfig itself and derives `model:`
+and the per-role overrides from these fields."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,49 +24,74 @@ def default_model_dir() -> Path:
     return pdserve_home() / "models" / "tiny-llama"
 
 
+class ConfigFieldError(ValueError):
+    """A bad value of one config field. `field` is kept apart so the app config can report the
+    full path of the key (`prefill.engine.page_size`) rather than only the section."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(field, problem)  # both in args: the error pickles (Ray ships errors)
+        self.field = field
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.problem}"
+
+
+def _one_of(field: str, value: str, valid: Iterable[str]) -> None:
+    names = sorted(valid)
+    if value not in names:
+        raise ConfigFieldError(field, f"must be one of {', '.join(names)}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str  # a local Hugging Face model directory
-    dtype: str = "float32"
-    device: str = "cpu"
-    load_format: str = "safetensors"
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    load_format: str = "safetensors"  # or dummy: random weights for a real config.json
     seed: int = 0  # for load_format=dummy
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        _one_of("dtype", self.dtype, DTYPES)
+        _one_of("load_format", self.load_format, LOAD_FORMATS)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+            raise ConfigFieldError("device", f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    page_size: int = 16
+    # pydantic reads this when the app config validates its `engine:` section as this class
+    # (a plain dict is a valid ConfigDict, so the engine needs no pydantic import).
+    __pydantic_config__ = {"extra": "forbid"}
+
+    page_size: int = 16  # tokens per KV page (a power of two)
     num_pages: int | None = None  # None: sized from kv_memory_fraction (GPU) or kv_memory_gb
     kv_memory_fraction: float = 0.8  # of free GPU memory after weights (cuda only)
     kv_memory_gb: float = 0.25  # KV pool size on CPU when num_pages is None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_num_seqs: int = 64
+    max_num_seqs: int = 64  # running requests per replica
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
-    enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    enable_prefix_caching: bool = True  # share the pages of equal prompt prefixes
+    attention_backend: str = "torch"  # a name in engine.attention.registry.ATTENTION_BACKENDS
     cascade: str = "auto"  # auto: a measured rule picks cascade or plain decode per step
-    cuda_graphs: bool = False
+    cuda_graphs: bool = False  # capture decode steps as CUDA graphs (GPU only)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+            raise ConfigFieldError("page_size", f"must be a power of two, got {self.page_size}")
         if self.num_pages is not None and self.num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
+            raise ConfigFieldError("num_pages", f"must be >= 1, got {self.num_pages}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
-            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+            raise ConfigFieldError("kv_memory_fraction",
+                                   f"must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.kv_memory_gb <= 0:
+            raise ConfigFieldError("kv_memory_gb", f"must be > 0, got {self.kv_memory_gb}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigFieldError("max_model_len", f"must be >= 1, got {self.max_model_len}")
         if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+            raise ConfigFieldError("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {sorted(ATTENTION_BACKENDS)}")
-        if self.cascade not in CASCADE_MODES:
-            raise ValueError(f"cascade must be one of {CASCADE_MODES}")
+            raise ConfigFieldError("max_num_batched_tokens",
+                                   f"must be >= 1, got {self.max_num_batched_tokens}")
+        _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _one_of("cascade", self.cascade, CASCADE_MODES)

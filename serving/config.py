@@ -1,31 +1,61 @@
 """The Serve app's config schema (pydantic at the edge) and its mapping onto engine configs.
 
 `serve run configs/tiny.yaml` passes the YAML's `args:` here; `serve run cluster.app:build_app
-model=/path/to/hf` passes `{"model": "/path/to/hf"}`.
+model=/path/to/hf` passes `{"model": "/path/to/hf"}`. Engine and model knobs are declared once,
+in engine/config.py: `engine:` is validated as EngineConfig itself, and the `model:` section and
+the per-role `engine:` overrides are derived from the dataclasses' fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from engine.config import EngineConfig, ModelConfig, default_model_dir
+from engine.config import ConfigFieldError, EngineConfig, ModelConfig, default_model_dir
+from kvtransfer.registry import TRANSPORTS
 from serving.limits import Limits
+
+Role = Literal["prefill", "decode", "colocated"]
+ROLES: tuple[Role, ...] = typing.get_args(Role)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSection(_Strict):
+def _field_specs(dc: type, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """`create_model` specs, (type, default), of a dataclass's fields."""
+    hints = typing.get_type_hints(dc)
+    specs = {}
+    for f in dataclasses.fields(dc):
+        if f.name in skip:
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            specs[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+        else:
+            specs[f.name] = (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+    return specs
+
+
+class _ModelSectionBase(_Strict):
+    """The serving-only keys of `model:`; ModelConfig's other fields are added to ModelSection."""
+
     path: str | None = None  # None: the tiny model at $PDSERVE_HOME/models/tiny-llama
     name: str | None = None  # served model name (default: the directory's name)
-    dtype: str = "float32"
-    device: str = "cpu"
-    load_format: Literal["safetensors", "dummy"] = "safetensors"
-    seed: int = 0
 
     @property
     def resolved_path(self) -> str:
@@ -35,38 +65,47 @@ class ModelSection(_Strict):
 
     @property
     def served_name(self) -> str:
-        from pathlib import Path
-
         return self.name or Path(self.resolved_path).name
 
     def to_config(self) -> ModelConfig:
-        return ModelConfig(self.resolved_path, self.dtype, self.device, self.load_format,
-                           self.seed)
+        knobs = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)
+                 if f.name != "path"}
+        return ModelConfig(path=self.resolved_path, **knobs)
+
+    @model_validator(mode="after")
+    def _check(self) -> _ModelSectionBase:
+        self.to_config()  # ModelConfig's own checks (dtype, device, ...) at validation time
+        return self
 
 
-class EngineSection(_Strict):
-    page_size: int = 16
-    num_pages: int | None = None
-    kv_memory_fraction: float = 0.8
-    kv_memory_gb: float = 0.25
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    attention_backend: Literal["torch", "flashinfer"] = "torch"
-    cascade: Literal["auto", "on", "off"] = "auto"
-    cuda_graphs: bool = False
+ModelSection = create_model("ModelSection", __base__=_ModelSectionBase,
+                            **_field_specs(ModelConfig, skip=("path",)))
 
-    def to_config(self, **overrides: Any) -> EngineConfig:
-        return EngineConfig(**{**self.model_dump(), **overrides})
+
+class _Overrides(_Strict):
+    """A role's overrides of the `engine:` section. Only the keys the YAML sets count."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+    @model_serializer(mode="wrap")
+    def _dump_set_keys(self, handler: Any) -> dict[str, Any]:
+        # build_app ships the dump to every replica, which validates it again: an unset key
+        # dumped as its None placeholder would come back as an override to None.
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+# Every EngineConfig field, with its own type, defaulting to None = "not overridden". Pydantic
+# does not validate defaults, so an explicit `page_size: null` is still refused.
+EngineOverrides = create_model("EngineOverrides", __base__=_Overrides, **{
+    name: (hint, None) for name, (hint, _) in _field_specs(EngineConfig).items()})
 
 
 class DeploymentSection(_Strict):
     num_replicas: int | Literal["auto"] | None = 1
-    autoscaling_config: dict | None = None
+    autoscaling_config: dict | None = None  # Serve's own schema; Serve checks it
     max_ongoing_requests: int = 256
-    ray_actor_options: dict = Field(default_factory=dict)
-    engine: dict = Field(default_factory=dict)  # per-role overrides of the engine section
+    ray_actor_options: dict = Field(default_factory=dict)  # likewise Ray's
 
     def serve_options(self, name: str) -> dict:
         opts: dict[str, Any] = {"name": name, "max_ongoing_requests": self.max_ongoing_requests,
@@ -79,36 +118,91 @@ class DeploymentSection(_Strict):
         return opts
 
 
+class EngineDeploymentSection(DeploymentSection):
+    """A deployment that runs an engine (not the ingress): it may override engine knobs."""
+
+    engine: EngineOverrides = Field(default_factory=EngineOverrides)
+
+
 class AppConfig(_Strict):
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     model: ModelSection = Field(default_factory=ModelSection)
-    engine: EngineSection = Field(default_factory=EngineSection)
-    kv_transport: Literal["ray", "cuda_ipc", "inline"] = "ray"
-    prefill: DeploymentSection = Field(default_factory=DeploymentSection)
-    decode: DeploymentSection = Field(default_factory=DeploymentSection)
-    colocated: DeploymentSection = Field(default_factory=DeploymentSection)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    kv_transport: str = "ray"  # a name in kvtransfer.registry.TRANSPORTS
+    prefill: EngineDeploymentSection = Field(default_factory=EngineDeploymentSection)
+    decode: EngineDeploymentSection = Field(default_factory=EngineDeploymentSection)
+    colocated: EngineDeploymentSection = Field(default_factory=EngineDeploymentSection)
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
     request_timeout_s: float = Field(600.0, gt=0)
     limits: Limits = Field(default_factory=Limits)  # admission limits of the HTTP API
     # While a replica streams to many clients, hand each one its tokens at most this often
     # (merged): fewer, larger messages through Serve. 0 = every token as it comes.
-    stream_interval_ms: float = 0.0
+    stream_interval_ms: float = Field(0.0, ge=0)
 
     @field_validator("model", mode="before")
     @classmethod
     def _path_shorthand(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, str) else v
 
-    def engine_config(self, role: str) -> EngineConfig:
+    @field_validator("kv_transport")
+    @classmethod
+    def _known_transport(cls, v: str) -> str:
+        if v not in TRANSPORTS:
+            raise ValueError(f"unknown KV transport {v!r}; valid: {', '.join(sorted(TRANSPORTS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _roles_valid(self) -> AppConfig:
+        # An override can break a check across fields of the merged config; say which role.
+        for role in ROLES:
+            try:
+                self.engine_config(role)
+            except ConfigFieldError as e:
+                raise ConfigFieldError(f"{role}.engine.{e.field}", e.problem) from None
+        return self
+
+    def engine_config(self, role: Role) -> EngineConfig:
         """The engine config of a role: the shared section plus that role's overrides."""
-        section = {"prefill": self.prefill, "decode": self.decode,
-                   "colocated": self.colocated}[role]
-        return self.engine.to_config(**section.engine)
+        section: EngineDeploymentSection = getattr(self, role)
+        return dataclasses.replace(self.engine, **section.engine.as_dict())
 
     @staticmethod
     def from_args(args: dict[str, Any]) -> AppConfig:
-        cfg = AppConfig.model_validate(dict(args))
-        for role in ("prefill", "decode", "colocated"):
-            cfg.engine_config(role)  # validate every role's engine config at build time
-        cfg.model.to_config()
-        return cfg
+        """The validated config; a ValueError naming each bad key (and the valid ones) if not."""
+        try:
+            return AppConfig.model_validate(dict(args))
+        except ValidationError as e:
+            raise ValueError(explain(e)) from None
+
+
+def explain(err: ValidationError) -> str:
+    """One line per error, `dotted.key: problem`; an unknown key lists the valid keys there."""
+    lines = []
+    for e in err.errors():
+        loc = [str(part) for part in e["loc"]]
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # model, dataclass
+            valid = ", ".join(sorted(_keys_at(loc[:-1])))
+            lines.append(f"{'.'.join(loc)}: unknown key; valid keys: {valid}")
+            continue
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigFieldError):  # a dataclass's check: name the field itself
+            loc, problem = loc + [cause.field], cause.problem
+        else:
+            problem = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{'.'.join(loc) or 'config'}: {problem}")
+    return "invalid app config: " + "; ".join(lines)
+
+
+def _keys_at(path: list[str]) -> list[str]:
+    """The valid keys of the section at `path` (a BaseModel or a dataclass)."""
+    section: Any = AppConfig
+    for part in path:
+        section = _fields_of(section)[part]
+    return list(_fields_of(section))
+
+
+def _fields_of(section: Any) -> dict[str, Any]:
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        return {name: f.annotation for name, f in section.model_fields.items()}
+    hints = typing.get_type_hints(section)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}

@@ -1,7 +1,7 @@
 """Admission limits of the HTTP API, named as text-generation-inference's launcher names them.
 
 One frozen dataclass; pydantic validates it as the `limits:` section of the app config (see
-cluster/config.py) and the API reads it. Limits hold per ingress replica.
+serving/config.py) and the API reads it. Limits hold per ingress replica.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from pydantic import ConfigDict
+
+from engine.config import ConfigFieldError
 
 
 @dataclass(frozen=True)
@@ -30,22 +32,25 @@ class Limits:
         def positive(name: str) -> None:
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"limits.{name} must be > 0, got {value}")
+                raise ConfigFieldError(name, f"must be > 0, got {value}")
 
         for name in ("max_concurrent_requests", "max_input_tokens", "max_total_tokens",
                      "max_batch_prefill_tokens", "queue_timeout_s", "max_client_batch_size",
                      "max_body_bytes", "retry_after_s"):
             positive(name)
         if self.max_stop_sequences < 0:
-            raise ValueError("limits.max_stop_sequences must be >= 0")
+            raise ConfigFieldError("max_stop_sequences",
+                                   f"must be >= 0, got {self.max_stop_sequences}")
         if (self.max_input_tokens is not None and self.max_total_tokens is not None
                 and self.max_input_tokens >= self.max_total_tokens):
-            raise ValueError(f"limits.max_input_tokens ({self.max_input_tokens}) must be < "
-                             f"max_total_tokens ({self.max_total_tokens})")
+            raise ConfigFieldError("max_input_tokens",
+                                   f"must be < max_total_tokens ({self.max_total_tokens}), "
+                                   f"got {self.max_input_tokens}")
         if (self.max_input_tokens is not None and self.max_batch_prefill_tokens is not None
                 and self.max_input_tokens > self.max_batch_prefill_tokens):
-            raise ValueError(f"limits.max_batch_prefill_tokens ({self.max_batch_prefill_tokens})"
-                             f" must be >= max_input_tokens ({self.max_input_tokens})")
+            raise ConfigFieldError("max_batch_prefill_tokens",
+                                   f"must be >= max_input_tokens ({self.max_input_tokens}), "
+                                   f"got {self.max_batch_prefill_tokens}")
 
     def resolved(self, max_model_len: int) -> Limits:
         """These limits with the token limits filled in for a model; refuses what exceeds it."""

@@ -1,0 +1,136 @@
+"""The app config schema: shipped YAMLs parse, bad keys and values are refused by name at
+`serve run` time (AppConfig.from_args), role overrides reach only their role. No Ray here."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import EngineConfig, ModelConfig
+from kvtransfer.registry import TRANSPORTS
+from serving.config import AppConfig
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ENGINE_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(EngineConfig)))
+ROLE_KEYS = "autoscaling_config, engine, max_ongoing_requests, num_replicas, ray_actor_options"
+INGRESS_KEYS = ROLE_KEYS.replace("engine, ", "")
+
+
+def app_args(path: Path) -> dict:
+    (app,) = yaml.safe_load(path.read_text())["applications"]
+    return app["args"]
+
+
+def refused(args: dict) -> str:
+    with pytest.raises(ValueError) as info:
+        AppConfig.from_args(args)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_parse_and_survive_the_trip_to_replicas(path):
+    cfg = AppConfig.from_args(app_args(path))
+    # build_app ships model_dump() to every replica, which validates it again.
+    again = AppConfig.from_args(cfg.model_dump())
+    for role in ("prefill", "decode", "colocated"):
+        assert again.engine_config(role) == cfg.engine_config(role)
+    assert again == cfg
+
+
+def test_shipped_tiny_config_maps_onto_engine_configs():
+    cfg = AppConfig.from_args(app_args(CONFIGS[0].parent / "tiny.yaml"))
+    shared = EngineConfig(page_size=16, num_pages=1024, max_num_seqs=64,
+                          max_num_batched_tokens=512, attention_backend="torch")
+    assert cfg.engine == shared
+    assert cfg.engine_config("prefill") == dataclasses.replace(shared, max_num_batched_tokens=1024)
+    assert cfg.engine_config("decode") == shared
+    assert cfg.model.path is None and cfg.model.served_name == "tiny-llama"
+    assert cfg.model.to_config() == ModelConfig(cfg.model.resolved_path)
+
+
+def test_defaults_are_the_engine_defaults():
+    cfg = AppConfig.from_args({})
+    assert cfg.engine == EngineConfig()
+    assert all(cfg.engine_config(r) == EngineConfig() for r in ("prefill", "decode", "colocated"))
+    model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                      if f.name != "path"}
+    assert {k: getattr(cfg.model, k) for k in model_defaults} == model_defaults
+
+
+def test_model_path_shorthand():
+    cfg = AppConfig.from_args({"model": "/models/my-llama"})
+    assert cfg.model.to_config() == ModelConfig("/models/my-llama")
+    assert cfg.model.served_name == "my-llama"
+
+
+def test_a_role_override_changes_only_that_role():
+    cfg = AppConfig.from_args({"engine": {"num_pages": 100, "max_num_seqs": 8},
+                               "decode": {"engine": {"num_pages": 300}}})
+    assert cfg.engine_config("decode") == EngineConfig(num_pages=300, max_num_seqs=8)
+    assert cfg.engine_config("prefill") == EngineConfig(num_pages=100, max_num_seqs=8)
+    assert cfg.engine_config("colocated") == EngineConfig(num_pages=100, max_num_seqs=8)
+
+
+def test_an_override_to_null_is_kept_apart_from_no_override():
+    cfg = AppConfig.from_args({"engine": {"num_pages": 100},
+                               "prefill": {"engine": {"num_pages": None}}})
+    assert cfg.engine_config("prefill").num_pages is None
+    assert cfg.engine_config("decode").num_pages == 100
+    again = AppConfig.from_args(cfg.model_dump())
+    assert again.engine_config("prefill").num_pages is None
+    assert again.model_dump()["decode"]["engine"] == {}
+
+
+@pytest.mark.parametrize("args, key, valid", [
+    ({"max_num_seq": 1}, "max_num_seq",
+     "colocated, decode, engine, ingress, kv_transport, limits, mode, model, prefill, "
+     "request_timeout_s, stream_interval_ms"),
+    ({"model": {"path": None, "dtyp": "float32"}}, "model.dtyp",
+     "device, dtype, load_format, name, path, seed"),
+    ({"engine": {"max_num_seq": 8}}, "engine.max_num_seq", ENGINE_KEYS),
+    ({"prefill": {"engine": {"max_num_seq": 8}}}, "prefill.engine.max_num_seq", ENGINE_KEYS),
+    ({"colocated": {"engine": {"pagesize": 8}}}, "colocated.engine.pagesize", ENGINE_KEYS),
+    ({"decode": {"replicas": 2}}, "decode.replicas", ROLE_KEYS),
+    ({"ingress": {"engine": {"num_pages": 1}}}, "ingress.engine", INGRESS_KEYS),
+    ({"limits": {"max_tokens": 5}}, "limits.max_tokens",
+     "max_batch_prefill_tokens, max_body_bytes, max_client_batch_size, max_concurrent_requests, "
+     "max_input_tokens, max_stop_sequences, max_total_tokens, queue_timeout_s, retry_after_s"),
+])
+def test_an_unknown_key_is_named_with_the_valid_keys(args, key, valid):
+    assert f"{key}: unknown key; valid keys: {valid}" in refused(args)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"engine": {"page_size": 3}}, "engine.page_size: must be a power of two, got 3"),
+    ({"prefill": {"engine": {"page_size": 3}}}, "prefill.engine.page_size: must be a power of two"),
+    ({"decode": {"engine": {"page_size": None}}}, "decode.engine.page_size: Input should be a"),
+    ({"engine": {"max_num_seqs": "many"}}, "engine.max_num_seqs: Input should be a valid integer"),
+    ({"engine": {"attention_backend": "xformers"}},
+     "engine.attention_backend: must be one of flashinfer, torch; got 'xformers'"),
+    ({"engine": {"cascade": "maybe"}}, "engine.cascade: must be one of auto, off, on"),
+    ({"model": {"dtype": "int8"}}, "model.dtype: must be one of bfloat16, float16, float32"),
+    ({"model": {"load_format": "gguf"}}, "model.load_format: must be one of dummy, safetensors"),
+    ({"limits": {"max_concurrent_requests": 0}}, "limits.max_concurrent_requests: must be > 0"),
+    ({"limits": {"max_input_tokens": 10, "max_total_tokens": 5}},
+     "limits.max_input_tokens: must be < max_total_tokens (5), got 10"),
+    ({"request_timeout_s": 0}, "request_timeout_s: Input should be greater than 0"),
+])
+def test_an_invalid_value_is_refused_naming_the_field(args, message):
+    assert message in refused(args)
+
+
+def test_an_unknown_kv_transport_lists_the_registered_ones():
+    message = refused({"kv_transport": "nccl"})
+    assert f"kv_transport: unknown KV transport 'nccl'; valid: {', '.join(sorted(TRANSPORTS))}" \
+        in message
+    for name in TRANSPORTS:
+        assert AppConfig.from_args({"kv_transport": name}).kv_transport == name
+
+
+def test_every_error_is_reported_at_once():
+    message = refused({"engine": {"max_num_seq": 8}, "kv_transport": "nccl", "modle": "x"})
+    assert re.search(r"engine\.max_num_seq: .*kv_transport: .*modle: ", message)
