@@ -150,7 +150,7 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
     run_until_decoding(engine, first)
     rids = first + add_requests(engine, prompts[1:], max_tokens)
     run_until_decoding(engine, rids)
-    assert sum(engine.requests[r].num_cached_tokens >= shared for r in rids) == group - 1
+    assert sum(engine.scheduler.requests[r].num_cached_tokens >= shared for r in rids) == group - 1
     timer = getattr(llm, "_timer", None) or StepTimer(engine)
     llm._timer = timer
     runner = engine.runner

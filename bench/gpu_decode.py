@@ -33,7 +33,7 @@ def add_requests(engine, prompts: list[list[int]], max_tokens: int) -> list[str]
 
 def run_until_decoding(engine, rids: list[str]) -> None:
     """Step until every request has its first token (its prompt is in the KV cache)."""
-    while any(not engine.requests[r].output_token_ids for r in rids):
+    while any(not engine.scheduler.requests[r].output_token_ids for r in rids):
         engine.step()
 
 

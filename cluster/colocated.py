@@ -28,5 +28,8 @@ class ColocatedServer:
     def health(self) -> dict:
         return self.replica.health()
 
-    def check_integrity(self) -> dict:
-        return self.replica.check_integrity()
+    async def check_integrity(self) -> dict:
+        return await self.replica.check_integrity()
+
+    def __del__(self) -> None:  # Serve's graceful shutdown hook
+        self.replica.close()

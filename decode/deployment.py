@@ -47,5 +47,8 @@ class DecodeServer:
         await asyncio.wait_for(self.prefill_handle.health.remote(), HEALTH_TIMEOUT_S)
         return self.replica.health()
 
-    def check_integrity(self) -> dict:
-        return self.replica.check_integrity()
+    async def check_integrity(self) -> dict:
+        return await self.replica.check_integrity()
+
+    def __del__(self) -> None:  # Serve's graceful shutdown hook
+        self.replica.close()

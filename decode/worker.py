@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from engine.async_engine import AsyncEngine
 from engine.metrics import Metrics, track_stream
-from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.scheduler import Reservation
 from kvtransfer import KVPayload, KVTransport
 from serving.pd_protocol import Prefiller, PrefillResult
 
@@ -50,25 +50,23 @@ class DecodeWorker:
             yield out
 
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
-        eng = self.engine.engine
-        eng.validate(prompt_ids, params)
-        req = Request(request_id, prompt_ids, params)
-        first_block = await self._reserve(req)
+        self.engine.validate(prompt_ids, params)
+        rsv = await self._reserve(request_id, prompt_ids, params)
         try:
-            result, payload = await self._fetch(prompt_ids, params, request_id, first_block)
-            payload.check(dtype=eng.pool.dtype, page_size=eng.cfg.page_size,
-                          first_block=first_block, block_hashes=req.block_hashes,
-                          fingerprint=self.fingerprint,
-                          num_pages=len(req.block_table) - first_block)
+            result, payload = await self._fetch(prompt_ids, params, request_id, rsv.first_block)
+            dtype, page_size = self.engine.kv_layout
+            payload.check(dtype=dtype, page_size=page_size, first_block=rsv.first_block,
+                          block_hashes=rsv.block_hashes, fingerprint=self.fingerprint,
+                          num_pages=rsv.num_pages)
         except BaseException:
-            self.engine.submit(lambda: eng.unreserve(req))
+            self.engine.abort(request_id)  # frees the reservation
             raise
         self.metrics.inc("pdserve_kv_transfer_bytes_total", payload.nbytes)
-        self.metrics.inc("pdserve_kv_transfer_blocks_skipped_total", first_block)
+        self.metrics.inc("pdserve_kv_transfer_blocks_skipped_total", rsv.first_block)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
-        req.num_cached_tokens = max(req.num_cached_tokens, result.num_cached_tokens)
-        stream = self.engine.admit_prefilled(req, first_block, payload.data, result.first_token,
-                                             result.logprob)
+        stream = self.engine.admit_prefilled(request_id, rsv.first_block, payload.data,
+                                             result.first_token, result.logprob,
+                                             result.num_cached_tokens)
         del payload  # the stream holds the pages only until they are copied into the pool
         async for out in stream:
             yield out
@@ -84,7 +82,7 @@ class DecodeWorker:
                 # between two steps only their scatter into the reserved pages runs.
                 start = time.perf_counter()
                 payload = await asyncio.wait_for(
-                    self.transport.receive(result.kv, self.engine.engine.device), self.timeout_s)
+                    self.transport.receive(result.kv, self.engine.device), self.timeout_s)
                 self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
                 return result, payload
             except Exception as e:
@@ -96,20 +94,21 @@ class DecodeWorker:
                 await asyncio.sleep(0.1 * 2**attempt)  # let Serve notice the dead replica
         raise AssertionError("unreachable")
 
-    async def _reserve(self, req: Request) -> int:
+    async def _reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       ) -> Reservation:
         """Pages for the prompt; waits (bounded) while the pool is full of running requests."""
         deadline = time.monotonic() + self.reserve_timeout_s
-        eng = self.engine.engine
         while True:
             try:
-                first_block = await self.engine.call(lambda: eng.reserve(req))
+                rsv = await self.engine.reserve(request_id, prompt_ids, params)
             except asyncio.CancelledError:
-                # The reservation may still run: queue its undoing right behind it.
-                self.engine.submit(lambda: eng.unreserve(req))
+                # Cancelled after the reservation ran but before this task resumed: undo it.
+                # (Cancelled before it ran, `reserve` undoes it itself.)
+                self.engine.abort(request_id)
                 raise
-            if first_block is not None:
-                return first_block
+            if rsv is not None:
+                return rsv
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no KV pages free for {req.request_id} after "
+                raise TimeoutError(f"no KV pages free for {request_id} after "
                                    f"{self.reserve_timeout_s:.0f} s")
             await asyncio.sleep(0.01)

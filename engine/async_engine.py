@@ -11,13 +11,16 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from engine.llm_engine import Engine
+from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
-from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.scheduler import Reservation
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class AsyncEngine:
@@ -44,42 +47,85 @@ class AsyncEngine:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    # -- what the roles call --------------------------------------------------------------
+    @property
+    def device(self):
+        return self.engine.device
+
+    @property
+    def kv_layout(self) -> tuple[object, int]:
+        """(torch dtype, page size) of the KV pool: what a transferred payload must match."""
+        return self.engine.pool.dtype, self.engine.cfg.page_size
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_ids, params)
+
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str, hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+                       request_id: str, kv_export_from: int | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Run a request here; with `kv_export_from`, its last output carries the prompt's KV."""
         prompt_ids = self.engine.tokenize(prompt)
         self.engine.validate(prompt_ids, params)  # raises ValueError before anything is queued
         queue = self._open(request_id)
-        self._submit(request_id,
-                     lambda: self.engine.add_request(prompt_ids, params, request_id, hold_kv))
+        self._submit(request_id, lambda: self.engine.add_request(prompt_ids, params, request_id,
+                                                                 kv_export_from))
         async for out in self._drain(request_id, queue):
             yield out
 
-    async def admit_prefilled(self, req: Request, first_block: int, kv_data, first_token: int,
-                              logprob=None) -> AsyncIterator[RequestOutput]:
-        """Stream a request reserved with `reserve`, whose prompt KV from `first_block` on
-        arrived from a prefill replica; the first output is the token prefill sampled."""
-        queue = self._open(req.request_id)
+    async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      ) -> Reservation | None:
+        """Pages for a prompt whose KV comes from another replica (`Engine.reserve`). A caller
+        cancelled meanwhile leaves nothing reserved; otherwise `abort` undoes it."""
+        return await self.call(lambda: self.engine.reserve(request_id, prompt_ids, params),
+                               undo=lambda _: self.engine.abort(request_id))
+
+    async def admit_prefilled(self, request_id: str, first_block: int, kv_data, first_token: int,
+                              logprob=None, num_cached_tokens: int = 0,
+                              ) -> AsyncIterator[RequestOutput]:
+        """Stream a reserved request whose prompt KV from `first_block` on arrived from a
+        prefill replica; the first output is the token prefill sampled."""
+        queue = self._open(request_id)
 
         def admit() -> None:
             nonlocal kv_data
             try:
-                self.engine.import_kv(req, first_block, kv_data)
-            except Exception:
-                self.engine.unreserve(req)
-                raise
+                queue.put_nowait(self.engine.admit_prefilled(
+                    request_id, first_block, kv_data, first_token, logprob, num_cached_tokens))
             finally:
                 kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
-            queue.put_nowait(self.engine.admit_prefilled(req, first_token, logprob))
 
-        self._submit(req.request_id, admit)
-        async for out in self._drain(req.request_id, queue):
+        self._submit(request_id, admit)
+        async for out in self._drain(request_id, queue):
             yield out
 
-    async def call(self, fn: Callable[[], object]) -> object:
+    def abort(self, request_id: str) -> None:
+        """End request_id wherever it is (queued, running, reserved) and free its pages."""
+        self._submit(request_id, lambda: self.engine.abort(request_id))
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(None)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def check_integrity(self) -> EngineStats:
+        """The page-accounting audit, between two steps; returns the stats it saw."""
+        def audit() -> EngineStats:
+            self.engine.check_integrity()
+            return self.engine.stats()
+
+        return await self.call(audit)
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
+    # -- running code between steps ----------------------------------------------------------
+    async def call(self, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
         """Run fn between two steps (where the engine may be mutated) and return its result.
 
-        fn runs even if the caller is cancelled while waiting: undo its effects with `submit`,
-        which runs after it."""
+        If the caller is cancelled before fn has run, fn still runs and `undo(result)` runs
+        right after it, in the same slot; so no effect outlives a cancelled caller, whatever
+        else was queued meanwhile."""
         self.start()
         fut = asyncio.get_running_loop().create_future()
 
@@ -87,15 +133,14 @@ class AsyncEngine:
             try:
                 result = fn()
             except Exception as e:
-                result, error = None, e
-            else:
-                error = None
-            if fut.cancelled():  # the caller gave up; fn's effects are the caller's to undo
+                if not fut.cancelled():
+                    fut.set_exception(e)
                 return
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
+            if fut.cancelled():
+                if undo is not None:
+                    undo(result)
+                return
+            fut.set_result(result)
 
         self.submit(run)
         return await fut
@@ -104,12 +149,6 @@ class AsyncEngine:
         """Run fn between two steps, without waiting for it (safe from a cancelled task)."""
         self.start()
         self._submit("", fn)
-
-    def abort(self, request_id: str) -> None:
-        self._submit(request_id, lambda: self.engine.abort(request_id))
-        queue = self._streams.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(None)
 
     # -- internals ------------------------------------------------------------------------
     def _open(self, request_id: str) -> asyncio.Queue:

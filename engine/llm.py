@@ -59,9 +59,10 @@ class LLM:
         done: dict[str, Completion] = {}
         order = []
         for prompt, p in zip(prompts, params):
-            rid = self.add_request(prompt, p)
+            prompt_ids = self.engine.tokenize(prompt)
+            rid = self.add_request(prompt_ids, p)
             order.append(rid)
-            done[rid] = Completion(rid, self.engine.requests[rid].prompt_token_ids)
+            done[rid] = Completion(rid, prompt_ids)
         while self.engine.has_unfinished():
             for out in self.step():
                 c = done[out.request_id]

@@ -21,12 +21,13 @@ from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_pool import KVPool
 from engine.loader import load_model
+from engine.metrics import EngineStats
 from engine.model_arch import ModelArch
 from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
+from engine.outputs import KVExport, RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Reservation, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,13 @@ class Engine:
         dtype = getattr(torch, model_cfg.dtype)
         num_pages = engine_cfg.num_pages or self._auto_num_pages(dtype)
         self.pool = KVPool(arch, num_pages, engine_cfg.page_size, dtype, self.device)
-        self.allocator = BlockAllocator(num_pages, engine_cfg.page_size)
         backend = make_backend(engine_cfg.attention_backend, num_q_heads=arch.num_heads,
                                num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                                dtype=dtype, device=self.device, page_size=engine_cfg.page_size,
                                max_num_seqs=engine_cfg.max_num_seqs)
         self.runner = ModelRunner(self.model, self.pool, backend, engine_cfg, self.device)
-        self.scheduler = Scheduler(engine_cfg, self.allocator, self.max_model_len,
-                                   arch.eos_token_ids)
-        self.requests: dict[str, Request] = {}
-        self.held: dict[str, Request] = {}  # finished, pages kept for export
+        self.scheduler = Scheduler(engine_cfg, BlockAllocator(num_pages, engine_cfg.page_size),
+                                   self.max_model_len, arch.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         backend.warmup()
@@ -108,92 +106,56 @@ class Engine:
                              f"[0, {self.arch.vocab_size})")
         params.validate()
         total = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
-        if -(-total // self.cfg.page_size) > self.allocator.num_pages:
+        if -(-total // self.cfg.page_size) > self.scheduler.kv.num_pages:
             raise ValueError(f"a request of {total} tokens does not fit the KV pool "
-                             f"({self.allocator.num_pages} pages of {self.cfg.page_size})")
+                             f"({self.scheduler.kv.num_pages} pages of {self.cfg.page_size})")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, hold_kv: bool = False) -> str:
-        """Queue a request. With `hold_kv` its pages outlive it until `release()` (prefill role)."""
+                    request_id: str | None = None, kv_export_from: int | None = None) -> str:
+        """Queue a request. With `kv_export_from` (the prefill role) its finishing output carries
+        the KV of its prompt's pages from that block on (`RequestOutput.kv`)."""
         params = params or SamplingParams()
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
-        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params, hold_kv=hold_kv)
-        self._register(req)
+        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params,
+                      kv_export_from=kv_export_from)
         self.scheduler.add(req)
+        self._open_detokenizer(req)
         return req.request_id
 
-    def _register(self, req: Request) -> None:
-        if req.request_id in self.requests or req.request_id in self.held:
-            raise ValueError(f"request id {req.request_id!r} is already running")
-        self.requests[req.request_id] = req
+    def _open_detokenizer(self, req: Request) -> None:
         if self.tokenizer is not None:
             self.detokenizers[req.request_id] = IncrementalDetokenizer(
                 self.tokenizer, req.prompt_token_ids, req.params)
 
-    # -- the prefill role: pages outlive the request until exported ------------------------
-    def export_kv(self, request_id: str, first_block: int = 0):
-        """KV of a held request's pages from `first_block` on, and all its full-block hashes."""
-        req = self.held[request_id]
-        n_pages = -(-req.num_prompt_tokens // self.cfg.page_size)
-        data = self.pool.read_pages(req.block_table[first_block:n_pages])
-        return data, block_hashes(req.prompt_token_ids, self.cfg.page_size, req.block_hashes)
-
-    def release(self, request_id: str) -> None:
-        req = self.held.pop(request_id, None)
-        if req is not None:
-            self.scheduler.release(req)
-
     # -- the decode role: admit a request whose prompt KV comes from elsewhere -------------
-    def reserve(self, req: Request) -> int | None:
-        """Pages for req's prompt: cached prefix pages first, fresh pages for the rest.
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                ) -> Reservation | None:
+        """Pages for a prompt whose KV another replica computes: cached prefix pages first, fresh
+        pages for the rest; None when the pool cannot hold it now. Undo with `abort`."""
+        self.validate(prompt_ids, params)
+        return self.scheduler.reserve(Request(request_id, list(prompt_ids), params))
 
-        Returns how many leading blocks were found in the prefix cache (they need no transfer),
-        or None when the pool cannot hold the prompt now (nothing is kept then).
-        """
-        ps = self.cfg.page_size
-        req.block_hashes = block_hashes(req.prompt_token_ids, ps)
-        cached = self.allocator.match_prefix(req.block_hashes) if self.cfg.enable_prefix_caching \
-            else []
-        missing = -(-req.num_prompt_tokens // ps) - len(cached)
-        if not self.allocator.can_allocate(missing):
-            self.allocator.free(cached)
-            return None
-        req.block_table = cached + self.allocator.allocate(missing)
-        req.num_cached_tokens = len(cached) * ps
-        return len(cached)
-
-    def unreserve(self, req: Request) -> None:
-        self.scheduler.release(req)
-
-    def import_kv(self, req: Request, first_block: int, data) -> None:
-        """Write transferred pages into req's reserved pages from `first_block` on."""
-        self.pool.write_pages(req.block_table[first_block:], data)
-        req.num_computed_tokens = req.num_prompt_tokens
-        if self.cfg.enable_prefix_caching:
-            for i in range(first_block, req.num_prompt_tokens // self.cfg.page_size):
-                self.allocator.register(req.block_table[i], req.block_hashes[i])
-
-    def admit_prefilled(self, req: Request, first_token: int, logprob=None) -> RequestOutput:
-        """Join the running batch with the first token that the prefill side sampled."""
-        self._register(req)
-        req.output_token_ids.append(first_token)
-        req.output_logprobs.append(logprob)
-        reason = self.scheduler.stop_reason(req, first_token)
-        if reason:
-            self.scheduler.finish(req, reason)
-        else:
-            self.scheduler.add_running(req)
+    def admit_prefilled(self, request_id: str, first_block: int, data, first_token: int,
+                        logprob=None, num_cached_tokens: int = 0) -> RequestOutput:
+        """Write the transferred pages (blocks >= first_block) into the reservation, then join
+        the running batch with the first token that the prefill side sampled. On any error the
+        reservation is freed."""
+        req = self.scheduler.reserved[request_id]
+        try:
+            self.pool.write_pages(req.block_table[first_block:], data)
+            self.scheduler.import_done(req, first_block)
+        except BaseException:
+            self.scheduler.abort(request_id)
+            raise
+        req.num_cached_tokens = max(req.num_cached_tokens, num_cached_tokens)
+        self.scheduler.admit(req, first_token, logprob)
+        self._open_detokenizer(req)
         return self._output(req)
 
     def abort(self, request_id: str) -> bool:
-        self.release(request_id)
-        req = self.requests.pop(request_id, None)
         self.detokenizers.pop(request_id, None)
-        if req is None:
-            return False
-        self.scheduler.finish(req, "abort")
-        return True
+        return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -215,20 +177,51 @@ class Engine:
                 self.scheduler.finish(req, "stop")
             elif req.finished:
                 text += detok.flush()
+        kv = None
         if req.finished:
-            self.requests.pop(req.request_id, None)
             self.detokenizers.pop(req.request_id, None)
-            if req.hold_kv and req.block_table:
-                self.held[req.request_id] = req
+            if req.request_id in self.scheduler.exporting:
+                kv = self._export(req)
         lp = req.output_logprobs[-1]
         return RequestOutput(
             request_id=req.request_id, new_token_ids=[tok], new_text=text,
             finished=req.finished, finish_reason=req.finish_reason,
             new_logprobs=[lp] if lp is not None else [],
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
-            num_cached_tokens=req.num_cached_tokens)
+            num_cached_tokens=req.num_cached_tokens, kv=kv)
+
+    def _export(self, req: Request) -> KVExport:
+        """A copy of the prompt's pages from req.kv_export_from on; the pages go back now."""
+        ps = self.cfg.page_size
+        n_pages = -(-req.num_prompt_tokens // ps)
+        try:
+            data = self.pool.read_pages(req.block_table[req.kv_export_from:n_pages])
+            n_full = req.num_prompt_tokens // ps
+            hashes = block_hashes(req.prompt_token_ids, ps, req.block_hashes[:n_full])
+        finally:
+            self.scheduler.release(req)
+        return KVExport(data, req.kv_export_from, hashes)
+
+    # -- state ----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        kv, sched = self.scheduler.kv, self.scheduler
+        return EngineStats(
+            pages_total=kv.num_pages, pages_used=kv.num_used, pages_cached=kv.num_cached,
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            num_preemptions=sched.num_preemptions,
+            num_cascade_steps=self.runner.num_cascade_steps,
+            num_cascade_tokens=self.runner.num_cascade_tokens)
+
+    def check_integrity(self) -> None:
+        """Raises AssertionError if the page accounting is broken (call between steps)."""
+        self.scheduler.check_integrity()
+
+    @property
+    def allocator(self):
+        """The page allocator, to read (tests, benchmarks); only the scheduler changes it."""
+        return self.scheduler.kv.allocator
 
     @property
     def num_pages_used(self) -> int:
         """Pages referenced by requests (cached-but-unused prefix pages do not count)."""
-        return self.allocator.num_used
+        return self.scheduler.kv.num_used

@@ -32,6 +32,20 @@ class Histogram:
                 "count": self.count}
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine reports about itself (read between steps, or racily for gauges)."""
+
+    pages_total: int
+    pages_used: int  # referenced by requests; cached-but-unused prefix pages do not count
+    pages_cached: int  # unused pages that hold a cached block (evictable)
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_cascade_steps: int
+    num_cascade_tokens: int
+
+
 class Metrics:
     def __init__(self, role: str, replica: str) -> None:
         self.role, self.replica = role, replica
@@ -48,16 +62,16 @@ class Metrics:
     def observe(self, name: str, value: float) -> None:
         self.histograms.setdefault(name, Histogram()).observe(value)
 
-    def record_engine(self, eng) -> None:
-        """Read the engine's gauges and counters (call between steps or before a snapshot)."""
-        self.set("pdserve_kv_pages_total", eng.allocator.num_pages)
-        self.set("pdserve_kv_pages_used", eng.num_pages_used)
-        self.set("pdserve_kv_pages_cached", len(eng.allocator.evictable))
-        self.set("pdserve_num_running", len(eng.scheduler.running))
-        self.set("pdserve_num_waiting", len(eng.scheduler.waiting))
-        self.counters["pdserve_cascade_steps_total"] = eng.runner.num_cascade_steps
-        self.counters["pdserve_cascade_tokens_total"] = eng.runner.num_cascade_tokens
-        self.counters["pdserve_preemptions_total"] = eng.scheduler.num_preemptions
+    def record_engine(self, stats: EngineStats) -> None:
+        """Take the engine's gauges and counters (`Engine.stats()`)."""
+        self.set("pdserve_kv_pages_total", stats.pages_total)
+        self.set("pdserve_kv_pages_used", stats.pages_used)
+        self.set("pdserve_kv_pages_cached", stats.pages_cached)
+        self.set("pdserve_num_running", stats.num_running)
+        self.set("pdserve_num_waiting", stats.num_waiting)
+        self.counters["pdserve_cascade_steps_total"] = stats.num_cascade_steps
+        self.counters["pdserve_cascade_tokens_total"] = stats.num_cascade_tokens
+        self.counters["pdserve_preemptions_total"] = stats.num_preemptions
 
     def snapshot(self) -> dict:
         return {"role": self.role, "replica": self.replica, "gauges": dict(self.gauges),

@@ -24,3 +24,13 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed server-side
+    kv: KVExport | None = None  # the prompt's KV, on the finishing output of an export request
+
+
+@dataclass
+class KVExport:
+    """A copy of a finished request's prompt KV (the prefill role hands it to a transport)."""
+
+    data: object  # torch.Tensor [num_layers, num_pages, 2, page_size, Hkv, D] on the engine device
+    first_block: int  # data holds blocks first_block .. first_block + num_pages - 1
+    block_hashes: list[int]  # chain hashes of all the prompt's full blocks

@@ -6,12 +6,9 @@ The phase is what the counters say: `num_computed_tokens < num_prompt_tokens` is
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
-
-_ids = itertools.count()
 
 
 @dataclass(eq=False)  # identity: the scheduler's `in`/`remove` must not compare token lists
@@ -26,9 +23,9 @@ class Request:
     block_table: list[int] = field(default_factory=list)  # page ids, in token order
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks
     num_preemptions: int = 0
-    hold_kv: bool = False  # keep pages after finishing until release() (prefill role: export)
+    # The prefill role: on finishing, hand out the prompt's KV from this block on (then free).
+    kv_export_from: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    arrival: int = field(default_factory=lambda: next(_ids))
 
     @property
     def num_prompt_tokens(self) -> int:

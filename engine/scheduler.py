@@ -1,9 +1,20 @@
-"""Iteration-level scheduler: which requests run how many tokens in the next step.
+"""Iteration-level scheduler: which requests run how many tokens in the next step, and the one
+owner of every request's KV pages (through its KVManager).
 
 Each step mixes decode tokens and prefill chunks under `max_num_batched_tokens` and
 `max_num_seqs`. Requests can join between any two steps; finished ones leave at once. When the
 pool runs out, the latest-arrived running request is preempted: its pages are freed and it is
 recomputed later (its prompt and output so far), keeping the tokens it already produced.
+
+A request the scheduler knows is in exactly one place, found by id in `requests`:
+- `waiting`: queued to run (its pages, if any, come from the prefix cache);
+- `running`: in the batch, growing its pages step by step;
+- `reserved`: pages reserved for a prompt whose KV comes from another replica (`reserve`),
+  written by the caller, then `import_done` and `admit` move it to `running`;
+- `exporting`: finished, its pages kept for the caller to read until `release` (a prefill
+  request with `kv_export_from` set).
+`abort(request_id)` frees the pages wherever the request is; a request that left is forgotten,
+so aborting it again, or a request never seen, does nothing.
 Plain data in, plain data out: this module imports no torch.
 """
 
@@ -15,6 +26,7 @@ from dataclasses import dataclass, field
 from engine.block_allocator import BlockAllocator
 from engine.block_hash import block_hashes
 from engine.config import EngineConfig
+from engine.kv_manager import KVManager
 from engine.request import Request
 
 
@@ -39,39 +51,110 @@ class ModelOutput:
     logprobs: list = field(default_factory=list)  # TokenLogprob | None, aligned with token_ids
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Pages reserved for a prompt whose KV comes from elsewhere: blocks [0, first_block) were
+    found in the prefix cache; `num_pages` pages from first_block on await the transfer."""
+
+    first_block: int
+    num_pages: int
+    block_hashes: list[int]  # chain hashes of the prompt's full blocks
+
+
 class Scheduler:
     def __init__(self, cfg: EngineConfig, allocator: BlockAllocator, max_model_len: int,
                  eos_token_ids: tuple[int, ...] = ()) -> None:
         self.cfg = cfg
-        self.allocator = allocator
+        self.kv = KVManager(allocator, cfg.enable_prefix_caching)
         self.page_size = allocator.page_size
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
+        self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.reserved: dict[str, Request] = {}
+        self.exporting: dict[str, Request] = {}
         self.num_preemptions = 0
 
     # -- membership ----------------------------------------------------------------------
     def add(self, req: Request) -> None:
+        self._track(req)
         self.waiting.append(req)
 
-    def add_running(self, req: Request) -> None:
-        """Admit a request whose pages are already filled (KV imported from a prefill replica)."""
+    def reserve(self, req: Request) -> Reservation | None:
+        """Pages for req's prompt, to be filled from elsewhere: cached prefix pages first, fresh
+        pages for the rest. None when the pool cannot hold the prompt now (nothing is kept)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        # The hashes also identify the prompt to the sender, with or without a prefix cache.
+        req.block_hashes = block_hashes(req.prompt_token_ids, self.page_size)
+        # Every full block may come from the cache: the first token comes with the KV.
+        cached = self.kv.match_prefix(req, max_blocks=len(req.block_hashes))
+        rest = req.num_prompt_tokens - req.num_computed_tokens
+        if not self.kv.can_grow(req, rest):
+            self.kv.free(req)
+            req.num_cached_tokens = 0
+            return None
+        self.kv.grow(req, rest)
+        self._track(req)
+        self.reserved[req.request_id] = req
+        return Reservation(cached, len(req.block_table) - cached, list(req.block_hashes))
+
+    def import_done(self, req: Request, first_block: int) -> None:
+        """The reserved pages from `first_block` on hold the prompt's KV now."""
+        assert self.reserved.get(req.request_id) is req, f"{req.request_id} is not reserved"
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.cache_blocks(req, first_block * self.page_size)
+
+    def admit(self, req: Request, first_token: int, logprob=None) -> None:
+        """An imported request joins the running batch with the token its prefill sampled."""
+        assert req.num_computed_tokens == req.num_prompt_tokens, "admit before import_done"
+        del self.reserved[req.request_id]
         self.running.append(req)
+        req.output_token_ids.append(first_token)
+        req.output_logprobs.append(logprob)
+        reason = self.stop_reason(req, first_token)
+        if reason:
+            self.finish(req, reason)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def finish(self, req: Request, reason: str) -> None:
-        """End a request (stop, length, abort) and free its pages now."""
+        """End a request (stop, length, abort): its pages are freed now, or kept for export."""
         if req.finish_reason is None:
             req.finish_reason = reason
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if not req.hold_kv or reason == "abort":
+        self.reserved.pop(req.request_id, None)
+        if req.kv_export_from is not None and reason != "abort" and req.block_table:
+            self.exporting[req.request_id] = req
+        else:
             self.release(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Free the pages of request_id wherever it is; None if it is unknown or gone."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.exporting.pop(request_id, None)
+            self.finish(req, "abort")
+        return req
+
+    def release(self, req: Request) -> None:
+        """Give back a request's pages; it leaves the scheduler."""
+        self.exporting.pop(req.request_id, None)
+        self.kv.free(req)
+        if self.requests.get(req.request_id) is req:
+            del self.requests[req.request_id]
+
+    def check_integrity(self) -> None:
+        """The allocator's invariants, and page refcounts equal to the live requests' pages."""
+        live = [*self.waiting, *self.running, *self.reserved.values(), *self.exporting.values()]
+        assert len({id(r) for r in live}) == len(live), "a request is in two places"
+        assert {r.request_id for r in live} == set(self.requests), "requests index out of sync"
+        self.kv.check_integrity(live)
 
     # -- the step ------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -82,7 +165,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_pending_tokens, budget)
-            while not self._can_grow(req, n):
+            while not self.kv.can_grow(req, n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -90,7 +173,7 @@ class Scheduler:
                     break
             if req not in self.running:
                 break
-            self._grow(req, n)
+            self.kv.grow(req, n)
             batch.requests.append(req)
             batch.num_new_tokens.append(n)
             budget -= n
@@ -101,14 +184,15 @@ class Scheduler:
                and len(self.running) < self.cfg.max_num_seqs):
             req = self.waiting[0]
             if not req.block_table:
-                self._match_prefix(req)
+                # At least one token must run so that the step yields logits to sample from.
+                self.kv.match_prefix(req, max_blocks=(req.num_tokens - 1) // self.page_size)
             n = min(req.num_pending_tokens, budget)
-            if not self._can_grow(req, n):
-                self.release(req)  # give cached prefix pages back until it can run
+            if not self.kv.can_grow(req, n):
+                self.kv.free(req)  # give cached prefix pages back until it can run
                 break
             self.waiting.popleft()
             self.running.append(req)
-            self._grow(req, n)
+            self.kv.grow(req, n)
             batch.requests.append(req)
             batch.num_new_tokens.append(n)
             budget -= n
@@ -126,7 +210,7 @@ class Scheduler:
                 continue
             before = req.num_computed_tokens
             req.num_computed_tokens += n
-            self._cache_blocks(req, before)
+            self.kv.cache_blocks(req, before)
             if tok is None:
                 continue
             req.output_token_ids.append(tok)
@@ -146,46 +230,14 @@ class Scheduler:
             return "length"
         return None
 
-    def _pages_needed(self, req: Request, n: int) -> int:
-        total = -(-(req.num_computed_tokens + n) // self.page_size)
-        return max(0, total - len(req.block_table))
-
-    def _can_grow(self, req: Request, n: int) -> bool:
-        return self.allocator.can_allocate(self._pages_needed(req, n))
-
-    def _grow(self, req: Request, n: int) -> None:
-        req.block_table += self.allocator.allocate(self._pages_needed(req, n))
-
-    def _match_prefix(self, req: Request) -> None:
-        if not self.cfg.enable_prefix_caching:
-            return
-        req.block_hashes = block_hashes(req.all_token_ids, self.page_size, req.block_hashes)
-        # At least one token must run so that the step yields logits to sample from.
-        usable = (req.num_tokens - 1) // self.page_size
-        pages = self.allocator.match_prefix(req.block_hashes[:usable])
-        req.block_table = pages
-        req.num_computed_tokens = len(pages) * self.page_size
-        req.num_cached_tokens = max(req.num_cached_tokens, req.num_computed_tokens)
-
-    def _cache_blocks(self, req: Request, before: int) -> None:
-        if not self.cfg.enable_prefix_caching:
-            return
-        first, last = before // self.page_size, req.num_computed_tokens // self.page_size
-        if last <= first:
-            return
-        req.block_hashes = block_hashes(req.all_token_ids, self.page_size, req.block_hashes)
-        for i in range(first, last):
-            self.allocator.register(req.block_table[i], req.block_hashes[i])
-
-    def release(self, req: Request) -> None:
-        if req.block_table:
-            self.allocator.free(req.block_table)
-        req.block_table = []
-        req.num_computed_tokens = 0
+    def _track(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        self.requests[req.request_id] = req
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.release(req)
+        self.kv.free(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)

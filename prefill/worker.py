@@ -30,19 +30,16 @@ class PrefillWorker:
         one = dataclasses.replace(params, max_tokens=1, stop=[])
         self.metrics.inc("pdserve_requests_total")
         last = None
-        async for out in self.engine.generate(prompt_ids, one, request_id, hold_kv=True):
+        async for out in self.engine.generate(prompt_ids, one, request_id,
+                                              kv_export_from=first_block):
             last = out
-        if last is None:
+        if last is None or last.kv is None:
             raise RuntimeError(f"prefill of {request_id} ended without a token")
-        eng = self.engine.engine
-        try:
-            data, hashes = await self.engine.call(lambda: eng.export_kv(request_id, first_block))
-        finally:
-            self.engine.submit(lambda: eng.release(request_id))
+        _, page_size = self.engine.kv_layout
+        payload = KVPayload.from_tensor(last.kv.data, page_size, first_block,
+                                        last.kv.block_hashes, self.fingerprint)
         # The hand-off (for the object store: device-to-host copies) runs in a thread, so the
         # engine loop keeps stepping other requests meanwhile.
-        payload = KVPayload.from_tensor(data, eng.cfg.page_size, first_block, hashes,
-                                        self.fingerprint)
         start = time.perf_counter()
         handle = await asyncio.to_thread(self.transport.send, payload)
         self.metrics.inc("pdserve_kv_transfer_send_seconds_total", time.perf_counter() - start)

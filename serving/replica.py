@@ -3,6 +3,7 @@ publish its metrics. Shared by the prefill, decode and colocated deployments."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -51,42 +52,42 @@ class Replica:
         self._last_audit = 0.0
         self._stop_push = start_pushing(self.snapshot)
         log.info("%s replica %s ready: %d KV pages", role, self.metrics.replica,
-                 self.engine.engine.allocator.num_pages)
+                 self.engine.stats().pages_total)
 
     def snapshot(self) -> dict:
-        """Called from the metrics thread; also queues an allocator audit for the loop."""
-        eng = self.engine.engine
-        self.metrics.record_engine(eng)
+        """Called from the metrics thread; also queues a page-accounting audit for the loop."""
+        self.metrics.record_engine(self.engine.stats())
         loop = self.engine.loop
         now = time.monotonic()
-        # The audit walks every page: run it while idle (when "all pages back" must hold and
-        # nothing waits for the loop), and not too often.
-        if (loop is not None and not loop.is_closed() and not eng.has_unfinished()
+        # The audit walks every page: run it while idle (nothing waits for the loop then), and
+        # not too often.
+        if (loop is not None and not loop.is_closed() and not self.engine.has_unfinished()
                 and now - self._last_audit >= AUDIT_EVERY_S):
             self._last_audit = now
-            loop.call_soon_threadsafe(self.engine.submit, self._audit)
+            asyncio.run_coroutine_threadsafe(self._audit(), loop)
         return self.metrics.snapshot()
 
-    def _audit(self) -> None:
-        """The allocator's integrity check, between two steps; published as a gauge."""
-        if self.engine.engine.has_unfinished():
-            return
+    async def _audit(self) -> None:
+        """The engine's page-accounting check, between two steps; published as a gauge."""
         try:
-            self.engine.engine.allocator.check_integrity()
+            await self.engine.check_integrity()
             ok = 1
         except AssertionError:
-            log.exception("KV allocator integrity check failed")
+            log.exception("KV page accounting check failed")
             self.metrics.inc("pdserve_kv_integrity_failures_total")
             ok = 0
         self.metrics.set("pdserve_kv_integrity_ok", ok)
 
     def health(self) -> dict:
-        eng = self.engine.engine
+        stats = self.engine.stats()
         return {"role": self.metrics.role, "replica": self.metrics.replica,
-                "pages_used": eng.num_pages_used, "pages_total": eng.allocator.num_pages}
+                "pages_used": stats.pages_used, "pages_total": stats.pages_total}
 
-    def check_integrity(self) -> dict:
-        eng = self.engine.engine
-        eng.allocator.check_integrity()
-        return {"pages_used": eng.num_pages_used, "pages_total": eng.allocator.num_pages,
-                "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting)}
+    async def check_integrity(self) -> dict:
+        stats = await self.engine.check_integrity()
+        return {"pages_used": stats.pages_used, "pages_total": stats.pages_total,
+                "running": stats.num_running, "waiting": stats.num_waiting}
+
+    def close(self) -> None:
+        """Stop publishing metrics (the replica is shutting down)."""
+        self._stop_push.set()

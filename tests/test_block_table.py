@@ -121,8 +121,10 @@ def test_matches_the_real_scheduler_with_preemption_and_prefix_cache():
                 for r, n in zip(batch.requests, batch.num_new_tokens)]
         sched.update(batch, ModelOutput(toks))
         steps += 1
+        # A livelock guard, not a speed bound: the run is seeded, so its step count is fixed.
         assert steps < 2000
     assert sched.num_preemptions > 0  # the resync-after-preemption path ran
     assert any(r.num_cached_tokens for r in reqs)  # so did prefix matching
-    assert sched.allocator.num_used == 0
+    assert sched.kv.num_used == 0
+    sched.check_integrity()
     assert mirror.table.shape[0] <= 2 * cfg.max_num_seqs

@@ -55,8 +55,8 @@ async def tokens(decode: DecodeWorker, prompt: list[int], params: SamplingParams
 
 def assert_clean(*ws) -> None:
     for w in ws:
-        w.engine.engine.allocator.check_integrity()
-        assert w.engine.engine.num_pages_used == 0
+        w.engine.engine.check_integrity()
+        assert w.engine.stats().pages_used == 0
 
 
 def test_lost_prefill_is_retried(tiny_llama):
@@ -96,7 +96,7 @@ def test_disconnect_before_first_token_cancels_prefill(tiny_llama):
         await asyncio.sleep(0.1)
         gone = asyncio.create_task(tokens(decode, [6] * 30, GREEDY, "gone"))
         await asyncio.sleep(0.1)
-        assert decode.engine.engine.num_pages_used > 0  # "gone" holds reserved pages
+        assert decode.engine.stats().pages_used > 0  # "gone" holds reserved pages
         gone.cancel()  # the client disconnects before its first token
         await asyncio.gather(gone, return_exceptions=True)
         await first
@@ -121,7 +121,7 @@ def test_decode_pool_pressure_preempts_and_recomputes(tiny_llama):
     prefill, decode, got = asyncio.run(main())
     ref = LLM(tiny_llama, num_pages=256).generate(prompts, params)
     assert got == [c.token_ids for c in ref]  # nothing truncated, nothing changed
-    assert decode.engine.engine.scheduler.num_preemptions > 0
+    assert decode.engine.stats().num_preemptions > 0
     assert_clean(prefill, decode)
 
 

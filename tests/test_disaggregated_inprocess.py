@@ -55,8 +55,8 @@ def test_tokens_equal_colocated_and_prefix_pages_move_once(tiny_llama):
     assert decode.metrics.counters["pdserve_kv_transfer_seconds_total"] > 0  # two receives timed
     assert prefill.metrics.counters["pdserve_kv_transfer_bytes_sent_total"] == bytes_a + bytes_b
     for worker in (prefill, decode):
-        worker.engine.engine.allocator.check_integrity()
-        assert worker.engine.engine.num_pages_used == 0
+        worker.engine.engine.check_integrity()
+        assert worker.engine.stats().pages_used == 0
 
 
 def test_concurrent_requests_and_abort_free_pages(tiny_llama):
@@ -78,8 +78,8 @@ def test_concurrent_requests_and_abort_free_pages(tiny_llama):
     assert [[t for o in r for t in o.new_token_ids] for r in results] == \
         [o.token_ids for o in ref]
     for worker in (prefill, decode):
-        worker.engine.engine.allocator.check_integrity()
-        assert worker.engine.engine.num_pages_used == 0
+        worker.engine.engine.check_integrity()
+        assert worker.engine.stats().pages_used == 0
 
 
 def test_payload_mismatch_is_rejected(tiny_llama):

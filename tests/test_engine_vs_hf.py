@@ -53,7 +53,7 @@ def test_prefix_cache_hit_skips_recompute_and_keeps_tokens(tiny_llama):
     a, b = shared + [11, 12, 13], shared + [21, 22]
     first = llm.generate([a], GREEDY)[0]
     rid = llm.add_request(b, GREEDY)
-    req = llm.engine.requests[rid]
+    req = llm.engine.scheduler.requests[rid]
     llm.step()
     # 5 full blocks of the shared 80 tokens were found: only the last 2 tokens ran.
     assert req.num_cached_tokens == 80
@@ -63,7 +63,7 @@ def test_prefix_cache_hit_skips_recompute_and_keeps_tokens(tiny_llama):
     assert req.output_token_ids == hf_greedy(tiny_llama, b, 20)
     # The same prompt again: everything but its last token comes from the cache.
     again = llm.add_request(a, GREEDY)
-    req = llm.engine.requests[again]
+    req = llm.engine.scheduler.requests[again]
     llm.step()
     assert req.num_cached_tokens == 80
     llm.engine.allocator.check_integrity()
