@@ -1,7 +1,7 @@
 """Plain ASGI middlewares (streaming responses pass through untouched).
 
 - `RequestId`: every request gets an id: the client's `X-Request-Id` when it is a sane token,
-  else a fresh one, readable through `current_request_id()` and `scope["state"]`. Standalone,
+  else a fresh one, readable through `scope["state"]`. Standalone,
   the id is echoed in the response header and logged with each request's line. Behind Serve,
   the proxy already does both (its RequestIdMiddleware sets the header, the replica's access
   log carries the id, and the id reaches the downstream replicas' log records), so the app
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import re
 import time
@@ -26,12 +25,7 @@ log = logging.getLogger("pdserve.api")
 
 HEADER = "x-request-id"
 _SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _QUIET = ("/health", "/metrics")  # polled: no log line
-
-
-def current_request_id() -> str:
-    return _request_id.get()
 
 
 def _header(scope: Scope, name: str) -> str | None:
@@ -51,7 +45,6 @@ class RequestId:
             return
         given = _header(scope, HEADER)
         rid = given if given and _SANE.fullmatch(given) else uuid.uuid4().hex
-        token = _request_id.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
         status, start = 500, time.perf_counter()
 
@@ -70,7 +63,6 @@ class RequestId:
             if self.standalone and route_path(scope) not in _QUIET:
                 log.info("request_id=%s %s %s -> %d in %.3f s", rid, scope["method"],
                          scope["path"], status, time.perf_counter() - start)
-            _request_id.reset(token)
 
 
 class BodyLimit:
