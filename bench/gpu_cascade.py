@@ -64,9 +64,9 @@ def attention_step_ms(backend, pool: torch.Tensor, group: int, shared: int, own:
 
     def step(cascade):
         meta = build_metadata(rows, done, new, PS, dev, plan if cascade else None)
-        backend.plan(meta)
+        attn = backend.plan(meta)
         for layer in range(LAYERS):
-            backend.forward(layer, q, kv[:, 0], kv[:, 1], caches[layer % views])
+            attn.forward(layer, q, kv[:, 0], kv[:, 1], caches[layer % views])
 
     plain_bytes = sum(kv_lens) * PAGE_BYTES // PS * LAYERS
     reps = 3 if plain_bytes > 20e9 else 7

@@ -6,16 +6,18 @@ bucket (1, 2, 4, ... up to the largest that `max_num_seqs` needs); a step of n r
 the smallest bucket >= n, its extra rows copying row 0 (see
 `FlashInferBackend.plan_cuda_graph`). Prefill, mixed and cascade steps run eagerly.
 
-Contract with the backend: `enable_cuda_graphs(batch_sizes, max_num_indices)` once, then
-`plan_cuda_graph(meta, batch_size)` before each capture or replay, writing only into buffers
-that the captured kernels read. The runner owns the token and position buffers.
+Contract with the backend (engine/attention/base.py): `supports_cuda_graphs` is True;
+`enable_cuda_graphs(batch_sizes, max_num_indices)` once, then `plan_cuda_graph(meta, batch_size)`
+before each capture or replay, writing only into buffers that the captured kernels read. The plan
+it returns runs the captured forward; a replay only needs the buffers refilled. The runner owns
+the token and position buffers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.base import AttentionBackend, AttentionMetadata, AttentionPlan
 from engine.attention.metadata import build_metadata
 from engine.kv_pool import KVPool
 from engine.model import CausalLM
@@ -36,8 +38,11 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class CudaGraphRunner:
     def __init__(self, model: CausalLM, pool: KVPool, backend: AttentionBackend,
                  max_num_seqs: int, device: torch.device) -> None:
-        if not hasattr(backend, "plan_cuda_graph"):
-            raise ValueError(f"{type(backend).__name__} cannot be captured in a CUDA graph")
+        # Checked before any CUDA call, so a wrong configuration fails clearly on any machine.
+        if not backend.supports_cuda_graphs:
+            raise ValueError(f"the {type(backend).__name__} attention backend does not support "
+                             "CUDA graphs (supports_cuda_graphs is False); choose one that does "
+                             "or turn cuda_graphs off")
         self.model, self.pool, self.backend, self.device = model, pool, backend, device
         self.sizes = graph_batch_sizes(max_num_seqs)
         b_max = self.sizes[-1]
@@ -54,24 +59,23 @@ class CudaGraphRunner:
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory
                 self._capture(b)
 
-    def _forward(self, b: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:b], self.positions[:b], self.pool.layers,
-                            self.backend)
+    def _forward(self, b: int, plan: AttentionPlan) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:b], self.positions[:b], self.pool.layers, plan)
         return self.model.logits(hidden)
 
     def _capture(self, b: int) -> None:
         # A toy step: every row decodes at position 0 of page 0. The pool is still empty at
         # start-up, so what it writes there is overwritten before anything reads it.
         meta = build_metadata([[0]] * b, [0] * b, [1] * b, self.pool.page_size, self.device)
-        self.backend.plan_cuda_graph(meta, b)
+        plan = self.backend.plan_cuda_graph(meta, b)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up: JIT builds and lazy allocations happen here
-            self._forward(b)
+            self._forward(b, plan)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            self.logits[b] = self._forward(b)
+            self.logits[b] = self._forward(b, plan)
         self.graphs[b] = graph
 
     def bucket(self, n: int) -> int | None:
@@ -86,6 +90,8 @@ class CudaGraphRunner:
         """Logits [n, vocab] (float32) of a decode-only step; valid until the next replay."""
         n = meta.batch_size
         b = self.bucket(n)
+        # Refills the buffers that the captured kernels read; the graph replays the capture's
+        # plan, so the plan object returned here is not needed.
         self.backend.plan_cuda_graph(meta, b)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(meta.positions)

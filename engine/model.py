@@ -1,8 +1,8 @@
 """Llama-family decoder (Llama, Mistral, Qwen2) in plain PyTorch over a flat batch of tokens.
 
 One forward runs prefill chunks and decode tokens of many requests together: tokens are
-flattened to [T], positions say where each sits in its sequence, and the attention backend
-(planned once per step) knows which pages hold each request's KV.
+flattened to [T], positions say where each sits in its sequence, and the step's attention plan
+(made once per step by the attention backend) knows which pages hold each request's KV.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention.base import AttentionBackend
+from engine.attention.base import AttentionPlan
 from engine.model_arch import ModelArch
 from engine.rope import RotaryEmbedding
 
@@ -91,23 +91,23 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, h, bias=False)
 
     def forward(self, layer: int, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                backend: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
+                plan: AttentionPlan, kv_cache: torch.Tensor) -> torch.Tensor:
         a = self.arch
         t = x.shape[0]
         fi = fused_kernels(x)
         if fi is not None:
-            return self._forward_fused(fi, layer, x, positions, rope, backend, kv_cache)
+            return self._forward_fused(fi, layer, x, positions, rope, plan, kv_cache)
         qkv = self.qkv_proj(self.input_norm(x))  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q, k = rope(positions, q.view(t, a.num_heads, a.head_dim),
                     k.view(t, a.num_kv_heads, a.head_dim))
-        attn = backend.forward(layer, q, k, v.view(t, a.num_kv_heads, a.head_dim), kv_cache)
+        attn = plan.forward(layer, q, k, v.view(t, a.num_kv_heads, a.head_dim), kv_cache)
         x = x + self.o_proj(attn.reshape(t, a.q_size))  # [T, H]
         gate, up = self.gate_up_proj(self.post_attn_norm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
     def _forward_fused(self, fi, layer: int, x: torch.Tensor, positions: torch.Tensor,
-                       rope: RotaryEmbedding, backend: AttentionBackend,
+                       rope: RotaryEmbedding, plan: AttentionPlan,
                        kv_cache: torch.Tensor) -> torch.Tensor:
         """The same layer in fused GPU kernels; x (this layer's input) is updated in place."""
         a = self.arch
@@ -116,7 +116,7 @@ class DecoderLayer(nn.Module):
         q, k, v = (y.view(t, -1, a.head_dim)
                    for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
         q, k = _rope_fused(fi, rope, positions, q, k)
-        h = self.o_proj(backend.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size))
+        h = self.o_proj(plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size))
         fi.norm.fused_add_rmsnorm(h, x, self.post_attn_norm.weight, self.post_attn_norm.eps)
         # now x = x + attention and h = post_attn_norm(x)
         return x + self.down_proj(fi.activation.silu_and_mul(self.gate_up_proj(h)))
@@ -136,11 +136,14 @@ class CausalLM(nn.Module):
                                     arch.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], backend: AttentionBackend) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, H] (normed)."""
+                kv_caches: list[torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, H] (normed).
+
+        `plan` is this step's attention plan (`AttentionBackend.plan`), run once per layer.
+        """
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, positions, self.rope, backend, kv_caches[i])
+            x = layer(i, x, positions, self.rope, plan, kv_caches[i])
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

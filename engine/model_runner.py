@@ -39,19 +39,19 @@ class ModelRunner:
         if not batch.requests:
             return ModelOutput([])
         order = list(range(len(batch)))
-        plan = None
+        cascade = None
         if all(n == 1 for n in batch.num_new_tokens):
-            plan = plan_cascade(tables, [r.num_computed_tokens + 1 for r in batch.requests],
-                                self.pool.page_size, self.cfg.cascade)
-            if plan is not None:
-                order = plan.order
+            cascade = plan_cascade(tables, [r.num_computed_tokens + 1 for r in batch.requests],
+                                   self.pool.page_size, self.cfg.cascade)
+            if cascade is not None:
+                order = cascade.order
                 tables = tables.take(order)
                 self.num_cascade_steps += 1
-                self.num_cascade_tokens += plan.num_cascade_reqs
+                self.num_cascade_tokens += cascade.num_cascade_reqs
         reqs = [batch.requests[i] for i in order]
         num_new = [batch.num_new_tokens[i] for i in order]
         meta = build_metadata(tables, [r.num_computed_tokens for r in reqs], num_new,
-                              self.pool.page_size, self.device, plan)
+                              self.pool.page_size, self.device, cascade)
         input_ids = []
         for r, n in zip(reqs, num_new):
             input_ids += r.token_slice(r.num_computed_tokens, n)
@@ -60,8 +60,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(meta):
             graph_logits = self.graphs.run(ids, meta)  # [B, vocab]: every row is a last token
         else:
-            self.backend.plan(meta)
-            hidden = self.model(ids, meta.positions, self.pool.layers, self.backend)  # [T, H]
+            plan = self.backend.plan(meta)
+            hidden = self.model(ids, meta.positions, self.pool.layers, plan)  # [T, H]
         # Only a request whose step reaches its last token samples one.
         sampling = [i for i, (r, n) in enumerate(zip(reqs, num_new))
                     if r.num_computed_tokens + n == r.num_tokens]

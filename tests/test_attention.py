@@ -1,30 +1,80 @@
-"""TorchBackend: paged attention equals dense attention; cascade equals plain (fp32, 1e-5)."""
+"""Attention backends: the contract every backend keeps (construction by name, a plan per step,
+CUDA graphs only where declared), and TorchBackend's numbers: paged attention equals dense
+attention; cascade equals plain (fp32, 1e-5)."""
 
 from __future__ import annotations
 
+import inspect
 import random
+from importlib import import_module
 
 import pytest
 import torch
 
+from engine.attention.base import AttentionPlan
 from engine.attention.cascade import plan_cascade
 from engine.attention.metadata import build_metadata
+from engine.attention.registry import ATTENTION_BACKENDS, make_backend
 from engine.attention.torch_backend import TorchBackend, attend
+from engine.cuda_graph import CudaGraphRunner
+from engine.kv_pool import KVPool
+from engine.model import CausalLM
+from engine.model_arch import ModelArch
 
 HQ, HKV, D, PS = 8, 2, 16, 4
+# Exactly the keywords the engine builds every backend with (engine/llm_engine.py).
+ENGINE_KWARGS = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=torch.float32,
+                     device="cpu", page_size=PS, max_num_seqs=8)
 
 
 def _backend() -> TorchBackend:
-    return TorchBackend(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=torch.float32,
-                        device="cpu")
+    return TorchBackend(**ENGINE_KWARGS)
 
 
-def _run(backend, tables, done, new, cache, q, k, v, plan=None):
-    meta = build_metadata(tables, done, new, PS, torch.device("cpu"), plan)
-    backend.plan(meta)
-    return backend.forward(0, q, k, v, cache)
+def _run(backend, tables, done, new, cache, q, k, v, cascade=None):
+    meta = build_metadata(tables, done, new, PS, torch.device("cpu"), cascade)
+    plan = backend.plan(meta)
+    assert isinstance(plan, AttentionPlan) and plan.meta is meta
+    return plan.forward(0, q, k, v, cache)
 
 
+# -- the contract -----------------------------------------------------------------------------
+def test_make_backend_by_name():
+    assert type(make_backend("torch", **ENGINE_KWARGS)) is TorchBackend
+    with pytest.raises(ValueError) as err:
+        make_backend("nope", **ENGINE_KWARGS)
+    assert "'nope'" in str(err.value)
+    assert all(repr(name) in str(err.value) for name in ATTENTION_BACKENDS)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_BACKENDS))
+def test_every_backend_takes_the_engine_keywords_and_no_others(name):
+    module, cls = ATTENTION_BACKENDS[name].split(":")
+    # Binding checks the signature alone: the flashinfer backend cannot be built without CUDA.
+    inspect.signature(getattr(import_module(module), cls)).bind(**ENGINE_KWARGS)
+    with pytest.raises(TypeError, match="page_sise"):
+        make_backend(name, **ENGINE_KWARGS, page_sise=PS)
+
+
+def test_torch_backend_has_no_cuda_graphs_and_the_graph_runner_refuses_it():
+    backend = _backend()
+    assert backend.supports_cuda_graphs is False
+    meta = build_metadata([[0]], [0], [1], PS, torch.device("cpu"))
+    for hook in (lambda: backend.enable_cuda_graphs([1, 2], 16),
+                 lambda: backend.plan_cuda_graph(meta, 1), backend.max_graph_indices):
+        with pytest.raises(NotImplementedError, match="TorchBackend"):
+            hook()
+    arch = ModelArch("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64,
+                     num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                     rms_norm_eps=1e-5, rope_theta=10000.0)
+    pool = KVPool(arch, num_pages=4, page_size=PS, dtype=torch.float32, device="cpu")
+    # Refused before any CUDA call, so this runs on a CPU-only machine.
+    with pytest.raises(ValueError, match="TorchBackend attention backend does not support CUDA"):
+        CudaGraphRunner(CausalLM(arch, max_positions=32), pool, backend, max_num_seqs=2,
+                        device=torch.device("cpu"))
+
+
+# -- the torch backend's numbers --------------------------------------------------------------
 def test_paged_prefill_equals_dense_causal():
     torch.manual_seed(0)
     num_pages = 32

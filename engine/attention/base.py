@@ -1,10 +1,11 @@
-"""The attention-backend contract and the per-step metadata every backend reads.
+"""The attention-backend contract (a backend plans each step; the plan runs each layer) and the
+per-step metadata every backend reads.
 
 Field names follow FlashInfer's arguments so that a FlashInfer backend passes them straight on.
 KV pool layout per layer: `[num_pages, 2, page_size, num_kv_heads, head_dim]` (NHD; index 0 = K,
 1 = V). A request's KV is the concatenation of its pages `kv_indices[kv_indptr[b]:kv_indptr[b+1]]`,
 the last one filled to `kv_last_page_len[b]`. The KV lengths include this step's new tokens: the
-backend writes the new K/V first, then attends. Queries are the last `qo_len` tokens of their
+plan writes the new K/V first, then attends. Queries are the last `qo_len` tokens of their
 request, so the causal mask is aligned to the bottom right:
 query i sees kv j <= kv_len - qo_len + i.
 """
@@ -59,38 +60,80 @@ class AttentionMetadata:
         return self.qo_indptr_host[-1]
 
 
-class AttentionBackend(ABC):
-    """Runs paged attention for one model.
+class AttentionPlan(ABC):
+    """One step's attention, planned: `AttentionBackend.plan(meta)` builds it once per step and
+    the model calls `forward` once per layer.
 
-    Contract:
-    - `plan(meta)` is called once per step, before any layer runs; it may build index buffers
-      or kernel plans. It must not read the KV pool.
-    - `forward(layer, q, k, v, kv_cache)` is called once per layer with q `[T, Hq, D]`,
-      k and v `[T, Hkv, D]` (rotary already applied) and that layer's pool tensor. It writes
-      k and v into the pool at `meta.slot_mapping`, then returns attention output `[T, Hq, D]`
-      (scaled dot product, scale 1/sqrt(D), causal as described in this module's docstring).
-    - With `meta.cascade` set, the result must equal plain attention up to rounding.
+    It holds what the step needs (the metadata, where the new K/V go, which kernels run), so a
+    backend keeps no per-step state of its own.
     """
 
-    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, **_: object) -> None:
+    def __init__(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        """q `[T, Hq, D]`, k and v `[T, Hkv, D]` (rotary already applied), `kv_cache` this
+        layer's pool tensor -> attention output `[T, Hq, D]` in q's dtype.
+
+        Writes k and v into the pool at `meta.slot_mapping` first, then attends (scale
+        1/sqrt(D), causal as described in this module's docstring).
+        """
+
+
+class AttentionBackend(ABC):
+    """Runs paged attention for one model. Built by name (registry.py) with exactly the keyword
+    arguments `num_q_heads, num_kv_heads, head_dim, dtype, device, page_size, max_num_seqs`
+    (a backend may add optional ones of its own; an unknown one is a TypeError).
+
+    Contract:
+    - `plan(meta) -> AttentionPlan` is called once per step, before any layer runs; it may build
+      index buffers or kernel plans. It must not read the KV pool. The plan is valid until the
+      backend's next `plan` or `plan_cuda_graph` call (kernel plans may live in objects that
+      the backend reuses from step to step).
+    - `plan.forward(layer, q, k, v, kv_cache)` is called once per layer (see AttentionPlan).
+    - With `meta.cascade` set, the result must equal plain attention up to rounding.
+    - `warmup()` may compile or load kernels ahead of the first request.
+    - CUDA graphs (engine/cuda_graph.py), only where `supports_cuda_graphs` is True:
+      `enable_cuda_graphs(batch_sizes, max_num_indices)` once, then before each capture or
+      replay `plan_cuda_graph(meta, batch_size)`, a decode-only, cascade-free step of at most
+      `batch_size` requests padded to `batch_size` rows. It writes only into fixed buffers that
+      the captured kernels read, so a replay needs no new plan object: the one returned is for
+      the capture. `max_graph_indices()` is how many `kv_indices` a graph step may hold.
+    """
+
+    supports_cuda_graphs: bool = False
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, page_size: int = 16, max_num_seqs: int = 64) -> None:
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs  # the most requests in one step
         self.scale = head_dim ** -0.5
-        self.meta: AttentionMetadata | None = None
-
-    def plan(self, meta: AttentionMetadata) -> None:
-        self.meta = meta
 
     @abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor) -> torch.Tensor: ...
+    def plan(self, meta: AttentionMetadata) -> AttentionPlan: ...
 
     def warmup(self) -> None:  # noqa: B027 - optional hook, most backends need none
         """Compile or load kernels ahead of the first request (no-op for the torch backend)."""
+
+    # -- CUDA graphs: implemented by the backends whose `supports_cuda_graphs` is True --------
+    def enable_cuda_graphs(self, batch_sizes: list[int], max_num_indices: int) -> None:
+        """Allocate what graphs of these batch sizes read, for up to `max_num_indices` pages."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
+        """Plan a decode-only step for the graph captured at `batch_size` (>= meta.batch_size)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def max_graph_indices(self) -> int:
+        """The most `kv_indices` entries that a graph step can hold."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
 
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,

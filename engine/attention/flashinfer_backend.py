@@ -15,7 +15,12 @@ One wrapper per kind of step, each planned once per step and run once per layer:
   cascade attention took 42 ms per step on FA3 and 30 ms on FA2, against 79 ms for plain
   decode (H200, docs/benchmarks.md);
 - CUDA-graph replays (engine/cuda_graph.py): one decode wrapper per captured batch size, with
-  fixed index buffers that `plan_cuda_graph` refills before each replay.
+  fixed index buffers (`GraphBuffers`) that `plan_cuda_graph` refills before each replay.
+
+`plan` returns the step's plan: `WrapperPlan` (one wrapper runs every row: prefill, decode, or a
+graph's decode wrapper) or `CascadeDecodePlan`; each writes the new K/V through its `KVWrite`.
+The wrappers belong to the backend and are re-planned every step, so a plan is valid until the
+next `plan`/`plan_cuda_graph` call.
 
 All wrappers share one float workspace (they run one after another on one stream). Planning
 reads only host lists (`qo_indptr_host`, `kv_lens_host`) and device index tensors, so a plain
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.base import AttentionBackend, AttentionMetadata, AttentionPlan
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 HEAD_DIMS = (64, 128, 256)  # what both FlashInfer prefill kernels (FA2, FA3) instantiate
@@ -63,12 +68,103 @@ def _host_i32(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32)
 
 
+class KVWrite:
+    """Where a step's new K/V go: pool page and in-page offset per token row, [T] int64 each.
+
+    With `source` [T] int64, row i writes the K/V of token `source[i]` (CUDA-graph padding rows
+    write row 0's again, see `FlashInferBackend.plan_cuda_graph`).
+    """
+
+    def __init__(self, page: torch.Tensor, offset: torch.Tensor,
+                 source: torch.Tensor | None = None) -> None:
+        self.page = page
+        self.offset = offset
+        self.source = source
+
+    @classmethod
+    def from_slots(cls, slot_mapping: torch.Tensor, page_size: int) -> KVWrite:
+        page = torch.div(slot_mapping, page_size, rounding_mode="floor")
+        return cls(page, slot_mapping - page * page_size)
+
+    def __call__(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        gap = v.data_ptr() - k.data_ptr()
+        if (k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+                and k.stride() == v.stride() and gap > 0 and gap % k.element_size() == 0):
+            # k and v lie side by side in the fused qkv output: view them as one [T, 2, Hkv, D]
+            # tensor, so that one scatter kernel writes both.
+            kv = k.as_strided((k.shape[0], 2, *k.shape[1:]),
+                              (k.stride(0), gap // k.element_size(), *k.stride()[1:]))
+        else:
+            kv = torch.stack((k, v), dim=1)
+        if self.source is not None:
+            kv = kv.index_select(0, self.source)
+        kv_cache[self.page, :, self.offset] = kv
+
+
+class WrapperPlan(AttentionPlan):
+    """A step whose rows all run through one planned wrapper: the prefill wrapper (any batch
+    with a prefill chunk), the decode wrapper (decode-only) or a CUDA graph's decode wrapper."""
+
+    def __init__(self, meta: AttentionMetadata, write: KVWrite, wrapper) -> None:
+        super().__init__(meta)
+        self.write = write
+        self.wrapper = wrapper
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        self.write(kv_cache, k, v)
+        return self.wrapper.run(q, kv_cache)
+
+
+class CascadeDecodePlan(AttentionPlan):
+    """A decode-only step whose first `num_cascade` requests run the two-level cascade and the
+    rest (if any) the decode wrapper; outputs are concatenated in batch order."""
+
+    def __init__(self, meta: AttentionMetadata, write: KVWrite, cascade: TwoLevelCascade,
+                 num_cascade: int, rest) -> None:
+        super().__init__(meta)
+        self.write = write
+        self.cascade = cascade
+        self.num_cascade = num_cascade
+        self.rest = rest  # the decode wrapper, planned for requests num_cascade.., or None
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        self.write(kv_cache, k, v)
+        nc = self.num_cascade
+        out = self.cascade.run(q[:nc], kv_cache)
+        if self.rest is None:
+            return out
+        return torch.cat([out, self.rest.run(q[nc:], kv_cache)])
+
+
+class GraphBuffers:
+    """What captured decode graphs read, at fixed addresses: one decode wrapper per batch size
+    over shared index buffers, and the K/V write index rows (refilled before each replay)."""
+
+    def __init__(self, fi, workspace: torch.Tensor, batch_sizes: list[int],
+                 max_num_indices: int, device: torch.device) -> None:
+        b_max = max(batch_sizes)
+        self.indices = torch.zeros(max_num_indices + b_max, dtype=torch.int32, device=device)
+        self.page = torch.zeros(b_max, dtype=torch.int64, device=device)
+        self.offset = torch.zeros(b_max, dtype=torch.int64, device=device)
+        self.source = torch.zeros(b_max, dtype=torch.int64, device=device)
+        self.wrappers = {b: fi.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=device),
+            backend="fa2") for b in batch_sizes}
+
+
 class FlashInferBackend(AttentionBackend):
+    supports_cuda_graphs = True
+
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, page_size: int = 16,
-                 prefill_backend: str = "auto", cascade_backend: str = "fa2",
-                 **_: object) -> None:
-        super().__init__(num_q_heads, num_kv_heads, head_dim, dtype, device)
+                 device: torch.device | str, page_size: int = 16, max_num_seqs: int = 64, *,
+                 prefill_backend: str = "auto", cascade_backend: str = "fa2") -> None:
+        super().__init__(num_q_heads, num_kv_heads, head_dim, dtype, device, page_size,
+                         max_num_seqs)
         if self.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")
         if head_dim not in HEAD_DIMS:
@@ -79,17 +175,13 @@ class FlashInferBackend(AttentionBackend):
         import flashinfer
 
         self._fi = flashinfer
-        self.page_size = page_size
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True, backend="fa2")
         self.cascade = TwoLevelCascade(flashinfer, self.workspace, cascade_backend)
-        self._graph_wrappers: dict[int, object] = {}
-        self._mode = "none"
-        self._num_cascade = 0
-        self._write_page = self._write_offset = None  # [T] int64 each, set by plan
+        self.graph_buffers: GraphBuffers | None = None  # set by enable_cuda_graphs
 
     # -- planning ---------------------------------------------------------------------------
     def _paging(self, kv_lens: list[int]) -> tuple[list[int], list[int]]:
@@ -104,29 +196,25 @@ class FlashInferBackend(AttentionBackend):
     def _plan_args(self) -> dict:
         return dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
 
-    def _set_write_index(self, slot_mapping: torch.Tensor) -> None:
-        self._write_page = torch.div(slot_mapping, self.page_size, rounding_mode="floor")
-        self._write_offset = slot_mapping - self._write_page * self.page_size
-
-    def plan(self, meta: AttentionMetadata) -> None:
-        super().plan(meta)
-        self._set_write_index(meta.slot_mapping)
+    def plan(self, meta: AttentionMetadata) -> AttentionPlan:
+        write = KVWrite.from_slots(meta.slot_mapping, self.page_size)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
         indptr, last = self._paging(meta.kv_lens_host)
         if not meta.num_decode_only:
-            self._mode = "prefill"
             self.prefill.plan(_host_i32(meta.qo_indptr_host), _host_i32(indptr), meta.kv_indices,
                               _host_i32(last), *heads, causal=True, **self._plan_args())
-            return
+            return WrapperPlan(meta, write, self.prefill)
         nc = meta.num_cascade_reqs if meta.cascade else 0
-        self._num_cascade = nc
-        self._mode = "cascade" if nc else "decode"
         if nc:
             self._plan_cascade(meta, heads)
         if nc < meta.batch_size:
             rest = [p - indptr[nc] for p in indptr[nc:]]
             self.decode.plan(_host_i32(rest), meta.kv_indices[indptr[nc]:], _host_i32(last[nc:]),
                              *heads, **self._plan_args())
+        if not nc:
+            return WrapperPlan(meta, write, self.decode)
+        return CascadeDecodePlan(meta, write, self.cascade, nc,
+                                 self.decode if nc < meta.batch_size else None)
 
     def _plan_cascade(self, meta: AttentionMetadata, heads: tuple) -> None:
         levels = meta.cascade
@@ -141,33 +229,28 @@ class FlashInferBackend(AttentionBackend):
     # -- CUDA graphs ------------------------------------------------------------------------
     def enable_cuda_graphs(self, batch_sizes: list[int], max_num_indices: int) -> None:
         """Make one decode wrapper per batch size over fixed index buffers (filled per step)."""
-        b_max = max(batch_sizes)
-        dev = self.device
-        self._graph_indices = torch.zeros(max_num_indices + b_max, dtype=torch.int32, device=dev)
-        self._graph_page = torch.zeros(b_max, dtype=torch.int64, device=dev)
-        self._graph_offset = torch.zeros(b_max, dtype=torch.int64, device=dev)
-        self._graph_source = torch.zeros(b_max, dtype=torch.int64, device=dev)
-        for b in batch_sizes:
-            self._graph_wrappers[b] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=dev),
-                paged_kv_indices_buffer=self._graph_indices,
-                paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=dev),
-                backend="fa2")
+        self.graph_buffers = GraphBuffers(self._fi, self.workspace, batch_sizes,
+                                          max_num_indices, self.device)
+
+    def _graph_buffers(self) -> GraphBuffers:
+        if self.graph_buffers is None:
+            raise RuntimeError("call enable_cuda_graphs before planning or sizing a CUDA graph")
+        return self.graph_buffers
 
     def max_graph_indices(self) -> int:
-        return self._graph_indices.numel() - self._graph_page.numel()
+        g = self._graph_buffers()
+        return g.indices.numel() - g.page.numel()
 
-    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> None:
+    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
         """Plan a decode-only, cascade-free step for the graph captured at `batch_size`.
 
         The rows past the real ones are padding: they attend over row 0's last page (their
         outputs are dropped) and write into row 0's slot the K/V of row 0 itself, gathered
-        through `_graph_source` (their own K/V differ from row 0's after the first layer), so
+        through `source` (their own K/V differ from row 0's after the first layer), so
         padding changes no byte that a real request reads.
         """
         assert meta.num_decode_only and meta.batch_size <= batch_size
-        super().plan(meta)
+        g = self._graph_buffers()
         pad = batch_size - meta.batch_size
         indptr, last = self._paging(meta.kv_lens_host)
         indices, slots = meta.kv_indices, meta.slot_mapping
@@ -177,49 +260,17 @@ class FlashInferBackend(AttentionBackend):
             row0_last = meta.kv_indices[indptr[1] - 1:indptr[1]]
             indices = torch.cat([indices, row0_last.expand(pad)])
             slots = torch.cat([slots, slots[:1].expand(pad)])
-        page = self._graph_page[:batch_size]
-        offset = self._graph_offset[:batch_size]
+        # Views of the fixed buffers: the captured scatter reads these addresses.
+        page = g.page[:batch_size]
+        offset = g.offset[:batch_size]
         page.copy_(torch.div(slots, self.page_size, rounding_mode="floor"))
         offset.copy_(slots % self.page_size)
-        source = self._graph_source[:batch_size]
+        source = g.source[:batch_size]
         source.copy_(torch.tensor(list(range(meta.batch_size)) + [0] * pad), non_blocking=True)
-        self._write_page, self._write_offset, self._write_source = page, offset, source
-        wrapper = self._graph_wrappers[batch_size]
+        wrapper = g.wrappers[batch_size]
         wrapper.plan(_host_i32(indptr), indices, _host_i32(last), self.num_q_heads,
                      self.num_kv_heads, self.head_dim, meta.page_size, **self._plan_args())
-        self._mode = "graph"
-        self._graph_wrapper = wrapper
-        self._num_cascade = 0
-
-    # -- the layer call ---------------------------------------------------------------------
-    def _write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        gap = v.data_ptr() - k.data_ptr()
-        if (k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-                and k.stride() == v.stride() and gap > 0 and gap % k.element_size() == 0):
-            # k and v lie side by side in the fused qkv output: view them as one [T, 2, Hkv, D]
-            # tensor, so that one scatter kernel writes both.
-            kv = k.as_strided((k.shape[0], 2, *k.shape[1:]),
-                              (k.stride(0), gap // k.element_size(), *k.stride()[1:]))
-        else:
-            kv = torch.stack((k, v), dim=1)
-        if self._mode == "graph":
-            kv = kv.index_select(0, self._write_source)
-        kv_cache[self._write_page, :, self._write_offset] = kv
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor) -> torch.Tensor:
-        self._write_kv(kv_cache, k, v)
-        if self._mode == "graph":
-            return self._graph_wrapper.run(q, kv_cache)
-        if self._mode == "prefill":
-            return self.prefill.run(q, kv_cache)
-        if self._mode == "decode":
-            return self.decode.run(q, kv_cache)
-        nc = self._num_cascade
-        out = self.cascade.run(q[:nc], kv_cache)
-        if nc == q.shape[0]:
-            return out
-        return torch.cat([out, self.decode.run(q[nc:], kv_cache)])
+        return WrapperPlan(meta, KVWrite(page, offset, source), wrapper)
 
     # -- start-up ---------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -229,19 +280,17 @@ class FlashInferBackend(AttentionBackend):
 
         ps, dev = self.page_size, self.device
         cache = torch.randn(8, 2, ps, self.num_kv_heads, self.head_dim, device=dev).to(self.dtype)
-        saved = (self.meta, self._mode, self._write_page, self._write_offset)
 
-        def run(tables, done, new, plan=None):
-            meta = build_metadata(tables, done, new, ps, dev, plan)
-            self.plan(meta)
+        def run(tables, done, new, cascade=None):
+            meta = build_metadata(tables, done, new, ps, dev, cascade)
+            plan = self.plan(meta)
             t = meta.num_tokens
             q = torch.randn(t, self.num_q_heads, self.head_dim, device=dev, dtype=self.dtype)
             kv = torch.randn(t, 2, self.num_kv_heads, self.head_dim, device=dev, dtype=self.dtype)
-            self.forward(0, q, kv[:, 0], kv[:, 1], cache)
+            plan.forward(0, q, kv[:, 0], kv[:, 1], cache)
 
         run([[0, 1]], [ps - 3], [5])  # prefill chunk over a cached prefix
         run([[2, 3], [4]], [ps + 2, 3], [1, 1])  # decode
         run([[0, 2], [0, 3], [5]], [ps + 1, ps + 4, 2], [1, 1, 1],
             CascadePlan(order=[0, 1, 2], groups=[CascadeGroup([0, 1], 1)]))
         torch.cuda.synchronize(dev)
-        self.meta, self._mode, self._write_page, self._write_offset = saved

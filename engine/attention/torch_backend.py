@@ -9,7 +9,13 @@ import math
 
 import torch
 
-from engine.attention.base import AttentionBackend, CascadeLevel, write_kv
+from engine.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    AttentionPlan,
+    CascadeLevel,
+    write_kv,
+)
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -65,23 +71,44 @@ def level_kv_lens(level: CascadeLevel, page_size: int) -> list[int]:
 
 
 class TorchBackend(AttentionBackend):
-    def plan(self, meta) -> None:
-        super().plan(meta)
-        # Host copies once per step, not once per layer.
-        self._kv_indptr = meta.kv_indptr.tolist()
-        self._levels = []
-        for level in meta.cascade or []:
-            self._levels.append((level.qo_indptr.tolist(), level.kv_indptr.tolist(),
-                                 level_kv_lens(level, meta.page_size), level))
+    """No CUDA graphs (`supports_cuda_graphs` stays False): its kernels' shapes follow each
+    step's lengths, and a step loops over requests in Python."""
+
+    def plan(self, meta: AttentionMetadata) -> TorchPlan:
+        return TorchPlan(meta, self.scale, self.num_kv_heads, self.head_dim, self.device)
+
+
+# token rows [B], then pages, in-page offsets and validity [B, max_kv] of B single-token requests
+DecodeGather = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class TorchPlan(AttentionPlan):
+    """One step on the torch backend: cascade groups, then the batched single-token requests,
+    then each prefill chunk on its own. Host lists are copied once here, not once per layer."""
+
+    def __init__(self, meta: AttentionMetadata, scale: float, num_kv_heads: int, head_dim: int,
+                 device: torch.device) -> None:
+        super().__init__(meta)
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.kv_indptr: list[int] = meta.kv_indptr.tolist()
+        # per cascade level: (qo_indptr, kv_indptr, kv_lens) host lists and the level itself
+        self.levels: list[tuple[list[int], list[int], list[int], CascadeLevel]] = [
+            (level.qo_indptr.tolist(), level.kv_indptr.tolist(),
+             level_kv_lens(level, meta.page_size), level)
+            for level in meta.cascade or []]
         first = meta.num_cascade_reqs if meta.cascade else 0
         qo = meta.qo_indptr_host
         decodes = [b for b in range(first, meta.batch_size) if qo[b + 1] - qo[b] == 1]
-        self._prefills = [b for b in range(first, meta.batch_size) if qo[b + 1] - qo[b] > 1]
-        self._decode = self._plan_decodes(meta, decodes) if decodes else None
+        self.prefills = [b for b in range(first, meta.batch_size) if qo[b + 1] - qo[b] > 1]
+        self.decode: DecodeGather | None = (self._plan_decodes(decodes, device) if decodes
+                                            else None)
 
-    def _plan_decodes(self, meta, reqs: list[int]):
+    def _plan_decodes(self, reqs: list[int], device: torch.device) -> DecodeGather:
         """Gather indices for all single-token requests at once: [B, max_kv] page and offset,
         padded, with a validity mask (one batched attention instead of a loop)."""
+        meta = self.meta
         ps = meta.page_size
         lens = [meta.kv_lens_host[b] for b in reqs]
         width = max(lens)
@@ -89,12 +116,12 @@ class TorchBackend(AttentionBackend):
         pos = torch.arange(width)
         indices = meta.kv_indices.cpu().long()
         for row, b in enumerate(reqs):
-            own = indices[self._kv_indptr[b]:self._kv_indptr[b + 1]]
+            own = indices[self.kv_indptr[b]:self.kv_indptr[b + 1]]
             pages[row, :lens[row]] = own.repeat_interleave(ps)[:lens[row]]
         valid = pos[None, :] < torch.tensor(lens)[:, None]
         tokens = torch.tensor([meta.qo_indptr_host[b] for b in reqs])
-        dev = self.device
-        return tokens.to(dev), pages.to(dev), (pos % ps).expand_as(pages).to(dev), valid.to(dev)
+        return (tokens.to(device), pages.to(device), (pos % ps).expand_as(pages).to(device),
+                valid.to(device))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
@@ -102,12 +129,12 @@ class TorchBackend(AttentionBackend):
         write_kv(kv_cache, meta.slot_mapping, k, v)
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         qo = meta.qo_indptr_host
-        if self._levels:
+        if self.levels:
             self._forward_cascade(q, kv_cache, out)
-        if self._decode is not None:
+        if self.decode is not None:
             self._forward_decodes(q, kv_cache, out)
-        for b in self._prefills:
-            pages = meta.kv_indices[self._kv_indptr[b]:self._kv_indptr[b + 1]]
+        for b in self.prefills:
+            pages = meta.kv_indices[self.kv_indptr[b]:self.kv_indptr[b + 1]]
             kb, vb = gather_kv(kv_cache, pages, meta.kv_lens_host[b])
             out[qo[b]:qo[b + 1]], _ = attend(q[qo[b]:qo[b + 1]], kb, vb, self.scale,
                                              causal=True, with_lse=False)
@@ -115,7 +142,7 @@ class TorchBackend(AttentionBackend):
 
     def _forward_decodes(self, q: torch.Tensor, kv_cache: torch.Tensor,
                          out: torch.Tensor) -> None:
-        tokens, pages, offsets, valid = self._decode
+        tokens, pages, offsets, valid = self.decode
         b, hkv = pages.shape[0], self.num_kv_heads
         k = kv_cache[pages, 0, offsets].float().transpose(1, 2)  # [B, Hkv, L, D]
         v = kv_cache[pages, 1, offsets].float().transpose(1, 2)
@@ -130,10 +157,10 @@ class TorchBackend(AttentionBackend):
 
         Only the last level can hold a query's own new token, so only it is causal.
         """
-        end = self._levels[0][0][-1]
+        end = self.levels[0][0][-1]
         acc_o = acc_lse = None
-        for i, (qo, kv_indptr, kv_lens, level) in enumerate(self._levels):
-            causal = i == len(self._levels) - 1
+        for i, (qo, kv_indptr, kv_lens, level) in enumerate(self.levels):
+            causal = i == len(self.levels) - 1
             o = torch.zeros(end, q.shape[1], q.shape[2], dtype=torch.float32, device=q.device)
             lse = torch.full((end, q.shape[1]), float("-inf"), device=q.device)
             for g in range(len(kv_lens)):

@@ -17,7 +17,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("flashinfer")
 
 from engine.attention.cascade import plan_cascade  # noqa: E402
-from engine.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
+from engine.attention.flashinfer_backend import (  # noqa: E402
+    CascadeDecodePlan,
+    FlashInferBackend,
+    WrapperPlan,
+)
 from engine.attention.metadata import build_metadata  # noqa: E402
 from engine.attention.torch_backend import TorchBackend  # noqa: E402
 
@@ -58,23 +62,22 @@ def _tables(rng: random.Random, kv_lens: list[int], num_pages: int) -> list[list
     return tables
 
 
-def _compare(fi: FlashInferBackend, tables, done, new, num_pages, plan=None):
-    """Run both backends on one step; return (relative error, pools equal)."""
+def _compare(fi: FlashInferBackend, tables, done, new, num_pages, cascade=None):
+    """Run both backends on one step; return (relative error, pools equal, FlashInfer's plan)."""
     cache = torch.randn(num_pages, 2, PS, HKV, D, device=DEV).to(DT)
     ref_cache = cache.clone()
     t = sum(new)
     q = torch.randn(t, HQ, D, device=DEV).to(DT)
     k = torch.randn(t, HKV, D, device=DEV).to(DT)
     v = torch.randn(t, HKV, D, device=DEV).to(DT)
-    meta = build_metadata(tables, done, new, PS, DEV, plan)
-    ref_backend = _torch_backend()
-    ref_backend.plan(build_metadata(tables, done, new, PS, DEV))  # plain reference
-    ref = ref_backend.forward(0, q, k, v, ref_cache)
-    fi.plan(meta)
-    out = fi.forward(0, q, k, v, cache)
+    meta = build_metadata(tables, done, new, PS, DEV, cascade)
+    ref_plan = _torch_backend().plan(build_metadata(tables, done, new, PS, DEV))  # plain
+    ref = ref_plan.forward(0, q, k, v, ref_cache)
+    plan = fi.plan(meta)
+    out = plan.forward(0, q, k, v, cache)
     torch.cuda.synchronize()
     assert out.shape == (t, HQ, D) and out.dtype == DT
-    return rel_err(out, ref), torch.equal(cache, ref_cache)
+    return rel_err(out, ref), torch.equal(cache, ref_cache), plan
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -89,7 +92,9 @@ def test_prefill_mixed_with_cached_prefix(fi_backend, seed):
     new[0] = max(new[0], 2)  # at least one real prefill chunk in the batch
     kv_lens = [c + n for c, n in zip(done, new)]
     num_pages = sum(-(-n // PS) for n in kv_lens) + 7
-    err, same_pool = _compare(fi_backend, _tables(rng, kv_lens, num_pages), done, new, num_pages)
+    err, same_pool, plan = _compare(fi_backend, _tables(rng, kv_lens, num_pages), done, new,
+                                    num_pages)
+    assert isinstance(plan, WrapperPlan) and plan.wrapper is fi_backend.prefill
     assert err <= TOL
     assert same_pool
 
@@ -100,8 +105,9 @@ def test_decode(fi_backend, seed):
     kv_lens = [rng.randint(1, 700) for _ in range(rng.randint(1, 40))]
     num_pages = sum(-(-n // PS) for n in kv_lens) + 3
     done = [n - 1 for n in kv_lens]
-    err, same_pool = _compare(fi_backend, _tables(rng, kv_lens, num_pages), done,
-                              [1] * len(kv_lens), num_pages)
+    err, same_pool, plan = _compare(fi_backend, _tables(rng, kv_lens, num_pages), done,
+                                    [1] * len(kv_lens), num_pages)
+    assert isinstance(plan, WrapperPlan) and plan.wrapper is fi_backend.decode
     assert err <= TOL
     assert same_pool
 
@@ -136,9 +142,10 @@ def test_cascade_matches_plain(fi_backend, seed):
     assert plan is not None
     tables = [tables[i] for i in plan.order]
     kv_lens = [kv_lens[i] for i in plan.order]
-    err, same_pool = _compare(fi_backend, tables, [n - 1 for n in kv_lens], [1] * len(kv_lens),
-                              num_pages, plan)
-    assert fi_backend._mode == "cascade"
+    err, same_pool, fi_plan = _compare(fi_backend, tables, [n - 1 for n in kv_lens],
+                                       [1] * len(kv_lens), num_pages, plan)
+    assert isinstance(fi_plan, CascadeDecodePlan)
+    assert fi_plan.num_cascade == plan.num_cascade_reqs
     assert err <= TOL
     assert same_pool
 
@@ -153,11 +160,11 @@ def test_cuda_graph_replay_with_padding(fi_backend):
     cache = torch.randn(num_pages, 2, PS, HKV, D, device=DEV).to(DT)
     qkv = torch.randn(b, HQ + 2 * HKV, D, device=DEV).to(DT)  # fused layout, like the model
     q, k, v = qkv[:, :HQ], qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]
-    fi_backend.plan_cuda_graph(build_metadata([[0]] * b, [0] * b, [1] * b, PS, DEV), b)
-    fi_backend.forward(0, q, k, v, cache)  # warm
+    plan = fi_backend.plan_cuda_graph(build_metadata([[0]] * b, [0] * b, [1] * b, PS, DEV), b)
+    plan.forward(0, q, k, v, cache)  # warm
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fi_backend.forward(0, q, k, v, cache)
+        out = plan.forward(0, q, k, v, cache)
     rng = random.Random(7)
     for n in (5, 8, 1):
         kv_lens = [rng.randint(1, 500) for _ in range(n)]
@@ -169,11 +176,9 @@ def test_cuda_graph_replay_with_padding(fi_backend):
         qkv[:n] = fresh
         qkv[n:] = torch.randn(b - n, HQ + 2 * HKV, D, device=DEV).to(DT)
         meta = build_metadata(tables, done, [1] * n, PS, DEV)
-        ref_backend = _torch_backend()
-        ref_backend.plan(meta)
-        ref = ref_backend.forward(0, fresh[:, :HQ], fresh[:, HQ:HQ + HKV], fresh[:, HQ + HKV:],
-                                  ref_cache)
-        fi_backend.plan_cuda_graph(meta, b)
+        ref = _torch_backend().plan(meta).forward(0, fresh[:, :HQ], fresh[:, HQ:HQ + HKV],
+                                                  fresh[:, HQ + HKV:], ref_cache)
+        fi_backend.plan_cuda_graph(meta, b)  # refills what the captured kernels read
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out[:n], ref) <= TOL

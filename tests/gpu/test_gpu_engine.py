@@ -45,10 +45,17 @@ def _prompts(seed: int, n: int = 6) -> list[list[int]]:
     return [[rng.randrange(6, 1900) for _ in range(rng.randint(3, 80))] for _ in range(n)]
 
 
-def _generate(path: str, prompts, **kwargs):
+def _graph_replays(llm: LLM) -> int:
+    """Steps that replayed a captured CUDA graph (0 when the engine captured none)."""
+    graphs = llm.engine.runner.graphs  # the CudaGraphRunner, or None
+    return 0 if graphs is None else graphs.num_replays
+
+
+def _generate(path: str, prompts, **kwargs) -> tuple[list, int]:
+    """The completions, and how many steps replayed a CUDA graph."""
     llm = LLM(path, **COMMON, **kwargs)
     try:
-        return llm.generate(prompts, GREEDY)
+        return llm.generate(prompts, GREEDY), _graph_replays(llm)
     finally:
         del llm
         torch.cuda.empty_cache()
@@ -75,16 +82,19 @@ def assert_agree(ref, got) -> None:
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_greedy_agrees_with_torch_backend(tiny_path, cuda_graphs):
     prompts = _prompts(0)
-    ref = _generate(tiny_path, prompts, attention_backend="torch")
-    got = _generate(tiny_path, prompts, attention_backend="flashinfer", cuda_graphs=cuda_graphs)
+    ref, _ = _generate(tiny_path, prompts, attention_backend="torch")
+    got, replays = _generate(tiny_path, prompts, attention_backend="flashinfer",
+                             cuda_graphs=cuda_graphs)
     assert_agree(ref, got)
+    if cuda_graphs:
+        assert replays > 0  # the decode steps did run as graph replays, not eagerly
 
 
 def test_greedy_agrees_under_chunked_prefill(tiny_path):
     prompts = _prompts(1)
-    ref = _generate(tiny_path, prompts, attention_backend="torch", max_num_batched_tokens=24)
-    got = _generate(tiny_path, prompts, attention_backend="flashinfer",
-                    max_num_batched_tokens=24)
+    ref, _ = _generate(tiny_path, prompts, attention_backend="torch", max_num_batched_tokens=24)
+    got, _ = _generate(tiny_path, prompts, attention_backend="flashinfer",
+                       max_num_batched_tokens=24)
     assert_agree(ref, got)
 
 
