@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 import pytest
@@ -17,6 +17,7 @@ from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.outputs import RequestOutput
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.anyio
@@ -24,9 +25,9 @@ LONG = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "t
 
 
 async def call_asgi(app, path: str, body: dict, spec: str, disconnect_after: int | None,
-                    disconnect_delay: float = 0.0) -> list[dict]:
+                    disconnect_when: Callable[[], bool] | None = None) -> list[dict]:
     """Runs one POST against the ASGI app. The client disconnects after `disconnect_after`
-    body chunks (streaming) or after `disconnect_delay` seconds."""
+    body chunks (streaming) or once `disconnect_when()` holds (polled)."""
     sent: list[dict] = []
     gone = asyncio.Event()
     request = {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
@@ -35,8 +36,9 @@ async def call_asgi(app, path: str, body: dict, spec: str, disconnect_after: int
     async def receive() -> dict:
         if messages:
             return messages.pop()
-        if disconnect_delay:
-            await asyncio.sleep(disconnect_delay)
+        if disconnect_when is not None:
+            while not disconnect_when():
+                await asyncio.sleep(0.001)
             gone.set()
         await gone.wait()
         return {"type": "http.disconnect"}
@@ -55,24 +57,58 @@ async def call_asgi(app, path: str, body: dict, spec: str, disconnect_after: int
              "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
              "client": ("127.0.0.1", 1234), "server": ("test", 80)}
     try:
-        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        # A hang guard only: every call here ends at the disconnect, within a few steps.
+        await asyncio.wait_for(app(scope, receive, send), timeout=60)
     except (OSError, ClientDisconnect):  # how Starlette reports a vanished client
         pass
     return sent
 
 
+@pytest.fixture
+def admitted(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[Request]:
+    """The engine's requests, in the order they reach its scheduler (kept after they end)."""
+    seen: list[Request] = []
+    add = llm.engine.scheduler.add
+
+    def record(req: Request) -> None:
+        seen.append(req)
+        add(req)
+
+    monkeypatch.setattr(llm.engine.scheduler, "add", record)
+    return seen
+
+
 async def settle(llm: LLM, engine: AsyncEngine) -> None:
-    for _ in range(500):
-        if not llm.engine.has_unfinished() and not engine._streams:
-            return
+    """Waits until the engine has no request and no open stream left. The deadline is a hang
+    guard only; what ended the requests is for the caller to check (`assert_aborted`)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while llm.engine.has_unfinished() or engine._streams:
+        assert asyncio.get_running_loop().time() < deadline, "the requests never ended"
         await asyncio.sleep(0.01)
-    raise AssertionError("the request was not aborted")
+
+
+async def assert_aborted(llm: LLM, engine: AsyncEngine, requests: list[Request],
+                         max_tokens: int) -> None:
+    """Each request was aborted part-way (it did not run to `max_tokens`), its pages are free,
+    and the engine does no more work: its step counter stands still."""
+    await settle(llm, engine)
+    assert requests
+    for req in requests:
+        assert req.finish_reason == "abort"
+        assert 0 < len(req.output_token_ids) < max_tokens
+    assert not llm.engine.has_unfinished() and engine._streams == {}
+    llm.engine.allocator.check_integrity()
+    assert llm.engine.num_pages_used == 0
+    steps = engine.num_steps
+    await asyncio.sleep(0.1)
+    assert engine.num_steps == steps
 
 
 @pytest.mark.parametrize("spec", ["2.0", "2.4"])  # Starlette watches disconnects only < 2.4
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions",
                                   "/generate_stream"])
-async def test_stream_disconnect_aborts(llm: LLM, spec: str, path: str) -> None:
+async def test_stream_disconnect_aborts(llm: LLM, admitted: list[Request], spec: str,
+                                        path: str) -> None:
     engine = AsyncEngine(llm.engine)
     app = build_api(engine, llm.tokenizer, "tiny", 2048)
     body = {**LONG, "stream": True}
@@ -82,29 +118,31 @@ async def test_stream_disconnect_aborts(llm: LLM, spec: str, path: str) -> None:
         body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1000}}
     sent = await call_asgi(app, path, body, spec, disconnect_after=3)
     assert sent[0]["status"] == 200
-    await settle(llm, engine)
-    assert llm.engine.num_pages_used == 0
-    assert engine.num_steps < 100  # stopped long before 1000 tokens
+    await assert_aborted(llm, engine, admitted, max_tokens=1000)
     engine._task.cancel()
 
 
-async def test_non_streaming_disconnect_aborts(llm: LLM) -> None:
+async def test_non_streaming_disconnect_aborts(llm: LLM, admitted: list[Request]) -> None:
     engine = AsyncEngine(llm.engine)
     app = build_api(engine, llm.tokenizer, "tiny", 2048)
-    await call_asgi(app, "/v1/completions", LONG, "2.4", None, disconnect_delay=0.3)
-    await settle(llm, engine)
-    assert llm.engine.num_pages_used == 0
-    assert 0 < engine.num_steps < 100
+
+    def five_tokens_out() -> bool:  # the client goes while its request is generating
+        return bool(admitted) and len(admitted[0].output_token_ids) >= 5
+
+    sent = await call_asgi(app, "/v1/completions", LONG, "2.4", None, five_tokens_out)
+    assert sent == []  # nothing was answered: the client was gone
+    await assert_aborted(llm, engine, admitted, max_tokens=LONG["max_tokens"])
+    assert len(admitted) == 1 and len(admitted[0].output_token_ids) >= 5
     engine._task.cancel()
 
 
-async def test_batched_stream_disconnect_aborts_all(llm: LLM) -> None:
+async def test_batched_stream_disconnect_aborts_all(llm: LLM, admitted: list[Request]) -> None:
     engine = AsyncEngine(llm.engine)
     app = build_api(engine, llm.tokenizer, "tiny", 2048)
     body = {**LONG, "prompt": ["Once upon a time", "The cat"], "stream": True}
     await call_asgi(app, "/v1/completions", body, "2.0", disconnect_after=4)
-    await settle(llm, engine)
-    assert llm.engine.num_pages_used == 0
+    await assert_aborted(llm, engine, admitted, max_tokens=LONG["max_tokens"])
+    assert len(admitted) == 2
     engine._task.cancel()
 
 
