@@ -31,11 +31,11 @@ def _run_prefill(backend, decode: bool) -> None:
         torch.bfloat16)
     new = [1, 1] if decode else [20, 1]
     meta = build_metadata([[0, 1], [2]], [16, 2] if decode else [0, 2], new, 16, dev)
-    backend.plan(meta)
+    plan = backend.plan(meta)
     t = sum(new)
     q = torch.randn(t, backend.num_q_heads, backend.head_dim, device=dev).to(torch.bfloat16)
     k = torch.randn(t, backend.num_kv_heads, backend.head_dim, device=dev).to(torch.bfloat16)
-    backend.forward(0, q, k, k.clone(), cache)
+    plan.forward(0, q, k, k.clone(), cache)
     torch.cuda.synchronize()
 
 
