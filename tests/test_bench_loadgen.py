@@ -1,5 +1,7 @@
 """The load generator against a fake streaming server started in the test, with set latencies:
-measured TTFT / TPOT / ITL must land within the sleeps the server does plus a small overhead."""
+measured TTFT / TPOT / ITL are never below the sleeps the server does and add up to the request's
+time; requests are in flight together as the schedule says. No bound depends on how fast the
+machine is: overheads are printed, not asserted."""
 
 from __future__ import annotations
 
@@ -11,13 +13,23 @@ from bench.loadgen import ClientConfig, arrival_offsets, run_http
 from bench.report import summarize_run
 from bench.workloads import WorkloadConfig, build_workload
 
-SLACK = 0.04  # seconds of scheduling and HTTP overhead allowed on top of the server's sleeps
-
 
 def _specs(n: int, out: int, fmt: str = "ids") -> list:
     cfg = WorkloadConfig("synthetic", num_prompts=n, input_len="16", output_len=str(out),
                          prompt_format=fmt)
     return build_workload(cfg, 0)
+
+
+def _adds_up(r) -> bool:
+    """First token, then the gaps between chunks, then the end of the stream, in that order."""
+    return 0 < r.ttft and all(x > 0 for x in r.itl) and r.ttft + sum(r.itl) <= r.e2e + 1e-9
+
+
+def _max_in_flight(records) -> int:
+    """Most requests in flight at once, counted at each send (a request is in flight from its
+    send until its last byte)."""
+    return max(sum(1 for o in records if o.send_time <= r.send_time < o.send_time + o.e2e)
+               for r in records)
 
 
 def test_ttft_tpot_itl_within_bounds() -> None:
@@ -30,13 +42,19 @@ def test_ttft_tpot_itl_within_bounds() -> None:
     for r in res.records:
         assert r.ok, r.error
         assert r.output_tokens == 6 and r.prompt_tokens == 16
-        assert 0.06 * 0.95 <= r.ttft <= 0.06 + SLACK
-        assert 0.015 * 0.95 <= r.tpot <= 0.015 + SLACK / 4
+        assert 0.06 * 0.95 <= r.ttft
+        assert 0.015 * 0.95 <= r.tpot
         assert len(r.itl) == 5
-        assert all(0.015 * 0.9 <= x <= 0.015 + SLACK for x in r.itl)
+        assert all(0.015 * 0.9 <= x for x in r.itl)
         assert r.e2e == pytest.approx(r.ttft + 5 * r.tpot)
-    # rate inf: all sent at once, so the run lasts about one request
-    assert res.duration < 0.06 + 5 * 0.015 + 2 * SLACK
+        assert _adds_up(r)
+    print(f"\nTTFT {max(r.ttft for r in res.records) * 1000:.1f} ms at most (server: 60), "
+          f"TPOT {max(r.tpot for r in res.records) * 1000:.1f} ms at most (server: 15)")
+    # rate inf: all sent at once, each before any first token came back, so all 8 are in
+    # flight together; the run lasts from the first send to the last byte
+    assert max(r.send_time for r in res.records) < min(r.send_time + r.ttft for r in res.records)
+    assert _max_in_flight(res.records) == 8
+    assert max(r.send_time + r.e2e for r in res.records) <= res.duration
 
 
 @pytest.mark.parametrize("usage", [True, False])
@@ -47,11 +65,12 @@ def test_multi_token_chunks(usage: bool) -> None:
                                                                include_usage=usage))
     for r in res.records:
         assert r.ok, r.error
-        assert len(r.itl) == 1 and 0.03 * 0.95 <= r.itl[0] <= 0.03 + SLACK  # 3 tokens x 10 ms
+        assert len(r.itl) == 1 and 0.03 * 0.95 <= r.itl[0]  # 3 tokens x 10 ms
         # With usage the 6 tokens are known; without it each chunk counts as one token.
         assert r.output_tokens == (6 if usage else 2)
         expected_tpot = 0.03 / (5 if usage else 1)
-        assert expected_tpot * 0.95 <= r.tpot <= expected_tpot + SLACK
+        assert expected_tpot * 0.95 <= r.tpot
+        assert _adds_up(r)
 
 
 def test_closed_loop_concurrency_caps_in_flight() -> None:
@@ -60,19 +79,29 @@ def test_closed_loop_concurrency_caps_in_flight() -> None:
     with running(fake) as url:
         res = run_http(_specs(6, 4), ClientConfig(url, model="m"), concurrency=2)
     sends = sorted(r.send_time for r in res.records)
-    # three waves of two: each wave starts when the previous one finishes
-    assert sends[1] < 0.02
-    assert e2e * 0.95 <= sends[2] and e2e * 0.95 <= sends[3] < e2e + SLACK
+    # three waves of two: the first two go at once (both before either is answered), then
+    # each request waits for one in flight to finish, so never more than two are in flight
+    assert sends[1] < min(r.send_time + r.ttft for r in res.records)
+    assert _max_in_flight(res.records) == 2
+    assert e2e * 0.95 <= sends[2] and e2e * 0.95 <= sends[3]
     assert 2 * e2e * 0.95 <= sends[4]
-    assert 3 * e2e * 0.95 <= res.duration <= 3 * (e2e + SLACK)
+    assert 3 * e2e * 0.95 <= res.duration
+    print(f"\nwaves sent at {', '.join(f'{t * 1000:.0f}' for t in sends)} ms "
+          f"(a request takes {e2e * 1000:.0f} ms at the server)")
 
 
 def test_poisson_schedule_is_followed() -> None:
     with running(FakeConfig(ttft_ms=5, tpot_ms=1)) as url:
         res = run_http(_specs(10, 2), ClientConfig(url, model="m"), rate=40.0, seed="s")
     offsets = arrival_offsets(10, 40.0, "s")
+    # Sent in schedule order, none before its time (less the event loop's timer resolution);
+    # how late a send is depends on the machine: printed, not asserted.
+    sends = [r.send_time for r in res.records]
+    assert sends == sorted(sends)
     for r, off in zip(res.records, offsets):
-        assert off - 0.002 <= r.send_time <= off + 0.02
+        assert off - 0.002 <= r.send_time
+    late = max(r.send_time - off for r, off in zip(res.records, offsets))
+    print(f"\nPoisson schedule: sends at most {late * 1000:.1f} ms late")
 
 
 def test_failures_are_recorded_not_raised() -> None:
