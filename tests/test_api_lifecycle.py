@@ -225,14 +225,17 @@ async def test_handle_client_maps_errors() -> None:
         await anext(HandleClient(handle).generate([1], SamplingParams(), "r"))
     assert handle.responses[0].cancelled
 
+    got_one = asyncio.Event()
+
     async def consume(stream: AsyncIterator[RequestOutput]) -> None:
         async with aclosing(stream):  # as the API consumes every stream
             async for _ in stream:
+                got_one.set()
                 await asyncio.sleep(10)
 
     handle = FakeHandle(outputs(5))
     task = asyncio.create_task(consume(HandleClient(handle).generate([1], SamplingParams(), "r")))
-    await asyncio.sleep(0.05)
+    await got_one.wait()  # the call is under way, its consumer mid-stream
     task.cancel()  # what Serve does to the handler when the HTTP client disconnects
     await asyncio.gather(task, return_exceptions=True)
     await asyncio.sleep(0)
