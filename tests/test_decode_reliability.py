@@ -6,6 +6,7 @@ for the batch preempts and recomputes, giving the tokens of a roomy pool."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from decode.worker import DecodeWorker
 from engine.async_engine import AsyncEngine
@@ -53,6 +54,13 @@ async def tokens(decode: DecodeWorker, prompt: list[int], params: SamplingParams
     return [t async for out in decode.generate(prompt, params, rid) for t in out.new_token_ids]
 
 
+async def drained(*ws) -> None:
+    """Returns once every action queued on the workers' engines so far (aborts of cancelled
+    requests among them) has run: the audit call queues behind them."""
+    for w in ws:
+        await w.engine.check_integrity()
+
+
 def assert_clean(*ws) -> None:
     for w in ws:
         w.engine.engine.check_integrity()
@@ -85,22 +93,31 @@ def test_disconnect_before_first_token_cancels_prefill(tiny_llama):
             ran.extend(r.request_id for r in batch.requests)
             return execute(batch)
 
-        def slow_step():
-            import time
+        gate = threading.Event()
 
-            time.sleep(0.3)  # keeps "first" running while "gone" waits to be scheduled
+        def gated_step():
+            gate.wait(timeout=60)  # holds "first" in its step until "gone" is gone
             return step()
 
-        eng.runner.execute, eng.step = spy, slow_step
+        async def until(cond) -> None:
+            for _ in range(6000):  # a hang guard, not a speed bound
+                if cond():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("timed out")
+
+        eng.runner.execute, eng.step = spy, gated_step
         first = asyncio.create_task(tokens(decode, [5] * 30, GREEDY, "first"))
-        await asyncio.sleep(0.1)
+        await until(lambda: "first" in eng.scheduler.requests)
         gone = asyncio.create_task(tokens(decode, [6] * 30, GREEDY, "gone"))
-        await asyncio.sleep(0.1)
-        assert decode.engine.stats().pages_used > 0  # "gone" holds reserved pages
+        # "gone" holds reserved decode pages and waits in the prefill queue.
+        await until(lambda: "gone" in decode.engine.engine.scheduler.reserved
+                    and "gone" in prefill.engine._streams)
         gone.cancel()  # the client disconnects before its first token
         await asyncio.gather(gone, return_exceptions=True)
+        gate.set()
         await first
-        await asyncio.sleep(0.1)
+        await drained(prefill, decode)
         return prefill, decode, ran
 
     prefill, decode, ran = asyncio.run(main())
@@ -134,7 +151,7 @@ def test_cancel_while_reserving_frees_the_pages(tiny_llama):
                 await asyncio.sleep(0)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await asyncio.sleep(0.2)
+        await drained(prefill, decode)
         return prefill, decode
 
     assert_clean(*asyncio.run(main()))

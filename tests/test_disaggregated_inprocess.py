@@ -70,7 +70,8 @@ def test_concurrent_requests_and_abort_free_pages(tiny_llama):
         async for _ in stream:
             break  # the client goes away after the first token
         await stream.aclose()
-        await asyncio.sleep(0.2)
+        for worker in (prefill, decode):  # the audit queues behind the abort: it ran by then
+            await worker.engine.check_integrity()
         return prefill, decode, prompts, results
 
     prefill, decode, prompts, results = asyncio.run(main())
