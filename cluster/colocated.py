@@ -10,6 +10,7 @@ from ray import serve
 from engine.metrics import track_stream
 from engine.sampling_params import SamplingParams
 from serving.replica import Replica
+from serving.token_mailbox import Mailbox
 
 
 @serve.deployment(name="colocated")
@@ -19,11 +20,21 @@ class ColocatedServer:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         start = time.perf_counter()
-        self.replica.metrics.inc("pdserve_requests_total")
-        self.replica.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
+        self._count(prompt_ids)
         stream = self.replica.engine.generate(prompt_ids, params, request_id)
         async for out in track_stream(stream, self.replica.metrics, start):
             yield out
+
+    async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                  mailbox: Mailbox) -> None:
+        """Generate with the outputs sent to `mailbox` (serving/token_mailbox.py)."""
+        self._count(prompt_ids)
+        await self.replica.run_into(mailbox, request_id, lambda sink: self.replica.engine.generate(
+            prompt_ids, params, request_id, sink=sink))
+
+    def _count(self, prompt_ids: list[int]) -> None:
+        self.replica.metrics.inc("pdserve_requests_total")
+        self.replica.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
 
     def health(self) -> dict:
         return self.replica.health()

@@ -10,6 +10,7 @@ from decode.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport
 from serving.replica import Replica, replica_lost
+from serving.token_mailbox import Mailbox
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -41,6 +42,12 @@ class DecodeServer:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         async for out in self.worker.generate(prompt_ids, params, request_id):
             yield out
+
+    async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                  mailbox: Mailbox) -> None:
+        """Generate with the outputs sent to `mailbox` (serving/token_mailbox.py)."""
+        await self.replica.run_into(mailbox, request_id, lambda sink: self.worker.generate(
+            prompt_ids, params, request_id, sink))
 
     async def health(self) -> dict:
         """Ready when this replica and a prefill replica answer (raises otherwise)."""

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, OutputSink
 from engine.metrics import Metrics, track_stream
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation
@@ -41,15 +41,20 @@ class DecodeWorker:
         self.reserve_timeout_s = reserve_timeout_s
         self.timeout_s, self.prefill_retries, self.retriable = timeout_s, prefill_retries, retriable
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str):
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       sink: OutputSink | None = None):
+        """The request's outputs; with `sink` they go there (it records their timing) and this
+        stream yields only the last one."""
         start = time.perf_counter()
         self.metrics.inc("pdserve_requests_total")
-        stream = self._generate(list(prompt_ids), params, request_id)
-        async for out in track_stream(stream, self.metrics, start):
+        stream = self._generate(list(prompt_ids), params, request_id, sink)
+        if sink is None:
+            stream = track_stream(stream, self.metrics, start)
+        async for out in stream:
             yield out
 
-    async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                        sink: OutputSink | None):
         self.engine.validate(prompt_ids, params)
         rsv = await self._reserve(request_id, prompt_ids, params)
         try:
@@ -66,7 +71,7 @@ class DecodeWorker:
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         stream = self.engine.admit_prefilled(request_id, rsv.first_block, payload.data,
                                              result.first_token, result.logprob,
-                                             result.num_cached_tokens)
+                                             result.num_cached_tokens, sink)
         del payload  # the stream holds the pages only until they are copied into the pool
         async for out in stream:
             yield out

@@ -3,6 +3,11 @@
 The loop applies pending adds and aborts between steps (the engine is never mutated while a
 step runs) and runs each step in a worker thread so the event loop keeps serving streams.
 Cancelling a stream (client gone) aborts its request, which frees its pages before the next step.
+
+A request started with an `OutputSink` hands every output to the sink instead of its stream
+(which then yields only the last output, or raises): the loop calls `put` per output and
+`flush` once per step per sink, so whoever sends outputs elsewhere sends one message per step
+for all its requests, not one per token per request.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from engine.llm_engine import Engine
 from engine.metrics import EngineStats
@@ -21,6 +26,15 @@ from engine.scheduler import Reservation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class OutputSink(Protocol):
+    """Receives the outputs of many requests; `flush` ends each step (and each batch of
+    between-step admissions) that put anything."""
+
+    def put(self, out: RequestOutput) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 class AsyncEngine:
@@ -33,6 +47,8 @@ class AsyncEngine:
         self.stream_interval_s = stream_interval_s
         self.busy_streams = busy_streams
         self._streams: dict[str, asyncio.Queue] = {}
+        self._sinks: dict[str, OutputSink] = {}
+        self._dirty: dict[int, OutputSink] = {}  # sinks given outputs since their last flush
         self._pending: list[tuple[str, Callable[[], None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -62,11 +78,12 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str, kv_export_from: int | None = None,
-                       ) -> AsyncIterator[RequestOutput]:
-        """Run a request here; with `kv_export_from`, its last output carries the prompt's KV."""
+                       sink: OutputSink | None = None) -> AsyncIterator[RequestOutput]:
+        """Run a request here; with `kv_export_from`, its last output carries the prompt's KV.
+        With `sink`, outputs go there and this stream yields only the last one."""
         prompt_ids = self.engine.tokenize(prompt)
         self.engine.validate(prompt_ids, params)  # raises ValueError before anything is queued
-        queue = self._open(request_id)
+        queue = self._open(request_id, sink)
         self._submit(request_id, lambda: self.engine.add_request(prompt_ids, params, request_id,
                                                                  kv_export_from))
         async for out in self._drain(request_id, queue):
@@ -81,15 +98,16 @@ class AsyncEngine:
 
     async def admit_prefilled(self, request_id: str, first_block: int, kv_data, first_token: int,
                               logprob=None, num_cached_tokens: int = 0,
-                              ) -> AsyncIterator[RequestOutput]:
+                              sink: OutputSink | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a reserved request whose prompt KV from `first_block` on arrived from a
-        prefill replica; the first output is the token prefill sampled."""
-        queue = self._open(request_id)
+        prefill replica; the first output is the token prefill sampled. `sink` as in
+        `generate`."""
+        queue = self._open(request_id, sink)
 
         def admit() -> None:
             nonlocal kv_data
             try:
-                queue.put_nowait(self.engine.admit_prefilled(
+                self._deliver(self.engine.admit_prefilled(
                     request_id, first_block, kv_data, first_token, logprob, num_cached_tokens))
             finally:
                 kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
@@ -151,13 +169,35 @@ class AsyncEngine:
         self._submit("", fn)
 
     # -- internals ------------------------------------------------------------------------
-    def _open(self, request_id: str) -> asyncio.Queue:
+    def _open(self, request_id: str, sink: OutputSink | None = None) -> asyncio.Queue:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
         self.start()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
+        if sink is not None:
+            self._sinks[request_id] = sink
         return queue
+
+    def _deliver(self, out: RequestOutput) -> None:
+        """Hand an output to its sink (the stream wakes only for the last one) or its stream."""
+        sink = self._sinks.get(out.request_id)
+        if sink is not None:
+            sink.put(out)
+            self._dirty[id(sink)] = sink
+            if not out.finished:
+                return
+        queue = self._streams.get(out.request_id)
+        if queue is not None:
+            queue.put_nowait(out)
+
+    def _flush_sinks(self) -> None:
+        dirty, self._dirty = self._dirty, {}
+        for sink in dirty.values():
+            try:
+                sink.flush()
+            except Exception:  # one consumer's failure must not stop the loop
+                log.exception("output sink flush failed")
 
     async def _drain(self, request_id: str, queue: asyncio.Queue
                      ) -> AsyncIterator[RequestOutput]:
@@ -187,6 +227,7 @@ class AsyncEngine:
             if not finished:  # consumer went away (disconnect, timeout): free its pages
                 self.abort(request_id)
             self._streams.pop(request_id, None)
+            self._sinks.pop(request_id, None)
 
     def _submit(self, request_id: str, fn: Callable[[], None]) -> None:
         self._pending.append((request_id, fn))
@@ -206,6 +247,7 @@ class AsyncEngine:
                     queue = self._streams.pop(request_id, None)
                     if queue is not None:
                         queue.put_nowait(e)
+            self._flush_sinks()  # first tokens of the requests admitted just now
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -218,9 +260,8 @@ class AsyncEngine:
                 continue
             self.num_steps += 1
             for out in outputs:
-                queue = self._streams.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+                self._deliver(out)
+            self._flush_sinks()
             await asyncio.sleep(0)  # let streams flush between steps
 
 

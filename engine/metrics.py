@@ -79,22 +79,32 @@ class Metrics:
                 "histograms": {k: h.snapshot() for k, h in self.histograms.items()}}
 
 
-async def track_stream(stream, metrics: Metrics, start: float):
-    """Pass a RequestOutput stream through, recording TTFT, time per output token and counts."""
-    first = last = None
-    n = 0
-    async for out in stream:
-        now = time.perf_counter()
-        if first is None:
-            first = now
-            metrics.observe("pdserve_ttft_seconds", now - start)
+class StreamRecorder:
+    """Records one request's outputs as they reach its consumer: TTFT, time per output token,
+    generated and finished counts."""
+
+    def __init__(self, metrics: Metrics, start: float) -> None:
+        self.metrics, self.start = metrics, start
+        self.last: float | None = None
+
+    def observe(self, out, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        m = self.metrics
+        if self.last is None:
+            m.observe("pdserve_ttft_seconds", now - self.start)
         elif out.new_token_ids:
-            metrics.observe("pdserve_time_per_output_token_seconds",
-                            (now - last) / len(out.new_token_ids))
-        last = now
-        n += len(out.new_token_ids)
-        metrics.inc("pdserve_generated_tokens_total", len(out.new_token_ids))
+            m.observe("pdserve_time_per_output_token_seconds",
+                      (now - self.last) / len(out.new_token_ids))
+        self.last = now
+        m.inc("pdserve_generated_tokens_total", len(out.new_token_ids))
         if out.finished:
-            metrics.inc("pdserve_requests_finished_total")
-            metrics.inc(f"pdserve_requests_finished_{out.finish_reason}_total")
+            m.inc("pdserve_requests_finished_total")
+            m.inc(f"pdserve_requests_finished_{out.finish_reason}_total")
+
+
+async def track_stream(stream, metrics: Metrics, start: float):
+    """Pass a RequestOutput stream through, recording it (`StreamRecorder`)."""
+    recorder = StreamRecorder(metrics, start)
+    async for out in stream:
+        recorder.observe(out)
         yield out

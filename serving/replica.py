@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import Engine
@@ -14,6 +15,7 @@ from engine.tiny_model import ensure_tiny_model
 from kvtransfer import model_fingerprint
 from serving.config import AppConfig
 from serving.metrics_hub import start_pushing
+from serving.token_mailbox import Mailbox, MailboxSink, SinkSet
 
 log = logging.getLogger("pdserve")
 AUDIT_EVERY_S = 2.0
@@ -50,9 +52,26 @@ class Replica:
                                              model_cfg.load_format, model_cfg.seed)
         self.metrics = Metrics(role, replica_name(role))
         self._last_audit = 0.0
+        self.sinks = SinkSet(self.metrics, on_lost=self._abort_all)
         self._stop_push = start_pushing(self.snapshot)
         log.info("%s replica %s ready: %d KV pages", role, self.metrics.replica,
                  self.engine.stats().pages_total)
+
+    async def run_into(self, mailbox: Mailbox, request_id: str,
+                       generate: Callable[[MailboxSink], AsyncIterator]) -> None:
+        """Run `generate(sink)` (a request's stream in sink mode) with its outputs going to
+        `mailbox`, one batch per engine step; returns when the request ends."""
+        sink = self.sinks.get(mailbox)
+        sink.open(request_id, time.perf_counter())
+        try:
+            async for _ in generate(sink):
+                pass
+        finally:
+            sink.close(request_id)
+
+    def _abort_all(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort(request_id)
 
     def snapshot(self) -> dict:
         """Called from the metrics thread; also queues a page-accounting audit for the loop."""

@@ -1,0 +1,173 @@
+"""The token path between the serving replicas and the ingress: one message per engine step.
+
+A Serve streaming call per request costs one message per token per stream on every hop, and on
+the serving replica that work competes with the engine loop for the GIL. Here each ingress
+replica owns a `TokenMailbox` actor. A serving replica gathers, per step, the outputs of every
+request that came from one ingress replica and puts them into its mailbox in one call
+(`MailboxSink`); the ingress takes whatever has arrived in one call and fans it out to the
+requests' queues (`MailboxReader`). The per-request Serve call stays, for routing, cancellation
+(the client went away: the call is cancelled and the request aborted), errors and failover,
+but it carries only the request and its end.
+
+Order: one sender's puts run in the order sent (the mailbox is an async actor whose methods
+never await), so a request's outputs arrive in order; its last output is put before its call
+returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+
+from engine.metrics import Metrics, StreamRecorder
+from engine.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class TokenMailbox:
+    def __init__(self) -> None:
+        self._outputs: list[RequestOutput] = []
+        self._ready = asyncio.Event()
+
+    async def put(self, outputs: list[RequestOutput]) -> None:
+        self._outputs += outputs
+        self._ready.set()
+
+    async def take(self) -> list[RequestOutput]:
+        """Everything put since the last take; waits while there is nothing."""
+        await self._ready.wait()
+        self._ready.clear()
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """The address a request carries: where its outputs go."""
+
+    id: str
+    actor: object  # a TokenMailbox handle
+
+
+class Fanout:
+    """Per-request queues fed from batches of outputs (plain asyncio; the reader's core)."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, asyncio.Queue] = {}
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        if request_id in self.queues:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.queues[request_id] = queue = asyncio.Queue()
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self.queues.pop(request_id, None)
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        """Outputs of requests no longer open (finished, cancelled) are dropped."""
+        for out in outputs:
+            queue = self.queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def fail(self, error: BaseException) -> None:
+        for queue in self.queues.values():
+            queue.put_nowait(error)
+
+
+class MailboxReader:
+    """The ingress side: owns a mailbox and fans what arrives out to the open requests."""
+
+    def __init__(self) -> None:
+        self.mailbox = Mailbox(uuid.uuid4().hex, TokenMailbox.remote())
+        self.fanout = Fanout()
+        self._task: asyncio.Task | None = None
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+        return self.fanout.open(request_id)
+
+    def close(self, request_id: str) -> None:
+        self.fanout.close(request_id)
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                outputs = await self.mailbox.actor.take.remote()
+            except Exception as e:  # the mailbox restarts; the open requests fail over
+                log.exception("token mailbox unreachable")
+                self.fanout.fail(e)
+                await asyncio.sleep(0.1)
+                continue
+            self.fanout.deliver(outputs)
+
+
+class MailboxSink:
+    """The serving replica's side for one mailbox: an `OutputSink` (engine/async_engine.py)
+    that records each output's timing and sends one batch per step.
+
+    If the mailbox is gone (its ingress replica died), nobody reads the requests' outputs:
+    `on_lost(request_ids)` is called once for the requests still open, to abort them."""
+
+    def __init__(self, mailbox: Mailbox, metrics: Metrics,
+                 on_lost: Callable[[list[str]], None]) -> None:
+        self.mailbox, self.metrics, self.on_lost = mailbox, metrics, on_lost
+        self.pending: list[RequestOutput] = []
+        self.recorders: dict[str, StreamRecorder] = {}
+        self.in_flight: list[ray.ObjectRef] = []
+        self.lost = False
+
+    def open(self, request_id: str, start: float) -> None:
+        self.recorders[request_id] = StreamRecorder(self.metrics, start)
+
+    def close(self, request_id: str) -> None:
+        self.recorders.pop(request_id, None)
+
+    def put(self, out: RequestOutput) -> None:
+        recorder = self.recorders.get(out.request_id)
+        if recorder is not None:
+            recorder.observe(out)
+        self.pending.append(out)
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if self.lost or not batch:
+            return
+        self.in_flight.append(self.mailbox.actor.put.remote(batch))
+        self._check_delivered()
+
+    def _check_delivered(self) -> None:
+        done, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight),
+                                        timeout=0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception:
+                self.lost = True
+        if self.lost:
+            log.warning("token mailbox %s is gone; aborting its %d requests",
+                        self.mailbox.id[:8], len(self.recorders))
+            self.on_lost(list(self.recorders))
+
+
+class SinkSet:
+    """One `MailboxSink` per mailbox that sent requests to this replica."""
+
+    def __init__(self, metrics: Metrics, on_lost: Callable[[list[str]], None]) -> None:
+        self.metrics, self.on_lost = metrics, on_lost
+        self.sinks: dict[str, MailboxSink] = {}
+
+    def get(self, mailbox: Mailbox) -> MailboxSink:
+        sink = self.sinks.get(mailbox.id)
+        if sink is None or sink.lost:
+            sink = self.sinks[mailbox.id] = MailboxSink(mailbox, self.metrics, self.on_lost)
+        return sink
