@@ -98,3 +98,100 @@ async def test_fanout_routes_batches_to_open_requests_in_order():
     boom = RuntimeError("mailbox lost")
     fan.fail(boom)
     assert b.get_nowait() is boom
+
+
+class FakeResponse:
+    """A DeploymentResponse stand-in: awaitable, cancellable."""
+
+    def __init__(self, result: asyncio.Future) -> None:
+        self.result, self.cancelled = result, False
+
+    def __await__(self):
+        return self.result.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.result.cancel()
+
+
+class FakeDeployment:
+    """`handle.run.remote(...)` as the ingress calls it; the test plays the replica."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.responses: list[FakeResponse] = []
+        self.run = self
+
+    def remote(self, *args) -> FakeResponse:
+        self.calls.append(args)
+        self.responses.append(FakeResponse(asyncio.get_running_loop().create_future()))
+        return self.responses[-1]
+
+
+class FakeReader(Fanout):
+    mailbox = "the-mailbox"
+
+
+def _out(rid: str, tok: int, finished: bool = False) -> RequestOutput:
+    return RequestOutput(rid, [tok], "", finished=finished, finish_reason="length" if finished
+                         else None)
+
+
+@pytest.mark.anyio
+async def test_mailbox_call_yields_every_token_then_ends_even_if_the_call_returns_first():
+    from api.mailbox_call import mailbox_call
+
+    handle, reader = FakeDeployment(), FakeReader()
+    stream = mailbox_call(handle, reader, [1, 2], GREEDY, "r", timeout_s=60)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    assert handle.calls == [([1, 2], GREEDY, "r", "the-mailbox")]
+    reader.deliver([_out("r", 7), _out("r", 8)])
+    handle.responses[0].result.set_result(None)  # the call ends before the last batch lands
+    got = [(await first).new_token_ids]
+    got.append((await anext(stream)).new_token_ids)
+    later = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    reader.deliver([_out("r", 9, finished=True)])
+    last = await later
+    assert got + [last.new_token_ids] == [[7], [8], [9]] and last.finished
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    assert not handle.responses[0].cancelled and "r" not in reader.queues
+
+
+@pytest.mark.anyio
+async def test_mailbox_call_raises_the_replica_error_and_cancels_when_left_early():
+    from api.mailbox_call import mailbox_call
+
+    handle, reader = FakeDeployment(), FakeReader()
+    stream = mailbox_call(handle, reader, [1], GREEDY, "bad", timeout_s=60)
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    handle.responses[0].result.set_exception(ValueError("the prompt is empty"))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        await pending
+
+    stream = mailbox_call(handle, reader, [1], GREEDY, "left", timeout_s=60)
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    reader.deliver([_out("left", 3)])
+    assert (await pending).new_token_ids == [3]
+    await stream.aclose()  # the client went away mid-stream
+    assert handle.responses[1].cancelled and "left" not in reader.queues
+
+
+@pytest.mark.anyio
+async def test_mailbox_call_coalesces_only_when_asked_and_busy():
+    from api.mailbox_call import Coalescing, mailbox_call
+
+    handle, reader = FakeDeployment(), FakeReader()
+    busy = Coalescing(interval_s=0.001, busy_streams=0)
+    stream = mailbox_call(handle, reader, [1], GREEDY, "c", timeout_s=60, coalescing=busy)
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    reader.deliver([_out("c", 1), _out("c", 2), _out("c", 3, finished=True)])
+    merged = await pending
+    assert merged.new_token_ids == [1, 2, 3] and merged.finished and busy.open == 1
+    await stream.aclose()
+    assert busy.open == 0

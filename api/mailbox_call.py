@@ -1,0 +1,86 @@
+"""One request through a serving deployment's `run` method, its outputs through the ingress's
+token mailbox (serving/token_mailbox.py): the Serve call carries the request, its cancellation
+and its end; the tokens arrive in per-step batches, fanned out by the reader.
+
+The stream ends with the request's last output, or raises the error the call ended with (a
+replica that died, a ValueError for bad input, a timeout when nothing arrives for `timeout_s`).
+Leaving early cancels the call, which aborts the request on the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.async_engine import merge_outputs
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from serving.token_mailbox import MailboxReader
+
+
+class Coalescing:
+    """While more than `busy_streams` streams are open, each hands out its tokens at most every
+    `interval_s` (what piled up, merged): fewer, larger SSE events. Off when interval_s is 0."""
+
+    def __init__(self, interval_s: float = 0.0, busy_streams: int = 8) -> None:
+        self.interval_s, self.busy_streams = interval_s, busy_streams
+        self.open = 0
+
+    @property
+    def active(self) -> bool:
+        return self.interval_s > 0 and self.open > self.busy_streams
+
+
+async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int],
+                       params: SamplingParams, request_id: str, timeout_s: float,
+                       coalescing: Coalescing | None = None) -> AsyncIterator[RequestOutput]:
+    coalescing = coalescing or Coalescing()
+    queue = reader.open(request_id)
+    response = handle.run.remote(prompt_ids, params, request_id, reader.mailbox)
+    call = asyncio.ensure_future(response)
+    finished = False
+    coalescing.open += 1
+    try:
+        while not finished:
+            out = await _next(queue, call, timeout_s)
+            if coalescing.active:
+                while not queue.empty() and not out.finished:
+                    more = queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        raise more
+                    out = merge_outputs(out, more)
+            finished = out.finished
+            yield out
+            if not finished and coalescing.active:
+                await asyncio.sleep(coalescing.interval_s)
+    finally:
+        coalescing.open -= 1
+        reader.close(request_id)
+        if not finished:
+            response.cancel()  # aborts the request on the replica
+        if call.done() and not call.cancelled():
+            call.exception()  # retrieved: an error after the end is not "never retrieved"
+        elif not call.done():
+            call.cancel()
+
+
+async def _next(queue: asyncio.Queue, call: asyncio.Future, timeout_s: float) -> RequestOutput:
+    """The next output; the call's error if it ended in one before its outputs did."""
+    if queue.empty():
+        get = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({get, call}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            item = get.result()
+        else:
+            get.cancel()
+            if not done:
+                raise TimeoutError(f"no output from the serving replica for {timeout_s:.0f} s")
+            call.result()  # raises the replica's error; else its last output is on the way
+            item = await asyncio.wait_for(queue.get(), timeout_s)
+    else:
+        item = queue.get_nowait()
+    if isinstance(item, BaseException):
+        raise item
+    return item
