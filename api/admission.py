@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -109,11 +110,13 @@ class AdmittedClient:
         await gate.start_prefill(len(prompt_ids))
         prefilling = True
         try:
-            async for out in self.client.generate(prompt_ids, params, request_id):
-                if prefilling:
-                    prefilling = False
-                    gate.end_prefill(len(prompt_ids))
-                yield out
+            # Closed here, not left to garbage collection: closing aborts the request upstream.
+            async with aclosing(self.client.generate(prompt_ids, params, request_id)) as outs:
+                async for out in outs:
+                    if prefilling:
+                        prefilling = False
+                        gate.end_prefill(len(prompt_ids))
+                    yield out
         finally:
             if prefilling:
                 gate.end_prefill(len(prompt_ids))

@@ -21,7 +21,9 @@ class GenerateClient(Protocol):
     """An AsyncEngine, or a Serve handle adapted by api.handle_client.HandleClient.
 
     `generate` raises ValueError (before its first output) for input the engine refuses;
-    closing the iterator early aborts the request and frees its KV pages.
+    closing the iterator early aborts the request and frees its KV pages. Outputs need carry
+    only token ids: build_api wraps the client in api.detokenizing_client.DetokenizingClient,
+    which sets their text.
     """
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,

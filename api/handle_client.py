@@ -10,10 +10,13 @@ ValueError, so the API answers it with a 4xx body.
 Failover: when the replica serving a stream dies (Ray's actor errors), the request is issued
 again, on whichever replica Serve picks, as prompt + the tokens generated so far with
 max_tokens reduced by as many; `resumed_tokens` keeps seeded draws at their positions, so the
-continuation is what the first replica would have produced. The text of a resumed stream is
-re-derived here from all generated tokens, so stop strings and multi-byte characters that span
-the failure point come out right. At most `max_resumes` times; then the error goes up and the
-API ends the stream with an error event. Every wait for an output is bounded by `timeout_s`.
+continuation is what the first replica would have produced. Outputs of a resumed call are
+renumbered as the original request's (prompt and output token counts). Only token ids travel
+here: the API's DetokenizingClient (api/detokenizing_client.py), wrapped around this client,
+sees every token of the request in order across resumes, so text, multi-byte characters and
+stop strings that span the failure point come out as in a clean run. At most `max_resumes`
+times; then the error goes up and the API ends the stream with an error event. Every wait for
+an output is bounded by `timeout_s`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -51,39 +53,17 @@ def replica_died(e: BaseException) -> bool:
     return isinstance(e, RayActorError | ActorUnavailableError)
 
 
-class _Resumed:
-    """The text of a resumed request, re-derived from every token it generated."""
-
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams,
-                 generated: list[int], sent: str) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params)
-        self.detok.push(generated)
-        self.sent = sent  # text the client already has
-
-    def text(self, out: RequestOutput) -> str:
-        self.detok.push(out.new_token_ids)
-        if out.finished:
-            self.detok.flush()
-        full = self.detok.text
-        if not full.startswith(self.sent):  # cannot happen with a deterministic tokenizer
-            return ""
-        new, self.sent = full[len(self.sent):], full
-        return new
-
-
 class HandleClient:
     def __init__(self, handle: Any, method: str = "generate", timeout_s: float = 600.0,
-                 max_resumes: int = 3, tokenizer: Any = None) -> None:
+                 max_resumes: int = 3) -> None:
         self._handle = handle.options(stream=True)
         self._method = method
-        self.timeout_s, self.max_resumes, self.tokenizer = timeout_s, max_resumes, tokenizer
+        self.timeout_s, self.max_resumes = timeout_s, max_resumes
         self.num_resumes = 0
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         generated: list[int] = []
-        sent = ""
-        resumed: _Resumed | None = None
         for attempt in range(self.max_resumes + 1):
             ids, p, rid = prompt_ids, params, request_id
             if attempt:
@@ -91,15 +71,13 @@ class HandleClient:
                 p = dataclasses.replace(params, max_tokens=params.max_tokens - len(generated),
                                         resumed_tokens=params.resumed_tokens + len(generated))
                 rid = f"{request_id}-resume{attempt}"
-                if self.tokenizer is not None:
-                    resumed = _Resumed(self.tokenizer, prompt_ids, params, generated, sent)
             try:
                 async with aclosing(self._call(ids, p, rid)) as stream:
                     async for out in stream:
                         generated += out.new_token_ids
-                        if attempt:
-                            out = self._renumber(out, resumed, len(prompt_ids), len(generated))
-                        sent += out.new_text
+                        if attempt:  # as the original request would have numbered it
+                            out = dataclasses.replace(out, num_prompt_tokens=len(prompt_ids),
+                                                      num_output_tokens=len(generated))
                         yield out
                         if out.finished:
                             return
@@ -112,18 +90,6 @@ class HandleClient:
                 log.warning("request %s: serving replica lost after %d tokens (%s); resuming "
                             "on another replica", request_id, len(generated), type(e).__name__)
                 await asyncio.sleep(0.1 * 2**attempt)  # let Serve notice the dead replica
-
-    @staticmethod
-    def _renumber(out: RequestOutput, resumed: _Resumed | None, num_prompt: int,
-                  num_generated: int) -> RequestOutput:
-        """An output of the resumed request as the original request would have produced it."""
-        text = out.new_text if resumed is None else resumed.text(out)
-        finished, reason = out.finished, out.finish_reason
-        if resumed is not None and resumed.detok.finished_by_stop and not finished:
-            finished, reason = True, "stop"  # a stop string spanning the failure point
-        return dataclasses.replace(out, new_text=text, finished=finished,
-                                   finish_reason=reason, num_prompt_tokens=num_prompt,
-                                   num_output_tokens=num_generated)
 
     async def _call(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str) -> AsyncIterator[RequestOutput]:

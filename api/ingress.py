@@ -42,7 +42,8 @@ class Ingress:
                  limits: dict | None = None, request_timeout_s: float = 600.0) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.handle = handle
-        self.client = HandleClient(handle, timeout_s=request_timeout_s, tokenizer=self.tokenizer)
+        # Token ids only: build_api detokenizes every stream, resumed ones included.
+        self.client = HandleClient(handle, timeout_s=request_timeout_s)
         self.model_name = model_name or model_path
         self.max_model_len = max_model_len
         self.metrics_source = metrics_source

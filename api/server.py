@@ -3,7 +3,9 @@
 OpenAI routes under /v1, TGI routes at the root, plus /health and /metrics. The app holds no
 engine: `client.generate(prompt_ids, params, request_id)` is all it needs (an AsyncEngine in
 tests, a Serve handle adapter in the cluster), so it runs the same in-process and behind Serve.
-Every generation passes the admission gates of `limits` (api/admission.py) on its way there.
+The client's outputs need carry only token ids: text and stop strings are derived here, by
+DetokenizingClient (api/detokenizing_client.py), for every route. Every generation passes the
+admission gates of `limits` (api/admission.py) on its way there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from api import prometheus, request_stats
 from api.admission import Admission, AdmissionGate, AdmittedClient
 from api.context import GenerateClient, ServerContext
+from api.detokenizing_client import DetokenizingClient
 from api.errors import install_error_handlers
 from api.middleware import BodyLimit, RequestId
 from api.routes_openai import openai_router
@@ -46,8 +49,8 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
     leaves the X-Request-Id response header and the access log to the Serve proxy in front."""
     limits = (limits or Limits()).resolved(max_model_len)
     admission = Admission(limits)
-    ctx = ServerContext(AdmittedClient(client, admission), tokenizer, model_name,
-                        max_model_len, limits)
+    ctx = ServerContext(AdmittedClient(DetokenizingClient(client, tokenizer), admission),
+                        tokenizer, model_name, max_model_len, limits)
     app = FastAPI(title="pdserve", version="0.1.0")
     app.state.ctx, app.state.admission = ctx, admission
     install_error_handlers(app)

@@ -2,8 +2,9 @@
 
     batch = scheduler.schedule(); out = runner.execute(batch); scheduler.update(batch, out)
 
-plus detokenization and stop strings on the way out. Both the prefill and the decode roles
-drive one of these; `LLM` (engine/llm.py) wraps it for in-process use.
+plus, with `detokenize=True`, text and stop strings on the way out. `LLM` (engine/llm.py, in
+process) detokenizes here; the serving replicas (prefill and decode roles) do not: there the
+API detokenizes (api/detokenizing_client.py), off the step loop.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ def load_tokenizer(path: str | Path):
 
 
 class Engine:
-    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig,
+                 detokenize: bool = True) -> None:
+        """`detokenize=False`: outputs carry token ids only (`new_text == ""`) and stop strings
+        are left to whoever detokenizes; stop token ids, EOS and max_tokens still end requests
+        here. Decoding every token inside the step holds the GIL the step loop needs."""
         self.model_cfg, self.cfg = model_cfg, engine_cfg
+        self.detokenize = detokenize
         self.arch = arch = ModelArch.from_pretrained(model_cfg.path)
         self.max_model_len = self.max_model_len_for(arch, engine_cfg)
         # Random weights sample ids the tokenizer may not know (a shape-only model directory
@@ -124,7 +130,7 @@ class Engine:
         return req.request_id
 
     def _open_detokenizer(self, req: Request) -> None:
-        if self.tokenizer is not None:
+        if self.detokenize and self.tokenizer is not None:
             self.detokenizers[req.request_id] = IncrementalDetokenizer(
                 self.tokenizer, req.prompt_token_ids, req.params)
 

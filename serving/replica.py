@@ -46,7 +46,8 @@ class Replica:
         if cfg.model.path is None:
             ensure_tiny_model()
         model_cfg = cfg.model.to_config()
-        self.engine = AsyncEngine(Engine(model_cfg, cfg.engine_config(role)),
+        # Text and stop strings are the API's work (api/detokenizing_client.py), not the step's.
+        self.engine = AsyncEngine(Engine(model_cfg, cfg.engine_config(role), detokenize=False),
                                   stream_interval_s=cfg.stream_interval_ms / 1000)
         self.fingerprint = model_fingerprint(model_cfg.path, model_cfg.dtype,
                                              model_cfg.load_format, model_cfg.seed)

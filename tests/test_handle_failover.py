@@ -1,7 +1,10 @@
-"""Decode-replica failover in HandleClient, against stand-in handles over a real engine: a stream
-whose replica dies mid-way continues on a fresh call with prompt + tokens so far and yields
-exactly the tokens and text of a clean run (greedy and seeded sampling); when replicas keep
-dying the API ends the stream with an error event; nothing hangs and no page is left behind."""
+"""Decode-replica failover in HandleClient, against stand-in handles over a real engine that
+streams token ids only (as the serving replicas do): a stream whose replica dies mid-way
+continues on a fresh call with prompt + tokens so far and, with the API's DetokenizingClient in
+front as build_api puts it, yields exactly the tokens and text of a clean run (greedy and
+seeded sampling; stop strings and multi-byte characters across the failure point); when
+replicas keep dying the API ends the stream with an error event; nothing hangs and no page is
+left behind."""
 
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ import httpx
 import pytest
 from ray.exceptions import ActorDiedError
 
+from api.detokenizing_client import DetokenizingClient
 from api.handle_client import HandleClient
 from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
+from engine.llm_engine import Engine
 from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.anyio
@@ -66,67 +71,95 @@ class EngineHandle:
         return DyingResponse(self.engine.generate(prompt_ids, params, request_id), die)
 
 
-async def assert_no_page_left(llm: LLM, engine: AsyncEngine) -> None:
+@pytest.fixture(scope="module")
+def raw(llm: LLM) -> Engine:
+    """The tiny model in an engine without text, as every serving replica runs it."""
+    return Engine(llm.engine.model_cfg, llm.engine.cfg, detokenize=False)
+
+
+async def assert_no_page_left(raw: Engine, engine: AsyncEngine) -> None:
     """Once the engine has let go of every request (the aborts of dead calls land between two
     steps; the deadline is a hang guard only), no page is in use."""
     deadline = asyncio.get_running_loop().time() + 60
-    while llm.engine.has_unfinished() or engine._streams:
+    while raw.has_unfinished() or engine._streams:
         assert asyncio.get_running_loop().time() < deadline, "a request never ended"
         await asyncio.sleep(0.01)
-    llm.engine.allocator.check_integrity()
-    assert llm.engine.num_pages_used == 0
+    raw.allocator.check_integrity()
+    assert raw.num_pages_used == 0
 
 
-async def run(client, prompt_ids, params) -> tuple[list[int], str, str | None]:
-    ids, text, reason = [], "", None
+def api_client(llm: LLM, handle: EngineHandle) -> tuple[DetokenizingClient, HandleClient]:
+    """What build_api makes of a HandleClient: text from the API's detokenizer."""
+    inner = HandleClient(handle)
+    return DetokenizingClient(inner, llm.tokenizer), inner
+
+
+async def run(client, prompt_ids, params) -> tuple[list[int], str, str | None, int]:
+    ids, text, reason, count = [], "", None, 0
     async for out in client.generate(prompt_ids, params, "r"):
         ids += out.new_token_ids
         text += out.new_text
-        reason = out.finish_reason
-    return ids, text, reason
+        reason, count = out.finish_reason, out.num_output_tokens
+    return ids, text, reason, count
+
+
+SEEDED = dict(max_tokens=40, temperature=1.5, top_k=0, seed=5, ignore_eos=True)
 
 
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
     SamplingParams(max_tokens=40, temperature=1.0, top_k=50, seed=11, ignore_eos=True),
-], ids=["greedy", "seeded"])
-async def test_stream_resumes_with_the_same_tokens_and_text(llm: LLM, params) -> None:
-    engine = AsyncEngine(llm.engine)
+    SamplingParams(**SEEDED),  # multi-byte characters, some split across tokens
+], ids=["greedy", "seeded", "multibyte"])
+async def test_stream_resumes_with_the_same_tokens_and_text(llm: LLM, raw: Engine,
+                                                            params) -> None:
+    engine = AsyncEngine(raw)
     prompt = llm.tokenizer.encode(PROMPT)
-    clean = await run(HandleClient(EngineHandle(engine, [])), prompt, params)
+    clean = await run(api_client(llm, EngineHandle(engine, []))[0], prompt, params)
+    ref = llm.generate(prompt, params)[0]  # the engine's own detokenizer
+    assert clean == (ref.token_ids, ref.text, "length", 40)
     handle = EngineHandle(engine, [5, 3])  # two replicas die, the third one finishes
-    client = HandleClient(handle, tokenizer=llm.tokenizer)
+    client, inner = api_client(llm, handle)
     assert await run(client, prompt, params) == clean
-    assert client.num_resumes == 2 and len(clean[0]) == 40
+    assert inner.num_resumes == 2 and len(clean[0]) == 40
     (p0, _, _), (p1, q1, r1), (p2, q2, r2) = handle.calls
     n1 = len(p1) - len(prompt)
     assert p1 == prompt + clean[0][:n1] and q1.max_tokens == 40 - n1 and q1.resumed_tokens == n1
     assert r1 == "r-resume1" and r2 == "r-resume2" and q2.resumed_tokens == len(p2) - len(prompt)
-    await assert_no_page_left(llm, engine)
+    await assert_no_page_left(raw, engine)
     engine._task.cancel()
 
 
-async def test_stop_string_spanning_the_failure_point(llm: LLM) -> None:
-    engine = AsyncEngine(llm.engine)
+@pytest.mark.parametrize("kw", [dict(max_tokens=30, temperature=0.0, ignore_eos=True), SEEDED],
+                         ids=["greedy", "multibyte"])
+async def test_stop_string_spanning_the_failure_point(llm: LLM, raw: Engine, kw: dict) -> None:
+    engine = AsyncEngine(raw)
     prompt = llm.tokenizer.encode(PROMPT)
-    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    _, text, _ = await run(HandleClient(EngineHandle(engine, [])), prompt, greedy)
-    stop = text[8:14]  # some text around token 3-4
-    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=[stop])
-    clean = await run(HandleClient(EngineHandle(engine, [])), prompt, params)
-    assert clean[2] == "stop" and stop not in clean[1]
-    for die_after in range(1, 6):
-        client = HandleClient(EngineHandle(engine, [die_after]), tokenizer=llm.tokenizer)
-        got = await run(client, prompt, params)
-        assert got[1:] == clean[1:] and got[0][:len(clean[0])] == clean[0], die_after
-    await assert_no_page_left(llm, engine)
+    text = llm.generate(prompt, SamplingParams(**kw))[0].text
+    wide = next((i for i, c in enumerate(text) if ord(c) > 127), 8)
+    stop = text[wide:wide + 6]  # some text around token 3-4, multi-byte characters in it
+    params = SamplingParams(**kw, stop=[stop])
+    ref = llm.generate(prompt, params)[0]
+    clean = await run(api_client(llm, EngineHandle(engine, []))[0], prompt, params)
+    assert clean == (ref.token_ids, ref.text, "stop", len(ref.token_ids))
+    assert stop not in clean[1]
+    for die_after in range(1, len(ref.token_ids) + 1):
+        # The API ended the last request at its stop string: the engine lets go of it (and of
+        # its pages) once the cancelled call's abort lands.
+        await assert_no_page_left(raw, engine)
+        client, inner = api_client(llm, EngineHandle(engine, [die_after]))
+        # The same tokens too: the API ends the request at the stop string on either side of
+        # the failure point, and the usage counts only what the client got.
+        assert await run(client, prompt, params) == clean, die_after
+        assert inner.num_resumes == (die_after < len(ref.token_ids))
+    await assert_no_page_left(raw, engine)
     engine._task.cancel()
 
 
-async def test_no_replica_left_ends_with_an_error_event(llm: LLM) -> None:
-    engine = AsyncEngine(llm.engine)
+async def test_no_replica_left_ends_with_an_error_event(llm: LLM, raw: Engine) -> None:
+    engine = AsyncEngine(raw)
     handle = EngineHandle(engine, [2, 0, 0, 0])  # every replica dies: 3 resumes, then give up
-    app = build_api(HandleClient(handle, tokenizer=llm.tokenizer), llm.tokenizer, "tiny", 2048)
+    app = build_api(HandleClient(handle), llm.tokenizer, "tiny", 2048)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://test") as http:
         r = await asyncio.wait_for(http.post("/v1/completions", json={
@@ -135,7 +168,7 @@ async def test_no_replica_left_ends_with_an_error_event(llm: LLM) -> None:
     assert r.status_code == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["type"] == "server_error"
     assert len(handle.calls) == 4
-    await assert_no_page_left(llm, engine)
+    await assert_no_page_left(raw, engine)
     engine._task.cancel()
 
 
