@@ -1,8 +1,9 @@
 """HandleClient: a Serve DeploymentHandle seen through the `generate` client protocol.
 
-The serving deployment exposes an async generator method `generate(prompt_ids, params,
-request_id)` yielding RequestOutput. Here it is called with `stream=True` and re-yielded. If the
-consumer stops early (client disconnect, error, cancellation), the Serve call is cancelled,
+The serving deployment exposes `run(prompt_ids, params, request_id, mailbox)`, whose outputs
+arrive through the ingress's token mailbox, and an async generator method `generate(prompt_ids,
+params, request_id)` yielding RequestOutput, called with `stream=True`. If the consumer stops
+early (client disconnect, error, cancellation), the Serve call is cancelled,
 which cancels the replica's generator: that is what aborts the request and frees its pages.
 A ValueError raised in the replica (the engine refusing the input) comes back as a plain
 ValueError, so the API answers it with a 4xx body.
@@ -28,8 +29,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+from api.mailbox_call import Coalescing, mailbox_call
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from serving.token_mailbox import MailboxReader
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +57,18 @@ def replica_died(e: BaseException) -> bool:
 
 
 class HandleClient:
+    """With a `reader`, a call goes to the deployment's `run` method and its tokens come
+    through the reader's mailbox, one message per engine step for all streams
+    (api/mailbox_call.py); without one, to the streaming `method`, one message per output."""
+
     def __init__(self, handle: Any, method: str = "generate", timeout_s: float = 600.0,
-                 max_resumes: int = 3) -> None:
+                 max_resumes: int = 3, reader: MailboxReader | None = None,
+                 coalescing: Coalescing | None = None) -> None:
+        self._unary = handle
         self._handle = handle.options(stream=True)
         self._method = method
         self.timeout_s, self.max_resumes = timeout_s, max_resumes
+        self.reader, self.coalescing = reader, coalescing or Coalescing()
         self.num_resumes = 0
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -93,6 +103,23 @@ class HandleClient:
 
     async def _call(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str) -> AsyncIterator[RequestOutput]:
+        if self.reader is not None:
+            stream = mailbox_call(self._unary, self.reader, prompt_ids, params, request_id,
+                                  self.timeout_s, self.coalescing)
+        else:
+            stream = self._stream(prompt_ids, params, request_id)
+        try:
+            async with aclosing(stream) as outputs:
+                async for out in outputs:
+                    yield out
+        except Exception as e:
+            bad_input = _value_error(e)
+            if bad_input is not None:
+                raise bad_input from None
+            raise
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams,
+                      request_id: str) -> AsyncIterator[RequestOutput]:
         response = getattr(self._handle, self._method).remote(prompt_ids, params, request_id)
         finished = False
         try:
@@ -106,11 +133,6 @@ class HandleClient:
                                        f"{self.timeout_s:.0f} s") from None
                 finished = out.finished
                 yield out
-        except Exception as e:
-            bad_input = _value_error(e)
-            if bad_input is not None:
-                raise bad_input from None
-            raise
         finally:
             if not finished:
                 response.cancel()

@@ -6,9 +6,13 @@ Serve's late-bound ingress hook: `@serve.ingress()` with no app makes Serve call
 
 Binding (cluster/app.py):
 
-    serving = DecodeServer.bind(...)          # exposes async-generator `generate(...)`
+    serving = DecodeServer.bind(...)          # exposes `run(..., mailbox)` and `generate(...)`
     app = Ingress.bind(serving, model_path, model_name="tiny-llama", max_model_len=2048,
-                       metrics_source=collect_snapshots, limits={...}, request_timeout_s=600)
+                       metrics_source=collect_snapshots, limits={...}, request_timeout_s=600,
+                       stream_interval_ms=0)
+
+Tokens come back through this replica's token mailbox (serving/token_mailbox.py): one message
+per engine step and serving replica for all the streams of this replica.
 
 `metrics_source` is a zero-argument callable returning a list of snapshot dicts or an awaitable
 of one (see api/prometheus.py). It is pickled into the replica and called there, so it must not
@@ -28,8 +32,10 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from api.handle_client import HandleClient
+from api.mailbox_call import Coalescing
 from api.server import MetricsSource, build_api
 from serving.limits import Limits
+from serving.token_mailbox import MailboxReader
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -39,11 +45,14 @@ HEALTH_TIMEOUT_S = 5.0
 class Ingress:
     def __init__(self, handle: Any, model_path: str, model_name: str | None = None,
                  max_model_len: int = 2048, metrics_source: MetricsSource | None = None,
-                 limits: dict | None = None, request_timeout_s: float = 600.0) -> None:
+                 limits: dict | None = None, request_timeout_s: float = 600.0,
+                 stream_interval_ms: float = 0.0) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.handle = handle
-        # Token ids only: build_api detokenizes every stream, resumed ones included.
-        self.client = HandleClient(handle, timeout_s=request_timeout_s)
+        # Token ids only, one mailbox message per engine step for every stream of this
+        # replica; build_api detokenizes every stream, resumed ones included.
+        self.client = HandleClient(handle, timeout_s=request_timeout_s, reader=MailboxReader(),
+                                   coalescing=Coalescing(stream_interval_ms / 1000))
         self.model_name = model_name or model_path
         self.max_model_len = max_model_len
         self.metrics_source = metrics_source

@@ -135,8 +135,8 @@ class AppConfig(_Strict):
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
     request_timeout_s: float = Field(600.0, gt=0)
     limits: Limits = Field(default_factory=Limits)  # admission limits of the HTTP API
-    # While a replica streams to many clients, hand each one its tokens at most this often
-    # (merged): fewer, larger messages through Serve. 0 = every token as it comes.
+    # While an ingress replica streams to more than 8 clients, hand each one its tokens at most
+    # this often (merged): fewer, larger SSE events. 0 (the default) = every token its own event.
     stream_interval_ms: float = Field(0.0, ge=0)
 
     @field_validator("model", mode="before")

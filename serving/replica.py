@@ -47,8 +47,9 @@ class Replica:
             ensure_tiny_model()
         model_cfg = cfg.model.to_config()
         # Text and stop strings are the API's work (api/detokenizing_client.py), not the step's.
-        self.engine = AsyncEngine(Engine(model_cfg, cfg.engine_config(role), detokenize=False),
-                                  stream_interval_s=cfg.stream_interval_ms / 1000)
+        # Text is the API's business (api/detokenizing_client.py); outputs leave in per-step
+        # batches (serving/token_mailbox.py), coalesced, if at all, by the ingress.
+        self.engine = AsyncEngine(Engine(model_cfg, cfg.engine_config(role), detokenize=False))
         self.fingerprint = model_fingerprint(model_cfg.path, model_cfg.dtype,
                                              model_cfg.load_format, model_cfg.seed)
         self.metrics = Metrics(role, replica_name(role))

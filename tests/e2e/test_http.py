@@ -123,22 +123,34 @@ def test_32_concurrent_streams(cluster):
 
 
 def test_shared_prefix_moves_fewer_kv_bytes(cluster):
+    import time
+
     def sent() -> float:
         text = httpx.get(f"{cluster['base']}/metrics", timeout=30).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("pdserve_kv_transfer_bytes_total{")
                    and 'role="decode"' in line)
 
-    import time
+    def settled() -> float:
+        """The bytes once every finished request is published: replicas publish every 0.5 s,
+        so a value unchanged over 1.5 s (three publishing periods of an idle cluster) is final.
+        The 60 s deadline is a hang guard only."""
+        deadline = time.monotonic() + 60
+        prev = sent()
+        while time.monotonic() < deadline:
+            time.sleep(1.5)
+            now = sent()
+            if now == prev:
+                return now
+            prev = now
+        raise AssertionError("the decode replicas' metrics never settled")
 
     shared = _prompt(7, 256)
-    before = sent()
+    before = settled()
     _complete(cluster["base"], shared + [11, 12, 13])
-    time.sleep(1.2)  # replicas publish metrics twice a second
-    first = sent() - before
+    first = settled() - before
     _complete(cluster["base"], shared + [21, 22])
-    time.sleep(1.2)
-    second = sent() - before - first
+    second = settled() - before - first
     assert first > 0 and 0 < second < first / 10  # 16 shared pages stay; 1 page moves
 
 
