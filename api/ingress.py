@@ -46,7 +46,7 @@ class Ingress:
     def __init__(self, handle: Any, model_path: str, model_name: str | None = None,
                  max_model_len: int = 2048, metrics_source: MetricsSource | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600.0,
-                 stream_interval_ms: float = 0.0) -> None:
+                 stream_interval_ms: float = 0.0, detokenize: bool = True) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.handle = handle
         # Token ids only, one mailbox message per engine step for every stream of this
@@ -57,6 +57,7 @@ class Ingress:
         self.max_model_len = max_model_len
         self.metrics_source = metrics_source
         self.limits = Limits(**(limits or {}))
+        self.detokenize = detokenize
 
     async def ready(self) -> bool:
         await asyncio.wait_for(self.handle.health.remote(), HEALTH_TIMEOUT_S)
@@ -65,4 +66,5 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         return build_api(self.client, self.tokenizer, self.model_name, self.max_model_len,
                          metrics_source=self.metrics_source, ready=self.ready,
-                         limits=self.limits, request_id_header=False)
+                         limits=self.limits, request_id_header=False,
+                         detokenize=self.detokenize)

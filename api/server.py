@@ -43,13 +43,17 @@ async def _maybe_await(value: Any) -> Any:
 def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model_len: int,
               metrics_source: MetricsSource | None = None,
               ready: Callable[[], bool | Awaitable[bool]] = lambda: True,
-              limits: Limits | None = None, request_id_header: bool = True) -> FastAPI:
+              limits: Limits | None = None, request_id_header: bool = True,
+              detokenize: bool = True) -> FastAPI:
     """`metrics_source()` (sync or async) returns per-replica snapshots for /metrics (see
     api/prometheus.py); `ready()` (sync or async) decides /health. `request_id_header=False`
-    leaves the X-Request-Id response header and the access log to the Serve proxy in front."""
+    leaves the X-Request-Id response header and the access log to the Serve proxy in front.
+    `detokenize=False` streams token ids without text (random weights sample ids the
+    tokenizer may not know)."""
     limits = (limits or Limits()).resolved(max_model_len)
     admission = Admission(limits)
-    ctx = ServerContext(AdmittedClient(DetokenizingClient(client, tokenizer), admission),
+    text = DetokenizingClient(client, tokenizer if detokenize else None)
+    ctx = ServerContext(AdmittedClient(text, admission),
                         tokenizer, model_name, max_model_len, limits)
     app = FastAPI(title="pdserve", version="0.1.0")
     app.state.ctx, app.state.admission = ctx, admission

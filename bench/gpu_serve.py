@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no request completed: {run['errors']}")
     tps = run["output_throughput"]
     print(f"\npdserve ({args.config}), concurrency {args.concurrency}: {tps:.1f} tok/s "
-          f"(TTFT p50 {run['ttft_ms']['p50']:.0f} ms, TPOT p50 {run['tpot_ms']['p50']:.1f} ms)")
+          f"(TTFT p50 {run['ttft_ms']['p50']:.0f} / p99 {run['ttft_ms']['p99']:.0f} ms, "
+          f"TPOT p50 {run['tpot_ms']['p50']:.1f} / p99 {run['tpot_ms']['p99']:.1f} ms, "
+          f"ITL p50 {run['itl_ms']['p50']:.1f} / p99 {run['itl_ms']['p99']:.1f} ms)")
     if hf_tps:
         print(f"HF generate, batch {args.concurrency}: {hf_tps:.1f} tok/s -> ratio "
               f"{tps / hf_tps:.1f}x")

@@ -1,0 +1,23 @@
+# The token-path runs (docs/benchmarks.md, 2026-12-01): the Serve workload through the engine
+# alone, then through Serve with the committed GPU configs and an ingress-count variant.
+# On the GPU machine:  bash bench/device_run.sh bash bench/gpu_token_path.sh [NAME ...]
+# NAMEs (default: offline pd colo pd_ing2): offline, pd (1P1D cuda_ipc), colo (colocated),
+# pd_ing2 (1P1D with two ingress replicas).
+set -u
+C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
+python - "$C" /tmp/ing2.yaml <<'PY'
+import sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+cfg["applications"][0]["args"]["ingress"]["num_replicas"] = 2
+yaml.safe_dump(cfg, open(sys.argv[2], "w"))
+PY
+for name in "${@:-offline pd colo pd_ing2}"; do
+  for n in $name; do
+    case $n in
+      offline) timeout 240 python -m bench.gpu_offline --budgets 8192 2>&1 | tail -6 ;;
+      pd) bash bench/gpu_serve_runs.sh pd:$C ;;
+      colo) bash bench/gpu_serve_runs.sh colo:$K ;;
+      pd_ing2) bash bench/gpu_serve_runs.sh pd_ing2:/tmp/ing2.yaml ;;
+    esac
+  done
+done
