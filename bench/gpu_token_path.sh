@@ -2,14 +2,19 @@
 # alone, then through Serve with the committed GPU configs and an ingress-count variant.
 # On the GPU machine:  bash bench/device_run.sh bash bench/gpu_token_path.sh [NAME ...]
 # NAMEs (default: offline pd colo pd_ing2): offline, pd (1P1D cuda_ipc), colo (colocated),
-# pd_ing2 (1P1D with two ingress replicas).
+# pd_ing2 / colo_ing2 (two ingress replicas), pd_c50 / colo_c50 (stream_interval_ms: 50).
 set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
-python - "$C" /tmp/ing2.yaml <<'PY'
+python - "$C" "$K" <<'PY'
 import sys, yaml
-cfg = yaml.safe_load(open(sys.argv[1]))
-cfg["applications"][0]["args"]["ingress"]["num_replicas"] = 2
-yaml.safe_dump(cfg, open(sys.argv[2], "w"))
+for src, name in zip(sys.argv[1:], ("", "colo_")):
+    cfg = yaml.safe_load(open(src))
+    args = cfg["applications"][0]["args"]
+    args["ingress"]["num_replicas"] = 2
+    yaml.safe_dump(cfg, open(f"/tmp/{name}ing2.yaml", "w"))
+    args["ingress"]["num_replicas"] = 1
+    args["stream_interval_ms"] = 50
+    yaml.safe_dump(cfg, open(f"/tmp/{name}c50.yaml", "w"))
 PY
 for name in "${@:-offline pd colo pd_ing2}"; do
   for n in $name; do
@@ -18,6 +23,9 @@ for name in "${@:-offline pd colo pd_ing2}"; do
       pd) bash bench/gpu_serve_runs.sh pd:$C ;;
       colo) bash bench/gpu_serve_runs.sh colo:$K ;;
       pd_ing2) bash bench/gpu_serve_runs.sh pd_ing2:/tmp/ing2.yaml ;;
+      colo_ing2) bash bench/gpu_serve_runs.sh colo_ing2:/tmp/colo_ing2.yaml ;;
+      pd_c50) bash bench/gpu_serve_runs.sh pd_c50:/tmp/c50.yaml ;;
+      colo_c50) bash bench/gpu_serve_runs.sh colo_c50:/tmp/colo_c50.yaml ;;
     esac
   done
 done
