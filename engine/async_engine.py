@@ -1,8 +1,7 @@
 """AsyncEngine: the engine's step loop as an asyncio task, with one output stream per request.
 
 The loop applies pending adds and aborts between steps (the engine is never mutated while a
-step runs) and runs each step in a worker thread so the event loop keeps serving streams; a
-step's outputs are handed out while the next step runs.
+step runs) and runs each step in a worker thread so the event loop keeps serving streams.
 Cancelling a stream (client gone) aborts its request, which frees its pages before the next step.
 
 A request started with an `OutputSink` hands every output to the sink instead of its stream
@@ -235,9 +234,8 @@ class AsyncEngine:
         self._wake.set()
 
     async def _loop(self) -> None:
-        outputs: list[RequestOutput] = []  # the last step's, handed out while the next runs
         while True:
-            if not outputs and not self._pending and not self.engine.has_unfinished():
+            if not self._pending and not self.engine.has_unfinished():
                 self._wake.clear()
                 await self._wake.wait()
             pending, self._pending = self._pending, []
@@ -249,19 +247,11 @@ class AsyncEngine:
                     queue = self._streams.pop(request_id, None)
                     if queue is not None:
                         queue.put_nowait(e)
-            step = None
-            if self.engine.has_unfinished():
-                step = asyncio.ensure_future(asyncio.to_thread(self.engine.step))
-            # The last step's outputs go out while this step runs: handing them out (sinks,
-            # streams) reads only the outputs, never the engine, and costs the step nothing.
-            for out in outputs:
-                self._deliver(out)
-            self._flush_sinks()  # with the first tokens of requests admitted just now
-            outputs = []
-            if step is None:
+            self._flush_sinks()  # first tokens of the requests admitted just now
+            if not self.engine.has_unfinished():
                 continue
             try:
-                outputs = await step
+                outputs = await asyncio.to_thread(self.engine.step)
             except Exception as e:
                 log.exception("engine step failed; failing its requests")
                 for rid in list(self._streams):
@@ -269,6 +259,11 @@ class AsyncEngine:
                     self._streams.pop(rid).put_nowait(e)
                 continue
             self.num_steps += 1
+            for out in outputs:
+                self._deliver(out)
+            self._flush_sinks()
+            await asyncio.sleep(0)  # let streams flush between steps
+
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """b follows a in the same request's stream: one output carrying both."""
