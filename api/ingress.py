@@ -46,12 +46,14 @@ class Ingress:
     def __init__(self, handle: Any, model_path: str, model_name: str | None = None,
                  max_model_len: int = 2048, metrics_source: MetricsSource | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600.0,
-                 stream_interval_ms: float = 0.0, detokenize: bool = True) -> None:
+                 stream_interval_ms: float = 0.0, detokenize: bool = True,
+                 token_path: str = "mailbox") -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.handle = handle
-        # Token ids only, one mailbox message per engine step for every stream of this
-        # replica; build_api detokenizes every stream, resumed ones included.
-        self.client = HandleClient(handle, timeout_s=request_timeout_s, reader=MailboxReader(),
+        # Token ids only ("mailbox": one message per engine step for every stream of this
+        # replica); build_api detokenizes every stream, resumed ones included.
+        reader = MailboxReader() if token_path == "mailbox" else None
+        self.client = HandleClient(handle, timeout_s=request_timeout_s, reader=reader,
                                    coalescing=Coalescing(stream_interval_ms / 1000))
         self.model_name = model_name or model_path
         self.max_model_len = max_model_len

@@ -138,6 +138,11 @@ class AppConfig(_Strict):
     # While an ingress replica streams to more than 8 clients, hand each one its tokens at most
     # this often (merged): fewer, larger SSE events. 0 (the default) = every token its own event.
     stream_interval_ms: float = Field(0.0, ge=0)
+    # How tokens travel from the serving replicas to the ingress: "mailbox" sends one message
+    # per engine step for all of an ingress replica's streams (serving/token_mailbox.py);
+    # "stream" one Serve streaming message per output per request (one hop fewer: lower
+    # latency for a few streams, but its cost grows with the number of streams).
+    token_path: Literal["mailbox", "stream"] = "mailbox"
 
     @field_validator("model", mode="before")
     @classmethod
