@@ -1,0 +1,87 @@
+"""How fast an overloaded cluster says no: a burst against `max_concurrent_requests`.
+
+python -m bench.overload [--config configs/tiny.yaml] [--limit 8] [--burst 32]
+
+Starts `serve run CONFIG` with `limits.max_concurrent_requests` set to `--limit`, fills the limit
+with long streams (each has streamed a token before the burst), then sends `--burst` requests at
+once and prints the latency of their 429 answers (p50, p99, max) and how many were admitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from bench.launcher import ServerProcess, expand
+from bench.stats import percentile
+
+LONG = {"model": "tiny-llama", "prompt": "Once upon a time", "max_tokens": 1800,
+        "ignore_eos": True, "temperature": 0, "stream": True}
+SHORT = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+
+
+def limited_config(config: str, limit: int) -> Path:
+    cfg = yaml.safe_load(Path(config).read_text())
+    cfg["applications"][0]["args"].setdefault("limits", {})["max_concurrent_requests"] = limit
+    path = Path(tempfile.mkdtemp()) / "overload.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+async def burst(base: str, limit: int, n: int) -> tuple[list[float], int]:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        started = [asyncio.Event() for _ in range(limit)]
+
+        async def hold(i: int) -> None:
+            async with client.stream("POST", "/v1/completions", json=LONG) as r:
+                async for _ in r.aiter_lines():
+                    started[i].set()
+
+        holders = [asyncio.create_task(hold(i)) for i in range(limit)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 300)
+
+        async def one() -> tuple[int, float]:
+            t = time.perf_counter()
+            r = await client.post("/v1/completions", json=SHORT)
+            return r.status_code, time.perf_counter() - t
+
+        answers = await asyncio.gather(*(one() for _ in range(n)))
+        for h in holders:
+            h.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+    rejected = [dt for code, dt in answers if code == 429]
+    return rejected, sum(code == 200 for code, _ in answers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--burst", type=int, default=32)
+    args = ap.parse_args(argv)
+    config = limited_config(args.config, args.limit)
+    server = ServerProcess(expand("{serve} run {config}", str(config)),
+                           f"{args.base_url}/health", config.parent / "serve.log")
+    server.start()
+    try:
+        server.wait_ready(timeout=300)
+        rejected, admitted = asyncio.run(burst(args.base_url, args.limit, args.burst))
+    finally:
+        server.stop()
+    ms = sorted(dt * 1e3 for dt in rejected)
+    print(f"burst of {args.burst} against a limit of {args.limit} (all {args.limit} held): "
+          f"{len(ms)} got 429, {admitted} admitted")
+    if ms:
+        print(f"429 latency: p50 {percentile(ms, 50):.0f} ms, p99 {percentile(ms, 99):.0f} ms, "
+              f"max {ms[-1]:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
