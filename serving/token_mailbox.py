@@ -9,9 +9,10 @@ requests' queues (`MailboxReader`). The per-request Serve call stays, for routin
 (the client went away: the call is cancelled and the request aborted), errors and failover,
 but it carries only the request and its end.
 
-Order: one sender's puts run in the order sent (the mailbox is an async actor whose methods
-never await), so a request's outputs arrive in order; its last output is put before its call
-returns.
+Order: an async actor may run one sender's calls out of order (seen here: batch 3 before batch
+2), so each sink numbers its batches and the mailbox hands a sender's batches out in that order,
+holding any that arrive early. A request's outputs come from one sink, so they arrive in order;
+its last output is put before its call returns.
 """
 
 from __future__ import annotations
@@ -35,10 +36,20 @@ class TokenMailbox:
     def __init__(self) -> None:
         self._outputs: list[RequestOutput] = []
         self._ready = asyncio.Event()
+        self._next: dict[str, int] = {}  # per sender: the number of the batch due next
+        self._early: dict[str, dict[int, list[RequestOutput]]] = {}  # per sender: held batches
 
-    async def put(self, outputs: list[RequestOutput]) -> None:
-        self._outputs += outputs
-        self._ready.set()
+    async def put(self, sender: str, seq: int, outputs: list[RequestOutput]) -> None:
+        """Batch `seq` (0, 1, 2, ...) of `sender`; handed out after all its earlier ones."""
+        early = self._early.setdefault(sender, {})
+        early[seq] = outputs
+        due = self._next.get(sender, 0)
+        while due in early:
+            self._outputs += early.pop(due)
+            due += 1
+        self._next[sender] = due
+        if self._outputs:
+            self._ready.set()
 
     async def take(self) -> list[RequestOutput]:
         """Everything put since the last take; waits while there is nothing."""
@@ -121,6 +132,7 @@ class MailboxSink:
     def __init__(self, mailbox: Mailbox, metrics: Metrics,
                  on_lost: Callable[[list[str]], None]) -> None:
         self.mailbox, self.metrics, self.on_lost = mailbox, metrics, on_lost
+        self.sender, self.seq = uuid.uuid4().hex, 0
         self.pending: list[RequestOutput] = []
         self.recorders: dict[str, StreamRecorder] = {}
         self.in_flight: list[ray.ObjectRef] = []
@@ -142,7 +154,8 @@ class MailboxSink:
         batch, self.pending = self.pending, []
         if self.lost or not batch:
             return
-        self.in_flight.append(self.mailbox.actor.put.remote(batch))
+        self.in_flight.append(self.mailbox.actor.put.remote(self.sender, self.seq, batch))
+        self.seq += 1
         self._check_delivered()
 
     def _check_delivered(self) -> None:
