@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,30 +34,33 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class TokenMailbox:
+    """Batches travel pickled (one `pickle.dumps` of the step's outputs by the sender): the
+    mailbox only relays bytes, so it never pays to unpickle and pickle every output again."""
+
     def __init__(self) -> None:
-        self._outputs: list[RequestOutput] = []
+        self._batches: list[bytes] = []
         self._ready = asyncio.Event()
         self._next: dict[str, int] = {}  # per sender: the number of the batch due next
-        self._early: dict[str, dict[int, list[RequestOutput]]] = {}  # per sender: held batches
+        self._early: dict[str, dict[int, bytes]] = {}  # per sender: batches that came early
 
-    async def put(self, sender: str, seq: int, outputs: list[RequestOutput]) -> None:
+    async def put(self, sender: str, seq: int, batch: bytes) -> None:
         """Batch `seq` (0, 1, 2, ...) of `sender`; handed out after all its earlier ones."""
         early = self._early.setdefault(sender, {})
-        early[seq] = outputs
+        early[seq] = batch
         due = self._next.get(sender, 0)
         while due in early:
-            self._outputs += early.pop(due)
+            self._batches.append(early.pop(due))
             due += 1
         self._next[sender] = due
-        if self._outputs:
+        if self._batches:
             self._ready.set()
 
-    async def take(self) -> list[RequestOutput]:
-        """Everything put since the last take; waits while there is nothing."""
+    async def take(self) -> list[bytes]:
+        """Every batch put since the last take, in order; waits while there is none."""
         await self._ready.wait()
         self._ready.clear()
-        outputs, self._outputs = self._outputs, []
-        return outputs
+        batches, self._batches = self._batches, []
+        return batches
 
 
 @dataclass(frozen=True)
@@ -113,13 +117,14 @@ class MailboxReader:
     async def _poll(self) -> None:
         while True:
             try:
-                outputs = await self.mailbox.actor.take.remote()
+                batches = await self.mailbox.actor.take.remote()
             except Exception as e:  # the mailbox restarts; the open requests fail over
                 log.exception("token mailbox unreachable")
                 self.fanout.fail(e)
                 await asyncio.sleep(0.1)
                 continue
-            self.fanout.deliver(outputs)
+            for batch in batches:  # pickled by this cluster's own serving replicas
+                self.fanout.deliver(pickle.loads(batch))
 
 
 class MailboxSink:
@@ -154,7 +159,8 @@ class MailboxSink:
         batch, self.pending = self.pending, []
         if self.lost or not batch:
             return
-        self.in_flight.append(self.mailbox.actor.put.remote(self.sender, self.seq, batch))
+        blob = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        self.in_flight.append(self.mailbox.actor.put.remote(self.sender, self.seq, blob))
         self.seq += 1
         self._check_delivered()
 
