@@ -38,14 +38,8 @@ class OutputSink(Protocol):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, stream_interval_s: float = 0.0,
-                 busy_streams: int = 8) -> None:
-        """`stream_interval_s`: while more than `busy_streams` streams are open, a stream
-        hands out its tokens at most this often (merged), so that per-message costs downstream
-        do not grow with the batch. A first token is never held."""
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.stream_interval_s = stream_interval_s
-        self.busy_streams = busy_streams
         self._streams: dict[str, asyncio.Queue] = {}
         self._sinks: dict[str, OutputSink] = {}
         self._dirty: dict[int, OutputSink] = {}  # sinks given outputs since their last flush
@@ -220,9 +214,6 @@ class AsyncEngine:
                     merged = item if merged is None else merge_outputs(merged, item)
                 finished = merged.finished
                 yield merged
-                if (not finished and self.stream_interval_s
-                        and len(self._streams) > self.busy_streams):
-                    await asyncio.sleep(self.stream_interval_s)
         finally:
             if not finished:  # consumer went away (disconnect, timeout): free its pages
                 self.abort(request_id)
