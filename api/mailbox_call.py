@@ -39,6 +39,9 @@ async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int]
     queue = reader.open(request_id)
     response = handle.run.remote(prompt_ids, params, request_id, reader.mailbox)
     call = asyncio.ensure_future(response)
+    # A call cancelled below ends in Serve's RequestCancelledError: retrieve it, so that it is
+    # not logged as "exception was never retrieved".
+    call.add_done_callback(lambda f: f.cancelled() or f.exception())
     finished = False
     coalescing.open += 1
     try:
@@ -59,9 +62,7 @@ async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int]
         reader.close(request_id)
         if not finished:
             response.cancel()  # aborts the request on the replica
-        if call.done() and not call.cancelled():
-            call.exception()  # retrieved: an error after the end is not "never retrieved"
-        elif not call.done():
+        if not call.done():
             call.cancel()
 
 
@@ -69,16 +70,26 @@ async def _next(queue: asyncio.Queue, call: asyncio.Future, timeout_s: float) ->
     """The next output; the call's error if it ended in one before its outputs did."""
     if queue.empty():
         get = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({get, call}, timeout=timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({get, call}, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: the get must not outlive its (dropped) queue
+            get.cancel()
+            raise
         if get in done:
             item = get.result()
         else:
             get.cancel()
-            if not done:
-                raise TimeoutError(f"no output from the serving replica for {timeout_s:.0f} s")
-            call.result()  # raises the replica's error; else its last output is on the way
-            item = await asyncio.wait_for(queue.get(), timeout_s)
+            try:
+                item = await get  # it may have taken an item before the cancel landed
+            except asyncio.CancelledError:
+                item = None
+            if item is None:
+                if not done:
+                    raise TimeoutError(f"no output from the serving replica for "
+                                       f"{timeout_s:.0f} s")
+                call.result()  # raises the replica's error; else its last output is on the way
+                item = await asyncio.wait_for(queue.get(), timeout_s)
     else:
         item = queue.get_nowait()
     if isinstance(item, BaseException):

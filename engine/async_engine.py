@@ -13,6 +13,7 @@ for all its requests, not one per token per request.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -55,7 +56,11 @@ class AsyncEngine:
 
     def start(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            # The loop outlives the request that starts it: it must not run in that request's
+            # context (Ray ties the calls a request's context makes, e.g. a mailbox put, to the
+            # request, and cancels them with it).
+            self._task = asyncio.get_running_loop().create_task(self._loop(),
+                                                                context=contextvars.Context())
 
     # -- what the roles call --------------------------------------------------------------
     @property

@@ -62,14 +62,19 @@ class Replica:
     async def run_into(self, mailbox: Mailbox, request_id: str,
                        generate: Callable[[MailboxSink], AsyncIterator]) -> None:
         """Run `generate(sink)` (a request's stream in sink mode) with its outputs going to
-        `mailbox`, one batch per engine step; returns when the request ends."""
+        `mailbox`, one batch per engine step; returns when the request ends. Raises if it ended
+        without a last output (aborted here, e.g. because its mailbox was lost), so that the
+        ingress does not wait for one."""
         sink = self.sinks.get(mailbox)
         sink.open(request_id, time.perf_counter())
+        finished = False
         try:
-            async for _ in generate(sink):
-                pass
+            async for out in generate(sink):
+                finished = out.finished
         finally:
             sink.close(request_id)
+        if not finished:
+            raise RuntimeError(f"request {request_id} was aborted by the serving replica")
 
     def _abort_all(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -18,6 +18,7 @@ its last output is put before its call returns.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import pickle
 import uuid
@@ -108,7 +109,10 @@ class MailboxReader:
 
     def open(self, request_id: str) -> asyncio.Queue:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._poll())
+            # Not in the opening request's context: Ray would cancel the poll's `take` calls
+            # with that request (and every open stream would fail).
+            self._task = asyncio.get_running_loop().create_task(self._poll(),
+                                                                context=contextvars.Context())
         return self.fanout.open(request_id)
 
     def close(self, request_id: str) -> None:
