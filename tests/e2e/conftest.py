@@ -6,6 +6,7 @@ Two applications on one Ray instance: the disaggregated app (1 prefill + 1 decod
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
@@ -24,9 +25,17 @@ ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports
+    (10002-19999): an ephemeral port free now can be taken by one of the processes Ray starts
+    before the Serve proxy binds it (seen once: "Failed to bind to address")."""
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def app_args(model_dir: str, mode: str) -> dict:
