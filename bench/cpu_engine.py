@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm = LLM(path, num_pages=4096)
     llm.generate(prompts[:2], params)  # warm-up
-    llm.engine.allocator.reset_prefix_cache()
+    llm.engine.scheduler.kv.reset_prefix_cache()
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     engine_s = time.perf_counter() - t

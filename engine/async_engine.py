@@ -159,13 +159,8 @@ class AsyncEngine:
                 return
             fut.set_result(result)
 
-        self.submit(run)
+        self._submit("", run)
         return await fut
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        """Run fn between two steps, without waiting for it (safe from a cancelled task)."""
-        self.start()
-        self._submit("", fn)
 
     # -- internals ------------------------------------------------------------------------
     def _open(self, request_id: str, sink: OutputSink | None = None) -> asyncio.Queue:
