@@ -57,5 +57,9 @@ class DecodeServer:
     async def check_integrity(self) -> dict:
         return await self.replica.check_integrity()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The measures the SLO autoscaler reads (serving/replica.py)."""
+        return self.replica.record_autoscaling_stats()
+
     def __del__(self) -> None:  # Serve's graceful shutdown hook
         self.replica.close()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import Engine
-from engine.metrics import Metrics
+from engine.metrics import EngineStats, Metrics
 from engine.tiny_model import ensure_tiny_model
 from kvtransfer import model_fingerprint
 from serving.config import AppConfig
@@ -19,6 +19,30 @@ from serving.token_mailbox import Mailbox, MailboxSink, SinkSet
 
 log = logging.getLogger("pdserve")
 AUDIT_EVERY_S = 2.0
+# What a replica reports to Serve's autoscaler (`record_autoscaling_stats`), read by the SLO
+# policy (cluster/slo_autoscaler.py). Gauges are values now; histograms and counters go as
+# running totals, which the policy turns into means and rates over Serve's look-back window
+# (a per-report mean would lose the intervals in which nothing finished).
+AUTOSCALING_GAUGES = ("pdserve_kv_use", "pdserve_num_running", "pdserve_num_waiting",
+                      "pdserve_queued_prompt_tokens")
+AUTOSCALING_HISTOGRAMS = ("pdserve_ttft_seconds", "pdserve_time_per_output_token_seconds")
+AUTOSCALING_COUNTERS = ("pdserve_prompt_tokens_total",)
+
+
+def autoscaling_stats(stats: EngineStats, metrics: Metrics,
+                      queued_prompt_tokens: int) -> dict[str, float]:
+    """The measures `record_autoscaling_stats` returns (plain floats, as Serve requires)."""
+    out = {"pdserve_kv_use": stats.pages_used / max(1, stats.pages_total),
+           "pdserve_num_running": float(stats.num_running),
+           "pdserve_num_waiting": float(stats.num_waiting),
+           "pdserve_queued_prompt_tokens": float(queued_prompt_tokens)}
+    for name in AUTOSCALING_HISTOGRAMS:
+        h = metrics.histograms.get(name)
+        out[f"{name}_sum"] = h.sum if h else 0.0
+        out[f"{name}_count"] = float(h.count if h else 0)
+    for name in AUTOSCALING_COUNTERS:
+        out[name] = float(metrics.counters.get(name, 0))
+    return out
 
 
 def replica_lost(e: BaseException) -> bool:
@@ -103,6 +127,17 @@ class Replica:
             self.metrics.inc("pdserve_kv_integrity_failures_total")
             ok = 0
         self.metrics.set("pdserve_kv_integrity_ok", ok)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this on its own schedule (the deployments' `record_autoscaling_stats`)."""
+        return autoscaling_stats(self.engine.stats(), self.metrics, self._queued_prompt_tokens())
+
+    def _queued_prompt_tokens(self) -> int:
+        """Prompt tokens not yet prefilled here. Read between steps or not (a gauge may be a
+        step stale): list() copies the scheduler's queues in one call, under the GIL."""
+        sched = self.engine.engine.scheduler
+        return sum(r.num_prompt_tokens - min(r.num_computed_tokens, r.num_prompt_tokens)
+                   for r in list(sched.waiting) + list(sched.running))
 
     def health(self) -> dict:
         stats = self.engine.stats()
