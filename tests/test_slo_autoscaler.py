@@ -1,0 +1,171 @@
+"""The SLO autoscaling policy on traces (simulated time: every tick is one second), and its
+Serve adapter over real Ray AutoscalingContext objects built from the replicas' own reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from cluster.slo_policy import (
+    DecodeMeasures,
+    PolicyConfig,
+    PrefillMeasures,
+    RoleInput,
+    decide,
+)
+
+CFG = PolicyConfig(ttft_s=0.5, tpot_s=0.05, upscale_after_s=10, downscale_after_s=30,
+                   cooldown_s=30)
+IDLE_P = PrefillMeasures(ttft_s=None, queued_prompt_tokens=0, prompt_tokens_per_s=0, window_s=10)
+IDLE_D = DecodeMeasures(tpot_s=None, kv_use=0.0, running=0)
+Load = Callable[[dict[str, int], int], dict[str, PrefillMeasures | DecodeMeasures]]
+
+
+def simulate(load: Load, cfg: PolicyConfig = CFG, start: tuple[int, int] = (1, 1),
+             bounds: tuple[int, int] = (1, 4), seconds: int = 120,
+             ) -> dict[str, list[tuple[int, int]]]:
+    """Ticks once a second; replicas start at once. Returns each role's (time, new count)."""
+    replicas = {"prefill": start[0], "decode": start[1]}
+    state: dict = {}
+    changes: dict[str, list[tuple[int, int]]] = {"prefill": [], "decode": []}
+    for t in range(seconds):
+        measures = load(replicas, t)
+        roles = {r: RoleInput(replicas[r], replicas[r], *bounds, measures[r]) for r in replicas}
+        d = decide(cfg, roles, state, float(t))
+        state = d.state
+        if cfg.max_total_replicas is not None:
+            assert sum(d.targets.values()) <= cfg.max_total_replicas
+        for r, n in d.targets.items():
+            assert bounds[0] <= n <= bounds[1]
+            if n != replicas[r]:
+                changes[r].append((t, n))
+        replicas = dict(d.targets)
+    return changes
+
+
+def prompt_heavy(replicas: dict[str, int], t: int) -> dict:
+    """Prompts arrive faster than one prefill replica runs them: TTFT 3x the SLO at 1
+    replica, at the SLO at 3."""
+    n = replicas["prefill"]
+    return {"prefill": PrefillMeasures(ttft_s=1.5 / n, queued_prompt_tokens=3000 / n,
+                                       prompt_tokens_per_s=6000, window_s=10),
+            "decode": DecodeMeasures(tpot_s=0.01, kv_use=0.2, running=4)}
+
+
+def long_outputs(replicas: dict[str, int], t: int) -> dict:
+    """Many long generations: TPOT 2.4x the SLO at 1 decode replica."""
+    n = replicas["decode"]
+    return {"prefill": PrefillMeasures(ttft_s=0.1, queued_prompt_tokens=0,
+                                       prompt_tokens_per_s=500, window_s=10),
+            "decode": DecodeMeasures(tpot_s=0.12 / n, kv_use=0.3 / n, running=48)}
+
+
+def test_prompt_heavy_load_grows_prefill_only():
+    changes = simulate(prompt_heavy)
+    # Sustained for upscale_after_s (10), then doubled at most; the second step waits out the
+    # cool-down (30) and a new window (10); at 3 replicas TTFT is at the SLO: no more.
+    assert changes == {"prefill": [(10, 2), (50, 3)], "decode": []}
+
+
+def test_long_outputs_grow_decode_only():
+    changes = simulate(long_outputs)
+    assert changes == {"prefill": [], "decode": [(10, 2), (50, 3)]}
+
+
+def test_both_under_a_budget_most_violated_first():
+    def both(replicas: dict[str, int], t: int) -> dict:
+        return {"prefill": prompt_heavy(replicas, t)["prefill"],  # pressure 3 at 1 replica
+                "decode": long_outputs(replicas, t)["decode"]}  # pressure 2.4 at 1 replica
+
+    cfg = PolicyConfig(**{**CFG.__dict__, "max_total_replicas": 3})
+    changes = simulate(both, cfg)
+    assert changes == {"prefill": [(10, 2)], "decode": []}
+    without_budget = simulate(both)
+    assert without_budget == {"prefill": [(10, 2), (50, 3)], "decode": [(10, 2), (50, 3)]}
+
+
+def test_under_a_full_budget_a_starved_role_takes_a_spare_replica():
+    cfg = PolicyConfig(**{**CFG.__dict__, "max_total_replicas": 3})
+    roles = {"prefill": RoleInput(2, 2, 1, 4, IDLE_P),  # pressure 0: can spare one
+             "decode": RoleInput(1, 1, 1, 4, DecodeMeasures(0.1, 0.2, 8))}  # pressure 2
+    d = decide(cfg, roles, {"decode": {"over_since": 0.0}}, now=10.0)
+    assert d.targets == {"prefill": 1, "decode": 2}
+    assert "gives a replica to decode" in d.reports["prefill"].reason
+    # Both changed: both cool down.
+    assert d.state["prefill"]["last_change"] == d.state["decode"]["last_change"] == 10.0
+    # A neighbour that would land above the SLO with one replica fewer keeps it.
+    busy = DecodeMeasures(0.03, 0.2, 8)  # pressure 0.6; 1.2 on one replica fewer
+    roles = {"prefill": RoleInput(1, 1, 1, 4, PrefillMeasures(2.0, 100, 100, 10)),
+             "decode": RoleInput(2, 2, 1, 4, busy)}
+    d = decide(cfg, roles, {"prefill": {"over_since": 0.0}}, now=10.0)
+    assert d.targets == {"prefill": 1, "decode": 2}
+
+
+def test_quiet_load_shrinks_one_replica_at_a_time_to_min():
+    changes = simulate(lambda r, t: {"prefill": IDLE_P, "decode": IDLE_D}, start=(3, 3))
+    assert changes == {"prefill": [(30, 2), (90, 1)], "decode": [(30, 2), (90, 1)]}
+    at_min_2 = simulate(lambda r, t: {"prefill": IDLE_P, "decode": IDLE_D}, start=(3, 3),
+                        bounds=(2, 4))
+    assert at_min_2 == {"prefill": [(30, 2)], "decode": [(30, 2)]}
+
+
+def test_moderate_load_does_not_shrink_into_the_slo():
+    # TPOT at 0.3x the SLO on 2 replicas: on 1 it would be ~0.6x, above downscale_threshold.
+    steady = DecodeMeasures(tpot_s=0.015, kv_use=0.1, running=8)
+    changes = simulate(lambda r, t: {"prefill": IDLE_P, "decode": steady}, start=(1, 2))
+    assert changes == {"prefill": [], "decode": []}
+
+
+def test_a_single_noisy_sample_does_not_scale():
+    def noisy(replicas: dict[str, int], t: int) -> dict:
+        tpot = 0.5 if t == 5 else 0.04  # one spike of 10x the SLO; otherwise 0.8x
+        # Over for 9 s, one sample in band, over for 9 s again: the window restarts.
+        if 20 <= t < 29 or 30 <= t < 39:
+            tpot = 0.06
+        return {"prefill": IDLE_P, "decode": DecodeMeasures(tpot, 0.2, 8)}
+
+    assert simulate(noisy, seconds=40) == {"prefill": [], "decode": []}
+
+
+def test_cool_down_holds_a_role_after_each_change():
+    def flip(replicas: dict[str, int], t: int) -> dict:  # overloaded, then idle at once
+        tpot = 0.2 if t < 11 else None
+        return {"prefill": IDLE_P, "decode": DecodeMeasures(tpot, 0.0, 0)}
+
+    changes = simulate(flip, start=(1, 1))
+    # Up at 10; idle from 11, but nothing moves before 10 + cooldown_s, then the down window.
+    assert changes["decode"] == [(10, 2), (70, 1)]
+
+
+def test_max_bounds_an_upscale_and_a_config_out_of_bounds_is_clamped():
+    hot = DecodeMeasures(tpot_s=0.5, kv_use=0.5, running=64)  # pressure 10, whatever the count
+    changes = simulate(lambda r, t: {"prefill": IDLE_P, "decode": hot}, bounds=(1, 3))
+    assert changes["decode"] == [(10, 2), (50, 3)]
+    d = decide(CFG, {"decode": RoleInput(5, 5, 1, 3, hot)}, {}, now=0.0)
+    assert d.targets == {"decode": 3} and d.reports["decode"].reason == "bounds"
+
+
+def test_holds_without_measures_or_while_replicas_settle():
+    hot = DecodeMeasures(tpot_s=0.5, kv_use=0.5, running=64)
+    state = {"decode": {"over_since": 0.0}}
+    d = decide(CFG, {"decode": RoleInput(2, 1, 1, 4, hot)}, state, now=100.0)
+    assert d.targets == {"decode": 2} and d.reports["decode"].reason.startswith("replicas")
+    assert d.state["decode"]["over_since"] is None  # the window restarts once they are up
+    d = decide(CFG, {"decode": RoleInput(2, 2, 1, 4, None)}, state, now=100.0)
+    assert d.targets == {"decode": 2} and d.reports["decode"].reason == "no measures yet"
+
+
+def test_ttft_counts_against_prefill_only_while_prefill_has_work():
+    # TTFT 4x the SLO, prefill idle, decode's KV pool full: decode is the bottleneck.
+    roles = {"prefill": RoleInput(1, 1, 1, 4, PrefillMeasures(2.0, 0, 1000, 10)),
+             "decode": RoleInput(1, 1, 1, 4, DecodeMeasures(0.01, 0.99, 30))}
+    d = decide(CFG, roles, {"prefill": {"over_since": 0.0}, "decode": {"over_since": 0.0}},
+               now=10.0)
+    assert d.targets == {"prefill": 1, "decode": 2}
+    assert d.reports["prefill"].pressure == 0.0
+    assert d.reports["decode"].pressure == pytest.approx(1.1)
+    # No prefill throughput in the window but prompts queued: the wait is at least the window.
+    stuck = PrefillMeasures(ttft_s=None, queued_prompt_tokens=512, prompt_tokens_per_s=0,
+                            window_s=10)
+    assert stuck.queue_wait_s == 10
