@@ -2,6 +2,9 @@
 
 disaggregated:  Ingress -> DecodeServer (orchestrates) -> PrefillServer, KV via kvtransfer
 colocated:      Ingress -> ColocatedServer (one engine, both phases)
+
+With `autoscaler.enabled`, prefill and decode are scaled to the `slo:` by the application-level
+policy that the Serve config names (configs/tiny-autoscale.yaml, docs/autoscaling.md).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 from api.ingress import Ingress
 from cluster.colocated import ColocatedServer
+from cluster.slo_autoscaler import autoscaling_config
 from decode.deployment import DecodeServer
 from engine.llm_engine import Engine
 from engine.model_arch import ModelArch
@@ -30,8 +34,8 @@ def build_app(args: dict[str, Any]):
     limits = cfg.limits.resolved(max_model_len)  # refuses limits past the model, at build time
     plain = cfg.model_dump()
     if cfg.mode == "disaggregated":
-        prefill = PrefillServer.options(**cfg.prefill.serve_options("prefill")).bind(plain)
-        server = DecodeServer.options(**cfg.decode.serve_options("decode")).bind(plain, prefill)
+        prefill = PrefillServer.options(**role_options(cfg, "prefill")).bind(plain)
+        server = DecodeServer.options(**role_options(cfg, "decode")).bind(plain, prefill)
     else:
         server = ColocatedServer.options(**cfg.colocated.serve_options("colocated")).bind(plain)
     return Ingress.options(**cfg.ingress.serve_options("ingress")).bind(
@@ -41,3 +45,12 @@ def build_app(args: dict[str, Any]):
         token_path=cfg.token_path,
         # Random weights sample ids the tokenizer may not know: stream ids, no text.
         detokenize=cfg.model.load_format != "dummy")
+
+
+def role_options(cfg: AppConfig, role: str) -> dict[str, Any]:
+    """A P/D role's deployment options; with the SLO autoscaler on, Serve autoscales it and the
+    application's policy (cluster/slo_autoscaler.py) sets its replica count."""
+    opts = getattr(cfg, role).serve_options(role)
+    if cfg.autoscaler.enabled:
+        opts.update(num_replicas=None, autoscaling_config=autoscaling_config(cfg, role))
+    return opts

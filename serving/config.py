@@ -124,6 +124,58 @@ class EngineDeploymentSection(DeploymentSection):
     engine: EngineOverrides = Field(default_factory=EngineOverrides)
 
 
+class SLOSection(_Strict):
+    """Latency targets, met on the mean over the autoscaler's look-back window."""
+
+    ttft_ms: float | None = Field(None, gt=0)  # time to first token
+    tpot_ms: float | None = Field(None, gt=0)  # time per output token
+
+
+class RoleBounds(_Strict):
+    # At least one of each role: a P/D request needs both.
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RoleBounds:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas "
+                             f"({self.min_replicas})")
+        return self
+
+
+class AutoscalerSection(_Strict):
+    """The SLO autoscaler (cluster/slo_autoscaler.py, docs/autoscaling.md): prefill replicas
+    to TTFT, decode replicas to TPOT and KV use, within these bounds."""
+
+    enabled: bool = False
+    prefill: RoleBounds = Field(default_factory=RoleBounds)
+    decode: RoleBounds = Field(default_factory=RoleBounds)
+    max_total_replicas: int | None = Field(None, ge=2)  # prefill + decode (e.g. GPUs); None: no cap
+    # Pressure = measure / SLO. Up when above this for upscale_after_s; down one replica when
+    # the pressure projected onto one replica fewer stays below downscale_threshold.
+    upscale_threshold: float = Field(1.0, gt=0)
+    downscale_threshold: float = Field(0.5, gt=0)
+    upscale_after_s: float = Field(10.0, ge=0)
+    downscale_after_s: float = Field(30.0, ge=0)
+    cooldown_s: float = Field(30.0, ge=0)  # per role, after each change
+    kv_high: float = Field(0.9, gt=0, le=1)  # decode KV use that counts as pressure 1.0
+    look_back_period_s: float = Field(10.0, gt=0)  # Serve's window over the replicas' reports
+    metrics_interval_s: float = Field(2.0, gt=0)  # how often replicas push their reports
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AutoscalerSection:
+        if self.downscale_threshold >= self.upscale_threshold:
+            raise ValueError("downscale_threshold must be below upscale_threshold (hysteresis)")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be longer than metrics_interval_s")
+        floor = self.prefill.min_replicas + self.decode.min_replicas
+        if self.max_total_replicas is not None and self.max_total_replicas < floor:
+            raise ValueError(f"max_total_replicas ({self.max_total_replicas}) is below the "
+                             f"roles' min_replicas together ({floor})")
+        return self
+
+
 class AppConfig(_Strict):
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -143,6 +195,8 @@ class AppConfig(_Strict):
     # "stream" one Serve streaming message per output per request (one hop fewer: lower
     # latency for a few streams, but its cost grows with the number of streams).
     token_path: Literal["mailbox", "stream"] = "mailbox"
+    slo: SLOSection = Field(default_factory=SLOSection)
+    autoscaler: AutoscalerSection = Field(default_factory=AutoscalerSection)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -164,6 +218,28 @@ class AppConfig(_Strict):
                 self.engine_config(role)
             except ConfigFieldError as e:
                 raise ConfigFieldError(f"{role}.engine.{e.field}", e.problem) from None
+        return self
+
+    @model_validator(mode="after")
+    def _autoscaler_usable(self) -> AppConfig:
+        if not self.autoscaler.enabled:
+            return self
+        if self.mode != "disaggregated":
+            raise ConfigFieldError("autoscaler.enabled", "needs mode: disaggregated")
+        missing = [f"slo.{k}" for k in ("ttft_ms", "tpot_ms") if getattr(self.slo, k) is None]
+        if missing:
+            raise ConfigFieldError("autoscaler.enabled", f"needs {' and '.join(missing)}")
+        for role in ("prefill", "decode"):
+            section: DeploymentSection = getattr(self, role)
+            bounds: RoleBounds = getattr(self.autoscaler, role)
+            if section.autoscaling_config is not None:
+                raise ConfigFieldError(f"{role}.autoscaling_config", "must be null: the SLO "
+                                       f"autoscaler scales {role} (set autoscaler.{role})")
+            n = section.num_replicas
+            if not isinstance(n, int) or not bounds.min_replicas <= n <= bounds.max_replicas:
+                raise ConfigFieldError(f"{role}.num_replicas", f"(the initial count) must be "
+                                       f"a number in autoscaler.{role}'s [{bounds.min_replicas},"
+                                       f" {bounds.max_replicas}], not {n!r}")
         return self
 
     def engine_config(self, role: Role) -> EngineConfig:

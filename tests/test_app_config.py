@@ -87,8 +87,15 @@ def test_an_override_to_null_is_kept_apart_from_no_override():
 
 @pytest.mark.parametrize("args, key, valid", [
     ({"max_num_seq": 1}, "max_num_seq",
-     "colocated, decode, engine, ingress, kv_transport, limits, mode, model, prefill, "
-     "request_timeout_s, stream_interval_ms"),
+     "autoscaler, colocated, decode, engine, ingress, kv_transport, limits, mode, model, "
+     "prefill, request_timeout_s, slo, stream_interval_ms, token_path"),
+    ({"slo": {"ttft": 1}}, "slo.ttft", "tpot_ms, ttft_ms"),
+    ({"autoscaler": {"budget": 4}}, "autoscaler.budget",
+     "cooldown_s, decode, downscale_after_s, downscale_threshold, enabled, kv_high, "
+     "look_back_period_s, max_total_replicas, metrics_interval_s, prefill, upscale_after_s, "
+     "upscale_threshold"),
+    ({"autoscaler": {"decode": {"max": 4}}}, "autoscaler.decode.max",
+     "max_replicas, min_replicas"),
     ({"model": {"path": None, "dtyp": "float32"}}, "model.dtyp",
      "device, dtype, load_format, name, path, seed"),
     ({"engine": {"max_num_seq": 8}}, "engine.max_num_seq", ENGINE_KEYS),
@@ -134,3 +141,80 @@ def test_an_unknown_kv_transport_lists_the_registered_ones():
 def test_every_error_is_reported_at_once():
     message = refused({"engine": {"max_num_seq": 8}, "kv_transport": "nccl", "modle": "x"})
     assert re.search(r"engine\.max_num_seq: .*kv_transport: .*modle: ", message)
+
+
+SLO = {"ttft_ms": 500, "tpot_ms": 50}
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"autoscaler": {"enabled": True}}, "autoscaler.enabled: needs slo.ttft_ms and slo.tpot_ms"),
+    ({"autoscaler": {"enabled": True}, "slo": {"ttft_ms": 500}},
+     "autoscaler.enabled: needs slo.tpot_ms"),
+    ({"mode": "colocated", "slo": SLO, "autoscaler": {"enabled": True}},
+     "autoscaler.enabled: needs mode: disaggregated"),
+    ({"slo": {"ttft_ms": 0}}, "slo.ttft_ms: Input should be greater than 0"),
+    ({"autoscaler": {"prefill": {"min_replicas": 3, "max_replicas": 2}}},
+     "autoscaler.prefill: max_replicas (2) < min_replicas (3)"),
+    ({"autoscaler": {"decode": {"min_replicas": 0}}},
+     "autoscaler.decode.min_replicas: Input should be greater than or equal to 1"),
+    ({"autoscaler": {"max_total_replicas": 3, "decode": {"min_replicas": 2},
+                     "prefill": {"min_replicas": 2, "max_replicas": 2}}},
+     "autoscaler: max_total_replicas (3) is below the roles' min_replicas together (4)"),
+    ({"autoscaler": {"upscale_threshold": 0.5}},
+     "autoscaler: downscale_threshold must be below upscale_threshold (hysteresis)"),
+    ({"autoscaler": {"look_back_period_s": 2}},
+     "autoscaler: look_back_period_s must be longer than metrics_interval_s"),
+    ({"slo": SLO, "autoscaler": {"enabled": True}, "decode": {"autoscaling_config": {}}},
+     "decode.autoscaling_config: must be null: the SLO autoscaler scales decode"),
+    ({"slo": SLO, "autoscaler": {"enabled": True, "prefill": {"min_replicas": 2}}},
+     "prefill.num_replicas: (the initial count) must be a number in autoscaler.prefill's "
+     "[2, 4], not 1"),
+    ({"slo": SLO, "autoscaler": {"enabled": True}, "decode": {"num_replicas": "auto"}},
+     "decode.num_replicas: (the initial count) must be a number"),
+])
+def test_a_bad_autoscaler_config_is_refused_naming_the_field(args, message):
+    assert message in refused(args)
+
+
+def test_autoscaler_sections_survive_the_trip_and_stay_off_by_default():
+    assert not AppConfig.from_args({}).autoscaler.enabled
+    # An SLO alone (say, for the benchmarks) turns nothing on.
+    assert not AppConfig.from_args({"slo": SLO}).autoscaler.enabled
+    cfg = AppConfig.from_args({
+        "slo": SLO, "decode": {"num_replicas": 2},
+        "autoscaler": {"enabled": True, "max_total_replicas": 5, "cooldown_s": 5,
+                       "decode": {"min_replicas": 1, "max_replicas": 3}}})
+    assert AppConfig.from_args(cfg.model_dump()) == cfg
+    assert (cfg.autoscaler.decode.max_replicas, cfg.autoscaler.prefill.max_replicas) == (3, 4)
+
+
+def test_the_autoscaler_becomes_serve_autoscaling_configs_for_prefill_and_decode():
+    pytest.importorskip("ray")
+    from ray.serve.config import AutoscalingConfig
+
+    from cluster.slo_autoscaler import autoscaling_config, policy_config
+    from cluster.slo_policy import PolicyConfig
+
+    cfg = AppConfig.from_args({
+        "slo": SLO, "decode": {"num_replicas": 2},
+        "autoscaler": {"enabled": True, "max_total_replicas": 5,
+                       "decode": {"min_replicas": 1, "max_replicas": 3}}})
+    assert policy_config(cfg) == PolicyConfig(ttft_s=0.5, tpot_s=0.05, max_total_replicas=5)
+    serve_cfg = AutoscalingConfig(**autoscaling_config(cfg, "decode"))  # Serve's own checks
+    assert (serve_cfg.min_replicas, serve_cfg.initial_replicas, serve_cfg.max_replicas) == (1, 2, 3)
+    assert serve_cfg.upscale_delay_s == serve_cfg.downscale_delay_s == 0
+    assert serve_cfg.policy.policy_function == "cluster.slo_autoscaler:hold_without_app_policy"
+    assert serve_cfg.policy.policy_kwargs["role"] == "decode"
+    assert PolicyConfig(**serve_cfg.policy.policy_kwargs["policy"]) == policy_config(cfg)
+
+
+def test_shipped_autoscale_config_names_the_application_policy():
+    path = CONFIGS[0].parent / "tiny-autoscale.yaml"
+    serve_config = yaml.safe_load(path.read_text())
+    pytest.importorskip("ray")
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(serve_config)  # what `serve run`/`serve deploy` check
+    (app,) = serve_config["applications"]
+    assert app["autoscaling_policy"] == {"policy_function": "cluster.slo_autoscaler:slo_policy"}
+    assert AppConfig.from_args(app["args"]).autoscaler.enabled

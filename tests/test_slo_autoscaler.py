@@ -169,3 +169,105 @@ def test_ttft_counts_against_prefill_only_while_prefill_has_work():
     stuck = PrefillMeasures(ttft_s=None, queued_prompt_tokens=512, prompt_tokens_per_s=0,
                             window_s=10)
     assert stuck.queue_wait_s == 10
+
+
+# -- the Serve adapter -------------------------------------------------------------------------
+def replica_reports(role: str, seconds: range) -> list[tuple[float, dict[str, float]]]:
+    """What one replica's `record_autoscaling_stats` returns every 2 s under a steady load:
+    decode streams at TPOT 125 ms (2.5x a 50 ms SLO) with TTFT 250 ms; prefill runs 1000
+    prompt tokens every 2 s."""
+    from engine.metrics import EngineStats, Metrics
+    from serving.replica import autoscaling_stats
+
+    metrics, out = Metrics(role, "r0"), []
+    for t in seconds:
+        if role == "decode":
+            metrics.observe("pdserve_ttft_seconds", 0.25)
+            for _ in range(8):
+                metrics.observe("pdserve_time_per_output_token_seconds", 0.125)
+        else:
+            metrics.inc("pdserve_prompt_tokens_total", 1000)
+        stats = EngineStats(pages_total=100, pages_used=30 if role == "decode" else 0,
+                            pages_cached=0, num_running=8 if role == "decode" else 0,
+                            num_waiting=0, num_preemptions=0, num_cascade_steps=0,
+                            num_cascade_tokens=0)
+        out.append((float(t), autoscaling_stats(stats, metrics, queued_prompt_tokens=0)))
+    return out
+
+
+def contexts(cfg, now: float, state: dict, replicas: dict[str, int],
+             reported: bool = True) -> dict:
+    """Real Ray AutoscalingContexts, as the controller builds them over the last 10 s."""
+    from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    from cluster.slo_autoscaler import autoscaling_config
+
+    out = {}
+    for role in ("prefill", "decode"):
+        dep = DeploymentID(name=role, app_name="pd")
+        rid = ReplicaID(unique_id=f"{role}-0", deployment_id=dep)
+        reports = replica_reports(role, range(int(now) - 8, int(now) + 1, 2))
+        raw = {name: {rid: [TimeStampedValue(t, r[name]) for t, r in reports]}
+               for name in reports[0][1] if reported}
+        agg = {name: {rid: sum(p.value for p in s[rid]) / len(s[rid])} for name, s in raw.items()}
+        out[dep] = AutoscalingContext(
+            deployment_id=dep, deployment_name=role, app_name="pd",
+            current_num_replicas=replicas[role], target_num_replicas=replicas[role],
+            running_replicas=[rid], total_num_requests=8.0, total_queued_requests=0.0,
+            aggregated_metrics=agg, raw_metrics=raw, capacity_adjusted_min_replicas=1,
+            capacity_adjusted_max_replicas=3, policy_state=state.get(dep, {}),
+            last_scale_up_time=None, last_scale_down_time=None, current_time=now,
+            config=AutoscalingConfig(**autoscaling_config(cfg, role)))
+    return out
+
+
+def test_adapter_reads_the_replica_reports_and_scales_decode_through_serve_wrapper():
+    pytest.importorskip("ray")
+    from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
+
+    from cluster.slo_autoscaler import measures, slo_policy
+    from serving.config import AppConfig
+
+    cfg = AppConfig.from_args({"slo": {"ttft_ms": 500, "tpot_ms": 50},
+                               "autoscaler": {"enabled": True, "upscale_after_s": 4,
+                                              "decode": {"max_replicas": 3}}})
+    ctxs = contexts(cfg, 10.0, {}, {"prefill": 1, "decode": 1})
+    by_name = {dep.name: (dep, ctx) for dep, ctx in ctxs.items()}
+    decode_ctx = by_name["decode"][1]
+    assert measures("decode", decode_ctx, None) == DecodeMeasures(tpot_s=0.125, kv_use=0.3,
+                                                                   running=8.0)
+    assert measures("prefill", by_name["prefill"][1], decode_ctx) == PrefillMeasures(
+        ttft_s=0.25, queued_prompt_tokens=0.0, prompt_tokens_per_s=500.0, window_s=10.0)
+
+    # Serve wraps an application-level policy (bounds, its own delays: 0 here) and keeps its
+    # returned state per deployment for the next tick.
+    policy = _apply_app_level_autoscaling_config(slo_policy)
+    targets, state = policy(ctxs)
+    assert {d.name: n for d, n in targets.items()} == {"prefill": 1, "decode": 1}  # not yet
+    targets, state = policy(contexts(cfg, 14.0, state, {"prefill": 1, "decode": 1}))
+    assert {d.name: n for d, n in targets.items()} == {"prefill": 1, "decode": 2}
+    decode_state = state[by_name["decode"][0]]
+    assert decode_state["pdserve_slo"]["last_change"] == 14.0
+    assert decode_state["report"]["pressure"] == 2.5
+    # Next tick, the new replica is starting: hold.
+    targets, _ = policy(contexts(cfg, 16.0, state, {"prefill": 1, "decode": 2}))
+    assert {d.name: n for d, n in targets.items()} == {"prefill": 1, "decode": 2}
+
+
+def test_adapter_holds_before_any_report_and_without_the_app_level_policy():
+    pytest.importorskip("ray")
+    from cluster.slo_autoscaler import hold_without_app_policy, measures, slo_policy
+    from serving.config import AppConfig
+
+    cfg = AppConfig.from_args({"slo": {"ttft_ms": 500, "tpot_ms": 50},
+                               "autoscaler": {"enabled": True}})
+    ctxs = contexts(cfg, 10.0, {}, {"prefill": 1, "decode": 1}, reported=False)
+    for ctx in ctxs.values():
+        assert measures(ctx.deployment_name, ctx, None) is None
+    targets, state = slo_policy(ctxs)
+    assert set(targets.values()) == {1}
+    assert {s["report"]["reason"] for s in state.values()} == {"no measures yet"}
+    ctx = next(iter(ctxs.values()))
+    assert hold_without_app_policy(ctx) == (1, {"warned": True})
+    assert slo_policy({}) == ({}, {})
