@@ -33,8 +33,8 @@ class DecodeServer:
         self.prefill_handle = prefill_handle
         timeout_s = self.replica.cfg.request_timeout_s
         prefill = PrefillClient(prefill_handle, timeout_s)
-        self.worker = DecodeWorker(self.replica.engine, prefill,
-                                   make_transport(self.replica.cfg.kv_transport),
+        self.transport = make_transport(self.replica.cfg.kv_transport, timeout_s=timeout_s)
+        self.worker = DecodeWorker(self.replica.engine, prefill, self.transport,
                                    self.replica.fingerprint, self.replica.metrics,
                                    reserve_timeout_s=min(60.0, timeout_s), timeout_s=timeout_s,
                                    retriable=replica_lost)
@@ -62,4 +62,5 @@ class DecodeServer:
         return self.replica.record_autoscaling_stats()
 
     def __del__(self) -> None:  # Serve's graceful shutdown hook
+        self.transport.close()
         self.replica.close()

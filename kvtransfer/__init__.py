@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvtransfer.payload import KVPayload, model_fingerprint
 from kvtransfer.registry import TRANSPORTS, make_transport
-from kvtransfer.transport import KVTransport
+from kvtransfer.transport import KVTransferLost, KVTransport
 
-__all__ = ["TRANSPORTS", "KVPayload", "KVTransport", "make_transport", "model_fingerprint"]
+__all__ = ["TRANSPORTS", "KVPayload", "KVTransferLost", "KVTransport", "make_transport",
+           "model_fingerprint"]

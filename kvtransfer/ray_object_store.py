@@ -28,7 +28,8 @@ class ObjectStoreHandle:
 
 class RayObjectStoreTransport(KVTransport):
 
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 600.0) -> None:
+        super().__init__(timeout_s)
         self.staging = PinnedStaging(chunk_bytes)
 
     def send(self, payload: KVPayload) -> object:

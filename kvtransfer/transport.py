@@ -9,6 +9,11 @@ import torch
 from kvtransfer.payload import KVPayload
 
 
+class KVTransferLost(RuntimeError):
+    """The KV of a transfer is gone: its sender died, the channel broke, or the sender dropped
+    the pages after waiting `timeout_s` for the receiver. Retry the prefill elsewhere."""
+
+
 class KVTransport(ABC):
     """Moves one KVPayload from a sender replica to a receiver replica.
 
@@ -20,7 +25,17 @@ class KVTransport(ABC):
     - `receive(handle, device)` runs on the receiver and returns the payload (awaitable) with
       `data` on `device`, completely written: any stream may read it.
     - Bytes moved are counted by the receiver (`KVPayload.nbytes`).
+    - A sender holds a payload for at most `timeout_s` (the request timeout) waiting for its
+      receiver; a receive whose KV is gone raises KVTransferLost.
     """
+
+    def __init__(self, timeout_s: float = 600.0) -> None:
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        """Release what the transport holds (threads, sockets); idempotent. Most hold
+        nothing."""
+        return None
 
     @abstractmethod
     def send(self, payload: KVPayload) -> object: ...

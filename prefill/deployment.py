@@ -15,8 +15,10 @@ from serving.replica import Replica
 class PrefillServer:
     def __init__(self, args: dict) -> None:
         self.replica = Replica(args, "prefill")
-        self.worker = PrefillWorker(self.replica.engine, make_transport(
-            self.replica.cfg.kv_transport), self.replica.fingerprint, self.replica.metrics)
+        cfg = self.replica.cfg
+        self.transport = make_transport(cfg.kv_transport, timeout_s=cfg.request_timeout_s)
+        self.worker = PrefillWorker(self.replica.engine, self.transport,
+                                    self.replica.fingerprint, self.replica.metrics)
 
     async def prefill(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                       first_block: int = 0) -> PrefillResult:
@@ -33,4 +35,5 @@ class PrefillServer:
         return self.replica.record_autoscaling_stats()
 
     def __del__(self) -> None:  # Serve's graceful shutdown hook
+        self.transport.close()
         self.replica.close()

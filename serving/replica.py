@@ -12,7 +12,7 @@ from engine.async_engine import AsyncEngine
 from engine.llm_engine import Engine
 from engine.metrics import EngineStats, Metrics
 from engine.tiny_model import ensure_tiny_model
-from kvtransfer import model_fingerprint
+from kvtransfer import KVTransferLost, model_fingerprint
 from serving.config import AppConfig
 from serving.metrics_hub import start_pushing
 from serving.token_mailbox import Mailbox, MailboxSink, SinkSet
@@ -50,7 +50,8 @@ def replica_lost(e: BaseException) -> bool:
     cannot be reached, or an object it owned (a KV payload) went with it."""
     from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 
-    return isinstance(e, RayActorError | ActorUnavailableError | ObjectLostError)
+    return isinstance(e, RayActorError | ActorUnavailableError | ObjectLostError |
+                      KVTransferLost)
 
 
 def replica_name(role: str) -> str:

@@ -155,3 +155,48 @@ def test_cancel_while_reserving_frees_the_pages(tiny_llama):
         return prefill, decode
 
     assert_clean(*asyncio.run(main()))
+
+
+class SenderGone:
+    """Two prefill replicas on the gloo channel transport: the first answers, then goes away
+    (its transport closes, its store and held KV with it) before decode fetches the pages."""
+
+    def __init__(self, first: PrefillWorker, second: PrefillWorker) -> None:
+        self.workers, self.calls = [first, second], 0
+
+    async def prefill(self, *args):
+        worker = self.workers[min(self.calls, 1)]
+        self.calls += 1
+        result = await worker.prefill(*args)
+        if self.calls == 1:
+            worker.transport.close()
+        return result
+
+
+def test_kv_sender_lost_before_fetch_retries_elsewhere(tiny_llama):
+    from serving.replica import replica_lost
+
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    prompt = list(range(200, 250))
+
+    async def main():
+        prefills = [PrefillWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), EngineConfig(
+            page_size=16, num_pages=64))), make_transport("gloo", timeout_s=30), fp)
+            for _ in range(2)]
+        receive = make_transport("gloo", timeout_s=30)
+        decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), EngineConfig(
+            page_size=16, num_pages=64))), SenderGone(*prefills), receive, fp, timeout_s=30,
+            retriable=replica_lost)
+        try:
+            got = await tokens(decode, prompt, GREEDY, "a")
+        finally:
+            for t in (receive, *(p.transport for p in prefills)):
+                t.close()
+        await drained(*prefills, decode)
+        return prefills, decode, got
+
+    prefills, decode, got = asyncio.run(main())
+    assert got == LLM(tiny_llama, num_pages=64).generate(prompt, GREEDY)[0].token_ids
+    assert decode.prefill.calls == 2
+    assert decode.metrics.counters["pdserve_prefill_retries_total"] == 1
+    assert_clean(*prefills, decode)
