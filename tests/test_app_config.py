@@ -131,15 +131,15 @@ def test_an_invalid_value_is_refused_naming_the_field(args, message):
 
 
 def test_an_unknown_kv_transport_lists_the_registered_ones():
-    message = refused({"kv_transport": "nccl"})
-    assert f"kv_transport: unknown KV transport 'nccl'; valid: {', '.join(sorted(TRANSPORTS))}" \
+    message = refused({"kv_transport": "rdma"})
+    assert f"kv_transport: unknown KV transport 'rdma'; valid: {', '.join(sorted(TRANSPORTS))}" \
         in message
     for name in TRANSPORTS:
         assert AppConfig.from_args({"kv_transport": name}).kv_transport == name
 
 
 def test_every_error_is_reported_at_once():
-    message = refused({"engine": {"max_num_seq": 8}, "kv_transport": "nccl", "modle": "x"})
+    message = refused({"engine": {"max_num_seq": 8}, "kv_transport": "rdma", "modle": "x"})
     assert re.search(r"engine\.max_num_seq: .*kv_transport: .*modle: ", message)
 
 
