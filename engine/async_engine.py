@@ -106,8 +106,12 @@ class AsyncEngine:
         def admit() -> None:
             nonlocal kv_data
             try:
-                self._deliver(self.engine.admit_prefilled(
-                    request_id, first_block, kv_data, first_token, logprob, num_cached_tokens))
+                out = self.engine.admit_prefilled(request_id, first_block, kv_data, first_token,
+                                                  logprob, num_cached_tokens)
+                if out is not None:
+                    self._deliver(out)
+                elif (queue := self._streams.pop(request_id, None)) is not None:
+                    queue.put_nowait(None)  # aborted meanwhile: the stream ends as aborted
             finally:
                 kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
 

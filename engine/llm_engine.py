@@ -143,11 +143,14 @@ class Engine:
         return self.scheduler.reserve(Request(request_id, list(prompt_ids), params))
 
     def admit_prefilled(self, request_id: str, first_block: int, data, first_token: int,
-                        logprob=None, num_cached_tokens: int = 0) -> RequestOutput:
+                        logprob=None, num_cached_tokens: int = 0) -> RequestOutput | None:
         """Write the transferred pages (blocks >= first_block) into the reservation, then join
         the running batch with the first token that the prefill side sampled. On any error the
-        reservation is freed."""
-        req = self.scheduler.reserved[request_id]
+        reservation is freed. None if the reservation is gone: the request was aborted while its
+        KV was on the way (its client or its token mailbox went)."""
+        req = self.scheduler.reserved.get(request_id)
+        if req is None:
+            return None
         try:
             self.pool.write_pages(req.block_table[first_block:], data)
             self.scheduler.import_done(req, first_block)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.metrics import Metrics, StreamRecorder
 from engine.outputs import RequestOutput
@@ -103,7 +104,11 @@ class MailboxReader:
     """The ingress side: owns a mailbox and fans what arrives out to the open requests."""
 
     def __init__(self) -> None:
-        self.mailbox = Mailbox(uuid.uuid4().hex, TokenMailbox.remote())
+        # On the ingress's own node: it then fails only with the ingress that reads it. Placed
+        # anywhere, the loss of some other node would take every open stream of this ingress.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.mailbox = Mailbox(uuid.uuid4().hex,
+                               TokenMailbox.options(scheduling_strategy=here).remote())
         self.fanout = Fanout()
         self._task: asyncio.Task | None = None
 

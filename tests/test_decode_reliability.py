@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import torch
+
 from decode.worker import DecodeWorker
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, ModelConfig
@@ -200,3 +202,21 @@ def test_kv_sender_lost_before_fetch_retries_elsewhere(tiny_llama):
     assert decode.prefill.calls == 2
     assert decode.metrics.counters["pdserve_prefill_retries_total"] == 1
     assert_clean(*prefills, decode)
+
+
+def test_kv_arriving_for_an_aborted_reservation_ends_the_stream(tiny_llama):
+    """The reservation was aborted (client gone, token mailbox lost) while its KV was on the
+    way: the late admit ends the request's stream as aborted and frees nothing twice."""
+    async def main():
+        engine = AsyncEngine(Engine(ModelConfig(tiny_llama), EngineConfig(page_size=16,
+                                                                          num_pages=32)))
+        rsv = await engine.reserve("late", list(range(40)), GREEDY)
+        assert rsv is not None and engine.stats().pages_used == rsv.num_pages
+        engine.abort("late")
+        kv = torch.zeros(1)  # never read: there is no reservation to write it into
+        outs = [o async for o in engine.admit_prefilled("late", 0, kv, 7)]
+        await engine.check_integrity()
+        return engine, outs
+
+    engine, outs = asyncio.run(main())
+    assert outs == [] and engine.stats().pages_used == 0
