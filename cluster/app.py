@@ -14,6 +14,7 @@ from typing import Any
 
 from api.ingress import Ingress
 from cluster.colocated import ColocatedServer
+from cluster.prefix_router import router_config
 from cluster.slo_autoscaler import autoscaling_config
 from decode.deployment import DecodeServer
 from engine.llm_engine import Engine
@@ -37,7 +38,7 @@ def build_app(args: dict[str, Any]):
         prefill = PrefillServer.options(**role_options(cfg, "prefill")).bind(plain)
         server = DecodeServer.options(**role_options(cfg, "decode")).bind(plain, prefill)
     else:
-        server = ColocatedServer.options(**cfg.colocated.serve_options("colocated")).bind(plain)
+        server = ColocatedServer.options(**role_options(cfg, "colocated")).bind(plain)
     return Ingress.options(**cfg.ingress.serve_options("ingress")).bind(
         server, cfg.model.resolved_path, cfg.model.served_name, max_model_len,
         metrics_source=collect_snapshots, limits=dataclasses.asdict(limits),
@@ -48,9 +49,13 @@ def build_app(args: dict[str, Any]):
 
 
 def role_options(cfg: AppConfig, role: str) -> dict[str, Any]:
-    """A P/D role's deployment options; with the SLO autoscaler on, Serve autoscales it and the
-    application's policy (cluster/slo_autoscaler.py) sets its replica count."""
+    """A serving role's deployment options; with the SLO autoscaler on, Serve autoscales
+    prefill and decode and the application's policy (cluster/slo_autoscaler.py) sets their
+    replica counts. The role the ingress calls (decode, or colocated) gets the request router
+    that `routing.policy` names (cluster/prefix_router.py)."""
     opts = getattr(cfg, role).serve_options(role)
-    if cfg.autoscaler.enabled:
+    if cfg.autoscaler.enabled and role in ("prefill", "decode"):
         opts.update(num_replicas=None, autoscaling_config=autoscaling_config(cfg, role))
+    if role in ("decode", "colocated") and cfg.routing.policy == "prefix":
+        opts["request_router_config"] = router_config(cfg, role)
     return opts

@@ -176,6 +176,19 @@ class AutoscalerSection(_Strict):
         return self
 
 
+class RoutingSection(_Strict):
+    """How the ingress picks the replica of the serving deployment (decode, or colocated) for
+    a request (cluster/prefix_router.py, docs/routing.md)."""
+
+    # prefix: the replica most likely holding the prompt's prefix pages; default: Serve's own
+    # (power of two choices on queue length).
+    policy: Literal["prefix", "default"] = "default"
+    # A prefix match is followed while its replica has at most this many more requests in
+    # flight than the least loaded one; past it, the least loaded one takes the request.
+    max_imbalance: int = Field(4, ge=0)
+    max_index_pages: int = Field(200_000, ge=1)  # page hashes the router remembers (LRU)
+
+
 class AppConfig(_Strict):
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -197,6 +210,7 @@ class AppConfig(_Strict):
     token_path: Literal["mailbox", "stream"] = "mailbox"
     slo: SLOSection = Field(default_factory=SLOSection)
     autoscaler: AutoscalerSection = Field(default_factory=AutoscalerSection)
+    routing: RoutingSection = Field(default_factory=RoutingSection)
 
     @field_validator("model", mode="before")
     @classmethod

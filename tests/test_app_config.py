@@ -88,7 +88,9 @@ def test_an_override_to_null_is_kept_apart_from_no_override():
 @pytest.mark.parametrize("args, key, valid", [
     ({"max_num_seq": 1}, "max_num_seq",
      "autoscaler, colocated, decode, engine, ingress, kv_transport, limits, mode, model, "
-     "prefill, request_timeout_s, slo, stream_interval_ms, token_path"),
+     "prefill, request_timeout_s, routing, slo, stream_interval_ms, token_path"),
+    ({"routing": {"decode": "prefix"}}, "routing.decode",
+     "max_imbalance, max_index_pages, policy"),
     ({"slo": {"ttft": 1}}, "slo.ttft", "tpot_ms, ttft_ms"),
     ({"autoscaler": {"budget": 4}}, "autoscaler.budget",
      "cooldown_s, decode, downscale_after_s, downscale_threshold, enabled, kv_high, "
@@ -125,6 +127,8 @@ def test_an_unknown_key_is_named_with_the_valid_keys(args, key, valid):
     ({"limits": {"max_input_tokens": 10, "max_total_tokens": 5}},
      "limits.max_input_tokens: must be < max_total_tokens (5), got 10"),
     ({"request_timeout_s": 0}, "request_timeout_s: Input should be greater than 0"),
+    ({"routing": {"policy": "sticky"}}, "routing.policy: Input should be 'prefix' or 'default'"),
+    ({"routing": {"max_imbalance": -1}}, "routing.max_imbalance: Input should be greater than or"),
 ])
 def test_an_invalid_value_is_refused_naming_the_field(args, message):
     assert message in refused(args)
@@ -218,3 +222,10 @@ def test_shipped_autoscale_config_names_the_application_policy():
     (app,) = serve_config["applications"]
     assert app["autoscaling_policy"] == {"policy_function": "cluster.slo_autoscaler:slo_policy"}
     assert AppConfig.from_args(app["args"]).autoscaler.enabled
+
+
+def test_routing_defaults_to_serves_router_and_takes_the_prefix_router_by_name():
+    assert AppConfig.from_args({}).routing.policy == "default"
+    cfg = AppConfig.from_args({"routing": {"policy": "prefix", "max_imbalance": 0}})
+    assert (cfg.routing.policy, cfg.routing.max_imbalance) == ("prefix", 0)
+    assert AppConfig.from_args(cfg.model_dump()) == cfg  # survives the trip to replicas

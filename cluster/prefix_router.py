@@ -1,0 +1,132 @@
+"""PrefixAffinityRouter: a Ray Serve request router that sends a decode request to the replica
+most likely holding its prompt's prefix pages, so shared prefixes are neither re-sent by
+prefill nor stored twice (docs/routing.md).
+
+Serve builds one router per deployment handle, in the caller's process (here: each ingress
+replica's handle to `decode`), from the deployment's `request_router_config`. The decode methods
+`run` and `generate` take the prompt token ids first; calls without them (`health`,
+`check_integrity`) go to the least loaded replica. The choice itself is cluster/prefix_index.py.
+
+Load is the number of requests in flight on a replica: the larger of what this router sent and
+has not seen finish, and Serve's queue-length cache (which also counts other routers' requests,
+as the replicas report them). Each rank returned to Serve is one replica, best first; a replica
+at its `max_ongoing_requests` refuses and Serve tries the next, then backs off and asks again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve._private.constants import SERVE_LOGGER_NAME
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
+
+from cluster.prefix_index import PrefixIndex
+from serving.config import AppConfig, Role
+
+logger = logging.getLogger(SERVE_LOGGER_NAME)
+
+ROUTER_CLASS = "cluster.prefix_router.PrefixAffinityRouter"
+
+
+def prompt_of(pending_request: PendingRequest | None) -> list[int] | None:
+    """The prompt token ids of a decode call (its first argument), if it has them."""
+    if pending_request is None or not pending_request.args:
+        return None
+    first = pending_request.args[0]
+    if isinstance(first, list | tuple) and all(isinstance(t, int) for t in first[:8]):
+        return list(first)
+    return None
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """No Locality/Multiplex/FIFO mixins: FIFO would hand the replica chosen for one request
+    to whichever request waits longest, undoing the prefix match."""
+
+    def initialize_state(self, page_size: int = 16, max_imbalance: int = 4,
+                         max_entries: int = 200_000, **_: Any) -> None:
+        self.index: PrefixIndex[ReplicaID] = PrefixIndex(page_size, max_entries, max_imbalance)
+        self._in_flight: dict[ReplicaID, set[str]] = {}  # replica -> internal request ids
+        self.num_routed = {"prefix": 0, "other": 0}  # calls with and without a prompt
+        logger.info("prefix-affine routing for %s: page_size %d, max_imbalance %d, %d index "
+                    "pages", self._deployment_id, page_size, max_imbalance, max_entries)
+
+    def _index(self) -> PrefixIndex[ReplicaID]:
+        # Serve calls initialize_state with the config's kwargs; a router made without them
+        # (tests, older Serve) still works with the defaults.
+        if not hasattr(self, "index"):
+            self.initialize_state()
+        return self.index
+
+    def loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
+        loads = {}
+        for r in replicas:
+            mine = len(self._in_flight.get(r.replica_id, ()))
+            cached = (self._replica_queue_len_cache.get(r.replica_id)
+                      if self._use_replica_queue_len_cache else None)
+            loads[r.replica_id] = max(mine, cached or 0)
+        return loads
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if pending_request is not None:
+            # After every rank refused: sleep before asking again, not spin.
+            pending_request.routing_context.should_backoff = True
+        index = self._index()
+        prompt = prompt_of(pending_request)
+        hashes = index.hashes(prompt) if prompt else []
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        ranked = index.rank(hashes, self.loads(candidate_replicas))
+        if hashes:
+            # Recorded now, not when the replica accepts: a burst of one new prefix then
+            # follows its first request instead of spreading before that one is accepted.
+            index.record(hashes, ranked[0])
+        return [[by_id[rid]] for rid in ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: ReplicaResult) -> None:
+        self._in_flight.setdefault(replica_id, set()).add(
+            pending_request.metadata.internal_request_id)
+        prompt = prompt_of(pending_request)
+        if prompt:
+            index = self._index()
+            index.record(index.hashes(prompt), replica_id)
+        self.num_routed["prefix" if prompt else "other"] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        # Also called for requests a replica refused, which were never counted.
+        self._in_flight.get(replica_id, set()).discard(internal_request_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._forget_departed()
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget_departed()
+
+    def _forget_departed(self) -> None:
+        live = self._replica_id_set
+        self._index().retain(live)
+        for rid in [r for r in self._in_flight if r not in live]:
+            del self._in_flight[rid]
+
+
+def router_config(cfg: AppConfig, role: Role) -> RequestRouterConfig:
+    """The `request_router_config` of the deployment the ingress calls, from `routing:`."""
+    return RequestRouterConfig(request_router_class=ROUTER_CLASS, request_router_kwargs={
+        "page_size": cfg.engine_config(role).page_size,
+        "max_imbalance": cfg.routing.max_imbalance,
+        "max_entries": cfg.routing.max_index_pages})
