@@ -25,6 +25,15 @@ class PrefillClient:
     async def prefill(self, *args):
         return await asyncio.wait_for(self.handle.prefill.remote(*args), self.timeout_s)
 
+    async def prefill_stream(self, *args):
+        """The handle, then the result, from one prefill replica (one streaming call)."""
+        gen = self.handle.options(stream=True).prefill_stream.remote(*args)
+        try:
+            for _ in range(2):
+                yield await asyncio.wait_for(gen.__anext__(), self.timeout_s)
+        finally:
+            gen.cancel()  # no-op once the call has ended; else the prefill is aborted
+
 
 @serve.deployment(name="decode")
 class DecodeServer:

@@ -32,7 +32,8 @@ class DecodeWorker:
     def __init__(self, engine: AsyncEngine, prefill: Prefiller, transport: KVTransport,
                  fingerprint: str, metrics: Metrics | None = None, reserve_timeout_s: float = 60.0,
                  timeout_s: float = 600.0, prefill_retries: int = 2,
-                 retriable: Callable[[BaseException], bool] = lambda e: False) -> None:
+                 retriable: Callable[[BaseException], bool] = lambda e: False,
+                 layerwise: bool | None = None) -> None:
         self.engine = engine
         self.prefill = prefill
         self.transport = transport
@@ -40,6 +41,8 @@ class DecodeWorker:
         self.metrics = metrics or Metrics("decode", "local")
         self.reserve_timeout_s = reserve_timeout_s
         self.timeout_s, self.prefill_retries, self.retriable = timeout_s, prefill_retries, retriable
+        # Receive the KV while the prefill computes it, when the transport can (default).
+        self.layerwise = transport.supports_layerwise if layerwise is None else layerwise
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        sink: OutputSink | None = None):
@@ -82,12 +85,14 @@ class DecodeWorker:
         lost on the way."""
         for attempt in range(self.prefill_retries + 1):
             try:
+                if self.layerwise:
+                    return await self._fetch_layerwise(prompt_ids, params, request_id,
+                                                       first_block)
                 result = await self.prefill.prefill(prompt_ids, params, request_id, first_block)
                 # The receive places the pages on this replica's device, off the engine loop;
                 # between two steps only their scatter into the reserved pages runs.
                 start = time.perf_counter()
-                payload = await asyncio.wait_for(
-                    self.transport.receive(result.kv, self.engine.device), self.timeout_s)
+                payload = await self._receive(result.kv)
                 self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
                 return result, payload
             except Exception as e:
@@ -98,6 +103,35 @@ class DecodeWorker:
                             request_id, type(e).__name__)
                 await asyncio.sleep(0.1 * 2**attempt)  # let Serve notice the dead replica
         raise AssertionError("unreachable")
+
+    async def _fetch_layerwise(self, prompt_ids: list[int], params: SamplingParams,
+                               request_id: str, first_block: int,
+                               ) -> tuple[PrefillResult, KVPayload]:
+        """The KV handle comes before the prompt runs: its layers are received while the
+        prefill replica computes them, then the first token comes."""
+        stream = self.prefill.prefill_stream(prompt_ids, params, request_id, first_block)
+        try:
+            handle = await anext(stream)
+            start = time.perf_counter()
+            receive = asyncio.ensure_future(self._receive(handle))
+            try:
+                result = await anext(stream)
+                if not isinstance(result, PrefillResult):
+                    raise TypeError(f"prefill stream sent {type(result).__name__} second")
+                payload = await receive
+            except BaseException:
+                receive.cancel()
+                await asyncio.gather(receive, return_exceptions=True)
+                raise
+        finally:
+            await stream.aclose()
+        # from the handle to the last layer: overlaps the prefill, so not a pure transfer time
+        self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
+        return result, payload
+
+    async def _receive(self, handle: object) -> KVPayload:
+        return await asyncio.wait_for(self.transport.receive(handle, self.engine.device),
+                                      self.timeout_s)
 
     async def _reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        ) -> Reservation:

@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar
 
+from engine.kv_stream import LayerwiseExport
 from engine.llm_engine import Engine
 from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
@@ -72,19 +73,26 @@ class AsyncEngine:
         """(torch dtype, page size) of the KV pool: what a transferred payload must match."""
         return self.engine.pool.dtype, self.engine.cfg.page_size
 
+    def kv_shape(self, num_pages: int) -> tuple[int, ...]:
+        """Shape of an export of `num_pages` pages: [L, num_pages, 2, page_size, Hkv, D]."""
+        pool = self.engine.pool
+        return (len(pool.layers), num_pages, *pool.layers[0].shape[1:])
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine.validate(prompt_ids, params)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str, kv_export_from: int | None = None,
-                       sink: OutputSink | None = None) -> AsyncIterator[RequestOutput]:
-        """Run a request here; with `kv_export_from`, its last output carries the prompt's KV.
-        With `sink`, outputs go there and this stream yields only the last one."""
+                       sink: OutputSink | None = None, kv_stream: LayerwiseExport | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Run a request here; with `kv_export_from`, its last output carries the prompt's KV
+        (and `kv_stream` gets it layer by layer, as computed). With `sink`, outputs go there and
+        this stream yields only the last one."""
         prompt_ids = self.engine.tokenize(prompt)
         self.engine.validate(prompt_ids, params)  # raises ValueError before anything is queued
         queue = self._open(request_id, sink)
         self._submit(request_id, lambda: self.engine.add_request(prompt_ids, params, request_id,
-                                                                 kv_export_from))
+                                                                 kv_export_from, kv_stream))
         async for out in self._drain(request_id, queue):
             yield out
 

@@ -21,6 +21,7 @@ from engine.block_hash import block_hashes
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_pool import KVPool
+from engine.kv_stream import LayerwiseExport
 from engine.loader import load_model
 from engine.metrics import EngineStats
 from engine.model_arch import ModelArch
@@ -117,14 +118,18 @@ class Engine:
                              f"({self.scheduler.kv.num_pages} pages of {self.cfg.page_size})")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, kv_export_from: int | None = None) -> str:
+                    request_id: str | None = None, kv_export_from: int | None = None,
+                    kv_stream: LayerwiseExport | None = None) -> str:
         """Queue a request. With `kv_export_from` (the prefill role) its finishing output carries
-        the KV of its prompt's pages from that block on (`RequestOutput.kv`)."""
+        the KV of its prompt's pages from that block on (`RequestOutput.kv`); with `kv_stream`
+        too, those pages are also published layer by layer as its last prompt step runs."""
         params = params or SamplingParams()
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
+        if kv_stream is not None and kv_export_from is None:
+            raise ValueError("kv_stream needs kv_export_from")
         req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params,
-                      kv_export_from=kv_export_from)
+                      kv_export_from=kv_export_from, kv_stream=kv_stream)
         self.scheduler.add(req)
         self._open_detokenizer(req)
         return req.request_id
@@ -164,7 +169,10 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         self.detokenizers.pop(request_id, None)
-        return self.scheduler.abort(request_id) is not None
+        req = self.scheduler.abort(request_id)
+        if req is not None and isinstance(req.kv_stream, LayerwiseExport):
+            req.kv_stream.fail(f"request {request_id} was aborted")
+        return req is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -204,7 +212,13 @@ class Engine:
         ps = self.cfg.page_size
         n_pages = -(-req.num_prompt_tokens // ps)
         try:
-            data = self.pool.read_pages(req.block_table[req.kv_export_from:n_pages])
+            stream = req.kv_stream
+            if isinstance(stream, LayerwiseExport) and stream.layers_ready == len(self.pool.layers):
+                data = stream.data  # copied layer by layer during the last prompt step
+            else:
+                data = self.pool.read_pages(req.block_table[req.kv_export_from:n_pages])
+                if isinstance(stream, LayerwiseExport):  # that step ran without the layer hook
+                    stream.fill(data)
             n_full = req.num_prompt_tokens // ps
             hashes = block_hashes(req.prompt_token_ids, ps, req.block_hashes[:n_full])
         finally:

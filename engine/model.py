@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -136,14 +137,18 @@ class CausalLM(nn.Module):
                                     arch.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
+                kv_caches: list[torch.Tensor], plan: AttentionPlan,
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, H] (normed).
 
         `plan` is this step's attention plan (`AttentionBackend.plan`), run once per layer.
+        `on_layer(i)` runs after layer i (its KV is in kv_caches[i] by then).
         """
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(i, x, positions, self.rope, plan, kv_caches[i])
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from engine.attention.metadata import build_metadata
 from engine.block_table import BlockTableMirror
 from engine.config import EngineConfig
 from engine.kv_pool import KVPool
+from engine.kv_stream import LayerExporter
 from engine.model import CausalLM
 from engine.sampler import Sampler, to_device_async
 from engine.scheduler import ModelOutput, ScheduledBatch
@@ -61,7 +62,9 @@ class ModelRunner:
             graph_logits = self.graphs.run(ids, meta)  # [B, vocab]: every row is a last token
         else:
             plan = self.backend.plan(meta)
-            hidden = self.model(ids, meta.positions, self.pool.layers, plan)  # [T, H]
+            exporter = LayerExporter.for_step(reqs, num_new, self.pool, self.device)
+            hidden = self.model(ids, meta.positions, self.pool.layers, plan,
+                                exporter.on_layer if exporter else None)  # [T, H]
         # Only a request whose step reaches its last token samples one.
         sampling = [i for i, (r, n) in enumerate(zip(reqs, num_new))
                     if r.num_computed_tokens + n == r.num_tokens]

@@ -25,6 +25,9 @@ class Request:
     num_preemptions: int = 0
     # The prefill role: on finishing, hand out the prompt's KV from this block on (then free).
     kv_export_from: int | None = None
+    # ... and, when set, layer by layer during its last prompt step (an engine.kv_stream
+    # LayerwiseExport; typed loosely because this module stays free of torch).
+    kv_stream: object | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
 
     @property

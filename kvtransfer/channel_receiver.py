@@ -52,9 +52,8 @@ class ChannelReceiver:
                     pair.channel.close()  # broken mid-transfer: pair afresh next time
                     pair.channel = None
                 raise
-        if out is None:  # the channel is fine; the payload is not there
-            raise KVTransferLost(f"KV of transfer {tid} not held by its sender (expired after "
-                                 f"{self.timeout_s:.0f} s, or the sender restarted)")
+        if isinstance(out, str):  # the channel is fine; the payload is not there
+            raise KVTransferLost(f"KV of transfer {tid} {out}")
         return out
 
     def close(self) -> None:
@@ -88,8 +87,8 @@ class ChannelReceiver:
 
     def _fetch(self, channel: PairChannel, tid: int, shape: tuple[int, ...], dtype: torch.dtype,
                spans: list[tuple[int, int]], device: torch.device, deadline: float,
-               ) -> torch.Tensor | None:
-        """The payload's bytes; None when the sender does not hold transfer `tid`."""
+               ) -> torch.Tensor | str:
+        """The payload's bytes, or why the sender has none to send."""
         try:
             channel.store.queue_push(channel.fetch_key, str(tid))
         except Exception as e:  # the sender's store is gone with the sender
@@ -101,9 +100,16 @@ class ChannelReceiver:
         if echoed != tid:
             raise KVTransferLost(f"KV channel out of step: got transfer {echoed}, asked {tid}")
         if status != OK:
-            return None
+            return (f"not held by its sender (expired after {self.timeout_s:.0f} s, or the "
+                    "sender restarted)")
         out = torch.empty(shape, dtype=dtype, device=wire)
         for l0, l1 in spans:
+            channel.recv(header, deadline)
+            status, start = header.tolist()
+            if start != l0:
+                raise KVTransferLost(f"KV channel out of step: got layer {start}, wanted {l0}")
+            if status != OK:
+                return "ended by its sender: the prefill failed or was aborted mid-stream"
             channel.recv(out[l0:l1], deadline)
             self.bytes_received += out[l0:l1].numel() * out.element_size()
         if out.is_cuda:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kvtransfer.pair_channel import MISSING, OK, ChannelAddress, PairChannel
+from engine.kv_stream import KVStreamFailed, LayerwiseExport
+from kvtransfer.pair_channel import FAILED, MISSING, OK, ChannelAddress, PairChannel
 
 log = logging.getLogger(__name__)
 IDLE_WAIT = datetime.timedelta(days=1)  # store pops block this long between wake-ups
@@ -32,7 +33,7 @@ STOP = "stop"  # pushed to a queue to end the thread that pops it
 
 @dataclass
 class _Offer:
-    data: torch.Tensor  # contiguous, rows are layers
+    data: torch.Tensor | LayerwiseExport  # contiguous rows of layers, or layers as computed
     spans: list[tuple[int, int]]
     ready: torch.cuda.Event | None  # recorded after the data was produced (CUDA only)
     deadline: float  # time.monotonic()
@@ -56,10 +57,12 @@ class ChannelSender:
             t.start()
 
     # -- what the transport calls ---------------------------------------------------------
-    def offer(self, data: torch.Tensor, spans: list[tuple[int, int]]) -> int:
-        """Hold `data` for its receiver; returns the transfer id to fetch it by."""
+    def offer(self, data: torch.Tensor | LayerwiseExport, spans: list[tuple[int, int]]) -> int:
+        """Hold `data` for its receiver; returns the transfer id to fetch it by. A
+        LayerwiseExport's spans are sent as its layers are published (a fetch may come first)."""
         ready = None
-        if data.is_cuda:  # pair threads run on other streams: order them after the gather
+        if isinstance(data, torch.Tensor) and data.is_cuda:
+            # pair threads run on other streams: order them after the gather
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(data.device))
         with self._lock:
@@ -139,16 +142,25 @@ class ChannelSender:
     def _send(self, channel: PairChannel, tid: int) -> None:
         with self._lock:
             offer = self._offers.pop(tid, None)
-        dev = offer.data.device if offer is not None else _wire_device(self.backend)
-        header = torch.tensor([OK if offer else MISSING, tid], dtype=torch.int64, device=dev)
+        dev = _wire_device(self.backend)
         deadline = time.monotonic() + self.timeout_s
-        channel.send(header, deadline)
+        channel.send(_status(OK if offer else MISSING, tid, dev), deadline)
         if offer is None:
             return  # expired or unknown: the receiver raises KVTransferLost
         if offer.ready is not None:
             offer.ready.synchronize()
         for l0, l1 in offer.spans:
-            channel.send(offer.data[l0:l1], deadline)
+            data = offer.data
+            if isinstance(data, LayerwiseExport):
+                try:  # the prefill step is still running: wait for its layers < l1
+                    stream, data = data, data.wait_allocated(deadline)
+                    stream.wait(l1, deadline)
+                except KVStreamFailed as e:  # aborted or failed: nothing more will come
+                    log.info("KV stream of transfer %d ended: %s", tid, e)
+                    channel.send(_status(FAILED, l0, dev), deadline)
+                    return
+            channel.send(_status(OK, l0, dev), deadline)
+            channel.send(data[l0:l1], deadline)
         self.transfers_sent += 1
 
     def _sweep(self) -> None:
@@ -167,6 +179,10 @@ class ChannelSender:
     def _end_pair(self, pair_id: str) -> None:
         with self._lock:
             self._pairs.pop(pair_id, None)
+
+
+def _status(status: int, value: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([status, value], dtype=torch.int64, device=device)
 
 
 def _wire_device(backend: str) -> torch.device:

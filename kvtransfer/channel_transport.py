@@ -4,8 +4,10 @@ and nodes with no host copy, `gloo` the same protocol on CPU (what CI runs).
 The sender holds the gathered payload and returns a handle naming its channel address and
 transfer id; the receiver pulls the bytes over its channel with that sender (pairing on first
 use). Pages travel in chunks of whole layers (`chunk_bytes`), each received in place into the
-receiver's buffer. A lost sender, a broken channel or an expired payload raise KVTransferLost,
-which the decode side treats like a lost prefill replica (it retries the prefill elsewhere).
+receiver's buffer. With `send_layerwise` the handle exists before the prefill runs, and each
+chunk leaves as soon as the engine has computed its layers. A lost sender, a broken channel or
+an expired payload raise KVTransferLost, which the decode side treats like a lost prefill
+replica (it retries the prefill elsewhere).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 
 import torch
 
+from engine.kv_stream import LayerwiseExport
 from kvtransfer.channel_receiver import ChannelReceiver
 from kvtransfer.channel_sender import ChannelSender
 from kvtransfer.pair_channel import ChannelAddress
@@ -72,15 +75,23 @@ class ChannelTransport(KVTransport):
                 self._receiver = ChannelReceiver(self.backend, self.timeout_s)
             return self._receiver
 
+    supports_layerwise = True
+
     def send(self, payload: KVPayload) -> object:
         data = payload.data.contiguous()
         if (self.backend == "nccl") != data.is_cuda:
             raise ValueError(f"{self.backend} transport got KV pages on {data.device}")
-        per_layer = data[0].numel() * data.element_size() if data.shape[0] else 1
-        spans = layer_chunks(data.shape[0], per_layer, self.chunk_bytes)
+        return self._offer(payload.header(), data)
+
+    def send_layerwise(self, header: KVPayload, export: LayerwiseExport) -> object:
+        return self._offer(header, export)
+
+    def _offer(self, header: KVPayload, data: torch.Tensor | LayerwiseExport) -> ChannelHandle:
+        meta = header.data
+        per_layer = meta[0].numel() * meta.element_size() if meta.shape[0] else 1
+        spans = layer_chunks(meta.shape[0], per_layer, self.chunk_bytes)
         sender = self.sender
-        tid = sender.offer(data, spans)
-        return ChannelHandle(sender.address, tid, payload.header(), spans)
+        return ChannelHandle(sender.address, sender.offer(data, spans), header, spans)
 
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
         if not isinstance(handle, ChannelHandle):

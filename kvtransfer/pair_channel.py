@@ -6,9 +6,11 @@ Only bytes cross the group, and only while a fetch is in progress: which transfe
 asked through the store (kvtransfer/channel_sender.py), so no group operation ever waits on an
 idle peer (NCCL's watchdog tears the process down when one waits past its timeout).
 
-Wire format of one fetch, sender to receiver: an int64 header `[status, transfer_id]`, then, if
-the status is OK, the payload's layer spans in order, each a contiguous slice `data[l0:l1]`
-received straight into the same slice of the receiver's buffer.
+Wire format of one fetch, sender to receiver: an int64 header `[status, transfer_id]`; if the
+status is OK, then per layer span in order an int64 `[status, l0]` and, if that is OK, the
+contiguous slice `data[l0:l1]`, received straight into the same slice of the receiver's buffer.
+A span status FAILED ends the transfer (the prefill was aborted while its layers streamed out);
+the channel stays usable.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.distributed as dist
 
 from kvtransfer.transport import KVTransferLost
 
-OK, MISSING = 1, 0
+OK, MISSING, FAILED = 1, 0, 2
 BACKENDS = ("gloo", "nccl")
 
 

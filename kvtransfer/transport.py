@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from engine.kv_stream import LayerwiseExport
 from kvtransfer.payload import KVPayload
 
 
@@ -27,7 +28,13 @@ class KVTransport(ABC):
     - Bytes moved are counted by the receiver (`KVPayload.nbytes`).
     - A sender holds a payload for at most `timeout_s` (the request timeout) waiting for its
       receiver; a receive whose KV is gone raises KVTransferLost.
+    - Transports with `supports_layerwise` also take `send_layerwise(header, export)` before the
+      prefill runs: the handle is returned at once and each layer goes out as the engine
+      publishes it into `export` (engine/kv_stream.py), so the transfer overlaps the prefill;
+      `receive` of that handle returns once every layer has arrived.
     """
+
+    supports_layerwise = False
 
     def __init__(self, timeout_s: float = 600.0) -> None:
         self.timeout_s = timeout_s
@@ -42,4 +49,8 @@ class KVTransport(ABC):
 
     @abstractmethod
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload: ...
+
+    def send_layerwise(self, header: KVPayload, export: LayerwiseExport) -> object:
+        """`header` describes the payload (its data a meta tensor of the final shape)."""
+        raise NotImplementedError(f"{type(self).__name__} sends whole payloads only")
 

@@ -24,6 +24,13 @@ class PrefillServer:
                       first_block: int = 0) -> PrefillResult:
         return await self.worker.prefill(prompt_ids, params, request_id, first_block)
 
+    async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
+                             request_id: str, first_block: int = 0):
+        """The KV handle first (layers follow as computed), then the PrefillResult."""
+        async for item in self.worker.prefill_stream(prompt_ids, params, request_id,
+                                                     first_block):
+            yield item
+
     def health(self) -> dict:
         return self.replica.health()
 

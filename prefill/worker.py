@@ -7,8 +7,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import AsyncIterator
+
+import torch
 
 from engine.async_engine import AsyncEngine
+from engine.block_hash import block_hashes
+from engine.kv_stream import LayerwiseExport
 from engine.metrics import Metrics
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVPayload, KVTransport
@@ -47,3 +52,34 @@ class PrefillWorker:
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
         return PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0],
                              handle, last.num_cached_tokens)
+
+    async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
+                             request_id: str, first_block: int = 0,
+                             ) -> AsyncIterator[object | PrefillResult]:
+        """Layer-wise: yields the KV handle at once, before the prompt runs (the transport sends
+        each layer as the engine computes it), then the PrefillResult (its `kv` None)."""
+        one = dataclasses.replace(params, max_tokens=1, stop=[])
+        self.engine.validate(prompt_ids, one)  # nothing offered for a request that cannot run
+        self.metrics.inc("pdserve_requests_total")
+        dtype, page_size = self.engine.kv_layout
+        num_pages = -(-len(prompt_ids) // page_size) - first_block
+        export = LayerwiseExport(first_block, num_pages)
+        meta = torch.empty(self.engine.kv_shape(num_pages), dtype=dtype, device="meta")
+        header = KVPayload.from_tensor(meta, page_size, first_block,
+                                       block_hashes(prompt_ids, page_size), self.fingerprint)
+        yield self.transport.send_layerwise(header, export)
+        last = None
+        try:
+            async for out in self.engine.generate(prompt_ids, one, request_id,
+                                                  kv_export_from=first_block, kv_stream=export):
+                last = out
+        finally:
+            if last is None or last.kv is None:  # failed, aborted, or the caller went away
+                export.fail(f"prefill of {request_id} ended without its KV")
+        if last is None or last.kv is None:
+            raise RuntimeError(f"prefill of {request_id} ended without a token")
+        self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
+        self.metrics.inc("pdserve_kv_transfer_bytes_sent_total",
+                         header.data.numel() * header.data.element_size())
+        yield PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0], None,
+                            last.num_cached_tokens)

@@ -5,6 +5,7 @@ It lives below both roles so that neither imports the other.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +22,14 @@ class PrefillResult:
 
 
 class Prefiller(Protocol):
-    """A prefill replica as the decode side calls it (a Serve handle adapter, or the worker)."""
+    """A prefill replica as the decode side calls it (a Serve handle adapter, or the worker).
+
+    `prefill` answers once the prompt has run, with a handle to the whole KV. `prefill_stream`
+    (for transports that stream layers) yields the KV handle before the prompt runs, then the
+    PrefillResult (`kv` None): the decode side receives the layers while they are computed."""
 
     async def prefill(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                       first_block: int = 0) -> PrefillResult: ...
+
+    def prefill_stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       first_block: int = 0) -> AsyncIterator[object | PrefillResult]: ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 import torch
 
 from decode.worker import DecodeWorker
@@ -174,8 +175,19 @@ class SenderGone:
             worker.transport.close()
         return result
 
+    async def prefill_stream(self, *args):
+        worker = self.workers[min(self.calls, 1)]
+        self.calls += 1
+        gone = self.calls == 1
+        async for item in worker.prefill_stream(*args):
+            yield item
+            if gone:  # right after the KV handle, before decode can reach the sender
+                worker.transport.close()
+                gone = False
 
-def test_kv_sender_lost_before_fetch_retries_elsewhere(tiny_llama):
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_kv_sender_lost_before_fetch_retries_elsewhere(tiny_llama, layerwise):
     from serving.replica import replica_lost
 
     fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
@@ -188,7 +200,7 @@ def test_kv_sender_lost_before_fetch_retries_elsewhere(tiny_llama):
         receive = make_transport("gloo", timeout_s=30)
         decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), EngineConfig(
             page_size=16, num_pages=64))), SenderGone(*prefills), receive, fp, timeout_s=30,
-            retriable=replica_lost)
+            retriable=replica_lost, layerwise=layerwise)
         try:
             got = await tokens(decode, prompt, GREEDY, "a")
         finally:

@@ -136,7 +136,7 @@ def _dying_sender(q) -> None:
     def send(self, tensor, deadline):
         original(self, tensor, deadline)
         calls["n"] += 1
-        if calls["n"] == 2:  # the header and the first layer are out
+        if calls["n"] == 3:  # the header, the first span's status and its layer are out
             os._exit(3)
 
     PairChannel.send = send
@@ -153,7 +153,7 @@ def _dying_receiver(handle) -> None:
     def recv(self, tensor, deadline):
         original(self, tensor, deadline)
         calls["n"] += 1
-        if calls["n"] == 2:  # the header and the first layer are in
+        if calls["n"] == 3:  # the header, the first span's status and its layer are in
             os._exit(3)
 
     PairChannel.recv = recv

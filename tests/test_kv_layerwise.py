@@ -1,0 +1,199 @@
+"""Layer-wise KV streaming: the engine publishes each layer's pages of a prompt during the step
+that completes it, and the channel transport sends them while later layers still run.
+
+- the streamed export equals the whole-payload export (chunked prompts and prefix offsets too);
+- with the last layer held, the receiver already has every earlier layer (overlap, shown
+  without any timing);
+- prefill + decode over gloo channels give the colocated engine's tokens, streamed or not;
+- a prefill aborted mid-stream ends the receive with KVTransferLost, nothing held or leaked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from decode.worker import DecodeWorker
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_stream import LayerwiseExport
+from engine.llm import LLM
+from engine.llm_engine import Engine
+from engine.sampling_params import SamplingParams
+from kvtransfer import KVTransferLost, make_transport, model_fingerprint
+from prefill.worker import PrefillWorker
+
+ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def until(cond, what: str, limit_s: float = 60.0) -> None:
+    end = time.monotonic() + limit_s  # a hang guard, not a speed bound
+    while not cond():
+        assert time.monotonic() < end, f"never happened: {what}"
+        time.sleep(0.005)
+
+
+def engine(path: str, **kw) -> Engine:
+    return Engine(ModelConfig(path), EngineConfig(page_size=16, num_pages=64, **kw))
+
+
+def finished(outs: list) -> object:
+    (out,) = [o for o in outs if o.finished]
+    return out
+
+
+def run(e: Engine) -> object:
+    """The finishing output of the one request queued on `e`."""
+    outs = []
+    while e.has_unfinished():
+        outs += e.step()
+    return finished(outs)
+
+
+@pytest.mark.parametrize("first_block,budget", [(0, 512), (2, 512), (0, 32)])
+def test_streamed_export_equals_whole_export(tiny_llama, first_block, budget):
+    prompt = [(7 * i) % 1900 + 5 for i in range(100)]  # 7 pages; budget 32: 4 prompt steps
+    whole = engine(tiny_llama, max_num_batched_tokens=budget)
+    whole.add_request(prompt, ONE, "w", kv_export_from=first_block)
+    streamed = engine(tiny_llama, max_num_batched_tokens=budget)
+    export = LayerwiseExport(first_block, 7 - first_block)
+    streamed.add_request(prompt, ONE, "s", kv_export_from=first_block, kv_stream=export)
+    published, outs = [], []
+    while streamed.has_unfinished():
+        before = export.layers_ready
+        outs += streamed.step()
+        published.append(export.layers_ready - before)
+    s, w = finished(outs), run(whole)
+    num_layers = len(streamed.pool.layers)
+    assert published[-1] == num_layers and sum(published) == num_layers  # all in the last step
+    assert s.kv.data is export.data and torch.equal(s.kv.data, w.kv.data)
+    assert s.new_token_ids == w.new_token_ids
+    for e in (whole, streamed):
+        e.check_integrity()
+        assert e.num_pages_used == 0
+
+
+def test_layers_leave_while_the_prefill_runs(tiny_llama):
+    """The last layer is held inside the forward: the receiver has every layer before it."""
+    sender = make_transport("gloo", timeout_s=60)
+    sender.chunk_bytes = 1  # one layer per chunk
+    receiver = make_transport("gloo", timeout_s=60)
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    prefill = PrefillWorker(AsyncEngine(engine(tiny_llama)), sender, fp)
+    model = prefill.engine.engine.runner.model
+    last = model.layers[-1]
+    held, release = threading.Event(), threading.Event()
+    forward = last.forward
+
+    def held_forward(*args, **kw):
+        held.set()
+        assert release.wait(60)
+        return forward(*args, **kw)
+
+    last.forward = held_forward
+    prompt = list(range(30, 90))
+
+    async def main():
+        stream = prefill.prefill_stream(prompt, ONE, "p")
+        handle = await anext(stream)
+        receive = asyncio.ensure_future(receiver.receive(handle, "cpu"))
+        nxt = asyncio.ensure_future(anext(stream))
+        await asyncio.to_thread(held.wait, 60)
+        layer_bytes = handle.header.data[0].numel() * 4
+        n = len(model.layers)
+        await asyncio.to_thread(until, lambda: receiver.receiver.bytes_received
+                                == (n - 1) * layer_bytes, "the first layers arrived")
+        assert not receive.done()  # the last layer is still being computed
+        release.set()
+        result, payload = await nxt, await receive
+        await stream.aclose()
+        return result, payload
+
+    try:
+        result, payload = asyncio.run(main())
+    finally:
+        release.set()
+        sender.close()
+        receiver.close()
+    ref = engine(tiny_llama)
+    ref.add_request(prompt, ONE, "r", kv_export_from=0)
+    out = run(ref)
+    assert torch.equal(payload.data, out.kv.data)
+    assert result.first_token == out.new_token_ids[0] and result.kv is None
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_disaggregated_over_gloo_equals_colocated(tiny_llama, layerwise):
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    send, recv = make_transport("gloo", timeout_s=60), make_transport("gloo", timeout_s=60)
+    prefill = PrefillWorker(AsyncEngine(engine(tiny_llama)), send, fp)
+    decode = DecodeWorker(AsyncEngine(engine(tiny_llama)), prefill, recv, fp, timeout_s=60,
+                          layerwise=layerwise)
+    shared = list(range(100, 164))
+    prompts = [shared + [7, 8, 9], shared + [10, 11], list(range(500, 540))]
+
+    async def main():
+        return await asyncio.gather(*(
+            _tokens(decode, p, f"r{i}") for i, p in enumerate(prompts)))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        send.close()
+        recv.close()
+    ref = LLM(tiny_llama, num_pages=128).generate(prompts, GREEDY)
+    assert got == [c.token_ids for c in ref]
+    assert send.sender.num_offers == 0
+    for w in (prefill, decode):
+        w.engine.engine.check_integrity()
+        assert w.engine.stats().pages_used == 0
+
+
+async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str) -> list[int]:
+    return [t async for out in decode.generate(prompt, GREEDY, rid) for t in out.new_token_ids]
+
+
+def test_prefill_aborted_mid_stream(tiny_llama):
+    send, recv = make_transport("gloo", timeout_s=60), make_transport("gloo", timeout_s=60)
+    send.chunk_bytes = 1
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    prefill = PrefillWorker(AsyncEngine(engine(tiny_llama)), send, fp)
+    last = prefill.engine.engine.runner.model.layers[-1]
+    held, release = threading.Event(), threading.Event()
+    forward = last.forward
+
+    def held_forward(*args, **kw):
+        held.set()
+        assert release.wait(60)
+        return forward(*args, **kw)
+
+    last.forward = held_forward
+
+    async def main():
+        stream = prefill.prefill_stream(list(range(40, 100)), ONE, "gone")
+        handle = await anext(stream)
+        receive = asyncio.ensure_future(recv.receive(handle, "cpu"))
+        nxt = asyncio.ensure_future(anext(stream))
+        await asyncio.to_thread(held.wait, 60)
+        prefill.engine.abort("gone")  # the decode side's client went away
+        with pytest.raises(RuntimeError, match="ended without a token"):
+            await nxt  # ends at once, while the last layer is still held
+        with pytest.raises(KVTransferLost, match="ended by its sender"):
+            await receive
+        release.set()
+        await prefill.engine.check_integrity()
+
+    try:
+        asyncio.run(main())
+        assert recv.receiver.num_channels == 1  # the channel survived the failed transfer
+        assert send.sender.num_offers == 0 and send.sender.transfers_sent == 0
+        assert prefill.engine.stats().pages_used == 0
+    finally:
+        release.set()
+        send.close()
+        recv.close()
