@@ -8,12 +8,14 @@ node, timed by wall clock and reported as GB/s and as a share of the pinned link
 - `dma only`: the staged device <-> pinned copies with no object store, the pipeline's ceiling.
 
     python -m bench.gpu_transfer [--tokens 512,4096] [--chunk-mib 8,32,128]
+    python -m bench.gpu_transfer --channel nccl    (2 GPUs: the nccl channel vs a GPU-GPU copy)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 
 import ray
 import torch
@@ -80,7 +82,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default="512,4096")
     ap.add_argument("--chunk-mib", default="8,32,128")
+    ap.add_argument("--channel", choices=("nccl", "gloo"), default=None,
+                    help="instead: a 256 MiB payload over this channel transport between two "
+                         "processes vs a copy between the same devices (bench.channel_transfer)")
     args = ap.parse_args()
+    if args.channel:
+        from bench.channel_transfer import run
+
+        print(json.dumps(run(args.channel, 256, 64, 5)))
+        return
     ray.init(include_dashboard=False, log_to_driver=False)
     link = link_gbps()
     print(f"# {torch.cuda.get_device_name()}, link GB/s: "
