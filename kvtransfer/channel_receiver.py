@@ -30,8 +30,8 @@ class _Pair:
 
 
 class ChannelReceiver:
-    def __init__(self, backend: str, timeout_s: float) -> None:
-        self.backend, self.timeout_s = backend, timeout_s
+    def __init__(self, backend: str, host: str, timeout_s: float) -> None:
+        self.backend, self.host, self.timeout_s = backend, host, timeout_s  # host: this node
         self._lock = threading.Lock()
         self._pairs: dict[ChannelAddress, _Pair] = {}
         self.bytes_received = 0  # counted per span, as it lands
@@ -79,7 +79,7 @@ class ChannelReceiver:
         pair_id = uuid.uuid4().hex
         try:
             store.queue_push("pairs", pair_id)
-            return PairChannel(self.backend, store, pair_id, 1, addr.host, self.timeout_s)
+            return PairChannel(self.backend, store, pair_id, 1, self.host, self.timeout_s)
         except KVTransferLost:
             raise
         except Exception as e:

@@ -72,7 +72,8 @@ class ChannelTransport(KVTransport):
     def receiver(self) -> ChannelReceiver:
         with self._lock:
             if self._receiver is None:
-                self._receiver = ChannelReceiver(self.backend, self.timeout_s)
+                self._receiver = ChannelReceiver(self.backend, self.host or node_address(),
+                                                 self.timeout_s)
             return self._receiver
 
     supports_layerwise = True

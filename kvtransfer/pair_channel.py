@@ -54,8 +54,8 @@ class PairChannel:
     """The process group of one (sender, receiver) pair and timed point-to-point ops on it.
 
     `store` is this side's client of (or, on the sender, a clone of) the sender's store; the
-    group's rendezvous keys live under `pair/<pair_id>/`. Construction blocks until the other
-    side constructs its end (or `timeout_s` passes).
+    group's rendezvous keys live under `pair/<pair_id>/`; `host` is this side's node address.
+    Construction blocks until the other side constructs its end (or `timeout_s` passes).
     """
 
     def __init__(self, backend: str, store: dist.Store, pair_id: str, rank: int, host: str,
@@ -70,8 +70,8 @@ class PairChannel:
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
-            # Bind to the address the store was reached at, not to whatever the hostname
-            # resolves to (on a multi-homed node that can be an unroutable interface).
+            # Bind to this node's address as the cluster knows it (`host`), not to whatever the
+            # hostname resolves to (on a multi-homed node that can be an unroutable interface).
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
             self.group = dist.ProcessGroupGloo(prefix, rank, 2, opts)
         else:
