@@ -109,7 +109,10 @@ def main() -> None:
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "resources": {"pdserve_decode": 1}, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=0, resources={"pdserve_prefill": 1}) for _ in range(2)]
+    # Each worker node on an address of its own (loopback aliases), so that every channel
+    # end has to bind to its own node's address, as on real machines.
+    workers = [cluster.add_node(num_cpus=0, resources={"pdserve_prefill": 1},
+                                node_ip_address=f"127.0.0.{2 + i}") for i in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     out: dict = {}
     try:
