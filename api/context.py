@@ -34,24 +34,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def valid_unicode(value: Any) -> Any:
-    """A pydantic validator: JSON can carry lone surrogates (`"\\ud800"`), which no tokenizer
-    or response encoder takes; refuse them where they enter."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
-    elif isinstance(value, list | tuple):
-        for v in value:
-            valid_unicode(v)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            valid_unicode(k)
-            valid_unicode(v)
-    return value
-
-
 class ServerContext:
     def __init__(self, client: GenerateClient, tokenizer: Any, model_name: str,
                  max_model_len: int, limits: Limits | None = None) -> None:

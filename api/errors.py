@@ -20,7 +20,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from api.chat_messages import ROLES
+
 log = logging.getLogger(__name__)
+
+
+BODY_PARSE_ERROR = "There was an error parsing the body"  # fastapi.routing's detail
 
 
 class APIError(Exception):
@@ -103,8 +108,10 @@ def error_response(err: APIError, path: str) -> JSONResponse:
 
 
 def _param(loc: tuple | list) -> str | None:
-    # pydantic puts union members (`str`, `list[int]`, ...) in the location: not parameters.
-    parts = [str(p) for p in loc if p != "body" and not _is_type_tag(p)]
+    # pydantic puts union members (`str`, `list[int]`, ...) in the location, and the tag of a
+    # discriminated union (a chat message's role, after its list index): not parameters.
+    parts = [str(p) for i, p in enumerate(loc) if p != "body" and not _is_type_tag(p)
+             and not (i and isinstance(loc[i - 1], int) and p in ROLES)]
     return ".".join(parts) or None
 
 
@@ -113,6 +120,7 @@ def _is_type_tag(part: object) -> bool:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instance"}
+_UNION_TAG = ("union_tag_not_found", "union_tag_invalid")  # a message without a known role
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -126,6 +134,12 @@ def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     param = _param(first.get("loc", ()))
     if first.get("type") == "missing" and param is None:
         return "the request body is missing", None
+    if first.get("type") in _UNION_TAG:
+        tag = (first.get("ctx") or {}).get("discriminator", "").strip("'") or "type"
+        param = f"{param}.{tag}" if param else tag
+        given = (first.get("ctx") or {}).get("tag")
+        what = f"unknown {tag} {given!r}" if given is not None else f"{tag} is required"
+        return f"{param}: {what}; valid: {', '.join(ROLES)}", param
     # Errors for the same parameter are the alternatives of a union: list them all.
     msgs: list[str] = []
     for e in errors:
@@ -149,6 +163,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            # FastAPI's answer to a body that is not UTF-8 (json.loads cannot decode it): bad
+            # input like any other, so 422 on TGI routes, as for malformed JSON there.
+            err = APIError("the request body is not valid JSON: it is not UTF-8 text")
+            return error_response(err, route_path(request.scope))
         err = APIError(str(exc.detail), status=exc.status_code, headers=exc.headers)
         return error_response(err, route_path(request.scope))
 

@@ -3,25 +3,34 @@
 Shapes follow the OpenAI API reference; `top_k`, `ignore_eos`, `repetition_penalty` and
 `stop_token_ids` are extensions with vLLM's names. Unsupported features are refused with a 400
 naming the parameter rather than silently ignored.
+
+Types are strict (`"seed": true` or `"max_tokens": "5"` are refused, not coerced) and the
+constraints checked in code are also written into the JSON schema (`json_schema_extra`), so
+that /openapi.json states what the server accepts.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from api.context import ServerContext, valid_unicode
+from api.chat_messages import ChatMessage
+from api.context import ServerContext
 from api.errors import APIError
 from api.generation import Collected
+from api.unicode_check import valid_unicode
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     _unicode = field_validator("*")(valid_unicode)
+
+
+_Stop = Annotated[str, Field(json_schema_extra={"minLength": 1})]  # "" is refused by the engine
 
 
 class StreamOptions(_Model):
@@ -37,14 +46,15 @@ class _Common(_Model):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: _Stop | list[_Stop] | None = None
     stop_token_ids: list[StrictInt] | None = None
     seed: int | None = Field(None, ge=0)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # Only 0 (refused otherwise, by check()); the schema says so.
+    presence_penalty: float = Field(0.0, json_schema_extra={"enum": [0]})
+    frequency_penalty: float = Field(0.0, json_schema_extra={"enum": [0]})
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
     user: str | None = None
 
     def check(self, ctx: ServerContext) -> None:
@@ -87,7 +97,14 @@ class _Common(_Model):
             raise APIError(str(e)) from None
 
 
-PromptInput = str | list[str] | list[StrictInt] | list[list[StrictInt]]
+# Empty prompts are refused in prompts() (with a clearer message than pydantic's); the schema
+# states it.
+_Text = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+_Ids = Annotated[list[StrictInt], Field(json_schema_extra={"minItems": 1,
+                                                           "items": {"minimum": 0}})]
+_Many = {"minItems": 1}
+PromptInput = (_Text | Annotated[list[_Text], Field(json_schema_extra=_Many)] | _Ids
+               | Annotated[list[_Ids], Field(json_schema_extra=_Many)])
 
 
 class CompletionRequest(_Common):
@@ -95,7 +112,7 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
     best_of: int | None = None
 
     def check(self, ctx: ServerContext) -> None:
@@ -124,30 +141,13 @@ class CompletionRequest(_Common):
         return [ctx.check_ids(ids) for ids in p]  # type: ignore[arg-type]
 
 
-class TextPart(_Model):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Model):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def as_template_input(self) -> dict[str, str]:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        return {"role": self.role, "content": content or ""}
-
-
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
     response_format: dict[str, Any] | None = None
 
     def check(self, ctx: ServerContext) -> None:

@@ -4,6 +4,9 @@ Semantics follow text-generation-inference: sampling is on when `do_sample` is t
 temperature / top_k / top_p is given (otherwise greedy); a sampled request without a seed gets a
 random one, reported in `details.seed`; `truncate` keeps the last N prompt tokens; `max_new_tokens`
 defaults to 100.
+
+Types are strict (`"return_full_text": 0.0` is refused, not read as false). The ranges are
+checked in `_check` with TGI's messages, and written into the JSON schema too.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.context import ServerContext, valid_unicode
+from api.context import ServerContext
 from api.errors import APIError
 from api.generation import Collected
+from api.unicode_check import valid_unicode
 from engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 100
@@ -23,34 +27,39 @@ _seeds = random.SystemRandom()
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     _unicode = field_validator("*")(valid_unicode)
 
 
+def _schema(**constraints: Any) -> Any:
+    """Schema-only constraints: `_check` enforces them, with TGI's wording."""
+    return {"json_schema_extra": constraints}
+
+
 class Parameters(_Model):
     best_of: int | None = None
-    temperature: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    typical_p: float | None = None
+    temperature: float | None = Field(None, **_schema(exclusiveMinimum=0))
+    repetition_penalty: float | None = Field(None, **_schema(exclusiveMinimum=0))
+    frequency_penalty: float | None = Field(None, **_schema(enum=[0, None]))
+    top_k: int | None = Field(None, **_schema(minimum=1))
+    top_p: float | None = Field(None, **_schema(exclusiveMinimum=0, exclusiveMaximum=1))
+    typical_p: float | None = Field(None, **_schema(enum=[None]))
     do_sample: bool = False
-    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int | None = Field(DEFAULT_MAX_NEW_TOKENS, **_schema(minimum=1))
     return_full_text: bool | None = None
     stop: list[str] = Field(default_factory=list)
-    truncate: int | None = None
-    watermark: bool = False
+    truncate: int | None = Field(None, **_schema(minimum=1))
+    watermark: bool = Field(False, **_schema(enum=[False]))
     details: bool = False
     decoder_input_details: bool = False  # accepted, ignored: `prefill` is always []
     seed: int | None = Field(None, ge=0)
     top_n_tokens: int | None = Field(None, ge=0, le=20)
-    grammar: dict[str, Any] | None = None
+    grammar: dict[str, Any] | None = Field(None, **_schema(enum=[None]))
 
 
 class GenerateRequest(_Model):
-    inputs: str
+    inputs: str = Field(**_schema(minLength=1))
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False  # only read by the compat route `/`
 

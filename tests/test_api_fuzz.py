@@ -3,7 +3,10 @@ answer is a 5xx (nor a 200 stream carrying a server error), every error has its 
 shape, and afterwards the engine holds no KV page.
 
 Bodies mix plausible values with arbitrary JSON (NaN, huge integers, lone surrogates, nesting)
-for every field of the OpenAI and TGI requests, plus raw bytes. Token limits are kept small so
+for every field of the OpenAI and TGI requests (chat messages of every role, with and without
+content, as strings or text parts; booleans where numbers go and numbers where booleans go),
+plus raw bytes and valid bodies made invalid UTF-8 (always bad input: 400 on /v1, 422 on TGI
+routes). Token limits are kept small so
 that accepted requests finish quickly. PDSERVE_FUZZ_EXAMPLES sets the number of examples;
 PDSERVE_FUZZ_RANDOM=1 draws new ones each run (the default run is the same every time).
 """
@@ -48,6 +51,9 @@ def some(*options: st.SearchStrategy) -> st.SearchStrategy:
 
 # Valid bodies: most fields set to values the API accepts.
 prompt_text = st.text(min_size=1, max_size=30)
+ROLES = ["system", "developer", "user", "assistant"]
+content = st.one_of(prompt_text, st.lists(st.fixed_dictionaries(
+    {"type": st.just("text"), "text": st.text(max_size=10)}), max_size=2))
 good_ids = st.lists(st.integers(0, 1999), min_size=1, max_size=30)
 good_common = {
     "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "seed": st.integers(0, 9),
@@ -60,9 +66,11 @@ good = {
                                                              max_size=2))},
         optional={**good_common, "logprobs": st.integers(0, 3)}),
     "/v1/chat/completions": st.fixed_dictionaries(
-        {"messages": st.lists(st.fixed_dictionaries(
-            {"role": st.sampled_from(["user", "assistant"]), "content": prompt_text}),
-            min_size=1, max_size=2)},
+        {"messages": st.lists(st.one_of(
+            st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": content}),
+            st.fixed_dictionaries({"role": st.just("assistant")},
+                                  optional={"content": st.none()})),
+            min_size=1, max_size=3)},
         optional={**good_common, "logprobs": st.booleans()}),
 }
 good_tgi = st.fixed_dictionaries({"inputs": prompt_text, "parameters": st.fixed_dictionaries(
@@ -93,8 +101,10 @@ wild = {
     "/v1/chat/completions": {**wild_common, "max_completion_tokens": some(small_int),
                              "logprobs": anything, "top_logprobs": some(st.integers(-1, 22)),
                              "tools": anything, "response_format": anything,
-                             "messages": some(st.lists(st.fixed_dictionaries(
-                                 {"role": some(text), "content": some(text)}), max_size=3))},
+                             "messages": some(st.lists(st.fixed_dictionaries({}, optional={
+                                 "role": some(st.sampled_from([*ROLES, "tool"]), text),
+                                 "content": some(content, st.lists(anything, max_size=2)),
+                                 "name": anything}), max_size=3))},
 }
 wild_tgi = {"inputs": some(text), "stream": anything, "parameters": some(
     st.fixed_dictionaries({}, optional={
@@ -114,7 +124,18 @@ def body_strategy(route: str) -> st.SearchStrategy:
                         ).flatmap(lambda bk: st.fixed_dictionaries(
                             {k: wild[route][k] for k in bk[1]}).map(lambda m, b=bk[0]: {**b, **m}))
     return st.one_of(mutated, mutated, st.fixed_dictionaries({}, optional=wild[route]),
-                     anything, st.binary(max_size=40))
+                     anything, st.binary(max_size=40), st.builds(NotUTF8, good[route],
+                                                                 st.integers(0, 10**6)))
+
+
+class NotUTF8(bytes):
+    """A valid body made invalid UTF-8: a byte that never occurs in UTF-8 (0xff) put inside
+    its JSON text, so only the decoding fails."""
+
+    def __new__(cls, body: dict, at: int) -> NotUTF8:
+        raw = json.dumps(body).encode()
+        i = 1 + at % (len(raw) - 1)
+        return super().__new__(cls, raw[:i] + b"\xff" + raw[i:])
 
 
 body_for_route = st.sampled_from(sorted(good)).flatmap(
@@ -155,6 +176,8 @@ def test_no_5xx(served, route_body) -> None:
     r = client.post(route, content=content, headers={"content-type": "application/json"})
     STATUSES[r.status_code] += 1
     assert r.status_code < 500, (route, body, r.text)
+    if isinstance(body, NotUTF8):
+        assert r.status_code == (400 if route.startswith("/v1/") else 422), r.text
     if r.status_code >= 400:
         assert r.status_code in (400, 404, 413, 422, 429), r.status_code
         check_error_shape(route, r.status_code, r.json())
