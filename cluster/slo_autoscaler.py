@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.slo_policy import (
     ROLES,
+    Decision,
     DecodeMeasures,
     PolicyConfig,
     PrefillMeasures,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve")
 POLICY_FUNCTION = "cluster.slo_autoscaler:slo_policy"
 STATE_KEY = "pdserve_slo"  # our part of each deployment's policy state (Serve keeps its own)
+CHANGES_KEY = "pdserve_changes"  # replica-count changes made so far, by direction
 
 
 # -- the app side: what build_app gives the two deployments ---------------------------------
@@ -106,15 +108,52 @@ def slo_policy(contexts: Mapping[Any, AutoscalingContext],
               for role, (_, ctx) in by_role.items()}
     state = {role: ctx.policy_state.get(STATE_KEY) or {} for role, (_, ctx) in by_role.items()}
     decision = decide(cfg, inputs, state, now)
+    changes = {role: dict(ctx.policy_state.get(CHANGES_KEY) or {"up": 0, "down": 0})
+               for role, (_, ctx) in by_role.items()}
     for role, rep in decision.reports.items():
         if rep.target != inputs[role].replicas:
+            changes[role]["up" if rep.target > inputs[role].replicas else "down"] += 1
             log.info("pdserve autoscaler: %s %d -> %d replicas (%s); measures %s", role,
                      inputs[role].replicas, rep.target, rep.reason, rep.measures)
+    app = next(iter(by_role.values()))[1].app_name or ""
+    _publish(metrics_snapshot(app, decision, changes))
     targets = {dep_id: decision.targets[role] for role, (dep_id, _) in by_role.items()}
-    new_state = {dep_id: {STATE_KEY: decision.state[role],
+    new_state = {dep_id: {STATE_KEY: decision.state[role], CHANGES_KEY: changes[role],
                           "report": dataclasses.asdict(decision.reports[role])}
                  for role, (dep_id, _) in by_role.items()}
     return targets, new_state
+
+
+def metrics_snapshot(app: str, decision: Decision, changes: Mapping[str, Mapping[str, int]],
+                     ) -> dict[str, Any]:
+    """The decision as a metrics-hub snapshot (api/prometheus.py renders it on `/metrics`):
+    target replicas and pressure per role, the measures it used, the changes made so far."""
+    measures = [({"target_role": role, "measure": name}, value)
+                for role, rep in sorted(decision.reports.items())
+                for name, value in sorted(rep.measures.items()) if value is not None]
+    return {"role": "autoscaler", "replica": app or "app", "gauges": {
+        "pdserve_autoscaler_target_replicas": [
+            ({"target_role": role}, target) for role, target in sorted(decision.targets.items())],
+        "pdserve_autoscaler_pressure": [
+            ({"target_role": role}, rep.pressure) for role, rep in sorted(decision.reports.items())
+            if rep.pressure is not None],
+        "pdserve_autoscaler_measure": measures},
+        "counters": {"pdserve_autoscaler_changes_total": [
+            ({"target_role": role, "direction": d}, n)
+            for role, by_dir in sorted(changes.items()) for d, n in sorted(by_dir.items())]}}
+
+
+def _publish(snapshot: dict[str, Any]) -> None:
+    """To the metrics hub, fire and forget: metrics must never stall the control loop."""
+    try:
+        import ray
+
+        from serving.metrics_hub import get_hub
+
+        if ray.is_initialized():  # in Serve's controller; a unit test must not start Ray
+            get_hub().push.remote(snapshot)
+    except Exception:  # no hub reachable (Ray shutting down)
+        log.debug("autoscaler metrics not published", exc_info=True)
 
 
 def _policy_kwargs(ctx: AutoscalingContext) -> dict[str, Any]:

@@ -222,10 +222,11 @@ def contexts(cfg, now: float, state: dict, replicas: dict[str, int],
     return out
 
 
-def test_adapter_reads_the_replica_reports_and_scales_decode_through_serve_wrapper():
+def test_adapter_reads_the_replica_reports_and_scales_decode_through_serve_wrapper(monkeypatch):
     pytest.importorskip("ray")
     from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
 
+    from api.prometheus import render
     from cluster.slo_autoscaler import measures, slo_policy
     from serving.config import AppConfig
 
@@ -243,10 +244,22 @@ def test_adapter_reads_the_replica_reports_and_scales_decode_through_serve_wrapp
     # Serve wraps an application-level policy (bounds, its own delays: 0 here) and keeps its
     # returned state per deployment for the next tick.
     policy = _apply_app_level_autoscaling_config(slo_policy)
+    published: list[dict] = []
+    monkeypatch.setattr("cluster.slo_autoscaler._publish", published.append)
     targets, state = policy(ctxs)
     assert {d.name: n for d, n in targets.items()} == {"prefill": 1, "decode": 1}  # not yet
     targets, state = policy(contexts(cfg, 14.0, state, {"prefill": 1, "decode": 1}))
     assert {d.name: n for d, n in targets.items()} == {"prefill": 1, "decode": 2}
+    # /metrics shows the decision, the measures behind it and the changes made
+    text = render([published[-1]])
+    assert 'pdserve_autoscaler_target_replicas{role="autoscaler",replica="pd",' \
+        'target_role="decode"} 2' in text
+    assert 'pdserve_autoscaler_pressure{role="autoscaler",replica="pd",' \
+        'target_role="decode"} 2.5' in text
+    assert 'pdserve_autoscaler_measure{role="autoscaler",replica="pd",target_role="decode",' \
+        'measure="tpot_s"} 0.125' in text
+    assert 'pdserve_autoscaler_changes_total{role="autoscaler",replica="pd",' \
+        'target_role="decode",direction="up"} 1' in text
     decode_state = state[by_name["decode"][0]]
     assert decode_state["pdserve_slo"]["last_change"] == 14.0
     assert decode_state["report"]["pressure"] == 2.5
