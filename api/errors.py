@@ -78,6 +78,7 @@ def openai_body(err: APIError) -> dict[str, Any]:
         kind = "not_found_error"
     elif err.status == 429:
         kind = "rate_limit_error"
+
     return {"error": {"message": err.message, "type": kind, "param": err.param,
                       "code": err.code}}
 
@@ -86,6 +87,8 @@ def tgi_body(err: APIError) -> dict[str, Any]:
     kind = "validation" if err.is_client_error else "generation"
     if err.status == 429:
         kind = "overloaded"
+    elif err.status == 401:
+        kind = "unauthorized"
     return {"error": err.message, "error_type": kind}
 
 

@@ -9,7 +9,7 @@ Binding (cluster/app.py):
     serving = DecodeServer.bind(...)          # exposes `run(..., mailbox)` and `generate(...)`
     app = Ingress.bind(serving, model_path, model_name="tiny-llama", max_model_len=2048,
                        metrics_source=collect_snapshots, limits={...}, request_timeout_s=600,
-                       stream_interval_ms=0)
+                       stream_interval_ms=0, api_keys=cfg.api_keys)
 
 Tokens come back through this replica's token mailbox (serving/token_mailbox.py): one message
 per engine step and serving replica for all the streams of this replica.
@@ -47,7 +47,7 @@ class Ingress:
                  max_model_len: int = 2048, metrics_source: MetricsSource | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600.0,
                  stream_interval_ms: float = 0.0, detokenize: bool = True,
-                 token_path: str = "mailbox") -> None:
+                 token_path: str = "mailbox", api_keys: list[Any] | None = None) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.handle = handle
         # Token ids only ("mailbox": one message per engine step for every stream of this
@@ -60,6 +60,9 @@ class Ingress:
         self.metrics_source = metrics_source
         self.limits = Limits(**(limits or {}))
         self.detokenize = detokenize
+        # str or pydantic SecretStr (AppConfig.api_keys); None: $PDSERVE_API_KEYS, read here,
+        # in the replica's environment (runtime_env env_vars reach it).
+        self.api_keys = api_keys
 
     async def ready(self) -> bool:
         await asyncio.wait_for(self.handle.health.remote(), HEALTH_TIMEOUT_S)
@@ -69,4 +72,4 @@ class Ingress:
         return build_api(self.client, self.tokenizer, self.model_name, self.max_model_len,
                          metrics_source=self.metrics_source, ready=self.ready,
                          limits=self.limits, request_id_header=False,
-                         detokenize=self.detokenize)
+                         detokenize=self.detokenize, api_keys=self.api_keys)

@@ -3,7 +3,8 @@
 Semantics follow text-generation-inference: sampling is on when `do_sample` is true or any of
 temperature / top_k / top_p is given (otherwise greedy); a sampled request without a seed gets a
 random one, reported in `details.seed`; `truncate` keeps the last N prompt tokens; `max_new_tokens`
-defaults to 100.
+defaults to 100; a matched stop sequence stays at the end of `generated_text` (and in its
+token's text), as TGI leaves it.
 
 Types are strict (`"return_full_text": 0.0` is refused, not read as false). The ranges are
 checked in `_check` with TGI's messages, and written into the JSON schema too.
@@ -113,7 +114,7 @@ def prepare(ctx: ServerContext, req: GenerateRequest, stream: bool,
             max_tokens=max_new, temperature=(p.temperature or 1.0) if sampling else 0.0,
             top_k=p.top_k or 0, top_p=p.top_p or 1.0,
             repetition_penalty=p.repetition_penalty or 1.0, seed=seed, stop=list(p.stop),
-            logprobs=logprobs)
+            include_stop_str_in_output=True, logprobs=logprobs)
     except ValueError as e:
         raise APIError(str(e)) from None
     return ids, params
@@ -168,6 +169,19 @@ def stream_event(index: int, tok: dict[str, Any], top: list[dict[str, Any]],
                  generated_text: str | None, details: dict[str, Any] | None) -> dict[str, Any]:
     return {"index": index, "token": tok, "top_tokens": top, "generated_text": generated_text,
             "details": details}
+
+
+def tokenize(ctx: ServerContext, req: GenerateRequest) -> list[dict[str, Any]]:
+    """TGI's /tokenize: the prompt's tokens as `{id, text, start, stop}`, where start/stop are
+    character offsets into `inputs` (special tokens added by the tokenizer span nothing)."""
+    if not req.inputs:
+        raise APIError("`inputs` cannot be empty", "inputs")
+    try:
+        enc = ctx.tokenizer(req.inputs, return_offsets_mapping=True)
+    except Exception as e:  # slow tokenizers have no offsets; odd text is the client's
+        raise APIError(f"cannot tokenize the input: {e}", "inputs") from None
+    return [{"id": t, "text": req.inputs[a:b], "start": a, "stop": b}
+            for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
 
 
 def info(ctx: ServerContext) -> dict[str, Any]:

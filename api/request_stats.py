@@ -51,7 +51,8 @@ def replica_name() -> str:
 
 
 def snapshot(counts: Counter, replica: str, source_up: bool | None,
-             admission: Any = None, resumed: int | None = None) -> dict[str, Any]:
+             admission: Any = None, resumed: int | None = None,
+             unauthorized: int | None = None) -> dict[str, Any]:
     gauges: dict[str, Any] = {}
     if source_up is not None:
         gauges["pdserve_metrics_source_up"] = int(source_up)
@@ -65,4 +66,6 @@ def snapshot(counts: Counter, replica: str, source_up: bool | None,
         counters["pdserve_api_rejected_requests_total"] = admission.num_rejected
     if resumed is not None:  # streams continued on another replica after theirs died
         counters["pdserve_api_resumed_requests_total"] = resumed
+    if unauthorized is not None:  # 401s (API keys on): answered before routing too
+        counters["pdserve_api_unauthorized_requests_total"] = unauthorized
     return {"role": "api", "replica": replica, "gauges": gauges, "counters": counters}

@@ -1,4 +1,4 @@
-"""TGI-compatible routes: /generate, /generate_stream, / (either, by `stream`), /info.
+"""TGI-compatible routes: /generate, /generate_stream, / (either, by `stream`), /info, /tokenize.
 
 Stream events are `data:{json}` lines, one per generated token; the last carries
 `generated_text` and `details`. A failure after the stream started is one
@@ -41,6 +41,10 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
     @router.get("/info")
     async def info() -> dict:
         return tgi.info(ctx)
+
+    @router.post("/tokenize")
+    async def tokenize(req: tgi.GenerateRequest) -> list[dict]:
+        return tgi.tokenize(ctx, req)
 
     @router.post("/generate")
     async def generate(req: tgi.GenerateRequest, request: Request) -> dict:

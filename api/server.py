@@ -14,14 +14,16 @@ import asyncio
 import inspect
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import SecretStr
 
 from api import prometheus, request_stats
 from api.admission import Admission, AdmissionGate, AdmittedClient
+from api.auth import ApiKeyAuth, ApiKeys
 from api.context import GenerateClient, ServerContext
 from api.detokenizing_client import DetokenizingClient
 from api.errors import install_error_handlers
@@ -44,14 +46,17 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
               metrics_source: MetricsSource | None = None,
               ready: Callable[[], bool | Awaitable[bool]] = lambda: True,
               limits: Limits | None = None, request_id_header: bool = True,
-              detokenize: bool = True) -> FastAPI:
+              detokenize: bool = True,
+              api_keys: Sequence[str | SecretStr] | None = None) -> FastAPI:
     """`metrics_source()` (sync or async) returns per-replica snapshots for /metrics (see
     api/prometheus.py); `ready()` (sync or async) decides /health. `request_id_header=False`
     leaves the X-Request-Id response header and the access log to the Serve proxy in front.
     `detokenize=False` streams token ids without text (random weights sample ids the
-    tokenizer may not know)."""
+    tokenizer may not know). `api_keys` (None: $PDSERVE_API_KEYS) turns on bearer-key
+    auth for every route but /health (api/auth.py)."""
     limits = (limits or Limits()).resolved(max_model_len)
     admission = Admission(limits)
+    keys = ApiKeys(api_keys)
     text = DetokenizingClient(client, tokenizer if detokenize else None)
     ctx = ServerContext(AdmittedClient(text, admission),
                         tokenizer, model_name, max_model_len, limits)
@@ -63,6 +68,7 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
     app.add_middleware(request_stats.RequestStats, counts=counts)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(AdmissionGate, admission=admission)
+    app.add_middleware(ApiKeyAuth, keys=keys)  # before admission: a 401 takes no slot
     app.add_middleware(RequestId, standalone=request_id_header)  # outermost: sees every answer
     app.include_router(openai_router(ctx))
     app.include_router(tgi_router(ctx))
@@ -90,7 +96,8 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
                 log.exception("metrics source failed")
                 up = False
         snapshots.append(request_stats.snapshot(counts, replica, up, admission,
-                                                getattr(client, "num_resumes", None)))
+                                                getattr(client, "num_resumes", None),
+                                                keys.num_refused if keys.enabled else None))
         return PlainTextResponse(prometheus.render(snapshots),
                                  media_type=prometheus.CONTENT_TYPE)
 

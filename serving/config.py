@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     create_model,
     field_validator,
@@ -200,6 +201,9 @@ class AppConfig(_Strict):
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
     request_timeout_s: float = Field(600.0, gt=0)
     limits: Limits = Field(default_factory=Limits)  # admission limits of the HTTP API
+    # Bearer keys of the HTTP API (every route but /health); None: $PDSERVE_API_KEYS on the
+    # ingress replicas, or open. SecretStr: a printed config or an error never shows them.
+    api_keys: list[SecretStr] | None = None
     # While an ingress replica streams to more than 8 clients, hand each one its tokens at most
     # this often (merged): fewer, larger SSE events. 0 (the default) = every token its own event.
     stream_interval_ms: float = Field(0.0, ge=0)

@@ -1,6 +1,8 @@
 """TGI routes over a real engine: /generate details carry the LLM's token ids, /generate_stream
 sends one event per token with the full text and details on the last, `/` dispatches on
-`stream`, truncate / return_full_text / seeded sampling behave as in TGI."""
+`stream`, truncate / return_full_text / seeded sampling behave as in TGI; a matched stop sequence
+stays in generated_text and in its token's text, as TGI leaves it; /tokenize and /info have TGI's
+shapes."""
 
 from __future__ import annotations
 
@@ -104,16 +106,50 @@ async def test_sampling_seed_and_stop(http: httpx.AsyncClient, llm: LLM) -> None
     c = (await http.post("/generate", json={"inputs": PROMPT, "parameters": unseeded})).json()
     assert isinstance(c["details"]["seed"], int)  # sampling: a seed is picked and reported
 
-    text = greedy(llm, PROMPT, 6).text
+
+
+async def test_stop_sequence_stays_in_the_text(http: httpx.AsyncClient, llm: LLM) -> None:
+    ref = greedy(llm, PROMPT, 8)
+    text = ref.text
     stop = text[3:6]
-    r = await http.post("/generate", json={"inputs": PROMPT, "parameters": {
-        "max_new_tokens": 6, "stop": [stop], "details": True}})
-    body = r.json()
-    assert body["generated_text"] == text[: text.index(stop)]
-    assert body["details"]["finish_reason"] == "stop_sequence"
+    kept = text[: text.index(stop) + len(stop)]
+    # The stop completes inside this token: the request ends there.
+    n = next(i for i in range(1, 9)
+             if len(llm.tokenizer.decode(ref.token_ids[:i])) >= len(kept))
+    params = {"max_new_tokens": 8, "stop": [stop, "never-generated"], "details": True}
+    body = (await http.post("/generate", json={"inputs": PROMPT, "parameters": params})).json()
+    assert body["generated_text"] == kept
+    d = body["details"]
+    assert d["finish_reason"] == "stop_sequence" and d["generated_tokens"] == n
+    assert [t["id"] for t in d["tokens"]] == ref.token_ids[:n]
+    assert "".join(t["text"] for t in d["tokens"]) == kept and d["tokens"][-1]["text"]
+    evs = events((await http.post("/generate_stream", json={"inputs": PROMPT,
+                                                            "parameters": params})).text)
+    assert evs[-1]["generated_text"] == kept
+    assert "".join(e["token"]["text"] for e in evs) == kept
+    assert evs[-1]["details"]["finish_reason"] == "stop_sequence"
 
 
 async def test_info(http: httpx.AsyncClient) -> None:
     info = (await http.get("/info")).json()
     assert info["model_id"] == "tiny-llama"
     assert info["max_total_tokens"] == 2048 and info["max_input_tokens"] == 2047
+    assert {"model_id", "model_sha", "model_pipeline_tag", "max_concurrent_requests",
+            "max_best_of", "max_stop_sequences", "max_input_tokens", "max_total_tokens",
+            "validation_workers", "max_client_batch_size", "router", "version", "sha",
+            "docker_label"} <= set(info)
+
+
+async def test_tokenize(http: httpx.AsyncClient, llm: LLM) -> None:
+    text = "Hello wörld"
+    r = await http.post("/tokenize", json={"inputs": text, "parameters": {"max_new_tokens": 3}})
+    assert r.status_code == 200, r.text
+    toks = r.json()
+    assert [t["id"] for t in toks] == llm.tokenizer.encode(text)
+    assert all(set(t) == {"id", "text", "start", "stop"} for t in toks)
+    assert all(t["text"] == text[t["start"]:t["stop"]] for t in toks)
+    assert toks[0]["id"] == llm.tokenizer.bos_token_id and toks[0]["text"] == ""
+    # Byte tokens of one character share its span (as in TGI): the last token ends the text.
+    assert toks[-1]["stop"] == len(text)
+    r = await http.post("/tokenize", json={"inputs": ""})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
