@@ -52,9 +52,14 @@ class GenerationError(APIError):
 
 def client_gone(exc: BaseException) -> bool:
     """True for the ways a vanished client surfaces: Starlette's ClientDisconnect, or, behind
-    Serve, the cancelled proxy task that `receive()` raises once the client has gone."""
+    Serve, the cancelled proxy task that `receive()` raises once the client has gone (also
+    inside the exception group of a response's task group, e.g. Starlette's disconnect
+    listener of a stream)."""
     if isinstance(exc, ClientDisconnect):
         return True
+    group = getattr(exc, "exceptions", None)  # an ExceptionGroup
+    if isinstance(group, tuple) and group:
+        return all(client_gone(e) for e in group)
     try:
         from ray.exceptions import TaskCancelledError
     except ImportError:  # pragma: no cover - ray is a dependency

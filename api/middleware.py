@@ -5,7 +5,10 @@
   the id is echoed in the response header and logged with each request's line. Behind Serve,
   the proxy already does both (its RequestIdMiddleware sets the header, the replica's access
   log carries the id, and the id reaches the downstream replicas' log records), so the app
-  only takes the id the proxy put in the request headers.
+  only takes the id the proxy put in the request headers. It is also where a client that went
+  away ends: the error that says so (ClientDisconnect, Serve's TaskCancelledError from
+  `receive()`) stops here as a normal end, status 499, instead of reaching Serve, which would
+  log it with a traceback.
 - `BodyLimit`: a request body larger than `max_bytes` gets a 413 in its route family's error
   shape before any of it is parsed.
 """
@@ -19,7 +22,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import APIError, error_response, route_path
+from api.errors import APIError, client_gone, error_response, route_path
 
 log = logging.getLogger("pdserve.api")
 
@@ -59,6 +62,10 @@ class RequestId:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as e:
+            if not client_gone(e):
+                raise
+            status = 499  # nobody to answer: the request simply ends
         finally:
             if self.standalone and route_path(scope) not in _QUIET:
                 log.info("request_id=%s %s %s -> %d in %.3f s", rid, scope["method"],

@@ -11,7 +11,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api.errors import APIError, GenerationError
+from api.errors import APIError, GenerationError, client_gone
 from api.generation import Generation, close_all
 
 
@@ -35,6 +35,11 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except Exception as e:
+            # Behind Serve, the disconnect listener's `receive()` raises TaskCancelledError
+            # once the client has gone: the stream's normal end, not an error to report.
+            if not client_gone(e):
+                raise
         finally:
             aclose = getattr(self._events, "aclose", None)
             if aclose is not None:
