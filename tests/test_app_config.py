@@ -87,8 +87,8 @@ def test_an_override_to_null_is_kept_apart_from_no_override():
 
 @pytest.mark.parametrize("args, key, valid", [
     ({"max_num_seq": 1}, "max_num_seq",
-     "autoscaler, colocated, decode, engine, ingress, kv_transport, limits, mode, model, "
-     "prefill, request_timeout_s, routing, slo, stream_interval_ms, token_path"),
+     "api_keys, autoscaler, colocated, decode, engine, ingress, kv_transport, limits, mode, "
+     "model, prefill, request_timeout_s, routing, slo, stream_interval_ms, token_path"),
     ({"routing": {"decode": "prefix"}}, "routing.decode",
      "max_imbalance, max_index_pages, policy"),
     ({"slo": {"ttft": 1}}, "slo.ttft", "tpot_ms, ttft_ms"),
