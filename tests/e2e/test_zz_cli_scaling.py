@@ -1,0 +1,158 @@
+"""Scaling one role from the CLI's config (`serve deploy`, the dashboard's Serve REST API: both
+send a Serve config) while streams run: a fourth application on the shared cluster, deployed
+through Serve's declarative path, with the replica counts in the config's `deployments:` list.
+
+- decode 1 -> 2: a decode replica is added; the prefill, ingress and first decode replicas are
+  the same actors as before; every running stream ends with the clean run's text;
+- decode 2 -> 1 with a 1 s graceful-shutdown bound while long streams run: the stopped replica's
+  streams move to the other one (the resume path) and still end with the clean run's text.
+Deadlines are hang guards only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from tests.e2e.conftest import app_args
+from tests.hf_reference import hf_greedy
+
+APP, ROUTE = "cliscale", "/cliscale"
+HANG_GUARD_S = 300
+LONG = 300  # tokens per stream: long enough to outlive a 1 s graceful shutdown on 2 cores
+
+
+def _config(model_dir: str, decode_replicas: int) -> dict:
+    args = app_args(model_dir, "disaggregated")
+    for role in ("prefill", "decode", "ingress"):
+        args.pop(role)  # placement and counts: Serve's own `deployments:` list below
+    return {"applications": [{
+        "name": APP, "route_prefix": ROUTE, "import_path": "cluster.app:build_app",
+        "args": args,
+        "deployments": [
+            {"name": "prefill", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+            {"name": "decode", "num_replicas": decode_replicas,
+             "ray_actor_options": {"num_cpus": 0}, "graceful_shutdown_timeout_s": 1},
+            {"name": "ingress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}]}]}
+
+
+def _deploy(config: dict) -> None:
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+
+
+def _replicas(role: str) -> set[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP}#{role}#"
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)}
+
+
+def _running(role: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None or role not in app.deployments:
+        return 0
+    return sum(n for state, n in app.deployments[role].replica_states.items()
+               if str(state).endswith("RUNNING"))
+
+
+def _counter(base: str, name: str) -> float:
+    from bench.soak import parse_metrics
+
+    return sum(parse_metrics(httpx.get(f"{base}/metrics", timeout=30).text, name).values())
+
+
+def _wait(what: str, check) -> None:
+    deadline = time.time() + HANG_GUARD_S
+    while not check():
+        assert time.time() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.25)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _stream(http: httpx.AsyncClient, prompt: list[int], n: int,
+                  started: asyncio.Event) -> tuple[str, str]:
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    text = ""
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return "error", f"HTTP {r.status_code}"
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                return "ok", text
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return "error", event["error"]["message"]
+                text += event["choices"][0]["text"] if event["choices"] else ""
+                started.set()
+    return "cut", text
+
+
+async def _streams_across(base: str, prompts: list[list[int]], n: int, change) -> list:
+    """Runs the streams; once the first tokens are out, `change()` (a redeploy) runs."""
+    started = asyncio.Event()
+    async with httpx.AsyncClient(base_url=base, timeout=HANG_GUARD_S) as http:
+        tasks = [asyncio.create_task(_stream(http, p, n, started)) for p in prompts]
+        await asyncio.wait_for(started.wait(), HANG_GUARD_S)
+        await asyncio.to_thread(change)
+        return await asyncio.gather(*tasks)
+
+
+def test_one_role_scales_from_the_config_and_streams_finish(cluster):
+    from transformers import AutoTokenizer
+
+    model = cluster["model_dir"]
+    tok = AutoTokenizer.from_pretrained(model)
+    base = f"{cluster['base']}{ROUTE}"
+    prompts = [[(17 * i + 5 * j) % 1900 + 6 for j in range(20 + 3 * i)] for i in range(4)]
+    ref_short = [tok.decode(hf_greedy(model, p, 40), skip_special_tokens=True) for p in prompts]
+    ref_long = [tok.decode(hf_greedy(model, p, LONG), skip_special_tokens=True)
+                for p in prompts]
+    _deploy(_config(model, 1))
+    try:
+        _wait("the app", lambda: _ready(base) and _running("decode") == 1)
+        before = {role: _replicas(role) for role in ("prefill", "decode", "ingress")}
+
+        def scale_up() -> None:
+            _deploy(_config(model, 2))
+            _wait("a second decode replica", lambda: _running("decode") == 2)
+
+        results = asyncio.run(_streams_across(base, prompts, 40, scale_up))
+        assert results == [("ok", r) for r in ref_short]
+        after = {role: _replicas(role) for role in ("prefill", "decode", "ingress")}
+        assert after["prefill"] == before["prefill"] and after["ingress"] == before["ingress"]
+        assert before["decode"] < after["decode"] and len(after["decode"]) == 2
+
+        def scale_down() -> None:
+            _deploy(_config(model, 1))
+            _wait("one decode replica", lambda: len(_replicas("decode")) == 1)
+
+        resumed = _counter(base, "pdserve_api_resumed_requests_total")
+        results = asyncio.run(_streams_across(base, prompts, LONG, scale_down))
+        assert results == [("ok", r) for r in ref_long]  # handed over, none cut
+        # which streams the stopped replica held is Serve's routing: printed, not asserted
+        print(f"\nscale-down: {_counter(base, 'pdserve_api_resumed_requests_total') - resumed:.0f}"
+              " of 4 streams resumed on the remaining decode replica")
+        final = {role: _replicas(role) for role in ("prefill", "decode", "ingress")}
+        assert final["prefill"] == before["prefill"] and final["ingress"] == before["ingress"]
+        assert len(final["decode"]) == 1 and final["decode"] < after["decode"]
+    finally:
+        from ray import serve
+
+        serve.delete(APP)  # its replicas leave /metrics (the pages-freed test reads it)
