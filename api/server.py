@@ -28,6 +28,7 @@ from api.context import GenerateClient, ServerContext
 from api.detokenizing_client import DetokenizingClient
 from api.errors import install_error_handlers
 from api.middleware import BodyLimit, RequestId
+from api.openapi import contract_openapi
 from api.routes_openai import openai_router
 from api.routes_tgi import tgi_router
 from serving.limits import Limits
@@ -83,7 +84,7 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
         return JSONResponse({"status": "ok" if ok else "unavailable"},
                             status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         snapshots: list[dict[str, Any]] = []
         up: bool | None = None
@@ -101,4 +102,5 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
         return PlainTextResponse(prometheus.render(snapshots),
                                  media_type=prometheus.CONTENT_TYPE)
 
+    contract_openapi(app, limits, keys.enabled)
     return app

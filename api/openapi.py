@@ -1,0 +1,109 @@
+"""The OpenAPI schema as the contract: every status and content type each route answers with.
+
+FastAPI declares 200 (as JSON) and 422 for every route with a body; this server answers
+otherwise: OpenAI routes say 400 for bad input, streams are text/event-stream, /metrics is
+Prometheus text, and 401 / 404 / 413 / 429 / 424 / 500 / 503 come back where they can. The
+table below is what the routes do; `contract_openapi` writes it over FastAPI's guess, with the
+error shapes of api/errors.py, the bearer scheme when API keys are on, and the limits that
+depend on the config (stop-sequence count) in the request schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from serving.limits import Limits
+
+_OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+_TGI_ERROR = {"type": "object", "required": ["error", "error_type"], "properties": {
+    "error": {"type": "string"}, "error_type": {"type": "string"}}}
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+
+_WHY = {400: "Bad input", 401: "Missing or invalid API key", 404: "Unknown model",
+        413: "Request body too large", 422: "Bad input", 424: "Generation failed",
+        429: "Overloaded (see Retry-After)", 500: "Generation failed",
+        503: "Not ready"}
+
+# (method, path): (errors, 200 content types: "json" / "sse" / "text")
+_GEN_OAI = ((400, 404, 413, 429, 500), ("json", "sse"))
+_GEN_TGI = (413, 422, 424, 429)
+ROUTES: dict[tuple[str, str], tuple[tuple[int, ...], tuple[str, ...]]] = {
+    ("get", "/v1/models"): ((), ("json",)),
+    ("get", "/v1/models/{model_id}"): ((404,), ("json",)),
+    ("post", "/v1/completions"): _GEN_OAI,
+    ("post", "/v1/chat/completions"): _GEN_OAI,
+    ("get", "/info"): ((), ("json",)),
+    ("post", "/tokenize"): ((413, 422), ("json",)),
+    ("post", "/generate"): (_GEN_TGI, ("json",)),
+    ("post", "/generate_stream"): (_GEN_TGI, ("sse",)),
+    ("post", "/"): (_GEN_TGI, ("json", "sse")),
+    ("get", "/health"): ((503,), ("json",)),
+    ("get", "/metrics"): ((), ("text",)),
+}
+OPEN = {("get", "/health")}  # no API key needed
+
+
+def contract_openapi(app: FastAPI, limits: Limits, keys_enabled: bool) -> None:
+    """Replaces `app.openapi` with the contract version (built once, like FastAPI's)."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base()
+            _rewrite(schema, limits, keys_enabled)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _rewrite(schema: dict[str, Any], limits: Limits, keys_enabled: bool) -> None:
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body: never sent
+        comps.pop(name, None)
+    comps["OpenAIError"], comps["TGIError"] = _OPENAI_ERROR, _TGI_ERROR
+    if keys_enabled:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http",
+                                                              "scheme": "bearer"}}
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            errors, kinds = ROUTES[(method, path)]
+            ok = op["responses"].get("200", {"description": "Successful Response"})
+            json_ok = ok.get("content", {}).get("application/json",
+                                               {"schema": {"type": "object"}})
+            content: dict[str, Any] = {}
+            for kind in kinds:
+                if kind == "json":
+                    content["application/json"] = json_ok
+                elif kind == "sse":
+                    content.update(_SSE)
+                else:
+                    content["text/plain"] = {"schema": {"type": "string"}}
+            responses: dict[str, Any] = {"200": {**ok, "content": content}}
+            statuses = set(errors)
+            if keys_enabled and (method, path) not in OPEN:
+                statuses.add(401)
+                op["security"] = [{"bearer": []}]
+            shape = "OpenAIError" if path.startswith("/v1/") else "TGIError"
+            for status in sorted(statuses):
+                body = ({"schema": {"type": "object"}} if path == "/health" else
+                        {"schema": {"$ref": f"#/components/schemas/{shape}"}})
+                responses[str(status)] = {"description": _WHY[status],
+                                          "content": {"application/json": body}}
+            op["responses"] = responses
+    _limit_stops(comps, limits.max_stop_sequences)
+
+
+def _limit_stops(comps: dict[str, Any], max_stops: int) -> None:
+    for name in ("CompletionRequest", "ChatCompletionRequest", "Parameters"):
+        stop = comps.get(name, {}).get("properties", {}).get("stop")
+        if stop is None:
+            continue
+        for alt in [stop, *stop.get("anyOf", [])]:
+            if alt.get("type") == "array":
+                alt["maxItems"] = max_stops
