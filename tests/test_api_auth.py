@@ -109,3 +109,14 @@ def test_keys_in_the_app_config() -> None:
         AppConfig.from_args({"api_keys": KEYS[0]})  # a string, not a list
     assert KEYS[0] not in str(e.value)
     assert resolve_keys(["", " "]) == []
+
+
+def test_build_app_hands_the_configured_keys_to_the_ingress(tiny_llama):
+    from cluster.app import build_app
+
+    app = build_app({"model": {"path": tiny_llama}, "api_keys": ["sk-one"]})
+    keys = app._bound_deployment.init_kwargs["api_keys"]
+    assert [k.get_secret_value() for k in keys] == ["sk-one"]
+    assert "sk-one" not in repr(keys)  # never printed with the app's options
+    assert build_app({"model": {"path": tiny_llama}})._bound_deployment.init_kwargs[
+        "api_keys"] is None
