@@ -71,13 +71,17 @@ class Replica:
         if cfg.model.path is None:
             ensure_tiny_model()
         model_cfg = cfg.model.to_config()
-        # Text and stop strings are the API's work (api/detokenizing_client.py), not the step's.
-        # Text is the API's business (api/detokenizing_client.py); outputs leave in per-step
-        # batches (serving/token_mailbox.py), coalesced, if at all, by the ingress.
+        # Text and stop strings are the API's work (api/detokenizing_client.py), not the step's;
+        # outputs leave in per-step batches (serving/token_mailbox.py), coalesced, if at all,
+        # by the ingress.
         self.engine = AsyncEngine(Engine(model_cfg, cfg.engine_config(role), detokenize=False))
         self.fingerprint = model_fingerprint(model_cfg.path, model_cfg.dtype,
                                              model_cfg.load_format, model_cfg.seed)
         self.metrics = Metrics(role, replica_name(role))
+        # The first audit runs here, before any request (nothing else touches the engine yet),
+        # so a new replica's /metrics says its accounting is sound from the start.
+        self.engine.engine.check_integrity()
+        self.metrics.set("pdserve_kv_integrity_ok", 1)
         self._last_audit = 0.0
         self.sinks = SinkSet(self.metrics, on_lost=self._abort_all)
         self._stop_push = start_pushing(self.snapshot)

@@ -2,6 +2,7 @@
 send a Serve config) while streams run: a fourth application on the shared cluster, deployed
 through Serve's declarative path, with the replica counts in the config's `deployments:` list.
 
+- before any request, every serving replica's /metrics says its page accounting is sound;
 - decode 1 -> 2: a decode replica is added; the prefill, ingress and first decode replicas are
   the same actors as before; every running stream ends with the clean run's text;
 - decode 2 -> 1 with a 1 s graceful-shutdown bound while long streams run: the stopped replica's
@@ -70,6 +71,16 @@ def _counter(base: str, name: str) -> float:
     return sum(parse_metrics(httpx.get(f"{base}/metrics", timeout=30).text, name).values())
 
 
+def _integrity(base: str, replicas: dict[str, set[str]]) -> dict[tuple[str, str], float]:
+    """pdserve_kv_integrity_ok of this app's serving replicas, by (role, replica id)."""
+    from bench.soak import parse_metrics
+
+    ids = {name.rsplit("#", 1)[1] for role in ("prefill", "decode") for name in replicas[role]}
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return {k: v for k, v in parse_metrics(text, "pdserve_kv_integrity_ok").items()
+            if k[1] in ids}
+
+
 def _wait(what: str, check) -> None:
     deadline = time.time() + HANG_GUARD_S
     while not check():
@@ -128,6 +139,10 @@ def test_one_role_scales_from_the_config_and_streams_finish(cluster):
     try:
         _wait("the app", lambda: _ready(base) and _running("decode") == 1)
         before = {role: _replicas(role) for role in ("prefill", "decode", "ingress")}
+        # before any request, each new serving replica reports its page accounting sound
+        _wait("the integrity gauges", lambda: _integrity(base, before) == {
+            (role, name.rsplit("#", 1)[1]): 1.0
+            for role in ("prefill", "decode") for name in before[role]})
 
         def scale_up() -> None:
             _deploy(_config(model, 2))
