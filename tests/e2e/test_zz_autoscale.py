@@ -1,10 +1,12 @@
-"""The SLO autoscaler end to end: a third application on the shared cluster, deployed from a
-Serve config (the only way to name an application-level policy). Load above the decode SLO
-takes decode from 1 to 2 replicas, and back to 1 once the load stops.
+"""The SLO autoscaler end to end: applications of their own on the shared cluster, deployed
+from a Serve config (the only way to name an application-level policy).
 
-The SLO is set so that any load exceeds it (TPOT 0.1 ms) and prefill is pinned at 1 replica:
-the test checks the wiring (replica reports -> controller -> policy -> replicas), not
-the engine's speed. Deadlines are hang guards only.
+- load above the decode SLO takes decode from 1 to 2 replicas, and back to 1 once it stops;
+- prompt-heavy load above the TTFT SLO takes prefill from 1 to 2 instead (decode stays at 1).
+
+Each SLO is set so that any load of its kind exceeds it (TPOT 0.1 ms; TTFT 1 ms), and the other
+role is pinned: the tests check the wiring (replica reports -> controller -> policy ->
+replicas), not the engine's speed. Deadlines are hang guards only.
 """
 
 from __future__ import annotations
@@ -17,37 +19,41 @@ import httpx
 
 from tests.e2e.conftest import app_args
 
-APP, ROUTE = "autoscale", "/autoscale"
+APPS = {"decode": ("autoscale", "/autoscale"), "prefill": ("autoscalep", "/autoscalep")}
 HANG_GUARD_S = 300  # per wait; the whole test body takes ~45 s on 2 idle CPU cores
 
 
-def _serve_config(model_dir: str) -> dict:
+def _serve_config(model_dir: str, scaled: str) -> dict:
+    """An app whose `scaled` role may go 1 -> 2 replicas, with an SLO every load breaks."""
     args = app_args(model_dir, "disaggregated")
-    args["slo"] = {"ttft_ms": 60_000, "tpot_ms": 0.1}
+    pinned = "prefill" if scaled == "decode" else "decode"
+    args["slo"] = ({"ttft_ms": 60_000, "tpot_ms": 0.1} if scaled == "decode"
+                   else {"ttft_ms": 1, "tpot_ms": 60_000})
     args["autoscaler"] = {
-        "enabled": True, "prefill": {"min_replicas": 1, "max_replicas": 1},
-        "decode": {"min_replicas": 1, "max_replicas": 2},
+        "enabled": True, pinned: {"min_replicas": 1, "max_replicas": 1},
+        scaled: {"min_replicas": 1, "max_replicas": 2},
         "upscale_after_s": 1, "downscale_after_s": 2, "cooldown_s": 3,
         "look_back_period_s": 3, "metrics_interval_s": 0.5}
+    app, route = APPS[scaled]
     return {"applications": [{
-        "name": APP, "route_prefix": ROUTE, "import_path": "cluster.app:build_app",
+        "name": app, "route_prefix": route, "import_path": "cluster.app:build_app",
         "autoscaling_policy": {"policy_function": "cluster.slo_autoscaler:slo_policy"},
         "args": args}]}
 
 
-def _running(role: str) -> int:
+def _running(app_name: str, role: str) -> int:
     from ray import serve
 
-    app = serve.status().applications.get(APP)
+    app = serve.status().applications.get(app_name)
     if app is None or role not in app.deployments:
         return 0
     return sum(n for state, n in app.deployments[role].replica_states.items()
                if str(state).endswith("RUNNING"))
 
 
-def _healthy(base: str) -> bool:
+def _healthy(app: str, base: str) -> bool:
     try:
-        return _running("decode") > 0 and httpx.get(f"{base}/health").status_code == 200
+        return _running(app, "decode") > 0 and httpx.get(f"{base}/health").status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -60,16 +66,22 @@ def _wait(what: str, check) -> None:
 
 
 class Load:
-    """Streams that keep 4 requests generating until stopped."""
+    """4 clients sending requests back to back until stopped: streams of 64 tokens, or with
+    `prompt_heavy` 400-token prompts for one token each."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, prompt_heavy: bool = False) -> None:
         self.base, self.stop, self.done = base, threading.Event(), 0
+        self.prompt_heavy = prompt_heavy
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _one(self, client: httpx.AsyncClient, i: int) -> None:
+        k = 0
         while not self.stop.is_set():
-            body = {"prompt": list(range(10 + i, 30 + i)), "max_tokens": 64,
+            k += 1  # a fresh prompt each time: no prefix-cache hits to shrink the prefill
+            n_prompt, n_out = (400, 1) if self.prompt_heavy else (20, 64)
+            prompt = [(i * 997 + k * 31 + j) % 1900 + 6 for j in range(n_prompt)]
+            body = {"prompt": prompt, "max_tokens": n_out,
                     "ignore_eos": True, "stream": True, "temperature": 0}
             async with client.stream("POST", f"{self.base}/v1/completions", json=body) as r:
                 assert r.status_code == 200
@@ -84,27 +96,36 @@ class Load:
         self.errors = [r for r in results if isinstance(r, BaseException)]
 
 
-def test_decode_scales_up_under_load_and_back_down(cluster):
+def _scale_under_load(cluster, scaled: str) -> None:
+    from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
+    pinned = "prefill" if scaled == "decode" else "decode"
+    app, route = APPS[scaled]
     client = _get_global_client()
-    client.deploy_apps(ServeDeploySchema.model_validate(_serve_config(cluster["model_dir"])))
-    base = f"{cluster['base']}{ROUTE}"
+    client.deploy_apps(ServeDeploySchema.model_validate(_serve_config(cluster["model_dir"],
+                                                                      scaled)))
+    base = f"{cluster['base']}{route}"
     try:
-        _wait("the app", lambda: _healthy(base))
-        assert (_running("prefill"), _running("decode")) == (1, 1)
-        load = Load(base)
+        _wait("the app", lambda: _healthy(app, base))
+        assert (_running(app, scaled), _running(app, pinned)) == (1, 1)
+        load = Load(base, prompt_heavy=scaled == "prefill")
         load.thread.start()
         try:
-            _wait("a second decode replica", lambda: _running("decode") == 2)
+            _wait(f"a second {scaled} replica", lambda: _running(app, scaled) == 2)
         finally:
             load.stop.set()
             load.thread.join(timeout=60)
-        assert not load.errors and load.done > 0 and _running("prefill") == 1
-        _wait("decode back at 1 replica", lambda: _running("decode") == 1)
+        assert not load.errors and load.done > 0 and _running(app, pinned) == 1
+        _wait(f"{scaled} back at 1 replica", lambda: _running(app, scaled) == 1)
     finally:
-        from ray import serve
+        serve.delete(app)  # its replicas leave /metrics (the pages-freed test reads it)
 
-        serve.delete(APP)  # its replicas leave /metrics (the pages-freed test reads it)
 
+def test_decode_scales_up_under_load_and_back_down(cluster):
+    _scale_under_load(cluster, "decode")
+
+
+def test_prompt_heavy_load_scales_prefill_instead(cluster):
+    _scale_under_load(cluster, "prefill")
