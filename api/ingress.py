@@ -31,6 +31,7 @@ from typing import Any
 from ray import serve
 from transformers import AutoTokenizer
 
+from api.grpc_service import GrpcService
 from api.handle_client import HandleClient
 from api.mailbox_call import Coalescing
 from api.server import MetricsSource, build_api
@@ -42,7 +43,7 @@ HEALTH_TIMEOUT_S = 5.0
 
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress()
-class Ingress:
+class Ingress(GrpcService):  # + gRPC Generate / GenerateStream (api/grpc_service.py)
     def __init__(self, handle: Any, model_path: str, model_name: str | None = None,
                  max_model_len: int = 2048, metrics_source: MetricsSource | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600.0,
@@ -69,7 +70,8 @@ class Ingress:
         return True
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_api(self.client, self.tokenizer, self.model_name, self.max_model_len,
+        asgi = build_api(self.client, self.tokenizer, self.model_name, self.max_model_len,
                          metrics_source=self.metrics_source, ready=self.ready,
                          limits=self.limits, request_id_header=False,
                          detokenize=self.detokenize, api_keys=self.api_keys)
+        return self.grpc_attach(asgi)  # gRPC shares its context, admission and keys
