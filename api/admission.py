@@ -1,15 +1,19 @@
 """Admission control: overload gets a fast 429 with Retry-After instead of a pile-up.
 
-Two gates, both per ingress replica, both passed before anything reaches a serving replica:
+Two gates, both passed before anything reaches a serving replica:
 
 - `max_concurrent_requests`: generation requests (HTTP requests, as TGI counts them) past the
   limit are refused at once, before their body is even read (`AdmissionGate`, a plain ASGI
   middleware): a burst is answered at the cost of a header check, not of parsing and
-  tokenizing. The slot is held until the response has been sent, stream included.
-- `max_batch_prefill_tokens`: prompt tokens admitted but still waiting for their first token.
-  Past it, requests wait in a FIFO queue for at most `queue_timeout_s`, then get a 429. A prompt
-  larger than the whole budget runs alone, so that nothing waits forever. `AdmittedClient`
-  wraps the generation client with this gate: the tokens count until the first output arrives.
+  tokenizing. The slot is held until the response has been sent, stream included. Behind
+  Serve the limit is cluster-wide: every ingress replica takes its slots from one ledger
+  (`shared`, serving/admission_ledger.py: one message per request, none per token); without
+  one (tests, no Ray) the count is this process's.
+- `max_batch_prefill_tokens`, per ingress replica: prompt tokens admitted but still waiting
+  for their first token. Past it, requests wait in a FIFO queue for at most `queue_timeout_s`,
+  then get a 429. A prompt larger than the whole budget runs alone, so that nothing waits
+  forever. `AdmittedClient` wraps the generation client with this gate: the tokens count until
+  the first output arrives.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -35,9 +40,20 @@ class Overloaded(APIError):
                          headers={"Retry-After": str(retry_after_s)})
 
 
+class SharedGate(Protocol):
+    """Slots shared with other ingress replicas (serving.admission_ledger.SharedSlots)."""
+
+    async def acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+    async def run_renewals(self) -> None:
+        """Runs for the app's lifetime: keeps this replica's count alive in the ledger."""
+
+
 class Admission:
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
+    def __init__(self, limits: Limits, shared: SharedGate | None = None) -> None:
+        self.limits, self.shared = limits, shared
         self.active = 0  # admitted generation requests
         self.prefilling = 0  # prompt tokens admitted, first token not yet out
         self._queue: deque[tuple[int, asyncio.Future]] = deque()
@@ -47,17 +63,33 @@ class Admission:
     def num_waiting(self) -> int:
         return len(self._queue)
 
-    def enter(self) -> None:
-        """Take a concurrency slot or raise Overloaded (never waits)."""
+    async def enter(self) -> None:
+        """Take a concurrency slot or raise Overloaded (never queues; with a shared gate, waits
+        for the ledger's answer only)."""
         limit = self.limits.max_concurrent_requests
-        if self.active >= limit:
-            self.num_rejected += 1
-            raise Overloaded(f"the server is overloaded: {limit} requests are already running; "
-                             "retry later", self.limits.retry_after_s)
+        if self.active >= limit:  # full here already: no need to ask the ledger
+            self._refuse(limit)
         self.active += 1
+        if self.shared is None:
+            return
+        try:
+            granted = await self.shared.acquire()
+        except BaseException:  # cancelled (client gone) while asking
+            self.active -= 1
+            raise
+        if not granted:
+            self.active -= 1
+            self._refuse(limit)
+
+    def _refuse(self, limit: int) -> None:
+        self.num_rejected += 1
+        raise Overloaded(f"the server is overloaded: {limit} requests are already running; "
+                         "retry later", self.limits.retry_after_s)
 
     def leave(self) -> None:
         self.active -= 1
+        if self.shared is not None:
+            self.shared.release()
 
     async def start_prefill(self, tokens: int) -> None:
         """Admit `tokens` prompt tokens to prefill, waiting (bounded) for room."""
@@ -139,7 +171,7 @@ class AdmissionGate:
             await self.app(scope, receive, send)
             return
         try:
-            self.admission.enter()
+            await self.admission.enter()
         except Overloaded as e:
             await error_response(e, path)(scope, receive, send)
             return

@@ -35,6 +35,7 @@ from api.grpc_service import GrpcService
 from api.handle_client import HandleClient
 from api.mailbox_call import Coalescing
 from api.server import MetricsSource, build_api
+from serving.admission_ledger import replica_shared_slots
 from serving.limits import Limits
 from serving.token_mailbox import MailboxReader
 
@@ -60,6 +61,8 @@ class Ingress(GrpcService):  # + gRPC Generate / GenerateStream (api/grpc_servic
         self.max_model_len = max_model_len
         self.metrics_source = metrics_source
         self.limits = Limits(**(limits or {}))
+        # One ledger for every ingress replica: max_concurrent_requests is cluster-wide.
+        self.shared_slots = replica_shared_slots(self.limits.max_concurrent_requests)
         self.detokenize = detokenize
         # str or pydantic SecretStr (AppConfig.api_keys); None: $PDSERVE_API_KEYS, read here,
         # in the replica's environment (runtime_env env_vars reach it).
@@ -73,5 +76,6 @@ class Ingress(GrpcService):  # + gRPC Generate / GenerateStream (api/grpc_servic
         asgi = build_api(self.client, self.tokenizer, self.model_name, self.max_model_len,
                          metrics_source=self.metrics_source, ready=self.ready,
                          limits=self.limits, request_id_header=False,
-                         detokenize=self.detokenize, api_keys=self.api_keys)
+                         detokenize=self.detokenize, api_keys=self.api_keys,
+                         shared_slots=self.shared_slots)
         return self.grpc_attach(asgi)  # gRPC shares its context, admission and keys

@@ -14,7 +14,8 @@ import asyncio
 import inspect
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import SecretStr
 
 from api import prometheus, request_stats
-from api.admission import Admission, AdmissionGate, AdmittedClient
+from api.admission import Admission, AdmissionGate, AdmittedClient, SharedGate
 from api.auth import ApiKeyAuth, ApiKeys
 from api.context import GenerateClient, ServerContext
 from api.detokenizing_client import DetokenizingClient
@@ -43,25 +44,40 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+def _renewing(shared: SharedGate | None) -> Callable[[FastAPI], Any]:
+    """The app's lifespan (Serve runs it in the replica): keeps the shared slots renewed."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(shared.run_renewals()) if shared is not None else None
+        yield
+        if task is not None:
+            task.cancel()
+
+    return lifespan
+
+
 def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model_len: int,
               metrics_source: MetricsSource | None = None,
               ready: Callable[[], bool | Awaitable[bool]] = lambda: True,
               limits: Limits | None = None, request_id_header: bool = True,
               detokenize: bool = True,
-              api_keys: Sequence[str | SecretStr] | None = None) -> FastAPI:
+              api_keys: Sequence[str | SecretStr] | None = None,
+              shared_slots: SharedGate | None = None) -> FastAPI:
     """`metrics_source()` (sync or async) returns per-replica snapshots for /metrics (see
     api/prometheus.py); `ready()` (sync or async) decides /health. `request_id_header=False`
     leaves the X-Request-Id response header and the access log to the Serve proxy in front.
     `detokenize=False` streams token ids without text (random weights sample ids the
     tokenizer may not know). `api_keys` (None: $PDSERVE_API_KEYS) turns on bearer-key
-    auth for every route but /health (api/auth.py)."""
+    auth for every route but /health (api/auth.py). `shared_slots` makes
+    `max_concurrent_requests` hold across ingress replicas (serving/admission_ledger.py)."""
     limits = (limits or Limits()).resolved(max_model_len)
-    admission = Admission(limits)
+    admission = Admission(limits, shared_slots)
     keys = ApiKeys(api_keys)
     text = DetokenizingClient(client, tokenizer if detokenize else None)
     ctx = ServerContext(AdmittedClient(text, admission),
                         tokenizer, model_name, max_model_len, limits)
-    app = FastAPI(title="pdserve", version="0.1.0")
+    app = FastAPI(title="pdserve", version="0.1.0", lifespan=_renewing(shared_slots))
     app.state.ctx, app.state.admission = ctx, admission
     install_error_handlers(app)
     counts: Counter = Counter()

@@ -1,7 +1,9 @@
 """Admission limits of the HTTP API, named as text-generation-inference's launcher names them.
 
 One frozen dataclass; pydantic validates it as the `limits:` section of the app config (see
-serving/config.py) and the API reads it. Limits hold per ingress replica.
+serving/config.py) and the API reads it. `max_concurrent_requests` holds for the whole
+application, across its ingress replicas (serving/admission_ledger.py); the others hold per
+ingress replica.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from engine.config import ConfigFieldError
 class Limits:
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    max_concurrent_requests: int = 128  # generation requests being served
+    max_concurrent_requests: int = 128  # generation requests being served, cluster-wide
     max_input_tokens: int | None = None  # None: max_total_tokens - 1
     max_total_tokens: int | None = None  # prompt + output; None: the model's max_model_len
     # Prompt tokens admitted but still waiting for their first token; more waits in a queue.

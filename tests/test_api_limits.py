@@ -2,7 +2,8 @@
 overload at 4x the concurrency limit gets 429s with Retry-After at once (before any admitted
 request has finished) while the admitted requests complete; the prefill-token queue times out
 into a 429; bodies past the limit get a 413; token limits state both numbers; X-Request-Id is
-echoed; /health follows ready()."""
+echoed; /health follows ready(); two apps over one admission ledger (two ingress replicas)
+share the concurrency limit, and admit a local share of it while the ledger is away."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.outputs import RequestOutput
+from serving.admission_ledger import LocalLedger, SharedSlots
 from serving.limits import Limits
 
 pytestmark = pytest.mark.anyio
@@ -202,3 +204,67 @@ async def test_request_id_header_and_health(llm: LLM) -> None:
         state["ready"] = False
         r = await http.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "unavailable"
+
+
+async def test_two_replicas_share_the_concurrency_limit(llm: LLM) -> None:
+    """Two apps over one ledger (two ingress replicas): the limit holds for both together,
+    429 + Retry-After through either one; a slot freed on one is taken through the other."""
+    port = LocalLedger()
+    gate = asyncio.Event()  # every admitted request waits for it
+    fake = SlowClient(0, gate)
+    limits = Limits(max_concurrent_requests=LIMIT)
+    apps = [build_api(fake, llm.tokenizer, "tiny", 2048, limits=limits,
+                      shared_slots=SharedSlots(port, name, LIMIT)) for name in ("a", "b")]
+    body = {"prompt": "hi", "max_tokens": 1}
+    async with client_for(apps[0]) as a, client_for(apps[1]) as b:
+        held = [asyncio.create_task(http.post("/v1/completions", json=body))
+                for http in (a, a, a, b)]
+        while len(fake.seen) < LIMIT:  # all four admitted and in the client
+            await asyncio.sleep(0.001)
+        assert port.ledger.counts() == {"a": 3, "b": 1}
+        for http, path, req in [(a, "/v1/completions", body), (b, "/v1/completions", body),
+                                (b, "/generate", {"inputs": "hi"})]:
+            r = await http.post(path, json=req)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert [app.state.admission.num_rejected for app in apps] == [1, 2]
+        gate.set()
+        assert [(await t).status_code for t in held] == [200] * LIMIT
+        assert port.ledger.counts() == {"a": 0, "b": 0}
+        gate.clear()
+        more = [asyncio.create_task(b.post("/v1/completions", json=body)) for _ in range(LIMIT)]
+        while len(fake.seen) < 2 * LIMIT:  # b alone now takes the whole limit
+            await asyncio.sleep(0.001)
+        assert (await a.post("/v1/completions", json=body)).status_code == 429
+        gate.set()
+        assert [(await t).status_code for t in more] == [200] * LIMIT
+    assert [app.state.admission.active for app in apps] == [0, 0]
+
+
+async def test_unreachable_ledger_admits_a_local_share(llm: LLM) -> None:
+    """Fail open (serving/admission_ledger.py says why): each replica admits its share of the
+    limit, as the ledger last counted the replicas, until the ledger answers again."""
+    port = LocalLedger()
+    gate = asyncio.Event()
+    fake = SlowClient(0, gate)
+    limits = Limits(max_concurrent_requests=LIMIT)
+    slots = [SharedSlots(port, name, LIMIT) for name in ("a", "b")]
+    apps = [build_api(fake, llm.tokenizer, "tiny", 2048, limits=limits, shared_slots=s)
+            for s in slots]
+    for s in slots:
+        await s.renew()  # both known to the ledger: a share is LIMIT // 2
+    await slots[0].renew()
+    port.down = True
+    body = {"prompt": "hi", "max_tokens": 1}
+    async with client_for(apps[0]) as a:
+        held = [asyncio.create_task(a.post("/v1/completions", json=body))
+                for _ in range(LIMIT // 2)]
+        while len(fake.seen) < LIMIT // 2:
+            await asyncio.sleep(0.001)
+        r = await a.post("/v1/completions", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        gate.set()
+        assert [(await t).status_code for t in held] == [200] * (LIMIT // 2)
+    assert not slots[0].ledger_up and slots[0].num_fallbacks == LIMIT // 2 + 1
+    port.down = False
+    await slots[0].renew()
+    assert slots[0].ledger_up and port.ledger.counts() == {"a": 0, "b": 0}

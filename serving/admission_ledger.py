@@ -1,0 +1,285 @@
+"""Cluster-wide admission: one ledger of concurrency slots shared by every ingress replica.
+
+`limits.max_concurrent_requests` holds for the whole application, not per ingress replica. Each
+ingress replica (a holder) asks a named Ray actor, the ledger, for a slot once per request, at
+admission, before the body is read; tokens never touch it. A slot is given back with a message
+that is not waited for (the response has been sent by then).
+
+Every message carries the holder's whole count (slots in use there, plus claims still in
+flight), not a delta, and the ledger sets that holder's count to it. So nothing is lost for
+good: a ledger that restarts, or a holder dropped while it was briefly silent, is counted right
+again by the holder's next message. Holders re-assert their count every RENEW_S; one silent for
+STALE_S (a replica that died) is dropped with its slots. A claim still in flight is counted as
+held, so a claim that is refused counts until the holder's next message: the errors all lean
+towards refusing, never towards admitting past the limit.
+
+Order: one holder's messages must apply in the order sent, else an older count could overwrite
+a newer one; a plain (not async, one-threaded) Ray actor runs one caller's calls in order.
+
+The ledger unreachable (dead, restarting, slower than CLAIM_TIMEOUT_S): the holder fails open
+to a local share, `limit // live holders` as the ledger last reported them (the whole limit if
+it never answered, which is the old per-replica gate). Failing closed would turn a control-plane
+fault into a full outage of the data plane; the share keeps the cluster near its limit while
+the replica count stays put, and each serving replica's own limits (max_num_seqs, KV pages)
+still hold. The holder probes the ledger every RENEW_S meanwhile and goes back to it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+RENEW_S = 1.0  # how often a holder re-asserts its count (and probes a ledger it lost)
+STALE_S = 10.0  # a holder silent this long is dropped with its slots (its replica died)
+CLAIM_TIMEOUT_S = 2.0  # a claim slower than this is decided by the local share
+IDLE_EXIT_S = 120.0  # a ledger no holder has spoken to this long ends itself (app deleted)
+NAMESPACE = "pdserve"
+
+
+class Ledger:
+    """The counts; plain data, unit-tested without Ray. `now` is injectable for tests."""
+
+    def __init__(self, stale_s: float = STALE_S, now: Callable[[], float] = time.monotonic):
+        self.stale_s, self._now = stale_s, now
+        self._held: dict[str, int] = {}
+        self._seen: dict[str, float] = {}
+        self.last_call = now()
+
+    def claim(self, holder: str, held: int, limit: int) -> tuple[bool, int]:
+        """Sets `holder`'s count to `held`, then takes one more slot if the total stays within
+        `limit`. Returns (granted, live holders)."""
+        self.renew(holder, held)
+        granted = sum(self._held.values()) < limit
+        if granted:
+            self._held[holder] += 1
+        return granted, len(self._held)
+
+    def renew(self, holder: str, held: int) -> int:
+        """Sets `holder`'s count to `held` and drops silent holders; returns live holders."""
+        now = self.last_call = self._now()
+        for name in [h for h, t in self._seen.items() if now - t > self.stale_s]:
+            log.warning("admission holder %s silent for %.0f s: its %d slots are freed",
+                        name, now - self._seen[name], self._held[name])
+            del self._held[name], self._seen[name]
+        self._held[holder], self._seen[holder] = max(held, 0), now
+        return len(self._held)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._held)
+
+    def idle_s(self) -> float:
+        return self._now() - self.last_call
+
+
+class LedgerPort(Protocol):
+    """How a holder reaches the ledger: in process (tests, LocalLedger) or a Ray actor. Each
+    call sends its message before it returns (the answer is awaited later), so that messages
+    leave in the order the holder's counts were taken; a port that cannot send raises."""
+
+    def claim(self, holder: str, held: int, limit: int) -> Awaitable[tuple[bool, int]]: ...
+
+    def renew(self, holder: str, held: int) -> Awaitable[int]: ...
+
+    def renew_nowait(self, holder: str, held: int) -> None: ...
+
+
+class LocalLedger:
+    """A Ledger in this process: several SharedSlots over one stand for several replicas."""
+
+    def __init__(self, ledger: Ledger | None = None) -> None:
+        self.ledger = ledger or Ledger()
+        self.down = False  # tests: behave as an unreachable ledger
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("admission ledger unreachable")
+
+    def claim(self, holder: str, held: int, limit: int) -> Awaitable[tuple[bool, int]]:
+        self._check()
+        return _done(self.ledger.claim(holder, held, limit))
+
+    def renew(self, holder: str, held: int) -> Awaitable[int]:
+        self._check()
+        return _done(self.ledger.renew(holder, held))
+
+    def renew_nowait(self, holder: str, held: int) -> None:
+        if not self.down:
+            self.ledger.renew(holder, held)
+
+
+async def _done(value: Any) -> Any:
+    return value
+
+
+class SharedSlots:
+    """One ingress replica's side: `acquire()` before a request is admitted, `release()` after
+    its response. `held` counts this replica's slots in use, whoever granted them (the ledger,
+    or the local share while the ledger was away): that is what it asserts."""
+
+    def __init__(self, port: LedgerPort, holder: str, limit: int,
+                 claim_timeout_s: float = CLAIM_TIMEOUT_S) -> None:
+        self.port, self.holder, self.limit = port, holder, limit
+        self.claim_timeout_s = claim_timeout_s
+        self.held = 0
+        self.pending = 0  # claims sent, answer not yet in
+        self.live_holders = 1  # as the ledger last said; sizes the local share
+        self.ledger_up = True
+        self.num_fallbacks = 0  # admission decisions taken locally (ledger away)
+
+    def local_share(self) -> int:
+        return max(1, self.limit // self.live_holders)
+
+    async def acquire(self) -> bool:
+        """A slot for one request, or False (the limit is taken cluster-wide)."""
+        if self.held + self.pending >= self.limit:  # refused without asking: cannot fit
+            return False
+        asserted = self.held + self.pending  # claims in flight count as held (see top)
+        self.pending += 1
+        try:
+            if self.ledger_up:
+                try:
+                    granted, self.live_holders = await asyncio.wait_for(
+                        self.port.claim(self.holder, asserted, self.limit),
+                        self.claim_timeout_s)
+                    return self._take(granted)
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except BaseException as e:  # unreachable or too slow: fail open, see top
+                    self._lost(e)
+            self.num_fallbacks += 1
+            return self._take(asserted < self.local_share())
+        finally:
+            self.pending -= 1
+
+    def _take(self, granted: bool) -> bool:
+        self.held += granted
+        return granted
+
+    def _lost(self, e: BaseException) -> None:
+        if self.ledger_up:
+            log.warning("admission ledger unreachable (%r): admitting up to a local share "
+                        "of %d until it answers", e, self.local_share())
+        self.ledger_up = False
+
+    def release(self) -> None:
+        self.held -= 1
+        if self.ledger_up:
+            try:
+                self.port.renew_nowait(self.holder, self.held + self.pending)
+            except Exception as e:  # the renewals correct the count once it is back
+                self._lost(e)
+
+    async def renew(self) -> None:
+        """Re-asserts this holder's count; brings the ledger back into use once it answers."""
+        try:
+            self.live_holders = await asyncio.wait_for(
+                self.port.renew(self.holder, self.held + self.pending), self.claim_timeout_s)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except BaseException as e:
+            self._lost(e)
+            return
+        if not self.ledger_up:
+            log.warning("admission ledger reachable again")
+        self.ledger_up = True
+
+    async def run_renewals(self, every_s: float = RENEW_S) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self.renew()
+
+
+class AdmissionLedgerActor:
+    """The Ray actor around a Ledger (made remote in `RayLedger.lookup`). Plain, not async: one
+    caller's calls run in the order sent. Detached, so that no single ingress replica's death
+    takes it down; it ends itself once no holder has called for IDLE_EXIT_S (the app is gone)."""
+
+    def __init__(self) -> None:
+        self.ledger = Ledger()
+        threading.Thread(target=self._exit_when_idle, daemon=True).start()
+
+    def claim(self, holder: str, held: int, limit: int) -> tuple[bool, int]:
+        return self.ledger.claim(holder, held, limit)
+
+    def renew(self, holder: str, held: int) -> int:
+        return self.ledger.renew(holder, held)
+
+    def counts(self) -> dict[str, int]:
+        return self.ledger.counts()
+
+    def _exit_when_idle(self) -> None:
+        import ray
+
+        while self.ledger.idle_s() < IDLE_EXIT_S:
+            time.sleep(IDLE_EXIT_S / 4)
+        log.info("admission ledger idle for %.0f s: ending", self.ledger.idle_s())
+        ray.get_runtime_context().current_actor.__ray_terminate__.remote()
+
+
+_remote_class: Any = None
+
+
+class RayLedger:
+    """LedgerPort over the named actor `name`, created by whichever holder comes first."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.actor: Any = None
+        try:
+            self.actor = self.lookup()
+        except Exception:  # the renewals keep trying; meanwhile the local share admits
+            log.exception("admission ledger %s: lookup failed", name)
+
+    def lookup(self) -> Any:
+        global _remote_class
+        import ray  # here, not at the top: the API imports this module without Ray
+
+        if _remote_class is None:
+            _remote_class = ray.remote(num_cpus=0, max_restarts=0)(AdmissionLedgerActor)
+        return _remote_class.options(name=self.name, namespace=NAMESPACE,
+                                     get_if_exists=True, lifetime="detached").remote()
+
+    def claim(self, holder: str, held: int, limit: int) -> Awaitable[tuple[bool, int]]:
+        if self.actor is None:  # lost: only a renewal looks it up again (see renew)
+            raise ConnectionError(f"admission ledger {self.name} lost")
+        return self._answer(self.actor.claim.remote(holder, held, limit))
+
+    def renew(self, holder: str, held: int) -> Awaitable[int]:
+        if self.actor is None:
+            return self._found_then_renew(holder, held)
+        return self._answer(self.actor.renew.remote(holder, held))
+
+    def renew_nowait(self, holder: str, held: int) -> None:
+        if self.actor is not None:  # else the next renewal asserts the count
+            self.actor.renew.remote(holder, held)
+
+    async def _found_then_renew(self, holder: str, held: int) -> int:
+        # The holder's renewals run one at a time and no claim is sent while the ledger is
+        # lost, so nothing overtakes this message. A blocking GCS lookup: off the event loop.
+        actor = await asyncio.to_thread(self.lookup)
+        self.actor = actor
+        return await self._answer(actor.renew.remote(holder, held))
+
+    async def _answer(self, ref: Any) -> Any:
+        try:
+            return await ref
+        except Exception:
+            self.actor = None  # dead or gone: the next renewal looks it up (or starts it)
+            raise
+
+
+def replica_shared_slots(limit: int) -> SharedSlots:
+    """The SharedSlots of the Serve replica this runs in: one ledger per application and
+    deployment, this replica its holder."""
+    from ray import serve
+
+    replica = serve.get_replica_context().replica_id
+    dep = replica.deployment_id
+    return SharedSlots(RayLedger(f"admission:{dep.app_name}:{dep.name}"),
+                       f"{dep.name}#{replica.unique_id}", limit)
