@@ -74,7 +74,8 @@ class DecodeWorker:
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         stream = self.engine.admit_prefilled(request_id, rsv.first_block, payload.data,
                                              result.first_token, result.logprob,
-                                             result.num_cached_tokens, sink)
+                                             result.num_cached_tokens, sink,
+                                             result.prompt_logprobs)
         del payload  # the stream holds the pages only until they are copied into the pool
         async for out in stream:
             yield out

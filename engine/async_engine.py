@@ -105,7 +105,9 @@ class AsyncEngine:
 
     async def admit_prefilled(self, request_id: str, first_block: int, kv_data, first_token: int,
                               logprob=None, num_cached_tokens: int = 0,
-                              sink: OutputSink | None = None) -> AsyncIterator[RequestOutput]:
+                              sink: OutputSink | None = None,
+                              prompt_logprobs: list | None = None,
+                              ) -> AsyncIterator[RequestOutput]:
         """Stream a reserved request whose prompt KV from `first_block` on arrived from a
         prefill replica; the first output is the token prefill sampled. `sink` as in
         `generate`."""
@@ -115,7 +117,7 @@ class AsyncEngine:
             nonlocal kv_data
             try:
                 out = self.engine.admit_prefilled(request_id, first_block, kv_data, first_token,
-                                                  logprob, num_cached_tokens)
+                                                  logprob, num_cached_tokens, prompt_logprobs)
                 if out is not None:
                     self._deliver(out)
                 elif (queue := self._streams.pop(request_id, None)) is not None:
@@ -272,4 +274,5 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """b follows a in the same request's stream: one output carrying both."""
     return dataclasses.replace(
         b, new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
-        new_logprobs=a.new_logprobs + b.new_logprobs)
+        new_logprobs=a.new_logprobs + b.new_logprobs,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)

@@ -148,14 +148,22 @@ class Engine:
         return self.scheduler.reserve(Request(request_id, list(prompt_ids), params))
 
     def admit_prefilled(self, request_id: str, first_block: int, data, first_token: int,
-                        logprob=None, num_cached_tokens: int = 0) -> RequestOutput | None:
+                        logprob=None, num_cached_tokens: int = 0,
+                        prompt_logprobs: list | None = None) -> RequestOutput | None:
         """Write the transferred pages (blocks >= first_block) into the reservation, then join
-        the running batch with the first token that the prefill side sampled. On any error the
-        reservation is freed. None if the reservation is gone: the request was aborted while its
-        KV was on the way (its client or its token mailbox went)."""
+        the running batch with the first token (and the prompt logprobs, if asked for) that the
+        prefill side computed. On any error the reservation is freed. None if the reservation is
+        gone: the request was aborted while its KV was on the way (its client or its token
+        mailbox went)."""
         req = self.scheduler.reserved.get(request_id)
         if req is None:
             return None
+        if req.params.prompt_logprobs is not None:
+            if prompt_logprobs is None or len(prompt_logprobs) != req.num_prompt_tokens:
+                self.scheduler.abort(request_id)
+                raise ValueError(f"{request_id}: the prefill side sent no prompt logprobs")
+            # Complete now, so a preemption's recompute here never computes them again.
+            req.prompt_logprobs = list(prompt_logprobs)
         try:
             self.pool.write_pages(req.block_table[first_block:], data)
             self.scheduler.import_done(req, first_block)
@@ -181,6 +189,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         out = self.runner.execute(batch)
+        for req, lps in out.prompt_logprobs.items():
+            req.prompt_logprobs += lps
         changed = self.scheduler.update(batch, out)
         return [self._output(req) for req in changed]
 
@@ -200,12 +210,16 @@ class Engine:
             if req.request_id in self.scheduler.exporting:
                 kv = self._export(req)
         lp = req.output_logprobs[-1]
+        # The prompt's logprobs ride on the first output (complete by then: the last prompt
+        # step, which scores them all, is the one that samples the first token).
+        prompt_lps = (list(req.prompt_logprobs) if len(req.output_token_ids) == 1
+                      and req.params.prompt_logprobs is not None else None)
         return RequestOutput(
             request_id=req.request_id, new_token_ids=[tok], new_text=text,
             finished=req.finished, finish_reason=req.finish_reason,
             new_logprobs=[lp] if lp is not None else [],
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
-            num_cached_tokens=req.num_cached_tokens, kv=kv)
+            num_cached_tokens=req.num_cached_tokens, kv=kv, prompt_logprobs=prompt_lps)
 
     def _export(self, req: Request) -> KVExport:
         """A copy of the prompt's pages from req.kv_export_from on; the pages go back now."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from engine.attention.base import AttentionBackend
@@ -12,8 +14,19 @@ from engine.config import EngineConfig
 from engine.kv_pool import KVPool
 from engine.kv_stream import LayerExporter
 from engine.model import CausalLM
+from engine.outputs import TokenLogprob
+from engine.prompt_logprobs import PromptLogprobs
+from engine.request import Request
 from engine.sampler import Sampler, to_device_async
 from engine.scheduler import ModelOutput, ScheduledBatch
+
+
+@dataclass
+class StepOutput(ModelOutput):
+    """ModelOutput plus the prompt logprobs the step computed: new entries of each request's
+    `prompt_logprobs` (engine/prompt_logprobs.py), which the engine appends."""
+
+    prompt_logprobs: dict[Request, list[TokenLogprob | None]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -25,6 +38,7 @@ class ModelRunner:
         self.cfg = cfg
         self.device = device
         self.sampler = Sampler()
+        self.prompt_logprobs = PromptLogprobs(model, pool, backend, device)
         self.num_cascade_steps = 0
         self.num_cascade_tokens = 0
         self.block_tables = BlockTableMirror()  # numpy rows of the scheduled requests' pages
@@ -35,10 +49,10 @@ class ModelRunner:
             self.graphs = CudaGraphRunner(model, pool, backend, cfg.max_num_seqs, device)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> ModelOutput:
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
         tables = self.block_tables.sync(batch.requests)  # also frees the rows of leavers
         if not batch.requests:
-            return ModelOutput([])
+            return StepOutput([])
         order = list(range(len(batch)))
         cascade = None
         if all(n == 1 for n in batch.num_new_tokens):
@@ -57,7 +71,7 @@ class ModelRunner:
         for r, n in zip(reqs, num_new):
             input_ids += r.token_slice(r.num_computed_tokens, n)
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        graph_logits = None
+        graph_logits = hidden = None
         if self.graphs is not None and self.graphs.can_run(meta):
             graph_logits = self.graphs.run(ids, meta)  # [B, vocab]: every row is a last token
         else:
@@ -84,7 +98,17 @@ class ModelRunner:
             for i, tok, lp in zip(sampling, out.token_ids, out.logprobs):
                 token_ids[order[i]] = tok
                 logprobs[order[i]] = lp
-        return ModelOutput(token_ids, logprobs)
+        prompt_lps = {}
+        if any(r.num_prompt_logprobs_missing for r in reqs):
+            def step_logits(rows: torch.Tensor) -> torch.Tensor:
+                # graph rows are the requests' (one token each), so row i is request i's
+                if graph_logits is not None:
+                    return graph_logits[rows]
+                return self.model.logits(hidden[rows])
+
+            prompt_lps = self.prompt_logprobs.compute(reqs, num_new, meta.qo_indptr_host[:-1],
+                                                      step_logits)
+        return StepOutput(token_ids, logprobs, prompt_lps)
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return to_device_async(torch.tensor(values, dtype=torch.long), self.device)

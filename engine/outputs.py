@@ -20,6 +20,9 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Only on a request's first output, when params.prompt_logprobs is set: one entry per
+    # prompt token, the first None (OpenAI's echo logprobs, TGI's details.prefill).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0

@@ -18,6 +18,10 @@ class Request:
     params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)  # one TokenLogprob per output token
+    # With params.prompt_logprobs: entry p is prompt token p's TokenLogprob (None for p = 0),
+    # filled in order as the prompt runs; its length counts the positions done, and survives a
+    # preemption, so a recompute only adds what is missing.
+    prompt_logprobs: list = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the pool
     num_cached_tokens: int = 0  # tokens found in the prefix cache (stats)
     block_table: list[int] = field(default_factory=list)  # page ids, in token order
@@ -56,6 +60,13 @@ class Request:
     def num_pending_tokens(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_prompt_logprobs_missing(self) -> int:
+        """Prompt positions whose logprob is still owed (0 when none were asked for)."""
+        if self.params.prompt_logprobs is None:
+            return 0
+        return self.num_prompt_tokens - len(self.prompt_logprobs)
 
     @property
     def finished(self) -> bool:

@@ -17,6 +17,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token + top-n alternatives
+    # The same for every prompt token (OpenAI's echo, TGI's decoder_input_details), computed
+    # where the prompt runs; the first prompt token has none (nothing precedes it).
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     # Output tokens an earlier attempt generated, now at the end of the prompt (a request
     # resumed on another replica after a failure): seeded draws continue at their positions.
@@ -48,6 +51,9 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad(f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
         if len(self.stop) > 16:

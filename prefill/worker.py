@@ -1,5 +1,7 @@
 """PrefillWorker: runs prompts (batched and chunked by the engine loop), samples the first token,
-and hands the prompt's KV pages that the decode side lacks to the transport. No Ray here.
+and hands the prompt's KV pages that the decode side lacks to the transport. Prompt logprobs
+(`params.prompt_logprobs`) are computed here, as the prompt runs, and go back with the first
+token in the PrefillResult. No Ray here.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class PrefillWorker:
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
         return PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0],
-                             handle, last.num_cached_tokens)
+                             handle, last.num_cached_tokens, last.prompt_logprobs)
 
     async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
                              request_id: str, first_block: int = 0,
@@ -82,4 +84,4 @@ class PrefillWorker:
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total",
                          header.data.numel() * header.data.element_size())
         yield PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0], None,
-                            last.num_cached_tokens)
+                            last.num_cached_tokens, last.prompt_logprobs)

@@ -1,4 +1,5 @@
-"""What a prefill replica answers a decode replica: the first token and a handle to the KV pages.
+"""What a prefill replica answers a decode replica: the first token (with the prompt's logprobs
+when asked for) and a handle to the KV pages.
 
 It lives below both roles so that neither imports the other.
 """
@@ -19,6 +20,9 @@ class PrefillResult:
     logprob: TokenLogprob | None
     kv: object  # transport handle of a KVPayload
     num_cached_tokens: int  # prompt tokens the prefill side found in its own prefix cache
+    # With params.prompt_logprobs: one entry per prompt token (the first None), computed where
+    # the prompt ran; the decode side never runs the prompt, so they come from here.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Prefiller(Protocol):
