@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from api.grpc_service import SERVICER_FUNCTION
 from engine.tiny_model import make_tiny_model
 
 
@@ -57,9 +58,12 @@ def cluster(e2e_model):
 
     from cluster.app import build_app
 
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
+    while grpc_port == port:
+        grpc_port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]})
     serve.run(build_app(app_args(e2e_model, "disaggregated")), name="pd", route_prefix="/")
     serve.run(build_app(app_args(e2e_model, "colocated")), name="colo",
               route_prefix="/colocated")
@@ -72,6 +76,8 @@ def cluster(e2e_model):
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    yield {"base": base, "colocated": f"{base}/colocated", "model_dir": e2e_model}
+    # gRPC (tests/e2e/test_zz_grpc.py): the `application` metadata names "pd" or "colo".
+    yield {"base": base, "colocated": f"{base}/colocated", "model_dir": e2e_model,
+           "grpc": f"127.0.0.1:{grpc_port}"}
     serve.shutdown()
     ray.shutdown()
