@@ -5,7 +5,9 @@ replicas and `max_concurrent_requests: N`, every request through the Serve proxy
   both ingress replicas (its holders), and both replicas hold some;
 - further requests get 429 + Retry-After through either ingress replica (each replica's
   /metrics counts its own refusals), not 2N admitted as with a gate per replica;
-- once the streams' clients leave, every slot comes back and N requests are admitted again.
+- once the streams' clients leave, every slot comes back and N requests are admitted again;
+- the ledger killed: requests are still admitted (fail open, to a local share), and the
+  replicas' renewals start a new ledger that counts both of them.
 Deadlines and round counts are hang guards only.
 """
 
@@ -38,6 +40,13 @@ def _ledger_counts() -> dict[str, int]:
     import ray
 
     return ray.get(_ledger().counts.remote(), timeout=30)
+
+
+def _new_ledger_counts(old) -> dict[str, int] | None:
+    try:
+        return None if _ledger() == old else _ledger_counts()
+    except ValueError:  # not started again yet
+        return None
 
 
 def _wait(what: str, check) -> None:
@@ -146,6 +155,16 @@ def test_two_ingress_replicas_share_the_limit(cluster):
 
         # ... and N requests at once are all admitted.
         assert [s for s, _ in asyncio.run(again())] == [200] * LIMIT
+        import ray
+
+        old = _ledger()
+        ray.kill(old, no_restart=True)
+        for i in range(LIMIT):  # one at a time: within either replica's share
+            r = httpx.post(f"{base}/v1/completions", timeout=HANG_GUARD_S,
+                           json={"prompt": f"while the ledger is away {i}", "max_tokens": 2})
+            assert r.status_code == 200
+        _wait("a new ledger", lambda: _new_ledger_counts(old) is not None
+              and len(_new_ledger_counts(old)) == 2)
     finally:
         import ray
 
