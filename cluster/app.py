@@ -39,7 +39,13 @@ def build_app(args: dict[str, Any]):
         server = DecodeServer.options(**role_options(cfg, "decode")).bind(plain, prefill)
     else:
         server = ColocatedServer.options(**role_options(cfg, "colocated")).bind(plain)
-    return Ingress.options(**cfg.ingress.serve_options("ingress")).bind(
+    # An ingress replica being replaced (a redeploy) holds its clients' streams: it may not
+    # hand them over, so it drains them, for as long as a request may last (Serve's default, 20
+    # s, cut longer streams silently). Decode replicas keep Serve's bound: their streams resume
+    # elsewhere. A `deployments:` entry in the Serve config still overrides this.
+    ingress_opts = {**cfg.ingress.serve_options("ingress"),
+                    "graceful_shutdown_timeout_s": cfg.request_timeout_s}
+    return Ingress.options(**ingress_opts).bind(
         server, cfg.model.resolved_path, cfg.model.served_name, max_model_len,
         metrics_source=collect_snapshots, limits=dataclasses.asdict(limits),
         request_timeout_s=cfg.request_timeout_s, stream_interval_ms=cfg.stream_interval_ms,

@@ -6,7 +6,9 @@ through Serve's declarative path, with the replica counts in the config's `deplo
 - decode 1 -> 2: a decode replica is added; the prefill, ingress and first decode replicas are
   the same actors as before; every running stream ends with the clean run's text;
 - decode 2 -> 1 with a 1 s graceful-shutdown bound while long streams run: the stopped replica's
-  streams move to the other one (the resume path) and still end with the clean run's text.
+  streams move to the other one (the resume path) and still end with the clean run's text;
+- a change under `args:` replaces every replica: the old ingress replicas drain their streams
+  (their decode replicas' streams resume on the new ones), and none is cut.
 Deadlines are hang guards only.
 """
 
@@ -26,12 +28,14 @@ HANG_GUARD_S = 300
 LONG = 300  # tokens per stream: long enough to outlive a 1 s graceful shutdown on 2 cores
 
 
-def _config(model_dir: str, decode_replicas: int) -> dict:
+def _config(model_dir: str, decode_replicas: int, app: str = APP, route: str = ROUTE,
+            max_stop_sequences: int = 4) -> dict:
     args = app_args(model_dir, "disaggregated")
+    args["limits"] = {"max_stop_sequences": max_stop_sequences}  # a change under `args:`
     for role in ("prefill", "decode", "ingress"):
         args.pop(role)  # placement and counts: Serve's own `deployments:` list below
     return {"applications": [{
-        "name": APP, "route_prefix": ROUTE, "import_path": "cluster.app:build_app",
+        "name": app, "route_prefix": route, "import_path": "cluster.app:build_app",
         "args": args,
         "deployments": [
             {"name": "prefill", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
@@ -47,10 +51,10 @@ def _deploy(config: dict) -> None:
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
 
 
-def _replicas(role: str) -> set[str]:
+def _replicas(role: str, app: str = APP) -> set[str]:
     import ray
 
-    prefix = f"SERVE_REPLICA::{APP}#{role}#"
+    prefix = f"SERVE_REPLICA::{app}#{role}#"
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(prefix)}
 
@@ -171,3 +175,30 @@ def test_one_role_scales_from_the_config_and_streams_finish(cluster):
         from ray import serve
 
         serve.delete(APP)  # its replicas leave /metrics (the pages-freed test reads it)
+
+
+def test_a_redeploy_of_every_replica_cuts_no_stream(cluster):
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    app, route = "redeploy", "/redeploy"
+    model = cluster["model_dir"]
+    tok = AutoTokenizer.from_pretrained(model)
+    base = f"{cluster['base']}{route}"
+    prompts = [[(29 * i + 3 * j) % 1900 + 6 for j in range(24 + 5 * i)] for i in range(3)]
+    ref = [tok.decode(hf_greedy(model, p, LONG), skip_special_tokens=True) for p in prompts]
+    _deploy(_config(model, 1, app, route))
+    try:
+        _wait("the app", lambda: _ready(base))
+        before = {role: _replicas(role, app) for role in ("prefill", "decode", "ingress")}
+
+        def redeploy() -> None:
+            _deploy(_config(model, 1, app, route, max_stop_sequences=5))
+            _wait("every replica replaced", lambda: all(
+                _replicas(role, app) and not _replicas(role, app) & before[role]
+                for role in before))
+
+        results = asyncio.run(_streams_across(base, prompts, LONG, redeploy))
+        assert results == [("ok", r) for r in ref]
+    finally:
+        serve.delete(app)
