@@ -14,7 +14,9 @@ RESOURCE_EXHAUSTED, a missing or wrong key (`authorization: Bearer <key>` metada
 API's keys) UNAUTHENTICATED, a failure on the server INTERNAL. A unary call sets the code on
 the context and returns an empty message (the proxy applies the code: no traceback in the
 logs); a stream has to raise after setting it, because the proxy applies a context only
-together with a message.
+together with a message (an empty message first would reach the client). Serve 2.60 logs such
+a raise with its traceback, in the replica's and the proxy's logs, as an error: a refused
+stream is noisier there than a refused unary call.
 """
 
 from __future__ import annotations
