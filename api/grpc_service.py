@@ -22,7 +22,6 @@ stream is noisier there than a refused unary call.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -81,9 +80,7 @@ class GrpcState:
             raise APIError("invalid API key" if given else
                            "missing API key: send the metadata `authorization: Bearer <key>`",
                            code="invalid_api_key", status=401)
-        entered = self.admission.enter()
-        if inspect.isawaitable(entered):  # async where a cluster-wide ledger is asked
-            await entered
+        await self.admission.enter()  # cluster-wide: shared with HTTP and other replicas
         try:
             yield
         finally:
