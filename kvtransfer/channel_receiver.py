@@ -1,12 +1,15 @@
-"""The receiving end of the KV channels (a decode replica): one PairChannel per sender, made when
-the first transfer from that sender arrives and kept for the next ones.
+"""The receiving end of the KV channels (a decode replica): PairChannels to each sender, made
+when transfers from that sender arrive and kept for the next ones.
 
 Pairing: connect to the sender's store, push a fresh pair id onto its `pairs` queue, and build
 rank 1 of the pair's group (the sender's listener builds rank 0). A fetch pushes the transfer
-id onto the pair's queue and receives the header, then the layer spans into one buffer. Fetches
-on one pair go one at a time (a lock), as the bytes share one link anyway; fetches from
-different senders run in parallel. A channel that breaks is dropped and its fetch raises
-KVTransferLost; the next transfer from that sender pairs again.
+id onto its channel's queue and receives the header, then the layer spans into one buffer.
+
+A channel carries one fetch at a time, and a layer-wise fetch holds its channel until the
+prefill's last layer is computed. So that a long prompt does not hold up the transfers of
+shorter ones behind it, a fetch takes a free channel to its sender or opens another, up to
+MAX_CHANNELS_PER_SENDER (then it waits for one to come free). A channel that breaks is dropped
+and its fetch raises KVTransferLost; later transfers from that sender pair again.
 """
 
 from __future__ import annotations
@@ -21,19 +24,25 @@ from kvtransfer.pair_channel import OK, ChannelAddress, PairChannel, connect_sto
 from kvtransfer.transport import KVTransferLost
 
 STOP = "stop"
+MAX_CHANNELS_PER_SENDER = 8
 
 
-class _Pair:
+class _Peer:
+    """The channels to one sender: idle ones, and how many exist (idle or in use)."""
+
     def __init__(self) -> None:
-        self.lock = threading.Lock()  # one fetch at a time; held while pairing, too
-        self.channel: PairChannel | None = None
+        self.cond = threading.Condition()
+        self.idle: list[PairChannel] = []
+        self.count = 0
 
 
 class ChannelReceiver:
-    def __init__(self, backend: str, host: str, timeout_s: float) -> None:
+    def __init__(self, backend: str, host: str, timeout_s: float,
+                 max_channels: int = MAX_CHANNELS_PER_SENDER) -> None:
         self.backend, self.host, self.timeout_s = backend, host, timeout_s  # host: this node
+        self.max_channels = max_channels
         self._lock = threading.Lock()
-        self._pairs: dict[ChannelAddress, _Pair] = {}
+        self._peers: dict[ChannelAddress, _Peer] = {}
         self.bytes_received = 0  # counted per span, as it lands
 
     def fetch(self, addr: ChannelAddress, tid: int, shape: tuple[int, ...], dtype: torch.dtype,
@@ -41,38 +50,60 @@ class ChannelReceiver:
         """Transfer `tid` from the sender at `addr`, as a tensor of `shape` on `device`."""
         deadline = time.monotonic() + self.timeout_s
         with self._lock:
-            pair = self._pairs.setdefault(addr, _Pair())
-        with pair.lock:
-            try:
-                if pair.channel is None:
-                    pair.channel = self._connect(addr)
-                out = self._fetch(pair.channel, tid, shape, dtype, spans, device, deadline)
-            except KVTransferLost:
-                if pair.channel is not None:
-                    pair.channel.close()  # broken mid-transfer: pair afresh next time
-                    pair.channel = None
-                raise
+            peer = self._peers.setdefault(addr, _Peer())
+        channel = self._take(peer, addr, deadline)
+        try:
+            out = self._fetch(channel, tid, shape, dtype, spans, device, deadline)
+        except BaseException:
+            channel.close()  # broken, or left mid-transfer: never reused
+            with peer.cond:
+                peer.count -= 1
+                peer.cond.notify()
+            raise
+        with peer.cond:
+            peer.idle.append(channel)
+            peer.cond.notify()
         if isinstance(out, str):  # the channel is fine; the payload is not there
             raise KVTransferLost(f"KV of transfer {tid} {out}")
         return out
 
     def close(self) -> None:
         with self._lock:
-            pairs, self._pairs = list(self._pairs.values()), {}
-        for pair in pairs:
-            with pair.lock:
-                if pair.channel is not None:
-                    try:  # ends the sender's pair thread; it may be gone already
-                        pair.channel.store.queue_push(pair.channel.fetch_key, STOP)
-                    except Exception:
-                        pass
-                    pair.channel.close()
-                    pair.channel = None
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            with peer.cond:
+                idle, peer.idle = peer.idle, []
+            for channel in idle:  # channels in use close when their fetch fails
+                try:  # ends the sender's pair thread; it may be gone already
+                    channel.store.queue_push(channel.fetch_key, STOP)
+                except Exception:
+                    pass
+                channel.close()
+
+    def _take(self, peer: _Peer, addr: ChannelAddress, deadline: float) -> PairChannel:
+        """An idle channel to `addr`, or a new one while there are fewer than the maximum."""
+        with peer.cond:
+            while not peer.idle and peer.count >= self.max_channels:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise KVTransferLost(f"no free KV channel to {addr.host}:{addr.port}")
+                peer.cond.wait(left)
+            if peer.idle:
+                return peer.idle.pop()
+            peer.count += 1
+        try:
+            return self._connect(addr)
+        except BaseException:
+            with peer.cond:
+                peer.count -= 1
+                peer.cond.notify()
+            raise
 
     @property
     def num_channels(self) -> int:
         with self._lock:
-            return sum(p.channel is not None for p in self._pairs.values())
+            peers = list(self._peers.values())
+        return sum(p.count for p in peers)
 
     def _connect(self, addr: ChannelAddress) -> PairChannel:
         store = connect_store(addr, self.timeout_s)

@@ -127,6 +127,57 @@ def test_layers_leave_while_the_prefill_runs(tiny_llama):
     assert result.first_token == out.new_token_ids[0] and result.kv is None
 
 
+def test_a_held_layerwise_transfer_does_not_block_the_next(tiny_llama):
+    """A long prefill's layer-wise fetch holds its channel until its last layer: a second
+    transfer from the same sender to the same receiver goes over a second channel meanwhile."""
+    sender = make_transport("gloo", timeout_s=60)
+    receiver = make_transport("gloo", timeout_s=60)
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    prefill = PrefillWorker(AsyncEngine(engine(tiny_llama)), sender, fp)
+    last = prefill.engine.engine.runner.model.layers[-1]
+    held, release = threading.Event(), threading.Event()
+    forward = last.forward
+
+    def held_forward(*args, **kw):
+        held.set()
+        assert release.wait(60)
+        return forward(*args, **kw)
+
+    last.forward = held_forward
+    ready = payload_of(tiny_llama)
+
+    async def main():
+        stream = prefill.prefill_stream(list(range(30, 90)), ONE, "long")
+        slow = asyncio.ensure_future(receiver.receive(await anext(stream), "cpu"))
+        nxt = asyncio.ensure_future(anext(stream))
+        await asyncio.to_thread(held.wait, 60)
+        got = await receiver.receive(sender.send(ready), "cpu")  # while "long" is held
+        assert not slow.done() and torch.equal(got.data, ready.data)
+        assert receiver.receiver.num_channels == 2
+        release.set()
+        await nxt
+        await slow
+        await stream.aclose()
+        assert sender.sender.num_pairs == 2 and sender.sender.num_offers == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        sender.close()
+        receiver.close()
+
+
+def payload_of(path: str):
+    """A finished whole-payload export of a short prompt, to send as is."""
+    from kvtransfer import KVPayload
+
+    e = engine(path)
+    e.add_request(list(range(200, 240)), ONE, "x", kv_export_from=0)
+    out = run(e)
+    return KVPayload.from_tensor(out.kv.data, 16, 0, out.kv.block_hashes, "fp")
+
+
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_disaggregated_over_gloo_equals_colocated(tiny_llama, layerwise):
     fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
