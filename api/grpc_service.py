@@ -98,15 +98,14 @@ class GrpcService:
     """Mixin for the ingress deployment: `Generate` and `GenerateStream`.
 
     The deployment calls `grpc_attach(app)` with the FastAPI app that build_api made (its
-    `state.ctx` and `state.admission`); `self.api_keys` is the keys as configured (None:
-    $PDSERVE_API_KEYS), resolved as build_api resolves them.
+    `state.ctx`, `state.admission` and `state.keys`).
     """
 
-    api_keys: Any = None
     _grpc_state: GrpcState | None = None
 
     def grpc_attach(self, app: Any) -> Any:
-        self._grpc_state = GrpcState(app.state.ctx, app.state.admission, ApiKeys(self.api_keys))
+        # The HTTP app's key checker: one set of keys, one refusal count on /metrics.
+        self._grpc_state = GrpcState(app.state.ctx, app.state.admission, app.state.keys)
         return app
 
     def _grpc(self) -> GrpcState:

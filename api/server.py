@@ -78,7 +78,7 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
     ctx = ServerContext(AdmittedClient(text, admission),
                         tokenizer, model_name, max_model_len, limits)
     app = FastAPI(title="pdserve", version="0.1.0", lifespan=_renewing(shared_slots))
-    app.state.ctx, app.state.admission = ctx, admission
+    app.state.ctx, app.state.admission, app.state.keys = ctx, admission, keys
     install_error_handlers(app)
     counts: Counter = Counter()
     replica = request_stats.replica_name()

@@ -34,8 +34,7 @@ Code = grpc.StatusCode
 class Ingress(GrpcService):
     """The mixin as the Ingress deployment holds it."""
 
-    def __init__(self, app, api_keys: list[str] | None) -> None:
-        self.api_keys = api_keys
+    def __init__(self, app) -> None:
         self.grpc_attach(app)
 
 
@@ -62,10 +61,11 @@ class ProxyLike(pdserve_pb2_grpc.GenerationServicer):
 
 async def serve(llm: LLM, api_keys: list[str] | None = None, limits: Limits | None = None):
     engine = AsyncEngine(llm.engine)
+    # [] rather than None: the keys are these, never $PDSERVE_API_KEYS of the machine
     app = build_api(engine, llm.tokenizer, MODEL, llm.engine.max_model_len, limits=limits,
-                    api_keys=[])  # HTTP open: the gRPC keys are the mixin's own argument
+                    api_keys=api_keys or [])
     server = grpc.aio.server()
-    pdserve_pb2_grpc.add_GenerationServicer_to_server(ProxyLike(Ingress(app, api_keys)), server)
+    pdserve_pb2_grpc.add_GenerationServicer_to_server(ProxyLike(Ingress(app)), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return engine, app, server, port
@@ -185,7 +185,7 @@ async def test_bad_input_is_invalid_argument(cluster, stream: bool) -> None:
 
 
 async def test_api_key_from_metadata(llm: LLM) -> None:
-    engine, _, server, port = await serve(llm, api_keys=[KEY])
+    engine, app, server, port = await serve(llm, api_keys=[KEY])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pdserve_pb2_grpc.GenerationStub(channel)
         for metadata in (None, [("authorization", "Bearer wrong")],
@@ -196,6 +196,7 @@ async def test_api_key_from_metadata(llm: LLM) -> None:
                     await call(greedy(text=PROMPT), metadata=metadata)
                 assert info.value.code() == Code.UNAUTHENTICATED
                 assert KEY not in info.value.details()
+        assert app.state.keys.num_refused == 6  # one count with HTTP's 401s, on /metrics
         ok = await stub.Generate(greedy(text=PROMPT), metadata=[("authorization",
                                                                   f"bearer {KEY}")])
         assert len(ok.token_ids) == 8
