@@ -139,6 +139,7 @@ class Collected:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for: from the first output
 
     @property
     def text(self) -> str:
@@ -150,6 +151,9 @@ class Collected:
         self.token_texts += [""] * (len(out.new_token_ids) - 1) + [out.new_text]
         self.logprobs += out.new_logprobs
         self.finish_reason = out.finish_reason
+        if self.prompt_logprobs is None:
+            # A request resumed on another replica sends them again, for a longer prompt.
+            self.prompt_logprobs = out.prompt_logprobs
 
 
 async def collect(client: GenerateClient, jobs: list[Job]) -> list[Collected]:

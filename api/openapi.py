@@ -47,6 +47,16 @@ ROUTES: dict[tuple[str, str], tuple[tuple[int, ...], tuple[str, ...]]] = {
 }
 OPEN = {("get", "/health")}  # no API key needed
 
+# Body constraints that hold on one route only (the request model is shared): TGI refuses
+# `decoder_input_details` on streams (422), as TGI does.
+_NO_PREFILL_DETAILS = {"properties": {"parameters": {"properties": {
+    "decoder_input_details": {"const": False}}}}}
+BODY_RULES: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/generate_stream"): _NO_PREFILL_DETAILS,
+    ("post", "/"): {"if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+                    "then": _NO_PREFILL_DETAILS},
+}
+
 
 def contract_openapi(app: FastAPI, limits: Limits, keys_enabled: bool) -> None:
     """Replaces `app.openapi` with the contract version (built once, like FastAPI's)."""
@@ -96,6 +106,9 @@ def _rewrite(schema: dict[str, Any], limits: Limits, keys_enabled: bool) -> None
                 responses[str(status)] = {"description": _WHY[status],
                                           "content": {"application/json": body}}
             op["responses"] = responses
+            if (method, path) in BODY_RULES:
+                body = op["requestBody"]["content"]["application/json"]
+                body["schema"] = {"allOf": [body["schema"], BODY_RULES[(method, path)]]}
     _limit_stops(comps, limits.max_stop_sequences)
 
 

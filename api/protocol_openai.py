@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from api.chat_messages import ChatMessage
 from api.context import ServerContext
-from api.errors import APIError
+from api.errors import APIError, GenerationError
 from api.generation import Collected
 from api.unicode_check import valid_unicode
 from engine.outputs import TokenLogprob
@@ -82,11 +82,14 @@ class _Common(_Model):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         stop = self.stop_list
         try:
             return SamplingParams(
-                max_tokens=max_tokens,
+                # max_tokens 0 (echo only) still samples one token, which the response drops:
+                # the prefill that scores the prompt samples one anyway.
+                max_tokens=max(max_tokens, 1), prompt_logprobs=prompt_logprobs,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_k=max(self.top_k or 0, 0),
                 top_p=1.0 if self.top_p is None else self.top_p,
@@ -107,18 +110,27 @@ PromptInput = (_Text | Annotated[list[_Text], Field(json_schema_extra=_Many)] | 
                | Annotated[list[_Ids], Field(json_schema_extra=_Many)])
 
 
+# max_tokens 0 only with echo (scoring a prompt without generating), as check() enforces.
+_ZERO_NEEDS_ECHO = {"if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+                    "then": {"properties": {"echo": {"const": True}}, "required": ["echo"]}}
+
+
 class CompletionRequest(_Common):
+    model_config = ConfigDict(json_schema_extra=_ZERO_NEEDS_ECHO)
+
     prompt: PromptInput
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
+    # The prompt first in each choice's text; with logprobs, its tokens first in `logprobs`
+    # (the first token's logprob and top_logprobs null, as OpenAI answers).
     echo: bool = False
     suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
     best_of: int | None = None
 
     def check(self, ctx: ServerContext) -> None:
         super().check(ctx)
-        if self.echo:
-            raise APIError("echo is not supported", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError("max_tokens=0 is only allowed with echo=true", "max_tokens")
         if self.suffix:
             raise APIError("suffix is not supported", "suffix")
         if self.best_of not in (None, 1):
@@ -139,6 +151,19 @@ class CompletionRequest(_Common):
         if isinstance(p[0], int):
             return [ctx.check_ids(p)]  # type: ignore[arg-type]
         return [ctx.check_ids(ids) for ids in p]  # type: ignore[arg-type]
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+    def echo_texts(self, ctx: ServerContext, prompts: list[list[int]]) -> list[str]:
+        """Each prompt's text as echoed: as sent, or decoded when sent as token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], str):
+            return list(p)  # type: ignore[arg-type]
+        return [ctx.tokenizer.decode(ids) for ids in prompts]
 
 
 class ChatCompletionRequest(_Common):
@@ -190,6 +215,32 @@ def completion_logprobs(ctx: ServerContext, lps: list[TokenLogprob], texts: list
     return out
 
 
+def prompt_logprobs(ctx: ServerContext, ids: list[int],
+                    lps: list[TokenLogprob | None]) -> dict[str, list]:
+    """The echoed prompt's part of a completion's logprobs: the first token has none (null)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                            "text_offset": []}
+    offset = 0
+    for t, lp in zip(ids, lps, strict=True):
+        text = ctx.token_text(t)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if lp is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(lp.logprob)
+        top = {ctx.token_text(i): v for i, v in lp.top}
+        top.setdefault(text, lp.logprob)
+        out["top_logprobs"].append(top)
+    return out
+
+
+def join_logprobs(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
+    return {k: a[k] + b[k] for k in a}
+
+
 def completion_object(rid: str, created: int, model: str, choices: list[dict],
                       usage_: dict | None = None, with_usage: bool = True) -> dict[str, Any]:
     """A whole completion or one stream chunk: completions use one object name for both."""
@@ -206,13 +257,24 @@ def completion_choice(index: int, text: str, logprobs: dict | None,
 
 
 def completion_response(ctx: ServerContext, rid: str, created: int, results: list[Collected],
-                        want_logprobs: bool) -> dict[str, Any]:
+                        req: CompletionRequest, prompts: list[list[int]]) -> dict[str, Any]:
+    want_logprobs = req.logprobs is not None
+    echoed = req.echo_texts(ctx, prompts) if req.echo else [""] * len(results)
     choices = []
     for i, r in enumerate(results):
-        lp = completion_logprobs(ctx, r.logprobs, r.token_texts, 0) if want_logprobs else None
-        choices.append(completion_choice(i, r.text, lp, r.finish_reason))
+        if req.max_tokens == 0:  # the one token the engine sampled is not the client's
+            r = Collected(num_prompt_tokens=r.num_prompt_tokens, finish_reason="length",
+                          prompt_logprobs=r.prompt_logprobs)
+        lp = None
+        if want_logprobs:
+            lp = completion_logprobs(ctx, r.logprobs, r.token_texts, len(echoed[i]))
+            if req.echo:
+                if r.prompt_logprobs is None:
+                    raise GenerationError("the engine sent no prompt logprobs")
+                lp = join_logprobs(prompt_logprobs(ctx, prompts[i], r.prompt_logprobs), lp)
+        choices.append(completion_choice(i, echoed[i] + r.text, lp, r.finish_reason))
     total = usage(sum(r.num_prompt_tokens for r in results),
-                  sum(len(r.token_ids) for r in results))
+                  0 if req.max_tokens == 0 else sum(len(r.token_ids) for r in results))
     return completion_object(rid, created, ctx.model_name, choices, total)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.context import ServerContext
-from api.errors import APIError
+from api.errors import APIError, GenerationError
 from api.generation import Collected
 from api.unicode_check import valid_unicode
 from engine.sampling_params import SamplingParams
@@ -53,7 +53,9 @@ class Parameters(_Model):
     truncate: int | None = Field(None, **_schema(minimum=1))
     watermark: bool = Field(False, **_schema(enum=[False]))
     details: bool = False
-    decoder_input_details: bool = False  # accepted, ignored: `prefill` is always []
+    # The prompt's tokens with their logprobs in `details.prefill` (the first one's null);
+    # it turns `details` on, as in TGI, and is refused on streams, as TGI refuses it.
+    decoder_input_details: bool = False
     seed: int | None = Field(None, ge=0)
     top_n_tokens: int | None = Field(None, ge=0, le=20)
     grammar: dict[str, Any] | None = Field(None, **_schema(enum=[None]))
@@ -106,15 +108,20 @@ def prepare(ctx: ServerContext, req: GenerateRequest, stream: bool,
     if p.truncate is not None:
         ids = ids[-p.truncate:]
     max_new = ctx.check_length(len(ids), p.max_new_tokens, "inputs", "max_new_tokens")
+    if p.decoder_input_details and stream:
+        raise APIError("`decoder_input_details` == true is not supported when streaming tokens",
+                       "decoder_input_details")
     sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
     seed = (p.seed if p.seed is not None else _seeds.getrandbits(63)) if sampling else None
-    logprobs = p.top_n_tokens if p.top_n_tokens else (0 if stream or p.details else None)
+    details = p.details or p.decoder_input_details
+    logprobs = p.top_n_tokens if p.top_n_tokens else (0 if stream or details else None)
     try:
         params = SamplingParams(
             max_tokens=max_new, temperature=(p.temperature or 1.0) if sampling else 0.0,
             top_k=p.top_k or 0, top_p=p.top_p or 1.0,
             repetition_penalty=p.repetition_penalty or 1.0, seed=seed, stop=list(p.stop),
-            include_stop_str_in_output=True, logprobs=logprobs)
+            include_stop_str_in_output=True, logprobs=logprobs,
+            prompt_logprobs=0 if p.decoder_input_details else None)
     except ValueError as e:
         raise APIError(str(e)) from None
     return ids, params
@@ -145,17 +152,26 @@ def full_text(req: GenerateRequest, generated: str) -> str:
     return req.inputs + generated if req.parameters.return_full_text else generated
 
 
+def prefill_tokens(ctx: ServerContext, ids: list[int], r: Collected) -> list[dict[str, Any]]:
+    """TGI's `details.prefill`: `{id, text, logprob}` per prompt token, the first logprob null."""
+    if r.prompt_logprobs is None:
+        raise GenerationError("the engine sent no prompt logprobs")
+    return [{"id": t, "text": ctx.token_text(t), "logprob": lp.logprob if lp else None}
+            for t, lp in zip(ids, r.prompt_logprobs, strict=True)]
+
+
 def generate_response(ctx: ServerContext, req: GenerateRequest, params: SamplingParams,
-                      r: Collected) -> dict[str, Any]:
+                      r: Collected, ids: list[int]) -> dict[str, Any]:
     body: dict[str, Any] = {"generated_text": full_text(req, r.text)}
-    if req.parameters.details:
+    if req.parameters.details or req.parameters.decoder_input_details:
         last = r.token_ids[-1] if r.token_ids else None
         lps = r.logprobs or [None] * len(r.token_ids)
         details: dict[str, Any] = {
             "finish_reason": finish_reason(ctx, r.finish_reason, last, params),
             "generated_tokens": len(r.token_ids),
             "seed": params.seed,
-            "prefill": [],
+            "prefill": prefill_tokens(ctx, ids, r) if req.parameters.decoder_input_details
+                       else [],
             "tokens": [token(ctx, t, text, lp.logprob if lp else None)
                        for t, text, lp in zip(r.token_ids, r.token_texts, lps)],
         }

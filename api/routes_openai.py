@@ -15,14 +15,15 @@ from fastapi import APIRouter, Request
 
 from api import protocol_openai as oai
 from api.context import ServerContext, new_id
-from api.errors import APIError, openai_body
+from api.errors import APIError, GenerationError, openai_body
 from api.generation import Generation, Job, collect, merged, start_all, unless_disconnected
 from api.sse import EventStream, event, guarded
 
 log = logging.getLogger(__name__)
 
 def _jobs(ctx: ServerContext, prompts: list[list[int]], req: oai._Common, rid: str,
-          max_tokens: int | None, logprobs: int | None) -> list[Job]:
+          max_tokens: int | None, logprobs: int | None,
+          prompt_logprobs: int | None = None) -> list[Job]:
     """One engine request per prompt; each must fit the model with its max_tokens."""
     chat = isinstance(req, oai.ChatCompletionRequest)
     param = "messages" if chat else "prompt"
@@ -31,7 +32,7 @@ def _jobs(ctx: ServerContext, prompts: list[list[int]], req: oai._Common, rid: s
     jobs = []
     for i, ids in enumerate(prompts):
         n = ctx.check_length(len(ids), max_tokens, param, limit_name)
-        jobs.append((ids, req.sampling_params(n, logprobs),
+        jobs.append((ids, req.sampling_params(n, logprobs, prompt_logprobs),
                      rid if len(prompts) == 1 else f"{rid}-{i}"))
     return jobs
 
@@ -54,12 +55,14 @@ def openai_router(ctx: ServerContext) -> APIRouter:
     async def completions(req: oai.CompletionRequest, request: Request):
         req.check(ctx)
         rid, created = new_id("cmpl"), int(time.time())
-        jobs = _jobs(ctx, req.prompts(ctx), req, rid, req.max_tokens, req.logprobs)
+        prompts = req.prompts(ctx)
+        jobs = _jobs(ctx, prompts, req, rid, req.max_tokens, req.logprobs, req.prompt_logprobs)
         if not req.stream:
             results = await unless_disconnected(request, collect(ctx.client, jobs))
-            return oai.completion_response(ctx, rid, created, results, req.logprobs is not None)
+            return oai.completion_response(ctx, rid, created, results, req, prompts)
         gens = await start_all(ctx.client, jobs)
-        return EventStream(_guarded(_completion_events(ctx, rid, created, gens, req)), gens)
+        return EventStream(_guarded(_completion_events(ctx, rid, created, gens, req, prompts)),
+                           gens)
 
     @router.post("/chat/completions")
     async def chat(req: oai.ChatCompletionRequest, request: Request):
@@ -78,12 +81,28 @@ def openai_router(ctx: ServerContext) -> APIRouter:
 
 async def _completion_events(ctx: ServerContext, rid: str, created: int,
                              gens: list[Generation], req: oai.CompletionRequest,
-                             ) -> AsyncIterator[str]:
+                             prompts: list[list[int]]) -> AsyncIterator[str]:
     offsets = [0] * len(gens)
     generated = [0] * len(gens)
     with_usage = req.include_usage
+    echo = req.echo_texts(ctx, prompts) if req.echo else None
+    echoed = [False] * len(gens)
+    zero = req.max_tokens == 0  # echo only: the one token the engine sampled is dropped
     async with aclosing(merged(gens)) as outs:
         async for i, out in outs:
+            if echo is not None and not echoed[i]:
+                # The prompt goes first, in a chunk of its own (with its logprobs).
+                echoed[i], lp = True, None
+                if req.logprobs is not None:
+                    if out.prompt_logprobs is None:
+                        raise GenerationError("the engine sent no prompt logprobs")
+                    lp = oai.prompt_logprobs(ctx, prompts[i], out.prompt_logprobs)
+                offsets[i] = len(echo[i])
+                choice = oai.completion_choice(i, echo[i], lp, "length" if zero else None)
+                yield event(oai.completion_object(rid, created, ctx.model_name, [choice], None,
+                                                  with_usage))
+            if zero:
+                continue
             generated[i] += len(out.new_token_ids)
             lp = None
             if req.logprobs is not None:

@@ -31,7 +31,7 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
         ids, params = tgi.prepare(ctx, req, stream=False)
         job = (ids, params, new_id("tgi"))
         [result] = await unless_disconnected(request, collect(ctx.client, [job]))
-        return tgi.generate_response(ctx, req, params, result)
+        return tgi.generate_response(ctx, req, params, result, ids)
 
     async def generate_stream_once(req: tgi.GenerateRequest) -> EventStream:
         ids, params = tgi.prepare(ctx, req, stream=True)

@@ -20,14 +20,14 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
-    # Only on a request's first output, when params.prompt_logprobs is set: one entry per
-    # prompt token, the first None (OpenAI's echo logprobs, TGI's details.prefill).
-    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed server-side
     kv: KVExport | None = None  # the prompt's KV, on the finishing output of an export request
+    # Only on a request's first output, when params.prompt_logprobs is set: one entry per
+    # prompt token, the first None (OpenAI's echo logprobs, TGI's details.prefill).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

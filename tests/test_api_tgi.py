@@ -51,7 +51,10 @@ async def test_generate_details(http: httpx.AsyncClient, llm: LLM) -> None:
     assert body["generated_text"] == ref.text
     d = body["details"]
     assert d["finish_reason"] == "length" and d["generated_tokens"] == 6
-    assert d["seed"] is None and d["prefill"] == []  # greedy; decoder_input_details ignored
+    assert d["seed"] is None  # greedy
+    prompt_ids = llm.tokenizer.encode(PROMPT)  # the prefill: every prompt token, first null
+    assert [t["id"] for t in d["prefill"]] == prompt_ids and d["prefill"][0]["logprob"] is None
+    assert all(t["logprob"] < 0 for t in d["prefill"][1:])
     assert [t["id"] for t in d["tokens"]] == ref.token_ids
     assert [t["logprob"] for t in d["tokens"]] == pytest.approx(
         [x.logprob for x in ref.logprobs], abs=1e-5)
