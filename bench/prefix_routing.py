@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import socket
 import tempfile
 import time
 import urllib.request
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import serve as bench_serve
+from bench.ports import free_port
 
 ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
@@ -67,16 +66,6 @@ def wait_healthy(base: str, timeout_s: float = 300) -> None:
     raise TimeoutError(f"{base}/health not 200 after {timeout_s:.0f} s")
 
 
-def free_port() -> int:
-    # Below the ephemeral range and above Ray's worker ports, as tests/e2e/conftest.py does.
-    for port in random.Random().sample(range(20000, 32000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def one_run(policy: str, a: argparse.Namespace, base: str, seed: str) -> dict[str, Any]:

@@ -128,38 +128,32 @@ def test_unknown_sender_is_a_lost_transfer(transports):
 
 # -- peers in their own processes, dying mid-transfer -----------------------------------------
 
-def _dying_sender(q) -> None:
-    from kvtransfer.channel_transport import GlooTransport
+def _die_after(method: str, n: int) -> None:
+    """Patches PairChannel.`method` (send or recv) so that this process dies right after its
+    n-th call: the header, the first span's status and its layer are n = 3."""
     from kvtransfer.pair_channel import PairChannel
 
-    t = GlooTransport(host="127.0.0.1", chunk_bytes=LAYER_BYTES)
     calls = {"n": 0}
-    original = PairChannel.send
+    original = getattr(PairChannel, method)
 
-    def send(self, tensor, deadline):
+    def once(self, tensor, deadline):
         original(self, tensor, deadline)
         calls["n"] += 1
-        if calls["n"] == 3:  # the header, the first span's status and its layer are out
+        if calls["n"] == n:
             os._exit(3)
 
-    PairChannel.send = send
+    setattr(PairChannel, method, once)
+
+
+def _dying_sender(q) -> None:
+    t = GlooTransport(host="127.0.0.1", chunk_bytes=LAYER_BYTES)
+    _die_after("send", 3)
     q.put(t.send(payload(6)))
     time.sleep(600)  # dies in its pair thread before this ends
 
 
 def _dying_receiver(handle) -> None:
-    from kvtransfer.pair_channel import PairChannel
-
-    calls = {"n": 0}
-    original = PairChannel.recv
-
-    def recv(self, tensor, deadline):
-        original(self, tensor, deadline)
-        calls["n"] += 1
-        if calls["n"] == 3:  # the header, the first span's status and its layer are in
-            os._exit(3)
-
-    PairChannel.recv = recv
+    _die_after("recv", 3)
     asyncio.run(GlooTransport(host="127.0.0.1").receive(handle, "cpu"))
 
 

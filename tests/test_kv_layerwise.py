@@ -42,6 +42,28 @@ def engine(path: str, **kw) -> Engine:
     return Engine(ModelConfig(path), EngineConfig(page_size=16, num_pages=64, **kw))
 
 
+class LastLayerGate:
+    """Holds a prefill engine's forward inside its last layer: `held` is set once a step got
+    there, and the step goes on after `release`."""
+
+    def __init__(self, prefill: PrefillWorker) -> None:
+        last = prefill.engine.engine.runner.model.layers[-1]
+        self.held, self.release = threading.Event(), threading.Event()
+        forward = last.forward
+
+        def held_forward(*args, **kw):
+            self.held.set()
+            assert self.release.wait(60)
+            return forward(*args, **kw)
+
+        last.forward = held_forward
+
+
+def prefill_worker(path: str, transport) -> PrefillWorker:
+    fp = model_fingerprint(path, "float32", "safetensors", 0)
+    return PrefillWorker(AsyncEngine(engine(path)), transport, fp)
+
+
 def finished(outs: list) -> object:
     (out,) = [o for o in outs if o.finished]
     return out
@@ -83,19 +105,9 @@ def test_layers_leave_while_the_prefill_runs(tiny_llama):
     sender = make_transport("gloo", timeout_s=60)
     sender.chunk_bytes = 1  # one layer per chunk
     receiver = make_transport("gloo", timeout_s=60)
-    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
-    prefill = PrefillWorker(AsyncEngine(engine(tiny_llama)), sender, fp)
+    prefill = prefill_worker(tiny_llama, sender)
     model = prefill.engine.engine.runner.model
-    last = model.layers[-1]
-    held, release = threading.Event(), threading.Event()
-    forward = last.forward
-
-    def held_forward(*args, **kw):
-        held.set()
-        assert release.wait(60)
-        return forward(*args, **kw)
-
-    last.forward = held_forward
+    gate = LastLayerGate(prefill)
     prompt = list(range(30, 90))
 
     async def main():
@@ -103,13 +115,13 @@ def test_layers_leave_while_the_prefill_runs(tiny_llama):
         handle = await anext(stream)
         receive = asyncio.ensure_future(receiver.receive(handle, "cpu"))
         nxt = asyncio.ensure_future(anext(stream))
-        await asyncio.to_thread(held.wait, 60)
+        await asyncio.to_thread(gate.held.wait, 60)
         layer_bytes = handle.header.data[0].numel() * 4
         n = len(model.layers)
         await asyncio.to_thread(until, lambda: receiver.receiver.bytes_received
                                 == (n - 1) * layer_bytes, "the first layers arrived")
         assert not receive.done()  # the last layer is still being computed
-        release.set()
+        gate.release.set()
         result, payload = await nxt, await receive
         await stream.aclose()
         return result, payload
@@ -117,7 +129,7 @@ def test_layers_leave_while_the_prefill_runs(tiny_llama):
     try:
         result, payload = asyncio.run(main())
     finally:
-        release.set()
+        gate.release.set()
         sender.close()
         receiver.close()
     ref = engine(tiny_llama)
@@ -132,29 +144,19 @@ def test_a_held_layerwise_transfer_does_not_block_the_next(tiny_llama):
     transfer from the same sender to the same receiver goes over a second channel meanwhile."""
     sender = make_transport("gloo", timeout_s=60)
     receiver = make_transport("gloo", timeout_s=60)
-    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
-    prefill = PrefillWorker(AsyncEngine(engine(tiny_llama)), sender, fp)
-    last = prefill.engine.engine.runner.model.layers[-1]
-    held, release = threading.Event(), threading.Event()
-    forward = last.forward
-
-    def held_forward(*args, **kw):
-        held.set()
-        assert release.wait(60)
-        return forward(*args, **kw)
-
-    last.forward = held_forward
+    prefill = prefill_worker(tiny_llama, sender)
+    gate = LastLayerGate(prefill)
     ready = payload_of(tiny_llama)
 
     async def main():
         stream = prefill.prefill_stream(list(range(30, 90)), ONE, "long")
         slow = asyncio.ensure_future(receiver.receive(await anext(stream), "cpu"))
         nxt = asyncio.ensure_future(anext(stream))
-        await asyncio.to_thread(held.wait, 60)
+        await asyncio.to_thread(gate.held.wait, 60)
         got = await receiver.receive(sender.send(ready), "cpu")  # while "long" is held
         assert not slow.done() and torch.equal(got.data, ready.data)
         assert receiver.receiver.num_channels == 2
-        release.set()
+        gate.release.set()
         await nxt
         await slow
         await stream.aclose()
@@ -163,7 +165,7 @@ def test_a_held_layerwise_transfer_does_not_block_the_next(tiny_llama):
     try:
         asyncio.run(main())
     finally:
-        release.set()
+        gate.release.set()
         sender.close()
         receiver.close()
 
@@ -212,31 +214,21 @@ async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str) -> list[int
 def test_prefill_aborted_mid_stream(tiny_llama):
     send, recv = make_transport("gloo", timeout_s=60), make_transport("gloo", timeout_s=60)
     send.chunk_bytes = 1
-    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
-    prefill = PrefillWorker(AsyncEngine(engine(tiny_llama)), send, fp)
-    last = prefill.engine.engine.runner.model.layers[-1]
-    held, release = threading.Event(), threading.Event()
-    forward = last.forward
-
-    def held_forward(*args, **kw):
-        held.set()
-        assert release.wait(60)
-        return forward(*args, **kw)
-
-    last.forward = held_forward
+    prefill = prefill_worker(tiny_llama, send)
+    gate = LastLayerGate(prefill)
 
     async def main():
         stream = prefill.prefill_stream(list(range(40, 100)), ONE, "gone")
         handle = await anext(stream)
         receive = asyncio.ensure_future(recv.receive(handle, "cpu"))
         nxt = asyncio.ensure_future(anext(stream))
-        await asyncio.to_thread(held.wait, 60)
+        await asyncio.to_thread(gate.held.wait, 60)
         prefill.engine.abort("gone")  # the decode side's client went away
         with pytest.raises(RuntimeError, match="ended without a token"):
             await nxt  # ends at once, while the last layer is still held
         with pytest.raises(KVTransferLost, match="ended by its sender"):
             await receive
-        release.set()
+        gate.release.set()
         await prefill.engine.check_integrity()
 
     try:
@@ -245,6 +237,6 @@ def test_prefill_aborted_mid_stream(tiny_llama):
         assert send.sender.num_offers == 0 and send.sender.transfers_sent == 0
         assert prefill.engine.stats().pages_used == 0
     finally:
-        release.set()
+        gate.release.set()
         send.close()
         recv.close()

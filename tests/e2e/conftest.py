@@ -6,14 +6,13 @@ Two applications on one Ray instance: the disaggregated app (1 prefill + 1 decod
 
 from __future__ import annotations
 
-import random
-import socket
 import time
 
 import httpx
 import pytest
 
 from api.grpc_service import SERVICER_FUNCTION
+from bench.ports import free_port as _free_port
 from engine.tiny_model import make_tiny_model
 
 
@@ -25,18 +24,6 @@ def pytest_collection_modifyitems(items):
 ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
 
-def _free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports
-    (10002-19999): an ephemeral port free now can be taken by one of the processes Ray starts
-    before the Serve proxy binds it (seen once: "Failed to bind to address")."""
-    for port in random.Random().sample(range(20000, 32000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 def app_args(model_dir: str, mode: str) -> dict:

@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from tests.e2e.serve_apps import stream_completion
+
 ROOT = Path(__file__).resolve().parents[2]
 APP = "pdserve"
 N_TOKENS = 24
@@ -43,39 +45,18 @@ def prompts(n: int) -> list[list[int]]:
     return [[random.Random(i).randrange(6, 2000) for _ in range(40 + 7 * i)] for i in range(n)]
 
 
-async def stream(http: httpx.AsyncClient, prompt: list[int], first: asyncio.Event,
-                 ) -> tuple[str, str]:
-    """('ok' | 'error' | 'cut', text) of one greedy streamed completion."""
-    body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    text = ""
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return "error", f"HTTP {r.status_code}"
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                return "ok", text
-            event = json.loads(line[6:])
-            if "error" in event:
-                return "error", event["error"]["message"]
-            if event["choices"]:
-                text += event["choices"][0]["text"]
-                first.set()
-    return "cut", text
-
-
 async def kill_during_streams(base: str, ps: list[list[int]], kill) -> list[tuple[str, str]]:
     """The first half of `ps` streams when `kill` runs; the second half starts right after it,
     while Serve may still route prefills to the dead replica (those are retried)."""
     first = asyncio.Event()
     half = len(ps) // 2
     async with httpx.AsyncClient(base_url=base, timeout=180) as http:
-        tasks = [asyncio.create_task(stream(http, p, first)) for p in ps[:half]]
+        tasks = [asyncio.create_task(stream_completion(http, p, N_TOKENS, first))
+                 for p in ps[:half]]
         await asyncio.wait_for(first.wait(), 180)
         await asyncio.to_thread(kill)
-        tasks += [asyncio.create_task(stream(http, p, first)) for p in ps[half:]]
+        tasks += [asyncio.create_task(stream_completion(http, p, N_TOKENS, first))
+                  for p in ps[half:]]
         return await asyncio.gather(*tasks)
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e.conftest import _free_port
+from bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ def test_prefill_and_decode_on_different_nodes_with_a_node_killed(e2e_model):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.e2e.multinode_check", "--model", e2e_model,
-         "--port", str(_free_port())],
+         "--port", str(free_port())],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # a hang guard
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MULTINODE ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -14,12 +14,12 @@ Deadlines and round counts are hang guards only.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 
 from bench.soak import parse_metrics
 from tests.e2e.conftest import app_args
+from tests.e2e.serve_apps import running_replicas, wait_until
 
 APP, PREFIX = "admit", "/admit"
 LIMIT = 4
@@ -47,23 +47,6 @@ def _new_ledger_counts(old) -> dict[str, int] | None:
         return None if _ledger() == old else _ledger_counts()
     except ValueError:  # not started again yet
         return None
-
-
-def _wait(what: str, check) -> None:
-    deadline = time.time() + HANG_GUARD_S
-    while not check():
-        assert time.time() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.25)
-
-
-def _running_ingress() -> int:
-    from ray import serve
-
-    app = serve.status().applications.get(APP)
-    if app is None or "ingress" not in app.deployments:
-        return 0
-    return sum(n for state, n in app.deployments["ingress"].replica_states.items()
-               if str(state).endswith("RUNNING"))
 
 
 async def _hold(http: httpx.AsyncClient, i: int, streaming: asyncio.Event,
@@ -134,7 +117,7 @@ def test_two_ingress_replicas_share_the_limit(cluster):
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     base = cluster["base"] + PREFIX
     try:
-        _wait("the app", lambda: _running_ingress() == 2
+        wait_until("the app", lambda: running_replicas(APP, "ingress") == 2
               and httpx.get(f"{base}/health", timeout=10).status_code == 200)
         statuses, held, probes, seen = asyncio.run(_overload(base))
         print(f"\nadmission: ledger {held}; {len(probes)} probes; per ingress replica "
@@ -147,7 +130,7 @@ def test_two_ingress_replicas_share_the_limit(cluster):
         assert len(seen) == 2, "a single ingress replica answered every /metrics scrape"
         assert all(m["pdserve_api_rejected_requests_total"] > 0 for m in seen.values()), seen
         # The clients left: every slot comes back (a hang guard only) ...
-        _wait("the slots to come back", lambda: sum(_ledger_counts().values()) == 0)
+        wait_until("the slots to come back", lambda: sum(_ledger_counts().values()) == 0)
 
         async def again() -> list[tuple[int, str | None]]:
             async with httpx.AsyncClient(base_url=base, timeout=HANG_GUARD_S) as http:
@@ -163,7 +146,7 @@ def test_two_ingress_replicas_share_the_limit(cluster):
             r = httpx.post(f"{base}/v1/completions", timeout=HANG_GUARD_S,
                            json={"prompt": f"while the ledger is away {i}", "max_tokens": 2})
             assert r.status_code == 200
-        _wait("a new ledger", lambda: _new_ledger_counts(old) is not None
+        wait_until("a new ledger", lambda: _new_ledger_counts(old) is not None
               and len(_new_ledger_counts(old)) == 2)
     finally:
         import ray

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import httpx
 
 from tests.e2e.conftest import app_args
+from tests.e2e.serve_apps import deploy, running_replicas, wait_until
 
 APPS = {"decode": ("autoscale", "/autoscale"), "prefill": ("autoscalep", "/autoscalep")}
-HANG_GUARD_S = 300  # per wait; the whole test body takes ~45 s on 2 idle CPU cores
 
 
 def _serve_config(model_dir: str, scaled: str) -> dict:
@@ -41,28 +40,12 @@ def _serve_config(model_dir: str, scaled: str) -> dict:
         "args": args}]}
 
 
-def _running(app_name: str, role: str) -> int:
-    from ray import serve
-
-    app = serve.status().applications.get(app_name)
-    if app is None or role not in app.deployments:
-        return 0
-    return sum(n for state, n in app.deployments[role].replica_states.items()
-               if str(state).endswith("RUNNING"))
-
-
 def _healthy(app: str, base: str) -> bool:
     try:
-        return _running(app, "decode") > 0 and httpx.get(f"{base}/health").status_code == 200
+        return (running_replicas(app, "decode") > 0
+                and httpx.get(f"{base}/health").status_code == 200)
     except httpx.HTTPError:
         return False
-
-
-def _wait(what: str, check) -> None:
-    deadline = time.time() + HANG_GUARD_S
-    while not check():
-        assert time.time() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.25)
 
 
 class Load:
@@ -98,27 +81,23 @@ class Load:
 
 def _scale_under_load(cluster, scaled: str) -> None:
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     pinned = "prefill" if scaled == "decode" else "decode"
     app, route = APPS[scaled]
-    client = _get_global_client()
-    client.deploy_apps(ServeDeploySchema.model_validate(_serve_config(cluster["model_dir"],
-                                                                      scaled)))
+    deploy(_serve_config(cluster["model_dir"], scaled))
     base = f"{cluster['base']}{route}"
     try:
-        _wait("the app", lambda: _healthy(app, base))
-        assert (_running(app, scaled), _running(app, pinned)) == (1, 1)
+        wait_until("the app", lambda: _healthy(app, base))
+        assert (running_replicas(app, scaled), running_replicas(app, pinned)) == (1, 1)
         load = Load(base, prompt_heavy=scaled == "prefill")
         load.thread.start()
         try:
-            _wait(f"a second {scaled} replica", lambda: _running(app, scaled) == 2)
+            wait_until(f"a second {scaled} replica", lambda: running_replicas(app, scaled) == 2)
         finally:
             load.stop.set()
             load.thread.join(timeout=60)
-        assert not load.errors and load.done > 0 and _running(app, pinned) == 1
-        _wait(f"{scaled} back at 1 replica", lambda: _running(app, scaled) == 1)
+        assert not load.errors and load.done > 0 and running_replicas(app, pinned) == 1
+        wait_until(f"{scaled} back at 1 replica", lambda: running_replicas(app, scaled) == 1)
     finally:
         serve.delete(app)  # its replicas leave /metrics (the pages-freed test reads it)
 

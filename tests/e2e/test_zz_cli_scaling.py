@@ -15,16 +15,21 @@ Deadlines are hang guards only.
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 
 import httpx
 
 from tests.e2e.conftest import app_args
+from tests.e2e.serve_apps import (
+    HANG_GUARD_S,
+    deploy,
+    replica_actors,
+    running_replicas,
+    stream_completion,
+    wait_until,
+)
 from tests.hf_reference import hf_greedy
 
 APP, ROUTE = "cliscale", "/cliscale"
-HANG_GUARD_S = 300
 LONG = 300  # tokens per stream: long enough to outlive a 1 s graceful shutdown on 2 cores
 
 
@@ -44,31 +49,6 @@ def _config(model_dir: str, decode_replicas: int, app: str = APP, route: str = R
             {"name": "ingress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}]}]}
 
 
-def _deploy(config: dict) -> None:
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
-
-
-def _replicas(role: str, app: str = APP) -> set[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#{role}#"
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(prefix)}
-
-
-def _running(role: str) -> int:
-    from ray import serve
-
-    app = serve.status().applications.get(APP)
-    if app is None or role not in app.deployments:
-        return 0
-    return sum(n for state, n in app.deployments[role].replica_states.items()
-               if str(state).endswith("RUNNING"))
-
-
 def _counter(base: str, name: str) -> float:
     from bench.soak import parse_metrics
 
@@ -85,13 +65,6 @@ def _integrity(base: str, replicas: dict[str, set[str]]) -> dict[tuple[str, str]
             if k[1] in ids}
 
 
-def _wait(what: str, check) -> None:
-    deadline = time.time() + HANG_GUARD_S
-    while not check():
-        assert time.time() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.25)
-
-
 def _ready(base: str) -> bool:
     try:
         return httpx.get(f"{base}/health", timeout=10).status_code == 200
@@ -99,31 +72,11 @@ def _ready(base: str) -> bool:
         return False
 
 
-async def _stream(http: httpx.AsyncClient, prompt: list[int], n: int,
-                  started: asyncio.Event) -> tuple[str, str]:
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    text = ""
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return "error", f"HTTP {r.status_code}"
-        async for line in r.aiter_lines():
-            if line == "data: [DONE]":
-                return "ok", text
-            if line.startswith("data: "):
-                event = json.loads(line[6:])
-                if "error" in event:
-                    return "error", event["error"]["message"]
-                text += event["choices"][0]["text"] if event["choices"] else ""
-                started.set()
-    return "cut", text
-
-
 async def _streams_across(base: str, prompts: list[list[int]], n: int, change) -> list:
     """Runs the streams; once the first tokens are out, `change()` (a redeploy) runs."""
     started = asyncio.Event()
     async with httpx.AsyncClient(base_url=base, timeout=HANG_GUARD_S) as http:
-        tasks = [asyncio.create_task(_stream(http, p, n, started)) for p in prompts]
+        tasks = [asyncio.create_task(stream_completion(http, p, n, started)) for p in prompts]
         await asyncio.wait_for(started.wait(), HANG_GUARD_S)
         await asyncio.to_thread(change)
         return await asyncio.gather(*tasks)
@@ -139,28 +92,28 @@ def test_one_role_scales_from_the_config_and_streams_finish(cluster):
     ref_short = [tok.decode(hf_greedy(model, p, 40), skip_special_tokens=True) for p in prompts]
     ref_long = [tok.decode(hf_greedy(model, p, LONG), skip_special_tokens=True)
                 for p in prompts]
-    _deploy(_config(model, 1))
+    deploy(_config(model, 1))
     try:
-        _wait("the app", lambda: _ready(base) and _running("decode") == 1)
-        before = {role: _replicas(role) for role in ("prefill", "decode", "ingress")}
+        wait_until("the app", lambda: _ready(base) and running_replicas(APP, "decode") == 1)
+        before = {role: replica_actors(APP, role) for role in ("prefill", "decode", "ingress")}
         # before any request, each new serving replica reports its page accounting sound
-        _wait("the integrity gauges", lambda: _integrity(base, before) == {
+        wait_until("the integrity gauges", lambda: _integrity(base, before) == {
             (role, name.rsplit("#", 1)[1]): 1.0
             for role in ("prefill", "decode") for name in before[role]})
 
         def scale_up() -> None:
-            _deploy(_config(model, 2))
-            _wait("a second decode replica", lambda: _running("decode") == 2)
+            deploy(_config(model, 2))
+            wait_until("a second decode replica", lambda: running_replicas(APP, "decode") == 2)
 
         results = asyncio.run(_streams_across(base, prompts, 40, scale_up))
         assert results == [("ok", r) for r in ref_short]
-        after = {role: _replicas(role) for role in ("prefill", "decode", "ingress")}
+        after = {role: replica_actors(APP, role) for role in ("prefill", "decode", "ingress")}
         assert after["prefill"] == before["prefill"] and after["ingress"] == before["ingress"]
         assert before["decode"] < after["decode"] and len(after["decode"]) == 2
 
         def scale_down() -> None:
-            _deploy(_config(model, 1))
-            _wait("one decode replica", lambda: len(_replicas("decode")) == 1)
+            deploy(_config(model, 1))
+            wait_until("one decode replica", lambda: len(replica_actors(APP, "decode")) == 1)
 
         resumed = _counter(base, "pdserve_api_resumed_requests_total")
         results = asyncio.run(_streams_across(base, prompts, LONG, scale_down))
@@ -168,7 +121,7 @@ def test_one_role_scales_from_the_config_and_streams_finish(cluster):
         # which streams the stopped replica held is Serve's routing: printed, not asserted
         print(f"\nscale-down: {_counter(base, 'pdserve_api_resumed_requests_total') - resumed:.0f}"
               " of 4 streams resumed on the remaining decode replica")
-        final = {role: _replicas(role) for role in ("prefill", "decode", "ingress")}
+        final = {role: replica_actors(APP, role) for role in ("prefill", "decode", "ingress")}
         assert final["prefill"] == before["prefill"] and final["ingress"] == before["ingress"]
         assert len(final["decode"]) == 1 and final["decode"] < after["decode"]
     finally:
@@ -187,15 +140,15 @@ def test_a_redeploy_of_every_replica_cuts_no_stream(cluster):
     base = f"{cluster['base']}{route}"
     prompts = [[(29 * i + 3 * j) % 1900 + 6 for j in range(24 + 5 * i)] for i in range(3)]
     ref = [tok.decode(hf_greedy(model, p, LONG), skip_special_tokens=True) for p in prompts]
-    _deploy(_config(model, 1, app, route))
+    deploy(_config(model, 1, app, route))
     try:
-        _wait("the app", lambda: _ready(base))
-        before = {role: _replicas(role, app) for role in ("prefill", "decode", "ingress")}
+        wait_until("the app", lambda: _ready(base))
+        before = {role: replica_actors(app, role) for role in ("prefill", "decode", "ingress")}
 
         def redeploy() -> None:
-            _deploy(_config(model, 1, app, route, max_stop_sequences=5))
-            _wait("every replica replaced", lambda: all(
-                _replicas(role, app) and not _replicas(role, app) & before[role]
+            deploy(_config(model, 1, app, route, max_stop_sequences=5))
+            wait_until("every replica replaced", lambda: all(
+                replica_actors(app, role) and not replica_actors(app, role) & before[role]
                 for role in before))
 
         results = asyncio.run(_streams_across(base, prompts, LONG, redeploy))
