@@ -90,7 +90,12 @@ class ChannelSender:
         self.store.queue_push("pairs", STOP)
         for pair_id in pair_ids:
             self.store.queue_push(f"pair/{pair_id}/fetch", STOP)
-        self._threads[0].join(timeout=5)
+        # Their groups shut down in their own threads, before the process may exit (a group
+        # torn down by the interpreter's exit aborts it: "terminate called ...").
+        end = time.monotonic() + 5.0
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=max(0.0, end - time.monotonic()))
         # The store's server lives as long as this, its master end: a receiver that comes
         # now is refused at once, as it would be by a dead replica.
         del self.store
@@ -109,8 +114,10 @@ class ChannelSender:
                 return
             with self._lock:
                 self._pairs[pair_id] = None
-            threading.Thread(target=self._serve_pair, args=(pair_id,), name=f"kv-pair-{pair_id}",
-                             daemon=True).start()
+            thread = threading.Thread(target=self._serve_pair, args=(pair_id,),
+                                      name=f"kv-pair-{pair_id}", daemon=True)
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            thread.start()
 
     def _serve_pair(self, pair_id: str) -> None:
         try:
