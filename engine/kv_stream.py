@@ -28,7 +28,6 @@ class LayerwiseExport:
     def __init__(self, first_block: int, num_pages: int) -> None:
         self.first_block, self.num_pages = first_block, num_pages
         self.data: torch.Tensor | None = None  # [L, num_pages, 2, page_size, Hkv, D]
-        self.block_hashes: list[int] = []
         self._cond = threading.Condition()
         self._ready = 0
         self._events: list[torch.cuda.Event | None] = []
