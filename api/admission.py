@@ -41,7 +41,11 @@ class Overloaded(APIError):
 
 
 class SharedGate(Protocol):
-    """Slots shared with other ingress replicas (serving.admission_ledger.SharedSlots)."""
+    """Slots shared with other ingress replicas (serving.admission_ledger.SharedSlots).
+    `ledger_up`: the last call reached the ledger; `num_fallbacks`: decisions taken locally."""
+
+    ledger_up: bool
+    num_fallbacks: int
 
     async def acquire(self) -> bool: ...
 

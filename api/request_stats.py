@@ -60,10 +60,15 @@ def snapshot(counts: Counter, replica: str, source_up: bool | None,
         gauges["pdserve_api_active_requests"] = admission.active
         gauges["pdserve_api_queued_requests"] = admission.num_waiting
         gauges["pdserve_api_prefill_tokens_admitted"] = admission.prefilling
+    shared = getattr(admission, "shared", None)
+    if shared is not None:  # the cluster-wide limit's ledger (fail open while it is away)
+        gauges["pdserve_api_admission_ledger_up"] = int(shared.ledger_up)
     series = [({"route": r, "status": s}, n) for (r, s), n in sorted(counts.items())]
     counters: dict[str, Any] = {"pdserve_http_requests_total": series} if series else {}
     if admission is not None:  # 429s: answered before routing, so not in the series above
         counters["pdserve_api_rejected_requests_total"] = admission.num_rejected
+    if shared is not None:
+        counters["pdserve_api_admission_local_decisions_total"] = shared.num_fallbacks
     if resumed is not None:  # streams continued on another replica after theirs died
         counters["pdserve_api_resumed_requests_total"] = resumed
     if unauthorized is not None:  # 401s (API keys on): answered before routing too

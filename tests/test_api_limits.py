@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -264,6 +265,10 @@ async def test_unreachable_ledger_admits_a_local_share(llm: LLM) -> None:
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         gate.set()
         assert [(await t).status_code for t in held] == [200] * (LIMIT // 2)
+        text = (await a.get("/metrics")).text  # the fallback is visible to whoever scrapes
+        assert re.search(r"^pdserve_api_admission_ledger_up\{[^}]*\} 0$", text, re.M)
+        assert re.search(r"^pdserve_api_admission_local_decisions_total\{[^}]*\} "
+                         f"{LIMIT // 2 + 1}$", text, re.M)
     assert not slots[0].ledger_up and slots[0].num_fallbacks == LIMIT // 2 + 1
     port.down = False
     await slots[0].renew()
