@@ -20,10 +20,16 @@ import uuid
 
 import torch
 
-from kvtransfer.pair_channel import OK, ChannelAddress, PairChannel, connect_store
+from kvtransfer.pair_channel import (
+    OK,
+    STOP,
+    ChannelAddress,
+    PairChannel,
+    connect_store,
+    wire_device,
+)
 from kvtransfer.transport import KVTransferLost
 
-STOP = "stop"
 MAX_CHANNELS_PER_SENDER = 8
 
 
@@ -124,7 +130,7 @@ class ChannelReceiver:
             channel.store.queue_push(channel.fetch_key, str(tid))
         except Exception as e:  # the sender's store is gone with the sender
             raise KVTransferLost(f"KV sender of transfer {tid} is gone: {e}") from e
-        wire = device if self.backend == "nccl" else torch.device("cpu")
+        wire = wire_device(self.backend, device)
         header = torch.zeros(2, dtype=torch.int64, device=wire)
         channel.recv(header, deadline)
         status, echoed = header.tolist()

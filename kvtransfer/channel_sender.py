@@ -24,11 +24,18 @@ import torch
 import torch.distributed as dist
 
 from engine.kv_stream import KVStreamFailed, LayerwiseExport
-from kvtransfer.pair_channel import FAILED, MISSING, OK, ChannelAddress, PairChannel
+from kvtransfer.pair_channel import (
+    FAILED,
+    MISSING,
+    OK,
+    STOP,
+    ChannelAddress,
+    PairChannel,
+    wire_device,
+)
 
 log = logging.getLogger(__name__)
 IDLE_WAIT = datetime.timedelta(days=1)  # store pops block this long between wake-ups
-STOP = "stop"  # pushed to a queue to end the thread that pops it
 
 
 @dataclass
@@ -48,7 +55,7 @@ class ChannelSender:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._offers: dict[int, _Offer] = {}
-        self._pairs: dict[str, PairChannel | None] = {}  # None while the pair is connecting
+        self._pairs: set[str] = set()  # pair ids, from the request until the pair ends
         self._closed = threading.Event()
         self.transfers_sent = self.transfers_dropped = 0
         self._threads = [threading.Thread(target=self._listen, name="kv-listen", daemon=True),
@@ -113,7 +120,7 @@ class ChannelSender:
             if pair_id == STOP:
                 return
             with self._lock:
-                self._pairs[pair_id] = None
+                self._pairs.add(pair_id)
             thread = threading.Thread(target=self._serve_pair, args=(pair_id,),
                                       name=f"kv-pair-{pair_id}", daemon=True)
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
@@ -127,8 +134,6 @@ class ChannelSender:
             log.warning("KV pair %s never connected: %s", pair_id, e)
             self._end_pair(pair_id)
             return
-        with self._lock:
-            self._pairs[pair_id] = channel
         store = channel.store
         try:
             while not self._closed.is_set():
@@ -149,7 +154,7 @@ class ChannelSender:
     def _send(self, channel: PairChannel, tid: int) -> None:
         with self._lock:
             offer = self._offers.pop(tid, None)
-        dev = _wire_device(self.backend)
+        dev = wire_device(self.backend)
         deadline = time.monotonic() + self.timeout_s
         channel.send(_status(OK if offer else MISSING, tid, dev), deadline)
         if offer is None:
@@ -185,13 +190,9 @@ class ChannelSender:
 
     def _end_pair(self, pair_id: str) -> None:
         with self._lock:
-            self._pairs.pop(pair_id, None)
+            self._pairs.discard(pair_id)
 
 
 def _status(status: int, value: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([status, value], dtype=torch.int64, device=device)
 
-
-def _wire_device(backend: str) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
-        else torch.device("cpu")

@@ -27,6 +27,15 @@ from kvtransfer.transport import KVTransferLost
 
 OK, MISSING, FAILED = 1, 0, 2
 BACKENDS = ("gloo", "nccl")
+STOP = "stop"  # pushed to a store queue to end the thread that pops it
+
+
+def wire_device(backend: str, device: torch.device | None = None) -> torch.device:
+    """Where a channel's tensors live: NCCL moves CUDA tensors only (`device`, else the
+    current one), gloo CPU tensors."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    return device if device is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass(frozen=True)
