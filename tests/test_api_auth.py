@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import logging
 
-import httpx
 import pytest
 from pydantic import SecretStr
 
 from api.auth import ApiKeys, resolve_keys
 from api.server import build_api
-from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from serving.config import AppConfig
 from serving.limits import Limits
+from tests.api_harness import client_for, serving_engine
 from tests.test_api_errors import openai_error, tgi_error
 
 pytestmark = pytest.mark.anyio
@@ -31,17 +30,10 @@ ROUTES = [("GET", "/v1/models", None), ("GET", "/v1/models/tiny", None),
           ("GET", "/metrics", None), ("GET", "/openapi.json", None)]
 
 
-def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-
-
 @pytest.fixture
 async def engine(llm: LLM):
-    engine = AsyncEngine(llm.engine)
-    yield engine
-    if engine._task is not None:
-        engine._task.cancel()
-    assert llm.engine.num_pages_used == 0
+    async with serving_engine(llm) as engine:
+        yield engine
 
 
 async def test_every_route_but_health_needs_a_key(engine, llm: LLM, caplog) -> None:

@@ -11,25 +11,18 @@ import httpx
 import pytest
 
 from api.server import build_api
-from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.outputs import RequestOutput
+from tests.api_harness import client_for, serving_engine
 
 pytestmark = pytest.mark.anyio
 
 
-def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-
-
 @pytest.fixture
 async def http(llm: LLM):
-    engine = AsyncEngine(llm.engine)
-    async with client_for(build_api(engine, llm.tokenizer, "tiny", 2048)) as c:
+    async with serving_engine(llm) as engine, \
+            client_for(build_api(engine, llm.tokenizer, "tiny", 2048)) as c:
         yield c
-    if engine._task is not None:
-        engine._task.cancel()
-    assert llm.engine.num_pages_used == 0
 
 
 def openai_error(r: httpx.Response, status: int = 400) -> dict:

@@ -17,29 +17,26 @@ import httpx
 import pytest
 
 from api.server import build_api
-from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.outputs import RequestOutput
 from serving.admission_ledger import LocalLedger, SharedSlots
 from serving.limits import Limits
+from tests.api_harness import client_for as harness_client
+from tests.api_harness import serving_engine
 
 pytestmark = pytest.mark.anyio
 LIMIT = 4
 
 
 def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
-                             timeout=60)
+    return harness_client(app, timeout=60)
 
 
 @pytest.fixture
 async def engine(llm: LLM):
-    engine = AsyncEngine(llm.engine)
-    yield engine
-    if engine._task is not None:
-        engine._task.cancel()
+    async with serving_engine(llm) as engine:
+        yield engine
     llm.engine.allocator.check_integrity()
-    assert llm.engine.num_pages_used == 0
 
 
 async def test_overload_at_4x_gets_fast_429_and_admitted_complete(llm: LLM, engine) -> None:

@@ -13,6 +13,7 @@ from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from serving.limits import Limits
+from tests.api_harness import serving_engine
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-test"
@@ -38,12 +39,9 @@ BAD = {"/v1/completions": [{"prompt": ""}, {"prompt": "hi", "seed": True},
 
 @pytest.fixture
 async def app(llm: LLM):
-    engine = AsyncEngine(llm.engine)
-    yield build_api(engine, llm.tokenizer, "tiny", 2048, api_keys=[KEY],
-                    limits=Limits(max_body_bytes=4000))
-    if engine._task is not None:
-        engine._task.cancel()
-    assert llm.engine.num_pages_used == 0
+    async with serving_engine(llm) as engine:
+        yield build_api(engine, llm.tokenizer, "tiny", 2048, api_keys=[KEY],
+                        limits=Limits(max_body_bytes=4000))
 
 
 def declared(schema: dict, method: str, path: str) -> dict[str, set[str]]:

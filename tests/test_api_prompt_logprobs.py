@@ -12,9 +12,9 @@ import pytest
 from openai import AsyncOpenAI
 
 from api.server import build_api
-from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from tests.api_harness import client_for, serving_engine
 from tests.test_prompt_logprobs import _hf_logprobs
 
 pytestmark = pytest.mark.anyio
@@ -29,18 +29,14 @@ def _greedy(n: int) -> SamplingParams:
 
 @pytest.fixture
 async def app(llm: LLM):
-    engine = AsyncEngine(llm.engine)
-    yield build_api(engine, llm.tokenizer, MODEL, llm.engine.max_model_len)
-    if engine._task is not None:
-        engine._task.cancel()
-    assert not llm.engine.has_unfinished()
-    assert llm.engine.num_pages_used == 0
+    async with serving_engine(llm) as engine:
+        yield build_api(engine, llm.tokenizer, MODEL, llm.engine.max_model_len)
+        assert not llm.engine.has_unfinished()
 
 
 @pytest.fixture
 async def http(app):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as c:
+    async with client_for(app) as c:
         yield c
 
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from api.server import build_api
-from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from tests.api_harness import client_for, serving_engine
 
 pytestmark = pytest.mark.anyio
 PROMPT = "Once upon a time"
@@ -22,14 +22,9 @@ PROMPT = "Once upon a time"
 
 @pytest.fixture
 async def http(llm: LLM):
-    engine = AsyncEngine(llm.engine)
-    app = build_api(engine, llm.tokenizer, "tiny-llama", llm.engine.max_model_len)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as c:
+    async with serving_engine(llm) as engine, client_for(
+            build_api(engine, llm.tokenizer, "tiny-llama", llm.engine.max_model_len)) as c:
         yield c
-    if engine._task is not None:
-        engine._task.cancel()
-    assert llm.engine.num_pages_used == 0
 
 
 def greedy(llm: LLM, prompt: str | list[int], n: int):

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from api.server import build_api
-from engine.async_engine import AsyncEngine
 from engine.llm import LLM
+from tests.api_harness import client_for, serving_engine
 from tests.test_api_errors import openai_error, tgi_error
 
 pytestmark = pytest.mark.anyio
@@ -18,14 +18,9 @@ USER = {"role": "user", "content": "hi"}
 
 @pytest.fixture
 async def http(llm: LLM):
-    engine = AsyncEngine(llm.engine)
-    app = build_api(engine, llm.tokenizer, "tiny", 2048)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as c:
+    async with serving_engine(llm) as engine, \
+            client_for(build_api(engine, llm.tokenizer, "tiny", 2048)) as c:
         yield c
-    if engine._task is not None:
-        engine._task.cancel()
-    assert llm.engine.num_pages_used == 0
 
 
 @pytest.mark.parametrize("messages, param, words", [
