@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.auth import OPEN_PATHS
 from serving.limits import Limits
 
 _OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -45,7 +46,6 @@ ROUTES: dict[tuple[str, str], tuple[tuple[int, ...], tuple[str, ...]]] = {
     ("get", "/health"): ((503,), ("json",)),
     ("get", "/metrics"): ((), ("text",)),
 }
-OPEN = {("get", "/health")}  # no API key needed
 
 # Body constraints that hold on one route only (the request model is shared): TGI refuses
 # `decoder_input_details` on streams (422), as TGI does.
@@ -96,7 +96,7 @@ def _rewrite(schema: dict[str, Any], limits: Limits, keys_enabled: bool) -> None
                     content["text/plain"] = {"schema": {"type": "string"}}
             responses: dict[str, Any] = {"200": {**ok, "content": content}}
             statuses = set(errors)
-            if keys_enabled and (method, path) not in OPEN:
+            if keys_enabled and path not in OPEN_PATHS:
                 statuses.add(401)
                 op["security"] = [{"bearer": []}]
             shape = "OpenAIError" if path.startswith("/v1/") else "TGIError"

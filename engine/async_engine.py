@@ -120,8 +120,8 @@ class AsyncEngine:
                                                   logprob, num_cached_tokens, prompt_logprobs)
                 if out is not None:
                     self._deliver(out)
-                elif (queue := self._streams.pop(request_id, None)) is not None:
-                    queue.put_nowait(None)  # aborted meanwhile: the stream ends as aborted
+                else:  # aborted meanwhile: the stream ends as aborted
+                    self._end_stream(request_id)
             finally:
                 kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
 
@@ -132,6 +132,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """End request_id wherever it is (queued, running, reserved) and free its pages."""
         self._submit(request_id, lambda: self.engine.abort(request_id))
+        self._end_stream(request_id)
+
+    def _end_stream(self, request_id: str) -> None:
+        """The request's stream ends, as aborted (no finished output)."""
         queue = self._streams.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(None)

@@ -17,6 +17,7 @@ from engine.async_engine import AsyncEngine
 from engine.block_hash import block_hashes
 from engine.kv_stream import LayerwiseExport
 from engine.metrics import Metrics
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVPayload, KVTransport
 from serving.pd_protocol import PrefillResult
@@ -52,8 +53,7 @@ class PrefillWorker:
         self.metrics.inc("pdserve_kv_transfer_send_seconds_total", time.perf_counter() - start)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
-        return PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0],
-                             handle, last.num_cached_tokens, last.prompt_logprobs)
+        return _result(last, handle)
 
     async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
                              request_id: str, first_block: int = 0,
@@ -81,7 +81,11 @@ class PrefillWorker:
         if last is None or last.kv is None:
             raise RuntimeError(f"prefill of {request_id} ended without a token")
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
-        self.metrics.inc("pdserve_kv_transfer_bytes_sent_total",
-                         header.data.numel() * header.data.element_size())
-        yield PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0], None,
-                            last.num_cached_tokens, last.prompt_logprobs)
+        self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", header.nbytes)
+        yield _result(last, None)
+
+
+def _result(last: RequestOutput, kv: object) -> PrefillResult:
+    """What decode gets from the prefill's finishing output, with `kv` the transport handle."""
+    return PrefillResult(last.new_token_ids[0], (last.new_logprobs or [None])[0], kv,
+                         last.num_cached_tokens, last.prompt_logprobs)
