@@ -75,8 +75,7 @@ class AsyncEngine:
 
     def kv_shape(self, num_pages: int) -> tuple[int, ...]:
         """Shape of an export of `num_pages` pages: [L, num_pages, 2, page_size, Hkv, D]."""
-        pool = self.engine.pool
-        return (len(pool.layers), num_pages, *pool.layers[0].shape[1:])
+        return self.engine.pool.export_shape(num_pages)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine.validate(prompt_ids, params)

@@ -22,6 +22,10 @@ class KVPool:
         elem = torch.empty((), dtype=dtype).element_size()
         return arch.num_layers * 2 * page_size * arch.num_kv_heads * arch.head_dim * elem
 
+    def export_shape(self, num_pages: int) -> tuple[int, ...]:
+        """Shape of `num_pages` pages read out: [num_layers, num_pages, 2, page_size, Hkv, D]."""
+        return (len(self.layers), num_pages, *self.layers[0].shape[1:])
+
     def read_pages(self, pages: list[int]) -> torch.Tensor:
         """[num_layers, len(pages), 2, page_size, Hkv, D] copy of the given pages."""
         idx = torch.tensor(pages, dtype=torch.long, device=self.layers[0].device)

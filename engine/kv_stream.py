@@ -116,8 +116,7 @@ class LayerExporter:
                 continue
             pages = r.block_table[s.first_block:s.first_block + s.num_pages]
             if s.data is None:
-                s.allocate((len(pool.layers), s.num_pages, *pool.layers[0].shape[1:]),
-                           pool.dtype, device)
+                s.allocate(pool.export_shape(s.num_pages), pool.dtype, device)
             items.append((s, torch.tensor(pages, dtype=torch.long).to(device, non_blocking=True)))
         return LayerExporter(items, pool.layers) if items else None
 
