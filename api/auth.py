@@ -40,11 +40,16 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
+def parse_bearer(value: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value; None for another scheme."""
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 def _bearer(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
+            return parse_bearer(value.decode("latin-1"))
     return None
 
 
@@ -77,6 +82,14 @@ class ApiKeys:
             ok |= hmac.compare_digest(given, d)
         return ok
 
+    def check(self, token: str | None, how: str) -> None:
+        """Unless keys are off or `token` is one of them, counts a refusal and raises
+        Unauthorized; `how` tells the client how to send a key."""
+        if not self.enabled or self.allows(token):
+            return
+        self.num_refused += 1
+        raise Unauthorized("invalid API key" if token is not None else
+                           f"missing API key: send {how}")
 
 
 class ApiKeyAuth:
@@ -87,12 +100,10 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
-        if (scope["type"] != "http" or not self.keys.enabled or path in OPEN_PATHS
-                or self.keys.allows(_bearer(scope))):
-            await self.app(scope, receive, send)
-            return
-        self.keys.num_refused += 1
-        given = _bearer(scope) is not None
-        err = Unauthorized("invalid API key" if given else
-                           "missing API key: send the header `Authorization: Bearer <key>`")
-        await error_response(err, path)(scope, receive, send)
+        if scope["type"] == "http" and path not in OPEN_PATHS:
+            try:
+                self.keys.check(_bearer(scope), "the header `Authorization: Bearer <key>`")
+            except Unauthorized as err:
+                await error_response(err, path)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

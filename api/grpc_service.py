@@ -31,7 +31,7 @@ import grpc
 
 from api import grpc_protocol
 from api.admission import Admission
-from api.auth import ApiKeys
+from api.auth import ApiKeys, parse_bearer
 from api.context import ServerContext, new_id
 from api.errors import APIError
 from api.generation import collect, start
@@ -59,9 +59,7 @@ def _bearer(grpc_context: Any) -> str | None:
         return None
     for key, value in grpc_context.invocation_metadata():
         if key.lower() == "authorization":
-            text = value.decode("latin-1") if isinstance(value, bytes) else value
-            scheme, _, token = text.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
+            return parse_bearer(value.decode("latin-1") if isinstance(value, bytes) else value)
     return None
 
 
@@ -74,12 +72,7 @@ class GrpcState:
     @contextlib.asynccontextmanager
     async def admitted(self, grpc_context: Any) -> AsyncIterator[None]:
         """The key, then a concurrency slot (as the HTTP middlewares: a refusal takes none)."""
-        if self.keys.enabled and not self.keys.allows(_bearer(grpc_context)):
-            self.keys.num_refused += 1
-            given = _bearer(grpc_context) is not None
-            raise APIError("invalid API key" if given else
-                           "missing API key: send the metadata `authorization: Bearer <key>`",
-                           code="invalid_api_key", status=401)
+        self.keys.check(_bearer(grpc_context), "the metadata `authorization: Bearer <key>`")
         await self.admission.enter()  # cluster-wide: shared with HTTP and other replicas
         try:
             yield
