@@ -46,6 +46,12 @@ class ServerContext:
         self.special_ids = set(tokenizer.all_special_ids)
         self._texts: dict[int, str] = {}
 
+    def check_model(self, name: str | None) -> None:
+        """A request naming a model must name this one (None: any)."""
+        if name is not None and name != self.model_name:
+            raise APIError(f"the model `{name}` does not exist; this server serves "
+                           f"`{self.model_name}`", "model", "model_not_found", status=404)
+
     # -- prompts --------------------------------------------------------------------------
     def encode(self, text: str, param: str = "prompt") -> list[int]:
         if not text:

@@ -24,9 +24,7 @@ FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENG
 
 def prepare(ctx: ServerContext, req: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
     """Prompt ids and engine parameters; raises APIError (param named) on bad input."""
-    if req.model and req.model != ctx.model_name:
-        raise APIError(f"the model `{req.model}` does not exist; this server serves "
-                       f"`{ctx.model_name}`", "model", "model_not_found", status=404)
+    ctx.check_model(req.model or None)  # proto3: unset is ""
     if req.text and req.token_ids:
         raise APIError("give either `text` or `token_ids`, not both", "text")
     if req.token_ids:

@@ -58,9 +58,7 @@ class _Common(_Model):
     user: str | None = None
 
     def check(self, ctx: ServerContext) -> None:
-        if self.model is not None and self.model != ctx.model_name:
-            raise APIError(f"the model `{self.model}` does not exist; this server serves "
-                           f"`{ctx.model_name}`", "model", "model_not_found", status=404)
+        ctx.check_model(self.model)
         if self.n != 1:
             raise APIError(f"only n=1 is supported, got n={self.n}", "n")
         for name in ("presence_penalty", "frequency_penalty"):
