@@ -80,17 +80,61 @@ async def start(client: GenerateClient, prompt_ids: list[int], params: SamplingP
     return Generation(stream, first, len(prompt_ids))
 
 
-async def start_all(client: GenerateClient, jobs: list[Job]) -> list[Generation]:
-    """Starts every job; if one is refused, closes the ones that started and re-raises."""
-    results = await asyncio.gather(*(start(client, *job) for job in jobs),
-                                   return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        for r in results:
-            if isinstance(r, Generation):
-                await r.aclose()
-        raise errors[0]
-    return list(results)  # type: ignore[arg-type]
+async def start_all(client: GenerateClient, jobs: list[Job], group: int = 1
+                    ) -> list[Generation]:
+    """Starts every job; if one is refused (or this is cancelled), closes the ones that started
+    and re-raises.
+
+    Jobs come in groups of `group` consecutive jobs on one prompt (its choices, see
+    api/choices.py). A group's first job starts alone and the rest once its first output has
+    arrived: by then the engine that ran it has the prompt's full pages in its prefix cache, so
+    the rest reuse them instead of computing (or, disaggregated, fetching) them again. Groups
+    start concurrently.
+    """
+    groups = [jobs[i:i + group] for i in range(0, len(jobs), group)]
+    started = await _all_or_none([_start_group(client, g) for g in groups])
+    return [gen for gens in started for gen in gens]
+
+
+async def _start_group(client: GenerateClient, jobs: list[Job]) -> list[Generation]:
+    first = await start(client, *jobs[0])
+    try:
+        rest = await _all_or_none([_start_one(client, job) for job in jobs[1:]])
+    except BaseException:
+        await first.aclose()
+        raise
+    return [first, *(gen for gens in rest for gen in gens)]
+
+
+async def _start_one(client: GenerateClient, job: Job) -> list[Generation]:
+    return [await start(client, *job)]
+
+
+async def _all_or_none(starts: list[Awaitable[list[Generation]]]) -> list[list[Generation]]:
+    """Runs every start to its end. If one fails, or this is cancelled, the generations the
+    others started are closed (closing is what aborts them) and the first error is raised."""
+    if not starts:
+        return []
+    tasks = [asyncio.ensure_future(s) for s in starts]
+    try:
+        await asyncio.wait(tasks)
+    except BaseException:  # cancelled: the client went away while the jobs were starting
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close_started(tasks)
+        raise
+    failed = [t for t in tasks if t.cancelled() or t.exception() is not None]
+    if failed:
+        await _close_started(tasks)
+        failed[0].result()  # raises its error
+    return [t.result() for t in tasks]
+
+
+async def _close_started(tasks: list[asyncio.Future]) -> None:
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is None:
+            await close_all(t.result())
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -156,9 +200,10 @@ class Collected:
             self.prompt_logprobs = out.prompt_logprobs
 
 
-async def collect(client: GenerateClient, jobs: list[Job]) -> list[Collected]:
-    """Runs jobs to the end (the non-streaming responses)."""
-    gens = await start_all(client, jobs)
+async def collect(client: GenerateClient, jobs: list[Job], group: int = 1
+                  ) -> list[Collected]:
+    """Runs jobs to the end (the non-streaming responses); `group` as in `start_all`."""
+    gens = await start_all(client, jobs, group)
     results = [Collected(num_prompt_tokens=g.num_prompt_tokens) for g in gens]
     try:
         async with aclosing(merged(gens)) as outs:

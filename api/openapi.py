@@ -48,13 +48,13 @@ ROUTES: dict[tuple[str, str], tuple[tuple[int, ...], tuple[str, ...]]] = {
 }
 
 # Body constraints that hold on one route only (the request model is shared): TGI refuses
-# `decoder_input_details` on streams (422), as TGI does.
-_NO_PREFILL_DETAILS = {"properties": {"parameters": {"properties": {
-    "decoder_input_details": {"const": False}}}}}
+# `decoder_input_details` and `best_of` > 1 on streams (422), as TGI does.
+_TGI_STREAM = {"properties": {"parameters": {"properties": {
+    "decoder_input_details": {"const": False}, "best_of": {"enum": [1, None]}}}}}
 BODY_RULES: dict[tuple[str, str], dict[str, Any]] = {
-    ("post", "/generate_stream"): _NO_PREFILL_DETAILS,
+    ("post", "/generate_stream"): _TGI_STREAM,
     ("post", "/"): {"if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
-                    "then": _NO_PREFILL_DETAILS},
+                    "then": _TGI_STREAM},
 }
 
 

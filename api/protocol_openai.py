@@ -1,4 +1,5 @@
-"""OpenAI-compatible request models and response builders (/v1/completions, /v1/chat/completions).
+"""OpenAI-compatible request models (/v1/completions, /v1/chat/completions); the responses are
+built in api/responses_openai.py.
 
 Shapes follow the OpenAI API reference; `top_k`, `ignore_eos`, `repetition_penalty` and
 `stop_token_ids` are extensions with vLLM's names. Unsupported features are refused with a 400
@@ -16,11 +17,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from api.chat_messages import ChatMessage
+from api.choices import MAX_CHOICES
 from api.context import ServerContext
-from api.errors import APIError, GenerationError
-from api.generation import Collected
+from api.errors import APIError
 from api.unicode_check import valid_unicode
-from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -43,7 +43,8 @@ class _Common(_Model):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
-    n: int = 1
+    # Checked in check() (a 400 naming `n`); the schema states the range too.
+    n: int | None = Field(1, json_schema_extra={"minimum": 1, "maximum": MAX_CHOICES})
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: _Stop | list[_Stop] | None = None
@@ -59,8 +60,8 @@ class _Common(_Model):
 
     def check(self, ctx: ServerContext) -> None:
         ctx.check_model(self.model)
-        if self.n != 1:
-            raise APIError(f"only n=1 is supported, got n={self.n}", "n")
+        if not 1 <= self.num_choices <= MAX_CHOICES:
+            raise APIError(f"n must be between 1 and {MAX_CHOICES}, got n={self.n}", "n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise APIError(f"{name} is not supported (only 0); use repetition_penalty",
@@ -71,6 +72,16 @@ class _Common(_Model):
             raise APIError("stream_options is only allowed with stream=true", "stream_options")
         ctx.check_stop(self.stop_list)
         ctx.check_ids(self.stop_token_ids or [], "stop_token_ids", empty_ok=True)
+
+    @property
+    def num_choices(self) -> int:
+        """Choices returned per prompt."""
+        return 1 if self.n is None else self.n
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences generated per prompt (more than the choices with best_of)."""
+        return self.num_choices
 
     @property
     def stop_list(self) -> list[str]:
@@ -113,8 +124,24 @@ _ZERO_NEEDS_ECHO = {"if": {"properties": {"max_tokens": {"const": 0}}, "required
                     "then": {"properties": {"echo": {"const": True}}, "required": ["echo"]}}
 
 
+def _best_of_rules() -> list[dict[str, Any]]:
+    """best_of >= n, and best_of = n with stream=true, as check() enforces: JSON Schema cannot
+    compare two fields, so one rule per value of n."""
+    stream = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
+    rules: list[dict[str, Any]] = []
+    for n in range(1, MAX_CHOICES + 1):
+        n_is = ({"properties": {"n": {"const": n}}, "required": ["n"]} if n > 1
+                else {"properties": {"n": {"enum": [1, None]}}})  # absent or null: 1
+        if n > 1:
+            rules.append({"if": n_is, "then": {"properties": {"best_of": {
+                "anyOf": [{"type": "null"}, {"type": "integer", "minimum": n}]}}}})
+        rules.append({"if": {"allOf": [n_is, stream]},
+                      "then": {"properties": {"best_of": {"enum": [n, None]}}}})
+    return rules
+
+
 class CompletionRequest(_Common):
-    model_config = ConfigDict(json_schema_extra=_ZERO_NEEDS_ECHO)
+    model_config = ConfigDict(json_schema_extra={**_ZERO_NEEDS_ECHO, "allOf": _best_of_rules()})
 
     prompt: PromptInput
     max_tokens: int | None = Field(16, ge=0)
@@ -123,7 +150,10 @@ class CompletionRequest(_Common):
     # (the first token's logprob and top_logprobs null, as OpenAI answers).
     echo: bool = False
     suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
-    best_of: int | None = None
+    best_of: int | None = Field(None, description=(
+        "Candidates generated per prompt; the n with the highest mean token logprob are "
+        f"returned. At least n, at most {MAX_CHOICES}; with stream=true, only n."),
+        json_schema_extra={"minimum": 1, "maximum": MAX_CHOICES})
 
     def check(self, ctx: ServerContext) -> None:
         super().check(ctx)
@@ -131,8 +161,28 @@ class CompletionRequest(_Common):
             raise APIError("max_tokens=0 is only allowed with echo=true", "max_tokens")
         if self.suffix:
             raise APIError("suffix is not supported", "suffix")
-        if self.best_of not in (None, 1):
-            raise APIError(f"only best_of=1 is supported, got {self.best_of}", "best_of")
+        if self.best_of is not None:
+            if not 1 <= self.best_of <= MAX_CHOICES:
+                raise APIError(f"best_of must be between 1 and {MAX_CHOICES}, got "
+                               f"best_of={self.best_of}", "best_of")
+            if self.best_of < self.num_choices:
+                raise APIError(f"best_of must be greater than or equal to n, got "
+                               f"best_of={self.best_of} and n={self.num_choices}", "best_of")
+            if self.stream and self.best_of > self.num_choices:
+                raise APIError("best_of cannot be streamed: with stream=true, best_of must "
+                               f"equal n, got best_of={self.best_of} and n={self.num_choices}",
+                               "best_of")
+
+    @property
+    def num_candidates(self) -> int:
+        return self.best_of or self.num_choices
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """Logprobs asked of the engine: best_of ranks by them even when the client wants none."""
+        if self.logprobs is None and self.num_candidates > self.num_choices:
+            return 0
+        return self.logprobs
 
     def prompts(self, ctx: ServerContext) -> list[list[int]]:
         """Token ids of each prompt (a request may carry a batch of them)."""
@@ -189,128 +239,3 @@ class ChatCompletionRequest(_Common):
     @property
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-
-# -- responses --------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_logprobs(ctx: ServerContext, lps: list[TokenLogprob], texts: list[str],
-                        offset: int) -> dict[str, list]:
-    """Completions-style logprobs; `offset` is where the first token's text starts."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                            "text_offset": []}
-    for lp, text in zip(lps, texts):
-        out["tokens"].append(ctx.token_text(lp.token_id))
-        out["token_logprobs"].append(lp.logprob)
-        top = {ctx.token_text(t): v for t, v in lp.top}
-        top.setdefault(ctx.token_text(lp.token_id), lp.logprob)  # the chosen token is listed
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
-
-
-def prompt_logprobs(ctx: ServerContext, ids: list[int],
-                    lps: list[TokenLogprob | None]) -> dict[str, list]:
-    """The echoed prompt's part of a completion's logprobs: the first token has none (null)."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                            "text_offset": []}
-    offset = 0
-    for t, lp in zip(ids, lps, strict=True):
-        text = ctx.token_text(t)
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
-        if lp is None:
-            out["token_logprobs"].append(None)
-            out["top_logprobs"].append(None)
-            continue
-        out["token_logprobs"].append(lp.logprob)
-        top = {ctx.token_text(i): v for i, v in lp.top}
-        top.setdefault(text, lp.logprob)
-        out["top_logprobs"].append(top)
-    return out
-
-
-def join_logprobs(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
-    return {k: a[k] + b[k] for k in a}
-
-
-def completion_object(rid: str, created: int, model: str, choices: list[dict],
-                      usage_: dict | None = None, with_usage: bool = True) -> dict[str, Any]:
-    """A whole completion or one stream chunk: completions use one object name for both."""
-    obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
-           "choices": choices}
-    if with_usage:
-        obj["usage"] = usage_
-    return obj
-
-
-def completion_choice(index: int, text: str, logprobs: dict | None,
-                      finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def completion_response(ctx: ServerContext, rid: str, created: int, results: list[Collected],
-                        req: CompletionRequest, prompts: list[list[int]]) -> dict[str, Any]:
-    want_logprobs = req.logprobs is not None
-    echoed = req.echo_texts(ctx, prompts) if req.echo else [""] * len(results)
-    choices = []
-    for i, r in enumerate(results):
-        if req.max_tokens == 0:  # the one token the engine sampled is not the client's
-            r = Collected(num_prompt_tokens=r.num_prompt_tokens, finish_reason="length",
-                          prompt_logprobs=r.prompt_logprobs)
-        lp = None
-        if want_logprobs:
-            lp = completion_logprobs(ctx, r.logprobs, r.token_texts, len(echoed[i]))
-            if req.echo:
-                if r.prompt_logprobs is None:
-                    raise GenerationError("the engine sent no prompt logprobs")
-                lp = join_logprobs(prompt_logprobs(ctx, prompts[i], r.prompt_logprobs), lp)
-        choices.append(completion_choice(i, echoed[i] + r.text, lp, r.finish_reason))
-    total = usage(sum(r.num_prompt_tokens for r in results),
-                  0 if req.max_tokens == 0 else sum(len(r.token_ids) for r in results))
-    return completion_object(rid, created, ctx.model_name, choices, total)
-
-
-def chat_logprobs(ctx: ServerContext, lps: list[TokenLogprob], top_n: int) -> dict[str, list]:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = ctx.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    return {"content": [{**entry(lp.token_id, lp.logprob),
-                         "top_logprobs": [entry(t, v) for t, v in lp.top[:top_n]]}
-                        for lp in lps]}
-
-
-def chat_response(ctx: ServerContext, rid: str, created: int, result: Collected,
-                  req: ChatCompletionRequest) -> dict[str, Any]:
-    logprobs = (chat_logprobs(ctx, result.logprobs, req.top_logprobs or 0)
-                if req.logprobs else None)
-    choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-              "logprobs": logprobs, "finish_reason": result.finish_reason}
-    return {"id": rid, "object": "chat.completion", "created": created, "model": ctx.model_name,
-            "choices": [choice], "usage": usage(result.num_prompt_tokens, len(result.token_ids))}
-
-
-def chat_chunk(rid: str, created: int, model: str, choices: list[dict],
-               usage_: dict | None = None, with_usage: bool = False) -> dict[str, Any]:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": choices}
-    if with_usage:
-        chunk["usage"] = usage_
-    return chunk
-
-
-def chat_choice(delta: dict[str, str], logprobs: dict | None = None,
-                finish_reason: str | None = None) -> dict[str, Any]:
-    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def model_card(ctx: ServerContext) -> dict[str, Any]:
-    return {"id": ctx.model_name, "object": "model", "created": ctx.created,
-            "owned_by": "pdserve", "root": ctx.model_name, "parent": None,
-            "max_model_len": ctx.max_model_len}

@@ -4,7 +4,10 @@ Semantics follow text-generation-inference: sampling is on when `do_sample` is t
 temperature / top_k / top_p is given (otherwise greedy); a sampled request without a seed gets a
 random one, reported in `details.seed`; `truncate` keeps the last N prompt tokens; `max_new_tokens`
 defaults to 100; a matched stop sequence stays at the end of `generated_text` (and in its
-token's text), as TGI leaves it.
+token's text), as TGI leaves it. `best_of` runs that many sampled sequences (api/choices.py):
+the one with the highest mean token logprob is the answer, the others go in
+`details.best_of_sequences`; as in TGI it needs sampling, takes no seed (each sequence gets its
+own, reported with it) and no stream.
 
 Types are strict (`"return_full_text": 0.0` is refused, not read as false). The ranges are
 checked in `_check` with TGI's messages, and written into the JSON schema too.
@@ -17,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.choices import MAX_CHOICES, best, choice_seed
 from api.context import ServerContext
 from api.errors import APIError, GenerationError
 from api.generation import Collected
@@ -38,8 +42,20 @@ def _schema(**constraints: Any) -> Any:
     return {"json_schema_extra": constraints}
 
 
+# TGI's best_of rules, for the schema: best_of > 1 needs sampling (do_sample, or one of
+# temperature / top_k / top_p given) and no seed.
+_BEST_OF_RULES = {
+    "if": {"properties": {"best_of": {"type": "integer", "minimum": 2}}, "required": ["best_of"]},
+    "then": {"properties": {"seed": {"type": "null"}}, "anyOf": [
+        {"properties": {"do_sample": {"const": True}}, "required": ["do_sample"]},
+        *({"properties": {k: {"type": "number"}}, "required": [k]}
+          for k in ("temperature", "top_k", "top_p"))]}}
+
+
 class Parameters(_Model):
-    best_of: int | None = None
+    model_config = ConfigDict(json_schema_extra=_BEST_OF_RULES)
+
+    best_of: int | None = Field(None, **_schema(minimum=1, maximum=MAX_CHOICES))
     temperature: float | None = Field(None, **_schema(exclusiveMinimum=0))
     repetition_penalty: float | None = Field(None, **_schema(exclusiveMinimum=0))
     frequency_penalty: float | None = Field(None, **_schema(enum=[0, None]))
@@ -84,8 +100,12 @@ def _check(p: Parameters, max_input_tokens: int) -> None:
     if p.truncate is not None and not 0 < p.truncate <= max_input_tokens:
         bad(f"`truncate` must be strictly positive and at most {max_input_tokens}. "
             f"Given: {p.truncate}", "truncate")
-    if p.best_of not in (None, 1):
-        bad("`best_of` != 1 is not supported", "best_of")
+    if p.best_of is not None and not 0 < p.best_of <= MAX_CHOICES:
+        bad(f"`best_of` must be > 0 and <= {MAX_CHOICES}. Given: {p.best_of}", "best_of")
+    if (p.best_of or 1) > 1 and not _sampling(p):
+        bad("you must use sampling when `best_of` is > 1", "best_of")
+    if (p.best_of or 1) > 1 and p.seed is not None:
+        bad("`seed` must not be set when `best_of` > 1", "seed")
     if p.frequency_penalty:
         bad("`frequency_penalty` is not supported; use `repetition_penalty`", "frequency_penalty")
     if p.typical_p is not None:
@@ -96,10 +116,17 @@ def _check(p: Parameters, max_input_tokens: int) -> None:
         bad("`grammar` is not supported", "grammar")
 
 
+def _sampling(p: Parameters) -> bool:
+    return p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
+
+
 def prepare(ctx: ServerContext, req: GenerateRequest, stream: bool,
             ) -> tuple[list[int], SamplingParams]:
-    """Prompt ids and engine parameters for a TGI request; raises APIError on bad input."""
+    """Prompt ids and engine parameters for a TGI request (each best_of sequence's: see
+    api/choices.py for their seeds); raises APIError on bad input."""
     p = req.parameters
+    if stream and p.best_of not in (None, 1):  # checked first, as TGI's stream route does
+        raise APIError("`best_of` != 1 is not supported when streaming tokens", "best_of")
     _check(p, ctx.limits.max_input_tokens)
     ctx.check_stop(p.stop)
     if not req.inputs:
@@ -111,10 +138,12 @@ def prepare(ctx: ServerContext, req: GenerateRequest, stream: bool,
     if p.decoder_input_details and stream:
         raise APIError("`decoder_input_details` == true is not supported when streaming tokens",
                        "decoder_input_details")
-    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
+    sampling = _sampling(p)
     seed = (p.seed if p.seed is not None else _seeds.getrandbits(63)) if sampling else None
     details = p.details or p.decoder_input_details
-    logprobs = p.top_n_tokens if p.top_n_tokens else (0 if stream or details else None)
+    # best_of ranks its sequences by their logprobs
+    wanted = stream or details or (p.best_of or 1) > 1
+    logprobs = p.top_n_tokens if p.top_n_tokens else (0 if wanted else None)
     try:
         params = SamplingParams(
             max_tokens=max_new, temperature=(p.temperature or 1.0) if sampling else 0.0,
@@ -161,24 +190,39 @@ def prefill_tokens(ctx: ServerContext, ids: list[int], r: Collected) -> list[dic
 
 
 def generate_response(ctx: ServerContext, req: GenerateRequest, params: SamplingParams,
-                      r: Collected, ids: list[int]) -> dict[str, Any]:
-    body: dict[str, Any] = {"generated_text": full_text(req, r.text)}
+                      candidates: list[Collected], ids: list[int]) -> dict[str, Any]:
+    """The best candidate's answer (there is one unless best_of > 1); with details, the others
+    in `details.best_of_sequences`, in the order they were generated."""
+    [top] = best(candidates, 1) if len(candidates) > 1 else [0]
+    body: dict[str, Any] = {"generated_text": full_text(req, candidates[top].text)}
     if req.parameters.details or req.parameters.decoder_input_details:
-        last = r.token_ids[-1] if r.token_ids else None
-        lps = r.logprobs or [None] * len(r.token_ids)
-        details: dict[str, Any] = {
-            "finish_reason": finish_reason(ctx, r.finish_reason, last, params),
-            "generated_tokens": len(r.token_ids),
-            "seed": params.seed,
-            "prefill": prefill_tokens(ctx, ids, r) if req.parameters.decoder_input_details
-                       else [],
-            "tokens": [token(ctx, t, text, lp.logprob if lp else None)
-                       for t, text, lp in zip(r.token_ids, r.token_texts, lps)],
-        }
-        if req.parameters.top_n_tokens:
-            details["top_tokens"] = [top_tokens(ctx, lp.top) for lp in r.logprobs]
+        details = _sequence(ctx, req, params, candidates[top], ids, choice_seed(params.seed, top))
+        del details["generated_text"]
+        if len(candidates) > 1:
+            details["best_of_sequences"] = [
+                _sequence(ctx, req, params, r, ids, choice_seed(params.seed, i))
+                for i, r in enumerate(candidates) if i != top]
         body["details"] = details
     return body
+
+
+def _sequence(ctx: ServerContext, req: GenerateRequest, params: SamplingParams, r: Collected,
+              ids: list[int], seed: int | None) -> dict[str, Any]:
+    """One sequence's details, with its text: a `best_of_sequences` entry as TGI writes it."""
+    last = r.token_ids[-1] if r.token_ids else None
+    lps = r.logprobs or [None] * len(r.token_ids)
+    out: dict[str, Any] = {
+        "generated_text": full_text(req, r.text),
+        "finish_reason": finish_reason(ctx, r.finish_reason, last, params),
+        "generated_tokens": len(r.token_ids),
+        "seed": seed,
+        "prefill": prefill_tokens(ctx, ids, r) if req.parameters.decoder_input_details else [],
+        "tokens": [token(ctx, t, text, lp.logprob if lp else None)
+                   for t, text, lp in zip(r.token_ids, r.token_texts, lps)],
+    }
+    if req.parameters.top_n_tokens:
+        out["top_tokens"] = [top_tokens(ctx, lp.top) for lp in r.logprobs]
+    return out
 
 
 def stream_event(index: int, tok: dict[str, Any], top: list[dict[str, Any]],
@@ -204,7 +248,7 @@ def info(ctx: ServerContext) -> dict[str, Any]:
     lim = ctx.limits
     return {
         "model_id": ctx.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": lim.max_concurrent_requests, "max_best_of": 1,
+        "max_concurrent_requests": lim.max_concurrent_requests, "max_best_of": MAX_CHOICES,
         "max_stop_sequences": lim.max_stop_sequences, "max_input_tokens": lim.max_input_tokens,
         "max_input_length": lim.max_input_tokens, "max_total_tokens": lim.max_total_tokens,
         "max_client_batch_size": 1,

@@ -14,6 +14,7 @@ from contextlib import aclosing
 from fastapi import APIRouter, Request
 
 from api import protocol_tgi as tgi
+from api.choices import choice_jobs
 from api.context import ServerContext, new_id
 from api.errors import tgi_body
 from api.generation import Generation, collect, start, unless_disconnected
@@ -29,9 +30,10 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
 
     async def generate_once(req: tgi.GenerateRequest, request: Request) -> dict:
         ids, params = tgi.prepare(ctx, req, stream=False)
-        job = (ids, params, new_id("tgi"))
-        [result] = await unless_disconnected(request, collect(ctx.client, [job]))
-        return tgi.generate_response(ctx, req, params, result, ids)
+        k = req.parameters.best_of or 1
+        jobs = choice_jobs([(ids, params, new_id("tgi"))], k)
+        candidates = await unless_disconnected(request, collect(ctx.client, jobs, k))
+        return tgi.generate_response(ctx, req, params, candidates, ids)
 
     async def generate_stream_once(req: tgi.GenerateRequest) -> EventStream:
         ids, params = tgi.prepare(ctx, req, stream=True)

@@ -48,7 +48,7 @@ LONG_IDS = [10] * 2100
     ({"prompt": []}, "prompt", "empty"),
     ({"prompt": [[1, 2], []]}, "prompt", "empty"),
     ({"prompt": "hi", "temperature": -1}, "temperature", "greater than or equal to 0"),
-    ({"prompt": "hi", "n": 2}, "n", "n=1"),
+    ({"prompt": "hi", "n": 17}, "n", "between 1 and 16"),
     ({"prompt": [1, 99999]}, "prompt", "99999 is outside the vocabulary [0, 2000)"),
     ({"prompt": [[1], [-1]]}, "prompt", "-1 is outside"),
     ({"prompt": "hi", "max_tokens": "many"}, "max_tokens", "integer"),
@@ -107,7 +107,7 @@ async def test_bad_json_and_unknown_model(http: httpx.AsyncClient) -> None:
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, "max_tokens"),
 ])
 async def test_chat_errors(http: httpx.AsyncClient, body: dict, param: str) -> None:

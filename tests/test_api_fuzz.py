@@ -4,10 +4,11 @@ shape, and afterwards the engine holds no KV page.
 
 Bodies mix plausible values with arbitrary JSON (NaN, huge integers, lone surrogates, nesting)
 for every field of the OpenAI and TGI requests (chat messages of every role, with and without
-content, as strings or text parts; booleans where numbers go and numbers where booleans go),
-plus raw bytes and valid bodies made invalid UTF-8 (always bad input: 400 on /v1, 422 on TGI
-routes). Token limits are kept small so
-that accepted requests finish quickly. PDSERVE_FUZZ_EXAMPLES sets the number of examples;
+content, as strings or text parts; booleans where numbers go and numbers where booleans go;
+`n` and `best_of` in and out of range), plus raw bytes and valid bodies made invalid UTF-8
+(always bad input: 400 on /v1, 422 on TGI routes). An accepted request has n choices per prompt,
+numbered in order (TGI: best_of - 1 other sequences). Token limits are kept small so that
+accepted requests finish quickly. PDSERVE_FUZZ_EXAMPLES sets the number of examples;
 PDSERVE_FUZZ_RANDOM=1 draws new ones each run (the default run is the same every time).
 """
 
@@ -59,12 +60,12 @@ good_common = {
     "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "seed": st.integers(0, 9),
     "top_p": st.floats(0.05, 1), "top_k": st.integers(-1, 50), "stream": st.booleans(),
     "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2), "ignore_eos": st.booleans(),
-    "repetition_penalty": st.floats(0.5, 2), "model": st.just("tiny")}
+    "repetition_penalty": st.floats(0.5, 2), "model": st.just("tiny"), "n": st.integers(1, 3)}
 good = {
     "/v1/completions": st.fixed_dictionaries(
         {"prompt": st.one_of(prompt_text, good_ids, st.lists(prompt_text, min_size=1,
                                                              max_size=2))},
-        optional={**good_common, "logprobs": st.integers(0, 3)}),
+        optional={**good_common, "logprobs": st.integers(0, 3), "best_of": st.integers(1, 4)}),
     "/v1/chat/completions": st.fixed_dictionaries(
         {"messages": st.lists(st.one_of(
             st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": content}),
@@ -79,14 +80,15 @@ good_tgi = st.fixed_dictionaries({"inputs": prompt_text, "parameters": st.fixed_
               "top_p": st.floats(0.05, 0.95), "do_sample": st.booleans(),
               "details": st.booleans(), "seed": st.integers(0, 9), "truncate": st.integers(1, 40),
               "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2),
-              "top_n_tokens": st.integers(0, 3), "return_full_text": st.booleans()})},
+              "top_n_tokens": st.integers(0, 3), "return_full_text": st.booleans(),
+              "best_of": st.integers(1, 3)})},
     optional={"stream": st.booleans()})
 good.update({"/generate": good_tgi, "/generate_stream": good_tgi, "/": good_tgi})
 
 # Wild values per field: plausible-but-wrong ones and arbitrary JSON.
 wild_common = {
     "model": some(text), "max_tokens": some(small_int), "temperature": some(unit),
-    "top_p": some(unit), "top_k": some(small_int), "n": some(small_int),
+    "top_p": some(unit), "top_k": some(small_int), "n": some(st.integers(-1, 18)),
     "stream": anything, "stop": some(text, st.lists(text, max_size=6)),
     "stop_token_ids": some(token_ids), "seed": some(st.integers(-1, 2**64)),
     "ignore_eos": anything, "repetition_penalty": some(unit), "presence_penalty": some(unit),
@@ -95,7 +97,7 @@ wild_common = {
 }
 wild = {
     "/v1/completions": {**wild_common, "logprobs": some(st.integers(-1, 22)), "echo": anything,
-                        "suffix": anything, "best_of": anything,
+                        "suffix": anything, "best_of": some(st.integers(-1, 18)),
                         "prompt": some(text, token_ids, st.lists(text, max_size=40),
                                        st.lists(token_ids, max_size=3))},
     "/v1/chat/completions": {**wild_common, "max_completion_tokens": some(small_int),
@@ -183,6 +185,24 @@ def test_no_5xx(served, route_body) -> None:
         check_error_shape(route, r.status_code, r.json())
     elif r.headers["content-type"].startswith("text/event-stream"):
         assert "server_error" not in r.text and '"error_type":"generation"' not in r.text
+    else:
+        check_choices(route, body, r.json())
+
+
+def check_choices(route: str, body: dict, answer: dict | list) -> None:
+    """An accepted request gets n choices per prompt, numbered in order; TGI's best_of its
+    other sequences in the details."""
+    if route.startswith("/v1/"):
+        n = body.get("n") or 1
+        prompt = body.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], str | list) \
+            else 1
+        assert [c["index"] for c in answer["choices"]] == list(range(prompts * n)), answer
+        return
+    answer = answer[0] if isinstance(answer, list) else answer
+    best_of = (body.get("parameters") or {}).get("best_of") or 1
+    if "details" in answer:
+        assert len(answer["details"].get("best_of_sequences", [])) == best_of - 1
 
 
 def test_pages_back_to_zero_after_fuzzing(served) -> None:

@@ -82,6 +82,40 @@ async def test_request_schemas_carry_the_checks(app) -> None:
     assert messages["items"]["discriminator"]["propertyName"] == "role"
 
 
+async def test_choice_rules_match_the_server(app) -> None:
+    """n and best_of: the schema accepts a body exactly when the server does (JSON Schema cannot
+    compare two fields, so best_of >= n is written out per value of n)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = app.openapi()
+    comps = schema["components"]["schemas"]
+    assert comps["CompletionRequest"]["properties"]["n"]["maximum"] == 16
+    assert comps["Parameters"]["properties"]["best_of"]["minimum"] == 1
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    cases = [("/v1/completions", {"prompt": "hi", "max_tokens": 1, **extra}) for extra in (
+        {"n": 2}, {"n": 0}, {"n": 17}, {"n": None, "best_of": 2}, {"n": 3, "best_of": 2},
+        {"n": 2, "best_of": 4}, {"best_of": 3, "stream": True}, {"n": 2, "best_of": 2,
+                                                                 "stream": True},
+        {"n": 2, "best_of": 3, "stream": True}, {"best_of": 17})]
+    cases += [("/v1/chat/completions", {**chat, "n": n}) for n in (2, 16, 17)]
+    tgi = {"max_new_tokens": 1}
+    cases += [(route, {"inputs": "hi", "parameters": {**tgi, **extra}})
+              for route in ("/generate", "/generate_stream") for extra in (
+                  {"best_of": 2}, {"best_of": 2, "do_sample": True},
+                  {"best_of": 2, "top_k": 5}, {"best_of": 2, "temperature": 0.5, "seed": 3},
+                  {"best_of": 1, "seed": 3}, {"best_of": 0}, {"best_of": 17, "do_sample": True})]
+    cases += [("/", {"inputs": "hi", "stream": stream, "parameters": {
+        **tgi, "best_of": 2, "do_sample": True}}) for stream in (False, True)]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as http:
+        for path, body in cases:
+            op = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+            validator = jsonschema.Draft202012Validator({**op["schema"],
+                                                         "components": {"schemas": comps}})
+            r = await http.post(path, json=body, headers=AUTH)
+            assert r.status_code in (200, 400, 422), r.text
+            assert validator.is_valid(body) == (r.status_code == 200), (path, body, r.text)
+
+
 async def test_observed_answers_are_declared(app) -> None:
     schema = app.openapi()
     seen: set[tuple[str, str, str, str]] = set()
