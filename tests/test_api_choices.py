@@ -249,3 +249,19 @@ async def test_a_refused_choice_ends_them_all(llm: LLM) -> None:
             assert sorted(client.closed) == [rid, f"{rid}-1"]
             await engine.check_integrity()
     assert llm.engine.num_pages_used == 0
+
+
+async def test_official_client(llm: LLM) -> None:
+    from openai import AsyncOpenAI
+
+    async with serving_engine(llm) as engine, client_for(
+            build_api(engine, llm.tokenizer, "tiny", 2048)) as http:
+        client = AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http)
+        done = await client.completions.create(model="tiny", prompt=PROMPT, n=2, best_of=3,
+                                               seed=1, max_tokens=4, temperature=1.0)
+        assert [c.index for c in done.choices] == [0, 1]
+        chat = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=4,
+            temperature=0)
+        assert [c.index for c in chat.choices] == [0, 1, 2]
+        assert len({c.message.content for c in chat.choices}) == 1
