@@ -1,22 +1,31 @@
-"""AsyncEngine: the engine's step loop as an asyncio task, with one output stream per request.
+"""AsyncEngine: the engine's step loop in its own thread, with one output stream per request.
 
-The loop applies pending adds and aborts between steps (the engine is never mutated while a
-step runs) and runs each step in a worker thread so the event loop keeps serving streams.
-Cancelling a stream (client gone) aborts its request, which frees its pages before the next step.
+The step thread applies pending adds and aborts between steps (the engine is never mutated
+while a step runs) and runs steps back to back while there is work; it leaves when idle and is
+started again by the next request. Streams live on the asyncio loops of their callers; the
+thread hands them outputs with one `call_soon_threadsafe` per loop per step. Cancelling a
+stream (client gone) aborts its request, which frees its pages before the next step.
+
+Why a thread of its own rather than a step per `asyncio.to_thread` call: between two steps the
+old loop had to be woken on the event loop (behind whatever else the serving replica's loop was
+doing), run every ready callback and hand the next step to a pool thread; on the H200 the GPU
+sat idle for those hand-offs (docs/benchmarks.md, the token path).
 
 A request started with an `OutputSink` hands every output to the sink instead of its stream
-(which then yields only the last output, or raises): the loop calls `put` per output and
+(which then yields only the last output, or raises): the step thread calls `put` per output and
 `flush` once per step per sink, so whoever sends outputs elsewhere sends one message per step
-for all its requests, not one per token per request.
+for all its requests, not one per token per request. Sinks are called on the step thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import logging
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from engine.kv_stream import LayerwiseExport
@@ -28,40 +37,79 @@ from engine.scheduler import Reservation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_EXIT_S = 1.0  # the step thread leaves after this long without work
+# The AsyncEngine that drives each Engine: only its thread may step it (a test may wrap one
+# Engine in a new AsyncEngine while the old one's thread is still winding down).
+_DRIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class OutputSink(Protocol):
-    """Receives the outputs of many requests; `flush` ends each step (and each batch of
-    between-step admissions) that put anything."""
+    """Receives the outputs of many requests, on the step thread; `flush` ends each step (and
+    each batch of between-step admissions) that put anything."""
 
     def put(self, out: RequestOutput) -> None: ...
 
     def flush(self) -> None: ...
 
 
+@dataclass(eq=False)
+class _Stream:
+    """A request's output queue, on the event loop of the caller that reads it."""
+
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    sink: OutputSink | None = None
+
+    def post(self, item: object) -> None:
+        """Put `item` into the queue from any thread."""
+        try:
+            if asyncio.get_running_loop() is self.loop:
+                self.queue.put_nowait(item)
+                return
+        except RuntimeError:  # no loop running in this thread
+            pass
+        _call_soon(self.loop, self.queue.put_nowait, item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: object) -> bool:
+    """`loop.call_soon_threadsafe(fn, *args)`; False if the loop is closed (nobody waits)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._sinks: dict[str, OutputSink] = {}
+        _DRIVERS[engine] = self
+        self._streams: dict[str, _Stream] = {}
+        self._cond = threading.Condition()
+        self._pending: list[tuple[str, Callable[[], None]]] = []  # under _cond
+        self._running = False  # a step thread is alive (under _cond)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        # Touched by the step thread only:
         self._dirty: dict[int, OutputSink] = {}  # sinks given outputs since their last flush
-        self._pending: list[tuple[str, Callable[[], None]]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._posts: list[tuple[_Stream, object]] = []  # stream items of this step
         self.num_steps = 0
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        """The event loop that runs the step loop (None before the first request)."""
-        return None if self._task is None else self._task.get_loop()
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            # The loop outlives the request that starts it: it must not run in that request's
-            # context (Ray ties the calls a request's context makes, e.g. a mailbox put, to the
-            # request, and cancels them with it).
-            self._task = asyncio.get_running_loop().create_task(self._loop(),
-                                                                context=contextvars.Context())
+    def close(self) -> None:
+        """Stop the step thread: it finishes the step it is in and applies the actions (adds,
+        aborts) submitted so far, then leaves; returns when it has. A later request starts a
+        new one."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     # -- what the roles call --------------------------------------------------------------
     @property
@@ -89,10 +137,10 @@ class AsyncEngine:
         this stream yields only the last one."""
         prompt_ids = self.engine.tokenize(prompt)
         self.engine.validate(prompt_ids, params)  # raises ValueError before anything is queued
-        queue = self._open(request_id, sink)
+        stream = self._open(request_id, sink)
         self._submit(request_id, lambda: self.engine.add_request(prompt_ids, params, request_id,
                                                                  kv_export_from, kv_stream))
-        async for out in self._drain(request_id, queue):
+        async for out in self._drain(request_id, stream.queue):
             yield out
 
     async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -110,7 +158,7 @@ class AsyncEngine:
         """Stream a reserved request whose prompt KV from `first_block` on arrived from a
         prefill replica; the first output is the token prefill sampled. `sink` as in
         `generate`."""
-        queue = self._open(request_id, sink)
+        stream = self._open(request_id, sink)
 
         def admit() -> None:
             nonlocal kv_data
@@ -125,19 +173,20 @@ class AsyncEngine:
                 kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
 
         self._submit(request_id, admit)
-        async for out in self._drain(request_id, queue):
+        async for out in self._drain(request_id, stream.queue):
             yield out
 
     def abort(self, request_id: str) -> None:
-        """End request_id wherever it is (queued, running, reserved) and free its pages."""
+        """End request_id wherever it is (queued, running, reserved) and free its pages. Safe
+        from any thread."""
         self._submit(request_id, lambda: self.engine.abort(request_id))
         self._end_stream(request_id)
 
     def _end_stream(self, request_id: str) -> None:
         """The request's stream ends, as aborted (no finished output)."""
-        queue = self._streams.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(None)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.post(None)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -154,61 +203,78 @@ class AsyncEngine:
         return self.engine.has_unfinished()
 
     # -- running code between steps ----------------------------------------------------------
+    def run_soon(self, fn: Callable[[], None]) -> None:
+        """Run fn on the step thread between two steps; from any thread, nothing awaited."""
+        self._submit("", fn)
+
     async def call(self, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
         """Run fn between two steps (where the engine may be mutated) and return its result.
 
-        If the caller is cancelled before fn has run, fn still runs and `undo(result)` runs
-        right after it, in the same slot; so no effect outlives a cancelled caller, whatever
-        else was queued meanwhile."""
-        self.start()
-        fut = asyncio.get_running_loop().create_future()
+        If the caller is cancelled before fn's result reaches it, `undo(result)` runs on the
+        step thread: right after fn, in the same slot, if the cancellation came first, else
+        between the next two steps. So no effect outlives a cancelled caller."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def settle(result: T) -> None:  # on the caller's loop
+            if not fut.cancelled():
+                fut.set_result(result)
+            elif undo is not None:
+                self._submit("", lambda: undo(result))
+
+        def fail(e: Exception) -> None:
+            if not fut.cancelled():
+                fut.set_exception(e)
 
         def run() -> None:
             try:
                 result = fn()
             except Exception as e:
-                if not fut.cancelled():
-                    fut.set_exception(e)
+                _call_soon(loop, fail, e)
                 return
-            if fut.cancelled():
+            if fut.cancelled() or not _call_soon(loop, settle, result):
                 if undo is not None:
                     undo(result)
-                return
-            fut.set_result(result)
 
         self._submit("", run)
         return await fut
 
     # -- internals ------------------------------------------------------------------------
-    def _open(self, request_id: str, sink: OutputSink | None = None) -> asyncio.Queue:
+    def _open(self, request_id: str, sink: OutputSink | None = None) -> _Stream:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.start()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
-        if sink is not None:
-            self._sinks[request_id] = sink
-        return queue
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), sink)
+        self._streams[request_id] = stream
+        return stream
 
     def _deliver(self, out: RequestOutput) -> None:
-        """Hand an output to its sink (the stream wakes only for the last one) or its stream."""
-        sink = self._sinks.get(out.request_id)
-        if sink is not None:
-            sink.put(out)
-            self._dirty[id(sink)] = sink
+        """(Step thread.) Hand an output to its sink (the stream gets only the last one) or to
+        its stream."""
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if stream.sink is not None:
+            stream.sink.put(out)
+            self._dirty[id(stream.sink)] = stream.sink
             if not out.finished:
                 return
-        queue = self._streams.get(out.request_id)
-        if queue is not None:
-            queue.put_nowait(out)
+        self._posts.append((stream, out))
 
-    def _flush_sinks(self) -> None:
+    def _flush(self) -> None:
+        """(Step thread.) Sinks first, so that a request's last batch is on its way before its
+        stream (and so its Serve call) ends; then one hand-off per event loop."""
         dirty, self._dirty = self._dirty, {}
         for sink in dirty.values():
             try:
                 sink.flush()
             except Exception:  # one consumer's failure must not stop the loop
                 log.exception("output sink flush failed")
+        posts, self._posts = self._posts, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in posts:
+            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _put_all, items)
 
     async def _drain(self, request_id: str, queue: asyncio.Queue
                      ) -> AsyncIterator[RequestOutput]:
@@ -235,42 +301,85 @@ class AsyncEngine:
             if not finished:  # consumer went away (disconnect, timeout): free its pages
                 self.abort(request_id)
             self._streams.pop(request_id, None)
-            self._sinks.pop(request_id, None)
 
     def _submit(self, request_id: str, fn: Callable[[], None]) -> None:
-        self._pending.append((request_id, fn))
-        self._wake.set()
+        with self._cond:
+            self._pending.append((request_id, fn))
+            if self._running:
+                self._cond.notify()
+                return
+            self._running = True
+            self._closed = False
+            self._thread = threading.Thread(target=self._run, name="pdserve-step", daemon=True)
+            self._thread.start()
 
-    async def _loop(self) -> None:
-        while True:
-            if not self._pending and not self.engine.has_unfinished():
-                self._wake.clear()
-                await self._wake.wait()
+    def _next_actions(self) -> list[tuple[str, Callable[[], None]]] | None:
+        """The actions to apply before the next step; None when the thread should leave:
+        closed (once what was submitted before is applied), replaced as the engine's driver, or
+        idle for IDLE_EXIT_S."""
+        with self._cond:
+            idle = not self._pending and not self._has_work()
+            if idle:
+                self._cond.wait_for(lambda: self._pending or self._closed, IDLE_EXIT_S)
+            # After an idle wait only a submitted action keeps the thread: work that appeared
+            # in the engine meanwhile is someone else's (a test's LLM on the same Engine).
+            if _DRIVERS.get(self.engine) is not self or not self._pending and (
+                    self._closed or idle or not self._has_work()):
+                self._running = False
+                return None
             pending, self._pending = self._pending, []
-            for request_id, fn in pending:
-                try:
-                    fn()
-                except Exception as e:  # a bad request must not stop the loop
-                    log.exception("engine action for %s failed", request_id)
-                    queue = self._streams.pop(request_id, None)
-                    if queue is not None:
-                        queue.put_nowait(e)
-            self._flush_sinks()  # first tokens of the requests admitted just now
-            if not self.engine.has_unfinished():
-                continue
+            return pending
+
+    def _has_work(self) -> bool:
+        """Requests of this AsyncEngine's streams to step. Every engine request of ours has an
+        open stream (a stream that ends early aborts its request), so with no stream open the
+        engine's remaining work is someone else's (a test driving the same Engine through
+        `LLM`), which this thread must not step."""
+        return bool(self._streams) and self.engine.has_unfinished()
+
+    def _run(self) -> None:
+        try:
+            while (pending := self._next_actions()) is not None:
+                self._apply(pending)
+                if not self._closed and self._has_work():
+                    self._step()
+        except BaseException:  # a bug here must not leave the streams waiting forever
+            log.exception("engine step thread failed")
+            with self._cond:
+                self._running = False
+            self._fail_all(RuntimeError("the engine step thread failed"))
+            raise
+
+    def _apply(self, pending: list[tuple[str, Callable[[], None]]]) -> None:
+        for request_id, fn in pending:
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as e:
-                log.exception("engine step failed; failing its requests")
-                for rid in list(self._streams):
-                    self.engine.abort(rid)
-                    self._streams.pop(rid).put_nowait(e)
-                continue
-            self.num_steps += 1
-            for out in outputs:
-                self._deliver(out)
-            self._flush_sinks()
-            await asyncio.sleep(0)  # let streams flush between steps
+                fn()
+            except Exception as e:  # a bad request must not stop the loop
+                log.exception("engine action for %s failed", request_id)
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    self._posts.append((stream, e))
+        self._flush()  # first tokens of the requests admitted just now
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing its requests")
+            self._fail_all(e)
+            return
+        self.num_steps += 1
+        for out in outputs:
+            self._deliver(out)
+        self._flush()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._posts.append((stream, error))
+        self._flush()
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:

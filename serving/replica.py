@@ -3,7 +3,6 @@ publish its metrics. Shared by the prefill, decode and colocated deployments."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -110,22 +109,21 @@ class Replica:
             self.engine.abort(request_id)
 
     def snapshot(self) -> dict:
-        """Called from the metrics thread; also queues a page-accounting audit for the loop."""
+        """Called from the metrics thread; also queues a page-accounting audit for the step
+        thread."""
         self.metrics.record_engine(self.engine.stats())
-        loop = self.engine.loop
         now = time.monotonic()
-        # The audit walks every page: run it while idle (nothing waits for the loop then), and
+        # The audit walks every page: run it while idle (nothing waits for the steps then), and
         # not too often.
-        if (loop is not None and not loop.is_closed() and not self.engine.has_unfinished()
-                and now - self._last_audit >= AUDIT_EVERY_S):
+        if not self.engine.has_unfinished() and now - self._last_audit >= AUDIT_EVERY_S:
             self._last_audit = now
-            asyncio.run_coroutine_threadsafe(self._audit(), loop)
+            self.engine.run_soon(self._audit)
         return self.metrics.snapshot()
 
-    async def _audit(self) -> None:
+    def _audit(self) -> None:
         """The engine's page-accounting check, between two steps; published as a gauge."""
         try:
-            await self.engine.check_integrity()
+            self.engine.engine.check_integrity()
             ok = 1
         except AssertionError:
             log.exception("KV page accounting check failed")

@@ -22,6 +22,5 @@ async def serving_engine(llm: LLM) -> AsyncIterator[AsyncEngine]:
     """`llm`'s engine behind an AsyncEngine; afterwards its loop stops and no page is in use."""
     engine = AsyncEngine(llm.engine)
     yield engine
-    if engine._task is not None:
-        engine._task.cancel()
+    engine.close()
     assert llm.engine.num_pages_used == 0  # every page of every request came back

@@ -51,8 +51,7 @@ async def api_over(engine: Engine, llm: LLM, wrap=lambda c: c
                                  base_url="http://test") as http:
         yield http
     await wait_idle(engine)
-    if aengine._task is not None:
-        aengine._task.cancel()
+    aengine.close()
 
 
 def texts(llm: LLM) -> tuple[str, str]:

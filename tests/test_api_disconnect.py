@@ -75,8 +75,7 @@ async def test_serve_disconnect_is_quiet(llm: LLM, caplog, path: str, spec: str,
     await asyncio.wait_for(app(scope(path, spec), receive, send), timeout=60)
     while llm.engine.has_unfinished() or engine._streams:
         await asyncio.sleep(0.01)
-    if engine._task is not None:
-        engine._task.cancel()
+    engine.close()
     gc.collect()  # an unretrieved exception is reported when its future is collected
     await asyncio.sleep(0)
     assert llm.engine.num_pages_used == 0

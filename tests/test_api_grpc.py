@@ -85,8 +85,7 @@ async def settle(engine: AsyncEngine, llm: LLM) -> None:
         if llm.engine.num_pages_used == 0 and not llm.engine.has_unfinished():
             break
         await asyncio.sleep(0.01)
-    if engine._task is not None:
-        engine._task.cancel()
+    engine.close()
     assert not llm.engine.has_unfinished()
     assert llm.engine.num_pages_used == 0  # every page of every request came back
 

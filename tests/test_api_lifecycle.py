@@ -119,7 +119,7 @@ async def test_stream_disconnect_aborts(llm: LLM, admitted: list[Request], spec:
     sent = await call_asgi(app, path, body, spec, disconnect_after=3)
     assert sent[0]["status"] == 200
     await assert_aborted(llm, engine, admitted, max_tokens=1000)
-    engine._task.cancel()
+    engine.close()
 
 
 async def test_non_streaming_disconnect_aborts(llm: LLM, admitted: list[Request]) -> None:
@@ -133,7 +133,7 @@ async def test_non_streaming_disconnect_aborts(llm: LLM, admitted: list[Request]
     assert sent == []  # nothing was answered: the client was gone
     await assert_aborted(llm, engine, admitted, max_tokens=LONG["max_tokens"])
     assert len(admitted) == 1 and len(admitted[0].output_token_ids) >= 5
-    engine._task.cancel()
+    engine.close()
 
 
 async def test_batched_stream_disconnect_aborts_all(llm: LLM, admitted: list[Request]) -> None:
@@ -143,7 +143,7 @@ async def test_batched_stream_disconnect_aborts_all(llm: LLM, admitted: list[Req
     await call_asgi(app, "/v1/completions", body, "2.0", disconnect_after=4)
     await assert_aborted(llm, engine, admitted, max_tokens=LONG["max_tokens"])
     assert len(admitted) == 2
-    engine._task.cancel()
+    engine.close()
 
 
 # -- the Serve handle adapter, against a stand-in for DeploymentHandle ----------------------

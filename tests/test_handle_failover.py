@@ -127,7 +127,7 @@ async def test_stream_resumes_with_the_same_tokens_and_text(llm: LLM, raw: Engin
     assert p1 == prompt + clean[0][:n1] and q1.max_tokens == 40 - n1 and q1.resumed_tokens == n1
     assert r1 == "r-resume1" and r2 == "r-resume2" and q2.resumed_tokens == len(p2) - len(prompt)
     await assert_no_page_left(raw, engine)
-    engine._task.cancel()
+    engine.close()
 
 
 @pytest.mark.parametrize("kw", [dict(max_tokens=30, temperature=0.0, ignore_eos=True), SEEDED],
@@ -153,7 +153,7 @@ async def test_stop_string_spanning_the_failure_point(llm: LLM, raw: Engine, kw:
         assert await run(client, prompt, params) == clean, die_after
         assert inner.num_resumes == (die_after < len(ref.token_ids))
     await assert_no_page_left(raw, engine)
-    engine._task.cancel()
+    engine.close()
 
 
 async def test_no_replica_left_ends_with_an_error_event(llm: LLM, raw: Engine) -> None:
@@ -169,7 +169,7 @@ async def test_no_replica_left_ends_with_an_error_event(llm: LLM, raw: Engine) -
     assert json.loads(events[-2])["error"]["type"] == "server_error"
     assert len(handle.calls) == 4
     await assert_no_page_left(raw, engine)
-    engine._task.cancel()
+    engine.close()
 
 
 async def test_a_timeout_bounds_every_wait() -> None:

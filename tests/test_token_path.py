@@ -4,6 +4,7 @@ once; the ingress side fans batches out to per-request queues (serving/token_mai
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -37,9 +38,14 @@ def test_a_sink_gets_one_batch_per_step_and_streams_yield_only_the_end(tiny_llam
     async def main():
         engine = AsyncEngine(llm.engine)
         sink = RecordingSink()
+        gate = threading.Event()  # holds the step thread until both requests are submitted
+        engine.run_soon(lambda: gate.wait(60))
         tasks = [asyncio.create_task(_collect(engine.generate(p, GREEDY, f"r{i}", sink=sink)))
                  for i, p in enumerate(prompts)]
+        await asyncio.sleep(0.05)
+        gate.set()
         streams = await asyncio.gather(*tasks)
+        engine.close()
         return engine, sink, streams
 
     engine, sink, streams = asyncio.run(main())
