@@ -60,6 +60,35 @@ def hf_baseline(path: Path, batch: int, input_len: int, output_len: int) -> floa
     return tokens / dt
 
 
+STEP_COUNTERS = ("pdserve_engine_steps_total", "pdserve_engine_step_seconds_total",
+                 "pdserve_engine_round_seconds_total", "pdserve_engine_action_seconds_total")
+METRICS_PUSH_S = 3.0
+
+
+def step_counters() -> dict[str, dict]:
+    """The serving replicas' step-thread counters from /metrics, per metric and replica."""
+    import httpx
+
+    from bench.soak import parse_metrics
+
+    text = httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
+    return {name: parse_metrics(text, name) for name in STEP_COUNTERS}
+
+
+def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
+    """Per serving replica, over the run: steps, mean time in `Engine.step`, and the mean host
+    time the serving path added between two steps (the rest of the step thread's rounds)."""
+    steps, step_s, round_s, action_s = (
+        {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
+        for name in STEP_COUNTERS)
+    for key, n in sorted(steps.items()):
+        if n:
+            print(f"step thread {key[0]} {key[1][:8]}: {n:.0f} steps, "
+                  f"{1e3 * step_s[key] / n:.2f} ms in Engine.step, "
+                  f"{1e3 * (round_s[key] - step_s[key]) / n:.2f} ms between steps "
+                  f"(actions {1e3 * action_s.get(key, 0.0) / n:.2f} ms)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/llama3-8b-gpu.yaml")
@@ -99,9 +128,12 @@ def main(argv: list[str] | None = None) -> None:
         bench_serve.main(common + ["--num-prompts", "16", "--concurrency", "16", "--seed", "1",
                                    "--out", str(out / "warmup.json")])
         res_path = out / "serve.json"
+        before = step_counters()
         bench_serve.main(common + ["--num-prompts", str(args.num_prompts), "--concurrency",
                                    str(args.concurrency), "--seed", "0", "--out", str(res_path)])
         run = json.loads(res_path.read_text())["runs"][0]
+        time.sleep(METRICS_PUSH_S)  # the replicas' last counters reach /metrics
+        print_step_times(before, step_counters())
     finally:
         server.stop()
     if not run["completed"]:

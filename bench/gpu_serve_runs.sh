@@ -6,7 +6,7 @@ for run in "$@"; do
   name=${run%%:*}; cfg=${run#*:}
   echo "=== $name ($cfg) $(date -u +%H:%M:%S)"
   timeout 200 python -m bench.gpu_serve --skip-hf --config "$cfg" --out-dir "/tmp/r_$name" 2>&1 \
-    | grep -v "INFO\|WARNING" | tail -4
+    | grep -v "INFO\|WARNING" | tail -9
   cp "/tmp/r_$name/serve.json" "$OUT/$name.json" 2>/dev/null
   grep -i "Traceback\|Error" "/tmp/r_$name/serve.log" | head -5
 done

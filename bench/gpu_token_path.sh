@@ -2,7 +2,8 @@
 # alone, then through Serve with the committed GPU configs and an ingress-count variant.
 # On the GPU machine:  bash bench/device_run.sh bash bench/gpu_token_path.sh [NAME ...]
 # NAMEs (default: offline pd colo pd_ing2): offline, pd (1P1D cuda_ipc), colo (colocated),
-# pd_ing2 / colo_ing2 (two ingress replicas), pd_c50 / colo_c50 (stream_interval_ms: 50).
+# pd_ing2 / colo_ing2 (two ingress replicas), pd_c50 / colo_c50 (stream_interval_ms: 50),
+# pd_gil1 / colo_gil1 (the replicas' GIL switch interval at 1 ms: PDSERVE_GIL_SWITCH_MS).
 set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
@@ -15,6 +16,9 @@ for src, name in zip(sys.argv[1:], ("", "colo_")):
     args["ingress"]["num_replicas"] = 1
     args["stream_interval_ms"] = 50
     yaml.safe_dump(cfg, open(f"/tmp/{name}c50.yaml", "w"))
+    args.pop("stream_interval_ms")
+    cfg["applications"][0]["runtime_env"] = {"env_vars": {"PDSERVE_GIL_SWITCH_MS": "1"}}
+    yaml.safe_dump(cfg, open(f"/tmp/{name}gil1.yaml", "w"))
 PY
 for name in "${@:-offline pd colo pd_ing2}"; do
   for n in $name; do
@@ -26,6 +30,8 @@ for name in "${@:-offline pd colo pd_ing2}"; do
       colo_ing2) bash bench/gpu_serve_runs.sh colo_ing2:/tmp/colo_ing2.yaml ;;
       pd_c50) bash bench/gpu_serve_runs.sh pd_c50:/tmp/c50.yaml ;;
       colo_c50) bash bench/gpu_serve_runs.sh colo_c50:/tmp/colo_c50.yaml ;;
+      pd_gil1) bash bench/gpu_serve_runs.sh pd_gil1:/tmp/gil1.yaml ;;
+      colo_gil1) bash bench/gpu_serve_runs.sh colo_gil1:/tmp/colo_gil1.yaml ;;
     esac
   done
 done

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ class AsyncEngine:
         self._dirty: dict[int, OutputSink] = {}  # sinks given outputs since their last flush
         self._posts: list[tuple[_Stream, object]] = []  # stream items of this step
         self.num_steps = 0
+        # Where the step thread's working time goes: inside `Engine.step`, and in its whole
+        # rounds (actions + step + hand-off) that stepped; the difference is the host time the
+        # serving path adds between two steps.
+        self.step_seconds = 0.0
+        self.round_seconds = 0.0
+        self.action_seconds = 0.0  # of which applying adds, admits, aborts, calls
 
     def close(self) -> None:
         """Stop the step thread: it finishes the step it is in and applies the actions (adds,
@@ -340,9 +347,11 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while (pending := self._next_actions()) is not None:
+                start = time.perf_counter()
                 self._apply(pending)
                 if not self._closed and self._has_work():
                     self._step()
+                    self.round_seconds += time.perf_counter() - start
         except BaseException:  # a bug here must not leave the streams waiting forever
             log.exception("engine step thread failed")
             with self._cond:
@@ -351,6 +360,7 @@ class AsyncEngine:
             raise
 
     def _apply(self, pending: list[tuple[str, Callable[[], None]]]) -> None:
+        start = time.perf_counter()
         for request_id, fn in pending:
             try:
                 fn()
@@ -359,15 +369,18 @@ class AsyncEngine:
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
                     self._posts.append((stream, e))
+        self.action_seconds += time.perf_counter() - start
         self._flush()  # first tokens of the requests admitted just now
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as e:
             log.exception("engine step failed; failing its requests")
             self._fail_all(e)
             return
+        self.step_seconds += time.perf_counter() - start
         self.num_steps += 1
         for out in outputs:
             self._deliver(out)

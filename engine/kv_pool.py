@@ -1,4 +1,9 @@
-"""The paged KV cache: one tensor per layer, `[num_pages, 2, page_size, num_kv_heads, head_dim]`."""
+"""The paged KV cache: one tensor `[num_layers, num_pages, 2, page_size, num_kv_heads, head_dim]`;
+each layer's attention sees its contiguous slice `[num_pages, 2, page_size, Hkv, D]`.
+
+One allocation rather than one per layer so that moving a request's pages in or out is one
+kernel over every layer (an import between two decode steps was 32 launches, each a GIL
+round trip on the step thread)."""
 
 from __future__ import annotations
 
@@ -13,9 +18,9 @@ class KVPool:
         self.num_pages = num_pages
         self.page_size = page_size
         self.dtype = dtype
-        shape = (num_pages, 2, page_size, arch.num_kv_heads, arch.head_dim)
-        self.layers = [torch.zeros(shape, dtype=dtype, device=device)
-                       for _ in range(arch.num_layers)]
+        self.kv = torch.zeros((arch.num_layers, num_pages, 2, page_size, arch.num_kv_heads,
+                               arch.head_dim), dtype=dtype, device=device)
+        self.layers = list(self.kv.unbind(0))  # views
 
     @staticmethod
     def bytes_per_page(arch: ModelArch, page_size: int, dtype: torch.dtype) -> int:
@@ -28,8 +33,8 @@ class KVPool:
 
     def read_pages(self, pages: list[int]) -> torch.Tensor:
         """[num_layers, len(pages), 2, page_size, Hkv, D] copy of the given pages."""
-        idx = torch.tensor(pages, dtype=torch.long, device=self.layers[0].device)
-        return torch.stack([layer.index_select(0, idx) for layer in self.layers])
+        idx = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
+        return self.kv.index_select(1, idx)
 
     def write_pages(self, pages: list[int], data: torch.Tensor) -> None:
         """Inverse of read_pages: data [num_layers, len(pages), 2, page_size, Hkv, D]."""
@@ -37,7 +42,5 @@ class KVPool:
                 or tuple(data.shape[2:]) != tuple(self.layers[0].shape[1:]):
             raise ValueError(f"KV payload shape {tuple(data.shape)} does not fit pool pages "
                              f"{tuple(self.layers[0].shape[1:])} x {len(self.layers)} layers")
-        idx = torch.tensor(pages, dtype=torch.long, device=self.layers[0].device)
-        data = data.to(self.layers[0].device, self.dtype, non_blocking=True)
-        for layer, src in zip(self.layers, data):
-            layer.index_copy_(0, idx, src)
+        idx = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
+        self.kv.index_copy_(1, idx, data.to(self.kv.device, self.dtype, non_blocking=True))

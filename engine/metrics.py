@@ -102,6 +102,37 @@ class StreamRecorder:
             m.inc(f"pdserve_requests_finished_{out.finish_reason}_total")
 
 
+def record_step(metrics: Metrics, recorders: dict[str, StreamRecorder], outs: list,
+                now: float) -> None:
+    """`StreamRecorder.observe(out, now)` for every output of one step that has a recorder,
+    with one update per metric: a step hands out an output for every running request."""
+    ttft, tpot, tokens, finished = [], [], 0, {}
+    for out in outs:
+        rec = recorders.get(out.request_id)
+        if rec is None:
+            continue
+        n = len(out.new_token_ids)
+        if rec.last is None:
+            ttft.append(now - rec.start)
+        elif n:
+            tpot.append((now - rec.last) / n)
+        rec.last = now
+        tokens += n
+        if out.finished:
+            finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
+    for name, values in (("pdserve_ttft_seconds", ttft),
+                         ("pdserve_time_per_output_token_seconds", tpot)):
+        if values:
+            hist = metrics.histograms.setdefault(name, Histogram())
+            for v in values:
+                hist.observe(v)
+    if tokens or ttft or tpot:
+        metrics.inc("pdserve_generated_tokens_total", tokens)
+    for reason, count in finished.items():
+        metrics.inc("pdserve_requests_finished_total", count)
+        metrics.inc(f"pdserve_requests_finished_{reason}_total", count)
+
+
 async def track_stream(stream, metrics: Metrics, start: float):
     """Pass a RequestOutput stream through, recording it (`StreamRecorder`)."""
     recorder = StreamRecorder(metrics, start)

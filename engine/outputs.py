@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -29,6 +30,15 @@ class RequestOutput:
     # prompt token, the first None (OpenAI's echo logprobs, TGI's details.prefill).
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
+    def to_wire(self) -> tuple:
+        """The fields as a plain tuple, in declaration order: a step's outputs pickle ~3x
+        faster as tuples than as dataclasses (their state goes through a dict each)."""
+        return _OUTPUT_FIELDS(self)
+
+    @classmethod
+    def from_wire(cls, values: tuple) -> RequestOutput:
+        return cls(*values)
+
 
 @dataclass
 class KVExport:
@@ -37,3 +47,6 @@ class KVExport:
     data: object  # torch.Tensor [num_layers, num_pages, 2, page_size, Hkv, D] on the engine device
     first_block: int  # data holds blocks first_block .. first_block + num_pages - 1
     block_hashes: list[int]  # chain hashes of all the prompt's full blocks
+
+
+_OUTPUT_FIELDS = operator.attrgetter(*(f.name for f in fields(RequestOutput)))

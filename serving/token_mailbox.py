@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import logging
 import pickle
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from engine.metrics import Metrics, StreamRecorder
+from engine.metrics import Metrics, StreamRecorder, record_step
 from engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,13 @@ class MailboxReader:
                 await asyncio.sleep(0.1)
                 continue
             for batch in batches:  # pickled by this cluster's own serving replicas
-                self.fanout.deliver(pickle.loads(batch))
+                self.fanout.deliver([RequestOutput.from_wire(t) for t in pickle.loads(batch)])
 
 
 class MailboxSink:
     """The serving replica's side for one mailbox: an `OutputSink` (engine/async_engine.py)
-    that records each output's timing and sends one batch per step.
+    that records each step's output timings and sends one batch per step, as tuples
+    (`RequestOutput.to_wire`).
 
     If the mailbox is gone (its ingress replica died), nobody reads the requests' outputs:
     `on_lost(request_ids)` is called once for the requests still open, to abort them."""
@@ -159,16 +161,16 @@ class MailboxSink:
         self.recorders.pop(request_id, None)
 
     def put(self, out: RequestOutput) -> None:
-        recorder = self.recorders.get(out.request_id)
-        if recorder is not None:
-            recorder.observe(out)
         self.pending.append(out)
 
     def flush(self) -> None:
         batch, self.pending = self.pending, []
-        if self.lost or not batch:
+        if not batch:
             return
-        blob = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        record_step(self.metrics, self.recorders, batch, time.perf_counter())
+        if self.lost:
+            return
+        blob = pickle.dumps([out.to_wire() for out in batch], protocol=pickle.HIGHEST_PROTOCOL)
         self.in_flight.append(self.mailbox.actor.put.remote(self.sender, self.seq, blob))
         self.seq += 1
         self._check_delivered()

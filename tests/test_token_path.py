@@ -4,13 +4,15 @@ once; the ingress side fans batches out to per-request queues (serving/token_mai
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 
 import pytest
 
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
-from engine.outputs import RequestOutput
+from engine.metrics import Metrics, StreamRecorder, record_step
+from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from serving.token_mailbox import Fanout
 
@@ -201,3 +203,33 @@ async def test_mailbox_call_coalesces_only_when_asked_and_busy():
     assert merged.new_token_ids == [1, 2, 3] and merged.finished and busy.open == 1
     await stream.aclose()
     assert busy.open == 0
+
+
+def test_a_step_recorded_at_once_counts_as_output_by_output():
+    """`record_step` (the mailbox sink's per-step recording) gives the metrics that observing
+    each output on its own at the same instant gives."""
+    steps = [[RequestOutput("a", [1], "", False), RequestOutput("b", [2], "", False)],
+             [RequestOutput("a", [3, 4], "", False), RequestOutput("gone", [9], "", False)],
+             [RequestOutput("a", [5], "", True, "length"),
+              RequestOutput("b", [], "", True, "abort")]]
+    one, batched = Metrics("decode", "x"), Metrics("decode", "x")
+    singles = {rid: StreamRecorder(one, 0.5) for rid in ("a", "b")}
+    recorders = {rid: StreamRecorder(batched, 0.5) for rid in ("a", "b")}
+    for now, outs in zip((1.0, 1.5, 2.25), steps):
+        for out in outs:
+            if out.request_id in singles:
+                singles[out.request_id].observe(out, now)
+        record_step(batched, recorders, outs, now)
+    assert batched.snapshot() == one.snapshot()
+    assert batched.counters["pdserve_generated_tokens_total"] == 5
+    assert batched.histograms["pdserve_ttft_seconds"].sum == 1.0  # two firsts, 0.5 s each
+    assert batched.counters["pdserve_requests_finished_abort_total"] == 1
+
+
+def test_outputs_cross_the_wire_as_tuples_and_come_back_equal():
+    out = RequestOutput("r", [7, 8], "hi", True, "stop", [TokenLogprob(7, -0.5, [(7, -0.5)])],
+                        num_prompt_tokens=3, num_output_tokens=2, num_cached_tokens=16,
+                        prompt_logprobs=[None, TokenLogprob(1, -2.0)])
+    wire = out.to_wire()
+    assert type(wire) is tuple and wire[0] == "r"
+    assert RequestOutput.from_wire(pickle.loads(pickle.dumps(wire))) == out
