@@ -32,6 +32,9 @@ class FakeConfig:
     max_concurrency: int = 0  # 0: unlimited
     fail_every: int = 0  # every Nth request answers HTTP 500; 0: never
     model: str = "fake-model"
+    # No request's first token before this many requests have arrived (a barrier): a test of
+    # "all sent before any answer" then holds however slow the machine is. 0: no barrier.
+    hold_until: int = 0
 
 
 def _sse(obj: Any) -> bytes:
@@ -41,6 +44,7 @@ def _sse(obj: Any) -> bytes:
 def make_app(cfg: FakeConfig) -> web.Application:
     slots = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency > 0 else None
     count = 0
+    all_arrived = asyncio.Event()
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -51,6 +55,8 @@ def make_app(cfg: FakeConfig) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         nonlocal count
         count += 1
+        if count >= cfg.hold_until:
+            all_arrived.set()
         body = await request.json()
         if cfg.fail_every and count % cfg.fail_every == 0:
             return web.json_response({"error": {"message": "injected failure"}}, status=500)
@@ -67,6 +73,7 @@ def make_app(cfg: FakeConfig) -> web.Application:
         n_prompt = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        await all_arrived.wait()
         await asyncio.sleep(cfg.ttft_ms / 1e3)
         sent = 0
         while sent < n:

@@ -48,7 +48,7 @@ def _max_in_flight(records) -> int:
 
 
 def test_ttft_tpot_itl_within_bounds() -> None:
-    fake = FakeConfig(ttft_ms=60, tpot_ms=15, model="fake-7b")
+    fake = FakeConfig(ttft_ms=60, tpot_ms=15, model="fake-7b", hold_until=8)
     with running(fake) as url:
         assert fetch_first_model(url) == "fake-7b"
         client = ClientConfig(url, model="fake-7b")
@@ -63,8 +63,8 @@ def test_ttft_tpot_itl_within_bounds() -> None:
         assert _adds_up(r)
     print(f"\nTTFT {max(r.ttft for r in res.records) * 1000:.1f} ms at most (server: 60), "
           f"TPOT {max(r.tpot for r in res.records) * 1000:.1f} ms at most (server: 15)")
-    # rate inf: all sent at once, each before any first token came back, so all 8 are in
-    # flight together; the run lasts from the first send to the last byte
+    # rate inf: all sent at once; the server answers none before all 8 have arrived, so all
+    # 8 are in flight together; the run lasts from the first send to the last byte
     assert max(r.send_time for r in res.records) < min(r.send_time + r.ttft for r in res.records)
     assert _max_in_flight(res.records) == 8
     assert max(r.send_time + r.e2e for r in res.records) <= res.duration
