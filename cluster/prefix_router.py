@@ -16,6 +16,7 @@ at its `max_ongoing_requests` refuses and Serve tries the next, then backs off a
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from ray.serve._private.constants import SERVE_LOGGER_NAME
@@ -34,6 +35,7 @@ from serving.config import AppConfig, Role
 logger = logging.getLogger(SERVE_LOGGER_NAME)
 
 ROUTER_CLASS = "cluster.prefix_router.PrefixAffinityRouter"
+MAX_PENDING_HASHES = 10_000  # requests chosen for but not yet routed (see _hashes)
 
 
 def prompt_of(pending_request: PendingRequest | None) -> list[int] | None:
@@ -55,6 +57,10 @@ class PrefixAffinityRouter(RequestRouter):
         self.index: PrefixIndex[ReplicaID] = PrefixIndex(page_size, max_entries, max_imbalance)
         self._in_flight: dict[ReplicaID, set[str]] = {}  # replica -> internal request ids
         self.num_routed = {"prefix": 0, "other": 0}  # calls with and without a prompt
+        # A request's block hashes from `choose_replicas` until `on_request_routed` (both on
+        # the ingress's event loop): its prompt is hashed once. Bounded: a request cancelled
+        # before it was routed leaves its entry behind.
+        self._hashes: OrderedDict[str, list[int]] = OrderedDict()
         logger.info("prefix-affine routing for %s: page_size %d, max_imbalance %d, %d index "
                     "pages", self._deployment_id, page_size, max_imbalance, max_entries)
 
@@ -85,8 +91,7 @@ class PrefixAffinityRouter(RequestRouter):
             # After every rank refused: sleep before asking again, not spin.
             pending_request.routing_context.should_backoff = True
         index = self._index()
-        prompt = prompt_of(pending_request)
-        hashes = index.hashes(prompt) if prompt else []
+        hashes = self._hashes_of(pending_request)
         by_id = {r.replica_id: r for r in candidate_replicas}
         ranked = index.rank(hashes, self.loads(candidate_replicas))
         if hashes:
@@ -97,13 +102,31 @@ class PrefixAffinityRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
-        self._in_flight.setdefault(replica_id, set()).add(
-            pending_request.metadata.internal_request_id)
-        prompt = prompt_of(pending_request)
-        if prompt:
-            index = self._index()
-            index.record(index.hashes(prompt), replica_id)
-        self.num_routed["prefix" if prompt else "other"] += 1
+        request_id = pending_request.metadata.internal_request_id
+        self._in_flight.setdefault(replica_id, set()).add(request_id)
+        hashes = self._hashes.pop(request_id, None)
+        if hashes is None:
+            hashes = self._hashes_of(pending_request, keep=False)
+        if hashes:
+            self._index().record(hashes, replica_id)
+        self.num_routed["prefix" if prompt_of(pending_request) else "other"] += 1
+
+    def _hashes_of(self, pending_request: PendingRequest | None, keep: bool = True
+                   ) -> list[int]:
+        """The block hashes of the request's prompt ([] without one), computed once per
+        request: kept (if `keep`) for `on_request_routed`."""
+        if pending_request is None:
+            return []
+        request_id = pending_request.metadata.internal_request_id
+        hashes = self._hashes.get(request_id)
+        if hashes is None:
+            prompt = prompt_of(pending_request)
+            hashes = self._index().hashes(prompt) if prompt else []
+            if keep:
+                self._hashes[request_id] = hashes
+                while len(self._hashes) > MAX_PENDING_HASHES:
+                    self._hashes.popitem(last=False)
+        return hashes
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         # Also called for requests a replica refused, which were never counted.

@@ -226,3 +226,17 @@ def test_build_app_gives_the_decode_deployment_the_router_only_when_asked():
     colocated = AppConfig.from_args({"mode": "colocated", "routing": {"policy": "prefix"}})
     assert role_options(colocated, "colocated")["request_router_config"].request_router_kwargs[
         "page_size"] == 16
+
+
+def test_the_serve_router_hashes_each_prompt_once():
+    async def scenario():
+        a, b = FakeReplica("a"), FakeReplica("b")
+        router = make_router([a, b])
+        calls = []
+        hashes = router.index.hashes
+        router.index.hashes = lambda ids: calls.append(len(ids)) or hashes(ids)
+        assert await send(router, pending(prompt(1, 4), 0)) == "a"
+        assert await send(router, pending(prompt(1, 4, 1), 1)) == "a"
+        assert len(calls) == 2 and router._hashes == {}  # once per request, none left over
+
+    asyncio.run(scenario())
