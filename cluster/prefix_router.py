@@ -30,12 +30,14 @@ from ray.serve.request_router import (
 )
 
 from cluster.prefix_index import PrefixIndex
-from serving.config import AppConfig, Role
+from engine.config import EngineConfig
+from serving.config import AppConfig, Role, RoutingSection
 
 logger = logging.getLogger(SERVE_LOGGER_NAME)
 
 ROUTER_CLASS = "cluster.prefix_router.PrefixAffinityRouter"
 MAX_PENDING_HASHES = 10_000  # requests chosen for but not yet routed (see _hashes)
+_ROUTING = RoutingSection.model_fields  # the defaults of `routing:`, written there once
 
 
 def prompt_of(pending_request: PendingRequest | None) -> list[int] | None:
@@ -52,8 +54,10 @@ class PrefixAffinityRouter(RequestRouter):
     """No Locality/Multiplex/FIFO mixins: FIFO would hand the replica chosen for one request
     to whichever request waits longest, undoing the prefix match."""
 
-    def initialize_state(self, page_size: int = 16, max_imbalance: int = 4,
-                         max_entries: int = 200_000, **_: Any) -> None:
+    def initialize_state(self, page_size: int = EngineConfig.page_size,
+                         max_imbalance: int = _ROUTING["max_imbalance"].default,
+                         max_entries: int = _ROUTING["max_index_pages"].default,
+                         **_: Any) -> None:
         self.index: PrefixIndex[ReplicaID] = PrefixIndex(page_size, max_entries, max_imbalance)
         self._in_flight: dict[ReplicaID, set[str]] = {}  # replica -> internal request ids
         self.num_routed = {"prefix": 0, "other": 0}  # calls with and without a prompt

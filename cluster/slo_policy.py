@@ -32,15 +32,18 @@ ROLES = ("prefill", "decode")
 
 @dataclass(frozen=True)
 class PolicyConfig:
+    """The policy's settings: `slo:` and `autoscaler:` of the app config (serving/config.py,
+    where their defaults and meanings are written, once), in seconds."""
+
     ttft_s: float
     tpot_s: float
-    upscale_threshold: float = 1.0
-    downscale_threshold: float = 0.5
-    upscale_after_s: float = 10.0
-    downscale_after_s: float = 30.0
-    cooldown_s: float = 30.0
-    kv_high: float = 0.9
-    max_total_replicas: int | None = None  # the budget shared by prefill + decode
+    upscale_threshold: float
+    downscale_threshold: float
+    upscale_after_s: float
+    downscale_after_s: float
+    cooldown_s: float
+    kv_high: float
+    max_total_replicas: int | None  # the budget shared by prefill + decode; None: no cap
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,10 @@ def test_the_autoscaler_becomes_serve_autoscaling_configs_for_prefill_and_decode
         "slo": SLO, "decode": {"num_replicas": 2},
         "autoscaler": {"enabled": True, "max_total_replicas": 5,
                        "decode": {"min_replicas": 1, "max_replicas": 3}}})
-    assert policy_config(cfg) == PolicyConfig(ttft_s=0.5, tpot_s=0.05, max_total_replicas=5)
+    assert policy_config(cfg) == PolicyConfig(  # the config's defaults, in seconds
+        ttft_s=0.5, tpot_s=0.05, upscale_threshold=1.0, downscale_threshold=0.5,
+        upscale_after_s=10.0, downscale_after_s=30.0, cooldown_s=30.0, kv_high=0.9,
+        max_total_replicas=5)
     serve_cfg = AutoscalingConfig(**autoscaling_config(cfg, "decode"))  # Serve's own checks
     assert (serve_cfg.min_replicas, serve_cfg.initial_replicas, serve_cfg.max_replicas) == (1, 2, 3)
     assert serve_cfg.upscale_delay_s == serve_cfg.downscale_delay_s == 0

@@ -15,8 +15,9 @@ from cluster.slo_policy import (
     decide,
 )
 
-CFG = PolicyConfig(ttft_s=0.5, tpot_s=0.05, upscale_after_s=10, downscale_after_s=30,
-                   cooldown_s=30)
+CFG = PolicyConfig(ttft_s=0.5, tpot_s=0.05, upscale_threshold=1.0, downscale_threshold=0.5,
+                   upscale_after_s=10, downscale_after_s=30, cooldown_s=30, kv_high=0.9,
+                   max_total_replicas=None)
 IDLE_P = PrefillMeasures(ttft_s=None, queued_prompt_tokens=0, prompt_tokens_per_s=0, window_s=10)
 IDLE_D = DecodeMeasures(tpot_s=None, kv_use=0.0, running=0)
 Load = Callable[[dict[str, int], int], dict[str, PrefillMeasures | DecodeMeasures]]
