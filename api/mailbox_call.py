@@ -32,6 +32,14 @@ class Coalescing:
         return self.interval_s > 0 and self.open > self.busy_streams
 
 
+class _CallEnded:
+    """Queued when the request's call ends with an error: raised once the outputs that came
+    before it are handed out."""
+
+    def __init__(self, call: asyncio.Future) -> None:
+        self.call = call
+
+
 async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int],
                        params: SamplingParams, request_id: str, timeout_s: float,
                        coalescing: Coalescing | None = None) -> AsyncIterator[RequestOutput]:
@@ -39,19 +47,23 @@ async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int]
     queue = reader.open(request_id)
     response = handle.run.remote(prompt_ids, params, request_id, reader.mailbox)
     call = asyncio.ensure_future(response)
-    # A call cancelled below ends in Serve's RequestCancelledError: retrieve it, so that it is
-    # not logged as "exception was never retrieved".
-    call.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def ended(f: asyncio.Future) -> None:
+        # Retrieved here (a call cancelled below ends in Serve's RequestCancelledError), so it
+        # is not logged as "exception was never retrieved". A call that ends well queues
+        # nothing: its last output is on its way through the mailbox.
+        if not f.cancelled() and f.exception() is not None:
+            queue.put_nowait(_CallEnded(f))
+
+    call.add_done_callback(ended)
     finished = False
     coalescing.open += 1
     try:
         while not finished:
-            out = await _next(queue, call, timeout_s)
+            out = await _next(queue, timeout_s)
             if coalescing.active:
                 while not queue.empty() and not out.finished:
-                    more = queue.get_nowait()
-                    if isinstance(more, BaseException):
-                        raise more
+                    more = _output(queue.get_nowait())
                     out = merge_outputs(out, more)
             finished = out.finished
             yield out
@@ -66,32 +78,24 @@ async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int]
             call.cancel()
 
 
-async def _next(queue: asyncio.Queue, call: asyncio.Future, timeout_s: float) -> RequestOutput:
-    """The next output; the call's error if it ended in one before its outputs did."""
+async def _next(queue: asyncio.Queue, timeout_s: float) -> RequestOutput:
+    """The next output; the call's error if it ended in one before its outputs did. One
+    timer per wait, no task: this runs for every token of every stream."""
     if queue.empty():
-        get = asyncio.ensure_future(queue.get())
         try:
-            done, _ = await asyncio.wait({get, call}, timeout=timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled: the get must not outlive its (dropped) queue
-            get.cancel()
-            raise
-        if get in done:
-            item = get.result()
-        else:
-            get.cancel()
-            try:
-                item = await get  # it may have taken an item before the cancel landed
-            except asyncio.CancelledError:
-                item = None
-            if item is None:
-                if not done:
-                    raise TimeoutError(f"no output from the serving replica for "
-                                       f"{timeout_s:.0f} s")
-                call.result()  # raises the replica's error; else its last output is on the way
-                item = await asyncio.wait_for(queue.get(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                item = await queue.get()
+        except TimeoutError:
+            raise TimeoutError(f"no output from the serving replica for {timeout_s:.0f} s"
+                               ) from None
     else:
         item = queue.get_nowait()
-    if isinstance(item, BaseException):
+    return _output(item)
+
+
+def _output(item: object) -> RequestOutput:
+    if isinstance(item, _CallEnded):
+        item.call.result()  # raises the replica's error
+    if isinstance(item, BaseException):  # the mailbox was lost (Fanout.fail)
         raise item
-    return item
+    return item  # type: ignore[return-value]
