@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from api.chat_messages import ChatMessage
 from api.choices import MAX_CHOICES
 from api.context import ServerContext
 from api.errors import APIError
+from api.json_int import integral_numbers
 from api.unicode_check import valid_unicode
 from engine.sampling_params import SamplingParams
 
@@ -28,6 +29,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     _unicode = field_validator("*")(valid_unicode)
+    _integers = model_validator(mode="before")(integral_numbers)  # 16.0 is 16 (api/json_int.py)
 
 
 _Stop = Annotated[str, Field(json_schema_extra={"minLength": 1})]  # "" is refused by the engine

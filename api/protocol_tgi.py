@@ -18,12 +18,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.choices import MAX_CHOICES, best, choice_seed
 from api.context import ServerContext
 from api.errors import APIError, GenerationError
 from api.generation import Collected
+from api.json_int import integral_numbers
 from api.unicode_check import valid_unicode
 from engine.sampling_params import SamplingParams
 
@@ -35,6 +36,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     _unicode = field_validator("*")(valid_unicode)
+    _integers = model_validator(mode="before")(integral_numbers)  # 16.0 is 16 (api/json_int.py)
 
 
 def _schema(**constraints: Any) -> Any:

@@ -1,6 +1,8 @@
 """Request validation of issue 16: chat messages checked per role, strict types (no bool-as-int,
-no float-as-bool, no number-as-string) on both API families, and a body that is not UTF-8
-answered as bad input in the route family's shape (400 on /v1, 422 on TGI routes)."""
+no float-as-bool, no number-as-string, no fractional integers; an integral float such as 2.0 is
+the integer it equals, as JSON Schema's `integer` says) on both API families, and a body that
+is not UTF-8 answered as bad input in the route family's shape (400 on /v1, 422 on TGI
+routes)."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ async def test_chat_content_forms_agree(http: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("seed", True), ("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 2.0),
+    ("seed", True), ("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 2.5),
     ("stream", 1), ("ignore_eos", 0.0), ("temperature", True), ("temperature", "0.5"),
     ("top_k", False), ("stop_token_ids", [True]), ("logprobs", True),
 ])
@@ -79,7 +81,7 @@ async def test_openai_types_are_strict(http: httpx.AsyncClient, field: str, valu
 
 @pytest.mark.parametrize("field, value", [
     ("return_full_text", 0.0), ("seed", True), ("do_sample", 1), ("details", "true"),
-    ("max_new_tokens", True), ("max_new_tokens", 3.0), ("temperature", True),
+    ("max_new_tokens", True), ("max_new_tokens", 3.5), ("temperature", True),
     ("top_n_tokens", False), ("truncate", "2"), ("stop", "x"),
 ])
 async def test_tgi_types_are_strict(http: httpx.AsyncClient, field: str, value) -> None:
@@ -87,6 +89,35 @@ async def test_tgi_types_are_strict(http: httpx.AsyncClient, field: str, value) 
         body = {"inputs": "hi", "parameters": {field: value}}
         assert f"parameters.{field}" in tgi_error(await http.post(route, json=body))
     assert "stream" in tgi_error(await http.post("/", json={"inputs": "hi", "stream": 1}))
+
+
+async def test_integral_floats_are_integers(http: httpx.AsyncClient, llm: LLM) -> None:
+    """Schemathesis sent `"max_new_tokens": 1.0` (a JSON Schema integer) and got a 422: every
+    integer field takes an integral float as the integer it equals, in lists of token ids too."""
+    ids = llm.tokenizer.encode("hi")
+    r = await http.post("/v1/completions", json={
+        "prompt": [float(t) for t in ids], "max_tokens": 3.0, "n": 2.0, "best_of": 2.0,
+        "seed": 7.0, "top_k": 5.0, "logprobs": 1.0, "stop_token_ids": [1.0]})
+    assert r.status_code == 200, r.text
+    ints = (await http.post("/v1/completions", json={
+        "prompt": ids, "max_tokens": 3, "n": 2, "best_of": 2, "seed": 7, "top_k": 5,
+        "logprobs": 1, "stop_token_ids": [1]})).json()
+    assert r.json()["choices"] == ints["choices"]
+    r = await http.post("/v1/chat/completions", json={
+        "messages": [USER], "max_tokens": 2.0, "logprobs": True, "top_logprobs": 2.0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+    params = {"max_new_tokens": 2.0, "top_k": 3.0, "seed": 4.0, "truncate": 1.0,
+              "top_n_tokens": 1.0, "details": True}
+    for route in ("/generate", "/tokenize"):
+        r = await http.post(route, json={"inputs": "hi", "parameters": params})
+        assert r.status_code == 200, r.text
+    details = (await http.post("/generate", json={"inputs": "hi", "parameters": params})
+               ).json()["details"]
+    assert details["generated_tokens"] == 2 and details["seed"] == 4
+    r = await http.post("/generate_stream", json={"inputs": "hi", "parameters": {
+        "max_new_tokens": 2.0}})
+    assert r.status_code == 200 and r.text.count("data:") == 2
 
 
 async def test_body_not_utf8(http: httpx.AsyncClient) -> None:
