@@ -4,8 +4,13 @@ FastAPI declares 200 (as JSON) and 422 for every route with a body; this server 
 otherwise: OpenAI routes say 400 for bad input, streams are text/event-stream, /metrics is
 Prometheus text, and 401 / 404 / 413 / 429 / 424 / 500 / 503 come back where they can. The
 table below is what the routes do; `contract_openapi` writes it over FastAPI's guess, with the
-error shapes of api/errors.py, the bearer scheme when API keys are on, and the limits that
-depend on the config (stop-sequence count) in the request schemas.
+error shapes of api/errors.py, the shape of each stream's events, the bearer scheme when API
+keys are on, and the limits that depend on the config and the model (api/openapi_limits.py).
+
+A stream is declared one event at a time: OpenAPI 3.1 has no keyword for the items of a
+text/event-stream body, and its `schema` there is read as describing each event (what
+Schemathesis does, and what OpenAPI 3.2 names `itemSchema`): an event is `{data, event, id,
+retry}` as the SSE format defines it, and `data` holds a JSON chunk (or `[DONE]`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from api.auth import OPEN_PATHS
-from serving.limits import Limits
+from api.context import ServerContext
+from api.openapi_limits import limit_requests
+from api.protocol_openai import CHOICE_RULES, choice_rules
 
 _OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"], "properties": {
@@ -23,7 +30,33 @@ _OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error"
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 _TGI_ERROR = {"type": "object", "required": ["error", "error_type"], "properties": {
     "error": {"type": "string"}, "error_type": {"type": "string"}}}
-_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+def _events(chunk: dict[str, Any], done: bool) -> dict[str, Any]:
+    """text/event-stream: one SSE event whose `data` is a JSON `chunk` (or OpenAI's [DONE])."""
+    data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
+                            "contentSchema": chunk}
+    if done:
+        data = {"anyOf": [{"const": "[DONE]"}, data]}
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"], "properties": {
+            "data": data, "event": {"type": "string"}, "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0}}}}}
+
+
+def _chunk(obj: str) -> dict[str, Any]:
+    return {"type": "object", "required": ["id", "object", "created", "model", "choices"],
+            "properties": {"object": {"const": obj}, "choices": {"type": "array"}}}
+
+
+# A failure after a stream has started is one error event in the family's shape.
+_SSE = {
+    "/v1/completions": _events({"anyOf": [_chunk("text_completion"), _OPENAI_ERROR]}, True),
+    "/v1/chat/completions": _events({"anyOf": [_chunk("chat.completion.chunk"),
+                                               _OPENAI_ERROR]}, True),
+    "tgi": _events({"anyOf": [{"type": "object", "required": [
+        "index", "token", "top_tokens", "generated_text", "details"]}, _TGI_ERROR]}, False),
+}
 
 _WHY = {400: "Bad input", 401: "Missing or invalid API key", 404: "Unknown model",
         413: "Request body too large", 422: "Bad input", 424: "Generation failed",
@@ -58,22 +91,25 @@ BODY_RULES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def contract_openapi(app: FastAPI, limits: Limits, keys_enabled: bool) -> None:
+def contract_openapi(app: FastAPI, ctx: ServerContext, keys_enabled: bool) -> None:
     """Replaces `app.openapi` with the contract version (built once, like FastAPI's)."""
     base = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = base()
-            _rewrite(schema, limits, keys_enabled)
+            _rewrite(schema, ctx, keys_enabled)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _rewrite(schema: dict[str, Any], limits: Limits, keys_enabled: bool) -> None:
+def _rewrite(schema: dict[str, Any], ctx: ServerContext, keys_enabled: bool) -> None:
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    comps[CHOICE_RULES] = choice_rules()
+    comps["CompletionRequest"].setdefault("allOf", []).append(
+        {"$ref": f"#/components/schemas/{CHOICE_RULES}"})
     for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body: never sent
         comps.pop(name, None)
     comps["OpenAIError"], comps["TGIError"] = _OPENAI_ERROR, _TGI_ERROR
@@ -91,7 +127,7 @@ def _rewrite(schema: dict[str, Any], limits: Limits, keys_enabled: bool) -> None
                 if kind == "json":
                     content["application/json"] = json_ok
                 elif kind == "sse":
-                    content.update(_SSE)
+                    content.update(_SSE.get(path, _SSE["tgi"]))
                 else:
                     content["text/plain"] = {"schema": {"type": "string"}}
             responses: dict[str, Any] = {"200": {**ok, "content": content}}
@@ -109,14 +145,12 @@ def _rewrite(schema: dict[str, Any], limits: Limits, keys_enabled: bool) -> None
             if (method, path) in BODY_RULES:
                 body = op["requestBody"]["content"]["application/json"]
                 body["schema"] = {"allOf": [body["schema"], BODY_RULES[(method, path)]]}
-    _limit_stops(comps, limits.max_stop_sequences)
+    limit_requests(comps, ctx)
+    _name_the_model(schema, ctx.model_name)
 
 
-def _limit_stops(comps: dict[str, Any], max_stops: int) -> None:
-    for name in ("CompletionRequest", "ChatCompletionRequest", "Parameters"):
-        stop = comps.get(name, {}).get("properties", {}).get("stop")
-        if stop is None:
-            continue
-        for alt in [stop, *stop.get("anyOf", [])]:
-            if alt.get("type") == "array":
-                alt["maxItems"] = max_stops
+def _name_the_model(schema: dict[str, Any], name: str) -> None:
+    """The one model id that /v1/models/{model_id} answers 200 for, as the parameter's example."""
+    for param in schema["paths"]["/v1/models/{model_id}"]["get"].get("parameters", []):
+        if param["name"] == "model_id":
+            param["example"] = name

@@ -42,7 +42,7 @@ class StreamOptions(_Model):
 class _Common(_Model):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=100)  # the engine's range
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
     # Checked in check() (a 400 naming `n`); the schema states the range too.
@@ -55,7 +55,7 @@ class _Common(_Model):
     # Only 0 (refused otherwise, by check()); the schema says so.
     presence_penalty: float = Field(0.0, json_schema_extra={"enum": [0]})
     frequency_penalty: float = Field(0.0, json_schema_extra={"enum": [0]})
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # the engine's range
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
     user: str | None = None
@@ -114,36 +114,49 @@ class _Common(_Model):
 # Empty prompts are refused in prompts() (with a clearer message than pydantic's); the schema
 # states it.
 _Text = Annotated[str, Field(json_schema_extra={"minLength": 1})]
-_Ids = Annotated[list[StrictInt], Field(json_schema_extra={"minItems": 1,
-                                                           "items": {"minimum": 0}})]
+_Ids = Annotated[list[StrictInt], Field(json_schema_extra={
+    "minItems": 1, "items": {"type": "integer", "minimum": 0}})]
 _Many = {"minItems": 1}
 PromptInput = (_Text | Annotated[list[_Text], Field(json_schema_extra=_Many)] | _Ids
                | Annotated[list[_Ids], Field(json_schema_extra=_Many)])
 
+
+# stream_options only with stream=true, as check() enforces.
+_OPTIONS_NEED_STREAM = {
+    "if": {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]},
+    "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}}
 
 # max_tokens 0 only with echo (scoring a prompt without generating), as check() enforces.
 _ZERO_NEEDS_ECHO = {"if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
                     "then": {"properties": {"echo": {"const": True}}, "required": ["echo"]}}
 
 
-def _best_of_rules() -> list[dict[str, Any]]:
-    """best_of >= n, and best_of = n with stream=true, as check() enforces: JSON Schema cannot
-    compare two fields, so one rule per value of n."""
-    stream = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
-    rules: list[dict[str, Any]] = []
-    for n in range(1, MAX_CHOICES + 1):
-        n_is = ({"properties": {"n": {"const": n}}, "required": ["n"]} if n > 1
-                else {"properties": {"n": {"enum": [1, None]}}})  # absent or null: 1
-        if n > 1:
-            rules.append({"if": n_is, "then": {"properties": {"best_of": {
-                "anyOf": [{"type": "null"}, {"type": "integer", "minimum": n}]}}}})
-        rules.append({"if": {"allOf": [n_is, stream]},
-                      "then": {"properties": {"best_of": {"enum": [n, None]}}}})
-    return rules
+# n, best_of and stream, as check() enforces them: best_of is absent, or at least n, and with
+# stream=true equal to n. JSON Schema cannot compare two fields, so the rule is written out as
+# one case per value of n, in a component of its own that api/openapi.py adds and refers to
+# from the request's schema: inlined, its 32 cases times every other property of the request
+# outgrow what schema-driven tools expand (Schemathesis gave up on the operation).
+CHOICE_RULES = "CompletionChoiceRules"
+
+
+def choice_rules() -> dict[str, Any]:
+    def n_is(n: int) -> dict[str, Any]:  # absent or null: 1
+        return {"const": n} if n > 1 else {"enum": [1, None]}
+
+    def case(n: int, best_of: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"properties": {"n": n_is(n), "best_of": best_of, **more},
+                "required": ["best_of", "n"] if n > 1 else ["best_of"]}
+
+    return {"anyOf": [
+        {"properties": {"best_of": {"type": "null"}}},
+        *(case(n, {"const": n}) for n in range(1, MAX_CHOICES + 1)),
+        *(case(n, {"type": "integer", "minimum": n + 1}, stream={"const": False})
+          for n in range(1, MAX_CHOICES))]}
 
 
 class CompletionRequest(_Common):
-    model_config = ConfigDict(json_schema_extra={**_ZERO_NEEDS_ECHO, "allOf": _best_of_rules()})
+    model_config = ConfigDict(json_schema_extra={  # + CHOICE_RULES, added by api/openapi.py
+        **_ZERO_NEEDS_ECHO, "allOf": [_OPTIONS_NEED_STREAM]})
 
     prompt: PromptInput
     max_tokens: int | None = Field(16, ge=0)
@@ -216,14 +229,24 @@ class CompletionRequest(_Common):
         return [ctx.tokenizer.decode(ids) for ids in prompts]
 
 
+# top_logprobs only with logprobs=true, as check() enforces (and as OpenAI documents it).
+_TOP_NEEDS_LOGPROBS = {
+    "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+    "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}}
+_TEXT_FORMAT = {"properties": {"type": {"enum": ["text", None]}}}  # the only format served
+
+
 class ChatCompletionRequest(_Common):
+    model_config = ConfigDict(json_schema_extra={**_TOP_NEEDS_LOGPROBS,
+                                                 "allOf": [_OPTIONS_NEED_STREAM]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(None, json_schema_extra=_TEXT_FORMAT)
 
     def check(self, ctx: ServerContext) -> None:
         super().check(ctx)

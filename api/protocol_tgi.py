@@ -16,7 +16,7 @@ checked in `_check` with TGI's messages, and written into the JSON schema too.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,6 +44,8 @@ def _schema(**constraints: Any) -> Any:
     return {"json_schema_extra": constraints}
 
 
+_Stop = Annotated[str, Field(json_schema_extra={"minLength": 1})]  # "" is refused by the engine
+
 # TGI's best_of rules, for the schema: best_of > 1 needs sampling (do_sample, or one of
 # temperature / top_k / top_p given) and no seed.
 _BEST_OF_RULES = {
@@ -58,8 +60,9 @@ class Parameters(_Model):
     model_config = ConfigDict(json_schema_extra=_BEST_OF_RULES)
 
     best_of: int | None = Field(None, **_schema(minimum=1, maximum=MAX_CHOICES))
-    temperature: float | None = Field(None, **_schema(exclusiveMinimum=0))
-    repetition_penalty: float | None = Field(None, **_schema(exclusiveMinimum=0))
+    # The upper bounds are the engine's (its message names them).
+    temperature: float | None = Field(None, **_schema(exclusiveMinimum=0, maximum=100))
+    repetition_penalty: float | None = Field(None, **_schema(exclusiveMinimum=0, maximum=10))
     frequency_penalty: float | None = Field(None, **_schema(enum=[0, None]))
     top_k: int | None = Field(None, **_schema(minimum=1))
     top_p: float | None = Field(None, **_schema(exclusiveMinimum=0, exclusiveMaximum=1))
@@ -67,7 +70,7 @@ class Parameters(_Model):
     do_sample: bool = False
     max_new_tokens: int | None = Field(DEFAULT_MAX_NEW_TOKENS, **_schema(minimum=1))
     return_full_text: bool | None = None
-    stop: list[str] = Field(default_factory=list)
+    stop: list[_Stop] = Field(default_factory=list)
     truncate: int | None = Field(None, **_schema(minimum=1))
     watermark: bool = Field(False, **_schema(enum=[False]))
     details: bool = False
@@ -83,6 +86,14 @@ class GenerateRequest(_Model):
     inputs: str = Field(**_schema(minLength=1))
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False  # only read by the compat route `/`
+
+
+class TokenizeRequest(_Model):
+    """/tokenize takes a /generate body, as TGI's does, and reads only `inputs`: the
+    parameters, whatever they hold, change nothing about the tokens, so none is refused."""
+
+    inputs: str = Field(**_schema(minLength=1))
+    parameters: dict[str, Any] | None = None
 
 
 def _check(p: Parameters, max_input_tokens: int) -> None:
@@ -233,7 +244,7 @@ def stream_event(index: int, tok: dict[str, Any], top: list[dict[str, Any]],
             "details": details}
 
 
-def tokenize(ctx: ServerContext, req: GenerateRequest) -> list[dict[str, Any]]:
+def tokenize(ctx: ServerContext, req: TokenizeRequest) -> list[dict[str, Any]]:
     """TGI's /tokenize: the prompt's tokens as `{id, text, start, stop}`, where start/stop are
     character offsets into `inputs` (special tokens added by the tokenizer span nothing)."""
     if not req.inputs:

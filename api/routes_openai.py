@@ -35,6 +35,10 @@ def _jobs(ctx: ServerContext, prompts: list[list[int]], req: oai._Common, rid: s
                   else "max_tokens")
     jobs = []
     for i, ids in enumerate(prompts):
+        if chat and req.max_completion_tokens and req.max_tokens is not None:
+            # max_completion_tokens wins, but a max_tokens that cannot fit is still refused,
+            # as the schema bounds both
+            ctx.check_length(len(ids), req.max_tokens, param, "max_tokens")
         n = ctx.check_length(len(ids), max_tokens, param, limit_name)
         jobs.append((ids, req.sampling_params(n, logprobs, prompt_logprobs),
                      rid if len(prompts) == 1 else f"{rid}-{i}"))

@@ -45,7 +45,7 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
         return tgi.info(ctx)
 
     @router.post("/tokenize")
-    async def tokenize(req: tgi.GenerateRequest) -> list[dict]:
+    async def tokenize(req: tgi.TokenizeRequest) -> list[dict]:
         return tgi.tokenize(ctx, req)
 
     @router.post("/generate")

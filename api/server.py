@@ -118,5 +118,5 @@ def build_api(client: GenerateClient, tokenizer: Any, model_name: str, max_model
         return PlainTextResponse(prometheus.render(snapshots),
                                  media_type=prometheus.CONTENT_TYPE)
 
-    contract_openapi(app, limits, keys.enabled)
+    contract_openapi(app, ctx, keys.enabled)
     return app
