@@ -88,12 +88,16 @@ class GenerateRequest(_Model):
     stream: bool = False  # only read by the compat route `/`
 
 
+class TokenizeParameters(_Model):
+    truncate: int | None = Field(None, ge=1)  # keep the last N tokens, as TGI's /tokenize does
+
+
 class TokenizeRequest(_Model):
-    """/tokenize takes a /generate body, as TGI's does, and reads only `inputs`: the
-    parameters, whatever they hold, change nothing about the tokens, so none is refused."""
+    """/tokenize takes a /generate body, as TGI's does, and reads `inputs` and `truncate` only:
+    the other parameters change nothing about the tokens, so none of them is refused."""
 
     inputs: str = Field(**_schema(minLength=1))
-    parameters: dict[str, Any] | None = None
+    parameters: TokenizeParameters | None = None
 
 
 def _check(p: Parameters, max_input_tokens: int) -> None:
@@ -246,15 +250,18 @@ def stream_event(index: int, tok: dict[str, Any], top: list[dict[str, Any]],
 
 def tokenize(ctx: ServerContext, req: TokenizeRequest) -> list[dict[str, Any]]:
     """TGI's /tokenize: the prompt's tokens as `{id, text, start, stop}`, where start/stop are
-    character offsets into `inputs` (special tokens added by the tokenizer span nothing)."""
+    character offsets into `inputs` (special tokens added by the tokenizer span nothing); with
+    `truncate`, the last N of them."""
     if not req.inputs:
         raise APIError("`inputs` cannot be empty", "inputs")
     try:
         enc = ctx.tokenizer(req.inputs, return_offsets_mapping=True)
     except Exception as e:  # slow tokenizers have no offsets; odd text is the client's
         raise APIError(f"cannot tokenize the input: {e}", "inputs") from None
-    return [{"id": t, "text": req.inputs[a:b], "start": a, "stop": b}
-            for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+    tokens = [{"id": t, "text": req.inputs[a:b], "start": a, "stop": b}
+              for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+    truncate = req.parameters.truncate if req.parameters else None
+    return tokens[-truncate:] if truncate else tokens
 
 
 def info(ctx: ServerContext) -> dict[str, Any]:

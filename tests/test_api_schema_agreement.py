@@ -76,8 +76,10 @@ async def test_what_schemathesis_found(app, http: httpx.AsyncClient, llm: LLM) -
         # TGI stop strings must be non-empty, as the engine requires
         ("/", {"inputs": "0", "parameters": {"stop": ["", ""], "max_new_tokens": 1}}, False),
         ("/generate", {"inputs": "0", "parameters": {"stop": ["x"], "max_new_tokens": 1}}, True),
-        # /tokenize reads only `inputs`, as TGI's does: any parameters pass
+        # /tokenize reads `inputs` and `truncate` only, as TGI's does: other parameters pass
         ("/tokenize", {"inputs": "0", "parameters": {"stop": [""], "top_p": 1.0}}, True),
+        ("/tokenize", {"inputs": "0", "parameters": {"truncate": 1}}, True),
+        ("/tokenize", {"inputs": "0", "parameters": {"truncate": 0}}, False),
         ("/tokenize", {"inputs": "0", "parameters": "x"}, False),
         # TGI truncate: at most max_input_tokens
         ("/generate", {"inputs": "x", "parameters": {"truncate": 4294967295}}, False),

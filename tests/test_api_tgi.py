@@ -151,3 +151,7 @@ async def test_tokenize(http: httpx.AsyncClient, llm: LLM) -> None:
     assert toks[-1]["stop"] == len(text)
     r = await http.post("/tokenize", json={"inputs": ""})
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    # truncate keeps the last tokens, as /generate does; the other parameters are not read
+    r = await http.post("/tokenize", json={"inputs": text, "parameters": {
+        "truncate": 2, "top_p": 1.0, "stop": [""]}})
+    assert r.json() == toks[-2:]
