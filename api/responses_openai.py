@@ -60,14 +60,18 @@ def join_logprobs(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
     return {k: a[k] + b[k] for k in a}
 
 
-def completion_object(rid: str, created: int, model: str, choices: list[dict],
-                      usage_: dict | None = None, with_usage: bool = True) -> dict[str, Any]:
-    """A whole completion or one stream chunk: completions use one object name for both."""
-    obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
-           "choices": choices}
+def _api_object(name: str, rid: str, created: int, model: str, choices: list[dict],
+                usage_: dict | None, with_usage: bool) -> dict[str, Any]:
+    obj = {"id": rid, "object": name, "created": created, "model": model, "choices": choices}
     if with_usage:
         obj["usage"] = usage_
     return obj
+
+
+def completion_object(rid: str, created: int, model: str, choices: list[dict],
+                      usage_: dict | None = None, with_usage: bool = True) -> dict[str, Any]:
+    """A whole completion or one stream chunk: completions use one object name for both."""
+    return _api_object("text_completion", rid, created, model, choices, usage_, with_usage)
 
 
 def completion_choice(index: int, text: str, logprobs: dict | None,
@@ -134,11 +138,7 @@ def chat_response(ctx: ServerContext, rid: str, created: int, results: list[Coll
 
 def chat_chunk(rid: str, created: int, model: str, choices: list[dict],
                usage_: dict | None = None, with_usage: bool = False) -> dict[str, Any]:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": choices}
-    if with_usage:
-        chunk["usage"] = usage_
-    return chunk
+    return _api_object("chat.completion.chunk", rid, created, model, choices, usage_, with_usage)
 
 
 def chat_choice(index: int, delta: dict[str, str], logprobs: dict | None = None,
