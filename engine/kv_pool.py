@@ -29,7 +29,7 @@ class KVPool:
 
     def export_shape(self, num_pages: int) -> tuple[int, ...]:
         """Shape of `num_pages` pages read out: [num_layers, num_pages, 2, page_size, Hkv, D]."""
-        return (len(self.layers), num_pages, *self.layers[0].shape[1:])
+        return (self.kv.shape[0], num_pages, *self.kv.shape[2:])
 
     def read_pages(self, pages: list[int]) -> torch.Tensor:
         """[num_layers, len(pages), 2, page_size, Hkv, D] copy of the given pages."""

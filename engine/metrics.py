@@ -89,17 +89,7 @@ class StreamRecorder:
 
     def observe(self, out, now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
-        m = self.metrics
-        if self.last is None:
-            m.observe("pdserve_ttft_seconds", now - self.start)
-        elif out.new_token_ids:
-            m.observe("pdserve_time_per_output_token_seconds",
-                      (now - self.last) / len(out.new_token_ids))
-        self.last = now
-        m.inc("pdserve_generated_tokens_total", len(out.new_token_ids))
-        if out.finished:
-            m.inc("pdserve_requests_finished_total")
-            m.inc(f"pdserve_requests_finished_{out.finish_reason}_total")
+        record_step(self.metrics, {out.request_id: self}, [out], now)
 
 
 def record_step(metrics: Metrics, recorders: dict[str, StreamRecorder], outs: list,

@@ -205,25 +205,26 @@ async def test_mailbox_call_coalesces_only_when_asked_and_busy():
     assert busy.open == 0
 
 
-def test_a_step_recorded_at_once_counts_as_output_by_output():
-    """`record_step` (the mailbox sink's per-step recording) gives the metrics that observing
-    each output on its own at the same instant gives."""
+def test_a_step_is_recorded_as_its_outputs_reached_the_sink():
+    """`record_step` (the mailbox sink's per-step recording, and `StreamRecorder.observe`'s
+    one-output case): TTFT from each request's start, time per token since its last output,
+    token and finish counts; outputs of requests without a recorder are not counted."""
     steps = [[RequestOutput("a", [1], "", False), RequestOutput("b", [2], "", False)],
              [RequestOutput("a", [3, 4], "", False), RequestOutput("gone", [9], "", False)],
              [RequestOutput("a", [5], "", True, "length"),
               RequestOutput("b", [], "", True, "abort")]]
-    one, batched = Metrics("decode", "x"), Metrics("decode", "x")
-    singles = {rid: StreamRecorder(one, 0.5) for rid in ("a", "b")}
-    recorders = {rid: StreamRecorder(batched, 0.5) for rid in ("a", "b")}
+    metrics = Metrics("decode", "x")
+    recorders = {rid: StreamRecorder(metrics, 0.5) for rid in ("a", "b")}
     for now, outs in zip((1.0, 1.5, 2.25), steps):
-        for out in outs:
-            if out.request_id in singles:
-                singles[out.request_id].observe(out, now)
-        record_step(batched, recorders, outs, now)
-    assert batched.snapshot() == one.snapshot()
-    assert batched.counters["pdserve_generated_tokens_total"] == 5
-    assert batched.histograms["pdserve_ttft_seconds"].sum == 1.0  # two firsts, 0.5 s each
-    assert batched.counters["pdserve_requests_finished_abort_total"] == 1
+        record_step(metrics, recorders, outs, now)
+    ttft = metrics.histograms["pdserve_ttft_seconds"]
+    tpot = metrics.histograms["pdserve_time_per_output_token_seconds"]
+    assert (ttft.count, ttft.sum) == (2, 1.0)  # a and b first at 1.0, started at 0.5
+    assert (tpot.count, tpot.sum) == (2, 1.0)  # a: 0.5 s / 2 tokens, then 0.75 s / 1 token
+    assert metrics.counters["pdserve_generated_tokens_total"] == 5
+    assert metrics.counters["pdserve_requests_finished_total"] == 2
+    assert metrics.counters["pdserve_requests_finished_length_total"] == 1
+    assert metrics.counters["pdserve_requests_finished_abort_total"] == 1
 
 
 def test_outputs_cross_the_wire_as_tuples_and_come_back_equal():
