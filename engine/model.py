@@ -79,6 +79,15 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One layer over the (hidden, residual) pair that the model carries between layers.
+
+    The running sum of the residual stream is `residual`; `hidden` is the last block's output
+    that has not been added to it yet (layer 0: the embeddings, with `residual` None). A layer
+    first adds, then norms: on the GPU that is one `fused_add_rmsnorm` kernel, which also
+    writes the sum back into `residual`, so the residual add of one layer and the input norm
+    of the next are a single kernel instead of two.
+    """
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         self.arch = arch
@@ -91,36 +100,51 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(h, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, h, bias=False)
 
-    def forward(self, layer: int, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                plan: AttentionPlan, kv_cache: torch.Tensor) -> torch.Tensor:
-        a = self.arch
-        t = x.shape[0]
-        fi = fused_kernels(x)
+    def forward(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
+                positions: torch.Tensor, rope: RotaryEmbedding, plan: AttentionPlan,
+                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H], residual [T, H] or None -> (mlp_out [T, H], residual [T, H]).
+
+        This layer's output (the input of the next) is `residual + mlp_out`; the caller adds
+        them (fused into the next norm on the GPU). On the GPU `hidden` and `residual` are
+        updated in place.
+        """
+        fi = fused_kernels(hidden)
         if fi is not None:
-            return self._forward_fused(fi, layer, x, positions, rope, plan, kv_cache)
-        qkv = self.qkv_proj(self.input_norm(x))  # [T, q_size + 2 * kv_size]
+            return self._forward_fused(fi, layer, hidden, residual, positions, rope, plan,
+                                       kv_cache)
+        a = self.arch
+        t = hidden.shape[0]
+        residual = hidden if residual is None else residual + hidden  # [T, H]: layer input
+        qkv = self.qkv_proj(self.input_norm(residual))  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q, k = rope(positions, q.view(t, a.num_heads, a.head_dim),
                     k.view(t, a.num_kv_heads, a.head_dim))
         attn = plan.forward(layer, q, k, v.view(t, a.num_kv_heads, a.head_dim), kv_cache)
-        x = x + self.o_proj(attn.reshape(t, a.q_size))  # [T, H]
-        gate, up = self.gate_up_proj(self.post_attn_norm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        residual = residual + self.o_proj(attn.reshape(t, a.q_size))  # [T, H]
+        gate, up = self.gate_up_proj(self.post_attn_norm(residual)).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up), residual
 
-    def _forward_fused(self, fi, layer: int, x: torch.Tensor, positions: torch.Tensor,
-                       rope: RotaryEmbedding, plan: AttentionPlan,
-                       kv_cache: torch.Tensor) -> torch.Tensor:
-        """The same layer in fused GPU kernels; x (this layer's input) is updated in place."""
+    def _forward_fused(self, fi, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
+                       positions: torch.Tensor, rope: RotaryEmbedding, plan: AttentionPlan,
+                       kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layer in fused GPU kernels: two norm kernels, each also doing an add."""
         a = self.arch
-        t = x.shape[0]
-        qkv = self.qkv_proj(self.input_norm(x))  # [T, q_size + 2 * kv_size]
+        t = hidden.shape[0]
+        norm = self.input_norm
+        if residual is None:  # layer 0: the embeddings are the residual stream as they are
+            residual, hidden = hidden, fi.norm.rmsnorm(hidden, norm.weight, norm.eps)
+        else:  # residual += hidden; hidden = input_norm(residual)
+            fi.norm.fused_add_rmsnorm(hidden, residual, norm.weight, norm.eps)
+        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
         q, k, v = (y.view(t, -1, a.head_dim)
                    for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
         q, k = _rope_fused(fi, rope, positions, q, k)
         h = self.o_proj(plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size))
-        fi.norm.fused_add_rmsnorm(h, x, self.post_attn_norm.weight, self.post_attn_norm.eps)
-        # now x = x + attention and h = post_attn_norm(x)
-        return x + self.down_proj(fi.activation.silu_and_mul(self.gate_up_proj(h)))
+        # residual += attention; h = post_attn_norm(residual)
+        fi.norm.fused_add_rmsnorm(h, residual, self.post_attn_norm.weight,
+                                  self.post_attn_norm.eps)
+        return self.down_proj(fi.activation.silu_and_mul(self.gate_up_proj(h))), residual
 
 
 class CausalLM(nn.Module):
@@ -144,12 +168,25 @@ class CausalLM(nn.Module):
         `plan` is this step's attention plan (`AttentionBackend.plan`), run once per layer.
         `on_layer(i)` runs after layer i (its KV is in kv_caches[i] by then).
         """
-        x = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids)  # [T, H]
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, positions, self.rope, plan, kv_caches[i])
+            hidden, residual = layer(i, hidden, residual, positions, self.rope, plan,
+                                     kv_caches[i])
             if on_layer is not None:
                 on_layer(i)
-        return self.norm(x)
+        return self.final_norm(hidden, residual)
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """norm(residual + hidden) [T, H]: the last layer's output, normed (one kernel on the
+        GPU, which leaves the sum in `residual` and the normed states in `hidden`)."""
+        if residual is None:  # a model without layers
+            return self.norm(hidden)
+        fi = fused_kernels(hidden)
+        if fi is None:
+            return self.norm(residual + hidden)
+        fi.norm.fused_add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, vocab] float32."""
