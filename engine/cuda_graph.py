@@ -1,14 +1,19 @@
 """CUDA graphs for decode-only steps: the whole forward, embedding to logits, replayed per step.
 
 A decode step of a large model is hundreds of small kernels; launched one by one from Python,
-the launches (not the GPU) set the pace at small batches. One graph is captured per batch-size
-bucket (1, 2, 4, ... up to the largest that `max_num_seqs` needs); a step of n requests replays
-the smallest bucket >= n, its extra rows copying row 0 (see
-`FlashInferBackend.plan_cuda_graph`). Prefill, mixed and cascade steps run eagerly.
+the launches (not the GPU) set the pace at small batches. Graphs are captured per batch-size
+bucket (1, 2, 4, ... up to the largest that `max_num_seqs` needs), one for plain decode and,
+with `cascade_graphs`, one for cascade decode (shared-prefix levels, engine/attention/cascade.py)
+where the backend has them; a step of n requests replays the smallest bucket >= n of its kind.
+Its extra rows are padding: they keep whatever token and position the buffers last held (any
+valid values do) and the backend points their attention and K/V write at the pool's scratch
+page, so nothing is copied for them. Prefill, mixed steps, and cascade steps that the
+backend's graphs do not fit (too many groups) run eagerly.
 
 Contract with the backend (engine/attention/base.py): `supports_cuda_graphs` is True;
-`enable_cuda_graphs(batch_sizes, max_num_indices)` once, then `plan_cuda_graph(meta, batch_size)`
-before each capture or replay, writing only into buffers that the captured kernels read. The plan
+`enable_cuda_graphs(batch_sizes, max_num_indices, scratch_page)` once, then
+`plan_cuda_graph(meta, batch_size)` before each capture or replay, writing only into buffers
+that the captured kernels read; `can_graph(meta, batch_size)` says whether a step fits. The plan
 it returns runs the captured forward; a replay only needs the buffers refilled. The runner owns
 the token and position buffers.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata, AttentionPlan
+from engine.attention.cascade import CascadeGroup, CascadePlan
 from engine.attention.metadata import build_metadata
 from engine.kv_pool import KVPool
 from engine.model import CausalLM
@@ -37,7 +43,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class CudaGraphRunner:
     def __init__(self, model: CausalLM, pool: KVPool, backend: AttentionBackend,
-                 max_num_seqs: int, device: torch.device) -> None:
+                 max_num_seqs: int, device: torch.device, cascade_graphs: bool = False) -> None:
         # Checked before any CUDA call, so a wrong configuration fails clearly on any machine.
         if not backend.supports_cuda_graphs:
             raise ValueError(f"the {type(backend).__name__} attention backend does not support "
@@ -48,25 +54,39 @@ class CudaGraphRunner:
         b_max = self.sizes[-1]
         max_positions = model.rope.cos.shape[0]
         pages_per_seq = -(-max_positions // pool.page_size)
-        backend.enable_cuda_graphs(self.sizes, b_max * pages_per_seq)
+        backend.enable_cuda_graphs(self.sizes, b_max * pages_per_seq, pool.scratch_page)
         self.input_ids = torch.zeros(b_max, dtype=torch.long, device=device)
         self.positions = torch.zeros(b_max, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # plain decode, per bucket
         self.logits: dict[int, torch.Tensor] = {}  # [b, vocab] float32, written by each replay
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # cascade decode, per bucket
+        self.cascade_logits: dict[int, torch.Tensor] = {}
         self.mempool = torch.cuda.graph_pool_handle()
         self.num_replays = 0
+        self.num_cascade_replays = 0
         with torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory
-                self._capture(b)
+                self._capture(b, self._toy_step(b, cascade=False), self.graphs, self.logits)
+                cascade = self._toy_step(b, cascade=True) if cascade_graphs and b >= 2 else None
+                if cascade is not None and backend.can_graph(cascade, b):
+                    self._capture(b, cascade, self.cascade_graphs, self.cascade_logits)
+
+    def _toy_step(self, b: int, cascade: bool) -> AttentionMetadata:
+        """The step a graph is captured on: b rows at the first slots of pages 0 (plain), or b
+        rows sharing page 0 as one group, each decoding at the start of page 0 again (cascade:
+        the bucket's largest shared level). The pool is still empty at start-up, so what it
+        writes there is overwritten before anything reads it."""
+        if not cascade:
+            return build_metadata([[0]] * b, [0] * b, [1] * b, self.pool.page_size, self.device)
+        ps = self.pool.page_size
+        plan = CascadePlan(order=list(range(b)), groups=[CascadeGroup(list(range(b)), 1)])
+        return build_metadata([[0, 0]] * b, [ps] * b, [1] * b, ps, self.device, plan)
 
     def _forward(self, b: int, plan: AttentionPlan) -> torch.Tensor:
         hidden = self.model(self.input_ids[:b], self.positions[:b], self.pool.layers, plan)
         return self.model.logits(hidden)
 
-    def _capture(self, b: int) -> None:
-        # A toy step: every row decodes at position 0 of page 0. The pool is still empty at
-        # start-up, so what it writes there is overwritten before anything reads it.
-        meta = build_metadata([[0]] * b, [0] * b, [1] * b, self.pool.page_size, self.device)
+    def _capture(self, b: int, meta: AttentionMetadata, graphs: dict, logits: dict) -> None:
         plan = self.backend.plan_cuda_graph(meta, b)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -75,16 +95,19 @@ class CudaGraphRunner:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            self.logits[b] = self._forward(b, plan)
-        self.graphs[b] = graph
+            logits[b] = self._forward(b, plan)
+        graphs[b] = graph
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return (meta.num_decode_only and meta.cascade is None
-                and meta.batch_size <= self.sizes[-1]
-                and meta.kv_indices.numel() <= self.backend.max_graph_indices())
+        if not meta.num_decode_only:
+            return False
+        b = self.bucket(meta.batch_size)
+        if b is None or (meta.cascade is not None and b not in self.cascade_graphs):
+            return False
+        return self.backend.can_graph(meta, b)
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Logits [n, vocab] (float32) of a decode-only step; valid until the next replay."""
@@ -95,9 +118,12 @@ class CudaGraphRunner:
         self.backend.plan_cuda_graph(meta, b)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(meta.positions)
-        if b > n:
-            self.input_ids[n:b].copy_(input_ids[:1].expand(b - n))
-            self.positions[n:b].copy_(meta.positions[:1].expand(b - n))
-        self.graphs[b].replay()
+        if meta.cascade is None:
+            self.graphs[b].replay()
+            logits = self.logits[b]
+        else:
+            self.cascade_graphs[b].replay()
+            logits = self.cascade_logits[b]
+            self.num_cascade_replays += 1
         self.num_replays += 1
-        return self.logits[b][:n]
+        return logits[:n]

@@ -18,7 +18,11 @@ class KVPool:
         self.num_pages = num_pages
         self.page_size = page_size
         self.dtype = dtype
-        self.kv = torch.zeros((arch.num_layers, num_pages, 2, page_size, arch.num_kv_heads,
+        # One page past the allocator's: no request ever owns it. The padding rows of a CUDA
+        # graph replay (engine/cuda_graph.py) write their K/V there and attend over it, so that
+        # they touch no real page and need no extra kernel to stay out of the way.
+        self.scratch_page = num_pages
+        self.kv = torch.zeros((arch.num_layers, num_pages + 1, 2, page_size, arch.num_kv_heads,
                                arch.head_dim), dtype=dtype, device=device)
         self.layers = list(self.kv.unbind(0))  # views
 

@@ -46,7 +46,8 @@ class ModelRunner:
         if cfg.cuda_graphs and device.type == "cuda":
             from engine.cuda_graph import CudaGraphRunner
 
-            self.graphs = CudaGraphRunner(model, pool, backend, cfg.max_num_seqs, device)
+            self.graphs = CudaGraphRunner(model, pool, backend, cfg.max_num_seqs, device,
+                                          cascade_graphs=cfg.cascade != "off")
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:

@@ -60,8 +60,9 @@ def test_torch_backend_has_no_cuda_graphs_and_the_graph_runner_refuses_it():
     backend = _backend()
     assert backend.supports_cuda_graphs is False
     meta = build_metadata([[0]], [0], [1], PS, torch.device("cpu"))
-    for hook in (lambda: backend.enable_cuda_graphs([1, 2], 16),
-                 lambda: backend.plan_cuda_graph(meta, 1), backend.max_graph_indices):
+    for hook in (lambda: backend.enable_cuda_graphs([1, 2], 16, scratch_page=4),
+                 lambda: backend.plan_cuda_graph(meta, 1), backend.max_graph_indices,
+                 lambda: backend.can_graph(meta, 1)):
         with pytest.raises(NotImplementedError, match="TorchBackend"):
             hook()
     arch = ModelArch("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64,

@@ -31,6 +31,11 @@ class CascadeLevel:
     kv_indptr: torch.Tensor  # [G+1] int32
     kv_indices: torch.Tensor  # [nnz_pages] int32
     kv_last_page_len: torch.Tensor  # [G] int32, in 1..page_size
+    # Host mirrors of the three small arrays: planners read these, never the device copies
+    # (a device-to-host copy would make the step wait for the GPU).
+    qo_indptr_host: list[int]
+    kv_indptr_host: list[int]
+    kv_last_page_len_host: list[int]
 
 
 @dataclass
@@ -96,11 +101,15 @@ class AttentionBackend(ABC):
     - With `meta.cascade` set, the result must equal plain attention up to rounding.
     - `warmup()` may compile or load kernels ahead of the first request.
     - CUDA graphs (engine/cuda_graph.py), only where `supports_cuda_graphs` is True:
-      `enable_cuda_graphs(batch_sizes, max_num_indices)` once, then before each capture or
-      replay `plan_cuda_graph(meta, batch_size)`, a decode-only, cascade-free step of at most
-      `batch_size` requests padded to `batch_size` rows. It writes only into fixed buffers that
-      the captured kernels read, so a replay needs no new plan object: the one returned is for
-      the capture. `max_graph_indices()` is how many `kv_indices` a graph step may hold.
+      `enable_cuda_graphs(batch_sizes, max_num_indices, scratch_page)` once, then before each
+      capture or replay `plan_cuda_graph(meta, batch_size)`, a decode-only step of at most
+      `batch_size` requests padded to `batch_size` rows, where `can_graph(meta, batch_size)`.
+      A step with `meta.cascade` and one without replay different graphs of the bucket (the
+      runner keys them by `meta.cascade is None`). Padding rows may read and write only the
+      pool's `scratch_page`, which no request owns. `plan_cuda_graph` writes only into fixed
+      buffers that the captured kernels read, so a replay needs no new plan object: the one
+      returned is for the capture. `max_graph_indices()` is how many `kv_indices` a graph step
+      may hold.
     """
 
     supports_cuda_graphs: bool = False
@@ -123,9 +132,17 @@ class AttentionBackend(ABC):
         """Compile or load kernels ahead of the first request (no-op for the torch backend)."""
 
     # -- CUDA graphs: implemented by the backends whose `supports_cuda_graphs` is True --------
-    def enable_cuda_graphs(self, batch_sizes: list[int], max_num_indices: int) -> None:
-        """Allocate what graphs of these batch sizes read, for up to `max_num_indices` pages."""
+    def enable_cuda_graphs(self, batch_sizes: list[int], max_num_indices: int,
+                           scratch_page: int) -> None:
+        """Allocate what graphs of these batch sizes read, for up to `max_num_indices` pages;
+        padding rows use `scratch_page`."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def can_graph(self, meta: AttentionMetadata, batch_size: int) -> bool:
+        """Whether this decode-only step fits the graph of its kind captured at `batch_size`
+        (a backend without cascade graphs keeps this default: plain steps only)."""
+        return (meta.num_decode_only and meta.cascade is None
+                and meta.kv_indices.numel() <= self.max_graph_indices())
 
     def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
         """Plan a decode-only step for the graph captured at `batch_size` (>= meta.batch_size)."""

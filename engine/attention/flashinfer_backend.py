@@ -33,6 +33,13 @@ from __future__ import annotations
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata, AttentionPlan
+from engine.attention.flashinfer_graphs import (
+    GraphBuffers,
+    GraphCascadePlan,
+    merge_mask,
+    own_level_args,
+    shared_level_args,
+)
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 HEAD_DIMS = (64, 128, 256)  # what both FlashInfer prefill kernels (FA2, FA3) instantiate
@@ -138,25 +145,6 @@ class CascadeDecodePlan(AttentionPlan):
         return torch.cat([out, self.rest.run(q[nc:], kv_cache)])
 
 
-class GraphBuffers:
-    """What captured decode graphs read, at fixed addresses: one decode wrapper per batch size
-    over shared index buffers, and the K/V write index rows (refilled before each replay)."""
-
-    def __init__(self, fi, workspace: torch.Tensor, batch_sizes: list[int],
-                 max_num_indices: int, device: torch.device) -> None:
-        b_max = max(batch_sizes)
-        self.indices = torch.zeros(max_num_indices + b_max, dtype=torch.int32, device=device)
-        self.page = torch.zeros(b_max, dtype=torch.int64, device=device)
-        self.offset = torch.zeros(b_max, dtype=torch.int64, device=device)
-        self.source = torch.zeros(b_max, dtype=torch.int64, device=device)
-        self.wrappers = {b: fi.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-            paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=device),
-            paged_kv_indices_buffer=self.indices,
-            paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=device),
-            backend="fa2") for b in batch_sizes}
-
-
 class FlashInferBackend(AttentionBackend):
     supports_cuda_graphs = True
 
@@ -181,6 +169,7 @@ class FlashInferBackend(AttentionBackend):
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True, backend="fa2")
         self.cascade = TwoLevelCascade(flashinfer, self.workspace, cascade_backend)
+        self.cascade_backend = cascade_backend  # also the kernel of cascade graphs' levels
         self.graph_buffers: GraphBuffers | None = None  # set by enable_cuda_graphs
 
     # -- planning ---------------------------------------------------------------------------
@@ -218,19 +207,21 @@ class FlashInferBackend(AttentionBackend):
 
     def _plan_cascade(self, meta: AttentionMetadata, heads: tuple) -> None:
         levels = meta.cascade
-        # One device-to-host copy for every small per-level array the planner wants on the host.
-        small = [t for lv in levels for t in (lv.qo_indptr, lv.kv_indptr, lv.kv_last_page_len)]
-        flat = torch.cat(small).cpu()
-        host = list(torch.split(flat, [t.numel() for t in small]))
-        qo, kv_indptr, last = host[0::3], host[1::3], host[2::3]
-        self.cascade.plan(qo, kv_indptr, [lv.kv_indices for lv in levels], last, *heads,
+        # The levels' small arrays come from their host mirrors: no device-to-host copy.
+        self.cascade.plan([_host_i32(lv.qo_indptr_host) for lv in levels],
+                          [_host_i32(lv.kv_indptr_host) for lv in levels],
+                          [lv.kv_indices for lv in levels],
+                          [_host_i32(lv.kv_last_page_len_host) for lv in levels], *heads,
                           **self._plan_args())
 
     # -- CUDA graphs ------------------------------------------------------------------------
-    def enable_cuda_graphs(self, batch_sizes: list[int], max_num_indices: int) -> None:
-        """Make one decode wrapper per batch size over fixed index buffers (filled per step)."""
+    def enable_cuda_graphs(self, batch_sizes: list[int], max_num_indices: int,
+                           scratch_page: int) -> None:
+        """Make the decode wrappers and cascade graphs of each batch size over fixed index
+        buffers (filled per step); padding rows use `scratch_page`."""
         self.graph_buffers = GraphBuffers(self._fi, self.workspace, batch_sizes,
-                                          max_num_indices, self.device)
+                                          max_num_indices, scratch_page, self.device,
+                                          self.cascade_backend)
 
     def _graph_buffers(self) -> GraphBuffers:
         if self.graph_buffers is None:
@@ -241,36 +232,38 @@ class FlashInferBackend(AttentionBackend):
         g = self._graph_buffers()
         return g.indices.numel() - g.page.numel()
 
-    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
-        """Plan a decode-only, cascade-free step for the graph captured at `batch_size`.
+    def can_graph(self, meta: AttentionMetadata, batch_size: int) -> bool:
+        return meta.num_decode_only and self._graph_buffers().fits(meta, batch_size)
 
-        The rows past the real ones are padding: they attend over row 0's last page (their
-        outputs are dropped) and write into row 0's slot the K/V of row 0 itself, gathered
-        through `source` (their own K/V differ from row 0's after the first layer), so
-        padding changes no byte that a real request reads.
+    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
+        """Plan a decode-only step, plain or cascade, for the graph captured at `batch_size`.
+
+        Rows past the real ones are padding: they attend over the scratch page and write their
+        K/V there (flashinfer_graphs.py), so padding changes no byte that a request reads.
         """
-        assert meta.num_decode_only and meta.batch_size <= batch_size
         g = self._graph_buffers()
-        pad = batch_size - meta.batch_size
-        indptr, last = self._paging(meta.kv_lens_host)
-        indices, slots = meta.kv_indices, meta.slot_mapping
-        if pad:
-            indptr += [indptr[-1] + i for i in range(1, pad + 1)]
-            last += [last[0]] * pad
-            row0_last = meta.kv_indices[indptr[1] - 1:indptr[1]]
-            indices = torch.cat([indices, row0_last.expand(pad)])
-            slots = torch.cat([slots, slots[:1].expand(pad)])
-        # Views of the fixed buffers: the captured scatter reads these addresses.
-        page = g.page[:batch_size]
-        offset = g.offset[:batch_size]
-        page.copy_(torch.div(slots, self.page_size, rounding_mode="floor"))
-        offset.copy_(slots % self.page_size)
-        source = g.source[:batch_size]
-        source.copy_(torch.tensor(list(range(meta.batch_size)) + [0] * pad), non_blocking=True)
-        wrapper = g.wrappers[batch_size]
-        wrapper.plan(_host_i32(indptr), indices, _host_i32(last), self.num_q_heads,
-                     self.num_kv_heads, self.head_dim, meta.page_size, **self._plan_args())
-        return WrapperPlan(meta, KVWrite(page, offset, source), wrapper)
+        assert self.can_graph(meta, batch_size), "plan_cuda_graph of a step that does not fit"
+        page, offset = g.fill_write_rows(meta, batch_size)
+        write = KVWrite(page, offset)
+        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
+        own = own_level_args(meta, batch_size, g.scratch)
+        if meta.cascade is None:
+            wrapper = g.wrappers[batch_size]
+            wrapper.plan(_host_i32(own.kv_indptr), own.kv_indices,
+                         _host_i32(own.kv_last_page_len), *heads, **self._plan_args())
+            return WrapperPlan(meta, write, wrapper)
+        graph = g.cascades[batch_size]
+        shared = shared_level_args(meta, graph.groups)
+        graph.shared.plan(_host_i32(shared.qo_indptr), _host_i32(shared.kv_indptr),
+                          shared.kv_indices, _host_i32(shared.kv_last_page_len), *heads,
+                          causal=False, **self._plan_args())
+        graph.own.plan(_host_i32(own.qo_indptr), _host_i32(own.kv_indptr), own.kv_indices,
+                       _host_i32(own.kv_last_page_len), *heads, causal=True, uniform_q_len=1,
+                       **self._plan_args())
+        mask = g.merge_mask[:batch_size]
+        mask.copy_(torch.tensor(merge_mask(meta, batch_size), dtype=torch.uint8),
+                   non_blocking=True)
+        return GraphCascadePlan(meta, write, graph, mask)
 
     # -- start-up ---------------------------------------------------------------------------
     def warmup(self) -> None:

@@ -103,11 +103,14 @@ def _cascade_levels(tables: PageRows, kv_lens: np.ndarray, page_size: int,
     own_len = kv_lens[:n] - skip * page_size  # [n]
     own_pages = -(-own_len // page_size)  # [n]
     own_idx = _gather(tables.table, tables.rows[:n], skip, own_pages)
-    return [CascadeLevel(_dev(_indptr(sizes), np.int32, device),
-                         _dev(_indptr(shared), np.int32, device),
-                         _dev(shared_idx, np.int32, device),
-                         _dev(np.full(len(sizes), page_size), np.int32, device)),
-            CascadeLevel(_dev(np.arange(n + 1), np.int32, device),
-                         _dev(_indptr(own_pages), np.int32, device),
-                         _dev(own_idx, np.int32, device),
-                         _dev(_last_len(own_len, page_size), np.int32, device))]
+    return [_level(_indptr(sizes), _indptr(shared), shared_idx,
+                   np.full(len(sizes), page_size), device),
+            _level(np.arange(n + 1), _indptr(own_pages), own_idx,
+                   _last_len(own_len, page_size), device)]
+
+
+def _level(qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray,
+           last_page_len: np.ndarray, device: torch.device) -> CascadeLevel:
+    return CascadeLevel(_dev(qo_indptr, np.int32, device), _dev(kv_indptr, np.int32, device),
+                        _dev(kv_indices, np.int32, device), _dev(last_page_len, np.int32, device),
+                        qo_indptr.tolist(), kv_indptr.tolist(), last_page_len.tolist())
