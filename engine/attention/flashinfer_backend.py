@@ -14,17 +14,19 @@ One wrapper per kind of step, each planned once per step and run once per layer:
   than FA2 (whose planner splits the KV over the SMs): for 128 requests sharing 32K tokens the
   cascade attention took 42 ms per step on FA3 and 30 ms on FA2, against 79 ms for plain
   decode (H200, docs/benchmarks.md);
-- CUDA-graph replays (engine/cuda_graph.py): one decode wrapper per captured batch size, with
-  fixed index buffers (`GraphBuffers`) that `plan_cuda_graph` refills before each replay.
+- CUDA-graph replays (engine/cuda_graph.py), plain and cascade decode: per captured batch size
+  a decode wrapper and a cascade graph over fixed index buffers (`GraphBuffers`,
+  flashinfer_graphs.py) that `plan_cuda_graph` refills before each replay.
 
 `plan` returns the step's plan: `WrapperPlan` (one wrapper runs every row: prefill, decode, or a
-graph's decode wrapper) or `CascadeDecodePlan`; each writes the new K/V through its `KVWrite`.
+graph's decode wrapper), `CascadeDecodePlan`, or `GraphCascadePlan` (a cascade graph's); each
+writes the new K/V through its `KVWrite`.
 The wrappers belong to the backend and are re-planned every step, so a plan is valid until the
 next `plan`/`plan_cuda_graph` call.
 
 All wrappers share one float workspace (they run one after another on one stream). Planning
-reads only host lists (`qo_indptr_host`, `kv_lens_host`) and device index tensors, so a plain
-step never waits on the GPU; a cascade step copies its small level tensors to the host once.
+reads only host lists (`qo_indptr_host`, `kv_lens_host`, the cascade levels' host mirrors) and
+device index tensors, so no step waits on the GPU.
 FlashInfer is imported here, lazily: CPU installs never load this module.
 """
 
@@ -38,6 +40,7 @@ from engine.attention.flashinfer_graphs import (
     GraphCascadePlan,
     merge_mask,
     own_level_args,
+    paging,
     shared_level_args,
 )
 
@@ -175,12 +178,7 @@ class FlashInferBackend(AttentionBackend):
     # -- planning ---------------------------------------------------------------------------
     def _paging(self, kv_lens: list[int]) -> tuple[list[int], list[int]]:
         """Host kv_indptr [B+1] and kv_last_page_len [B] from the KV lengths (no device read)."""
-        ps = self.page_size
-        indptr, last = [0], []
-        for n in kv_lens:
-            indptr.append(indptr[-1] + -(-n // ps))
-            last.append((n - 1) % ps + 1)
-        return indptr, last
+        return paging(kv_lens, self.page_size)
 
     def _plan_args(self) -> dict:
         return dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)

@@ -16,12 +16,13 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("flashinfer")
 
-from engine.attention.cascade import plan_cascade  # noqa: E402
+from engine.attention.cascade import CascadeGroup, CascadePlan, plan_cascade  # noqa: E402
 from engine.attention.flashinfer_backend import (  # noqa: E402
     CascadeDecodePlan,
     FlashInferBackend,
     WrapperPlan,
 )
+from engine.attention.flashinfer_graphs import cascade_graph_groups  # noqa: E402
 from engine.attention.metadata import build_metadata  # noqa: E402
 from engine.attention.torch_backend import TorchBackend  # noqa: E402
 
@@ -150,21 +151,35 @@ def test_cascade_matches_plain(fi_backend, seed):
     assert same_pool
 
 
-def test_cuda_graph_replay_with_padding(fi_backend):
-    """A captured decode step replayed for fewer requests than its bucket: padded rows (whose
-    K/V differ from every real row's, as they do past the model's first layer) must not change
-    any byte of the pool that the reference step leaves alone."""
-    fi_backend.enable_cuda_graphs([4, 8], max_num_indices=8 * 64)
-    b = 8
-    num_pages = 300
-    cache = torch.randn(num_pages, 2, PS, HKV, D, device=DEV).to(DT)
-    qkv = torch.randn(b, HQ + 2 * HKV, D, device=DEV).to(DT)  # fused layout, like the model
-    q, k, v = qkv[:, :HQ], qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]
-    plan = fi_backend.plan_cuda_graph(build_metadata([[0]] * b, [0] * b, [1] * b, PS, DEV), b)
+def _toy_cascade_meta(b: int):
+    """The step a cascade graph is captured on (as engine/cuda_graph.py does): b rows, one
+    group sharing page 0, so the shared level holds the bucket's most rows."""
+    plan = CascadePlan(order=list(range(b)), groups=[CascadeGroup(list(range(b)), 1)])
+    return build_metadata([[0, 0]] * b, [PS] * b, [1] * b, PS, DEV, plan)
+
+
+def _capture(fi_backend, meta, b, q, k, v, cache):
+    plan = fi_backend.plan_cuda_graph(meta, b)
     plan.forward(0, q, k, v, cache)  # warm
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = plan.forward(0, q, k, v, cache)
+    return graph, out
+
+
+def test_cuda_graph_replay_with_padding(fi_backend):
+    """A captured decode step replayed for fewer requests than its bucket: padded rows (whose
+    K/V differ from every real row's, as they do past the model's first layer) write only the
+    scratch page, so no other byte of the pool differs from the reference step's."""
+    num_pages = 300
+    fi_backend.enable_cuda_graphs([4, 8], max_num_indices=8 * 64, scratch_page=num_pages)
+    b = 8
+    cache = torch.randn(num_pages + 1, 2, PS, HKV, D, device=DEV).to(DT)
+    qkv = torch.randn(b, HQ + 2 * HKV, D, device=DEV).to(DT)  # fused layout, like the model
+    q, k, v = qkv[:, :HQ], qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]
+    graph, out = _capture(fi_backend, build_metadata([[0]] * b, [0] * b, [1] * b, PS, DEV), b,
+                          q, k, v, cache)
     rng = random.Random(7)
     for n in (5, 8, 1):
         kv_lens = [rng.randint(1, 500) for _ in range(n)]
@@ -178,8 +193,75 @@ def test_cuda_graph_replay_with_padding(fi_backend):
         meta = build_metadata(tables, done, [1] * n, PS, DEV)
         ref = _torch_backend().plan(meta).forward(0, fresh[:, :HQ], fresh[:, HQ:HQ + HKV],
                                                   fresh[:, HQ + HKV:], ref_cache)
+        assert fi_backend.can_graph(meta, b)
         fi_backend.plan_cuda_graph(meta, b)  # refills what the captured kernels read
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out[:n], ref) <= TOL
-        assert torch.equal(cache, ref_cache)
+        assert torch.equal(cache[:num_pages], ref_cache[:num_pages])
+        # padding rows wrote their K (one of them wins) into the scratch page's first slot
+        scratch_k = cache[num_pages, 0, 0]
+        if n < b:
+            assert any(torch.equal(scratch_k, k[i]) for i in range(n, b))
+        else:
+            assert torch.equal(scratch_k, ref_cache[num_pages, 0, 0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cascade_graph_replay_equals_eager_cascade_and_plain(fi_backend, seed):
+    """A cascade step replayed through the bucket's captured cascade graph (own level, shared
+    level, masked merge) gives the eager cascade's and plain attention's outputs on the real
+    rows, and writes the same pool bytes outside the scratch page."""
+    b = 8
+    rng = random.Random(300 + seed)
+    groups = [(rng.randint(2, 3), rng.randint(1, 40)) for _ in range(rng.randint(1, 2))]
+    loners = rng.randint(0, b - sum(g for g, _ in groups))
+    tables, kv_lens, num_pages = _shared_prefix_tables(rng, groups, loners)
+    fi_backend.enable_cuda_graphs([b], max_num_indices=b * 64, scratch_page=num_pages)
+    cache = torch.zeros(num_pages + 1, 2, PS, HKV, D, device=DEV, dtype=DT)
+    qkv = torch.randn(b, HQ + 2 * HKV, D, device=DEV).to(DT)
+    q, k, v = qkv[:, :HQ], qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]
+    graph, out = _capture(fi_backend, _toy_cascade_meta(b), b, q, k, v, cache)
+    plan = plan_cascade(tables, kv_lens, PS, mode="on")
+    assert plan is not None and len(plan.groups) == len(groups)
+    tables = [tables[i] for i in plan.order]
+    kv_lens = [kv_lens[i] for i in plan.order]
+    n = len(tables)
+    done = [x - 1 for x in kv_lens]
+    meta = build_metadata(tables, done, [1] * n, PS, DEV, plan)
+    cache.copy_(torch.randn_like(cache, dtype=torch.float32).to(DT))
+    ref_cache, eager_cache = cache.clone(), cache.clone()
+    qkv.copy_(torch.randn_like(qkv, dtype=torch.float32).to(DT))
+    fresh = qkv[:n].clone()
+    fq, fk, fv = fresh[:, :HQ], fresh[:, HQ:HQ + HKV], fresh[:, HQ + HKV:]
+    plain = _torch_backend().plan(build_metadata(tables, done, [1] * n, PS, DEV))
+    ref = plain.forward(0, fq, fk, fv, ref_cache)
+    assert fi_backend.can_graph(meta, b)
+    fi_backend.plan_cuda_graph(meta, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    got = out[:n].clone()
+    eager_plan = fi_backend.plan(meta)
+    assert isinstance(eager_plan, CascadeDecodePlan)
+    eager = eager_plan.forward(0, fq, fk, fv, eager_cache)
+    torch.cuda.synchronize()
+    assert rel_err(got, ref) <= TOL
+    assert rel_err(got, eager) <= TOL
+    assert torch.equal(cache[:num_pages], ref_cache[:num_pages])
+    assert torch.equal(eager_cache[:num_pages], ref_cache[:num_pages])
+
+
+def test_cascade_graph_refuses_more_groups_than_its_shared_level_holds(fi_backend):
+    """Bucket 16's shared level has cascade_graph_groups(16) = 4 entries: 4 groups fit, 5 do
+    not (that step runs eagerly: the runner asks can_graph first)."""
+    assert cascade_graph_groups(16) == 4
+    for num_groups, fits in ((4, True), (5, False)):
+        tables, kv_lens, num_pages = _shared_prefix_tables(random.Random(9), [(2, 3)] * num_groups,
+                                                           0)
+        fi_backend.enable_cuda_graphs([16], max_num_indices=16 * 64, scratch_page=num_pages)
+        plan = plan_cascade(tables, kv_lens, PS, mode="on")
+        assert len(plan.groups) == num_groups
+        meta = build_metadata([tables[i] for i in plan.order],
+                              [kv_lens[i] - 1 for i in plan.order], [1] * len(tables), PS, DEV,
+                              plan)
+        assert fi_backend.can_graph(meta, 16) is fits

@@ -99,7 +99,8 @@ def test_greedy_agrees_under_chunked_prefill(tiny_path):
 
 
 def test_cascade_on_shared_prefix_agrees(tiny_path):
-    """Requests that share cached prefix pages decode through the cascade kernels."""
+    """Requests that share cached prefix pages decode through the cascade kernels: eagerly, and
+    replaying the cascade CUDA graphs, both agreeing with the torch reference and each other."""
     rng = random.Random(2)
     prefix = [rng.randrange(6, 1900) for _ in range(100)]
     prompts = [prefix + [rng.randrange(6, 1900) for _ in range(rng.randint(1, 20))]
@@ -110,14 +111,20 @@ def test_cascade_on_shared_prefix_agrees(tiny_path):
                   cuda_graphs=graphs)
         llm.generate(prompts[:1], GREEDY)  # caches the prefix pages
         out = llm.generate(prompts, GREEDY)
-        steps = llm.engine.runner.num_cascade_steps
+        runner = llm.engine.runner
+        steps = runner.num_cascade_steps
+        graph_steps = runner.graphs.num_cascade_replays if runner.graphs else 0
         del llm
         torch.cuda.empty_cache()
-        return out, steps
+        return out, steps, graph_steps
 
-    ref, _ = run("torch", "off")
-    got, steps = run("flashinfer", "on")
-    assert steps > 0
+    ref, _, _ = run("torch", "off")
+    got, steps, graph_steps = run("flashinfer", "on")
+    assert steps > 0 and graph_steps == 0
     assert_agree(ref, got)
-    got_graphs, _ = run("flashinfer", "off", graphs=True)
+    got_graphs, _, _ = run("flashinfer", "off", graphs=True)
     assert_agree(ref, got_graphs)
+    got_cascade_graphs, steps, graph_steps = run("flashinfer", "on", graphs=True)
+    assert steps > 0 and graph_steps > 0  # cascade steps did replay the cascade graphs
+    assert_agree(ref, got_cascade_graphs)
+    assert_agree(got, got_cascade_graphs)  # the eager cascade: same kernels, other launches
