@@ -8,8 +8,13 @@ is faster where, and the (MIN_GROUP_SIZE, MIN_SAVED_TOKENS) pair that loses the 
 
 Part 2, `engine`: the whole decode step of Llama-3-8B (dummy weights, CUDA graphs on) in one
 engine, switching `cascade` between auto / on / off on the same running batch: 128 requests
-sharing a 32K prefix (256 tokens each of their own; target >= 8x) and 16 sharing 2K (auto
-must pick the faster).
+sharing a 32K prefix (256 tokens each of their own; target >= 4.5x) and smaller cases around
+the rule's boundary. "on" replays the cascade CUDA graphs; "eager" is the same cascade step
+launched eagerly (the graphs set aside). Each step is printed against its floor measured in
+the same run: weights + KV read at the copy bandwidth, the KV being every request's whole
+context for plain decode and the shared prefix once plus each request's own tokens for
+cascade. Last, the `auto` rules (engine/attention/cascade.py `CascadeRule`) that lose the
+least time over these rows: the re-calibration of `AUTO_RULE`.
 
     python -m bench.gpu_cascade grid
     python -m bench.gpu_cascade engine --cases 128x32768x256,16x2048x128
@@ -25,9 +30,9 @@ import time
 
 import torch
 
-from bench.gpu_floor import emit_row, llama3_8b_dir, wall_time_ms
+from bench.gpu_floor import decode_bytes, emit_row, llama3_8b_dir, measure_floor, wall_time_ms
 from engine.attention import cascade as cascade_rule
-from engine.attention.cascade import plan_cascade
+from engine.attention.cascade import CascadeRule, plan_cascade
 from engine.attention.metadata import build_metadata
 from engine.block_table import PageRows
 
@@ -76,14 +81,35 @@ def attention_step_ms(backend, pool: torch.Tensor, group: int, shared: int, own:
             "speedup": plain / casc, "saved_tokens": (group - 1) * shared}
 
 
-def _regret(rows: list[dict], min_group: int, min_saved: int) -> float:
-    """Summed extra time (ms per step) of the rule's choices over the faster choice."""
+def _regret(rows: list[dict], rule: CascadeRule) -> float:
+    """Summed extra time (ms per step) of the rule's choices over the faster choice; rows hold
+    group, shared, cascade_ms and plain_ms."""
     lost = 0.0
     for r in rows:
-        use = r["group"] >= min_group and r["saved_tokens"] >= min_saved
-        chosen = r["cascade_ms"] if use else r["plain_ms"]
+        chosen = r["cascade_ms"] if rule.pays(r["group"], r["shared"]) else r["plain_ms"]
         lost += chosen - min(r["cascade_ms"], r["plain_ms"])
     return lost
+
+
+def print_rules(rows: list[dict], title: str) -> None:
+    """The current rule's loss over the rows, the rules that lose the least, and the rows where
+    the current rule picks the slower path."""
+    cands = [CascadeRule(mg, ms) for mg in (2, 3, 4, 6, 8, 12, 16, 32)
+             for ms in sorted({2**k for k in range(12, 23)} | {cascade_rule.MIN_SAVED_TOKENS})]
+    least = min(_regret(rows, c) for c in cands)
+    best = [c for c in cands if _regret(rows, c) <= least + 1e-9]
+    cur = cascade_rule.AUTO_RULE
+    print(f"\n{title}: current rule {cur}: loses {_regret(rows, cur):.2f} ms over the rows")
+    print(f"least loss {least:.2f} ms, by (min_group_size: min_saved_tokens range):")
+    for mg in sorted({c.min_group_size for c in best}):
+        saved = [c.min_saved_tokens for c in best if c.min_group_size == mg]
+        print(f"  {mg:>3}: {min(saved):,} .. {max(saved):,}")
+    for r in rows:
+        if (r["cascade_ms"] < r["plain_ms"]) != cur.pays(r["group"], r["shared"]):
+            worse = abs(r["cascade_ms"] - r["plain_ms"])
+            print(f"  current rule picks the slower path at G={r['group']} S={r['shared']} "
+                  f"U={r['own']}: {worse:.3f} ms lost (plain / cascade "
+                  f"{r['plain_ms'] / r['cascade_ms']:.2f}x)")
 
 
 def _make_backend(cascade_backend: str):
@@ -123,22 +149,17 @@ def grid(args) -> None:
                   f"{args.cascade_backend} {a['cascade_ms']:.2f}, cascade {args.compare_backend} "
                   f"{b['cascade_ms']:.2f}")
         del other
-    cands = [(mg, ms) for mg in (2, 3, 4, 6, 8, 12, 16) for ms in (2**k for k in range(8, 21))]
-    best = min(cands, key=lambda c: (_regret(rows, *c), -c[1]))
-    cur = (cascade_rule.MIN_GROUP_SIZE, cascade_rule.MIN_SAVED_TOKENS)
-    print(f"\ncurrent rule {cur}: loses {_regret(rows, *cur):.2f} ms over the grid")
-    print(f"best rule {best}: loses {_regret(rows, *best):.2f} ms over the grid")
-    for r in rows:
-        use = cascade_rule.cascade_pays(r["group"], r["shared"], "auto")
-        if (r["cascade_ms"] < r["plain_ms"]) != use:
-            worse = abs(r["cascade_ms"] - r["plain_ms"])
-            print(f"  current rule picks the slower path at G={r['group']} S={r['shared']} "
-                  f"U={r['own']}: {worse:.3f} ms lost ({r['speedup']:.2f}x)")
+    print_rules(rows, "attention-only grid")
 
 
 # -- part 2: whole engine steps -----------------------------------------------------------------
+# The paths timed per case: cascade "auto", cascade "on" (the cascade CUDA graphs), "eager"
+# (cascade on, its graphs set aside, as before they existed), plain decode ("off").
+ENGINE_MODES = ("auto", "on", "eager", "off")
+
+
 def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.Random,
-                profile: bool = False, host_profile: bool = False) -> dict:
+                floor, profile: bool = False, host_profile: bool = False) -> dict:
     from bench.gpu_decode import StepTimer, add_requests, run_until_decoding
 
     engine = llm.engine
@@ -156,12 +177,28 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
     runner = engine.runner
     base_cfg = runner.cfg
     row = {"group": group, "shared": shared, "own": own}
-    for mode in ("auto", "on", "off"):
-        runner.cfg = dataclasses.replace(base_cfg, cascade=mode)
-        before = runner.num_cascade_steps
+    graphs = runner.graphs  # the CudaGraphRunner
+    for mode in ENGINE_MODES:
+        runner.cfg = dataclasses.replace(base_cfg, cascade="on" if mode == "eager" else mode)
+        aside, graphs.cascade_graphs = graphs.cascade_graphs, ({} if mode == "eager"
+                                                               else graphs.cascade_graphs)
+        before, replays = runner.num_cascade_steps, graphs.num_cascade_replays
         step_s, runner_s, _ = timer.steps(steps if mode != "off" or shared < 16384 else 4)
+        graphs.cascade_graphs = aside
         row[f"{mode}_ms"] = step_s * 1e3
         row[f"{mode}_cascade_steps"] = runner.num_cascade_steps - before
+        row[f"{mode}_cascade_graph_steps"] = graphs.num_cascade_replays - replays
+    # The floors of this batch, as it stands after the timed steps: weights + KV at the copy
+    # bandwidth measured in this run; plain decode reads every request's whole context, a
+    # cascade step the shared prefix once and each request's own tokens.
+    lens = [r.num_tokens for r in engine.scheduler.running]
+    weights, kv_plain = decode_bytes(engine.arch, lens)
+    _, kv_cascade = decode_bytes(engine.arch, [shared] + [n - shared for n in lens])
+    row["floor_plain_ms"] = (weights + kv_plain) / floor.copy_bytes_per_s * 1e3
+    row["floor_cascade_ms"] = (weights + kv_cascade) / floor.copy_bytes_per_s * 1e3
+    row["on_x_floor"] = row["on_ms"] / row["floor_cascade_ms"]
+    row["eager_x_floor"] = row["eager_ms"] / row["floor_cascade_ms"]
+    row["off_x_floor"] = row["off_ms"] / row["floor_plain_ms"]
     # Host work of one step's planning on this batch (the GPU waits during it), replayed on
     # the last step's shape (the next token's page may not be allocated yet).
     reqs = list(engine.scheduler.running)
@@ -200,6 +237,7 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
     for rid in rids:
         engine.abort(rid)
     row["speedup_on_vs_off"] = row["off_ms"] / row["on_ms"]
+    row["speedup_eager_vs_off"] = row["off_ms"] / row["eager_ms"]
     row["auto_picked"] = "cascade" if row["auto_cascade_steps"] else "plain"
     row["faster"] = "cascade" if row["on_ms"] < row["off_ms"] else "plain"
     return row
@@ -211,6 +249,8 @@ def engine_runs(args) -> None:
     num_pages = max(s // PS + g * -(-(u + 8 * args.steps + 32) // PS) for g, s, u in cases) + 512
     from engine.llm import LLM
 
+    floor = measure_floor()
+    print(floor, flush=True)
     llm = LLM(llama3_8b_dir(), load_format="dummy", dtype="bfloat16", device="cuda",
               attention_backend="flashinfer", cuda_graphs=True, cascade="auto",
               max_num_seqs=max(g for g, _, _ in cases), max_num_batched_tokens=16384,
@@ -219,18 +259,26 @@ def engine_runs(args) -> None:
     rows = []
     for g, s, u in cases:
         first = not rows
-        row = engine_case(llm, g, s, u, args.steps, rng, profile=args.profile and first,
+        row = engine_case(llm, g, s, u, args.steps, rng, floor, profile=args.profile and first,
                           host_profile=args.host_profile and first)
-        row["device"] = torch.cuda.get_device_name()
+        row["device"] = floor.device
         rows.append(row)
         emit_row(row, "cascade_engine", args.out)
-    print("\nLlama-3-8B decode step (ms), cascade auto / on / off in one engine:")
-    print(f"{'G x S x U':>18} {'auto':>8} {'on':>8} {'off':>8} {'on vs off':>10}"
-          f" {'auto picked':>12} {'faster':>8}")
+    print(f"\nLlama-3-8B decode step (ms), cascade auto / on (graphs) / eager / off in one "
+          f"engine; floors from {floor}")
+    print(f"{'G x S x U':>16} {'auto':>7} {'on':>7} {'eager':>7} {'off':>7} {'floor c':>8}"
+          f" {'floor p':>8} {'on/fl':>6} {'off/fl':>6} {'on vs off':>9} {'graphed':>8}"
+          f" {'auto picked':>11} {'faster':>8}")
     for r in rows:
         name = f"{r['group']}x{r['shared']}x{r['own']}"
-        print(f"{name:>18} {r['auto_ms']:8.2f} {r['on_ms']:8.2f} {r['off_ms']:8.2f}"
-              f" {r['speedup_on_vs_off']:9.2f}x {r['auto_picked']:>12} {r['faster']:>8}")
+        graphed = f"{r['on_cascade_graph_steps']}/{r['on_cascade_steps']}"
+        print(f"{name:>16} {r['auto_ms']:7.2f} {r['on_ms']:7.2f} {r['eager_ms']:7.2f}"
+              f" {r['off_ms']:7.2f} {r['floor_cascade_ms']:8.2f} {r['floor_plain_ms']:8.2f}"
+              f" {r['on_x_floor']:6.2f} {r['off_x_floor']:6.2f} {r['speedup_on_vs_off']:8.2f}x"
+              f" {graphed:>8} {r['auto_picked']:>11} {r['faster']:>8}")
+    print_rules([{"group": r["group"], "shared": r["shared"], "own": r["own"],
+                  "cascade_ms": r["on_ms"], "plain_ms": r["off_ms"]} for r in rows],
+                "engine rows (cascade = on, plain = off)")
 
 
 def main() -> None:
@@ -247,7 +295,8 @@ def main() -> None:
     g.add_argument("--out")
     e = sub.add_parser("engine")
     e.add_argument("--cases", default="128x32768x256,16x2048x128,64x2048x256,32x8192x128,"
-                   "128x8192x128,64x16384x128,32x32768x128,64x32768x128")
+                   "128x8192x128,64x16384x128,32x32768x128,64x32768x128,128x2048x128,"
+                   "16x8192x128")
     e.add_argument("--profile", action="store_true", help="kernel profile of the first case "
                    "(eager launches stay slower in the process afterwards: use alone)")
     e.add_argument("--host-profile", action="store_true", help="cProfile of the first case")

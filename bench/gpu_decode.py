@@ -77,7 +77,9 @@ def print_kernel_profile(fn, title: str, reps: int = 5) -> None:
         torch.cuda.synchronize()
     events = prof.key_averages()
     total = sum(e.self_device_time_total for e in events) / reps
-    print(f"\n{title}: {total / 1e3:.3f} ms of kernels per call; top kernels (us per call):")
+    launches = sum(e.count for e in events) / reps
+    print(f"\n{title}: {total / 1e3:.3f} ms of kernels per call, {launches:.0f} kernels (and "
+          f"copies) per call; top kernels (us per call):")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
         print(f"  {e.self_device_time_total / reps:9.1f}  x{e.count // reps:<4} {e.key[:90]}")
 

@@ -32,24 +32,40 @@ class CascadePlan:
         return sum(len(g.members) for g in self.groups)
 
 
-# Measured rule (docs/benchmarks.md, "Cascade"): cascade wins when the prefix reads it saves,
-# (group - 1) * shared tokens, are large. Its cost is not a few extra launches: the shared level
-# is attention of all the group's queries over the prefix (compute-bound: ~2 TFLOP per step for
-# 128 x 32K at Llama-3-8B shape), a cascade step runs eagerly while plain decode replays a CUDA
-# graph (~6 ms more at batch 64-128 on an H200), and with GQA 8 x 128 plain decode reads a
-# shared prefix largely from L2. Calibrated on whole Llama-3-8B engine steps (H200, CUDA graphs
-# on): plain is faster at 16 x 2K, 64 x 2K, 32 x 8K (saving 31K-254K tokens); cascade at
-# 128 x 8K, 64 x 16K, 32 x 32K (1.02M-1.04M, by 8-17%), 64 x 32K and 128 x 32K (2M-4M).
-MIN_GROUP_SIZE = 8
-MIN_SAVED_TOKENS = 1_000_000
+@dataclass(frozen=True)
+class CascadeRule:
+    """`auto`'s rule: cascade a group when it is large and the prefix reads it saves,
+    (group - 1) * shared tokens, are many. Its cost is not a few extra launches: the shared
+    level is attention of all the group's queries over the prefix (compute-bound: ~2 TFLOP per
+    step for 128 x 32K at Llama-3-8B shape), and with GQA 8 x 128 plain decode reads a shared
+    prefix largely from L2."""
+
+    min_group_size: int
+    min_saved_tokens: int
+
+    def pays(self, group_size: int, shared_tokens: int) -> bool:
+        return (group_size >= self.min_group_size
+                and (group_size - 1) * shared_tokens >= self.min_saved_tokens)
 
 
-def cascade_pays(group_size: int, shared_tokens: int, mode: str) -> bool:
+# Calibrated on whole Llama-3-8B engine steps (H200, CUDA graphs on) while cascade steps ran
+# eagerly (~6 ms more than a graph replay at batch 64-128): plain was faster at 16 x 2K,
+# 64 x 2K, 32 x 8K (saving 31K-254K tokens); cascade at 128 x 8K, 64 x 16K, 32 x 32K
+# (1.02M-1.04M, by 8-17%), 64 x 32K and 128 x 32K (2M-4M). Cascade steps now replay CUDA graphs
+# too, so the threshold is likely lower: re-calibrate from `python -m bench.gpu_cascade engine`,
+# which times both paths on the engine grid and prints the rules that lose the least time.
+AUTO_RULE = CascadeRule(min_group_size=8, min_saved_tokens=1_000_000)
+MIN_GROUP_SIZE = AUTO_RULE.min_group_size
+MIN_SAVED_TOKENS = AUTO_RULE.min_saved_tokens
+
+
+def cascade_pays(group_size: int, shared_tokens: int, mode: str,
+                 rule: CascadeRule = AUTO_RULE) -> bool:
     if mode == "off" or group_size < 2 or shared_tokens == 0:
         return False
     if mode == "on":
         return True
-    return group_size >= MIN_GROUP_SIZE and (group_size - 1) * shared_tokens >= MIN_SAVED_TOKENS
+    return rule.pays(group_size, shared_tokens)
 
 
 def plan_cascade(block_tables: PageRows | Sequence[Sequence[int]], kv_lens: Sequence[int],
