@@ -139,3 +139,18 @@ def test_shared_level_padding_entries_are_empty_and_too_many_groups_refused():
 
 def test_cascade_graph_groups_per_bucket():
     assert [cascade_graph_groups(b) for b in (1, 2, 4, 8, 16, 128)] == [0, 1, 2, 4, 4, 4]
+
+
+def test_scratch_page_is_one_past_every_page_the_allocator_hands_out():
+    from engine.block_allocator import BlockAllocator
+    from engine.kv_pool import KVPool
+    from engine.model_arch import ModelArch
+
+    arch = ModelArch("LlamaForCausalLM", vocab_size=16, hidden_size=8, intermediate_size=16,
+                     num_layers=2, num_heads=HQ, num_kv_heads=HKV, head_dim=D, rms_norm_eps=1e-5,
+                     rope_theta=10000.0)
+    pool = KVPool(arch, num_pages=6, page_size=PS, dtype=torch.float32, device="cpu")
+    pages = BlockAllocator(num_pages=6, page_size=PS).allocate(6)
+    assert sorted(pages) == list(range(6)) and pool.scratch_page == 6
+    assert pool.layers[0].shape[0] == 7  # the scratch page exists in every layer's tensor
+    assert pool.export_shape(3) == (2, 3, 2, PS, HKV, D)
