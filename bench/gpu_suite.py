@@ -34,7 +34,7 @@ def commands(out: Path, extra: dict[str, str]) -> dict[str, list[str]]:
     return cmds
 
 
-SUMMARY_LINES = {"jit": 8, "tests": 15, "decode": 8, "prefill": 5, "grid": 45, "cascade": 14,
+SUMMARY_LINES = {"jit": 8, "tests": 15, "decode": 8, "prefill": 5, "grid": 45, "cascade": 32,
                  "transfer": 12}
 
 
