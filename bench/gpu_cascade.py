@@ -255,6 +255,9 @@ def engine_runs(args) -> None:
               attention_backend="flashinfer", cuda_graphs=True, cascade="auto",
               max_num_seqs=max(g for g, _, _ in cases), max_num_batched_tokens=16384,
               max_model_len=max_len, num_pages=num_pages, enable_prefix_caching=True)
+    graph_error = llm.engine.runner.graphs.cascade_graph_error
+    print(f"cascade CUDA graphs: {'captured' if graph_error is None else graph_error}",
+          flush=True)
     rng = random.Random(1)
     rows = []
     for g, s, u in cases:

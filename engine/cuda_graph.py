@@ -20,6 +20,8 @@ the token and position buffers.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata, AttentionPlan
@@ -27,6 +29,8 @@ from engine.attention.cascade import CascadeGroup, CascadePlan
 from engine.attention.metadata import build_metadata
 from engine.kv_pool import KVPool
 from engine.model import CausalLM
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -64,12 +68,27 @@ class CudaGraphRunner:
         self.mempool = torch.cuda.graph_pool_handle()
         self.num_replays = 0
         self.num_cascade_replays = 0
+        # Why cascade graphs are missing, if their capture failed: cascade steps then run
+        # eagerly (correct, slower) rather than the engine failing to start.
+        self.cascade_graph_error: str | None = None
         with torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory
                 self._capture(b, self._toy_step(b, cascade=False), self.graphs, self.logits)
-                cascade = self._toy_step(b, cascade=True) if cascade_graphs and b >= 2 else None
-                if cascade is not None and backend.can_graph(cascade, b):
-                    self._capture(b, cascade, self.cascade_graphs, self.cascade_logits)
+                if cascade_graphs and b >= 2 and self.cascade_graph_error is None:
+                    self._capture_cascade(b)
+
+    def _capture_cascade(self, b: int) -> None:
+        cascade = self._toy_step(b, cascade=True)
+        if not self.backend.can_graph(cascade, b):
+            return
+        try:
+            self._capture(b, cascade, self.cascade_graphs, self.cascade_logits)
+        except Exception as e:  # noqa: BLE001 - reported, and cascade steps stay eager
+            self.cascade_graph_error = f"bucket {b}: {type(e).__name__}: {e}"
+            self.cascade_graphs.clear()
+            self.cascade_logits.clear()
+            log.warning("cascade CUDA graphs disabled, cascade steps run eagerly (%s)",
+                        self.cascade_graph_error)
 
     def _toy_step(self, b: int, cascade: bool) -> AttentionMetadata:
         """The step a graph is captured on: b rows at the first slots of pages 0 (plain), or b

@@ -114,6 +114,8 @@ def test_cascade_on_shared_prefix_agrees(tiny_path):
         runner = llm.engine.runner
         steps = runner.num_cascade_steps
         graph_steps = runner.graphs.num_cascade_replays if runner.graphs else 0
+        if runner.graphs:
+            assert runner.graphs.cascade_graph_error is None, runner.graphs.cascade_graph_error
         del llm
         torch.cuda.empty_cache()
         return out, steps, graph_steps
