@@ -1,0 +1,167 @@
+"""FlashInferBackend's CUDA-graph planning, run on the CPU against a stand-in for FlashInfer's
+graph-mode wrappers: what a replay computes equals plain attention.
+
+The stand-in keeps the graph-mode rules that matter here: a wrapper's batch size is fixed by its
+buffers, the first plan (the capture's) fixes the most query rows, indices must fit the buffer,
+and `run` reads the buffers when it runs, as a replayed kernel does. A graph is "captured" by
+planning the runner's toy step and keeping that plan; a "replay" is the kept plan's `forward`
+after `plan_cuda_graph` refilled the buffers for a real step. Attention inside is the torch
+reference's, so only the backend's glue (which buffers, which rows, padding, the merge mask)
+is under test; the kernels themselves are tests/gpu's.
+"""
+
+from __future__ import annotations
+
+import random
+import types
+
+import pytest
+import torch
+
+from engine.attention import flashinfer_backend as fb
+from engine.attention.base import AttentionBackend
+from engine.attention.cascade import CascadeGroup, CascadePlan, plan_cascade
+from engine.attention.metadata import build_metadata
+from engine.attention.torch_backend import TorchBackend, attend, gather_kv, merge_states
+
+HQ, HKV, D, PS = 4, 2, 8, 4
+CPU = torch.device("cpu")
+NUM_PAGES = 200  # the scratch page is NUM_PAGES, as KVPool adds it
+
+
+class StandInWrapper:
+    """FlashInfer's paged prefill / decode wrapper, as far as the backend's graphs use it."""
+
+    def __init__(self, workspace, layout, use_cuda_graph=False, qo_indptr_buf=None,
+                 paged_kv_indptr_buf=None, paged_kv_indices_buf=None,
+                 paged_kv_last_page_len_buf=None, backend="auto", use_tensor_cores=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None,
+                 paged_kv_last_page_len_buffer=None, decode=False):
+        self.graph = use_cuda_graph
+        self.decode = decode
+        self.qo_buf = qo_indptr_buf
+        self.kv_indptr = paged_kv_indptr_buf if not decode else paged_kv_indptr_buffer
+        self.kv_indices = paged_kv_indices_buf if not decode else paged_kv_indices_buffer
+        self.last = paged_kv_last_page_len_buf if not decode else paged_kv_last_page_len_buffer
+        self.max_rows = None
+
+    def plan(self, *args, causal=False, uniform_q_len=None, **kwargs):
+        if self.decode:  # (kv_indptr, indices, last, heads...): one query per request
+            kv_indptr, indices, last, *heads = args
+            qo = torch.arange(len(kv_indptr), dtype=torch.int32)
+        else:
+            qo, kv_indptr, indices, last, *heads = args
+        assert tuple(heads) == (HQ, HKV, D, PS)
+        self.causal = causal or self.decode
+        if uniform_q_len is not None:
+            assert (qo[1:] - qo[:-1]).eq(uniform_q_len).all()
+        if not self.graph:
+            self.qo, self.kv_indptr, self.kv_indices, self.last = qo, kv_indptr, indices, last
+            return
+        assert len(kv_indptr) == len(self.kv_indptr) and len(last) == len(self.last)
+        assert len(qo) == len(self.kv_indptr) and len(indices) <= len(self.kv_indices)
+        rows = int(qo[-1])
+        self.max_rows = rows if self.max_rows is None else self.max_rows
+        assert rows <= self.max_rows  # the capture's plan fixed the most rows
+        if self.qo_buf is not None:
+            self.qo_buf.copy_(qo)
+        self.qo = qo if self.qo_buf is None else self.qo_buf
+        self.kv_indptr.copy_(kv_indptr)
+        self.last.copy_(last)
+        self.kv_indices[:len(indices)].copy_(indices)
+
+    def run(self, q, cache, return_lse=False):
+        qo, kv_indptr, last = self.qo.tolist(), self.kv_indptr.tolist(), self.last.tolist()
+        out = torch.full((q.shape[0], HQ, D), float("nan"))  # rows of no entry: never written
+        lse = torch.full((q.shape[0], HQ), float("nan"))
+        for e in range(len(last)):
+            lo, hi = qo[e], qo[e + 1]
+            if hi > lo:
+                pages = self.kv_indices[kv_indptr[e]:kv_indptr[e + 1]].long()
+                k, v = gather_kv(cache, pages, (len(pages) - 1) * PS + last[e])
+                out[lo:hi], lse[lo:hi] = attend(q[lo:hi], k, v, D ** -0.5, self.causal)
+        return (out, lse) if return_lse else out
+
+
+def _merge_state_in_place(v, s, v_other, s_other, mask=None):
+    merged, merged_lse = merge_states(v, s, v_other, s_other)
+    rows = torch.ones(v.shape[0], dtype=torch.bool) if mask is None else mask.bool()
+    v[rows], s[rows] = merged[rows], merged_lse[rows]
+
+
+STAND_IN = types.SimpleNamespace(
+    BatchPrefillWithPagedKVCacheWrapper=StandInWrapper,
+    BatchDecodeWithPagedKVCacheWrapper=lambda *a, **k: StandInWrapper(*a, decode=True, **k),
+    merge_state_in_place=_merge_state_in_place)
+
+
+def _backend() -> fb.FlashInferBackend:
+    """The backend over the stand-in (its constructor needs CUDA: the fields it sets, here)."""
+    be = object.__new__(fb.FlashInferBackend)
+    AttentionBackend.__init__(be, HQ, HKV, D, torch.float32, "cpu", PS, 16)
+    be._fi, be.workspace = STAND_IN, torch.zeros(8)
+    be.prefill = StandInWrapper(be.workspace, "NHD")
+    be.decode = StandInWrapper(be.workspace, "NHD", decode=True)
+    be.cascade = fb.TwoLevelCascade(STAND_IN, be.workspace, "fa2")
+    be.cascade_backend, be.graph_buffers = "fa2", None
+    return be
+
+
+def _toy_step(b: int, cascade: bool):
+    """engine/cuda_graph.py's capture steps."""
+    if not cascade:
+        return build_metadata([[0]] * b, [0] * b, [1] * b, PS, CPU)
+    plan = CascadePlan(list(range(b)), [CascadeGroup(list(range(b)), 1)])
+    return build_metadata([[0, 0]] * b, [PS] * b, [1] * b, PS, CPU, plan)
+
+
+def _batch(rng: random.Random, b: int):
+    """1-2 groups sharing 1-5 pages and 0-2 loners, at most b requests."""
+    free = list(range(NUM_PAGES))
+    rng.shuffle(free)
+    tables, lens = [], []
+    for _ in range(rng.randint(1, 2)):
+        shared = [free.pop() for _ in range(rng.randint(1, 5))]
+        for _ in range(rng.randint(2, 3)):
+            own = rng.randint(1, 9)
+            tables.append(shared + [free.pop() for _ in range(-(-own // PS))])
+            lens.append(len(shared) * PS + own)
+    for _ in range(rng.randint(0, b - len(tables))):
+        n = rng.randint(1, 15)
+        tables.append([free.pop() for _ in range(-(-n // PS))])
+        lens.append(n)
+    return tables, lens
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+@pytest.mark.parametrize("seed", range(8))
+def test_replayed_graph_step_equals_plain_attention(cascade, seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    b = 8
+    be = _backend()
+    be.enable_cuda_graphs([4, b], max_num_indices=b * 30, scratch_page=NUM_PAGES)
+    cache = torch.zeros(NUM_PAGES + 1, 2, PS, HKV, D)
+    captured = be.plan_cuda_graph(_toy_step(b, cascade), b)
+    kv = torch.randn(b, 2, HKV, D)
+    captured.forward(0, torch.randn(b, HQ, D), kv[:, 0], kv[:, 1], cache)
+    tables, lens = _batch(rng, b)
+    plan = plan_cascade(tables, lens, PS, mode="on") if cascade else None
+    if plan is not None:
+        tables, lens = [tables[i] for i in plan.order], [lens[i] for i in plan.order]
+    n, done = len(tables), [x - 1 for x in lens]
+    meta = build_metadata(tables, done, [1] * n, PS, CPU, plan)
+    assert (meta.cascade is not None) == cascade
+    cache = torch.randn(NUM_PAGES + 1, 2, PS, HKV, D)
+    ref_cache = cache.clone()
+    q, kv = torch.randn(b, HQ, D), torch.randn(b, 2, HKV, D)
+    plain = TorchBackend(HQ, HKV, D, torch.float32, "cpu", PS)
+    ref = plain.plan(build_metadata(tables, done, [1] * n, PS, CPU)).forward(
+        0, q[:n], kv[:n, 0], kv[:n, 1], ref_cache)
+    assert be.can_graph(meta, b)
+    be.plan_cuda_graph(meta, b)
+    out = captured.forward(0, q, kv[:, 0], kv[:, 1], cache)  # the replay: the capture's plan
+    assert (out[:n] - ref).abs().max().item() <= 1e-5
+    assert torch.equal(cache[:NUM_PAGES], ref_cache[:NUM_PAGES])  # padding: scratch page only
+    if n < b:
+        assert any(torch.equal(cache[NUM_PAGES, 0, 0], kv[i, 0]) for i in range(n, b))
