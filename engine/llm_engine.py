@@ -191,13 +191,16 @@ class Engine:
         return req is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        # A request with a step in flight is still waiting or running until that step's update;
+        # a step in flight for finished (aborted) requests only is collected by the next step.
+        return self.scheduler.has_unfinished()
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if not self.overlap:
+            outputs = self._collect()  # a step launched while overlap was on
             batch = self.scheduler.schedule()
-            return self._apply(batch, self.runner.execute(batch))
+            return outputs + self._apply(batch, self.runner.execute(batch))
         batch = self.scheduler.schedule()  # planned while the step in flight (if any) runs
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and self._needs_known_tokens(batch):
