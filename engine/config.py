@@ -14,6 +14,7 @@ from engine.attention.registry import ATTENTION_BACKENDS
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 CASCADE_MODES = ("auto", "on", "off")
+OVERLAP_MODES = ("auto", "on", "off")
 
 
 def pdserve_home() -> Path:
@@ -75,6 +76,10 @@ class EngineConfig:
     attention_backend: str = "torch"  # a name in engine.attention.registry.ATTENTION_BACKENDS
     cascade: str = "auto"  # auto: a measured rule picks cascade or plain decode per step
     cuda_graphs: bool = False  # capture decode steps as CUDA graphs (GPU only)
+    # Plan step N+1 while step N runs on the device (its sampled ids feed N+1 there; outputs
+    # come one step later). auto: on for CUDA, off on CPU, where kernels run synchronously and
+    # the lag would only delay tokens. The tokens are the same either way.
+    overlap_scheduling: str = "auto"
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -95,3 +100,4 @@ class EngineConfig:
                                    f"must be >= 1, got {self.max_num_batched_tokens}")
         _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _one_of("cascade", self.cascade, CASCADE_MODES)
+        _one_of("overlap_scheduling", self.overlap_scheduling, OVERLAP_MODES)
