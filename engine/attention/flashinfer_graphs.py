@@ -131,7 +131,9 @@ class CascadeGraph:
 
 class GraphCascadePlan(AttentionPlan):
     """A cascade decode step inside a captured graph: K/V write, own level (every row), shared
-    level (the groups' rows), masked merge. Three launches per layer whatever the groups."""
+    level (the groups' rows), masked merge. The same kernels per layer whatever the groups and
+    the rows outside them: each level's attention and split-KV merge (graph mode always splits
+    the KV), then `merge_state_in_place`."""
 
     def __init__(self, meta: AttentionMetadata, write, graph: CascadeGraph,
                  mask: torch.Tensor) -> None:
