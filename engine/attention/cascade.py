@@ -48,13 +48,12 @@ class CascadeRule:
                 and (group_size - 1) * shared_tokens >= self.min_saved_tokens)
 
 
-# Calibrated on whole Llama-3-8B engine steps (H200, CUDA graphs on) while cascade steps ran
-# eagerly (~6 ms more than a graph replay at batch 64-128): plain was faster at 16 x 2K,
-# 64 x 2K, 32 x 8K (saving 31K-254K tokens); cascade at 128 x 8K, 64 x 16K, 32 x 32K
-# (1.02M-1.04M, by 8-17%), 64 x 32K and 128 x 32K (2M-4M). Cascade steps now replay CUDA graphs
-# too, so the threshold is likely lower: re-calibrate from `python -m bench.gpu_cascade engine`,
-# which times both paths on the engine grid and prints the rules that lose the least time.
-AUTO_RULE = CascadeRule(min_group_size=8, min_saved_tokens=1_000_000)
+# Calibrated on whole Llama-3-8B engine steps, H200, cascade steps replaying CUDA graphs (run 21
+# of docs/benchmarks.md, `python -m bench.gpu_cascade engine`): plain decode was faster only at
+# 16 x 2K (saving 31K tokens, by 4%); cascade at 64 x 2K and 16 x 8K (122K-129K, by 9-13%) and
+# everything larger (253K-4M, 1.2-4.5x). Every min_group_size in 2..16 with min_saved_tokens in
+# 32,768..65,536 picks the faster path in all ten cases: the middle of that range.
+AUTO_RULE = CascadeRule(min_group_size=8, min_saved_tokens=49_152)
 MIN_GROUP_SIZE = AUTO_RULE.min_group_size
 MIN_SAVED_TOKENS = AUTO_RULE.min_saved_tokens
 

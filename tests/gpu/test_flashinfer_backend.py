@@ -199,10 +199,11 @@ def test_cuda_graph_replay_with_padding(fi_backend):
         torch.cuda.synchronize()
         assert rel_err(out[:n], ref) <= TOL
         assert torch.equal(cache[:num_pages], ref_cache[:num_pages])
-        # padding rows wrote their K (one of them wins) into the scratch page's first slot
+        # padding rows wrote their K into the scratch page's first slot; the scatter has no
+        # order among equal indices, so each element comes from one of them (run 21 saw mixes)
         scratch_k = cache[num_pages, 0, 0]
         if n < b:
-            assert any(torch.equal(scratch_k, k[i]) for i in range(n, b))
+            assert (scratch_k[None] == k[n:b]).any(dim=0).all()
         else:
             assert torch.equal(scratch_k, ref_cache[num_pages, 0, 0])
 
