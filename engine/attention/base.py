@@ -158,9 +158,25 @@ def to_kv_dtype(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
     return x.clamp(-_FP8_MAX, _FP8_MAX).to(FP8_KV)
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as uint8 (same memory): indexing kernels (index_put, index_copy,
+    index_select) lack float8 versions on some devices; other tensors as they are."""
+    return t.view(torch.uint8) if t.dtype == FP8_KV else t
+
+
+def store_kv(kv_cache: torch.Tensor, index: tuple, x: torch.Tensor) -> None:
+    """kv_cache[index] = x, converted to the pool's dtype."""
+    as_bytes(kv_cache)[index] = as_bytes(to_kv_dtype(x, kv_cache.dtype))
+
+
+def load_kv(kv_cache: torch.Tensor, index: tuple) -> torch.Tensor:
+    """kv_cache[index] in float32 (fp8 pages: times KV_FP8_SCALE = 1.0, i.e. upcast only)."""
+    return as_bytes(kv_cache)[index].view(kv_cache.dtype).float()
+
+
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
     page_size = kv_cache.shape[2]
     pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-    kv_cache[pages, 0, offsets] = to_kv_dtype(k, kv_cache.dtype)
-    kv_cache[pages, 1, offsets] = to_kv_dtype(v, kv_cache.dtype)
+    store_kv(kv_cache, (pages, 0, offsets), k)
+    store_kv(kv_cache, (pages, 1, offsets), v)

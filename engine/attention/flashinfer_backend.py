@@ -38,7 +38,7 @@ from engine.attention.base import (
     AttentionBackend,
     AttentionMetadata,
     AttentionPlan,
-    to_kv_dtype,
+    store_kv,
 )
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
@@ -105,7 +105,7 @@ class KVWrite:
             kv = torch.stack((k, v), dim=1)
         if self.source is not None:
             kv = kv.index_select(0, self.source)
-        kv_cache[self.page, :, self.offset] = to_kv_dtype(kv, kv_cache.dtype)
+        store_kv(kv_cache, (self.page, slice(None), self.offset), kv)
 
 
 class WrapperPlan(AttentionPlan):
