@@ -173,3 +173,35 @@ def test_a_decode_replica_refuses_kv_from_a_prefill_replica_of_another_kv_dtype(
     with pytest.raises(ValueError, match="KV dtype float8_e4m3fn sent, the receiving pool "
                                          "holds float32"):
         asyncio.run(_collect(decode, list(range(100, 140))))
+
+
+def test_a_layerwise_export_of_fp8_pages_equals_the_whole_export(tiny_llama):
+    from engine.kv_stream import LayerwiseExport
+
+    def engine() -> Engine:
+        return Engine(ModelConfig(tiny_llama), EngineConfig(page_size=16, num_pages=64,
+                                                            kv_cache_dtype="fp8_e4m3"))
+
+    prompt = [(7 * i) % 1900 + 5 for i in range(100)]  # 7 pages
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for name, stream in (("whole", None), ("streamed", LayerwiseExport(0, 7))):
+        e = engine()
+        e.add_request(prompt, one, name, kv_export_from=0, kv_stream=stream)
+        while e.has_unfinished():
+            outs[name] = [o for o in e.step() if o.finished] or outs.get(name)
+    whole, streamed = outs["whole"][0].kv.data, outs["streamed"][0].kv.data
+    assert streamed.dtype == FP8 and same_bytes(streamed, whole)
+
+
+def test_the_app_config_carries_fp8_to_the_engine_configs():
+    from serving.config import AppConfig
+
+    cfg = AppConfig.from_args({"model": {"quantize": "fp8"},
+                               "engine": {"kv_cache_dtype": "fp8_e4m3"},
+                               "prefill": {"engine": {"kv_cache_dtype": "auto"}}})
+    assert cfg.model.to_config().quantize == "fp8"
+    assert cfg.engine_config("decode").kv_cache_dtype == "fp8_e4m3"
+    assert cfg.engine_config("prefill").kv_cache_dtype == "auto"  # allowed, refused at transfer
+    assert cfg.engine_config("decode").kv_dtype_name("bfloat16") == "float8_e4m3fn"
+    assert cfg.engine_config("prefill").kv_dtype_name("bfloat16") == "bfloat16"
