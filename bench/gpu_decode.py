@@ -4,9 +4,11 @@ The floor of a decode step is (weight bytes + KV bytes read) / copy bandwidth, b
 this run (bench/gpu_floor.py). The engine is driven as in serving: B requests with C-token
 prompts are prefilled, then each timed `engine.step()` decodes one token for all of them.
 
-Reported per batch size: the engine step (scheduler + runner + sampling, wall clock), the
-runner alone, and the GPU time of the captured graph replay (CUDA events); then the same step
-without CUDA graphs, and without graphs and fused kernels (plain PyTorch around attention).
+Reported per batch size: the engine step (scheduler + runner + sampling, wall clock, with
+overlapped scheduling as configured: on by default on CUDA), the runner's launch alone (host
+time to queue a step; with overlap off it includes waiting for the tokens), and the GPU time of
+the captured graph replay (CUDA events); then the same step without overlap ("serial"), without
+CUDA graphs, and without graphs and fused kernels (plain PyTorch around attention).
 
     python -m bench.gpu_decode --batch-sizes 1,32,128 --context 1024
     python -m bench.gpu_decode --quantize fp8 --kv-cache-dtype fp8_e4m3   (docs/fp8.md)
@@ -48,20 +50,22 @@ def run_until_decoding(engine, rids: list[str]) -> None:
 
 
 class StepTimer:
-    """Wall-clock times of engine steps and of the runner inside them."""
+    """Wall-clock times of engine steps and of the runner's launches inside them."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self.runner_s: list[float] = []
-        self._execute = engine.runner.execute
+        self._launch = engine.runner.launch
 
         def timed(batch):
             t0 = time.perf_counter()
-            out = self._execute(batch)
+            out = self._launch(batch)
+            if not engine.overlap:
+                out.result()  # serial: the runner's time includes waiting for the tokens
             self.runner_s.append(time.perf_counter() - t0)
             return out
 
-        engine.runner.execute = timed
+        engine.runner.launch = timed
 
     def steps(self, n: int, warmup: int = 2) -> tuple[float, float, int]:
         """Median step and runner seconds over n steps; total KV tokens per step (mean)."""
@@ -130,6 +134,10 @@ def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, 
         prof.disable()
         print(f"\nB={batch}: host-side profile of 5 engine steps (CUDA graphs on)")
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    if engine.overlap:
+        engine.overlap = False
+        row["serial_step_ms"] = timer.steps(steps)[0] * 1e3
+        engine.overlap = True
     if runner.graphs is not None:
         # Replays of the step just planned: the forward's GPU time alone (no host work).
         b = runner.graphs.bucket(batch)
@@ -143,7 +151,8 @@ def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, 
         runner.graphs = graphs
     for rid in rids:
         engine.abort(rid)
-    for key in ("step_ms", "runner_ms", "graph_gpu_ms", "eager_step_ms", "plain_step_ms"):
+    for key in ("step_ms", "runner_ms", "serial_step_ms", "graph_gpu_ms", "eager_step_ms",
+                "plain_step_ms"):
         if key in row:
             row[key.replace("_ms", "_x_floor")] = row[key] / row["floor_ms"]
     return row
@@ -191,11 +200,13 @@ def main() -> None:
             bench_batch(engine, timer, b, args.context, 1, floor, rng, profile=True, **fp8)
     kind = f"bf16, weights {args.quantize or 'bf16'}, KV {args.kv_cache_dtype}"
     print(f"\nLlama-3-8B decode, context {args.context}, {kind}, {floor}")
-    print(f"{'B':>4} {'floor ms':>9} {'step ms':>8} {'x floor':>8} {'runner':>7} {'graph GPU':>10}"
-          f" {'eager':>7} {'plain':>7}")
+    print("(x floor columns: step / floor; launch = host time the runner takes to queue a step)")
+    print(f"{'B':>4} {'floor ms':>9} {'step ms':>8} {'x floor':>8} {'launch':>7} {'serial':>7}"
+          f" {'graph GPU':>10} {'eager':>7} {'plain':>7}")
     for r in rows:
         print(f"{r['batch']:>4} {r['floor_ms']:9.2f} {r['step_ms']:8.2f} {r['step_x_floor']:8.3f}"
-              f" {r['runner_x_floor']:7.3f} {r.get('graph_gpu_x_floor', float('nan')):10.3f}"
+              f" {r['runner_x_floor']:7.3f} {r.get('serial_step_x_floor', float('nan')):7.3f}"
+              f" {r.get('graph_gpu_x_floor', float('nan')):10.3f}"
               f" {r.get('eager_step_x_floor', float('nan')):7.3f}"
               f" {r.get('plain_step_x_floor', float('nan')):7.3f}")
 

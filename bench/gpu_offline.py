@@ -8,7 +8,7 @@ measured in the same run:
 - serial bound: prefill flops at that rate plus, for every decode step of a full batch, its
   weight and KV bytes at the copy bandwidth (prefill and decode not overlapped).
 
-    python -m bench.gpu_offline [--budgets 2048,8192] [--concurrency 128]
+    python -m bench.gpu_offline [--budgets 2048,8192] [--concurrency 128] [--overlap on,off]
 """
 
 from __future__ import annotations
@@ -71,22 +71,26 @@ def main() -> None:
     ap.add_argument("--budgets", default="2048,8192", help="max_num_batched_tokens to try")
     ap.add_argument("--quantize", choices=["fp8"], help="fp8 weights (docs/fp8.md)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
+    ap.add_argument("--overlap", default="on,off", help="overlap_scheduling settings to try")
     args = ap.parse_args()
     floor = measure_floor()
     print(floor, flush=True)
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 1000) for _ in range(args.input_len)]
                for _ in range(args.num_prompts)]
-    for budget in (int(b) for b in args.budgets.split(",")):
+    runs = [(int(b), o) for b in args.budgets.split(",") for o in args.overlap.split(",")]
+    for budget, overlap in runs:
         llm = LLM(llama3_8b_dir(), load_format="dummy", dtype="bfloat16", device="cuda",
                   attention_backend="flashinfer", cuda_graphs=True, max_num_seqs=256,
                   max_num_batched_tokens=budget, max_model_len=8192, num_pages=14336,
-                  quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
+                  quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype,
+                  overlap_scheduling=overlap)
         run(llm, prompts[:16], args.output_len, 16)  # warm-up
         res = run(llm, prompts, args.output_len, args.concurrency)
         b = bounds(llm.engine.arch, floor, args.num_prompts, args.input_len,
                    args.output_len, args.concurrency)
-        print(f"budget {budget}: {res['tok_s']:.0f} output tok/s ({res['wall_s']:.2f} s, "
+        print(f"budget {budget}, overlap {overlap}: {res['tok_s']:.0f} output tok/s "
+              f"({res['wall_s']:.2f} s, "
               f"{res['steps']} steps, {res['decode_steps']} decode-only at "
               f"{res['decode_step_ms']:.1f} ms); bounds: serial {b['serial_tok_s']:.0f}, "
               f"compute {b['compute_tok_s']:.0f} tok/s; engine / serial bound "

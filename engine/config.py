@@ -17,6 +17,7 @@ CASCADE_MODES = ("auto", "on", "off")
 QUANTIZE_MODES = ("fp8",)  # docs/fp8.md: weights float8_e4m3fn per channel, activations per token
 # auto: the model's dtype; fp8_e4m3: float8_e4m3fn pages with scale 1.0 (docs/fp8.md)
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+OVERLAP_MODES = ("auto", "on", "off")
 
 
 def pdserve_home() -> Path:
@@ -84,6 +85,10 @@ class EngineConfig:
     cascade: str = "auto"  # auto: a measured rule picks cascade or plain decode per step
     cuda_graphs: bool = False  # capture decode steps as CUDA graphs (GPU only)
     kv_cache_dtype: str = "auto"  # a name in KV_CACHE_DTYPES: fp8_e4m3 halves the KV bytes
+    # Plan step N+1 while step N runs on the device (its sampled ids feed N+1 there; outputs
+    # come one step later). auto: on for CUDA, off on CPU, where kernels run synchronously and
+    # the lag would only delay tokens. The tokens are the same either way.
+    overlap_scheduling: str = "auto"
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -104,6 +109,7 @@ class EngineConfig:
                                    f"must be >= 1, got {self.max_num_batched_tokens}")
         _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _one_of("cascade", self.cascade, CASCADE_MODES)
+        _one_of("overlap_scheduling", self.overlap_scheduling, OVERLAP_MODES)
         _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
 
     def kv_dtype_name(self, model_dtype: str) -> str:

@@ -15,6 +15,8 @@ the token and position buffers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata, AttentionPlan
@@ -86,13 +88,17 @@ class CudaGraphRunner:
                 and meta.batch_size <= self.sizes[-1]
                 and meta.kv_indices.numel() <= self.backend.max_graph_indices())
 
-    def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits [n, vocab] (float32) of a decode-only step; valid until the next replay."""
+    def run(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+            on_planned: Callable[[], None] | None = None) -> torch.Tensor:
+        """Logits [n, vocab] (float32) of a decode-only step; valid until the next replay.
+        `on_planned()` runs once the attention plan is queued, before the replay."""
         n = meta.batch_size
         b = self.bucket(n)
         # Refills the buffers that the captured kernels read; the graph replays the capture's
         # plan, so the plan object returned here is not needed.
         self.backend.plan_cuda_graph(meta, b)
+        if on_planned is not None:
+            on_planned()
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(meta.positions)
         if b > n:

@@ -7,8 +7,9 @@ Contract (pages are ints; a request's pages are `req.block_table`, in token orde
   tokens as computed. The one prefix-cache lookup, for local prefill and for KV imports alike.
 - `can_grow(req, n)` / `grow(req, n)`: the check/act pair that gives `req` pages for `n` more
   tokens; `grow` raises when `can_grow` is False.
-- `cache_blocks(req, before)`: after tokens [before, num_computed_tokens) were written, their
-  full blocks become findable by later requests.
+- `cache_blocks(req, before, end)`: after tokens [before, end) were written (end defaults to
+  num_computed_tokens), their full blocks become findable by later requests. Their ids must be
+  known: with overlapped scheduling `num_computed_tokens` runs ahead of the known tokens.
 - `free(req)`: drops the request's references and resets its progress to zero.
 - `check_integrity(live)`: the allocator's own invariants, plus: every page's refcount equals
   the number of live requests (those that hold pages now) that list it.
@@ -69,10 +70,11 @@ class KVManager:
         req.num_cached_tokens = max(req.num_cached_tokens, req.num_computed_tokens)
         return len(pages)
 
-    def cache_blocks(self, req: Request, before: int) -> None:
+    def cache_blocks(self, req: Request, before: int, end: int | None = None) -> None:
         if not self.enable_prefix_caching:
             return
-        first, last = before // self.page_size, req.num_computed_tokens // self.page_size
+        end = req.num_computed_tokens if end is None else end
+        first, last = before // self.page_size, end // self.page_size
         if last <= first:
             return
         req.block_hashes = block_hashes(req.all_token_ids, self.page_size, req.block_hashes)

@@ -2,6 +2,11 @@
 
     batch = scheduler.schedule(); out = runner.execute(batch); scheduler.update(batch, out)
 
+With overlapped scheduling (`overlap_scheduling`, on for CUDA by default) execute splits in two:
+the step is launched, the scheduler counts it at once (`scheduler.launch`), and the previous
+step's tokens are collected and applied while it runs, so one call of `step` returns the outputs
+of the step launched by the call before. The tokens are the same as without overlap.
+
 plus, with `detokenize=True`, text and stop strings on the way out. `LLM` (engine/llm.py, in
 process) detokenizes here; the serving replicas (prefill and decode roles) do not: there the
 API detokenizes (api/detokenizing_client.py), off the step loop.
@@ -25,11 +30,11 @@ from engine.kv_stream import LayerwiseExport
 from engine.loader import load_model
 from engine.metrics import EngineStats
 from engine.model_arch import ModelArch
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner, StepOutput
 from engine.outputs import KVExport, RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Reservation, Scheduler
+from engine.scheduler import Reservation, ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,9 @@ class Engine:
                                    self.max_model_len, arch.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
+        self.overlap = (engine_cfg.overlap_scheduling == "on"
+                        or engine_cfg.overlap_scheduling == "auto" and self.device.type == "cuda")
+        self._in_flight: tuple[ScheduledBatch, LaunchedStep] | None = None
         backend.warmup()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -184,12 +192,45 @@ class Engine:
         return req is not None
 
     def has_unfinished(self) -> bool:
+        # A request with a step in flight is still waiting or running until that step's update;
+        # a step in flight for finished (aborted) requests only is collected by the next step.
         return self.scheduler.has_unfinished()
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        out = self.runner.execute(batch)
+        if not self.overlap:
+            outputs = self._collect()  # a step launched while overlap was on
+            batch = self.scheduler.schedule()
+            return outputs + self._apply(batch, self.runner.execute(batch))
+        batch = self.scheduler.schedule()  # planned while the step in flight (if any) runs
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._needs_known_tokens(batch):
+            outputs = self._collect()
+            batch.drop_finished()
+        launched = self.runner.launch(batch) if batch.requests else None
+        if launched is not None:
+            self.scheduler.launch(batch)
+        outputs += self._collect()  # the step before this one, if any
+        if launched is not None:
+            self._in_flight = (batch, launched)
+            if launched.collect_now:
+                outputs += self._collect()
+        return outputs
+
+    def _needs_known_tokens(self, batch: ScheduledBatch) -> bool:
+        """A repetition penalty reads every earlier token, so its request's pending token must
+        be on the host before its next step is launched."""
+        return any(r.num_output_placeholders and r.params.repetition_penalty != 1.0
+                   for r in batch.requests)
+
+    def _collect(self) -> list[RequestOutput]:
+        if self._in_flight is None:
+            return []
+        batch, launched = self._in_flight
+        self._in_flight = None
+        return self._apply(batch, launched.result())
+
+    def _apply(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         for req, lps in out.prompt_logprobs.items():
             req.prompt_logprobs += lps
         changed = self.scheduler.update(batch, out)

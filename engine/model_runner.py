@@ -1,4 +1,11 @@
-"""Runs one scheduled batch through the model: inputs, attention plan, forward, sampling."""
+"""Runs one scheduled batch through the model: inputs, attention plan, forward, sampling.
+
+`launch(batch)` queues the step on the device and returns a `LaunchedStep` whose `result()`
+waits for its tokens; `execute(batch)` is the two at once. Between the two the host may plan
+and launch the next step (overlapped scheduling): a request whose last input token is one the
+step in flight is sampling reads it from that step's device tensor, so no id crosses to the
+host and back before the next step can start.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from engine.model import CausalLM
 from engine.outputs import TokenLogprob
 from engine.prompt_logprobs import PromptLogprobs
 from engine.request import Request
-from engine.sampler import Sampler, to_device_async
+from engine.sampler import PendingSample, Sampler, to_device_async
 from engine.scheduler import ModelOutput, ScheduledBatch
 
 
@@ -27,6 +34,29 @@ class StepOutput(ModelOutput):
     `prompt_logprobs` (engine/prompt_logprobs.py), which the engine appends."""
 
     prompt_logprobs: dict[Request, list[TokenLogprob | None]] = field(default_factory=dict)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. `result()` waits for its sampled tokens (once)."""
+
+    batch_size: int
+    rows: list[int]  # batch index of each sampled row of `pending`
+    pending: PendingSample | None
+    prompt_logprobs: dict[Request, list[TokenLogprob | None]]
+    # The engine collects this step before launching another: it computed prompt logprobs (the
+    # host already waited for them) or exported KV layer by layer.
+    collect_now: bool
+
+    def result(self) -> StepOutput:
+        token_ids: list[int | None] = [None] * self.batch_size
+        logprobs: list = [None] * self.batch_size
+        if self.pending is not None:
+            out = self.pending.result()
+            for i, tok, lp in zip(self.rows, out.token_ids, out.logprobs, strict=True):
+                token_ids[i] = tok
+                logprobs[i] = lp
+        return StepOutput(token_ids, logprobs, self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -43,16 +73,23 @@ class ModelRunner:
         self.num_cascade_tokens = 0
         self.block_tables = BlockTableMirror()  # numpy rows of the scheduled requests' pages
         self.graphs = None  # decode-only steps replay CUDA graphs (GPU + cuda_graphs only)
+        # The last launched step's sampled ids on the device, and each sampling request's row.
+        self._sampled: tuple[dict[Request, int], torch.Tensor] | None = None
+        self._planned = None  # a CUDA event after the last step's attention plan
         if cfg.cuda_graphs and device.type == "cuda":
             from engine.cuda_graph import CudaGraphRunner
 
             self.graphs = CudaGraphRunner(model, pool, backend, cfg.max_num_seqs, device)
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
         tables = self.block_tables.sync(batch.requests)  # also frees the rows of leavers
         if not batch.requests:
-            return StepOutput([])
+            return LaunchedStep(0, [], None, {}, False)
+        samples = [batch.samples(i) for i in range(len(batch))]
         order = list(range(len(batch)))
         cascade = None
         if all(n == 1 for n in batch.num_new_tokens):
@@ -67,23 +104,23 @@ class ModelRunner:
         num_new = [batch.num_new_tokens[i] for i in order]
         meta = build_metadata(tables, [r.num_computed_tokens for r in reqs], num_new,
                               self.pool.page_size, self.device, cascade)
-        input_ids = []
-        for r, n in zip(reqs, num_new):
-            input_ids += r.token_slice(r.num_computed_tokens, n)
-        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        ids = self._input_ids(reqs, num_new)
+        self._fence_plan()
         graph_logits = hidden = None
+        exporter = None
         if self.graphs is not None and self.graphs.can_run(meta):
-            graph_logits = self.graphs.run(ids, meta)  # [B, vocab]: every row is a last token
+            # [B, vocab]: every row is a last token
+            graph_logits = self.graphs.run(ids, meta, on_planned=self._mark_planned)
         else:
             plan = self.backend.plan(meta)
+            self._mark_planned()
             exporter = LayerExporter.for_step(reqs, num_new, self.pool, self.device)
             hidden = self.model(ids, meta.positions, self.pool.layers, plan,
                                 exporter.on_layer if exporter else None)  # [T, H]
         # Only a request whose step reaches its last token samples one.
-        sampling = [i for i, (r, n) in enumerate(zip(reqs, num_new))
-                    if r.num_computed_tokens + n == r.num_tokens]
-        token_ids: list[int | None] = [None] * len(batch)
-        logprobs: list = [None] * len(batch)
+        sampling = [i for i in range(len(reqs)) if samples[order[i]]]
+        pending = None
+        self._sampled = None
         if sampling:
             # Index tensors go through pinned memory: a plain copy would make the host wait for
             # the forward pass before it could prepare the sampling.
@@ -94,10 +131,8 @@ class ModelRunner:
                 logits = graph_logits
             else:
                 logits = graph_logits[self._index(sampling)]  # graph rows are the requests'
-            out = self.sampler.sample(logits, [reqs[i] for i in sampling])
-            for i, tok, lp in zip(sampling, out.token_ids, out.logprobs):
-                token_ids[order[i]] = tok
-                logprobs[order[i]] = lp
+            pending = self.sampler.sample_async(logits, [reqs[i] for i in sampling])
+            self._sampled = ({reqs[i]: j for j, i in enumerate(sampling)}, pending.token_ids)
         prompt_lps = {}
         if any(r.num_prompt_logprobs_missing for r in reqs):
             def step_logits(rows: torch.Tensor) -> torch.Tensor:
@@ -108,7 +143,43 @@ class ModelRunner:
 
             prompt_lps = self.prompt_logprobs.compute(reqs, num_new, meta.qo_indptr_host[:-1],
                                                       step_logits)
-        return StepOutput(token_ids, logprobs, prompt_lps)
+        return LaunchedStep(len(batch), [order[i] for i in sampling], pending, prompt_lps,
+                            collect_now=bool(prompt_lps) or exporter is not None)
+
+    def _input_ids(self, reqs: list[Request], num_new: list[int]) -> torch.Tensor:
+        """[T] token ids on the device. A request's last input may be a placeholder (a token the
+        step in flight samples): it is copied from that step's device tensor of sampled ids."""
+        input_ids: list[int] = []
+        dst, src = [], []
+        for r, n in zip(reqs, num_new):
+            start = r.num_computed_tokens
+            if start + n <= r.num_tokens:
+                input_ids += r.token_slice(start, n)
+                continue
+            # Only the single token of the step just launched can be missing (the scheduler
+            # plans at most one step ahead), and that step sampled it for this request.
+            assert start + n == r.num_tokens + 1 and self._sampled is not None, r.request_id
+            input_ids += r.token_slice(start, n - 1)
+            dst.append(len(input_ids))
+            src.append(self._sampled[0][r])
+            input_ids.append(0)
+        ids = to_device_async(torch.tensor(input_ids, dtype=torch.long), self.device)
+        if dst:
+            ids[self._index(dst)] = self._sampled[1][self._index(src)]
+        return ids
+
+    def _fence_plan(self) -> None:
+        """Attention planners stage their index arrays in pinned host buffers that they reuse
+        every step, copied to the device asynchronously: with a step in flight, wait until the
+        previous plan's copies have run before planning over those buffers again. They run at
+        that step's start, so this waits little."""
+        if self._planned is not None:
+            self._planned.synchronize()
+
+    def _mark_planned(self) -> None:
+        if self.device.type == "cuda":
+            self._planned = torch.cuda.Event()
+            self._planned.record()
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return to_device_async(torch.tensor(values, dtype=torch.long), self.device)

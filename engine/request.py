@@ -1,7 +1,9 @@
 """A request's state as plain data: token ids and integer progress counters, no phase flags.
 
 The phase is what the counters say: `num_computed_tokens < num_prompt_tokens` is prefill,
-`num_tokens - num_computed_tokens == 1` is a decode step.
+`num_pending_tokens == 1` is a decode step. With overlapped scheduling a launched step counts at
+once (`num_computed_tokens` moves at launch) and the token it samples is a placeholder, counted
+by `num_output_placeholders`, until its id comes back from the device.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ class Request:
     # filled in order as the prompt runs; its length counts the positions done, and survives a
     # preemption, so a recompute only adds what is missing.
     prompt_logprobs: list = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in the pool
+    num_computed_tokens: int = 0  # tokens whose KV is in the pool (or written by a launched step)
+    # Tokens that launched steps sample but whose ids are not back yet (overlapped scheduling):
+    # at most one per launched step; a step that needs one as input reads it on the device.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = 0  # tokens found in the prefix cache (stats)
     block_table: list[int] = field(default_factory=list)  # page ids, in token order
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks
@@ -57,9 +62,14 @@ class Request:
         return self.all_token_ids[start:start + n]
 
     @property
+    def num_planned_tokens(self) -> int:
+        """Tokens the request will hold once every launched step is back: known + placeholders."""
+        return self.num_tokens + self.num_output_placeholders
+
+    @property
     def num_pending_tokens(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
-        return self.num_tokens - self.num_computed_tokens
+        return self.num_planned_tokens - self.num_computed_tokens
 
     @property
     def num_prompt_logprobs_missing(self) -> int:

@@ -17,7 +17,9 @@ Contract of `Sampler.sample(logits [B, V], requests) -> SamplerOutput`, row b fo
    log-softmax of the RAW logits (before penalty and temperature), as OpenAI reports them.
 
 Everything runs batched on the logits' device; the only device-to-host copy is the one at the
-end that turns the results into Python lists.
+end that turns the results into Python lists. `sample_async` leaves that copy in flight
+(`PendingSample`), so that the host can prepare the next step meanwhile (overlapped
+scheduling); its `token_ids` stay on the device as the next step's inputs.
 """
 
 from __future__ import annotations
@@ -102,18 +104,50 @@ class _Rows:
         fresh = iter(torch.rand(unseeded, dtype=torch.float64).tolist())
         return [
             next(fresh) if r.params.seed is None
-            else seeded_uniform(r.params.seed, r.params.resumed_tokens + len(r.output_token_ids))
+            # Output position: tokens known plus those launched steps are still sampling.
+            else seeded_uniform(r.params.seed, r.params.resumed_tokens + len(r.output_token_ids)
+                                + r.num_output_placeholders)
             for r in requests
         ]
+
+
+class PendingSample:
+    """A step's sampled ids (and logprobs) on their way to the host; `result()` waits for them.
+
+    `token_ids` [B] stays on the device for a next step that feeds them back as inputs.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor | None,
+                 want: list[int | None]) -> None:
+        self.token_ids = token_ids
+        self._want = want
+        src = token_ids if packed is None else packed
+        self._event = None
+        if src.is_cuda:
+            self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            self._host.copy_(src, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = src
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        rows = self._host.tolist()
+        if all(n is None for n in self._want):
+            return SamplerOutput(rows, [None] * len(rows))
+        return _unpack_logprobs(rows, self._want)
 
 
 class Sampler:
     """Stateless; one instance can serve every step of every request."""
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        return self.sample_async(logits, requests).result()
+
+    def sample_async(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
         assert logits.dim() == 2 and logits.shape[0] == len(requests), logits.shape
-        if not requests:
-            return SamplerOutput([], [])
         raw = logits.float()  # [B, V]
         params = [r.params for r in requests]
         sampled = not all(p.greedy for p in params)
@@ -127,8 +161,8 @@ class Sampler:
 
         want = [p.logprobs for p in params]
         if all(n is None for n in want):
-            return SamplerOutput(token_ids.tolist(), [None] * len(requests))
-        return self._with_logprobs(raw, token_ids, want)
+            return PendingSample(token_ids, None, want)
+        return PendingSample(token_ids, self._pack_logprobs(raw, token_ids, want), want)
 
     @staticmethod
     def _apply_repetition_penalty(
@@ -137,6 +171,8 @@ class Sampler:
         rows = [b for b, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
         if not rows:
             return logits
+        # The penalty reads every earlier token: the engine resolves placeholders first.
+        assert not any(requests[b].num_output_placeholders for b in rows), "unresolved tokens"
         B, V = logits.shape
         # Flat indices b * V + id of every (row, token) seen; a repeat just sets True twice.
         # array.extend converts a Python int list at C speed, far faster than torch.tensor.
@@ -200,26 +236,30 @@ class Sampler:
         return mask.scatter_(1, order, keep)
 
     @staticmethod
-    def _with_logprobs(
-        raw: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]
-    ) -> SamplerOutput:
+    def _pack_logprobs(raw: torch.Tensor, token_ids: torch.Tensor,
+                       want: list[int | None]) -> torch.Tensor:
+        """[B, 2 + 2n] float64 rows: token id, its logprob, the top-n ids, their logprobs."""
         logp = raw.log_softmax(dim=-1)  # [B, V]
         chosen = logp.gather(1, token_ids[:, None])  # [B, 1]
         n = min(max(k or 0 for k in want), raw.shape[1])
         top_lp, top_ids = logp.topk(n, dim=-1)  # [B, n] each, sorted descending
         # One packed float64 tensor so the host waits once; ids < 2**53 survive exactly.
-        packed = torch.cat(
+        return torch.cat(
             [token_ids[:, None].double(), chosen.double(), top_ids.double(), top_lp.double()],
             dim=1,
-        ).tolist()  # [B, 2 + 2n]
-        ids: list[int] = []
-        out: list[TokenLogprob | None] = []
-        for row, k in zip(packed, want, strict=True):
-            ids.append(int(row[0]))
-            if k is None:
-                out.append(None)
-                continue
-            alt_ids, alt_lp = row[2 : 2 + n], row[2 + n :]
-            top = [(int(alt_ids[j]), alt_lp[j]) for j in range(min(k, n))]
-            out.append(TokenLogprob(int(row[0]), row[1], top))
-        return SamplerOutput(ids, out)
+        )
+
+
+def _unpack_logprobs(packed: list[list[float]], want: list[int | None]) -> SamplerOutput:
+    n = (len(packed[0]) - 2) // 2 if packed else 0
+    ids: list[int] = []
+    out: list[TokenLogprob | None] = []
+    for row, k in zip(packed, want, strict=True):
+        ids.append(int(row[0]))
+        if k is None:
+            out.append(None)
+            continue
+        alt_ids, alt_lp = row[2 : 2 + n], row[2 + n :]
+        top = [(int(alt_ids[j]), alt_lp[j]) for j in range(min(k, n))]
+        out.append(TokenLogprob(int(row[0]), row[1], top))
+    return SamplerOutput(ids, out)

@@ -13,6 +13,12 @@ A request the scheduler knows is in exactly one place, found by id in `requests`
   written by the caller, then `import_done` and `admit` move it to `running`;
 - `exporting`: finished, its pages kept for the caller to read until `release` (a prefill
   request with `kv_export_from` set).
+Overlapped scheduling: `launch(batch)` moves the counters when a step goes to the device, before
+its tokens are back, and gives each sampling request a placeholder token; the next `schedule`
+plans the following step from there while this one runs, and `update(batch, out)` later puts
+the sampled ids in place (steps are updated in launch order). Without overlap, `update` calls
+`launch` itself. A request whose last token is on the way is not scheduled again (its update
+finishes it by length), and one preempted meanwhile waits for its token before it resumes.
 `abort(request_id)` frees the pages wherever the request is; a request that left is forgotten,
 so aborting it again, or a request never seen, does nothing.
 Plain data in, plain data out: this module imports no torch.
@@ -34,13 +40,33 @@ from engine.request import Request
 class ScheduledBatch:
     requests: list[Request]
     num_new_tokens: list[int]  # tokens each request runs this step
+    # Filled by `Scheduler.launch`: each request's computed tokens and preemption count before
+    # the step, so that `update` can tell what the step wrote even after counters moved on.
+    launched: bool = False
+    computed_before: list[int] = field(default_factory=list)
+    preemptions_before: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def samples(self, i: int) -> bool:
+        """Whether request i's step reaches its last planned token, so that it samples the next
+        one. Asked before launch (the runner picks its sampled rows with it)."""
+        assert not self.launched, "samples() is read before the step is launched"
+        req = self.requests[i]
+        return req.num_computed_tokens + self.num_new_tokens[i] == req.num_planned_tokens
+
     def __len__(self) -> int:
         return len(self.requests)
+
+    def drop_finished(self) -> None:
+        """Leave out requests that finished after scheduling (before launch): their pages are
+        gone, so the step must not run them."""
+        assert not self.launched, "a launched batch keeps its requests"
+        keep = [i for i, r in enumerate(self.requests) if not r.finished]
+        self.requests = [self.requests[i] for i in keep]
+        self.num_new_tokens = [self.num_new_tokens[i] for i in keep]
 
 
 @dataclass
@@ -164,6 +190,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_output_placeholders and self._reaches_length(req):
+                i += 1  # its last token is on the way: the update of that step finishes it
+                continue
             n = min(req.num_pending_tokens, budget)
             while not self.kv.can_grow(req, n):
                 victim = self.running[-1]
@@ -183,6 +212,8 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.cfg.max_num_seqs):
             req = self.waiting[0]
+            if req.num_output_placeholders:
+                break  # preempted while a step ran: it resumes once that step's token is back
             if not req.block_table:
                 # At least one token must run so that the step yields logits to sample from.
                 self.kv.match_prefix(req, max_blocks=(req.num_tokens - 1) // self.page_size)
@@ -198,21 +229,40 @@ class Scheduler:
             budget -= n
         return batch
 
+    def launch(self, batch: ScheduledBatch) -> None:
+        """The batch's step is on its way to the device: its tokens count as computed now, and a
+        request that samples gets a placeholder for the token, so that the next `schedule` can
+        plan the step after it before this one is back (overlapped scheduling). `update` calls
+        this itself when the caller did not."""
+        assert not batch.launched, "a batch is launched once"
+        batch.computed_before = [r.num_computed_tokens for r in batch.requests]
+        batch.preemptions_before = [r.num_preemptions for r in batch.requests]
+        samples = [batch.samples(i) for i in range(len(batch))]
+        batch.launched = True
+        for req, n, sampled in zip(batch.requests, batch.num_new_tokens, samples):
+            req.num_computed_tokens += n
+            req.num_output_placeholders += sampled
+
     def update(self, batch: ScheduledBatch, out: ModelOutput) -> list[Request]:
-        """Advance counters, cache full blocks, append sampled tokens, finish requests.
+        """The step is back: cache the full blocks it wrote, replace placeholders by the sampled
+        tokens, finish requests. Steps are updated in launch order.
 
         Returns the requests that produced a token or finished this step.
         """
+        if not batch.launched:
+            self.launch(batch)
         changed = []
         logprobs = out.logprobs or [None] * len(out.token_ids)
-        for req, n, tok, lp in zip(batch.requests, batch.num_new_tokens, out.token_ids, logprobs):
-            if req.finished:  # aborted while the step ran
+        for req, n, tok, lp, before, preemptions in zip(
+                batch.requests, batch.num_new_tokens, out.token_ids, logprobs,
+                batch.computed_before, batch.preemptions_before, strict=True):
+            if req.finished:  # aborted, or stopped by the step before, while this one ran
                 continue
-            before = req.num_computed_tokens
-            req.num_computed_tokens += n
-            self.kv.cache_blocks(req, before)
+            if req.num_preemptions == preemptions:  # else its pages went back meanwhile
+                self.kv.cache_blocks(req, before, before + n)
             if tok is None:
                 continue
+            req.num_output_placeholders -= 1
             req.output_token_ids.append(tok)
             req.output_logprobs.append(lp)
             changed.append(req)
@@ -229,6 +279,11 @@ class Scheduler:
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    def _reaches_length(self, req: Request) -> bool:
+        """Whether the request's planned tokens already end it by max_tokens or max_model_len."""
+        n_out = len(req.output_token_ids) + req.num_output_placeholders
+        return n_out >= req.params.max_tokens or req.num_planned_tokens >= self.max_model_len
 
     def _track(self, req: Request) -> None:
         if req.request_id in self.requests:

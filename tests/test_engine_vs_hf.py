@@ -34,11 +34,12 @@ def _run_mid_join(llm: LLM, prompts: list[list[int]], params: SamplingParams) ->
     return [tokens[by_prompt[tuple(p)]] for p in prompts]
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_greedy_equals_hf_with_small_chunks_and_mid_run_joins(tiny_models, family):
+def test_greedy_equals_hf_with_small_chunks_and_mid_run_joins(tiny_models, family, overlap):
     path = tiny_models[family]
     llm = LLM(path, page_size=16, num_pages=256, max_num_batched_tokens=16,
-              enable_prefix_caching=True)
+              enable_prefix_caching=True, overlap_scheduling=overlap)
     prompts = _prompts(seed=1)
     got = _run_mid_join(llm, prompts, GREEDY)
     for prompt, toks in zip(prompts, got):
@@ -69,11 +70,13 @@ def test_prefix_cache_hit_skips_recompute_and_keeps_tokens(tiny_llama):
     llm.engine.allocator.check_integrity()
 
 
-def test_preemption_with_small_pool_gives_same_tokens(tiny_llama):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_preemption_with_small_pool_gives_same_tokens(tiny_llama, overlap):
     prompts = _prompts(seed=3, lengths=(30, 45, 60, 20, 50, 35))
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     big = LLM(tiny_llama, page_size=8, num_pages=512).generate(prompts, params)
-    small = LLM(tiny_llama, page_size=8, num_pages=16, enable_prefix_caching=False)
+    small = LLM(tiny_llama, page_size=8, num_pages=16, enable_prefix_caching=False,
+                overlap_scheduling=overlap)
     out = small.generate(prompts, params)
     assert [o.token_ids for o in out] == [o.token_ids for o in big]
     assert small.engine.scheduler.num_preemptions > 0
@@ -81,11 +84,12 @@ def test_preemption_with_small_pool_gives_same_tokens(tiny_llama):
     assert small.engine.allocator.num_free == 16
 
 
-def test_cascade_decode_gives_same_tokens(tiny_llama):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_cascade_decode_gives_same_tokens(tiny_llama, overlap):
     shared = _prompts(seed=4, lengths=(64,))[0]
     prompts = [shared + p for p in _prompts(seed=5, lengths=(3, 9, 1, 17, 5))]
     plain = LLM(tiny_llama, page_size=16, num_pages=256, cascade="off").generate(prompts, GREEDY)
-    llm = LLM(tiny_llama, page_size=16, num_pages=256, cascade="on")
+    llm = LLM(tiny_llama, page_size=16, num_pages=256, cascade="on", overlap_scheduling=overlap)
     llm.generate(prompts[:1], GREEDY)  # fill the prefix cache so the rest share its pages
     out = llm.generate(prompts, GREEDY)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]

@@ -121,3 +121,23 @@ def test_cascade_on_shared_prefix_agrees(tiny_path):
     assert_agree(ref, got)
     got_graphs, _ = run("flashinfer", "off", graphs=True)
     assert_agree(ref, got_graphs)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_overlapped_scheduling_gives_the_same_tokens(tiny_path, cuda_graphs):
+    """Same kernels and the same batches, so the same bits: overlap only moves the host work.
+    Seeded sampling included (its draw depends on the output position, placeholders count)."""
+    prompts = _prompts(3, n=8)
+    params = [GREEDY, SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7,
+                                     ignore_eos=True, logprobs=2)] * 4
+
+    def run(overlap: str):
+        llm = LLM(tiny_path, **COMMON, attention_backend="flashinfer", cuda_graphs=cuda_graphs,
+                  max_num_batched_tokens=64, overlap_scheduling=overlap)
+        out = llm.generate(prompts, params)
+        llm.engine.check_integrity()
+        del llm
+        torch.cuda.empty_cache()
+        return [(c.token_ids, [lp.logprob for lp in c.logprobs]) for c in out]
+
+    assert run("on") == run("off")
