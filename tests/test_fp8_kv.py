@@ -205,3 +205,11 @@ def test_the_app_config_carries_fp8_to_the_engine_configs():
     assert cfg.engine_config("prefill").kv_cache_dtype == "auto"  # allowed, refused at transfer
     assert cfg.engine_config("decode").kv_dtype_name("bfloat16") == "float8_e4m3fn"
     assert cfg.engine_config("prefill").kv_dtype_name("bfloat16") == "bfloat16"
+
+
+def test_fp8_weights_and_kv_give_the_same_tokens_with_overlapped_scheduling(tiny_llama):
+    kw = dict(num_pages=64, kv_cache_dtype="fp8_e4m3", quantize="fp8")
+    p = prompts(3, 25)
+    serial = LLM(tiny_llama, overlap_scheduling="off", **kw).generate(p, GREEDY)
+    overlapped = LLM(tiny_llama, overlap_scheduling="on", **kw).generate(p, GREEDY)
+    assert [o.token_ids for o in overlapped] == [o.token_ids for o in serial]
