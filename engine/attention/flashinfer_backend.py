@@ -176,12 +176,15 @@ class FlashInferBackend(AttentionBackend):
                  cascade_backend: str = "fa2") -> None:
         super().__init__(num_q_heads, num_kv_heads, head_dim, dtype, device, page_size,
                          max_num_seqs, kv_dtype)
-        # fp8 pages: bf16/fp16 queries over float8_e4m3fn K/V, dequantized in the kernel with
-        # k_scale / v_scale. FA2 runs that mix; FA3's fp8 kernels want fp8 queries too, so
-        # "auto" (FA3 on Hopper) becomes FA2 here.
-        self.scales = ({"k_scale": KV_FP8_SCALE, "v_scale": KV_FP8_SCALE}
-                       if self.kv_dtype == FP8_KV else {})
-        if self.scales and prefill_backend == "auto":
+        # fp8 pages: bf16/fp16 queries over float8_e4m3fn K/V (kv_data_type in each plan). FA2
+        # runs that mix; FA3's fp8 kernels want fp8 queries too, so "auto" (FA3 on Hopper)
+        # becomes FA2 here. `run` takes k_scale (folded into sm_scale) and v_scale (a multiply
+        # of the output after the kernel, one more launch per layer): passed only when not 1.0,
+        # where both are identities.
+        fp8 = self.kv_dtype == FP8_KV
+        self.scales = {name: KV_FP8_SCALE for name in ("k_scale", "v_scale")
+                       if fp8 and KV_FP8_SCALE != 1.0}
+        if fp8 and prefill_backend == "auto":
             prefill_backend = "fa2"
         if self.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")
