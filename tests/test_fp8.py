@@ -274,3 +274,16 @@ def test_an_unknown_quantize_value_names_the_valid_ones(tiny_llama):
     with pytest.raises(ValueError, match="quantize must be one of fp8; got 'int8'"):
         ModelConfig(tiny_llama, quantize="int8")
     assert ModelArch.from_pretrained(tiny_llama).num_layers == 4
+
+
+def test_the_tiny_model_maker_writes_an_fp8_checkpoint(tmp_path):
+    from engine.cli import main as cli_main
+
+    assert cli_main(["make-tiny-model", str(tmp_path / "m"), "--fp8", "tensor"]) == 0
+    scheme = checkpoint_scheme(tmp_path / "m")
+    assert scheme.prequantized and not scheme.static_input_scale and scheme.ignore == ("lm_head",)
+    file = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert file["model.layers.0.mlp.down_proj.weight"].dtype == FP8
+    assert file["model.layers.0.mlp.down_proj.weight_scale"].shape == (1,)
+    assert file["lm_head.weight"].dtype == torch.float32
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
