@@ -287,3 +287,17 @@ def test_the_tiny_model_maker_writes_an_fp8_checkpoint(tmp_path):
     assert file["model.layers.0.mlp.down_proj.weight_scale"].shape == (1,)
     assert file["lm_head.weight"].dtype == torch.float32
     assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def test_a_checkpoint_that_quantized_lm_head_runs_it_in_fp8(ckpts, tmp_path):
+    qc = {**quantization_config("channel", False), "ignore": []}
+    path = with_quantization_config(ckpts["channel"], tmp_path / "m", qc)
+    tensors = load_file(f"{path}/model.safetensors")
+    wq, scale = quantize_weight(tensors["lm_head.weight"])
+    tensors["lm_head.weight"], tensors["lm_head.weight_scale"] = wq, scale[:, None]
+    save_file(tensors, f"{path}/model.safetensors")
+    llm = LLM(path, num_pages=64)
+    head = llm.engine.model.lm_head
+    assert isinstance(head, Fp8Linear) and torch.equal(head.weight_scale, scale)
+    assert llm.engine.model.embed_tokens.weight.dtype == torch.float32
+    assert len(llm.generate(prompts(1, 20), GREEDY)[0].token_ids) == GREEDY.max_tokens
