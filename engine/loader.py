@@ -96,6 +96,10 @@ def load_model(cfg: ModelConfig, arch: ModelArch, max_positions: int) -> CausalL
         load_safetensors(model, Path(cfg.path), arch)
         if scheme is not None:
             swap_fp8_modules(model, fp8_names, scheme)
+    if scheme is not None and model.embed_tokens.weight.is_cuda:
+        # The replaced bf16 weights sit in the caching allocator, where mem_get_info (which
+        # sizes the KV pool) does not count them as free: hand them back.
+        torch.cuda.empty_cache()
     return model.eval().requires_grad_(False)
 
 
