@@ -11,6 +11,9 @@ the captured graph replay (CUDA events); then the same step without overlap ("se
 CUDA graphs, and without graphs and fused kernels (plain PyTorch around attention).
 
     python -m bench.gpu_decode --batch-sizes 1,32,128 --context 1024
+    python -m bench.gpu_decode --quantize fp8 --kv-cache-dtype fp8_e4m3   (docs/fp8.md)
+
+With fp8 the floor counts 1 byte per linear weight (--quantize) and per KV element.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ import time
 import torch
 
 import engine.model as model_module
-from bench.gpu_floor import cuda_time_ms, decode_bytes, emit_row, llama3_8b_dir, measure_floor
+from bench.gpu_floor import (
+    cuda_time_ms,
+    decode_bytes,
+    emit_row,
+    linear_params,
+    llama3_8b_dir,
+    measure_floor,
+)
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -89,7 +99,8 @@ def print_kernel_profile(fn, title: str, reps: int = 5) -> None:
 
 
 def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, floor,
-                rng: random.Random, profile: bool = False, host_profile: bool = False) -> dict:
+                rng: random.Random, profile: bool = False, host_profile: bool = False,
+                fp8_weights: bool = False, fp8_kv: bool = False) -> dict:
     arch = engine.arch
     prompts = [[rng.randrange(arch.vocab_size) for _ in range(context)] for _ in range(batch)]
     rids = add_requests(engine, prompts, max_tokens=4 * steps + 16)
@@ -98,6 +109,10 @@ def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, 
     row = {"batch": batch, "context": context}
     step_s, runner_s, kv_tokens = timer.steps(steps)
     weights, kv = decode_bytes(arch, [kv_tokens // batch] * batch)
+    if fp8_weights:
+        weights -= linear_params(arch)  # 1 byte per linear weight instead of 2
+    if fp8_kv:
+        kv //= 2
     floor_s = (weights + kv) / floor.copy_bytes_per_s
     row.update(floor_ms=floor_s * 1e3, weight_gb=weights / 1e9, kv_gb=kv / 1e9,
                step_ms=step_s * 1e3, runner_ms=runner_s * 1e3)
@@ -155,7 +170,10 @@ def main() -> None:
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the host side of a few steps at the largest batch")
     ap.add_argument("--out", help="append JSON lines here")
+    ap.add_argument("--quantize", choices=["fp8"], help="fp8 weights (quantized at load)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     args = ap.parse_args()
+    fp8 = dict(fp8_weights=args.quantize == "fp8", fp8_kv=args.kv_cache_dtype == "fp8_e4m3")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     floor = measure_floor()
     print(floor, flush=True)
@@ -165,7 +183,8 @@ def main() -> None:
     llm = LLM(llama3_8b_dir(), load_format="dummy", dtype="bfloat16", device="cuda",
               attention_backend="flashinfer", cuda_graphs=not args.no_cuda_graphs,
               max_num_seqs=max(sizes), max_num_batched_tokens=16384, max_model_len=max_len,
-              num_pages=num_pages, enable_prefix_caching=False)
+              num_pages=num_pages, enable_prefix_caching=False, quantize=args.quantize,
+              kv_cache_dtype=args.kv_cache_dtype)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     engine = llm.engine
     timer = StepTimer(engine)
@@ -174,14 +193,15 @@ def main() -> None:
     for b in sizes:
         host = args.host_profile and b == max(sizes)
         row = bench_batch(engine, timer, b, args.context, args.steps, floor, rng,
-                          host_profile=host)
+                          host_profile=host, **fp8)
         row["device"] = floor.device
         rows.append(row)
         emit_row(row, "decode", args.out)
     if args.profile:
         for b in sizes:
-            bench_batch(engine, timer, b, args.context, 1, floor, rng, profile=True)
-    print(f"\nLlama-3-8B decode, context {args.context}, bf16, {floor}")
+            bench_batch(engine, timer, b, args.context, 1, floor, rng, profile=True, **fp8)
+    kind = f"bf16, weights {args.quantize or 'bf16'}, KV {args.kv_cache_dtype}"
+    print(f"\nLlama-3-8B decode, context {args.context}, {kind}, {floor}")
     print("(x floor columns: step / floor; launch = host time the runner takes to queue a step)")
     print(f"{'B':>4} {'floor ms':>9} {'step ms':>8} {'x floor':>8} {'launch':>7} {'serial':>7}"
           f" {'graph GPU':>10} {'eager':>7} {'plain':>7}")

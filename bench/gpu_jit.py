@@ -5,6 +5,7 @@ started here as parallel processes they share the machine's cores. Idempotent: m
 already in the cache load at once.
 
     python -m bench.gpu_jit            # all parts in parallel, then a check in this process
+    python -m bench.gpu_jit --fp8      # the fp8-KV variants (docs/fp8.md), in parallel
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import time
 import torch
 
 
-def _backend(hq: int, hkv: int, d: int):
+def _backend(hq: int, hkv: int, d: int, kv_dtype: torch.dtype | None = None):
     from engine.attention.flashinfer_backend import FlashInferBackend
 
     return FlashInferBackend(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=torch.bfloat16,
-                             device="cuda", page_size=16)
+                             device="cuda", page_size=16, kv_dtype=kv_dtype)
 
 
 def _run_prefill(backend, decode: bool) -> None:
@@ -66,18 +67,24 @@ PARTS = {
     "fused": _fused_ops,
     "tiny64": lambda: _backend(8, 2, 64).warmup(),  # the tiny llama of tests/gpu
 }
+# bf16 queries over fp8 pages: prefill, decode and cascade kernels (each backend's warm-up)
+FP8_PARTS = {
+    "fp8_128": lambda: _backend(32, 8, 128, torch.float8_e4m3fn).warmup(),
+    "fp8_64": lambda: _backend(8, 2, 64, torch.float8_e4m3fn).warmup(),
+}
 
 
 def main() -> None:
-    if len(sys.argv) > 1:
-        PARTS[sys.argv[1]]()
+    fp8 = sys.argv[1:] == ["--fp8"]
+    if len(sys.argv) > 1 and not fp8:
+        {**PARTS, **FP8_PARTS}[sys.argv[1]]()
         return
     t0 = time.perf_counter()
     procs = {name: subprocess.Popen([sys.executable, "-m", "bench.gpu_jit", name])
-             for name in PARTS}
+             for name in (FP8_PARTS if fp8 else PARTS)}
     for name, p in procs.items():
         print(f"jit {name}: rc {p.wait()} at {time.perf_counter() - t0:.0f} s", flush=True)
-    _backend(32, 8, 128).warmup()  # cascade and anything left, in this process
+    _backend(32, 8, 128, torch.float8_e4m3fn if fp8 else None).warmup()  # anything left
     print(f"jit done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 

@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--budgets", default="2048,8192", help="max_num_batched_tokens to try")
+    ap.add_argument("--quantize", choices=["fp8"], help="fp8 weights (docs/fp8.md)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     ap.add_argument("--overlap", default="on,off", help="overlap_scheduling settings to try")
     args = ap.parse_args()
     floor = measure_floor()
@@ -81,6 +83,7 @@ def main() -> None:
         llm = LLM(llama3_8b_dir(), load_format="dummy", dtype="bfloat16", device="cuda",
                   attention_backend="flashinfer", cuda_graphs=True, max_num_seqs=256,
                   max_num_batched_tokens=budget, max_model_len=8192, num_pages=14336,
+                  quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype,
                   overlap_scheduling=overlap)
         run(llm, prompts[:16], args.output_len, 16)  # warm-up
         res = run(llm, prompts, args.output_len, args.concurrency)

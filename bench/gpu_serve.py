@@ -62,6 +62,7 @@ def hf_baseline(path: Path, batch: int, input_len: int, output_len: int) -> floa
 
 STEP_COUNTERS = ("pdserve_engine_steps_total", "pdserve_engine_step_seconds_total",
                  "pdserve_engine_round_seconds_total", "pdserve_engine_action_seconds_total")
+KV_BYTES = "pdserve_kv_transfer_bytes_total"  # received by decode replicas (fp8 KV: half)
 METRICS_PUSH_S = 3.0
 
 
@@ -72,7 +73,7 @@ def step_counters() -> dict[str, dict]:
     from bench.soak import parse_metrics
 
     text = httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
-    return {name: parse_metrics(text, name) for name in STEP_COUNTERS}
+    return {name: parse_metrics(text, name) for name in (*STEP_COUNTERS, KV_BYTES)}
 
 
 def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
@@ -133,7 +134,11 @@ def main(argv: list[str] | None = None) -> None:
                                    str(args.concurrency), "--seed", "0", "--out", str(res_path)])
         run = json.loads(res_path.read_text())["runs"][0]
         time.sleep(METRICS_PUSH_S)  # the replicas' last counters reach /metrics
-        print_step_times(before, step_counters())
+        after = step_counters()
+        print_step_times(before, after)
+        kv_bytes = sum(after[KV_BYTES].values()) - sum(before[KV_BYTES].values())
+        print(f"KV transferred: {kv_bytes / args.num_prompts / 2**20:.2f} MiB per request "
+              f"({KV_BYTES})", flush=True)
     finally:
         server.stop()
     if not run["completed"]:

@@ -21,12 +21,23 @@ def _cmd_make_tiny_model(p: argparse.ArgumentParser) -> Runner:
     )
     p.add_argument("--family", choices=["llama", "mistral", "qwen2"], default="llama")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp8", choices=["channel", "tensor"], default=None,
+                   help="write it pre-quantized to fp8 (compressed-tensors, weight scales per "
+                        "channel or per tensor, activations per token; docs/fp8.md)")
 
     def run(args: argparse.Namespace) -> int:
+        import tempfile
+
+        from engine.tiny_fp8 import make_fp8_checkpoint
         from engine.tiny_model import default_tiny_model_dir, make_tiny_model
 
         out_dir = args.dir or default_tiny_model_dir(args.family)
-        print(make_tiny_model(out_dir, family=args.family, seed=args.seed))
+        if args.fp8 is None:
+            print(make_tiny_model(out_dir, family=args.family, seed=args.seed))
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:
+            src = make_tiny_model(tmp, family=args.family, seed=args.seed)
+            print(make_fp8_checkpoint(src, out_dir, strategy=args.fp8))
         return 0
 
     return run

@@ -14,6 +14,9 @@ from engine.attention.registry import ATTENTION_BACKENDS
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 CASCADE_MODES = ("auto", "on", "off")
+QUANTIZE_MODES = ("fp8",)  # docs/fp8.md: weights float8_e4m3fn per channel, activations per token
+# auto: the model's dtype; fp8_e4m3: float8_e4m3fn pages with scale 1.0 (docs/fp8.md)
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 OVERLAP_MODES = ("auto", "on", "off")
 
 
@@ -51,10 +54,15 @@ class ModelConfig:
     device: str = "cpu"  # cpu, cuda or cuda:N
     load_format: str = "safetensors"  # or dummy: random weights for a real config.json
     seed: int = 0  # for load_format=dummy
+    # None: as the checkpoint is (an fp8 checkpoint's config.json `quantization_config` turns
+    # fp8 on by itself); fp8: quantize bf16/fp16 weights at load. engine/fp8_checkpoint.py.
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("load_format", self.load_format, LOAD_FORMATS)
+        if self.quantize is not None:
+            _one_of("quantize", self.quantize, QUANTIZE_MODES)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigFieldError("device", f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -76,6 +84,7 @@ class EngineConfig:
     attention_backend: str = "torch"  # a name in engine.attention.registry.ATTENTION_BACKENDS
     cascade: str = "auto"  # auto: a measured rule picks cascade or plain decode per step
     cuda_graphs: bool = False  # capture decode steps as CUDA graphs (GPU only)
+    kv_cache_dtype: str = "auto"  # a name in KV_CACHE_DTYPES: fp8_e4m3 halves the KV bytes
     # Plan step N+1 while step N runs on the device (its sampled ids feed N+1 there; outputs
     # come one step later). auto: on for CUDA, off on CPU, where kernels run synchronously and
     # the lag would only delay tokens. The tokens are the same either way.
@@ -101,3 +110,8 @@ class EngineConfig:
         _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _one_of("cascade", self.cascade, CASCADE_MODES)
         _one_of("overlap_scheduling", self.overlap_scheduling, OVERLAP_MODES)
+        _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+
+    def kv_dtype_name(self, model_dtype: str) -> str:
+        """The torch dtype name of the KV pages for a model of `model_dtype`."""
+        return model_dtype if self.kv_cache_dtype == "auto" else "float8_e4m3fn"

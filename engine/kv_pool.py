@@ -1,5 +1,6 @@
 """The paged KV cache: one tensor `[num_layers, num_pages, 2, page_size, num_kv_heads, head_dim]`;
-each layer's attention sees its contiguous slice `[num_pages, 2, page_size, Hkv, D]`.
+each layer's attention sees its contiguous slice `[num_pages, 2, page_size, Hkv, D]`, in the
+model's dtype or float8_e4m3fn (engine.kv_cache_dtype fp8_e4m3: half the bytes of bf16).
 
 One allocation rather than one per layer so that moving a request's pages in or out is one
 kernel over every layer (an import between two decode steps was 32 launches, each a GIL
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.attention.base import as_bytes
 from engine.model_arch import ModelArch
 
 
@@ -38,7 +40,7 @@ class KVPool:
     def read_pages(self, pages: list[int]) -> torch.Tensor:
         """[num_layers, len(pages), 2, page_size, Hkv, D] copy of the given pages."""
         idx = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
-        return self.kv.index_select(1, idx)
+        return as_bytes(self.kv).index_select(1, idx).view(self.dtype)
 
     def write_pages(self, pages: list[int], data: torch.Tensor) -> None:
         """Inverse of read_pages: data [num_layers, len(pages), 2, page_size, Hkv, D]."""
@@ -47,4 +49,5 @@ class KVPool:
             raise ValueError(f"KV payload shape {tuple(data.shape)} does not fit pool pages "
                              f"{tuple(self.layers[0].shape[1:])} x {len(self.layers)} layers")
         idx = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
-        self.kv.index_copy_(1, idx, data.to(self.kv.device, self.dtype, non_blocking=True))
+        src = data.to(self.kv.device, self.dtype, non_blocking=True)
+        as_bytes(self.kv).index_copy_(1, idx, as_bytes(src))  # fp8 pages move as bytes

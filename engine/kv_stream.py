@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from engine.attention.base import as_bytes
+
 
 class KVStreamFailed(RuntimeError):
     pass
@@ -123,5 +125,7 @@ class LayerExporter:
     def on_layer(self, layer: int) -> None:
         for stream, idx in self.items:
             assert stream.data is not None
-            torch.index_select(self.layers[layer], 0, idx, out=stream.data[layer])
+            # as bytes: fp8 pools have no float8 index_select on every device
+            torch.index_select(as_bytes(self.layers[layer]), 0, idx,
+                               out=as_bytes(stream.data[layer]))
             stream.publish(layer)

@@ -65,12 +65,13 @@ class Engine:
         self.device = torch.device(model_cfg.device)
         self.model = load_model(model_cfg, arch, self.max_model_len)
         dtype = getattr(torch, model_cfg.dtype)
-        num_pages = engine_cfg.num_pages or self._auto_num_pages(dtype)
-        self.pool = KVPool(arch, num_pages, engine_cfg.page_size, dtype, self.device)
+        kv_dtype = getattr(torch, engine_cfg.kv_dtype_name(model_cfg.dtype))  # fp8 or dtype
+        num_pages = engine_cfg.num_pages or self._auto_num_pages(kv_dtype)
+        self.pool = KVPool(arch, num_pages, engine_cfg.page_size, kv_dtype, self.device)
         backend = make_backend(engine_cfg.attention_backend, num_q_heads=arch.num_heads,
                                num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                                dtype=dtype, device=self.device, page_size=engine_cfg.page_size,
-                               max_num_seqs=engine_cfg.max_num_seqs)
+                               max_num_seqs=engine_cfg.max_num_seqs, kv_dtype=kv_dtype)
         self.runner = ModelRunner(self.model, self.pool, backend, engine_cfg, self.device)
         self.scheduler = Scheduler(engine_cfg, BlockAllocator(num_pages, engine_cfg.page_size),
                                    self.max_model_len, arch.eos_token_ids)

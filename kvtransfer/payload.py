@@ -24,6 +24,22 @@ class KVPayload:
     block_hashes: list[int]  # chain hashes of the prompt's full blocks (all of them)
     fingerprint: str  # model_fingerprint() of the sender
 
+    def __getstate__(self) -> dict:
+        # Plain pickling (Ray, Serve responses) cannot rebuild a float8 tensor's storage: the
+        # bytes travel as uint8, and __setstate__ views them back as the named dtype.
+        state = dict(self.__dict__)
+        if self.data.dtype.itemsize == 1 and self.data.dtype != torch.uint8 \
+                and self.data.device.type != "meta":
+            state["data"] = self.data.view(torch.uint8)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        data = state["data"]
+        want = getattr(torch, state["dtype"])
+        if data.dtype != want and data.device.type != "meta":
+            state["data"] = data.view(want)
+        self.__dict__.update(state)
+
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
@@ -48,7 +64,9 @@ class KVPayload:
         if self.fingerprint != fingerprint:
             problems.append(f"model fingerprint {self.fingerprint[:12]} != {fingerprint[:12]}")
         if self.dtype != want:
-            problems.append(f"dtype {self.dtype} != {want}")
+            # e.g. an fp8 prefill replica and a bf16 decode replica (engine.kv_cache_dtype)
+            problems.append(f"KV dtype {self.dtype} sent, the receiving pool holds {want} "
+                            "(prefill and decode need the same engine.kv_cache_dtype)")
         if self.page_size != page_size:
             problems.append(f"page size {self.page_size} != {page_size}")
         if self.first_block != first_block:
@@ -61,12 +79,17 @@ class KVPayload:
             raise ValueError("KV payload rejected: " + "; ".join(problems))
 
 
-def model_fingerprint(model_path: str | Path, dtype: str, load_format: str, seed: int) -> str:
+def model_fingerprint(model_path: str | Path, dtype: str, load_format: str, seed: int,
+                      quantize: str | None = None) -> str:
     """Identifies the weights: config + each safetensors header (names, shapes, offsets) +
-    file sizes. Two replicas with equal fingerprints compute the same KV for the same tokens."""
+    file sizes (+ `quantize`: weights quantized at load compute other KV). Two replicas with
+    equal fingerprints compute the same KV for the same tokens."""
     path = Path(model_path)
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([dtype, load_format, seed if load_format == "dummy" else 0]).encode())
+    knobs = [dtype, load_format, seed if load_format == "dummy" else 0]
+    if quantize is not None:  # appended only when set: fingerprints without it are unchanged
+        knobs.append(quantize)
+    h.update(json.dumps(knobs).encode())
     h.update((path / "config.json").read_bytes())
     if load_format != "dummy":
         for f in sorted(path.glob("*.safetensors")):

@@ -92,7 +92,8 @@ class Replica:
         # by the ingress.
         self.engine = AsyncEngine(Engine(model_cfg, cfg.engine_config(role), detokenize=False))
         self.fingerprint = model_fingerprint(model_cfg.path, model_cfg.dtype,
-                                             model_cfg.load_format, model_cfg.seed)
+                                             model_cfg.load_format, model_cfg.seed,
+                                             model_cfg.quantize)
         self.metrics = Metrics(role, replica_name(role))
         # The first audit runs here, before any request (nothing else touches the engine yet),
         # so a new replica's /metrics says its accounting is sound from the start.

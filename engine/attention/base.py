@@ -17,6 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+# fp8 KV pages (engine.kv_cache_dtype fp8_e4m3) hold K and V as they are, scale 1.0: what vLLM
+# and SGLang use without calibrated scales. e4m3's range (+-448) holds K and V of the Llama
+# family; writes clamp to it (float8_e4m3fn has no inf) and reads upcast (docs/fp8.md).
+KV_FP8_SCALE = 1.0
+FP8_KV = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8_KV).max
+
 
 @dataclass
 class CascadeLevel:
@@ -89,8 +96,9 @@ class AttentionPlan(ABC):
 
 class AttentionBackend(ABC):
     """Runs paged attention for one model. Built by name (registry.py) with exactly the keyword
-    arguments `num_q_heads, num_kv_heads, head_dim, dtype, device, page_size, max_num_seqs`
-    (a backend may add optional ones of its own; an unknown one is a TypeError).
+    arguments `num_q_heads, num_kv_heads, head_dim, dtype, device, page_size, max_num_seqs`,
+    `kv_dtype` (the pool's dtype; None: `dtype`) (a backend may add optional ones of its own;
+    an unknown one is a TypeError).
 
     Contract:
     - `plan(meta) -> AttentionPlan` is called once per step, before any layer runs; it may build
@@ -115,11 +123,16 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: bool = False
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, page_size: int = 16, max_num_seqs: int = 64) -> None:
+                 device: torch.device | str, page_size: int = 16, max_num_seqs: int = 64,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
+        if self.kv_dtype not in (dtype, FP8_KV):
+            raise ValueError(f"KV pages of {self.kv_dtype} with a {dtype} model: the pool holds "
+                             f"the model's dtype or {FP8_KV}")
         self.device = torch.device(device)
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs  # the most requests in one step
@@ -153,9 +166,34 @@ class AttentionBackend(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
 
+def to_kv_dtype(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    """New K/V in the pool's dtype: unchanged, or fp8 (saturated). The scale is KV_FP8_SCALE =
+    1.0, so no division here; reads upcast without a multiply (torch), and FlashInfer gets
+    k_scale / v_scale only when they are not 1.0 (flashinfer_backend.py)."""
+    if kv_dtype != FP8_KV:
+        return x.to(kv_dtype)
+    return x.clamp(-_FP8_MAX, _FP8_MAX).to(FP8_KV)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as uint8 (same memory): indexing kernels (index_put, index_copy,
+    index_select) lack float8 versions on some devices; other tensors as they are."""
+    return t.view(torch.uint8) if t.dtype == FP8_KV else t
+
+
+def store_kv(kv_cache: torch.Tensor, index: tuple, x: torch.Tensor) -> None:
+    """kv_cache[index] = x, converted to the pool's dtype."""
+    as_bytes(kv_cache)[index] = as_bytes(to_kv_dtype(x, kv_cache.dtype))
+
+
+def load_kv(kv_cache: torch.Tensor, index: tuple) -> torch.Tensor:
+    """kv_cache[index] in float32 (fp8 pages: times KV_FP8_SCALE = 1.0, i.e. upcast only)."""
+    return as_bytes(kv_cache)[index].view(kv_cache.dtype).float()
+
+
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
     page_size = kv_cache.shape[2]
     pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-    kv_cache[pages, 0, offsets] = k
-    kv_cache[pages, 1, offsets] = v
+    store_kv(kv_cache, (pages, 0, offsets), k)
+    store_kv(kv_cache, (pages, 1, offsets), v)

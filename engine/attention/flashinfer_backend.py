@@ -34,7 +34,14 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata, AttentionPlan
+from engine.attention.base import (
+    FP8_KV,
+    KV_FP8_SCALE,
+    AttentionBackend,
+    AttentionMetadata,
+    AttentionPlan,
+    store_kv,
+)
 from engine.attention.flashinfer_graphs import (
     GraphBuffers,
     GraphCascadePlan,
@@ -66,10 +73,10 @@ class TwoLevelCascade:
             wrapper.plan(qo_indptr[i], kv_indptr[i], kv_indices[i], last_page_len[i], *heads,
                          causal=i == len(self.levels) - 1, **kwargs)
 
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        out, lse = self.levels[-1].run(q, kv_cache, return_lse=True)
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, **scales) -> torch.Tensor:
+        out, lse = self.levels[-1].run(q, kv_cache, return_lse=True, **scales)
         for wrapper in self.levels[:-1]:
-            out_i, lse_i = wrapper.run(q, kv_cache, return_lse=True)
+            out_i, lse_i = wrapper.run(q, kv_cache, return_lse=True, **scales)
             self._merge(out, lse, out_i, lse_i)
         return out
 
@@ -108,22 +115,24 @@ class KVWrite:
             kv = torch.stack((k, v), dim=1)
         if self.source is not None:
             kv = kv.index_select(0, self.source)
-        kv_cache[self.page, :, self.offset] = kv
+        store_kv(kv_cache, (self.page, slice(None), self.offset), kv)
 
 
 class WrapperPlan(AttentionPlan):
     """A step whose rows all run through one planned wrapper: the prefill wrapper (any batch
     with a prefill chunk), the decode wrapper (decode-only) or a CUDA graph's decode wrapper."""
 
-    def __init__(self, meta: AttentionMetadata, write: KVWrite, wrapper) -> None:
+    def __init__(self, meta: AttentionMetadata, write: KVWrite, wrapper,
+                 scales: dict | None = None) -> None:
         super().__init__(meta)
         self.write = write
         self.wrapper = wrapper
+        self.scales = scales or {}  # k_scale / v_scale of fp8 pages
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         self.write(kv_cache, k, v)
-        return self.wrapper.run(q, kv_cache)
+        return self.wrapper.run(q, kv_cache, **self.scales)
 
 
 class CascadeDecodePlan(AttentionPlan):
@@ -131,31 +140,43 @@ class CascadeDecodePlan(AttentionPlan):
     rest (if any) the decode wrapper; outputs are concatenated in batch order."""
 
     def __init__(self, meta: AttentionMetadata, write: KVWrite, cascade: TwoLevelCascade,
-                 num_cascade: int, rest) -> None:
+                 num_cascade: int, rest, scales: dict | None = None) -> None:
         super().__init__(meta)
         self.write = write
         self.cascade = cascade
         self.num_cascade = num_cascade
         self.rest = rest  # the decode wrapper, planned for requests num_cascade.., or None
+        self.scales = scales or {}
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         self.write(kv_cache, k, v)
         nc = self.num_cascade
-        out = self.cascade.run(q[:nc], kv_cache)
+        out = self.cascade.run(q[:nc], kv_cache, **self.scales)
         if self.rest is None:
             return out
-        return torch.cat([out, self.rest.run(q[nc:], kv_cache)])
+        return torch.cat([out, self.rest.run(q[nc:], kv_cache, **self.scales)])
 
 
 class FlashInferBackend(AttentionBackend):
     supports_cuda_graphs = True
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, page_size: int = 16, max_num_seqs: int = 64, *,
-                 prefill_backend: str = "auto", cascade_backend: str = "fa2") -> None:
+                 device: torch.device | str, page_size: int = 16, max_num_seqs: int = 64,
+                 kv_dtype: torch.dtype | None = None, *, prefill_backend: str = "auto",
+                 cascade_backend: str = "fa2") -> None:
         super().__init__(num_q_heads, num_kv_heads, head_dim, dtype, device, page_size,
-                         max_num_seqs)
+                         max_num_seqs, kv_dtype)
+        # fp8 pages: bf16/fp16 queries over float8_e4m3fn K/V (kv_data_type in each plan). FA2
+        # runs that mix; FA3's fp8 kernels want fp8 queries too, so "auto" (FA3 on Hopper)
+        # becomes FA2 here. `run` takes k_scale (folded into sm_scale) and v_scale (a multiply
+        # of the output after the kernel, one more launch per layer): passed only when not 1.0,
+        # where both are identities.
+        fp8 = self.kv_dtype == FP8_KV
+        self.scales = {name: KV_FP8_SCALE for name in ("k_scale", "v_scale")
+                       if fp8 and KV_FP8_SCALE != 1.0}
+        if fp8 and prefill_backend == "auto":
+            prefill_backend = "fa2"
         if self.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")
         if head_dim not in HEAD_DIMS:
@@ -181,7 +202,7 @@ class FlashInferBackend(AttentionBackend):
         return paging(kv_lens, self.page_size)
 
     def _plan_args(self) -> dict:
-        return dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        return dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=self.scale)
 
     def plan(self, meta: AttentionMetadata) -> AttentionPlan:
         write = KVWrite.from_slots(meta.slot_mapping, self.page_size)
@@ -190,7 +211,7 @@ class FlashInferBackend(AttentionBackend):
         if not meta.num_decode_only:
             self.prefill.plan(_host_i32(meta.qo_indptr_host), _host_i32(indptr), meta.kv_indices,
                               _host_i32(last), *heads, causal=True, **self._plan_args())
-            return WrapperPlan(meta, write, self.prefill)
+            return WrapperPlan(meta, write, self.prefill, self.scales)
         nc = meta.num_cascade_reqs if meta.cascade else 0
         if nc:
             self._plan_cascade(meta, heads)
@@ -199,9 +220,9 @@ class FlashInferBackend(AttentionBackend):
             self.decode.plan(_host_i32(rest), meta.kv_indices[indptr[nc]:], _host_i32(last[nc:]),
                              *heads, **self._plan_args())
         if not nc:
-            return WrapperPlan(meta, write, self.decode)
+            return WrapperPlan(meta, write, self.decode, self.scales)
         return CascadeDecodePlan(meta, write, self.cascade, nc,
-                                 self.decode if nc < meta.batch_size else None)
+                                 self.decode if nc < meta.batch_size else None, self.scales)
 
     def _plan_cascade(self, meta: AttentionMetadata, heads: tuple) -> None:
         levels = meta.cascade
@@ -249,7 +270,8 @@ class FlashInferBackend(AttentionBackend):
             wrapper = g.wrappers[batch_size]
             wrapper.plan(_host_i32(own.kv_indptr), own.kv_indices,
                          _host_i32(own.kv_last_page_len), *heads, **self._plan_args())
-            return WrapperPlan(meta, write, wrapper)
+            return WrapperPlan(meta, write, wrapper, self.scales)
+        # (fp8 pages: graph cascades run without k_scale / v_scale, which are 1.0, see __init__)
         graph = g.cascades[batch_size]
         shared = shared_level_args(meta, graph.groups)
         graph.shared.plan(_host_i32(shared.qo_indptr), _host_i32(shared.kv_indptr),
@@ -270,7 +292,8 @@ class FlashInferBackend(AttentionBackend):
         from engine.attention.metadata import build_metadata
 
         ps, dev = self.page_size, self.device
-        cache = torch.randn(8, 2, ps, self.num_kv_heads, self.head_dim, device=dev).to(self.dtype)
+        cache = torch.randn(8, 2, ps, self.num_kv_heads, self.head_dim,
+                            device=dev).to(self.kv_dtype)
 
         def run(tables, done, new, cascade=None):
             meta = build_metadata(tables, done, new, ps, dev, cascade)

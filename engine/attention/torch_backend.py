@@ -14,6 +14,7 @@ from engine.attention.base import (
     AttentionMetadata,
     AttentionPlan,
     CascadeLevel,
+    load_kv,
     write_kv,
 )
 
@@ -56,8 +57,8 @@ def merge_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
 
 def gather_kv(kv_cache: torch.Tensor, pages: torch.Tensor,
               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V [kv_len, Hkv, D] of one run of pages."""
-    kv = kv_cache[pages]  # [P, 2, page_size, Hkv, D]
+    """K and V [kv_len, Hkv, D] (float32) of one run of pages."""
+    kv = load_kv(kv_cache, (pages,))  # [P, 2, page_size, Hkv, D]
     k = kv[:, 0].flatten(0, 1)[:kv_len]
     v = kv[:, 1].flatten(0, 1)[:kv_len]
     return k, v
@@ -144,8 +145,8 @@ class TorchPlan(AttentionPlan):
                          out: torch.Tensor) -> None:
         tokens, pages, offsets, valid = self.decode
         b, hkv = pages.shape[0], self.num_kv_heads
-        k = kv_cache[pages, 0, offsets].float().transpose(1, 2)  # [B, Hkv, L, D]
-        v = kv_cache[pages, 1, offsets].float().transpose(1, 2)
+        k = load_kv(kv_cache, (pages, 0, offsets)).transpose(1, 2)  # [B, Hkv, L, D]
+        v = load_kv(kv_cache, (pages, 1, offsets)).transpose(1, 2)
         qb = q[tokens].float().view(b, hkv, -1, self.head_dim)  # [B, Hkv, G, D]
         scores = torch.matmul(qb, k.transpose(-1, -2)) * self.scale  # [B, Hkv, G, L]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

@@ -1,0 +1,167 @@
+"""Fp8Linear: a linear layer whose weight is float8_e4m3fn with one float32 scale per output
+channel, run by torch's fp8 GEMM (`torch._scaled_mm`: cuBLAS Lt / CUTLASS on sm89+, a
+reference kernel on CPU). Activations are quantized per token at run time (one scale per row),
+or with the checkpoint's static per-tensor `input_scale` when it has one.
+
+    y[m, n] = sum_k xq[m, k] * wq[n, k] * s_x[m] * s_w[n]  (+ bias[n])
+
+Two GEMM paths, picked per call by the number of rows M (measured in bench/gpu_fp8.py):
+- small M: the per-tensor-scaled GEMM with unit scales, then one elementwise multiply by
+  s_x[:, None] * s_w[None, :]. cuBLAS's per-tensor fp8 GEMM streams the weight at close to
+  full bandwidth at M = 1..32, while its row-wise-scaled one is slower than bf16 there.
+- large M (bf16 outputs only, the row-wise kernel's one output dtype): the row-wise-scaled
+  GEMM, which applies both scales in its epilogue (no [M, N] pass afterwards).
+
+Everything stays on the device (no `.item()`, no host sync), so the layer is CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448: e4m3fn has no inf, so values past it must be clamped
+# Floor of a scale: an all-zero row (padding, a zero weight channel) would divide by zero.
+MIN_SCALE = 1e-12
+# Rows from which the row-wise-scaled GEMM is used. Calibrate with `python -m bench.gpu_fp8`:
+# the first M at which its "rowwise" column beats "tensor+mul" for the Llama-3-8B shapes.
+ROWWISE_MIN_M = 256
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M, 1] float32), x ~= xq * scale per row."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True)  # [M, 1]
+    scale = (amax.float() / FP8_MAX).clamp_(min=MIN_SCALE)
+    return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] with one calibrated scale [] -> (xq [M, K] float8_e4m3fn, scale [M, 1])."""
+    xq = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return xq, scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+
+
+def dequantize_output(y: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """An unscaled fp8 GEMM's y [M, N] times x_scale [M, 1] and w_scale [N] (+ bias) in `dtype`."""
+    out = y.float() * x_scale * w_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (wq [N, K] float8_e4m3fn, scale [N] float32): one scale per output channel,
+    the channel's absolute maximum mapped to FP8_MAX."""
+    amax = w.abs().amax(dim=1).float()  # [N]
+    scale = (amax / FP8_MAX).clamp_(min=MIN_SCALE)
+    wq = (w.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return wq, scale
+
+
+def _fused(fn: Callable) -> Callable:
+    """`fn` compiled by torch.compile on CUDA (one Triton kernel instead of 4-6 elementwise
+    launches per layer: at batch 1 those launches cost as much as the GEMM saves), eager on CPU
+    or with PDSERVE_FP8_COMPILE=0. Compiles on first use, which the CUDA-graph warm-up runs
+    ahead of capture; a failure to compile falls back to eager for good."""
+    state: dict[str, Callable | None] = {"compiled": None, "failed": None}
+
+    def run(*args):
+        if not args[0].is_cuda or os.environ.get("PDSERVE_FP8_COMPILE", "1") == "0" \
+                or state["failed"]:
+            return fn(*args)
+        if state["compiled"] is None:
+            state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
+        try:
+            return state["compiled"](*args)
+        except Exception as e:  # noqa: BLE001 - e.g. no Triton in this install
+            log.warning("fp8: torch.compile of %s failed (%s); running it eagerly", fn.__name__, e)
+            state["failed"] = True
+            return fn(*args)
+
+    return run
+
+
+_quantize_rows = _fused(quantize_rows)
+_quantize_static = _fused(quantize_static)
+_dequantize_output = _fused(dequantize_output)
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ (wq * s_w[:, None]).T + bias, in fp8 GEMMs; x and y in `out_dtype`.
+
+    Buffers (not parameters: nothing here trains, and fp8 parameters trip autograd checks):
+    weight [N, K] float8_e4m3fn, weight_scale [N] float32, bias [N] or None, and input_scale
+    [] float32 when activations use a calibrated static scale (None: per token, dynamic).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool,
+                 out_dtype: torch.dtype, device: torch.device | str | None = None,
+                 static_input_scale: bool = False) -> None:
+        super().__init__()
+        if in_features % 16 or out_features % 16:
+            # torch._scaled_mm's fp8 GEMMs need both dimensions in multiples of 16
+            raise ValueError(f"fp8 linear layers need in/out features in multiples of 16, got "
+                             f"{in_features} -> {out_features}")
+        self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32,
+                                                        device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, device=device)
+                             if bias else None)
+        # A shard-wise max is taken when q/k/v (gate/up) scales arrive one at a time: start at 0.
+        self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32, device=device)
+                             if static_input_scale else None)
+        self.register_buffer("_one", torch.ones((), dtype=torch.float32, device=device),
+                             persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        """Quantize a loaded nn.Linear (bf16/fp16/fp32) per output channel."""
+        w = linear.weight.data
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  out_dtype=w.dtype, device=w.device)
+        wq, scale = quantize_weight(w)
+        mod.weight.copy_(wq)
+        mod.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.data)
+        return mod
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[N, K] float32: what the fp8 weight stands for (tests, accuracy checks)."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if self.input_scale is None:
+            xq, x_scale = _quantize_rows(x2)  # [M, K] fp8, [M, 1] fp32
+        else:
+            xq, x_scale = _quantize_static(x2, self.input_scale)
+        w_t = self.weight.t()  # [K, N] column-major, as _scaled_mm wants its second operand
+        if x2.shape[0] >= ROWWISE_MIN_M and self.out_dtype == torch.bfloat16:
+            y = torch._scaled_mm(xq, w_t, scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                                 out_dtype=self.out_dtype)  # [M, N]
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            # Unscaled sums reach 448^2 * K: past float16's range, so they land in bf16 (or
+            # fp32 for an fp32 model) and the scales apply in float32 afterwards.
+            raw = torch.float32 if self.out_dtype == torch.float32 else torch.bfloat16
+            y = torch._scaled_mm(xq, w_t, scale_a=self._one, scale_b=self._one,
+                                 out_dtype=raw)  # [M, N], unscaled
+            y = _dequantize_output(y, x_scale, self.weight_scale, self.bias, self.out_dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, static_input_scale={self.input_scale is not None}")

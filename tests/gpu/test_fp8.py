@@ -1,0 +1,161 @@
+"""fp8 on the GPU: FlashInfer over fp8 pages against the torch reference over the same pages
+(prefill, decode, cascade, a CUDA-graph replay; head_dim 64 and 128), the fp8 GEMM's error
+bound and its capture in a CUDA graph, and the tiny model (head_dim 64) with fp8 weights and
+KV agreeing between the two attention backends.
+
+FlashInfer reads fp8 K/V with k_scale = v_scale = 1.0 and computes in bf16/fp32; the reference
+upcasts the same fp8 bytes to float32, so the two differ by the kernels' rounding only (the
+bf16 tolerance), and both must write identical fp8 bytes into the pool."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("flashinfer")
+
+from engine import fp8_linear  # noqa: E402
+from engine.attention.cascade import plan_cascade  # noqa: E402
+from engine.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
+from engine.attention.metadata import build_metadata  # noqa: E402
+from engine.attention.torch_backend import TorchBackend  # noqa: E402
+from engine.fp8_linear import Fp8Linear  # noqa: E402
+from tests.gpu import test_gpu_engine as gpu_engine  # noqa: E402
+
+tiny_path = gpu_engine.tiny_path  # the head_dim-64 tiny llama (a module-scoped fixture)
+
+pytestmark = pytest.mark.gpu
+
+FP8 = torch.float8_e4m3fn
+DEV = torch.device("cuda")
+DT = torch.bfloat16
+HQ, HKV, PS = 32, 8, 16
+TOL = 2e-2  # bf16 attention over identical fp8 K/V (bf16 runs hold 1e-2; fp8 adds no error)
+FP8_GEMM_REL_ERR = 0.06  # as on CPU (tests/test_fp8.py): 3 mantissa bits per operand
+
+
+def backends(d: int) -> tuple[FlashInferBackend, TorchBackend]:
+    kw = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=d, dtype=DT, device=DEV,
+              page_size=PS, kv_dtype=FP8)
+    fi = FlashInferBackend(**kw)
+    fi.warmup()
+    return fi, TorchBackend(**kw)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any()
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def tables_for(rng: random.Random, kv_lens: list[int], num_pages: int) -> list[list[int]]:
+    pages = list(range(num_pages))
+    rng.shuffle(pages)
+    out, i = [], 0
+    for n in kv_lens:
+        out.append(pages[i:i + -(-n // PS)])
+        i += -(-n // PS)
+    return out
+
+
+def compare(fi, ref, d, tables, done, new, num_pages, cascade=None) -> tuple[float, bool]:
+    cache = (torch.randn(num_pages, 2, PS, HKV, d, device=DEV) * 2).to(FP8)
+    ref_cache = cache.clone()
+    t = sum(new)
+    q, k, v = (torch.randn(t, h, d, device=DEV).to(DT) for h in (HQ, HKV, HKV))
+    want = ref.plan(build_metadata(tables, done, new, PS, DEV)).forward(0, q, k, v, ref_cache)
+    got = fi.plan(build_metadata(tables, done, new, PS, DEV, cascade)).forward(0, q, k, v, cache)
+    torch.cuda.synchronize()
+    assert got.dtype == DT and cache.dtype == FP8
+    return rel_err(got, want), torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("seed", range(3))
+def test_flashinfer_over_fp8_pages_matches_the_torch_reference(d, seed):
+    fi, ref = backends(d)
+    rng = random.Random(seed)
+    # a prefill batch (fresh, cached prefix, a decode row), then a decode-only batch
+    done, new = [0, rng.randint(1, 300), rng.randint(1, 300)], [rng.randint(2, 200),
+                                                                rng.randint(1, 100), 1]
+    lens = [a + b for a, b in zip(done, new)]
+    n = sum(-(-x // PS) for x in lens) + 5
+    err, same = compare(fi, ref, d, tables_for(rng, lens, n), done, new, n)
+    assert err <= TOL and same
+    lens = [rng.randint(1, 700) for _ in range(rng.randint(1, 30))]
+    n = sum(-(-x // PS) for x in lens) + 3
+    err, same = compare(fi, ref, d, tables_for(rng, lens, n), [x - 1 for x in lens],
+                        [1] * len(lens), n)
+    assert err <= TOL and same
+
+
+def test_cascade_over_fp8_pages_matches_plain_reference():
+    fi, ref = backends(128)
+    rng = random.Random(5)
+    prefix = list(range(20))
+    tables, lens = [], []
+    for i in range(6):
+        n = 20 * PS + rng.randint(1, 60)
+        tables.append(prefix + [100 + 10 * i + j for j in range(-(-n // PS) - 20)])
+        lens.append(n)
+    plan = plan_cascade(tables, lens, PS, mode="on")
+    assert plan is not None and plan.num_cascade_reqs == 6
+    err, same = compare(fi, ref, 128, tables, [x - 1 for x in lens], [1] * 6, 200, plan)
+    assert err <= TOL and same
+
+
+def test_cuda_graph_decode_over_fp8_pages():
+    fi, ref = backends(128)
+    fi.enable_cuda_graphs([8], max_num_indices=8 * 64)
+    cache = torch.zeros(300, 2, PS, HKV, 128, device=DEV, dtype=FP8)
+    q, k, v = (torch.randn(8, h, 128, device=DEV).to(DT) for h in (HQ, HKV, HKV))
+    plan = fi.plan_cuda_graph(build_metadata([[0]] * 8, [0] * 8, [1] * 8, PS, DEV), 8)
+    plan.forward(0, q, k, v, cache)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = plan.forward(0, q, k, v, cache)
+    rng = random.Random(9)
+    lens = [rng.randint(1, 500) for _ in range(6)]
+    tables = tables_for(rng, lens, 300)
+    cache.copy_((torch.randn(cache.shape, device=DEV) * 2).to(FP8))
+    ref_cache = cache.clone()
+    meta = build_metadata(tables, [x - 1 for x in lens], [1] * 6, PS, DEV)
+    want = ref.plan(meta).forward(0, q[:6], k[:6], v[:6], ref_cache)
+    fi.plan_cuda_graph(meta, 8)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out[:6], want) <= TOL
+
+
+@pytest.mark.parametrize("m", [1, 32, 128, 512])
+def test_fp8_gemm_error_bound_and_cuda_graph_capture(m):
+    torch.manual_seed(m)
+    lin = torch.nn.Linear(4096, 6144, bias=False, device=DEV, dtype=DT)
+    fp8 = Fp8Linear.from_linear(lin)
+    x = torch.randn(m, 4096, device=DEV, dtype=DT)
+    ref = lin(x)
+    eager = fp8(x)
+    assert rel_err(eager, ref) < FP8_GEMM_REL_ERR
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fp8(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(captured, lin(x)) < FP8_GEMM_REL_ERR
+    assert m < fp8_linear.ROWWISE_MIN_M or rel_err(captured, fp8(x)) < 1e-2
+
+
+def test_tiny_model_with_fp8_weights_and_kv_agrees_across_backends(tiny_path):
+    """The head_dim-64 tiny model, fp8 weights and fp8 KV: flashinfer (with CUDA graphs)
+    agrees with the torch backend as tests/gpu/test_gpu_engine.py defines agreement."""
+    prompts = gpu_engine._prompts(0)
+    fp8 = dict(quantize="fp8", kv_cache_dtype="fp8_e4m3")
+    ref, _ = gpu_engine._generate(tiny_path, prompts, attention_backend="torch", **fp8)
+    got, replays = gpu_engine._generate(tiny_path, prompts, attention_backend="flashinfer",
+                                        cuda_graphs=True, **fp8)
+    gpu_engine.assert_agree(ref, got)
+    assert replays > 0
