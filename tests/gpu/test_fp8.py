@@ -109,8 +109,8 @@ def test_cascade_over_fp8_pages_matches_plain_reference():
 
 def test_cuda_graph_decode_over_fp8_pages():
     fi, ref = backends(128)
-    fi.enable_cuda_graphs([8], max_num_indices=8 * 64)
-    cache = torch.zeros(300, 2, PS, HKV, 128, device=DEV, dtype=FP8)
+    fi.enable_cuda_graphs([8], max_num_indices=8 * 64, scratch_page=300)
+    cache = torch.zeros(301, 2, PS, HKV, 128, device=DEV, dtype=FP8)  # page 300: the scratch
     q, k, v = (torch.randn(8, h, 128, device=DEV).to(DT) for h in (HQ, HKV, HKV))
     plan = fi.plan_cuda_graph(build_metadata([[0]] * 8, [0] * 8, [1] * 8, PS, DEV), 8)
     plan.forward(0, q, k, v, cache)
