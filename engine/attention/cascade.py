@@ -48,7 +48,7 @@ class CascadeRule:
                 and (group_size - 1) * shared_tokens >= self.min_saved_tokens)
 
 
-# Calibrated on whole Llama-3-8B engine steps, H200, cascade steps replaying CUDA graphs (run 21
+# Calibrated on whole Llama-3-8B engine steps, H200, cascade steps replaying CUDA graphs (run 31
 # of docs/benchmarks.md, `python -m bench.gpu_cascade engine`): plain decode was faster only at
 # 16 x 2K (saving 31K tokens, by 4%); cascade at 64 x 2K and 16 x 8K (122K-129K, by 9-13%) and
 # everything larger (253K-4M, 1.2-4.5x). Every min_group_size in 2..16 with min_saved_tokens in
