@@ -26,7 +26,7 @@ from engine.kv_pool import KVPool
 from engine.model import CausalLM
 from engine.outputs import TokenLogprob
 from engine.request import Request
-from engine.sampler import to_device_async
+from engine.sampler import pack_logprobs, to_device_async, unpack_logprobs
 
 # Rows scored at once: bounds the [rows, vocab] float32 logits (1024 x 128K vocab = 512 MB).
 _CHUNK = 1024
@@ -34,15 +34,8 @@ _CHUNK = 1024
 
 def score(logits: torch.Tensor, targets: list[int], top: list[int]) -> list[TokenLogprob]:
     """Row i of `logits` [N, V] scores `targets[i]`, with its `top[i]` most likely tokens."""
-    logp = logits.float().log_softmax(dim=-1)  # [N, V]
-    tgt = to_device_async(torch.tensor(targets, dtype=torch.long), logp.device)
-    chosen = logp.gather(1, tgt[:, None])  # [N, 1]
-    k = min(max(top, default=0), logp.shape[1])
-    top_lp, top_ids = logp.topk(k, dim=-1)  # [N, k] each, sorted descending
-    # One packed float64 copy to the host; token ids < 2**53 survive exactly.
-    rows = torch.cat([chosen.double(), top_ids.double(), top_lp.double()], dim=1).tolist()
-    return [TokenLogprob(t, row[0], [(int(row[1 + j]), row[1 + k + j]) for j in range(n)])
-            for t, n, row in zip(targets, top, rows, strict=True)]
+    tgt = to_device_async(torch.tensor(targets, dtype=torch.long), logits.device)
+    return unpack_logprobs(pack_logprobs(logits, tgt, list(top)).tolist(), list(top)).logprobs
 
 
 class PromptLogprobs:

@@ -137,7 +137,7 @@ class PendingSample:
         rows = self._host.tolist()
         if all(n is None for n in self._want):
             return SamplerOutput(rows, [None] * len(rows))
-        return _unpack_logprobs(rows, self._want)
+        return unpack_logprobs(rows, self._want)
 
 
 class Sampler:
@@ -162,7 +162,7 @@ class Sampler:
         want = [p.logprobs for p in params]
         if all(n is None for n in want):
             return PendingSample(token_ids, None, want)
-        return PendingSample(token_ids, self._pack_logprobs(raw, token_ids, want), want)
+        return PendingSample(token_ids, pack_logprobs(raw, token_ids, want), want)
 
     @staticmethod
     def _apply_repetition_penalty(
@@ -235,22 +235,24 @@ class Sampler:
         mask = torch.zeros_like(scaled, dtype=torch.bool)
         return mask.scatter_(1, order, keep)
 
-    @staticmethod
-    def _pack_logprobs(raw: torch.Tensor, token_ids: torch.Tensor,
-                       want: list[int | None]) -> torch.Tensor:
-        """[B, 2 + 2n] float64 rows: token id, its logprob, the top-n ids, their logprobs."""
-        logp = raw.log_softmax(dim=-1)  # [B, V]
-        chosen = logp.gather(1, token_ids[:, None])  # [B, 1]
-        n = min(max(k or 0 for k in want), raw.shape[1])
-        top_lp, top_ids = logp.topk(n, dim=-1)  # [B, n] each, sorted descending
-        # One packed float64 tensor so the host waits once; ids < 2**53 survive exactly.
-        return torch.cat(
-            [token_ids[:, None].double(), chosen.double(), top_ids.double(), top_lp.double()],
-            dim=1,
-        )
 
 
-def _unpack_logprobs(packed: list[list[float]], want: list[int | None]) -> SamplerOutput:
+def pack_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                  want: list[int | None]) -> torch.Tensor:
+    """[B, 2 + 2n] float64 rows, on the logits' device: token id, its logprob, the top-n ids,
+    their logprobs (n = the most any row wants). Row b scores `token_ids[b]` under `logits[b]`.
+    One packed tensor so the host waits once; ids < 2**53 survive exactly."""
+    logp = logits.float().log_softmax(dim=-1)  # [B, V]
+    chosen = logp.gather(1, token_ids[:, None])  # [B, 1]
+    n = min(max((k or 0 for k in want), default=0), logits.shape[1])
+    top_lp, top_ids = logp.topk(n, dim=-1)  # [B, n] each, sorted descending
+    return torch.cat(
+        [token_ids[:, None].double(), chosen.double(), top_ids.double(), top_lp.double()], dim=1)
+
+
+def unpack_logprobs(packed: list[list[float]], want: list[int | None]) -> SamplerOutput:
+    """`pack_logprobs`' rows on the host -> ids and a TokenLogprob per row (None where the row
+    wants none) with its `want[b]` best alternatives."""
     n = (len(packed[0]) - 2) // 2 if packed else 0
     ids: list[int] = []
     out: list[TokenLogprob | None] = []
