@@ -30,8 +30,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: e4m3fn has no inf, so values past it must be clamped
 # Floor of a scale: an all-zero row (padding, a zero weight channel) would divide by zero.
 MIN_SCALE = 1e-12
-# Rows from which the row-wise-scaled GEMM is used. Calibrate with `python -m bench.gpu_fp8`:
-# the first M at which its "rowwise" column beats "tensor+mul" for the Llama-3-8B shapes.
+# Rows from which the row-wise-scaled GEMM is used: the first M at which its "layer rowwise"
+# column of `python -m bench.gpu_fp8 --parts gemm` beats "layer tensor+mul" for the Llama-3-8B
+# shapes. H200 (docs/fp8.md): tensor+mul faster up to M = 32, a tie at 128, rowwise at 512.
 ROWWISE_MIN_M = 256
 
 
