@@ -163,7 +163,7 @@ def test_tiny_model_with_fp8_kv_agrees_across_backends(tiny_path):
 
 # No backend-agreement test with fp8 weights *and* fp8 KV on this model: per-token fp8 rounding
 # of activations amplifies the attention kernels' bf16 rounding differences, and this random
-# model's next-token distributions are flat. Run 35 (docs/benchmarks.md) saw flashinfer pick, at the
+# model's next-token distributions are flat. In run 35 (docs/fp8.md) flashinfer picked, at the
 # first token, one outside the torch backend's top two, which were 0.25 nats apart. fp8 KV is
 # checked above and fp8 weights in the GEMM and CUDA-graph tests; both together run end to end
 # in `bench.gpu_serve --config configs/llama3-8b-gpu-fp8.yaml`.
