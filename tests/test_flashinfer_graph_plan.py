@@ -103,7 +103,7 @@ def _backend() -> fb.FlashInferBackend:
     be.prefill = StandInWrapper(be.workspace, "NHD")
     be.decode = StandInWrapper(be.workspace, "NHD", decode=True)
     be.cascade = fb.TwoLevelCascade(STAND_IN, be.workspace, "fa2")
-    be.cascade_backend, be.graph_buffers, be.scales = "fa2", None, {}
+    be.cascade_backend, be.graph_buffers = "fa2", None
     return be
 
 

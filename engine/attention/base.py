@@ -168,8 +168,8 @@ class AttentionBackend(ABC):
 
 def to_kv_dtype(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
     """New K/V in the pool's dtype: unchanged, or fp8 (saturated). The scale is KV_FP8_SCALE =
-    1.0, so no division here; reads upcast without a multiply (torch), and FlashInfer gets
-    k_scale / v_scale only when they are not 1.0 (flashinfer_backend.py)."""
+    1.0, so no division here; reads upcast without a multiply (torch), and FlashInfer runs
+    without k_scale / v_scale, which is the same 1.0 (flashinfer_backend.py)."""
     if kv_dtype != FP8_KV:
         return x.to(kv_dtype)
     return x.clamp(-_FP8_MAX, _FP8_MAX).to(FP8_KV)

@@ -73,10 +73,10 @@ class TwoLevelCascade:
             wrapper.plan(qo_indptr[i], kv_indptr[i], kv_indices[i], last_page_len[i], *heads,
                          causal=i == len(self.levels) - 1, **kwargs)
 
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, **scales) -> torch.Tensor:
-        out, lse = self.levels[-1].run(q, kv_cache, return_lse=True, **scales)
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        out, lse = self.levels[-1].run(q, kv_cache, return_lse=True)
         for wrapper in self.levels[:-1]:
-            out_i, lse_i = wrapper.run(q, kv_cache, return_lse=True, **scales)
+            out_i, lse_i = wrapper.run(q, kv_cache, return_lse=True)
             self._merge(out, lse, out_i, lse_i)
         return out
 
@@ -86,17 +86,11 @@ def _host_i32(values: list[int]) -> torch.Tensor:
 
 
 class KVWrite:
-    """Where a step's new K/V go: pool page and in-page offset per token row, [T] int64 each.
+    """Where a step's new K/V go: pool page and in-page offset per token row, [T] int64 each."""
 
-    With `source` [T] int64, row i writes the K/V of token `source[i]` (CUDA-graph padding rows
-    write row 0's again, see `FlashInferBackend.plan_cuda_graph`).
-    """
-
-    def __init__(self, page: torch.Tensor, offset: torch.Tensor,
-                 source: torch.Tensor | None = None) -> None:
+    def __init__(self, page: torch.Tensor, offset: torch.Tensor) -> None:
         self.page = page
         self.offset = offset
-        self.source = source
 
     @classmethod
     def from_slots(cls, slot_mapping: torch.Tensor, page_size: int) -> KVWrite:
@@ -113,8 +107,6 @@ class KVWrite:
                               (k.stride(0), gap // k.element_size(), *k.stride()[1:]))
         else:
             kv = torch.stack((k, v), dim=1)
-        if self.source is not None:
-            kv = kv.index_select(0, self.source)
         store_kv(kv_cache, (self.page, slice(None), self.offset), kv)
 
 
@@ -122,17 +114,15 @@ class WrapperPlan(AttentionPlan):
     """A step whose rows all run through one planned wrapper: the prefill wrapper (any batch
     with a prefill chunk), the decode wrapper (decode-only) or a CUDA graph's decode wrapper."""
 
-    def __init__(self, meta: AttentionMetadata, write: KVWrite, wrapper,
-                 scales: dict | None = None) -> None:
+    def __init__(self, meta: AttentionMetadata, write: KVWrite, wrapper) -> None:
         super().__init__(meta)
         self.write = write
         self.wrapper = wrapper
-        self.scales = scales or {}  # k_scale / v_scale of fp8 pages
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         self.write(kv_cache, k, v)
-        return self.wrapper.run(q, kv_cache, **self.scales)
+        return self.wrapper.run(q, kv_cache)
 
 
 class CascadeDecodePlan(AttentionPlan):
@@ -140,22 +130,21 @@ class CascadeDecodePlan(AttentionPlan):
     rest (if any) the decode wrapper; outputs are concatenated in batch order."""
 
     def __init__(self, meta: AttentionMetadata, write: KVWrite, cascade: TwoLevelCascade,
-                 num_cascade: int, rest, scales: dict | None = None) -> None:
+                 num_cascade: int, rest) -> None:
         super().__init__(meta)
         self.write = write
         self.cascade = cascade
         self.num_cascade = num_cascade
         self.rest = rest  # the decode wrapper, planned for requests num_cascade.., or None
-        self.scales = scales or {}
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         self.write(kv_cache, k, v)
         nc = self.num_cascade
-        out = self.cascade.run(q[:nc], kv_cache, **self.scales)
+        out = self.cascade.run(q[:nc], kv_cache)
         if self.rest is None:
             return out
-        return torch.cat([out, self.rest.run(q[nc:], kv_cache, **self.scales)])
+        return torch.cat([out, self.rest.run(q[nc:], kv_cache)])
 
 
 class FlashInferBackend(AttentionBackend):
@@ -169,13 +158,11 @@ class FlashInferBackend(AttentionBackend):
                          max_num_seqs, kv_dtype)
         # fp8 pages: bf16/fp16 queries over float8_e4m3fn K/V (kv_data_type in each plan). FA2
         # runs that mix; FA3's fp8 kernels want fp8 queries too, so "auto" (FA3 on Hopper)
-        # becomes FA2 here. `run` takes k_scale (folded into sm_scale) and v_scale (a multiply
-        # of the output after the kernel, one more launch per layer): passed only when not 1.0,
-        # where both are identities.
-        fp8 = self.kv_dtype == FP8_KV
-        self.scales = {name: KV_FP8_SCALE for name in ("k_scale", "v_scale")
-                       if fp8 and KV_FP8_SCALE != 1.0}
-        if fp8 and prefill_backend == "auto":
+        # becomes FA2 here. The pages' scale is KV_FP8_SCALE = 1.0, which is what `run` assumes
+        # without its k_scale / v_scale arguments (a v_scale would cost one more launch per
+        # layer), so no plan passes them.
+        assert KV_FP8_SCALE == 1.0, "fp8 KV scales other than 1.0 need k_scale / v_scale"
+        if self.kv_dtype == FP8_KV and prefill_backend == "auto":
             prefill_backend = "fa2"
         if self.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device")
@@ -197,21 +184,17 @@ class FlashInferBackend(AttentionBackend):
         self.graph_buffers: GraphBuffers | None = None  # set by enable_cuda_graphs
 
     # -- planning ---------------------------------------------------------------------------
-    def _paging(self, kv_lens: list[int]) -> tuple[list[int], list[int]]:
-        """Host kv_indptr [B+1] and kv_last_page_len [B] from the KV lengths (no device read)."""
-        return paging(kv_lens, self.page_size)
-
     def _plan_args(self) -> dict:
         return dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=self.scale)
 
     def plan(self, meta: AttentionMetadata) -> AttentionPlan:
         write = KVWrite.from_slots(meta.slot_mapping, self.page_size)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
-        indptr, last = self._paging(meta.kv_lens_host)
+        indptr, last = paging(meta.kv_lens_host, self.page_size)
         if not meta.num_decode_only:
             self.prefill.plan(_host_i32(meta.qo_indptr_host), _host_i32(indptr), meta.kv_indices,
                               _host_i32(last), *heads, causal=True, **self._plan_args())
-            return WrapperPlan(meta, write, self.prefill, self.scales)
+            return WrapperPlan(meta, write, self.prefill)
         nc = meta.num_cascade_reqs if meta.cascade else 0
         if nc:
             self._plan_cascade(meta, heads)
@@ -220,9 +203,9 @@ class FlashInferBackend(AttentionBackend):
             self.decode.plan(_host_i32(rest), meta.kv_indices[indptr[nc]:], _host_i32(last[nc:]),
                              *heads, **self._plan_args())
         if not nc:
-            return WrapperPlan(meta, write, self.decode, self.scales)
+            return WrapperPlan(meta, write, self.decode)
         return CascadeDecodePlan(meta, write, self.cascade, nc,
-                                 self.decode if nc < meta.batch_size else None, self.scales)
+                                 self.decode if nc < meta.batch_size else None)
 
     def _plan_cascade(self, meta: AttentionMetadata, heads: tuple) -> None:
         levels = meta.cascade
@@ -248,8 +231,7 @@ class FlashInferBackend(AttentionBackend):
         return self.graph_buffers
 
     def max_graph_indices(self) -> int:
-        g = self._graph_buffers()
-        return g.indices.numel() - g.page.numel()
+        return self._graph_buffers().max_indices
 
     def can_graph(self, meta: AttentionMetadata, batch_size: int) -> bool:
         return meta.num_decode_only and self._graph_buffers().fits(meta, batch_size)
@@ -270,8 +252,7 @@ class FlashInferBackend(AttentionBackend):
             wrapper = g.wrappers[batch_size]
             wrapper.plan(_host_i32(own.kv_indptr), own.kv_indices,
                          _host_i32(own.kv_last_page_len), *heads, **self._plan_args())
-            return WrapperPlan(meta, write, wrapper, self.scales)
-        # (fp8 pages: graph cascades run without k_scale / v_scale, which are 1.0, see __init__)
+            return WrapperPlan(meta, write, wrapper)
         graph = g.cascades[batch_size]
         shared = shared_level_args(meta, graph.groups)
         graph.shared.plan(_host_i32(shared.qo_indptr), _host_i32(shared.kv_indptr),

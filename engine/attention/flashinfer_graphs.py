@@ -194,9 +194,14 @@ class GraphBuffers:
         offset[n:].fill_(0)
         return page, offset
 
+    @property
+    def max_indices(self) -> int:
+        """The most `kv_indices` a graph step may hold (the rest of `indices` is padding's)."""
+        return self.indices.numel() - self.page.numel()
+
     def fits(self, meta: AttentionMetadata, batch_size: int) -> bool:
         """Whether a decode-only step can replay bucket `batch_size`'s graph of its kind."""
-        if meta.kv_indices.numel() > self.indices.numel() - self.page.numel():
+        if meta.kv_indices.numel() > self.max_indices:
             return False
         if meta.cascade is None:
             return batch_size in self.wrappers
