@@ -4,7 +4,7 @@ Part 1, `grid`: the attention of one decode step (metadata, plan, and 32 layers 
 attention, Llama-3-8B heads 32/8 x 128, page 16, bf16) for G requests sharing an S-token prefix,
 each with U tokens of its own, cascade vs plain, on the backend directly. Each layer reads its
 own pool (up to 32 distinct ones) so the L2 cache does not flatter small cases. It prints which
-is faster where, and the (MIN_GROUP_SIZE, MIN_SAVED_TOKENS) pair that loses the least time.
+is faster where, and the `auto` rule (min_group_size, min_saved_tokens) that loses the least time.
 
 Part 2, `engine`: the whole decode step of Llama-3-8B (dummy weights, CUDA graphs on) in one
 engine, switching `cascade` between auto / on / off on the same running batch: 128 requests
@@ -94,11 +94,11 @@ def _regret(rows: list[dict], rule: CascadeRule) -> float:
 def print_rules(rows: list[dict], title: str) -> None:
     """The current rule's loss over the rows, the rules that lose the least, and the rows where
     the current rule picks the slower path."""
+    cur = cascade_rule.AUTO_RULE
     cands = [CascadeRule(mg, ms) for mg in (2, 3, 4, 6, 8, 12, 16, 32)
-             for ms in sorted({2**k for k in range(12, 23)} | {cascade_rule.MIN_SAVED_TOKENS})]
+             for ms in sorted({2**k for k in range(12, 23)} | {cur.min_saved_tokens})]
     least = min(_regret(rows, c) for c in cands)
     best = [c for c in cands if _regret(rows, c) <= least + 1e-9]
-    cur = cascade_rule.AUTO_RULE
     print(f"\n{title}: current rule {cur}: loses {_regret(rows, cur):.2f} ms over the rows")
     print(f"least loss {least:.2f} ms, by (min_group_size: min_saved_tokens range):")
     for mg in sorted({c.min_group_size for c in best}):

@@ -54,8 +54,6 @@ class CascadeRule:
 # everything larger (253K-4M, 1.2-4.5x). Every min_group_size in 2..16 with min_saved_tokens in
 # 32,768..65,536 picks the faster path in all ten cases: the middle of that range.
 AUTO_RULE = CascadeRule(min_group_size=8, min_saved_tokens=49_152)
-MIN_GROUP_SIZE = AUTO_RULE.min_group_size
-MIN_SAVED_TOKENS = AUTO_RULE.min_saved_tokens
 
 
 def cascade_pays(group_size: int, shared_tokens: int, mode: str,
