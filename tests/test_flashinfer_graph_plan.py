@@ -23,6 +23,7 @@ from engine.attention.base import AttentionBackend
 from engine.attention.cascade import CascadeGroup, CascadePlan, plan_cascade
 from engine.attention.metadata import build_metadata
 from engine.attention.torch_backend import TorchBackend, attend, gather_kv, merge_states
+from tests.test_graph_levels import shared_prefix_batch
 
 HQ, HKV, D, PS = 4, 2, 8, 4
 CPU = torch.device("cpu")
@@ -115,24 +116,6 @@ def _toy_step(b: int, cascade: bool):
     return build_metadata([[0, 0]] * b, [PS] * b, [1] * b, PS, CPU, plan)
 
 
-def _batch(rng: random.Random, b: int):
-    """1-2 groups sharing 1-5 pages and 0-2 loners, at most b requests."""
-    free = list(range(NUM_PAGES))
-    rng.shuffle(free)
-    tables, lens = [], []
-    for _ in range(rng.randint(1, 2)):
-        shared = [free.pop() for _ in range(rng.randint(1, 5))]
-        for _ in range(rng.randint(2, 3)):
-            own = rng.randint(1, 9)
-            tables.append(shared + [free.pop() for _ in range(-(-own // PS))])
-            lens.append(len(shared) * PS + own)
-    for _ in range(rng.randint(0, b - len(tables))):
-        n = rng.randint(1, 15)
-        tables.append([free.pop() for _ in range(-(-n // PS))])
-        lens.append(n)
-    return tables, lens
-
-
 @pytest.mark.parametrize("cascade", [False, True])
 @pytest.mark.parametrize("seed", range(8))
 def test_replayed_graph_step_equals_plain_attention(cascade, seed):
@@ -145,7 +128,8 @@ def test_replayed_graph_step_equals_plain_attention(cascade, seed):
     captured = be.plan_cuda_graph(_toy_step(b, cascade), b)
     kv = torch.randn(b, 2, HKV, D)
     captured.forward(0, torch.randn(b, HQ, D), kv[:, 0], kv[:, 1], cache)
-    tables, lens = _batch(rng, b)
+    # 1-2 groups and loners, at most b requests
+    tables, lens = shared_prefix_batch(rng, NUM_PAGES, max_groups=2, max_members=3, max_requests=b)
     plan = plan_cascade(tables, lens, PS, mode="on") if cascade else None
     if plan is not None:
         tables, lens = [tables[i] for i in plan.order], [lens[i] for i in plan.order]

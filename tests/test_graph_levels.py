@@ -33,21 +33,30 @@ NUM_PAGES = 300
 SCRATCH = NUM_PAGES  # the page past the allocator's, as KVPool adds it
 
 
-def _batch(rng: random.Random):
-    """Groups sharing 1-5 pages, loners; in the cascade planner's order."""
-    free = list(range(NUM_PAGES))
+def shared_prefix_batch(rng: random.Random, num_pages: int, max_groups: int, max_members: int,
+                        max_requests: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """Block tables and KV lengths of a decode batch over disjoint random pages: 1..max_groups
+    groups of 2..max_members requests sharing 1-5 full pages (1-9 tokens of their own each),
+    then loners of 1-15 tokens: 0-3 of them, or up to `max_requests` requests in all."""
+    free = list(range(num_pages))
     rng.shuffle(free)
     tables, lens = [], []
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(rng.randint(1, max_groups)):
         shared = [free.pop() for _ in range(rng.randint(1, 5))]
-        for _ in range(rng.randint(2, 4)):
+        for _ in range(rng.randint(2, max_members)):
             own_len = rng.randint(1, 9)
             tables.append(shared + [free.pop() for _ in range(-(-own_len // PS))])
             lens.append(len(shared) * PS + own_len)
-    for _ in range(rng.randint(0, 3)):
+    for _ in range(rng.randint(0, 3 if max_requests is None else max_requests - len(tables))):
         n = rng.randint(1, 15)
         tables.append([free.pop() for _ in range(-(-n // PS))])
         lens.append(n)
+    return tables, lens
+
+
+def _batch(rng: random.Random):
+    """Groups sharing 1-5 pages, loners; in the cascade planner's order."""
+    tables, lens = shared_prefix_batch(rng, NUM_PAGES, max_groups=3, max_members=4)
     plan = plan_cascade(tables, lens, PS, mode="on")
     assert plan is not None
     tables, lens = [tables[i] for i in plan.order], [lens[i] for i in plan.order]
