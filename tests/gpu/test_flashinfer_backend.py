@@ -51,7 +51,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def _tables(rng: random.Random, kv_lens: list[int], num_pages: int) -> list[list[int]]:
+def random_tables(rng: random.Random, kv_lens: list[int], num_pages: int) -> list[list[int]]:
     """Disjoint random pages for each request (a random permutation of the pool)."""
     pages = list(range(num_pages))
     rng.shuffle(pages)
@@ -93,7 +93,7 @@ def test_prefill_mixed_with_cached_prefix(fi_backend, seed):
     new[0] = max(new[0], 2)  # at least one real prefill chunk in the batch
     kv_lens = [c + n for c, n in zip(done, new)]
     num_pages = sum(-(-n // PS) for n in kv_lens) + 7
-    err, same_pool, plan = _compare(fi_backend, _tables(rng, kv_lens, num_pages), done, new,
+    err, same_pool, plan = _compare(fi_backend, random_tables(rng, kv_lens, num_pages), done, new,
                                     num_pages)
     assert isinstance(plan, WrapperPlan) and plan.wrapper is fi_backend.prefill
     assert err <= TOL
@@ -106,7 +106,7 @@ def test_decode(fi_backend, seed):
     kv_lens = [rng.randint(1, 700) for _ in range(rng.randint(1, 40))]
     num_pages = sum(-(-n // PS) for n in kv_lens) + 3
     done = [n - 1 for n in kv_lens]
-    err, same_pool, plan = _compare(fi_backend, _tables(rng, kv_lens, num_pages), done,
+    err, same_pool, plan = _compare(fi_backend, random_tables(rng, kv_lens, num_pages), done,
                                     [1] * len(kv_lens), num_pages)
     assert isinstance(plan, WrapperPlan) and plan.wrapper is fi_backend.decode
     assert err <= TOL
@@ -183,7 +183,7 @@ def test_cuda_graph_replay_with_padding(fi_backend):
     rng = random.Random(7)
     for n in (5, 8, 1):
         kv_lens = [rng.randint(1, 500) for _ in range(n)]
-        tables = _tables(rng, kv_lens, num_pages)
+        tables = random_tables(rng, kv_lens, num_pages)
         done = [x - 1 for x in kv_lens]
         cache.copy_(torch.randn_like(cache, dtype=torch.float32).to(DT))
         ref_cache = cache.clone()

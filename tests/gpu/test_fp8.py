@@ -25,6 +25,7 @@ from engine.attention.metadata import build_metadata  # noqa: E402
 from engine.attention.torch_backend import TorchBackend  # noqa: E402
 from engine.fp8_linear import Fp8Linear  # noqa: E402
 from tests.gpu import test_gpu_engine as gpu_engine  # noqa: E402
+from tests.gpu.test_flashinfer_backend import random_tables, rel_err  # noqa: E402
 
 tiny_path = gpu_engine.tiny_path  # the head_dim-64 tiny llama (a module-scoped fixture)
 
@@ -44,21 +45,6 @@ def backends(d: int) -> tuple[FlashInferBackend, TorchBackend]:
     fi = FlashInferBackend(**kw)
     fi.warmup()
     return fi, TorchBackend(**kw)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not out.isnan().any()
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def tables_for(rng: random.Random, kv_lens: list[int], num_pages: int) -> list[list[int]]:
-    pages = list(range(num_pages))
-    rng.shuffle(pages)
-    out, i = [], 0
-    for n in kv_lens:
-        out.append(pages[i:i + -(-n // PS)])
-        i += -(-n // PS)
-    return out
 
 
 def compare(fi, ref, d, tables, done, new, num_pages, cascade=None) -> tuple[float, bool]:
@@ -83,11 +69,11 @@ def test_flashinfer_over_fp8_pages_matches_the_torch_reference(d, seed):
                                                                 rng.randint(1, 100), 1]
     lens = [a + b for a, b in zip(done, new)]
     n = sum(-(-x // PS) for x in lens) + 5
-    err, same = compare(fi, ref, d, tables_for(rng, lens, n), done, new, n)
+    err, same = compare(fi, ref, d, random_tables(rng, lens, n), done, new, n)
     assert err <= TOL and same
     lens = [rng.randint(1, 700) for _ in range(rng.randint(1, 30))]
     n = sum(-(-x // PS) for x in lens) + 3
-    err, same = compare(fi, ref, d, tables_for(rng, lens, n), [x - 1 for x in lens],
+    err, same = compare(fi, ref, d, random_tables(rng, lens, n), [x - 1 for x in lens],
                         [1] * len(lens), n)
     assert err <= TOL and same
 
@@ -119,7 +105,7 @@ def test_cuda_graph_decode_over_fp8_pages():
         out = plan.forward(0, q, k, v, cache)
     rng = random.Random(9)
     lens = [rng.randint(1, 500) for _ in range(6)]
-    tables = tables_for(rng, lens, 300)
+    tables = random_tables(rng, lens, 300)
     cache.copy_((torch.randn(cache.shape, device=DEV) * 2).to(FP8))
     ref_cache = cache.clone()
     meta = build_metadata(tables, [x - 1 for x in lens], [1] * 6, PS, DEV)
