@@ -90,7 +90,6 @@ class ModelRunner:
         tables = self.block_tables.sync(batch.requests)  # also frees the rows of leavers
         if not batch.requests:
             return LaunchedStep(0, [], None, {}, False)
-        samples = [batch.samples(i) for i in range(len(batch))]
         order = list(range(len(batch)))
         cascade = None
         if all(n == 1 for n in batch.num_new_tokens):
@@ -119,7 +118,7 @@ class ModelRunner:
             hidden = self.model(ids, meta.positions, self.pool.layers, plan,
                                 exporter.on_layer if exporter else None)  # [T, H]
         # Only a request whose step reaches its last token samples one.
-        sampling = [i for i in range(len(reqs)) if samples[order[i]]]
+        sampling = [i for i in range(len(reqs)) if batch.samples[order[i]]]
         pending = None
         self._sampled = None
         if sampling:

@@ -40,6 +40,9 @@ from engine.request import Request
 class ScheduledBatch:
     requests: list[Request]
     num_new_tokens: list[int]  # tokens each request runs this step
+    # Whether each request's step reaches its last planned token, so that it samples the next
+    # one (the runner picks its sampled rows with it; `Scheduler.launch` adds placeholders).
+    samples: list[bool] = field(default_factory=list)
     # Filled by `Scheduler.launch`: each request's computed tokens and preemption count before
     # the step, so that `update` can tell what the step wrote even after counters moved on.
     launched: bool = False
@@ -50,12 +53,11 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
-    def samples(self, i: int) -> bool:
-        """Whether request i's step reaches its last planned token, so that it samples the next
-        one. Asked before launch (the runner picks its sampled rows with it)."""
-        assert not self.launched, "samples() is read before the step is launched"
-        req = self.requests[i]
-        return req.num_computed_tokens + self.num_new_tokens[i] == req.num_planned_tokens
+    def add(self, req: Request, n: int) -> None:
+        """Schedule n of req's pending tokens (read before launch moves its counters)."""
+        self.requests.append(req)
+        self.num_new_tokens.append(n)
+        self.samples.append(n == req.num_pending_tokens)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -67,6 +69,7 @@ class ScheduledBatch:
         keep = [i for i, r in enumerate(self.requests) if not r.finished]
         self.requests = [self.requests[i] for i in keep]
         self.num_new_tokens = [self.num_new_tokens[i] for i in keep]
+        self.samples = [self.samples[i] for i in keep]
 
 
 @dataclass
@@ -203,8 +206,7 @@ class Scheduler:
             if req not in self.running:
                 break
             self.kv.grow(req, n)
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
+            batch.add(req, n)
             budget -= n
             i += 1
         # New requests wait while anything was preempted, so a preempted request is not
@@ -224,8 +226,7 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(req)
             self.kv.grow(req, n)
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
+            batch.add(req, n)
             budget -= n
         return batch
 
@@ -237,9 +238,8 @@ class Scheduler:
         assert not batch.launched, "a batch is launched once"
         batch.computed_before = [r.num_computed_tokens for r in batch.requests]
         batch.preemptions_before = [r.num_preemptions for r in batch.requests]
-        samples = [batch.samples(i) for i in range(len(batch))]
         batch.launched = True
-        for req, n, sampled in zip(batch.requests, batch.num_new_tokens, samples):
+        for req, n, sampled in zip(batch.requests, batch.num_new_tokens, batch.samples):
             req.num_computed_tokens += n
             req.num_output_placeholders += sampled
 
