@@ -32,11 +32,15 @@ test-e2e: install
 tiny-model: install
 	$(BIN)/pdserve make-tiny-model
 
+# HAProxy takes HTTP straight to the ingress replicas (cluster/app.py); set it to 0 for Serve's
+# Python proxy.
+HAPROXY ?= 1
+
 serve: install
-	$(BIN)/serve run configs/tiny.yaml
+	RAY_SERVE_ENABLE_HA_PROXY=$(HAPROXY) $(BIN)/serve run configs/tiny.yaml
 
 serve-colocated: install
-	$(BIN)/serve run configs/tiny-colocated.yaml
+	RAY_SERVE_ENABLE_HA_PROXY=$(HAPROXY) $(BIN)/serve run configs/tiny-colocated.yaml
 
 bench: install
 	$(BIN)/python -m bench.compare configs/tiny-colocated.yaml configs/tiny.yaml \

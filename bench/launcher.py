@@ -57,9 +57,12 @@ class ServerProcess:
             log.write(f"$ {shlex.join(self.launch)}\n".encode())
             log.flush()
             # A session of its own, so stop() can signal serve run and everything it spawned.
+            # Serve's HAProxy ingress unless the caller's environment says otherwise, as `make
+            # serve` runs it (cluster/app.py); other systems ignore the variable.
+            env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", **os.environ}
             self.proc = subprocess.Popen(
                 self.launch, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, env=env,
             )
 
     def alive(self) -> bool:

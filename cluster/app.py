@@ -5,11 +5,19 @@ colocated:      Ingress -> ColocatedServer (one engine, both phases)
 
 With `autoscaler.enabled`, prefill and decode are scaled to the `slo:` by the application-level
 policy that the Serve config names (configs/tiny-autoscale.yaml, docs/autoscaling.md).
+
+HTTP ingress: Ray must be started with `RAY_SERVE_ENABLE_HA_PROXY=1` (`make serve` and the bench
+launchers do) for HAProxy to take the HTTP traffic straight to the ingress replicas' own
+servers, instead of Serve's Python proxy relaying every request and SSE event over a Ray call.
+A Serve config cannot set it (it is read by Serve's controller, which starts before any
+application), so build_app says so when it is off (docs/benchmarks.md, "HAProxy ingress").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from typing import Any
 
 from api.ingress import Ingress
@@ -24,9 +32,16 @@ from prefill.deployment import PrefillServer
 from serving.config import AppConfig
 from serving.metrics_hub import collect_snapshots
 
+log = logging.getLogger(__name__)
+
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
 
 def build_app(args: dict[str, Any]):
     cfg = AppConfig.from_args(args)
+    if os.environ.get(HAPROXY_ENV) != "1":
+        log.warning("HTTP goes through Serve's Python proxy; start Ray (`serve run`, `ray start`)"
+                    " with %s=1 for the HAProxy ingress (`make serve` does)", HAPROXY_ENV)
     if cfg.model.path is None:
         ensure_tiny_model()  # created once, here, before any replica starts
     arch = ModelArch.from_pretrained(cfg.model.resolved_path)

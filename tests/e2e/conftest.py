@@ -6,6 +6,7 @@ Two applications on one Ray instance: the disaggregated app (1 prefill + 1 decod
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -38,6 +39,19 @@ def e2e_model(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("e2e") / "tiny-llama", "llama", 0))
 
 
+def haproxy_env() -> dict[str, str]:
+    """The HTTP path users get (`make serve`): Serve's HAProxy ingress, read by the Ray
+    processes that ray.init starts. Its stats and metrics ports are free ones instead of the
+    fixed 8404 / 9101, and a stopping ingress replica stays reachable for 2 s instead of 30 s
+    (long enough for HAProxy on this one node to drop it; the redeploy tests wait for it)."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0":  # Serve's Python proxy, on request
+        return {}
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
 @pytest.fixture(scope="session")
 def cluster(e2e_model):
     ray = pytest.importorskip("ray")
@@ -48,6 +62,7 @@ def cluster(e2e_model):
     port, grpc_port = _free_port(), _free_port()
     while grpc_port == port:
         grpc_port = _free_port()
+    os.environ.update(haproxy_env())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]})

@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_prefill_and_decode_on_different_nodes_with_a_node_killed(e2e_model):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # Serve's Python proxy: three Ray nodes on one host would start three HAProxy processes
+    # binding the same stats and metrics ports (on real nodes each has its own).
+    env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.e2e.multinode_check", "--model", e2e_model,
          "--port", str(free_port())],
