@@ -3,7 +3,9 @@
 # On the GPU machine:  bash bench/device_run.sh bash bench/gpu_token_path.sh [NAME ...]
 # NAMEs (default: offline pd colo pd_ing2): offline, pd (1P1D cuda_ipc), colo (colocated),
 # pd_ing2 / colo_ing2 (two ingress replicas), pd_c50 / colo_c50 (stream_interval_ms: 50),
-# pd_gil1 / colo_gil1 (the replicas' GIL switch interval at 1 ms: PDSERVE_GIL_SWITCH_MS).
+# pd_gil1 / colo_gil1 (the replicas' GIL switch interval at 1 ms: PDSERVE_GIL_SWITCH_MS),
+# pd_noov / colo_noov (engine.overlap_scheduling: off), pd_proxy / colo_proxy (Serve's Python
+# proxy instead of the HAProxy ingress: Ray is restarted without it, then with it again).
 set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
@@ -19,7 +21,15 @@ for src, name in zip(sys.argv[1:], ("", "colo_")):
     args.pop("stream_interval_ms")
     cfg["applications"][0]["runtime_env"] = {"env_vars": {"PDSERVE_GIL_SWITCH_MS": "1"}}
     yaml.safe_dump(cfg, open(f"/tmp/{name}gil1.yaml", "w"))
+    cfg["applications"][0].pop("runtime_env")
+    args["engine"]["overlap_scheduling"] = "off"
+    yaml.safe_dump(cfg, open(f"/tmp/{name}noov.yaml", "w"))
 PY
+restart_ray() {  # $1: RAY_SERVE_ENABLE_HA_PROXY for the new Ray instance (as in device_run.sh)
+  ray stop > /dev/null 2>&1
+  RAY_SERVE_ENABLE_HA_PROXY=$1 ray start --head --num-gpus=$(nvidia-smi -L | wc -l) \
+    --include-dashboard=false --disable-usage-stats > /dev/null
+}
 for name in "${@:-offline pd colo pd_ing2}"; do
   for n in $name; do
     case $n in
@@ -32,6 +42,13 @@ for name in "${@:-offline pd colo pd_ing2}"; do
       colo_c50) bash bench/gpu_serve_runs.sh colo_c50:/tmp/colo_c50.yaml ;;
       pd_gil1) bash bench/gpu_serve_runs.sh pd_gil1:/tmp/gil1.yaml ;;
       colo_gil1) bash bench/gpu_serve_runs.sh colo_gil1:/tmp/colo_gil1.yaml ;;
+      pd_noov) bash bench/gpu_serve_runs.sh pd_noov:/tmp/noov.yaml ;;
+      colo_noov) bash bench/gpu_serve_runs.sh colo_noov:/tmp/colo_noov.yaml ;;
+      pd_proxy | colo_proxy)
+        restart_ray 0
+        if [ $n = pd_proxy ]; then cfg=$C; else cfg=$K; fi
+        RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
+        restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
     esac
   done
 done
