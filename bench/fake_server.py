@@ -49,6 +49,12 @@ def make_app(cfg: FakeConfig) -> web.Application:
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def metrics(_: web.Request) -> web.Response:
+        """Prometheus text: completion requests received so far, and one labelled series."""
+        return web.Response(text=f"# TYPE fake_requests_total counter\n"
+                                 f"fake_requests_total {count}\n"
+                                 f'fake_info{{model="{cfg.model}"}} 1\n')
+
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": cfg.model, "object": "model"}]})
 
@@ -96,6 +102,7 @@ def make_app(cfg: FakeConfig) -> web.Application:
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/completions", completions)
     return app
 

@@ -9,7 +9,8 @@
 # long (2048 in / 16 out), chat (512 in / 256 out). Each part writes $OUT/<part>-<N>gpu.json
 # and SLO-attainment / latency plots under $OUT/plots-<part>-<N>gpu/. One device call is at most
 # 10 minutes: give one part per call, and trim with LAYOUTS, RATES_LONG, RATES_CHAT, PROMPTS.
-# Layouts: N=2: colo:2 1:1; N=4: colo:4 1:3 2:2 3:1 auto:4 (the autoscaler's own choice).
+# Layouts: N=2: colo:2 1:1; N=4: colo:4 1:3 2:2 3:1 auto:4 (the autoscaler's own choice: its
+# target replicas per role after each rate are in the JSON's runs, `metrics`).
 set -u
 OUT=${OUT:-/tmp/gpu_multi}
 mkdir -p "$OUT"
@@ -44,7 +45,9 @@ for part in ${@:-transfer long chat}; do
   echo "=== $part, $N GPUs, $(date -u +%H:%M:%S)"
   case $part in
     transfer)
-      if [ "${DRY:-0}" = 1 ] || [ "$N" -lt 2 ]; then echo "(needs 2 GPUs)"; continue; fi
+      if [ "${DRY:-0}" = 1 ] || [ "$N" -lt 2 ]; then
+        echo "(skipped: a dry run, or fewer than 2 GPUs)"; continue
+      fi
       timeout 300 python -m bench.gpu_transfer --channel nccl 2>&1 | grep -v "INFO\|WARNING" \
         | tee "$OUT/transfer-${N}gpu.txt" | tail -20 ;;
     long | chat)
@@ -54,6 +57,7 @@ for part in ${@:-transfer long chat}; do
       python -m bench.compare "${configs[@]}" --labels "$label_list" --stop-cmd none \
         "${W[@]}" "${SLO[@]}" --num-prompts "$PROMPTS" --sweep-rates "$R" --vocab-size 1000 \
         --count-empty-chunks --extra-body '{"logprobs": 0}' --seed 0 --no-progress \
+        --record-metrics pdserve_autoscaler_target_replicas \
         --out "$OUT/$part-${N}gpu.json" --plot-dir "$OUT/plots-$part-${N}gpu" 2>&1 \
         | grep -v "INFO\|WARNING" | tail -40 ;;
     *) echo "unknown part $part (transfer, long, chat)" ;;

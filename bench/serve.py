@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -84,6 +85,9 @@ def add_benchmark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-probes", type=int, default=12)
 
     g = p.add_argument_group("output")
+    g.add_argument("--record-metrics", type=lambda t: [x for x in t.split(",") if x], default=[],
+                   help="comma-separated metric names read from the server's /metrics after "
+                        "each run into its results (e.g. pdserve_autoscaler_target_replicas)")
     g.add_argument("--out", type=Path, default=None, help="results JSON")
     g.add_argument("--plot-dir", type=Path, default=None, help="write PNG plots here")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
@@ -120,6 +124,22 @@ def client_config(args: argparse.Namespace, base_url: str | None = None) -> Clie
     )
 
 
+def scrape(base_url: str, names: Sequence[str]) -> dict[str, float]:
+    """The series of `names` on the server's Prometheus `/metrics`, keyed by series (name and
+    labels); empty if the server has none or no `/metrics`."""
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{", 1)[0] in names:
+            found[series] = float(value)
+    return found
+
+
 def run_benchmark(
     args: argparse.Namespace, client: ClientConfig, label: str = ""
 ) -> dict[str, Any]:
@@ -141,6 +161,8 @@ def run_benchmark(
         progress = Progress(len(specs), desc, enabled=args.progress)
         result = run_http(specs, client, rate, concurrency, key, args.burstiness, progress)
         run = summarize_run(result, args.slo_ttft_ms, args.slo_tpot_ms, label=label, repeat=rep)
+        if args.record_metrics:
+            run["metrics"] = scrape(client.base_url, args.record_metrics)
         runs.append(run)
         att = run.get("slo_attainment", math.nan)
         print(
@@ -149,6 +171,9 @@ def run_benchmark(
             + ("" if math.isnan(att) else f", SLO attainment {100 * att:.1f}%"),
             file=sys.stderr,
         )
+        if run.get("metrics"):
+            print(f"[bench] {desc}: " + ", ".join(f"{k} {v:g}" for k, v in run["metrics"].items()),
+                  file=sys.stderr)
         return att
 
     goodput: dict[str, Any] | None = None

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine.fp8_linear import FP8_MAX, MIN_SCALE, quantize_weight
+from engine.fp8_linear import quantize_weight
 
 _PROJ = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
                    r"\.weight$")
@@ -50,9 +50,8 @@ def _quantize(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tenso
     if strategy == "channel":
         wq, scale = quantize_weight(w)
         return wq, scale[:, None]
-    scale = (w.abs().amax().float() / FP8_MAX).clamp(min=MIN_SCALE)
-    wq = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return wq, scale.reshape(1)
+    wq, scale = quantize_weight(w.reshape(1, -1))  # per tensor: the whole tensor as one channel
+    return wq.reshape(w.shape), scale
 
 
 def make_fp8_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike,

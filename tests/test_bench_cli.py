@@ -66,6 +66,21 @@ def test_serve_sweep_writes_json_and_plots(tmp_path: Path, capsys: pytest.Captur
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_serve_records_the_named_server_metrics_after_each_run(tmp_path: Path) -> None:
+    with running(FakeConfig(ttft_ms=1, tpot_ms=1, model="fk")) as url:
+        rc = serve.main([
+            "--base-url", url, "--num-prompts", "3", "--output-len", "2", "--sweep-rates",
+            "1000,2000", "--record-metrics", "fake_requests_total,fake_info,absent_metric",
+            "--out", str(tmp_path / "r.json"), "--no-progress",
+        ])
+    assert rc == 0
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert [r["metrics"] for r in runs] == [
+        {"fake_requests_total": 3.0, 'fake_info{model="fk"}': 1.0},
+        {"fake_requests_total": 6.0, 'fake_info{model="fk"}': 1.0},
+    ]
+
+
 def test_serve_goodput_search(tmp_path: Path) -> None:
     # One slot held 233 ms per request (5 ms, then 3 tokens 76 ms apart). At 3 req/s (330 ms
     # apart) no request waits, so all meet the 120 ms TTFT SLO. At 6 req/s (168 ms apart) each
