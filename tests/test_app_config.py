@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
@@ -237,3 +238,17 @@ def test_routing_defaults_to_serves_router_and_takes_the_prefix_router_by_name()
     cfg = AppConfig.from_args({"routing": {"policy": "prefix", "max_imbalance": 0}})
     assert (cfg.routing.policy, cfg.routing.max_imbalance) == ("prefix", 0)
     assert AppConfig.from_args(cfg.model_dump()) == cfg  # survives the trip to replicas
+
+
+@pytest.mark.parametrize("value, warns", [(None, True), ("0", True), ("1", False)])
+def test_build_app_warns_when_ray_runs_without_the_haproxy_ingress(tiny_llama, monkeypatch,
+                                                                   caplog, value, warns):
+    from cluster.app import HAPROXY_ENV, build_app
+
+    if value is None:
+        monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(HAPROXY_ENV, value)
+    with caplog.at_level(logging.WARNING, logger="cluster.app"):
+        build_app({"model": {"path": tiny_llama}})
+    assert any(HAPROXY_ENV in r.getMessage() for r in caplog.records) == warns

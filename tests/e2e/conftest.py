@@ -1,7 +1,9 @@
 """One running Serve cluster shared by every end-to-end test (start-up costs ~20 s).
 
 Two applications on one Ray instance: the disaggregated app (1 prefill + 1 decode replica) at
-`/` and the colocated baseline at `/colocated`, both over the same tiny model.
+`/` and the colocated baseline at `/colocated`, both over the same tiny model, behind Serve's
+HAProxy ingress as `make serve` runs them (`RAY_SERVE_ENABLE_HA_PROXY=0` in the environment:
+behind Serve's Python proxy).
 """
 
 from __future__ import annotations
