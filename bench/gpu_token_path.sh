@@ -5,7 +5,9 @@
 # pd_ing2 / colo_ing2 (two ingress replicas), pd_c50 / colo_c50 (stream_interval_ms: 50),
 # pd_gil1 / colo_gil1 (the replicas' GIL switch interval at 1 ms: PDSERVE_GIL_SWITCH_MS),
 # pd_noov / colo_noov (engine.overlap_scheduling: off), pd_proxy / colo_proxy (Serve's Python
-# proxy instead of the HAProxy ingress: Ray is restarted without it, then with it again).
+# proxy instead of the HAProxy ingress: Ray is restarted without it, then with it again),
+# pd_main / colo_main (the replicas run user code on Serve's own event loop:
+# RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, so an SSE event crosses no thread).
 set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
@@ -21,6 +23,9 @@ for src, name in zip(sys.argv[1:], ("", "colo_")):
     args.pop("stream_interval_ms")
     cfg["applications"][0]["runtime_env"] = {"env_vars": {"PDSERVE_GIL_SWITCH_MS": "1"}}
     yaml.safe_dump(cfg, open(f"/tmp/{name}gil1.yaml", "w"))
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    cfg["applications"][0]["runtime_env"] = {"env_vars": env}
+    yaml.safe_dump(cfg, open(f"/tmp/{name}main.yaml", "w"))
     cfg["applications"][0].pop("runtime_env")
     args["engine"]["overlap_scheduling"] = "off"
     yaml.safe_dump(cfg, open(f"/tmp/{name}noov.yaml", "w"))
@@ -42,6 +47,8 @@ for name in "${@:-offline pd colo pd_ing2}"; do
       colo_c50) bash bench/gpu_serve_runs.sh colo_c50:/tmp/colo_c50.yaml ;;
       pd_gil1) bash bench/gpu_serve_runs.sh pd_gil1:/tmp/gil1.yaml ;;
       colo_gil1) bash bench/gpu_serve_runs.sh colo_gil1:/tmp/colo_gil1.yaml ;;
+      pd_main) bash bench/gpu_serve_runs.sh pd_main:/tmp/main.yaml ;;
+      colo_main) bash bench/gpu_serve_runs.sh colo_main:/tmp/colo_main.yaml ;;
       pd_noov) bash bench/gpu_serve_runs.sh pd_noov:/tmp/noov.yaml ;;
       colo_noov) bash bench/gpu_serve_runs.sh colo_noov:/tmp/colo_noov.yaml ;;
       pd_proxy | colo_proxy)
