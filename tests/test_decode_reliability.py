@@ -43,8 +43,10 @@ class FlakyPrefill:
 def workers(path: str, decode_pages: int = 128, failures: int = 0):
     fp = model_fingerprint(path, "float32", "safetensors", 0)
     transport = make_transport("inline")
+    # Overlap off whatever the device: the disconnect test spies on runner.execute, the path
+    # of a step without overlap (with it, steps go through runner.launch).
     prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), EngineConfig(
-        page_size=16, num_pages=128))), transport, fp)
+        page_size=16, num_pages=128, overlap_scheduling="off"))), transport, fp)
     decode_cfg = EngineConfig(page_size=16, num_pages=decode_pages, enable_prefix_caching=False)
     decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), decode_cfg)),
                           FlakyPrefill(prefill, failures), transport, fp, timeout_s=30,
