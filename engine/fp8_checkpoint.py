@@ -23,17 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.checkpoint_names import LAYER_LINEARS
 from engine.config import ModelConfig
 from engine.fp8_linear import FP8, Fp8Linear
 from engine.model_arch import ModelArch
 
-# our fused module -> the checkpoint modules it is made of ({} = the layer index)
-CKPT_MODULES: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o_proj": ("self_attn.o_proj",),
-    "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "down_proj": ("mlp.down_proj",),
-}
 SCALE_SUFFIXES = ("weight_scale", "input_scale")
 # Calibrated KV-cache scales of a checkpoint: pdserve's fp8 KV uses scale 1.0 (docs/fp8.md).
 KV_SCALE_NAMES = re.compile(r".*self_attn\.(k_scale|v_scale|kv_scale)$")
@@ -112,10 +106,11 @@ def fp8_module_names(arch: ModelArch, scheme: Fp8Scheme) -> list[str]:
     """Our module names that run in fp8 under `scheme`."""
     names = []
     for i in range(arch.num_layers):
-        for ours, parts in CKPT_MODULES.items():
-            flags = {scheme.ignores(f"model.layers.{i}.{p}") for p in parts}
+        for ours, parts in LAYER_LINEARS.items():
+            modules = [ckpt for ckpt, _ in parts]
+            flags = {scheme.ignores(f"model.layers.{i}.{ckpt}") for ckpt in modules}
             if len(flags) > 1:
-                raise ValueError(f"quantization_config.ignore covers only some of {parts} in "
+                raise ValueError(f"quantization_config.ignore covers only some of {modules} in "
                                  f"layer {i}; they run fused, so all or none must be fp8")
             if not flags.pop():
                 names.append(f"layers.{i}.{ours}")

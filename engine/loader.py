@@ -1,7 +1,7 @@
 """Build the model and fill its weights from safetensors (memory-mapped) or at random (dummy).
 
-Checkpoint names map to ours through `WEIGHT_MAP`: q/k/v land in slices of the fused
-`qkv_proj`, gate/up in slices of `gate_up_proj`. With fp8 (engine/fp8_checkpoint.py) the
+Checkpoint names map to ours through engine/checkpoint_names.py: q/k/v land in slices of
+the fused `qkv_proj`, gate/up in slices of `gate_up_proj`. With fp8 (engine/fp8_checkpoint.py) the
 decoder's linear layers become `Fp8Linear`s: quantized after loading, or filled from an fp8
 checkpoint's `weight` / `weight_scale` / `input_scale` tensors.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from engine.checkpoint_names import map_name, shard_rows
 from engine.config import ModelConfig
 from engine.fp8_checkpoint import (
     KV_SCALE_NAMES,
@@ -31,38 +32,7 @@ from engine.fp8_linear import Fp8Linear
 from engine.model import CausalLM
 from engine.model_arch import ModelArch
 
-# checkpoint name pattern -> (our name, shard) ; shard None = whole tensor
-WEIGHT_MAP: dict[str, tuple[str, str | None]] = {
-    r"model\.embed_tokens\.weight": ("embed_tokens.weight", None),
-    r"model\.norm\.weight": ("norm.weight", None),
-    r"lm_head\.weight": ("lm_head.weight", None),
-    r"model\.layers\.(\d+)\.input_layernorm\.weight": ("layers.{}.input_norm.weight", None),
-    r"model\.layers\.(\d+)\.post_attention_layernorm\.weight":
-        ("layers.{}.post_attn_norm.weight", None),
-    r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)": ("layers.{}.qkv_proj.{}", "q"),
-    r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)": ("layers.{}.qkv_proj.{}", "k"),
-    r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)": ("layers.{}.qkv_proj.{}", "v"),
-    r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight": ("layers.{}.o_proj.weight", None),
-    r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight": ("layers.{}.gate_up_proj.weight", "gate"),
-    r"model\.layers\.(\d+)\.mlp\.up_proj\.weight": ("layers.{}.gate_up_proj.weight", "up"),
-    r"model\.layers\.(\d+)\.mlp\.down_proj\.weight": ("layers.{}.down_proj.weight", None),
-}
-_COMPILED = [(re.compile(p + "$"), target) for p, target in WEIGHT_MAP.items()]
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def shard_rows(arch: ModelArch, shard: str) -> slice:
-    q, kv, inter = arch.q_size, arch.kv_size, arch.intermediate_size
-    return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv),
-            "gate": slice(0, inter), "up": slice(inter, 2 * inter)}[shard]
-
-
-def map_name(name: str) -> tuple[str, str | None] | None:
-    for pattern, (target, shard) in _COMPILED:
-        m = pattern.match(name)
-        if m:
-            return target.format(*m.groups()), shard
-    return None
 
 
 @contextmanager
