@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
+from engine.checkpoint_names import LAYER_LINEARS
 from engine.fp8_linear import quantize_weight
 
-_PROJ = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-                   r"\.weight$")
+# the decoder layer's linear weights: what an fp8 checkpoint stores in fp8
+_PROJ = re.compile(r"model\.layers\.\d+\.(" + "|".join(
+    re.escape(ckpt) for parts in LAYER_LINEARS.values() for ckpt, _ in parts) + r")\.weight$")
 STRATEGIES = ("channel", "tensor")
 
 
