@@ -20,7 +20,7 @@ from engine.checkpoint_names import map_name, shard_rows
 from engine.config import ModelConfig
 from engine.fp8_checkpoint import (
     KV_SCALE_NAMES,
-    Fp8Scheme,
+    QUANTIZE_AT_LOAD,
     check_fp8_dtype,
     fp8_module_names,
     fp8_scheme,
@@ -58,7 +58,7 @@ def load_model(cfg: ModelConfig, arch: ModelArch, max_positions: int) -> CausalL
         # Random weights, quantized like bf16 ones (a pre-quantized config.json included).
         init_dummy_weights(model, cfg.seed)
         if scheme is not None:
-            swap_fp8_modules(model, fp8_names, Fp8Scheme(False, False))
+            swap_fp8_modules(model, fp8_names, QUANTIZE_AT_LOAD)
     elif scheme is not None and scheme.prequantized:
         swap_fp8_modules(model, fp8_names, scheme)
         load_safetensors(model, Path(cfg.path), arch)

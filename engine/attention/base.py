@@ -17,12 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.fp8_linear import FP8 as FP8_KV
+from engine.fp8_linear import FP8_MAX
+
 # fp8 KV pages (engine.kv_cache_dtype fp8_e4m3) hold K and V as they are, scale 1.0: what vLLM
 # and SGLang use without calibrated scales. e4m3's range (+-448) holds K and V of the Llama
 # family; writes clamp to it (float8_e4m3fn has no inf) and reads upcast (docs/fp8.md).
+# The dtype and its range are fp8 weights' own (engine/fp8_linear.py).
 KV_FP8_SCALE = 1.0
-FP8_KV = torch.float8_e4m3fn
-_FP8_MAX = torch.finfo(FP8_KV).max
 
 
 @dataclass
@@ -172,7 +174,7 @@ def to_kv_dtype(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
     without k_scale / v_scale, which is the same 1.0 (flashinfer_backend.py)."""
     if kv_dtype != FP8_KV:
         return x.to(kv_dtype)
-    return x.clamp(-_FP8_MAX, _FP8_MAX).to(FP8_KV)
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_KV)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
