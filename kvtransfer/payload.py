@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from engine.attention.base import as_bytes
+
 
 @dataclass
 class KVPayload:
@@ -28,9 +30,8 @@ class KVPayload:
         # Plain pickling (Ray, Serve responses) cannot rebuild a float8 tensor's storage: the
         # bytes travel as uint8, and __setstate__ views them back as the named dtype.
         state = dict(self.__dict__)
-        if self.data.dtype.itemsize == 1 and self.data.dtype != torch.uint8 \
-                and self.data.device.type != "meta":
-            state["data"] = self.data.view(torch.uint8)
+        if self.data.device.type != "meta":
+            state["data"] = as_bytes(self.data)
         return state
 
     def __setstate__(self, state: dict) -> None:
