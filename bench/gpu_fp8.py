@@ -120,7 +120,9 @@ def _llm(**kw):
     return LLM(llama3_8b_dir(), **{**base, **kw})
 
 
-def _prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
+def prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
+    """Teacher-forced logits [n, vocab] of one prompt, through the engine's model and attention
+    backend, its KV in the pool's first pages (also tests/test_fp8.py's, on CPU)."""
     from engine.attention.metadata import build_metadata
 
     e = llm.engine
@@ -130,7 +132,7 @@ def _prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
         ids = torch.tensor(prompt, device=e.device)
         hidden = e.model(ids, torch.arange(len(prompt), device=e.device), e.pool.layers,
                          e.runner.backend.plan(meta))
-        return e.model.logits(hidden).log_softmax(-1)  # [n, vocab] float32
+        return e.model.logits(hidden)
 
 
 def bench_accuracy() -> None:
@@ -141,7 +143,7 @@ def bench_accuracy() -> None:
     print(f"{'variant':>18} {'KL mean':>9} {'KL p99':>9} {'top-1 agree':>12}")
     for name, kw in VARIANTS.items():
         llm = _llm(num_pages=64, max_model_len=1024, **kw)
-        logp = torch.cat([_prompt_logits(llm, p) for p in prompts])
+        logp = torch.cat([prompt_logits(llm, p).log_softmax(-1) for p in prompts])
         del llm
         gc.collect()
         torch.cuda.empty_cache()

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bench.gpu_fp8 import prompt_logits
 from engine import fp8_linear
-from engine.attention.metadata import build_metadata
 from engine.config import ModelConfig
 from engine.fp8_checkpoint import checkpoint_scheme
 from engine.fp8_linear import FP8, FP8_MAX, Fp8Linear, quantize_rows, quantize_weight
@@ -34,17 +34,6 @@ FP8_GEMM_REL_ERR = 0.06
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def prompt_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    """Teacher-forced logits [n, vocab] of one prompt, through the engine's model and backend."""
-    e = llm.engine
-    ps = e.cfg.page_size
-    meta = build_metadata([list(range(-(-len(prompt) // ps)))], [0], [len(prompt)], ps, e.device)
-    with torch.inference_mode():
-        hidden = e.model(torch.tensor(prompt), torch.arange(len(prompt)), e.pool.layers,
-                         e.runner.backend.plan(meta))
-        return e.model.logits(hidden)
 
 
 def agreement(ref: LLM, other: LLM, prompts: list[list[int]]) -> tuple[float, float]:
