@@ -42,11 +42,15 @@ def test_a_sink_gets_one_batch_per_step_and_streams_yield_only_the_end(tiny_llam
     async def main():
         engine = AsyncEngine(llm.engine)
         sink = RecordingSink()
-        gate = threading.Event()  # holds the step thread until both requests are submitted
-        engine.run_soon(lambda: gate.wait(60))
+        # The step thread is held inside an action while both requests are submitted, so it
+        # takes both adds in one round (a timed wait raced with its wake-up and let the first
+        # add run a step alone on a loaded machine).
+        held, gate = threading.Event(), threading.Event()
+        engine.run_soon(lambda: (held.set(), gate.wait(60)))
+        await asyncio.to_thread(held.wait, 60)  # a hang guard, not a speed bound
         tasks = [asyncio.create_task(_collect(engine.generate(p, GREEDY, f"r{i}", sink=sink)))
                  for i, p in enumerate(prompts)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # each task runs to its first await: both adds are submitted
         gate.set()
         streams = await asyncio.gather(*tasks)
         engine.close()
