@@ -58,9 +58,11 @@ async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int]
     call.add_done_callback(ended)
     finished = False
     coalescing.open += 1
+    idle = IdleTimer(queue, timeout_s)
     try:
         while not finished:
-            out = await _next(queue, timeout_s)
+            out = await _next(queue)
+            idle.touch()
             if coalescing.active:
                 while not queue.empty() and not out.finished:
                     more = _output(queue.get_nowait())
@@ -70,6 +72,7 @@ async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int]
             if not finished and coalescing.active:
                 await asyncio.sleep(coalescing.interval_s)
     finally:
+        idle.cancel()
         coalescing.open -= 1
         reader.close(request_id)
         if not finished:
@@ -78,24 +81,44 @@ async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int]
             call.cancel()
 
 
-async def _next(queue: asyncio.Queue, timeout_s: float) -> RequestOutput:
-    """The next output; the call's error if it ended in one before its outputs did. One
-    timer per wait, no task: this runs for every token of every stream."""
-    if queue.empty():
-        try:
-            async with asyncio.timeout(timeout_s):
-                item = await queue.get()
-        except TimeoutError:
-            raise TimeoutError(f"no output from the serving replica for {timeout_s:.0f} s"
-                               ) from None
-    else:
-        item = queue.get_nowait()
-    return _output(item)
+async def _next(queue: asyncio.Queue) -> RequestOutput:
+    """The next output; the call's error if it ended in one before its outputs did, or the
+    idle timer's TimeoutError."""
+    return _output(queue.get_nowait() if not queue.empty() else await queue.get())
+
+
+class IdleTimer:
+    """Queues a TimeoutError on `queue` once the stream has been idle for `timeout_s`: nothing
+    taken from the queue and nothing waiting in it. One timer per stream, re-armed only when it
+    fires; a stream marks progress with `touch()`, one clock read. (An `asyncio.timeout` around
+    every wait cost ~10 us per token on a 2-core machine, a tenth of the ingress's own work.)"""
+
+    def __init__(self, queue: asyncio.Queue, timeout_s: float) -> None:
+        self.queue, self.timeout_s = queue, timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self._handle = self.loop.call_at(self.last + timeout_s, self.fire)
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def fire(self) -> None:
+        now = self.loop.time()
+        if not self.queue.empty():  # outputs arrived and wait for a slow client: not idle
+            self.last = now
+        if now < self.last + self.timeout_s:
+            self._handle = self.loop.call_at(self.last + self.timeout_s, self.fire)
+            return
+        self.queue.put_nowait(TimeoutError(
+            f"no output from the serving replica for {self.timeout_s:.0f} s"))
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _output(item: object) -> RequestOutput:
     if isinstance(item, _CallEnded):
         item.call.result()  # raises the replica's error
-    if isinstance(item, BaseException):  # the mailbox was lost (Fanout.fail)
+    if isinstance(item, BaseException):  # the mailbox was lost (Fanout.fail), or idle
         raise item
     return item  # type: ignore[return-value]

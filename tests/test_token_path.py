@@ -240,3 +240,36 @@ def test_outputs_cross_the_wire_as_tuples_and_come_back_equal():
     wire = out.to_wire()
     assert type(wire) is tuple and wire[0] == "r"
     assert RequestOutput.from_wire(pickle.loads(pickle.dumps(wire))) == out
+
+
+@pytest.mark.anyio
+async def test_a_mailbox_stream_idle_for_its_timeout_raises_and_cancels_its_call():
+    from api.mailbox_call import mailbox_call
+
+    handle, reader = FakeDeployment(), FakeReader()
+    stream = mailbox_call(handle, reader, [1], GREEDY, "idle", timeout_s=0.05)
+    with pytest.raises(TimeoutError, match="no output from the serving replica"):
+        await anext(stream)
+    assert handle.responses[0].cancelled and "idle" not in reader.queues
+
+
+@pytest.mark.anyio
+async def test_the_idle_timer_counts_from_the_last_progress_and_spares_a_slow_consumer():
+    """Driven by hand (`fire` at chosen `last` values), so no wall-clock bound is asserted."""
+    from api.mailbox_call import IdleTimer
+
+    queue: asyncio.Queue = asyncio.Queue()
+    timer = IdleTimer(queue, timeout_s=60)
+    now = timer.loop.time()
+    timer.last = now - 59  # progress 59 s ago: re-armed for the remaining second
+    timer.fire()
+    assert queue.empty() and timer._handle.when() == pytest.approx(now + 1, abs=0.5)
+    timer.last = now - 61
+    queue.put_nowait("an output the consumer has not taken yet")
+    timer.fire()  # waiting outputs count as progress: the replica is not idle
+    assert queue.qsize() == 1 and timer.last >= now
+    queue.get_nowait()
+    timer.last = now - 61
+    timer.fire()
+    assert isinstance(queue.get_nowait(), TimeoutError)
+    timer.cancel()
