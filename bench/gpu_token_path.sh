@@ -1,8 +1,9 @@
 # The token-path runs (docs/benchmarks.md, 2026-12-01): the Serve workload through the engine
 # alone, then through Serve with the committed GPU configs and an ingress-count variant.
 # On the GPU machine:  bash bench/device_run.sh bash bench/gpu_token_path.sh [NAME ...]
-# NAMEs (default: offline pd colo pd_ing2): offline, pd (1P1D cuda_ipc), colo (colocated),
-# pd_ing2 / colo_ing2 (two ingress replicas), pd_c50 / colo_c50 (stream_interval_ms: 50),
+# NAMEs (default: offline pd colo): offline, pd (1P1D cuda_ipc), colo (colocated); the configs
+# run two ingress replicas: pd_ing1 / colo_ing1 (one), pd_ing3 / colo_ing3 (three);
+# pd_c50 / colo_c50 (stream_interval_ms: 50),
 # pd_gil1 / colo_gil1 (the replicas' GIL switch interval at 1 ms: PDSERVE_GIL_SWITCH_MS),
 # pd_noov / colo_noov (engine.overlap_scheduling: off), pd_proxy / colo_proxy (Serve's Python
 # proxy instead of the HAProxy ingress: Ray is restarted without it, then with it again),
@@ -15,9 +16,10 @@ import sys, yaml
 for src, name in zip(sys.argv[1:], ("", "colo_")):
     cfg = yaml.safe_load(open(src))
     args = cfg["applications"][0]["args"]
+    for n in (1, 3):
+        args["ingress"]["num_replicas"] = n
+        yaml.safe_dump(cfg, open(f"/tmp/{name}ing{n}.yaml", "w"))
     args["ingress"]["num_replicas"] = 2
-    yaml.safe_dump(cfg, open(f"/tmp/{name}ing2.yaml", "w"))
-    args["ingress"]["num_replicas"] = 1
     args["stream_interval_ms"] = 50
     yaml.safe_dump(cfg, open(f"/tmp/{name}c50.yaml", "w"))
     args.pop("stream_interval_ms")
@@ -35,14 +37,14 @@ restart_ray() {  # $1: RAY_SERVE_ENABLE_HA_PROXY for the new Ray instance (as in
   RAY_SERVE_ENABLE_HA_PROXY=$1 ray start --head --num-gpus=$(nvidia-smi -L | wc -l) \
     --include-dashboard=false --disable-usage-stats > /dev/null
 }
-for name in "${@:-offline pd colo pd_ing2}"; do
+for name in "${@:-offline pd colo}"; do
   for n in $name; do
     case $n in
       offline) timeout 240 python -m bench.gpu_offline --budgets 8192 2>&1 | tail -6 ;;
       pd) bash bench/gpu_serve_runs.sh pd:$C ;;
       colo) bash bench/gpu_serve_runs.sh colo:$K ;;
-      pd_ing2) bash bench/gpu_serve_runs.sh pd_ing2:/tmp/ing2.yaml ;;
-      colo_ing2) bash bench/gpu_serve_runs.sh colo_ing2:/tmp/colo_ing2.yaml ;;
+      pd_ing1 | pd_ing3) bash bench/gpu_serve_runs.sh $n:/tmp/${n#pd_}.yaml ;;
+      colo_ing1 | colo_ing3) bash bench/gpu_serve_runs.sh $n:/tmp/colo_${n#colo_}.yaml ;;
       pd_c50) bash bench/gpu_serve_runs.sh pd_c50:/tmp/c50.yaml ;;
       colo_c50) bash bench/gpu_serve_runs.sh colo_c50:/tmp/colo_c50.yaml ;;
       pd_gil1) bash bench/gpu_serve_runs.sh pd_gil1:/tmp/gil1.yaml ;;
