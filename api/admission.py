@@ -5,7 +5,7 @@ Two gates, both passed before anything reaches a serving replica:
 - `max_concurrent_requests`: generation requests (HTTP requests, as TGI counts them) past the
   limit are refused at once, before their body is even read (`AdmissionGate`, a plain ASGI
   middleware): a burst is answered at the cost of a header check, not of parsing and
-  tokenizing. The slot is held until the response has been sent, stream included. Behind
+  tokenizing. The slot is held until the response's last bytes, stream included. Behind
   Serve the limit is cluster-wide: every ingress replica takes its slots from one ledger
   (`shared`, serving/admission_ledger.py: one message per request, none per token); without
   one (tests, no Ray) the count is this process's.
@@ -179,7 +179,22 @@ class AdmissionGate:
         except Overloaded as e:
             await error_response(e, path)(scope, receive, send)
             return
+        left = False
+
+        async def send_last_after_leaving(message: dict) -> None:
+            # The slot goes back just before the response's last bytes, not once the app has
+            # also closed its streams: a client that sends its next request as soon as this
+            # one ends must find the slot free, on whichever ingress replica the next one
+            # lands (the release to a shared ledger is a message that is not waited for).
+            nonlocal left
+            if (message["type"] == "http.response.body" and not message.get("more_body")
+                    and not left):
+                left = True
+                self.admission.leave()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_last_after_leaving)
         finally:
-            self.admission.leave()
+            if not left:  # no complete response (an error, the client gone)
+                self.admission.leave()

@@ -270,3 +270,40 @@ async def test_unreachable_ledger_admits_a_local_share(llm: LLM) -> None:
     port.down = False
     await slots[0].renew()
     assert slots[0].ledger_up and port.ledger.counts() == {"a": 0, "b": 0}
+
+
+async def test_a_slot_is_free_before_the_last_bytes_go_out_and_freed_once() -> None:
+    """The gate gives the slot back as the response's final body message is sent, while the
+    app may still be closing its streams; an app that fails before answering frees it too."""
+    from api.admission import Admission, AdmissionGate
+
+    admission = Admission(Limits(max_concurrent_requests=1))
+    seen: list[tuple[str, int]] = []
+    cleanup = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        seen.append(("after the last send", admission.active))
+        await cleanup.wait()  # e.g. closing the generations
+
+    async def send(message: dict) -> None:
+        seen.append((message["type"], admission.active))
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": ""}
+    task = asyncio.ensure_future(AdmissionGate(app, admission)(scope, None, send))
+    while len(seen) < 4:
+        await asyncio.sleep(0)
+    assert seen == [("http.response.start", 1), ("http.response.body", 1),
+                    ("http.response.body", 0), ("after the last send", 0)]
+    cleanup.set()
+    await task
+    assert admission.active == 0
+
+    async def failing(scope, receive, send) -> None:
+        raise RuntimeError("before any answer")
+
+    with pytest.raises(RuntimeError):
+        await AdmissionGate(failing, admission)(scope, None, send)
+    assert admission.active == 0
