@@ -18,6 +18,7 @@ import json
 import os
 import re
 import resource
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-prompts", type=int, default=96)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    load = Path(args.out or "/tmp/token_path_cost_load.json").with_suffix(".load.json")
-    load.unlink(missing_ok=True)
+    load = Path(tempfile.mkdtemp()) / "load.json"  # bench.serve's own results
     before, t0, me0 = cpu_seconds(), time.monotonic(), _own_cpu()
     bench_serve.main(["--base-url", args.base_url, "--workload", "synthetic", "--input-len",
                       str(args.input_len), "--output-len", str(args.output_len),
