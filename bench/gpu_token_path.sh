@@ -13,7 +13,7 @@ set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
 import sys, yaml
-for src, name in zip(sys.argv[1:], ("", "colo_")):
+for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     cfg = yaml.safe_load(open(src))
     args = cfg["applications"][0]["args"]
     for n in (1, 3):
@@ -43,21 +43,15 @@ for name in "${@:-offline pd colo}"; do
       offline) timeout 240 python -m bench.gpu_offline --budgets 8192 2>&1 | tail -6 ;;
       pd) bash bench/gpu_serve_runs.sh pd:$C ;;
       colo) bash bench/gpu_serve_runs.sh colo:$K ;;
-      pd_ing1 | pd_ing3) bash bench/gpu_serve_runs.sh $n:/tmp/${n#pd_}.yaml ;;
-      colo_ing1 | colo_ing3) bash bench/gpu_serve_runs.sh $n:/tmp/colo_${n#colo_}.yaml ;;
-      pd_c50) bash bench/gpu_serve_runs.sh pd_c50:/tmp/c50.yaml ;;
-      colo_c50) bash bench/gpu_serve_runs.sh colo_c50:/tmp/colo_c50.yaml ;;
-      pd_gil1) bash bench/gpu_serve_runs.sh pd_gil1:/tmp/gil1.yaml ;;
-      colo_gil1) bash bench/gpu_serve_runs.sh colo_gil1:/tmp/colo_gil1.yaml ;;
-      pd_main) bash bench/gpu_serve_runs.sh pd_main:/tmp/main.yaml ;;
-      colo_main) bash bench/gpu_serve_runs.sh colo_main:/tmp/colo_main.yaml ;;
-      pd_noov) bash bench/gpu_serve_runs.sh pd_noov:/tmp/noov.yaml ;;
-      colo_noov) bash bench/gpu_serve_runs.sh colo_noov:/tmp/colo_noov.yaml ;;
       pd_proxy | colo_proxy)
         restart_ray 0
         if [ $n = pd_proxy ]; then cfg=$C; else cfg=$K; fi
         RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
+      pd_* | colo_*)  # a variant the script wrote above
+        if [ -f /tmp/$n.yaml ]; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
+        else echo "unknown name $n"; fi ;;
+      *) echo "unknown name $n" ;;
     esac
   done
 done
