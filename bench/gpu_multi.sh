@@ -16,8 +16,7 @@ OUT=${OUT:-/tmp/gpu_multi}
 mkdir -p "$OUT"
 if [ "${DRY:-0}" = 1 ]; then
   N=${GPUS:-2}
-  BASES=(--base-pd configs/tiny.yaml --base-colo configs/tiny-colocated.yaml --transport gloo
-         --slo-ttft-ms 2000 --slo-tpot-ms 200)
+  BASES=(--base-pd configs/tiny.yaml --base-colo configs/tiny-colocated.yaml --transport gloo)
   SLO=(--slo-ttft-ms 2000 --slo-tpot-ms 200)
   LONG=(--workload long-prompt --input-len fixed:256 --output-len fixed:16)
   CHAT=(--workload synthetic --input-len fixed:64 --output-len fixed:32)
@@ -33,7 +32,8 @@ else
 fi
 if [ "$N" -ge 4 ]; then DEFAULT_LAYOUTS="colo:4 1:3 2:2 3:1 auto:4"; else DEFAULT_LAYOUTS="colo:2 1:1"; fi
 LAYOUTS=${LAYOUTS:-$DEFAULT_LAYOUTS}
-python -m bench.gpu_layouts "${BASES[@]}" --out-dir "$OUT/configs" $LAYOUTS || exit 1
+# The SLO that auto:N scales to is the one the sweep judges by.
+python -m bench.gpu_layouts "${BASES[@]}" "${SLO[@]}" --out-dir "$OUT/configs" $LAYOUTS || exit 1
 configs=(); labels=()
 for layout in $LAYOUTS; do
   name=$(python -c "from bench.gpu_layouts import Layout; print(Layout.parse('$layout').name)")
