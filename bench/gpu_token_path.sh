@@ -8,7 +8,10 @@
 # pd_noov / colo_noov (engine.overlap_scheduling: off), pd_proxy / colo_proxy (Serve's Python
 # proxy instead of the HAProxy ingress: Ray is restarted without it, then with it again),
 # pd_main / colo_main (the replicas run user code on Serve's own event loop:
-# RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, so an SSE event crosses no thread).
+# RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, so an SSE event crosses no thread),
+# pd_mps (1P1D with CUDA MPS: the two replicas' kernels run side by side on the GPU instead of
+# in turns; Ray is restarted under an MPS control daemon, then without it again), pd_mps_p60
+# (the same, the prefill replica held to 60% of the SMs: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE).
 set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
@@ -31,11 +34,33 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     cfg["applications"][0].pop("runtime_env")
     args["engine"]["overlap_scheduling"] = "off"
     yaml.safe_dump(cfg, open(f"/tmp/{name}noov.yaml", "w"))
+    args["engine"].pop("overlap_scheduling")
+    if name == "pd_":
+        yaml.safe_dump(cfg, open("/tmp/pd_mps.yaml", "w"))
+        env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60"}
+        args["prefill"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+        yaml.safe_dump(cfg, open("/tmp/pd_mps_p60.yaml", "w"))
 PY
 restart_ray() {  # $1: RAY_SERVE_ENABLE_HA_PROXY for the new Ray instance (as in device_run.sh)
   ray stop > /dev/null 2>&1
   RAY_SERVE_ENABLE_HA_PROXY=$1 ray start --head --num-gpus=$(nvidia-smi -L | wc -l) \
     --include-dashboard=false --disable-usage-stats > /dev/null
+}
+mps() {  # $1: on / off. Clients find the daemon through CUDA_MPS_PIPE_DIRECTORY (inherited
+  # from `ray start` by every worker), so Ray restarts around it.
+  ray stop > /dev/null 2>&1
+  if [ $1 = on ]; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    nvidia-cuda-mps-control -d && echo "MPS control daemon started"
+    timeout 60 python -c "import torch; torch.zeros(1, device='cuda'); print('CUDA under MPS: ok')" \
+      || { echo "CUDA under MPS failed"; echo quit | nvidia-cuda-mps-control; return 1; }
+  else
+    echo get_server_list | nvidia-cuda-mps-control | sed 's/^/MPS servers: /'
+    echo quit | nvidia-cuda-mps-control; sleep 1
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+  restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}"
 }
 for name in "${@:-offline pd colo}"; do
   for n in $name; do
@@ -48,6 +73,14 @@ for name in "${@:-offline pd colo}"; do
         if [ $n = pd_proxy ]; then cfg=$C; else cfg=$K; fi
         RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
+      pd_mps | pd_mps_p60)
+        if mps on; then
+          bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
+          echo "MPS clients so far: $(grep -c 'New client' /tmp/mps-log/control.log)"
+          mps off
+        else
+          unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+        fi ;;
       pd_* | colo_*)  # a variant the script wrote above
         if [ -f /tmp/$n.yaml ]; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
         else echo "unknown name $n"; fi ;;
