@@ -1,11 +1,13 @@
 """What admitting `cuda_ipc` KV costs the decode replica's step thread, phase by phase.
 
-    python -m bench.gpu_ipc_admit [--prompt-len 512] [--count 64]
+    python -m bench.gpu_ipc_admit [--prompt-len 512] [--count 64] [--busy-ms 8]
 
 A sender process (as the prefill replica) exports prompts' pages the way `CudaIpcTransport.send`
 does; this process (as the decode replica) maps each handle (`receive`), scatters the pages
 into a KV pool (`KVPool.write_pages`, what `Engine.admit_prefilled` runs between two steps) and
 drops the mapped tensor. Prints the mean host time of each phase, the Llama-3-8B KV shape.
+`--busy-ms` queues a GPU kernel of about that long before each admit, as the decode step in
+flight is with overlapped scheduling: a phase that waits for the GPU then takes that long.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.multiprocessing as mp
+
+from engine.host_copy import index_tensor
 
 LAYERS, PAGE, HKV, D = 32, 16, 8, 128
 
@@ -32,10 +36,22 @@ def sender(q_out, q_back, num_pages: int, count: int) -> None:
         q_back.get()  # the receiver is done with it: next
 
 
+def _cycles_per_ms() -> float:
+    """How many `torch.cuda._sleep` cycles last a millisecond on this GPU (measured)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # warm-up
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--count", type=int, default=64)
+    ap.add_argument("--busy-ms", type=float, default=0.0)
     args = ap.parse_args(argv)
     num_pages = -(-args.prompt_len // PAGE)
     ctx = mp.get_context("spawn")
@@ -46,13 +62,16 @@ def main(argv: list[str] | None = None) -> None:
               for _ in range(LAYERS)]
     phases = {"map (pickle.loads)": 0.0, "index tensor": 0.0, "scatter launches": 0.0,
               "drop mapped tensor": 0.0, "GPU drain": 0.0}
+    cycles = int(args.busy_ms * _cycles_per_ms()) if args.busy_ms else 0
     for i in range(args.count):
         blob = q_out.get()
+        if cycles:
+            torch.cuda._sleep(cycles)
         t0 = time.perf_counter()
         data = pickle.loads(blob)
         t1 = time.perf_counter()
         pages = list(range(100 + i % 8 * num_pages, 100 + i % 8 * num_pages + num_pages))
-        idx = torch.tensor(pages, dtype=torch.long, device="cuda")
+        idx = index_tensor(pages, torch.device("cuda"))  # as KVPool.write_pages makes it
         t2 = time.perf_counter()
         for layer, src in zip(layers, data):
             layer.index_copy_(0, idx, src)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.base import as_bytes
+from engine.host_copy import index_tensor
 from engine.model_arch import ModelArch
 
 
@@ -39,7 +40,7 @@ class KVPool:
 
     def read_pages(self, pages: list[int]) -> torch.Tensor:
         """[num_layers, len(pages), 2, page_size, Hkv, D] copy of the given pages."""
-        idx = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
+        idx = index_tensor(pages, self.kv.device)
         return as_bytes(self.kv).index_select(1, idx).view(self.dtype)
 
     def write_pages(self, pages: list[int], data: torch.Tensor) -> None:
@@ -48,6 +49,6 @@ class KVPool:
                 or tuple(data.shape[2:]) != tuple(self.layers[0].shape[1:]):
             raise ValueError(f"KV payload shape {tuple(data.shape)} does not fit pool pages "
                              f"{tuple(self.layers[0].shape[1:])} x {len(self.layers)} layers")
-        idx = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
+        idx = index_tensor(pages, self.kv.device)
         src = data.to(self.kv.device, self.dtype, non_blocking=True)
         as_bytes(self.kv).index_copy_(1, idx, as_bytes(src))  # fp8 pages move as bytes

@@ -20,6 +20,7 @@ import time
 import torch
 
 from engine.attention.base import as_bytes
+from engine.host_copy import index_tensor
 
 
 class KVStreamFailed(RuntimeError):
@@ -119,7 +120,7 @@ class LayerExporter:
             pages = r.block_table[s.first_block:s.first_block + s.num_pages]
             if s.data is None:
                 s.allocate(pool.export_shape(s.num_pages), pool.dtype, device)
-            items.append((s, torch.tensor(pages, dtype=torch.long).to(device, non_blocking=True)))
+            items.append((s, index_tensor(pages, device)))
         return LayerExporter(items, pool.layers) if items else None
 
     def on_layer(self, layer: int) -> None:

@@ -18,13 +18,14 @@ from engine.attention.cascade import plan_cascade
 from engine.attention.metadata import build_metadata
 from engine.block_table import BlockTableMirror
 from engine.config import EngineConfig
+from engine.host_copy import to_device_async
 from engine.kv_pool import KVPool
 from engine.kv_stream import LayerExporter
 from engine.model import CausalLM
 from engine.outputs import TokenLogprob
 from engine.prompt_logprobs import PromptLogprobs
 from engine.request import Request
-from engine.sampler import PendingSample, Sampler, to_device_async
+from engine.sampler import PendingSample, Sampler
 from engine.scheduler import ModelOutput, ScheduledBatch
 
 

@@ -22,11 +22,12 @@ import torch
 
 from engine.attention.base import AttentionBackend
 from engine.attention.metadata import build_metadata
+from engine.host_copy import to_device_async
 from engine.kv_pool import KVPool
 from engine.model import CausalLM
 from engine.outputs import TokenLogprob
 from engine.request import Request
-from engine.sampler import pack_logprobs, to_device_async, unpack_logprobs
+from engine.sampler import pack_logprobs, unpack_logprobs
 
 # Rows scored at once: bounds the [rows, vocab] float32 logits (1024 x 128K vocab = 512 MB).
 _CHUNK = 1024

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.host_copy import to_device_async
 from engine.outputs import TokenLogprob
 from engine.request import Request
 
@@ -47,14 +48,6 @@ def _mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
-
-
-def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`; on CUDA through pinned memory, so the copy is queued on
-    the stream instead of making the host wait for the kernels queued before it."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def seeded_uniform(seed: int, step: int) -> float:

@@ -262,7 +262,8 @@ class FlashInferBackend(AttentionBackend):
                        _host_i32(own.kv_last_page_len), *heads, causal=True, uniform_q_len=1,
                        **self._plan_args())
         mask = g.merge_mask[:batch_size]
-        mask.copy_(torch.tensor(merge_mask(meta, batch_size), dtype=torch.uint8),
+        # from pinned memory: from pageable memory the copy would wait for the step in flight
+        mask.copy_(torch.tensor(merge_mask(meta, batch_size), dtype=torch.uint8).pin_memory(),
                    non_blocking=True)
         return GraphCascadePlan(meta, write, graph, mask)
 
