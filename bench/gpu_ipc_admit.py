@@ -2,12 +2,16 @@
 
     python -m bench.gpu_ipc_admit [--prompt-len 512] [--count 64] [--busy-ms 8]
 
-A sender process (as the prefill replica) exports prompts' pages the way `CudaIpcTransport.send`
-does; this process (as the decode replica) maps each handle (`receive`), scatters the pages
-into a KV pool (`KVPool.write_pages`, what `Engine.admit_prefilled` runs between two steps) and
-drops the mapped tensor. Prints the mean host time of each phase, the Llama-3-8B KV shape.
+A sender process (as the prefill replica) exports prompts' pages with `CudaIpcTransport.send`;
+this process (as the decode replica) receives each one and scatters the pages into a KV pool,
+as `Engine.admit_prefilled` does between two steps, then drops the payload. Two receive paths:
+- `mapped` (what the transport did before 2026-12-02): the handle is mapped on the event loop
+  and the step thread scatters from, then releases, the sender's memory;
+- `copied` (`CudaIpcTransport.receive`): a worker thread maps it, copies it on a stream of its
+  own and releases the mapping; the step thread scatters from the copy.
 `--busy-ms` queues a GPU kernel of about that long before each admit, as the decode step in
-flight is with overlapped scheduling: a phase that waits for the GPU then takes that long.
+flight is with overlapped scheduling: a step-thread phase that waits for the GPU then takes
+about that long. Prints the mean host time of each phase, the Llama-3-8B KV shape.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from __future__ import annotations
 import argparse
 import pickle
 import time
-from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.multiprocessing as mp
 
 from engine.host_copy import index_tensor
+from kvtransfer.cuda_ipc import CudaIpcTransport
+from kvtransfer.payload import KVPayload
 
 LAYERS, PAGE, HKV, D = 32, 16, 8, 128
 
@@ -29,10 +34,10 @@ def sender(q_out, q_back, num_pages: int, count: int) -> None:
     pool = torch.randn(LAYERS, 4 * num_pages, 2, PAGE, HKV, D, device="cuda",
                        dtype=torch.bfloat16)
     idx = torch.arange(num_pages, device="cuda")
+    transport = CudaIpcTransport()
     for _ in range(count):
         data = pool.index_select(1, idx)  # a fresh export, as read_pages makes
-        torch.cuda.ipc_collect()
-        q_out.put(bytes(ForkingPickler.dumps(data)))
+        q_out.put(transport.send(KVPayload.from_tensor(data, PAGE, 0, [], "bench")))
         q_back.get()  # the receiver is done with it: next
 
 
@@ -47,49 +52,58 @@ def _cycles_per_ms() -> float:
     return 10_000_000 / start.elapsed_time(end)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--count", type=int, default=64)
-    ap.add_argument("--busy-ms", type=float, default=0.0)
-    args = ap.parse_args(argv)
-    num_pages = -(-args.prompt_len // PAGE)
+def run(path: str, prompt_len: int, count: int, busy_ms: float) -> None:
+    num_pages = -(-prompt_len // PAGE)
     ctx = mp.get_context("spawn")
     q_out, q_back = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=sender, args=(q_out, q_back, num_pages, args.count))
+    proc = ctx.Process(target=sender, args=(q_out, q_back, num_pages, count))
     proc.start()
-    layers = [torch.zeros(2048, 2, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
-              for _ in range(LAYERS)]
-    phases = {"map (pickle.loads)": 0.0, "index tensor": 0.0, "scatter launches": 0.0,
-              "drop mapped tensor": 0.0, "GPU drain": 0.0}
-    cycles = int(args.busy_ms * _cycles_per_ms()) if args.busy_ms else 0
-    for i in range(args.count):
+    pool = torch.zeros(LAYERS, 2048, 2, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
+    transport, device = CudaIpcTransport(), torch.device("cuda", torch.cuda.current_device())
+    cycles = int(busy_ms * _cycles_per_ms()) if busy_ms else 0
+    names = ("receive (off the step thread)", "step: index tensor", "step: scatter launch",
+             "step: drop payload", "GPU drain")
+    phases = dict.fromkeys(names, 0.0)
+    for i in range(count):
         blob = q_out.get()
         if cycles:
             torch.cuda._sleep(cycles)
         t0 = time.perf_counter()
-        data = pickle.loads(blob)
+        payload = pickle.loads(blob) if path == "mapped" else transport.take(blob, device)
         t1 = time.perf_counter()
         pages = list(range(100 + i % 8 * num_pages, 100 + i % 8 * num_pages + num_pages))
-        idx = index_tensor(pages, torch.device("cuda"))  # as KVPool.write_pages makes it
+        idx = index_tensor(pages, device)  # as KVPool.write_pages makes it
         t2 = time.perf_counter()
-        for layer, src in zip(layers, data):
-            layer.index_copy_(0, idx, src)
+        pool.index_copy_(1, idx, payload.data)
+        if path == "copied":  # the copy came from the transport's stream (KVPool does this)
+            payload.data.record_stream(torch.cuda.current_stream())
         t3 = time.perf_counter()
-        del data, src
+        del payload
         t4 = time.perf_counter()
         torch.cuda.synchronize()
         t5 = time.perf_counter()
         q_back.put(None)
         if i >= 4:  # warm-up
-            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            for name, dt in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 phases[name] += dt
     proc.join()
-    n = args.count - 4
-    print(f"cuda_ipc admit of a {args.prompt_len}-token prompt ({num_pages} pages, "
-          f"{num_pages * LAYERS * 2 * PAGE * HKV * D * 2 / 2**20:.0f} MiB), mean of {n}:")
+    n = count - 4
+    print(f"cuda_ipc admit, {path}, of a {prompt_len}-token prompt ({num_pages} pages, "
+          f"{num_pages * LAYERS * 2 * PAGE * HKV * D * 2 / 2**20:.0f} MiB), GPU busy "
+          f"{busy_ms:g} ms before each, mean of {n}:")
     for name, total in phases.items():
-        print(f"  {name:22s} {1e3 * total / n:7.3f} ms")
+        print(f"  {name:30s} {1e3 * total / n:7.3f} ms")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--count", type=int, default=64)
+    ap.add_argument("--busy-ms", type=float, default=0.0)
+    ap.add_argument("--paths", default="mapped,copied")
+    args = ap.parse_args(argv)
+    for path in args.paths.split(","):
+        run(path, args.prompt_len, args.count, args.busy_ms)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,7 @@ class KVPool:
         idx = index_tensor(pages, self.kv.device)
         src = data.to(self.kv.device, self.dtype, non_blocking=True)
         as_bytes(self.kv).index_copy_(1, idx, as_bytes(src))  # fp8 pages move as bytes
+        if src.is_cuda:
+            # A transport may have made `data` on a stream of its own (kvtransfer/cuda_ipc.py):
+            # its memory must not go back to that stream's pool before this copy has run.
+            src.record_stream(torch.cuda.current_stream(src.device))

@@ -31,8 +31,13 @@ def test_pages_cross_processes_on_device():
     proc.start()
     try:
         handle, expected = queue.get(timeout=120)
+        torch.cuda.init()
+        before = torch.cuda.memory_allocated()
         payload = asyncio.run(CudaIpcTransport().receive(handle, "cuda"))
         data = payload.data
+        # A copy of this process's own, not the mapped sender memory: the mapping is released
+        # in the receive (releasing it where the engine steps would wait for the GPU).
+        assert torch.cuda.memory_allocated() - before == data.nbytes
         assert data.is_cuda and data.dtype == torch.bfloat16
         assert tuple(data.shape) == (2, 2, 2, 16, 8, 128)
         copy = data.clone()

@@ -19,14 +19,15 @@ ARCH = ModelArch("LlamaForCausalLM", vocab_size=64, hidden_size=64, intermediate
                  rope_theta=10000.0)
 
 
-def _busy_gpu() -> None:
-    """Queues a kernel that spins for about a second (far longer than any host call here)."""
+def _busy_gpu(seconds: float = 2.0) -> None:
+    """Queues a kernel that spins for about `seconds` (far longer than any host call here)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # loads the kernel, so that the timing below is its own
     start.record()
     torch.cuda._sleep(10_000_000)
     end.record()
     end.synchronize()
-    torch.cuda._sleep(int(10_000_000 * 1000 / start.elapsed_time(end)))
+    torch.cuda._sleep(int(10_000_000 * 1000 * seconds / start.elapsed_time(end)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
@@ -34,6 +35,8 @@ def test_page_copies_do_not_wait_for_the_gpu(dtype):
     pool = KVPool(ARCH, num_pages=8, page_size=4, dtype=dtype, device="cuda")
     data = torch.randn(pool.export_shape(3), device="cuda").to(dtype)
     stream = torch.cuda.current_stream()
+    pool.write_pages([0], data[:, :1])  # first use: pinned-memory pool, kernels loaded
+    pool.read_pages([0])
     torch.cuda.synchronize()
 
     _busy_gpu()
