@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test test-unit test-e2e lint serve serve-colocated tiny-model bench clean
+.PHONY: install test test-unit test-e2e lint serve serve-colocated tiny-model bench mps-on mps-off clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,14 @@ bench: install
 	$(BIN)/python -m bench.compare configs/tiny-colocated.yaml configs/tiny.yaml \
 		--workload shared-prefix --num-prompts 64 --out docs/bench-tiny-cpu.json \
 		--plot-dir docs/img
+
+# CUDA MPS for replicas that share a GPU (README, "One GPU, prefill and decode"): on before
+# Ray starts, off after it stops.
+mps-on:
+	nvidia-cuda-mps-control -d
+
+mps-off:
+	echo quit | nvidia-cuda-mps-control
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -76,7 +76,6 @@ for name in "${@:-offline pd colo}"; do
       pd_mps | pd_mps_p60)
         if mps on; then
           bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
-          echo "MPS clients so far: $(grep -c 'New client' /tmp/mps-log/control.log)"
           mps off
         else
           unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}"

@@ -16,6 +16,7 @@ from engine.metrics import EngineStats, Metrics
 from engine.tiny_model import ensure_tiny_model
 from kvtransfer import KVTransferLost, model_fingerprint
 from serving.config import AppConfig
+from serving.gpu_sharing import warn_if_sharing_without_mps
 from serving.metrics_hub import start_pushing
 from serving.token_mailbox import Mailbox, MailboxSink, SinkSet
 
@@ -101,6 +102,7 @@ class Replica:
         self.metrics.set("pdserve_kv_integrity_ok", 1)
         self._last_audit = 0.0
         self.sinks = SinkSet(self.metrics, on_lost=self._abort_all)
+        warn_if_sharing_without_mps(model_cfg.device)
         tune_interpreter()
         self._stop_push = start_pushing(self.snapshot)
         log.info("%s replica %s ready: %d KV pages", role, self.metrics.replica,
