@@ -23,7 +23,6 @@ Without a tokenizer (dummy weights) outputs pass through unchanged: token ids, n
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,13 +41,13 @@ def detokenize_output(detok: IncrementalDetokenizer, out: RequestOutput) -> Requ
         upstream_done = out.finished and j == len(ids) - 1
         if detok.finished_by_stop and not upstream_done:
             kept = j + 1  # the tokens after the stop string's end never reach the client
-            return dataclasses.replace(
-                out, new_token_ids=ids[:kept], new_logprobs=out.new_logprobs[:kept],
+            return out.evolve(
+                new_token_ids=ids[:kept], new_logprobs=out.new_logprobs[:kept],
                 new_text="".join(parts), finished=True, finish_reason="stop",
                 num_output_tokens=out.num_output_tokens - (len(ids) - kept), kv=None)
     if out.finished:
         parts.append(detok.flush())  # '' after a stop string: nothing is held then
-    return dataclasses.replace(out, new_text="".join(parts))
+    return out.evolve(new_text="".join(parts))
 
 
 class DetokenizingClient:

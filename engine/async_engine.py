@@ -20,7 +20,6 @@ for all its requests, not one per token per request. Sinks are called on the ste
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -397,7 +396,7 @@ class AsyncEngine:
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """b follows a in the same request's stream: one output carrying both."""
-    return dataclasses.replace(
-        b, new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
+    return b.evolve(
+        new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
         new_logprobs=a.new_logprobs + b.new_logprobs,
         prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)

@@ -22,6 +22,14 @@ def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def copy_from_host(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """`dst.copy_(host)`, queued on the current stream when `dst` is on a CUDA device."""
+    if dst.is_cuda:
+        dst.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(host)
+
+
 def index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
     """`values` as an int64 tensor on `device`, without waiting for the GPU."""
     return to_device_async(torch.tensor(values, dtype=torch.long), device)

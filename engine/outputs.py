@@ -39,6 +39,18 @@ class RequestOutput:
     def from_wire(cls, values: tuple) -> RequestOutput:
         return cls(*values)
 
+    def evolve(self, **changes: object) -> RequestOutput:
+        """A copy with `changes`, as `dataclasses.replace` makes it, at a fraction of its cost
+        (no `__init__`, no walk over the fields): the API makes one per streamed token, and
+        `replace` was the largest single item of its per-token profile."""
+        if not changes.keys() <= _FIELD_NAMES:
+            unknown = sorted(changes.keys() - _FIELD_NAMES)
+            raise TypeError(f"RequestOutput has no field(s) {unknown}")
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
 
 @dataclass
 class KVExport:
@@ -49,4 +61,5 @@ class KVExport:
     block_hashes: list[int]  # chain hashes of all the prompt's full blocks
 
 
+_FIELD_NAMES = frozenset(f.name for f in fields(RequestOutput))
 _OUTPUT_FIELDS = operator.attrgetter(*(f.name for f in fields(RequestOutput)))

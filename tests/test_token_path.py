@@ -4,6 +4,7 @@ once; the ingress side fans batches out to per-request queues (serving/token_mai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 import threading
 
@@ -240,6 +241,17 @@ def test_outputs_cross_the_wire_as_tuples_and_come_back_equal():
     wire = out.to_wire()
     assert type(wire) is tuple and wire[0] == "r"
     assert RequestOutput.from_wire(pickle.loads(pickle.dumps(wire))) == out
+
+
+def test_evolve_is_dataclasses_replace_and_leaves_the_original_alone():
+    out = RequestOutput("r", [7], "", False, new_logprobs=[TokenLogprob(7, -0.5)],
+                        num_output_tokens=1)
+    new = out.evolve(new_text="hi", finished=True, finish_reason="stop")
+    assert new == dataclasses.replace(out, new_text="hi", finished=True, finish_reason="stop")
+    assert type(new) is RequestOutput and new is not out
+    assert (out.new_text, out.finished, out.finish_reason) == ("", False, None)
+    with pytest.raises(TypeError, match=r"no field\(s\) \['text'\]"):
+        out.evolve(text="hi")
 
 
 @pytest.mark.anyio

@@ -50,6 +50,7 @@ from engine.attention.flashinfer_graphs import (
     paging,
     shared_level_args,
 )
+from engine.host_copy import copy_from_host
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 HEAD_DIMS = (64, 128, 256)  # what both FlashInfer prefill kernels (FA2, FA3) instantiate
@@ -262,9 +263,7 @@ class FlashInferBackend(AttentionBackend):
                        _host_i32(own.kv_last_page_len), *heads, causal=True, uniform_q_len=1,
                        **self._plan_args())
         mask = g.merge_mask[:batch_size]
-        # from pinned memory: from pageable memory the copy would wait for the step in flight
-        mask.copy_(torch.tensor(merge_mask(meta, batch_size), dtype=torch.uint8).pin_memory(),
-                   non_blocking=True)
+        copy_from_host(mask, torch.tensor(merge_mask(meta, batch_size), dtype=torch.uint8))
         return GraphCascadePlan(meta, write, graph, mask)
 
     # -- start-up ---------------------------------------------------------------------------
