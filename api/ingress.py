@@ -38,6 +38,7 @@ from api.server import MetricsSource, build_api
 from serving.admission_ledger import replica_shared_slots
 from serving.limits import Limits
 from serving.token_mailbox import MailboxReader
+from serving.token_socket import SocketReader
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -54,7 +55,8 @@ class Ingress(GrpcService):  # + gRPC Generate / GenerateStream (api/grpc_servic
         self.handle = handle
         # Token ids only ("mailbox": one message per engine step for every stream of this
         # replica); build_api detokenizes every stream, resumed ones included.
-        reader = MailboxReader() if token_path == "mailbox" else None
+        readers = {"mailbox": MailboxReader, "socket": SocketReader}
+        reader = readers[token_path]() if token_path in readers else None
         self.client = HandleClient(handle, timeout_s=request_timeout_s, reader=reader,
                                    coalescing=Coalescing(stream_interval_ms / 1000))
         self.model_name = model_name or model_path

@@ -11,6 +11,7 @@ from engine.metrics import track_stream
 from engine.sampling_params import SamplingParams
 from serving.replica import Replica
 from serving.token_mailbox import Mailbox
+from serving.token_socket import TokenSocket
 
 
 @serve.deployment(name="colocated")
@@ -26,7 +27,7 @@ class ColocatedServer:
             yield out
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                  mailbox: Mailbox) -> None:
+                  mailbox: Mailbox | TokenSocket) -> None:
         """Generate with the outputs sent to `mailbox` (serving/token_mailbox.py)."""
         self._count(prompt_ids)
         await self.replica.run_into(mailbox, request_id, lambda sink: self.replica.engine.generate(

@@ -209,9 +209,11 @@ class AppConfig(_Strict):
     stream_interval_ms: float = Field(0.0, ge=0)
     # How tokens travel from the serving replicas to the ingress: "mailbox" sends one message
     # per engine step for all of an ingress replica's streams (serving/token_mailbox.py);
+    # "socket" the same per-step batches over a TCP connection from each serving replica to
+    # each ingress replica (serving/token_socket.py: no mailbox actor, no Ray call per step);
     # "stream" one Serve streaming message per output per request (one hop fewer: lower
     # latency for a few streams, but its cost grows with the number of streams).
-    token_path: Literal["mailbox", "stream"] = "mailbox"
+    token_path: Literal["mailbox", "socket", "stream"] = "mailbox"
     slo: SLOSection = Field(default_factory=SLOSection)
     autoscaler: AutoscalerSection = Field(default_factory=AutoscalerSection)
     routing: RoutingSection = Field(default_factory=RoutingSection)

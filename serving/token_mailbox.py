@@ -31,6 +31,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.metrics import Metrics, StreamRecorder, record_step
 from engine.outputs import RequestOutput
+from serving.token_fanout import Fanout
+from serving.token_socket import SocketSink, TokenSocket
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +78,6 @@ class Mailbox:
 
     id: str
     actor: object  # a TokenMailbox handle
-
-
-class Fanout:
-    """Per-request queues fed from batches of outputs (plain asyncio; the reader's core)."""
-
-    def __init__(self) -> None:
-        self.queues: dict[str, asyncio.Queue] = {}
-
-    def open(self, request_id: str) -> asyncio.Queue:
-        if request_id in self.queues:
-            raise ValueError(f"request id {request_id!r} is already running")
-        self.queues[request_id] = queue = asyncio.Queue()
-        return queue
-
-    def close(self, request_id: str) -> None:
-        self.queues.pop(request_id, None)
-
-    def deliver(self, outputs: list[RequestOutput]) -> None:
-        """Outputs of requests no longer open (finished, cancelled) are dropped."""
-        for out in outputs:
-            queue = self.queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
-
-    def fail(self, error: BaseException) -> None:
-        for queue in self.queues.values():
-            queue.put_nowait(error)
 
 
 class MailboxReader:
@@ -199,14 +174,17 @@ class MailboxSink:
 
 
 class SinkSet:
-    """One `MailboxSink` per mailbox that sent requests to this replica."""
+    """One sink per mailbox (or token socket) that sent requests to this replica."""
 
     def __init__(self, metrics: Metrics, on_lost: Callable[[list[str]], None]) -> None:
         self.metrics, self.on_lost = metrics, on_lost
         self.sinks: dict[str, MailboxSink] = {}
 
-    def get(self, mailbox: Mailbox) -> MailboxSink:
+    def get(self, mailbox: Mailbox | TokenSocket) -> MailboxSink | SocketSink:
+        """The sink for `mailbox`: a token mailbox actor, or an ingress's token socket
+        (`token_path: socket`, serving/token_socket.py)."""
         sink = self.sinks.get(mailbox.id)
         if sink is None or sink.lost:
-            sink = self.sinks[mailbox.id] = MailboxSink(mailbox, self.metrics, self.on_lost)
+            kind = SocketSink if isinstance(mailbox, TokenSocket) else MailboxSink
+            sink = self.sinks[mailbox.id] = kind(mailbox, self.metrics, self.on_lost)
         return sink

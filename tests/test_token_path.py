@@ -15,7 +15,7 @@ from engine.llm import LLM
 from engine.metrics import Metrics, StreamRecorder, record_step
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
-from serving.token_mailbox import Fanout
+from serving.token_fanout import Fanout
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 

@@ -1,0 +1,165 @@
+"""The token path over TCP (`token_path: socket`): each serving replica keeps one connection to
+each ingress replica it serves and writes one frame per engine step into it, carrying every
+output of that step for that ingress's streams; the ingress reads frames on its event loop and
+fans them out (the same `Fanout` as the mailbox path).
+
+Against the mailbox path (serving/token_mailbox.py) this takes the token mailbox actor and two
+Ray calls per step out of the way: a frame is one `sendall` on the serving replica's step
+thread (the GIL released while it writes) and one read on the ingress's loop. TCP keeps a
+connection's frames in order, so nothing is numbered or held back. The per-request Serve call
+stays, as with the mailbox, for routing, cancellation, errors and failover.
+
+Frames: a 4-byte big-endian length, then the step's outputs pickled as `RequestOutput.to_wire`
+tuples. A connection starts with the reader's secret (32 random bytes that only travel inside
+Ray calls, in the `TokenSocket` address); the reader drops a connection that does not, before it
+unpickles anything from it.
+
+Failure: if the write fails or stalls for SEND_TIMEOUT_S (the ingress died or stopped reading),
+the sink is lost: `on_lost(request_ids)` aborts the requests still open on it, as the mailbox
+sink does; the next request from that ingress opens a new connection. A serving replica that
+dies ends its requests' Serve calls with an error, which the ingress handles as before
+(failover, api/handle_client.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import logging
+import os
+import pickle
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.metrics import Metrics, StreamRecorder, record_step
+from engine.outputs import RequestOutput
+from serving.token_fanout import Fanout
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct("!I")  # the length of the pickled batch that follows
+SECRET_BYTES = 32
+CONNECT_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 30.0  # a frame not taken in this long: the ingress is gone or stuck
+
+
+@dataclass(frozen=True)
+class TokenSocket:
+    """The address a request carries (in place of a `Mailbox`): where its outputs go."""
+
+    id: str
+    host: str
+    port: int
+    secret: bytes = field(repr=False)
+
+
+def node_ip() -> str:
+    """This node's address as Ray knows it (reachable from the other nodes), else loopback."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - no Ray (tests): this host only
+        return "127.0.0.1"
+
+
+class SocketReader:
+    """The ingress side: a listening socket whose frames feed the open requests' queues.
+
+    The socket is bound and listening from construction (connections wait in the backlog); it
+    is served from the first `open`, on the running event loop."""
+
+    def __init__(self, host: str | None = None) -> None:
+        host = host or node_ip()
+        self._listener = socket.create_server((host, 0))
+        self._listener.setblocking(False)
+        self.mailbox = TokenSocket(uuid.uuid4().hex, host, self._listener.getsockname()[1],
+                                   os.urandom(SECRET_BYTES))
+        self.fanout = Fanout()
+        self._server: asyncio.Task | None = None
+        self.num_connections = 0
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        if self._server is None:
+            # Not in the opening request's context: its cancellation must not stop the server.
+            self._server = asyncio.get_running_loop().create_task(
+                self._serve(), context=contextvars.Context())
+        return self.fanout.open(request_id)
+
+    def close(self, request_id: str) -> None:
+        self.fanout.close(request_id)
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._connection, sock=self._listener)
+        async with server:
+            await server.serve_forever()
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        try:
+            secret = await reader.readexactly(SECRET_BYTES)
+            if not hmac.compare_digest(secret, self.mailbox.secret):
+                log.warning("token socket: a connection without the secret was dropped")
+                return
+            self.num_connections += 1
+            while True:
+                (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+                batch = pickle.loads(await reader.readexactly(size))
+                self.fanout.deliver([RequestOutput.from_wire(t) for t in batch])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the serving replica closed or died: its calls end on their own (see top)
+        finally:
+            writer.close()
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.cancel()
+        self._listener.close()
+
+
+class SocketSink:
+    """The serving replica's side for one ingress replica: an `OutputSink`
+    (engine/async_engine.py) that records each step's output timings and writes one frame per
+    step. Connects on construction (blocking, at most CONNECT_TIMEOUT_S)."""
+
+    def __init__(self, address: TokenSocket, metrics: Metrics,
+                 on_lost: Callable[[list[str]], None]) -> None:
+        self.address, self.metrics, self.on_lost = address, metrics, on_lost
+        self.pending: list[RequestOutput] = []
+        self.recorders: dict[str, StreamRecorder] = {}
+        self.lost = False
+        self._sock = socket.create_connection((address.host, address.port), CONNECT_TIMEOUT_S)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame per step
+        self._sock.settimeout(SEND_TIMEOUT_S)
+        self._sock.sendall(address.secret)
+
+    def open(self, request_id: str, start: float) -> None:
+        self.recorders[request_id] = StreamRecorder(self.metrics, start)
+
+    def close(self, request_id: str) -> None:
+        self.recorders.pop(request_id, None)
+
+    def put(self, out: RequestOutput) -> None:
+        self.pending.append(out)
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        record_step(self.metrics, self.recorders, batch, time.perf_counter())
+        if self.lost:
+            return
+        blob = pickle.dumps([out.to_wire() for out in batch], protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self._sock.sendall(FRAME.pack(len(blob)) + blob)
+        except OSError as e:  # reset, closed, or a partial frame after the timeout
+            self.lost = True
+            self._sock.close()
+            log.warning("token socket %s lost (%r); aborting its %d requests",
+                        self.address.id[:8], e, len(self.recorders))
+            self.on_lost(list(self.recorders))

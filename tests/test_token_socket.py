@@ -1,0 +1,98 @@
+"""token_path: socket (serving/token_socket.py): a serving replica's per-step frames reach the
+ingress's request queues in order; a connection without the reader's secret is dropped before
+anything is read from it; a sink whose ingress went away aborts the requests open on it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from engine.metrics import Metrics
+from engine.outputs import RequestOutput
+from serving.token_mailbox import SinkSet
+from serving.token_socket import FRAME, SECRET_BYTES, SocketReader, SocketSink, TokenSocket
+
+
+def _out(rid: str, token: int, finished: bool = False) -> RequestOutput:
+    return RequestOutput(rid, [token], "", finished, "length" if finished else None)
+
+
+@pytest.mark.anyio
+async def test_frames_reach_each_requests_queue_in_order():
+    reader = SocketReader(host="127.0.0.1")
+    qa, qb = reader.open("a"), reader.open("b")
+    lost: list[list[str]] = []
+    sink = await asyncio.to_thread(SocketSink, reader.mailbox, Metrics("decode", "r"),
+                                   lost.append)
+    try:
+        for rid in ("a", "b"):
+            sink.open(rid, 0.0)
+        for step in range(3):  # one frame per step, both requests in it
+            sink.put(_out("a", 10 + step, finished=step == 2))
+            sink.put(_out("b", 20 + step))
+            await asyncio.to_thread(sink.flush)
+        got_a = [await asyncio.wait_for(qa.get(), 10) for _ in range(3)]
+        got_b = [await asyncio.wait_for(qb.get(), 10) for _ in range(3)]
+        assert [o.new_token_ids for o in got_a] == [[10], [11], [12]]
+        assert [o.finished for o in got_a] == [False, False, True]
+        assert [o.new_token_ids for o in got_b] == [[20], [21], [22]]
+        assert reader.num_connections == 1 and lost == [] and not sink.lost
+    finally:
+        sink._sock.close()
+        reader.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_connection_without_the_secret_is_dropped_unread():
+    reader = SocketReader(host="127.0.0.1")
+    queue = reader.open("a")
+    addr = reader.mailbox
+    blob = b"\x80not a pickle"
+
+    def intrude() -> bytes:
+        with socket.create_connection((addr.host, addr.port), 10) as s:
+            s.settimeout(10)
+            s.sendall(b"x" * SECRET_BYTES + FRAME.pack(len(blob)) + blob)
+            return s.recv(1)  # b"": the reader closed the connection
+
+    try:
+        assert await asyncio.to_thread(intrude) == b""
+        assert queue.empty() and reader.num_connections == 0
+    finally:
+        reader.shutdown()
+
+
+def test_a_sink_whose_ingress_went_away_aborts_its_open_requests():
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = TokenSocket("gone", "127.0.0.1", listener.getsockname()[1], b"s" * SECRET_BYTES)
+    lost: list[list[str]] = []
+    sink = SocketSink(address, Metrics("decode", "r"), lost.append)
+    peer, _ = listener.accept()
+    assert peer.recv(SECRET_BYTES) == address.secret
+    peer.close()  # the ingress replica died
+    listener.close()
+    sink.open("a", 0.0)
+    sink.open("b", 0.0)
+    for step in range(100):  # the first writes may still land in the socket's buffer
+        sink.put(_out("a", step))
+        sink.flush()
+        if sink.lost:
+            break
+    assert sink.lost and lost == [["a", "b"]]
+    sink.put(_out("a", 1))
+    sink.flush()  # a lost sink sends nothing and reports nothing more
+    assert lost == [["a", "b"]]
+
+
+def test_the_sink_set_picks_the_sink_by_address_kind():
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = TokenSocket("i1", "127.0.0.1", listener.getsockname()[1], b"s" * SECRET_BYTES)
+    sinks = SinkSet(Metrics("decode", "r"), on_lost=lambda ids: None)
+    sink = sinks.get(address)
+    try:
+        assert isinstance(sink, SocketSink) and sinks.get(address) is sink
+    finally:
+        sink._sock.close()
+        listener.close()
