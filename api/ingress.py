@@ -11,8 +11,9 @@ Binding (cluster/app.py):
                        metrics_source=collect_snapshots, limits={...}, request_timeout_s=600,
                        stream_interval_ms=0, api_keys=cfg.api_keys)
 
-Tokens come back through this replica's token mailbox (serving/token_mailbox.py): one message
-per engine step and serving replica for all the streams of this replica.
+Tokens come back through this replica's token socket (serving/token_socket.py; or its token
+mailbox, serving/token_mailbox.py, with `token_path: mailbox`): one frame per engine step and
+serving replica for all the streams of this replica.
 
 `metrics_source` is a zero-argument callable returning a list of snapshot dicts or an awaitable
 of one (see api/prometheus.py). It is pickled into the replica and called there, so it must not
@@ -50,7 +51,7 @@ class Ingress(GrpcService):  # + gRPC Generate / GenerateStream (api/grpc_servic
                  max_model_len: int = 2048, metrics_source: MetricsSource | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600.0,
                  stream_interval_ms: float = 0.0, detokenize: bool = True,
-                 token_path: str = "mailbox", api_keys: list[Any] | None = None) -> None:
+                 token_path: str = "socket", api_keys: list[Any] | None = None) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.handle = handle
         # Token ids only ("mailbox": one message per engine step for every stream of this

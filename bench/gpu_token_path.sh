@@ -11,7 +11,8 @@
 # RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, so an SSE event crosses no thread),
 # pd_mps (1P1D with CUDA MPS: the two replicas' kernels run side by side on the GPU instead of
 # in turns; Ray is restarted under an MPS control daemon, then without it again), pd_mps_p60
-# (the same, the prefill replica held to 60% of the SMs: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE).
+# (the same, the prefill replica held to 60% of the SMs: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE),
+# pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket).
 set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
@@ -35,6 +36,9 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     args["engine"]["overlap_scheduling"] = "off"
     yaml.safe_dump(cfg, open(f"/tmp/{name}noov.yaml", "w"))
     args["engine"].pop("overlap_scheduling")
+    args["token_path"] = "mailbox"
+    yaml.safe_dump(cfg, open(f"/tmp/{name}mbox.yaml", "w"))
+    args.pop("token_path")
     if name == "pd_":
         yaml.safe_dump(cfg, open("/tmp/pd_mps.yaml", "w"))
         env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60"}

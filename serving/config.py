@@ -207,13 +207,14 @@ class AppConfig(_Strict):
     # While an ingress replica streams to more than 8 clients, hand each one its tokens at most
     # this often (merged): fewer, larger SSE events. 0 (the default) = every token its own event.
     stream_interval_ms: float = Field(0.0, ge=0)
-    # How tokens travel from the serving replicas to the ingress: "mailbox" sends one message
-    # per engine step for all of an ingress replica's streams (serving/token_mailbox.py);
-    # "socket" the same per-step batches over a TCP connection from each serving replica to
-    # each ingress replica (serving/token_socket.py: no mailbox actor, no Ray call per step);
+    # How tokens travel from the serving replicas to the ingress: "socket" sends one frame per
+    # engine step for all of an ingress replica's streams over a TCP connection from each
+    # serving replica to each ingress replica (serving/token_socket.py); "mailbox" the same
+    # batches as Ray calls through a mailbox actor per ingress replica
+    # (serving/token_mailbox.py: one more process and two Ray calls per step);
     # "stream" one Serve streaming message per output per request (one hop fewer: lower
     # latency for a few streams, but its cost grows with the number of streams).
-    token_path: Literal["mailbox", "socket", "stream"] = "mailbox"
+    token_path: Literal["socket", "mailbox", "stream"] = "socket"
     slo: SLOSection = Field(default_factory=SLOSection)
     autoscaler: AutoscalerSection = Field(default_factory=AutoscalerSection)
     routing: RoutingSection = Field(default_factory=RoutingSection)
