@@ -18,8 +18,9 @@ from kvtransfer import KVTransferLost, model_fingerprint
 from serving.config import AppConfig
 from serving.gpu_sharing import warn_if_sharing_without_mps
 from serving.metrics_hub import start_pushing
-from serving.token_mailbox import Mailbox, MailboxSink, SinkSet
-from serving.token_socket import SocketSink, TokenSocket
+from serving.step_sink import StepSink
+from serving.token_mailbox import Mailbox, SinkSet
+from serving.token_socket import TokenSocket
 
 log = logging.getLogger("pdserve")
 AUDIT_EVERY_S = 2.0
@@ -110,7 +111,7 @@ class Replica:
                  self.engine.stats().pages_total)
 
     async def run_into(self, mailbox: Mailbox | TokenSocket, request_id: str,
-                       generate: Callable[[MailboxSink | SocketSink], AsyncIterator]) -> None:
+                       generate: Callable[[StepSink], AsyncIterator]) -> None:
         """Run `generate(sink)` (a request's stream in sink mode) with its outputs going to
         `mailbox`, one batch per engine step; returns when the request ends. Raises if it ended
         without a last output (aborted here, e.g. because its mailbox was lost), so that the

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from engine.metrics import Metrics, StreamRecorder, record_step
+from engine.metrics import Metrics
 from engine.outputs import RequestOutput
+from serving.step_sink import StepSink
 from serving.token_fanout import Fanout
 from serving.token_socket import SocketSink, TokenSocket
 
@@ -116,42 +117,22 @@ class MailboxReader:
                 self.fanout.deliver([RequestOutput.from_wire(t) for t in pickle.loads(batch)])
 
 
-class MailboxSink:
-    """The serving replica's side for one mailbox: an `OutputSink` (engine/async_engine.py)
-    that records each step's output timings and sends one batch per step, as tuples
-    (`RequestOutput.to_wire`).
+class MailboxSink(StepSink):
+    """The serving replica's side for one mailbox: one `put` per step (serving/step_sink.py).
 
-    If the mailbox is gone (its ingress replica died), nobody reads the requests' outputs:
-    `on_lost(request_ids)` is called once for the requests still open, to abort them. A flush
-    checks for failed puts at most every CHECK_EVERY_S."""
+    If the mailbox is gone (its ingress replica died), nobody reads the requests' outputs: the
+    sink is lost and aborts the requests still open on it. Whether puts arrived is checked at
+    most every CHECK_EVERY_S."""
 
     def __init__(self, mailbox: Mailbox, metrics: Metrics,
                  on_lost: Callable[[list[str]], None]) -> None:
-        self.mailbox, self.metrics, self.on_lost = mailbox, metrics, on_lost
+        super().__init__(metrics, on_lost)
+        self.mailbox = mailbox
         self.sender, self.seq = uuid.uuid4().hex, 0
-        self.pending: list[RequestOutput] = []
-        self.recorders: dict[str, StreamRecorder] = {}
         self.in_flight: list[ray.ObjectRef] = []
-        self.lost = False
         self._next_check = 0.0  # time.monotonic() of the next delivery check
 
-    def open(self, request_id: str, start: float) -> None:
-        self.recorders[request_id] = StreamRecorder(self.metrics, start)
-
-    def close(self, request_id: str) -> None:
-        self.recorders.pop(request_id, None)
-
-    def put(self, out: RequestOutput) -> None:
-        self.pending.append(out)
-
-    def flush(self) -> None:
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        record_step(self.metrics, self.recorders, batch, time.perf_counter())
-        if self.lost:
-            return
-        blob = pickle.dumps([out.to_wire() for out in batch], protocol=pickle.HIGHEST_PROTOCOL)
+    def send(self, blob: bytes) -> None:
         self.in_flight.append(self.mailbox.actor.put.remote(self.sender, self.seq, blob))
         self.seq += 1
         now = time.monotonic()
@@ -162,15 +143,16 @@ class MailboxSink:
     def _check_delivered(self) -> None:
         done, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight),
                                         timeout=0)
+        failed = False
         for ref in done:
             try:
                 ray.get(ref)
             except Exception:
-                self.lost = True
-        if self.lost:
+                failed = True
+        if failed:
             log.warning("token mailbox %s is gone; aborting its %d requests",
                         self.mailbox.id[:8], len(self.recorders))
-            self.on_lost(list(self.recorders))
+            self.mark_lost()
 
 
 class SinkSet:
@@ -180,7 +162,7 @@ class SinkSet:
         self.metrics, self.on_lost = metrics, on_lost
         self.sinks: dict[str, MailboxSink] = {}
 
-    def get(self, mailbox: Mailbox | TokenSocket) -> MailboxSink | SocketSink:
+    def get(self, mailbox: Mailbox | TokenSocket) -> StepSink:
         """The sink for `mailbox`: a token mailbox actor, or an ingress's token socket
         (`token_path: socket`, serving/token_socket.py)."""
         sink = self.sinks.get(mailbox.id)

@@ -31,13 +31,13 @@ import os
 import pickle
 import socket
 import struct
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.metrics import Metrics, StreamRecorder, record_step
+from engine.metrics import Metrics
 from engine.outputs import RequestOutput
+from serving.step_sink import StepSink
 from serving.token_fanout import Fanout
 
 log = logging.getLogger(__name__)
@@ -122,44 +122,24 @@ class SocketReader:
         self._listener.close()
 
 
-class SocketSink:
-    """The serving replica's side for one ingress replica: an `OutputSink`
-    (engine/async_engine.py) that records each step's output timings and writes one frame per
-    step. Connects on construction (blocking, at most CONNECT_TIMEOUT_S)."""
+class SocketSink(StepSink):
+    """The serving replica's side for one ingress replica: one frame per step
+    (serving/step_sink.py). Connects on construction (blocking, at most CONNECT_TIMEOUT_S)."""
 
     def __init__(self, address: TokenSocket, metrics: Metrics,
                  on_lost: Callable[[list[str]], None]) -> None:
-        self.address, self.metrics, self.on_lost = address, metrics, on_lost
-        self.pending: list[RequestOutput] = []
-        self.recorders: dict[str, StreamRecorder] = {}
-        self.lost = False
+        super().__init__(metrics, on_lost)
+        self.address = address
         self._sock = socket.create_connection((address.host, address.port), CONNECT_TIMEOUT_S)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame per step
         self._sock.settimeout(SEND_TIMEOUT_S)
         self._sock.sendall(address.secret)
 
-    def open(self, request_id: str, start: float) -> None:
-        self.recorders[request_id] = StreamRecorder(self.metrics, start)
-
-    def close(self, request_id: str) -> None:
-        self.recorders.pop(request_id, None)
-
-    def put(self, out: RequestOutput) -> None:
-        self.pending.append(out)
-
-    def flush(self) -> None:
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        record_step(self.metrics, self.recorders, batch, time.perf_counter())
-        if self.lost:
-            return
-        blob = pickle.dumps([out.to_wire() for out in batch], protocol=pickle.HIGHEST_PROTOCOL)
+    def send(self, blob: bytes) -> None:
         try:
             self._sock.sendall(FRAME.pack(len(blob)) + blob)
         except OSError as e:  # reset, closed, or a partial frame after the timeout
-            self.lost = True
             self._sock.close()
             log.warning("token socket %s lost (%r); aborting its %d requests",
                         self.address.id[:8], e, len(self.recorders))
-            self.on_lost(list(self.recorders))
+            self.mark_lost()
