@@ -54,8 +54,8 @@ class Ingress(GrpcService):  # + gRPC Generate / GenerateStream (api/grpc_servic
                  token_path: str = "socket", api_keys: list[Any] | None = None) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.handle = handle
-        # Token ids only ("mailbox": one message per engine step for every stream of this
-        # replica); build_api detokenizes every stream, resumed ones included.
+        # Token ids only ("socket" / "mailbox": one frame or message per engine step for every
+        # stream of this replica); build_api detokenizes every stream, resumed ones included.
         readers = {"mailbox": MailboxReader, "socket": SocketReader}
         reader = readers[token_path]() if token_path in readers else None
         self.client = HandleClient(handle, timeout_s=request_timeout_s, reader=reader,

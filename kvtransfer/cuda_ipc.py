@@ -10,7 +10,7 @@ The receiver copies the mapped pages into its own memory and lets go of the mapp
 thread, on a stream of its own, before `receive` returns. Releasing a mapped tensor makes torch
 synchronize the releasing thread's current stream (so that the sender may reuse the block), and
 it does so holding the GIL: released by the engine's step thread, as it used to be, that waited
-for the decode step in flight (7.4 ms per import with an 8 ms step queued, `python -m
+for the decode step in flight (7.4-7.9 ms per import with an 8 ms step queued, `python -m
 bench.gpu_ipc_admit --busy-ms 8`) and stalled every Python thread of the replica meanwhile. On
 the transfer's own stream it waits only for this transfer's copy. The copy costs one read and
 one write of the pages on the GPU (64 MiB for a 512-token Llama-3-8B prompt: ~30 us at H200
