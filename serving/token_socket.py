@@ -14,9 +14,11 @@ tuples. A connection starts with the reader's secret (32 random bytes that only 
 Ray calls, in the `TokenSocket` address); the reader drops a connection that does not, before it
 unpickles anything from it.
 
-Failure: if the write fails or stalls for SEND_TIMEOUT_S (the ingress died or stopped reading),
-the sink is lost: `on_lost(request_ids)` aborts the requests still open on it, as the mailbox
-sink does; the next request from that ingress opens a new connection. A serving replica that
+Failure: if a write fails, the ingress reads nothing for SEND_TIMEOUT_S, or it leaves more than
+MAX_BACKLOG_BYTES unread (the ingress died or stopped reading), the sink is lost:
+`on_lost(request_ids)` aborts the requests still open on it, as the mailbox sink does; the next
+request from that ingress opens a new connection. A slow ingress never stalls the step thread
+(see `SocketSink`). A serving replica that
 dies ends its requests' Serve calls with an error, which the ingress handles as before
 (failover, api/handle_client.py).
 """
@@ -29,9 +31,12 @@ import hmac
 import logging
 import os
 import pickle
+import select
 import socket
 import struct
+import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,7 +50,10 @@ log = logging.getLogger(__name__)
 FRAME = struct.Struct("!I")  # the length of the pickled batch that follows
 SECRET_BYTES = 32
 CONNECT_TIMEOUT_S = 10.0
-SEND_TIMEOUT_S = 30.0  # a frame not taken in this long: the ingress is gone or stuck
+SEND_TIMEOUT_S = 30.0  # the ingress read nothing for this long: it is gone or stuck
+# Bytes a sink keeps for an ingress that reads slower than the steps come (beyond the kernel's
+# buffers): ~10^4 steps of 128 streams' tokens. Past it the ingress counts as gone.
+MAX_BACKLOG_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -124,22 +132,90 @@ class SocketReader:
 
 class SocketSink(StepSink):
     """The serving replica's side for one ingress replica: one frame per step
-    (serving/step_sink.py). Connects on construction (blocking, at most CONNECT_TIMEOUT_S)."""
+    (serving/step_sink.py). Connects on construction (blocking, at most CONNECT_TIMEOUT_S).
+
+    The step thread never waits on the ingress: it writes a frame with a non-blocking send, and
+    what the kernel does not take (the ingress is slow to read and the socket's buffers are
+    full) goes to a backlog that a writer thread, started then, drains in order. While the
+    backlog is not empty every frame joins it. A backlog past `max_backlog_bytes`, a write that
+    fails, or one that cannot proceed for SEND_TIMEOUT_S loses the sink."""
 
     def __init__(self, address: TokenSocket, metrics: Metrics,
-                 on_lost: Callable[[list[str]], None]) -> None:
+                 on_lost: Callable[[list[str]], None],
+                 max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
         super().__init__(metrics, on_lost)
-        self.address = address
+        self.address, self.max_backlog_bytes = address, max_backlog_bytes
         self._sock = socket.create_connection((address.host, address.port), CONNECT_TIMEOUT_S)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame per step
-        self._sock.settimeout(SEND_TIMEOUT_S)
         self._sock.sendall(address.secret)
+        self._sock.setblocking(False)
+        self._backlog: deque[memoryview] = deque()  # bytes the kernel has not taken, in order
+        self.backlog_bytes = 0
+        self._cond = threading.Condition()
+        self._writer: threading.Thread | None = None
 
     def send(self, blob: bytes) -> None:
-        try:
-            self._sock.sendall(FRAME.pack(len(blob)) + blob)
-        except OSError as e:  # reset, closed, or a partial frame after the timeout
-            self._sock.close()
-            log.warning("token socket %s lost (%r); aborting its %d requests",
-                        self.address.id[:8], e, len(self.recorders))
-            self.mark_lost()
+        frame = memoryview(FRAME.pack(len(blob)) + blob)
+        with self._cond:
+            if self.lost:
+                return
+            if not self._backlog:  # nothing queued before it: try the socket now
+                try:
+                    frame = frame[self._sock.send(frame):]
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    self._fail(e)
+                    return
+                if not frame:
+                    return
+            if self.backlog_bytes + len(frame) > self.max_backlog_bytes:
+                self._fail(OSError(f"the ingress left {self.backlog_bytes} bytes unread"))
+                return
+            self._backlog.append(frame)
+            self.backlog_bytes += len(frame)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._drain, daemon=True,
+                                                name=f"token-socket-{self.address.id[:8]}")
+                self._writer.start()
+            self._cond.notify()
+
+    def _drain(self) -> None:
+        """(Writer thread.) Sends the backlog's head whenever the socket can take more; the
+        only sender while the backlog is not empty."""
+        while True:
+            with self._cond:
+                while not self._backlog and not self.lost:
+                    self._cond.wait()
+                if self.lost:
+                    return
+                head = self._backlog[0]
+            try:
+                _, writable, _ = select.select([], [self._sock], [], SEND_TIMEOUT_S)
+                if not writable:
+                    raise TimeoutError(f"the ingress read nothing for {SEND_TIMEOUT_S:.0f} s")
+                sent = self._sock.send(head)
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError) as e:  # ValueError: the socket was closed meanwhile
+                with self._cond:
+                    self._fail(e)
+                return
+            with self._cond:
+                self.backlog_bytes -= sent
+                if sent == len(head):
+                    self._backlog.popleft()
+                else:
+                    self._backlog[0] = head[sent:]
+
+    def _fail(self, e: BaseException) -> None:
+        """(Under `_cond`.) Close the connection and abort the requests open on it."""
+        if self.lost:
+            return
+        self._sock.close()
+        self._backlog.clear()
+        self.backlog_bytes = 0
+        log.warning("token socket %s lost (%r); aborting its %d requests",
+                    self.address.id[:8], e, len(self.recorders))
+        self.mark_lost()
+        self._cond.notify()

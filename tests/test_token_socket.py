@@ -5,7 +5,9 @@ anything is read from it; a sink whose ingress went away aborts the requests ope
 from __future__ import annotations
 
 import asyncio
+import pickle
 import socket
+import threading
 
 import pytest
 
@@ -84,6 +86,74 @@ def test_a_sink_whose_ingress_went_away_aborts_its_open_requests():
     sink.put(_out("a", 1))
     sink.flush()  # a lost sink sends nothing and reports nothing more
     assert lost == [["a", "b"]]
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, "the sink closed the connection"
+        buf += chunk
+    return bytes(buf)
+
+
+def _connected_sink(**kwargs) -> tuple[SocketSink, socket.socket, list[list[str]]]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = TokenSocket("slow", "127.0.0.1", listener.getsockname()[1], b"s" * SECRET_BYTES)
+    lost: list[list[str]] = []
+    sink = SocketSink(address, Metrics("decode", "r"), lost.append, **kwargs)
+    peer, _ = listener.accept()
+    listener.close()
+    assert _recv_exactly(peer, SECRET_BYTES) == address.secret
+    sink.open("a", 0.0)
+    return sink, peer, lost
+
+
+def _flush_until(sink: SocketSink, done, big: int = 20_000) -> int:
+    """Flushes frames of `big` tokens each until `done()`, in a thread, so that a flush that
+    blocked would fail the test instead of hanging it; returns the number of frames."""
+    count = [0]
+
+    def run() -> None:
+        while not done() and count[0] < 100_000:
+            sink.put(RequestOutput("a", list(range(count[0], count[0] + big)), "", False))
+            sink.flush()
+            count[0] += 1
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "a flush blocked on the slow ingress"
+    return count[0]
+
+
+def test_a_slow_ingress_gets_every_frame_in_order_and_never_blocks_a_flush():
+    sink, peer, lost = _connected_sink()
+    try:
+        # The peer reads nothing: the kernel's buffers fill, then the sink's backlog.
+        n = _flush_until(sink, lambda: sink.backlog_bytes > 0)
+        for k in range(5):  # these join the backlog behind the frames already in it
+            sink.put(RequestOutput("a", [-1, k], "", k == 4, "length" if k == 4 else None))
+            sink.flush()
+        frames = []
+        for _ in range(n + 5):  # now the ingress reads: everything arrives, in order
+            (size,) = FRAME.unpack(_recv_exactly(peer, FRAME.size))
+            frames += [RequestOutput.from_wire(t) for t in pickle.loads(_recv_exactly(peer, size))]
+        assert [o.new_token_ids[0] for o in frames[:n]] == list(range(n))
+        assert [o.new_token_ids for o in frames[n:]] == [[-1, k] for k in range(5)]
+        assert frames[-1].finished and not sink.lost and lost == []
+    finally:
+        sink._sock.close()
+        peer.close()
+
+
+def test_an_ingress_that_leaves_too_much_unread_loses_the_sink():
+    sink, peer, lost = _connected_sink(max_backlog_bytes=1 << 20)
+    try:
+        _flush_until(sink, lambda: sink.lost)
+        assert lost == [["a"]] and sink.backlog_bytes == 0
+    finally:
+        peer.close()
 
 
 def test_the_sink_set_picks_the_sink_by_address_kind():
