@@ -4,8 +4,8 @@ output of that step for that ingress's streams; the ingress reads frames on its 
 fans them out (the same `Fanout` as the mailbox path).
 
 Against the mailbox path (serving/token_mailbox.py) this takes the token mailbox actor and two
-Ray calls per step out of the way: a frame is one `sendall` on the serving replica's step
-thread (the GIL released while it writes) and one read on the ingress's loop. TCP keeps a
+Ray calls per step out of the way: a frame is one non-blocking `send` on the serving replica's
+step thread and one read on the ingress's loop. TCP keeps a
 connection's frames in order, so nothing is numbered or held back. The per-request Serve call
 stays, as with the mailbox, for routing, cancellation, errors and failover.
 
@@ -18,9 +18,8 @@ Failure: if a write fails, the ingress reads nothing for SEND_TIMEOUT_S, or it l
 MAX_BACKLOG_BYTES unread (the ingress died or stopped reading), the sink is lost:
 `on_lost(request_ids)` aborts the requests still open on it, as the mailbox sink does; the next
 request from that ingress opens a new connection. A slow ingress never stalls the step thread
-(see `SocketSink`). A serving replica that
-dies ends its requests' Serve calls with an error, which the ingress handles as before
-(failover, api/handle_client.py).
+(see `SocketSink`). A serving replica that dies ends its requests' Serve calls with an error,
+which the ingress handles as before (failover, api/handle_client.py).
 """
 
 from __future__ import annotations
