@@ -1,6 +1,7 @@
 """One request through a serving deployment's `run` method, its outputs through the ingress's
-token mailbox (serving/token_mailbox.py): the Serve call carries the request, its cancellation
-and its end; the tokens arrive in per-step batches, fanned out by the reader.
+token socket or mailbox (serving/token_socket.py, serving/token_mailbox.py): the Serve call
+carries the request, its cancellation and its end; the tokens arrive in per-step batches,
+fanned out by the reader.
 
 The stream ends with the request's last output, or raises the error the call ended with (a
 replica that died, a ValueError for bad input, a timeout when nothing arrives for `timeout_s`).
@@ -17,6 +18,7 @@ from engine.async_engine import merge_outputs
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from serving.token_mailbox import MailboxReader
+from serving.token_socket import SocketReader
 
 
 class Coalescing:
@@ -40,8 +42,9 @@ class _CallEnded:
         self.call = call
 
 
-async def mailbox_call(handle: Any, reader: MailboxReader, prompt_ids: list[int],
-                       params: SamplingParams, request_id: str, timeout_s: float,
+async def mailbox_call(handle: Any, reader: MailboxReader | SocketReader,
+                       prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       timeout_s: float,
                        coalescing: Coalescing | None = None) -> AsyncIterator[RequestOutput]:
     coalescing = coalescing or Coalescing()
     queue = reader.open(request_id)
