@@ -51,20 +51,25 @@ restart_ray() {  # $1: RAY_SERVE_ENABLE_HA_PROXY for the new Ray instance (as in
     --include-dashboard=false --disable-usage-stats > /dev/null
 }
 mps() {  # $1: on / off. Clients find the daemon through CUDA_MPS_PIPE_DIRECTORY (inherited
-  # from `ray start` by every worker), so Ray restarts around it.
+  # from `ray start` by every worker), so Ray restarts around it. `mps on` fails (Ray back up
+  # without MPS) when CUDA cannot start under the daemon.
   ray stop > /dev/null 2>&1
+  local ok=0
   if [ $1 = on ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
     nvidia-cuda-mps-control -d && echo "MPS control daemon started"
     timeout 60 python -c "import torch; torch.zeros(1, device='cuda'); print('CUDA under MPS: ok')" \
-      || { echo "CUDA under MPS failed"; echo quit | nvidia-cuda-mps-control; return 1; }
+      || { echo "CUDA under MPS failed"; ok=1; }
   else
     echo get_server_list | nvidia-cuda-mps-control | sed 's/^/MPS servers: /'
+  fi
+  if [ $1 = off ] || [ $ok = 1 ]; then
     echo quit | nvidia-cuda-mps-control; sleep 1
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   fi
   restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+  return $ok
 }
 for name in "${@:-offline pd colo}"; do
   for n in $name; do
@@ -78,12 +83,7 @@ for name in "${@:-offline pd colo}"; do
         RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
       pd_mps | pd_mps_p60)
-        if mps on; then
-          bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
-          mps off
-        else
-          unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}"
-        fi ;;
+        if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       pd_* | colo_*)  # a variant the script wrote above
         if [ -f /tmp/$n.yaml ]; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
         else echo "unknown name $n"; fi ;;
