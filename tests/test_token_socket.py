@@ -66,28 +66,6 @@ async def test_a_connection_without_the_secret_is_dropped_unread():
         reader.shutdown()
 
 
-def test_a_sink_whose_ingress_went_away_aborts_its_open_requests():
-    listener = socket.create_server(("127.0.0.1", 0))
-    address = TokenSocket("gone", "127.0.0.1", listener.getsockname()[1], b"s" * SECRET_BYTES)
-    lost: list[list[str]] = []
-    sink = SocketSink(address, Metrics("decode", "r"), lost.append)
-    peer, _ = listener.accept()
-    assert peer.recv(SECRET_BYTES) == address.secret
-    peer.close()  # the ingress replica died
-    listener.close()
-    sink.open("a", 0.0)
-    sink.open("b", 0.0)
-    for step in range(100):  # the first writes may still land in the socket's buffer
-        sink.put(_out("a", step))
-        sink.flush()
-        if sink.lost:
-            break
-    assert sink.lost and lost == [["a", "b"]]
-    sink.put(_out("a", 1))
-    sink.flush()  # a lost sink sends nothing and reports nothing more
-    assert lost == [["a", "b"]]
-
-
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -154,6 +132,21 @@ def test_an_ingress_that_leaves_too_much_unread_loses_the_sink():
         assert lost == [["a"]] and sink.backlog_bytes == 0
     finally:
         peer.close()
+
+
+def test_a_sink_whose_ingress_went_away_aborts_its_open_requests():
+    sink, peer, lost = _connected_sink()
+    peer.close()  # the ingress replica died
+    sink.open("b", 0.0)
+    for step in range(100):  # the first writes may still land in the socket's buffer
+        sink.put(_out("a", step))
+        sink.flush()
+        if sink.lost:
+            break
+    assert sink.lost and lost == [["a", "b"]]
+    sink.put(_out("a", 1))
+    sink.flush()  # a lost sink sends nothing and reports nothing more
+    assert lost == [["a", "b"]]
 
 
 def test_the_sink_set_picks_the_sink_by_address_kind():
