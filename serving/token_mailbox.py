@@ -160,7 +160,7 @@ class SinkSet:
 
     def __init__(self, metrics: Metrics, on_lost: Callable[[list[str]], None]) -> None:
         self.metrics, self.on_lost = metrics, on_lost
-        self.sinks: dict[str, MailboxSink] = {}
+        self.sinks: dict[str, StepSink] = {}
 
     def get(self, mailbox: Mailbox | TokenSocket) -> StepSink:
         """The sink for `mailbox`: a token mailbox actor, or an ingress's token socket
