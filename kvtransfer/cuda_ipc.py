@@ -1,20 +1,19 @@
-"""KV pages GPU to GPU on one node, never through host memory: the sender's page tensor travels
-as a CUDA IPC handle (torch's multiprocessing reductions) and the receiver maps it.
+"""KV pages GPU to GPU on one node, never through host memory: the sender exports its page tensor
+as a CUDA IPC handle and the receiver maps it, copies the pages into its own memory and unmaps
+it, all in a worker thread on a stream of its own, before `receive` returns.
 
-Lifetime: torch counts the receiver's references to a shared block; the sender keeps the block
-until they reach zero, and frees it on a later `torch.cuda.ipc_collect()`, which `send` calls.
-Both replicas must see the same GPU (e.g. `num_gpus: 0.5` each on one device); across GPUs or
-nodes use the `ray` transport.
+Lifetime: the export is torch's (`_share_cuda_`, as `torch.multiprocessing` shares a CUDA
+tensor): torch keeps the sender's block until the receiver releases the reference counter that
+came with the handle, and frees it on a later `torch.cuda.ipc_collect()`, which `send` calls.
+The receiver releases it once its copy is done. Both replicas must see the same GPU (e.g.
+`num_gpus: 0.5` each on one device); across GPUs or nodes use the `ray` transport.
 
-The receiver copies the mapped pages into its own memory and lets go of the mapping in a worker
-thread, on a stream of its own, before `receive` returns. Releasing a mapped tensor makes torch
-synchronize the releasing thread's current stream (so that the sender may reuse the block), and
-it does so holding the GIL: released by the engine's step thread, as it used to be, that waited
-for the decode step in flight (7.4-7.9 ms per import with an 8 ms step queued, `python -m
-bench.gpu_ipc_admit --busy-ms 8`) and stalled every Python thread of the replica meanwhile. On
-the transfer's own stream it waits only for this transfer's copy. The copy costs one read and
-one write of the pages on the GPU (64 MiB for a 512-token Llama-3-8B prompt: ~30 us at H200
-bandwidth) and as much memory while the request waits to be admitted; at most
+The receive does not go through torch's unpickling of the tensor: torch unmaps in the tensor's
+destructor holding the GIL, and an unmap waits for the GPU (`kvtransfer/cuda_runtime.py` says
+what that cost). Here every call that can wait (map, copy, synchronize, unmap) is a ctypes call,
+which holds no GIL; the engine's step thread and the event loop run meanwhile. The copy costs
+one read and one write of the pages on the GPU (64 MiB for a 512-token Llama-3-8B prompt: ~30
+us at H200 bandwidth) and as much memory while the request waits to be admitted; at most
 `max_concurrent` receives copy at once.
 """
 
@@ -25,13 +24,46 @@ import dataclasses
 import pickle
 import threading
 import weakref
-from multiprocessing.reduction import ForkingPickler
+from dataclasses import dataclass
 
 import torch
-import torch.multiprocessing  # noqa: F401  (registers the CUDA tensor reductions)
 
+from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, IpcMappings, cuda_runtime
 from kvtransfer.payload import KVPayload
 from kvtransfer.transport import KVTransport
+
+
+@dataclass(frozen=True)
+class IpcPages:
+    """Where a payload's bytes are: `nbytes` at `offset` in the sender's allocation `handle`."""
+    device: int
+    handle: bytes  # cudaIpcMemHandle_t of the allocation
+    offset: int
+    nbytes: int
+    ref_counter: tuple[bytes, int]  # torch's (file, offset) counting the receiver's reference
+    event: bytes | None  # cudaIpcEventHandle_t recorded after the pages were written, if needed
+
+
+def export_pages(data: torch.Tensor) -> IpcPages:
+    """(Sender.) Share a contiguous CUDA tensor's bytes; each call hands out one reference,
+    which the receiver must release."""
+    if not data.is_contiguous():
+        raise ValueError("cuda_ipc transport exports contiguous tensors only")
+    (device, shareable, _size, storage_offset, ref_file, ref_offset, event, event_sync
+     ) = data.untyped_storage()._share_cuda_()
+    return IpcPages(device, cuda_malloc_handle(shareable),
+                    storage_offset + data.storage_offset() * data.element_size(),
+                    data.nbytes, (ref_file, ref_offset), event if event_sync else None)
+
+
+def cuda_malloc_handle(shareable: bytes) -> bytes:
+    """The cudaIpcMemHandle_t in torch's shareable handle: a version byte, a kind byte (b"c"
+    for a cudaMalloc'd segment, b"e" for an expandable one), then the kind's handle."""
+    if len(shareable) == IPC_HANDLE_SIZE + 2 and shareable[1:2] == b"c":
+        return shareable[2:]
+    raise ValueError("cuda_ipc transport: torch shared this block as an expandable segment "
+                     "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), which it cannot map; "
+                     "run the prefill replica without it, or use the 'ray' transport")
 
 
 class CudaIpcTransport(KVTransport):
@@ -42,12 +74,14 @@ class CudaIpcTransport(KVTransport):
         self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per event loop
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
+        self.mappings = IpcMappings()
 
     def send(self, payload: KVPayload) -> object:
         if not (isinstance(payload.data, torch.Tensor) and payload.data.is_cuda):
             raise ValueError("cuda_ipc transport needs the KV pages on a CUDA device")
         torch.cuda.ipc_collect()  # free blocks that earlier receivers have released
-        return bytes(ForkingPickler.dumps(payload))
+        return pickle.dumps((payload.header(), export_pages(payload.data)),
+                            protocol=pickle.HIGHEST_PROTOCOL)
 
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
         if not isinstance(handle, bytes):
@@ -63,21 +97,30 @@ class CudaIpcTransport(KVTransport):
             return await asyncio.to_thread(self.take, handle, want)
 
     def take(self, handle: bytes, want: torch.device) -> KVPayload:
-        """(A worker thread; blocks.) Map the sender's pages, copy them, release the mapping."""
-        stream = self._stream(want)
-        with torch.cuda.stream(stream):
-            # Unpickling maps the block and queues, on this (current) stream, a wait for the
-            # sender's event recorded after its gather.
-            mapped = pickle.loads(handle)
-            if mapped.data.device != want:
-                raise ValueError(f"cuda_ipc transport: pages are on {mapped.data.device}, "
-                                 f"the receiver runs on {want}; use the 'ray' transport "
-                                 f"across GPUs")
-            data = mapped.data.clone()
-            stream.synchronize()  # (GIL released) the copy is done: any stream may read it
-            payload = dataclasses.replace(mapped, data=data)
-            del mapped  # the mapping's last reference: torch syncs this stream, idle by now
-        return payload
+        """(A worker thread; blocks, without the GIL while CUDA works.) Map the sender's pages,
+        copy them, unmap, and release the sender's block."""
+        header, pages = pickle.loads(handle)
+        if pages.device != want.index:
+            raise ValueError(f"cuda_ipc transport: pages are on cuda:{pages.device}, the "
+                             f"receiver runs on {want}; use the 'ray' transport across GPUs")
+        runtime, stream = cuda_runtime(), self._stream(want)
+        runtime.set_device(want.index)  # this thread's context: where the handle is mapped
+        with torch.cuda.stream(stream):  # allocated for use on the copy's stream
+            data = torch.empty(pages.nbytes, dtype=torch.uint8, device=want)
+        try:
+            base = self.mappings.acquire(pages.handle)
+            try:
+                if pages.event is not None:  # the sender's gather may still be running
+                    runtime.wait_ipc_event(stream.cuda_stream, pages.event)
+                runtime.copy_async(data.data_ptr(), base + pages.offset, pages.nbytes,
+                                   stream.cuda_stream)
+                runtime.synchronize(stream.cuda_stream)  # done: any stream may read `data`
+            finally:
+                self.mappings.release(pages.handle)
+        finally:  # the sender may free its block now (on its next ipc_collect)
+            torch.UntypedStorage._release_ipc_counter(*pages.ref_counter, device=want)
+        meta = header.data
+        return dataclasses.replace(header, data=data.view(meta.dtype).view(meta.shape))
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         with self._lock:

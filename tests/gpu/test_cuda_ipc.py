@@ -1,4 +1,5 @@
-"""cuda_ipc transport: pages gathered in one process arrive intact in another (same GPU)."""
+"""cuda_ipc transport: pages gathered in one process arrive intact in another (same GPU), the
+mapping is gone once `receive` returns, and the sender gets its block back."""
 
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ def _sender(queue, done) -> None:
 
     torch.manual_seed(0)
     pages = torch.randn(2, 3, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
-    payload = KVPayload.from_tensor(pages[:, 1:], 16, 1, [7, 8], "fp")
+    torch.cuda.synchronize()
+    own = torch.cuda.memory_allocated()  # `pages` only
+    payload = KVPayload.from_tensor(pages[:, 1:], 16, 1, [7, 8], "fp")  # a copy: sent
     queue.put((CudaIpcTransport().send(payload), pages[:, 1:].float().sum().item()))
-    done.wait(60)  # the sender must outlive the receiver's copy
+    del payload  # torch holds the sent block until the receiver releases it
+    done.wait(60)  # the receiver's copy is done
+    torch.cuda.ipc_collect()
+    queue.put((own, torch.cuda.memory_allocated()))
 
 
 def test_pages_cross_processes_on_device():
@@ -33,11 +39,13 @@ def test_pages_cross_processes_on_device():
         handle, expected = queue.get(timeout=120)
         torch.cuda.init()
         before = torch.cuda.memory_allocated()
-        payload = asyncio.run(CudaIpcTransport().receive(handle, "cuda"))
+        transport = CudaIpcTransport()
+        payload = asyncio.run(transport.receive(handle, "cuda"))
         data = payload.data
-        # A copy of this process's own, not the mapped sender memory: the mapping is released
-        # in the receive (releasing it where the engine steps would wait for the GPU).
+        # A copy of this process's own, and the sender's memory no longer mapped: unmapping
+        # where the engine steps would wait for the GPU.
         assert torch.cuda.memory_allocated() - before == data.nbytes
+        assert len(transport.mappings) == 0
         assert data.is_cuda and data.dtype == torch.bfloat16
         assert tuple(data.shape) == (2, 2, 2, 16, 8, 128)
         copy = data.clone()
@@ -47,5 +55,7 @@ def test_pages_cross_processes_on_device():
         del data, payload
     finally:
         done.set()
-        proc.join(60)
+    own, after = queue.get(timeout=60)
+    proc.join(60)
     assert proc.exitcode == 0
+    assert after == own  # the receiver released torch's reference: the sent block is free
