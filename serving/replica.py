@@ -18,8 +18,9 @@ from kvtransfer import KVTransferLost, model_fingerprint
 from serving.config import AppConfig
 from serving.gpu_sharing import warn_if_sharing_without_mps
 from serving.metrics_hub import start_pushing
+from serving.sink_set import SinkSet
 from serving.step_sink import StepSink
-from serving.token_mailbox import Mailbox, SinkSet
+from serving.token_mailbox import Mailbox
 from serving.token_socket import TokenSocket
 
 log = logging.getLogger("pdserve")
@@ -116,7 +117,7 @@ class Replica:
         `mailbox`, one batch per engine step; returns when the request ends. Raises if it ended
         without a last output (aborted here, e.g. because its mailbox was lost), so that the
         ingress does not wait for one."""
-        sink = self.sinks.get(mailbox)
+        sink = await self.sinks.get(mailbox)
         sink.open(request_id, time.perf_counter())
         finished = False
         try:

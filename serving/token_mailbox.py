@@ -33,7 +33,6 @@ from engine.metrics import Metrics
 from engine.outputs import RequestOutput
 from serving.step_sink import StepSink
 from serving.token_fanout import Fanout
-from serving.token_socket import SocketSink, TokenSocket
 
 log = logging.getLogger(__name__)
 
@@ -153,20 +152,3 @@ class MailboxSink(StepSink):
             log.warning("token mailbox %s is gone; aborting its %d requests",
                         self.mailbox.id[:8], len(self.recorders))
             self.mark_lost()
-
-
-class SinkSet:
-    """One sink per mailbox (or token socket) that sent requests to this replica."""
-
-    def __init__(self, metrics: Metrics, on_lost: Callable[[list[str]], None]) -> None:
-        self.metrics, self.on_lost = metrics, on_lost
-        self.sinks: dict[str, StepSink] = {}
-
-    def get(self, mailbox: Mailbox | TokenSocket) -> StepSink:
-        """The sink for `mailbox`: a token mailbox actor, or an ingress's token socket
-        (`token_path: socket`, serving/token_socket.py)."""
-        sink = self.sinks.get(mailbox.id)
-        if sink is None or sink.lost:
-            kind = SocketSink if isinstance(mailbox, TokenSocket) else MailboxSink
-            sink = self.sinks[mailbox.id] = kind(mailbox, self.metrics, self.on_lost)
-        return sink

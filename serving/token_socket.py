@@ -79,7 +79,8 @@ class SocketReader:
     """The ingress side: a listening socket whose frames feed the open requests' queues.
 
     The socket is bound and listening from construction (connections wait in the backlog); it
-    is served from the first `open`, on the running event loop."""
+    is served from the first `open`, on the running event loop, and served again by the next
+    `open` if that server task ended."""
 
     def __init__(self, host: str | None = None) -> None:
         host = host or node_ip()
@@ -89,10 +90,14 @@ class SocketReader:
                                    os.urandom(SECRET_BYTES))
         self.fanout = Fanout()
         self._server: asyncio.Task | None = None
+        self._closed = False
         self.num_connections = 0
 
     def open(self, request_id: str) -> asyncio.Queue:
-        if self._server is None:
+        if not self._closed and (self._server is None or self._server.done()):
+            if self._server is not None and not self._server.cancelled():
+                log.error("token socket server failed (%r); serving again",
+                          self._server.exception())
             # Not in the opening request's context: its cancellation must not stop the server.
             self._server = asyncio.get_running_loop().create_task(
                 self._serve(), context=contextvars.Context())
@@ -124,6 +129,7 @@ class SocketReader:
             writer.close()
 
     def shutdown(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.cancel()
         self._listener.close()

@@ -13,7 +13,7 @@ import pytest
 
 from engine.metrics import Metrics
 from engine.outputs import RequestOutput
-from serving.token_mailbox import SinkSet
+from serving.sink_set import SinkSet
 from serving.token_socket import FRAME, SECRET_BYTES, SocketReader, SocketSink, TokenSocket
 
 
@@ -149,13 +149,67 @@ def test_a_sink_whose_ingress_went_away_aborts_its_open_requests():
     assert lost == [["a", "b"]]
 
 
-def test_the_sink_set_picks_the_sink_by_address_kind():
+@pytest.mark.anyio
+async def test_requests_arriving_during_a_connect_share_one_connection():
     listener = socket.create_server(("127.0.0.1", 0))
     address = TokenSocket("i1", "127.0.0.1", listener.getsockname()[1], b"s" * SECRET_BYTES)
     sinks = SinkSet(Metrics("decode", "r"), on_lost=lambda ids: None)
-    sink = sinks.get(address)
+    got = await asyncio.gather(*(sinks.get(address) for _ in range(3)))
     try:
-        assert isinstance(sink, SocketSink) and sinks.get(address) is sink
+        assert isinstance(got[0], SocketSink) and got[1] is got[0] and got[2] is got[0]
+        assert await sinks.get(address) is got[0]
+        listener.settimeout(5)
+        conn, _ = listener.accept()  # the one connection, sending the secret first
+        assert conn.recv(SECRET_BYTES) == b"s" * SECRET_BYTES
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # and no other
+        conn.close()
+    finally:
+        got[0]._sock.close()
+        listener.close()
+
+
+@pytest.mark.anyio
+async def test_a_failed_connect_fails_its_requests_and_the_next_one_tries_again():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nobody listens there now: the connect is refused
+    address = TokenSocket("i1", "127.0.0.1", port, b"s" * SECRET_BYTES)
+    sinks = SinkSet(Metrics("decode", "r"), on_lost=lambda ids: None)
+    results = await asyncio.gather(sinks.get(address), sinks.get(address),
+                                   return_exceptions=True)
+    assert all(isinstance(r, ConnectionRefusedError) for r in results)
+    assert sinks.sinks == {}
+    listener = socket.create_server(("127.0.0.1", port))  # the ingress is back
+    try:
+        sink = await sinks.get(address)
+        assert isinstance(sink, SocketSink) and sinks.sinks == {"i1": sink}
+        sink._sock.close()
+    finally:
+        listener.close()
+
+
+@pytest.mark.anyio
+async def test_the_next_request_serves_the_socket_again_if_its_server_ended():
+    reader = SocketReader(host="127.0.0.1")
+    reader.open("a")
+    first = reader._server
+    first.cancel()  # as if the server task had died
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    qb = reader.open("b")
+    assert reader._server is not first
+    sink = await asyncio.to_thread(SocketSink, reader.mailbox, Metrics("decode", "r"),
+                                   lambda ids: None)
+    try:
+        sink.open("b", 0.0)
+        sink.put(_out("b", 5))
+        await asyncio.to_thread(sink.flush)
+        assert (await asyncio.wait_for(qb.get(), 10)).new_token_ids == [5]
     finally:
         sink._sock.close()
-        listener.close()
+        second = reader._server
+        reader.shutdown()
+    reader.open("c")  # after shutdown nothing is served again
+    assert reader._server is second
