@@ -80,8 +80,9 @@ class CudaIpcTransport(KVTransport):
         if not (isinstance(payload.data, torch.Tensor) and payload.data.is_cuda):
             raise ValueError("cuda_ipc transport needs the KV pages on a CUDA device")
         torch.cuda.ipc_collect()  # free blocks that earlier receivers have released
-        return pickle.dumps((payload.header(), export_pages(payload.data)),
-                            protocol=pickle.HIGHEST_PROTOCOL)
+        # No pages (nothing to share: CUDA has no handle for an empty block): the header says all.
+        pages = export_pages(payload.data) if payload.data.numel() else None
+        return pickle.dumps((payload.header(), pages), protocol=pickle.HIGHEST_PROTOCOL)
 
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
         if not isinstance(handle, bytes):
@@ -100,6 +101,10 @@ class CudaIpcTransport(KVTransport):
         """(A worker thread; blocks, without the GIL while CUDA works.) Map the sender's pages,
         copy them, unmap, and release the sender's block."""
         header, pages = pickle.loads(handle)
+        meta = header.data
+        if pages is None:
+            return dataclasses.replace(header, data=torch.empty(meta.shape, dtype=meta.dtype,
+                                                                device=want))
         if pages.device != want.index:
             raise ValueError(f"cuda_ipc transport: pages are on cuda:{pages.device}, the "
                              f"receiver runs on {want}; use the 'ray' transport across GPUs")
@@ -119,7 +124,6 @@ class CudaIpcTransport(KVTransport):
                 self.mappings.release(pages.handle)
         finally:  # the sender may free its block now (on its next ipc_collect)
             torch.UntypedStorage._release_ipc_counter(*pages.ref_counter, device=want)
-        meta = header.data
         return dataclasses.replace(header, data=data.view(meta.dtype).view(meta.shape))
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:

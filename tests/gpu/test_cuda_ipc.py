@@ -59,3 +59,15 @@ def test_pages_cross_processes_on_device():
     proc.join(60)
     assert proc.exitcode == 0
     assert after == own  # the receiver released torch's reference: the sent block is free
+
+
+def test_a_payload_without_pages_needs_no_handle():
+    from kvtransfer.cuda_ipc import CudaIpcTransport
+    from kvtransfer.payload import KVPayload
+
+    transport = CudaIpcTransport()
+    empty = torch.empty(2, 0, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    blob = transport.send(KVPayload.from_tensor(empty, 16, 3, [1, 2, 3], "fp"))
+    payload = asyncio.run(transport.receive(blob, "cuda"))
+    assert payload.data.is_cuda and tuple(payload.data.shape) == (2, 0, 2, 16, 8, 128)
+    assert payload.data.dtype == torch.bfloat16 and payload.first_block == 3
