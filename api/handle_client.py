@@ -32,8 +32,7 @@ from typing import Any
 from api.mailbox_call import Coalescing, mailbox_call
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from serving.token_mailbox import MailboxReader
-from serving.token_socket import SocketReader
+from serving.token_path import TokenReader
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class HandleClient:
     (api/mailbox_call.py); without one, to the streaming `method`, one message per output."""
 
     def __init__(self, handle: Any, method: str = "generate", timeout_s: float = 600.0,
-                 max_resumes: int = 3, reader: MailboxReader | SocketReader | None = None,
+                 max_resumes: int = 3, reader: TokenReader | None = None,
                  coalescing: Coalescing | None = None) -> None:
         self._unary = handle
         self._handle = handle.options(stream=True)

@@ -38,8 +38,7 @@ from api.mailbox_call import Coalescing
 from api.server import MetricsSource, build_api
 from serving.admission_ledger import replica_shared_slots
 from serving.limits import Limits
-from serving.token_mailbox import MailboxReader
-from serving.token_socket import SocketReader
+from serving.token_path import make_reader
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -56,9 +55,8 @@ class Ingress(GrpcService):  # + gRPC Generate / GenerateStream (api/grpc_servic
         self.handle = handle
         # Token ids only ("socket" / "mailbox": one frame or message per engine step for every
         # stream of this replica); build_api detokenizes every stream, resumed ones included.
-        readers = {"mailbox": MailboxReader, "socket": SocketReader}
-        reader = readers[token_path]() if token_path in readers else None
-        self.client = HandleClient(handle, timeout_s=request_timeout_s, reader=reader,
+        self.client = HandleClient(handle, timeout_s=request_timeout_s,
+                                   reader=make_reader(token_path),
                                    coalescing=Coalescing(stream_interval_ms / 1000))
         self.model_name = model_name or model_path
         self.max_model_len = max_model_len

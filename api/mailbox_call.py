@@ -17,8 +17,7 @@ from typing import Any
 from engine.async_engine import merge_outputs
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from serving.token_mailbox import MailboxReader
-from serving.token_socket import SocketReader
+from serving.token_path import TokenReader
 
 
 class Coalescing:
@@ -42,7 +41,7 @@ class _CallEnded:
         self.call = call
 
 
-async def mailbox_call(handle: Any, reader: MailboxReader | SocketReader,
+async def mailbox_call(handle: Any, reader: TokenReader,
                        prompt_ids: list[int], params: SamplingParams, request_id: str,
                        timeout_s: float,
                        coalescing: Coalescing | None = None) -> AsyncIterator[RequestOutput]:

@@ -10,8 +10,7 @@ from ray import serve
 from engine.metrics import track_stream
 from engine.sampling_params import SamplingParams
 from serving.replica import Replica
-from serving.token_mailbox import Mailbox
-from serving.token_socket import TokenSocket
+from serving.token_path import TokenAddress
 
 
 @serve.deployment(name="colocated")
@@ -27,7 +26,7 @@ class ColocatedServer:
             yield out
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                  mailbox: Mailbox | TokenSocket) -> None:
+                  mailbox: TokenAddress) -> None:
         """Generate with the outputs sent to `mailbox` (serving/token_mailbox.py)."""
         self._count(prompt_ids)
         await self.replica.run_into(mailbox, request_id, lambda sink: self.replica.engine.generate(

@@ -10,8 +10,7 @@ from decode.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport
 from serving.replica import Replica, replica_lost
-from serving.token_mailbox import Mailbox
-from serving.token_socket import TokenSocket
+from serving.token_path import TokenAddress
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -54,7 +53,7 @@ class DecodeServer:
             yield out
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                  mailbox: Mailbox | TokenSocket) -> None:
+                  mailbox: TokenAddress) -> None:
         """Generate with the outputs sent to `mailbox` (serving/token_mailbox.py)."""
         await self.replica.run_into(mailbox, request_id, lambda sink: self.worker.generate(
             prompt_ids, params, request_id, sink))

@@ -20,8 +20,7 @@ from serving.gpu_sharing import warn_if_sharing_without_mps
 from serving.metrics_hub import start_pushing
 from serving.sink_set import SinkSet
 from serving.step_sink import StepSink
-from serving.token_mailbox import Mailbox
-from serving.token_socket import TokenSocket
+from serving.token_path import TokenAddress
 
 log = logging.getLogger("pdserve")
 AUDIT_EVERY_S = 2.0
@@ -111,7 +110,7 @@ class Replica:
         log.info("%s replica %s ready: %d KV pages", role, self.metrics.replica,
                  self.engine.stats().pages_total)
 
-    async def run_into(self, mailbox: Mailbox | TokenSocket, request_id: str,
+    async def run_into(self, mailbox: TokenAddress, request_id: str,
                        generate: Callable[[StepSink], AsyncIterator]) -> None:
         """Run `generate(sink)` (a request's stream in sink mode) with its outputs going to
         `mailbox`, one batch per engine step; returns when the request ends. Raises if it ended

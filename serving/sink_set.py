@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 from engine.metrics import Metrics
 from serving.step_sink import StepSink
-from serving.token_mailbox import Mailbox, MailboxSink
+from serving.token_mailbox import MailboxSink
+from serving.token_path import TokenAddress
 from serving.token_socket import SocketSink, TokenSocket
 
 
@@ -23,7 +24,7 @@ class SinkSet:
         self.sinks: dict[str, StepSink] = {}
         self._connecting: dict[str, asyncio.Future] = {}
 
-    async def get(self, mailbox: Mailbox | TokenSocket) -> StepSink:
+    async def get(self, mailbox: TokenAddress) -> StepSink:
         sink = self.sinks.get(mailbox.id)
         if sink is not None and not sink.lost:
             return sink
