@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, IpcMappings, cuda_runtime
+from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, PROCESS_MAPPINGS, cuda_runtime
 from kvtransfer.payload import KVPayload
 from kvtransfer.transport import KVTransport
 
@@ -74,7 +74,7 @@ class CudaIpcTransport(KVTransport):
         self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per event loop
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
-        self.mappings = IpcMappings()
+        self.mappings = PROCESS_MAPPINGS
 
     def send(self, payload: KVPayload) -> object:
         if not (isinstance(payload.data, torch.Tensor) and payload.data.is_cuda):
@@ -105,14 +105,15 @@ class CudaIpcTransport(KVTransport):
         if pages is None:
             return dataclasses.replace(header, data=torch.empty(meta.shape, dtype=meta.dtype,
                                                                 device=want))
-        if pages.device != want.index:
-            raise ValueError(f"cuda_ipc transport: pages are on cuda:{pages.device}, the "
-                             f"receiver runs on {want}; use the 'ray' transport across GPUs")
-        runtime, stream = cuda_runtime(), self._stream(want)
-        runtime.set_device(want.index)  # this thread's context: where the handle is mapped
-        with torch.cuda.stream(stream):  # allocated for use on the copy's stream
-            data = torch.empty(pages.nbytes, dtype=torch.uint8, device=want)
         try:
+            if pages.device != want.index:
+                raise ValueError(f"cuda_ipc transport: pages are on cuda:{pages.device}, the "
+                                 f"receiver runs on {want}; use the 'ray' transport across "
+                                 f"GPUs")
+            runtime, stream = cuda_runtime(), self._stream(want)
+            runtime.set_device(want.index)  # this thread's context: where the handle is mapped
+            with torch.cuda.stream(stream):  # allocated for use on the copy's stream
+                data = torch.empty(pages.nbytes, dtype=torch.uint8, device=want)
             base = self.mappings.acquire(pages.handle)
             try:
                 if pages.event is not None:  # the sender's gather may still be running
@@ -122,7 +123,7 @@ class CudaIpcTransport(KVTransport):
                 runtime.synchronize(stream.cuda_stream)  # done: any stream may read `data`
             finally:
                 self.mappings.release(pages.handle)
-        finally:  # the sender may free its block now (on its next ipc_collect)
+        finally:  # the sender may free its block now (on its next ipc_collect), whatever happened
             torch.UntypedStorage._release_ipc_counter(*pages.ref_counter, device=want)
         return dataclasses.replace(header, data=data.view(meta.dtype).view(meta.shape))
 

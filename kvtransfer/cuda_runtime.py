@@ -136,3 +136,7 @@ class IpcMappings:
         """How many allocations are mapped now."""
         with self._lock:
             return len(self._open)
+
+
+# CUDA maps a handle once per process, so every receiver in the process shares one table.
+PROCESS_MAPPINGS = IpcMappings()
