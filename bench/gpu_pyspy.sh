@@ -12,7 +12,8 @@ for name in "$@"; do
   case $name in colo*) role=colocated ;; *) role=decode ;; esac
   rm -f /tmp/r_$name/warmup.json
   (
-    while [ ! -f /tmp/r_$name/warmup.json ]; do sleep 0.1; done
+    for _ in $(seq 3000); do [ -f /tmp/r_$name/warmup.json ] && break; sleep 0.1; done
+    [ -f /tmp/r_$name/warmup.json ] || { echo "py-spy: no warm-up seen in 300 s"; exit 0; }
     pid=$(pgrep -f "ServeReplica:.*:$role" | head -1)
     echo "py-spy: $role replica pid $pid"
     for mode in idle gil; do

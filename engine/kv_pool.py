@@ -59,7 +59,9 @@ class KVPool:
         """[num_layers, len(pages), 2, page_size, Hkv, D] copy of the given pages (a tensor of
         its own, never a view of the pool)."""
         kv, runs = as_bytes(self.kv), page_runs(pages)  # fp8 pages move as bytes
-        if len(runs) <= MAX_RUN_COPIES:
+        if not runs:
+            out = kv[:, :0].clone()
+        elif len(runs) <= MAX_RUN_COPIES:
             out = torch.cat([kv[:, first:first + n] for first, n in runs], dim=1)
         else:
             out = kv.index_select(1, index_tensor(pages, self.kv.device))

@@ -40,3 +40,11 @@ def test_written_pages_read_back_and_nothing_else_changes(pages, dtype):
     out = pool.read_pages(pages)
     assert out.dtype == dtype and torch.equal(out.to(as_f), data.to(as_f))
     assert out.untyped_storage().data_ptr() != pool.kv.untyped_storage().data_ptr()
+
+
+def test_no_pages_read_as_an_empty_copy_and_write_nothing():
+    pool = KVPool(ARCH, num_pages=4, page_size=4, dtype=torch.float32, device="cpu")
+    out = pool.read_pages([])
+    assert tuple(out.shape) == pool.export_shape(0)
+    pool.write_pages([], out)
+    assert not pool.kv.any()
