@@ -79,7 +79,7 @@ async def stream(http: httpx.AsyncClient, text: str, n: int, seen: list[int] | N
                 continue
             event = json.loads(line[5:])
             if "error" in event:
-                assert event["error_type"] == "generation" and event["error"]
+                assert event["error_type"] == "generation" and event["error"], event
                 return "error", ids
             ids.append(event["token"]["id"])
             if seen is not None:
