@@ -59,6 +59,28 @@ def test_tokens_equal_colocated_and_prefix_pages_move_once(tiny_llama):
         assert worker.engine.stats().pages_used == 0
 
 
+def test_a_prompt_cached_whole_on_the_decode_side_moves_no_pages(tiny_llama):
+    """A prompt of full blocks only, all cached where it decodes (a repeat, or a resume after a
+    replica died): the prefill replica exports no page, and the tokens stay right."""
+    async def main():
+        prefill, decode = _pair(tiny_llama)
+        prompt = list(range(200, 264))  # exactly 4 full blocks
+        first = await _collect(decode, prompt, GREEDY, "first")
+        moved = decode.metrics.counters["pdserve_kv_transfer_bytes_total"]
+        again = await _collect(decode, prompt, GREEDY, "again")
+        return prefill, decode, prompt, first, again, moved
+
+    prefill, decode, prompt, first, again, moved = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=128).generate([prompt], GREEDY)[0].token_ids
+    assert [t for o in first for t in o.new_token_ids] == ref
+    assert [t for o in again for t in o.new_token_ids] == ref
+    assert decode.metrics.counters["pdserve_kv_transfer_bytes_total"] == moved  # nothing more
+    assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
+    for worker in (prefill, decode):
+        worker.engine.engine.check_integrity()
+        assert worker.engine.stats().pages_used == 0
+
+
 def test_concurrent_requests_and_abort_free_pages(tiny_llama):
     async def main():
         prefill, decode = _pair(tiny_llama)
