@@ -84,6 +84,14 @@ async def _api_metrics(http: httpx.AsyncClient, seen: dict[str, dict[str, float]
 async def _overload(base: str) -> tuple[list[int], dict, list, dict]:
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=base, timeout=HANG_GUARD_S, limits=limits) as http:
+        # The proxy learns of new replicas on its own schedule: until both have answered, the
+        # holders below could all go to the one it knows.
+        known: dict[str, dict[str, float]] = {}
+        for _ in range(ROUNDS):
+            await _api_metrics(http, known)
+            if len(known) == 2:
+                break
+        assert len(known) == 2, "the proxy routes to one ingress replica only"
         release = asyncio.Event()
         holders = []
         for i in range(LIMIT):  # one at a time: the proxy sends each to the less busy replica
