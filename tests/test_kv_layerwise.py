@@ -207,6 +207,33 @@ def test_disaggregated_over_gloo_equals_colocated(tiny_llama, layerwise):
         assert w.engine.stats().pages_used == 0
 
 
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_a_prompt_cached_whole_on_the_decode_side_crosses_no_pages(tiny_llama, layerwise):
+    """The same prompt of whole blocks twice: the second time every block is cached where it
+    decodes, so the channel carries a transfer of no pages (as a resume can make)."""
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    send, recv = make_transport("gloo", timeout_s=60), make_transport("gloo", timeout_s=60)
+    prefill = PrefillWorker(AsyncEngine(engine(tiny_llama)), send, fp)
+    decode = DecodeWorker(AsyncEngine(engine(tiny_llama)), prefill, recv, fp, timeout_s=60,
+                          layerwise=layerwise)
+    prompt = list(range(200, 264))  # exactly 4 full blocks
+
+    async def main():
+        return [await _tokens(decode, prompt, f"r{i}") for i in range(2)]
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        send.close()
+        recv.close()
+    ref = LLM(tiny_llama, num_pages=128).generate([prompt], GREEDY)[0].token_ids
+    assert got == [ref, ref]
+    assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
+    for w in (prefill, decode):
+        w.engine.engine.check_integrity()
+        assert w.engine.stats().pages_used == 0
+
+
 async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str) -> list[int]:
     return [t async for out in decode.generate(prompt, GREEDY, rid) for t in out.new_token_ids]
 
