@@ -5,7 +5,7 @@ Why not torch's own mapping (`torch.multiprocessing`'s reductions): torch unmaps
 block (`cudaIpcCloseMemHandle`) inside the tensor's destructor, which runs holding the GIL. An
 unmap waits for the GPU; under CUDA MPS it waits for the other replica's kernels too. A py-spy
 profile of the decode replica (1P1D under MPS on one H200, 2026-12-02) found the GIL held there
-17% of the time, and the engine's step thread waiting for it between steps (docs/benchmarks.md,
+18% of the time, and the engine's step thread waiting for it between steps (docs/benchmarks.md,
 run 49).
 
 The library is the one torch loaded (found in /proc/self/maps), so these calls share torch's
