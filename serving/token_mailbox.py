@@ -18,9 +18,7 @@ its last output is put before its call returns.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-import pickle
 import time
 import uuid
 from collections.abc import Callable
@@ -30,9 +28,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.metrics import Metrics
-from engine.outputs import RequestOutput
 from serving.step_sink import StepSink
-from serving.token_fanout import Fanout
+from serving.token_fanout import TokenReader
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +77,18 @@ class Mailbox:
     actor: object  # a TokenMailbox handle
 
 
-class MailboxReader:
+class MailboxReader(TokenReader):
     """The ingress side: owns a mailbox and fans what arrives out to the open requests."""
 
     def __init__(self) -> None:
+        super().__init__()
         # On the ingress's own node: it then fails only with the ingress that reads it. Placed
         # anywhere, the loss of some other node would take every open stream of this ingress.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.mailbox = Mailbox(uuid.uuid4().hex,
                                TokenMailbox.options(scheduling_strategy=here).remote())
-        self.fanout = Fanout()
-        self._task: asyncio.Task | None = None
 
-    def open(self, request_id: str) -> asyncio.Queue:
-        if self._task is None or self._task.done():
-            # Not in the opening request's context: Ray would cancel the poll's `take` calls
-            # with that request (and every open stream would fail).
-            self._task = asyncio.get_running_loop().create_task(self._poll(),
-                                                                context=contextvars.Context())
-        return self.fanout.open(request_id)
-
-    def close(self, request_id: str) -> None:
-        self.fanout.close(request_id)
-
-    async def _poll(self) -> None:
+    async def _receive(self) -> None:
         while True:
             try:
                 batches = await self.mailbox.actor.take.remote()
@@ -112,8 +97,8 @@ class MailboxReader:
                 self.fanout.fail(e)
                 await asyncio.sleep(0.1)
                 continue
-            for batch in batches:  # pickled by this cluster's own serving replicas
-                self.fanout.deliver([RequestOutput.from_wire(t) for t in pickle.loads(batch)])
+            for batch in batches:
+                self.fanout.deliver_batch(batch)
 
 
 class MailboxSink(StepSink):

@@ -4,14 +4,13 @@ step-batched path (`socket`: serving/token_socket.py; `mailbox`: serving/token_m
 
 from __future__ import annotations
 
+from serving.token_fanout import TokenReader
 from serving.token_mailbox import Mailbox, MailboxReader
 from serving.token_socket import SocketReader, TokenSocket
 
 TokenAddress = Mailbox | TokenSocket
-TokenReader = MailboxReader | SocketReader
 
-READERS: dict[str, type[MailboxReader] | type[SocketReader]] = {
-    "mailbox": MailboxReader, "socket": SocketReader}
+READERS: dict[str, type[TokenReader]] = {"mailbox": MailboxReader, "socket": SocketReader}
 
 
 def make_reader(token_path: str) -> TokenReader | None:

@@ -25,11 +25,9 @@ which the ingress handles as before (failover, api/handle_client.py).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hmac
 import logging
 import os
-import pickle
 import select
 import socket
 import struct
@@ -40,9 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.metrics import Metrics
-from engine.outputs import RequestOutput
 from serving.step_sink import StepSink
-from serving.token_fanout import Fanout
+from serving.token_fanout import TokenReader
 
 log = logging.getLogger(__name__)
 
@@ -75,38 +72,22 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
-class SocketReader:
+class SocketReader(TokenReader):
     """The ingress side: a listening socket whose frames feed the open requests' queues.
 
     The socket is bound and listening from construction (connections wait in the backlog); it
-    is served from the first `open`, on the running event loop, and served again by the next
-    `open` if that server task ended."""
+    is served from the first `open` on (serving/token_fanout.py)."""
 
     def __init__(self, host: str | None = None) -> None:
+        super().__init__()
         host = host or node_ip()
         self._listener = socket.create_server((host, 0))
         self._listener.setblocking(False)
         self.mailbox = TokenSocket(uuid.uuid4().hex, host, self._listener.getsockname()[1],
                                    os.urandom(SECRET_BYTES))
-        self.fanout = Fanout()
-        self._server: asyncio.Task | None = None
-        self._closed = False
         self.num_connections = 0
 
-    def open(self, request_id: str) -> asyncio.Queue:
-        if not self._closed and (self._server is None or self._server.done()):
-            if self._server is not None and not self._server.cancelled():
-                log.error("token socket server failed (%r); serving again",
-                          self._server.exception())
-            # Not in the opening request's context: its cancellation must not stop the server.
-            self._server = asyncio.get_running_loop().create_task(
-                self._serve(), context=contextvars.Context())
-        return self.fanout.open(request_id)
-
-    def close(self, request_id: str) -> None:
-        self.fanout.close(request_id)
-
-    async def _serve(self) -> None:
+    async def _receive(self) -> None:
         server = await asyncio.start_server(self._connection, sock=self._listener)
         async with server:
             await server.serve_forever()
@@ -121,8 +102,7 @@ class SocketReader:
             self.num_connections += 1
             while True:
                 (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
-                batch = pickle.loads(await reader.readexactly(size))
-                self.fanout.deliver([RequestOutput.from_wire(t) for t in batch])
+                self.fanout.deliver_batch(await reader.readexactly(size))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the serving replica closed or died: its calls end on their own (see top)
         finally:
@@ -130,8 +110,8 @@ class SocketReader:
 
     def shutdown(self) -> None:
         self._closed = True
-        if self._server is not None:
-            self._server.cancel()
+        if self._task is not None:
+            self._task.cancel()
         self._listener.close()
 
 

@@ -194,12 +194,12 @@ async def test_a_failed_connect_fails_its_requests_and_the_next_one_tries_again(
 async def test_the_next_request_serves_the_socket_again_if_its_server_ended():
     reader = SocketReader(host="127.0.0.1")
     reader.open("a")
-    first = reader._server
+    first = reader._task
     first.cancel()  # as if the server task had died
     with pytest.raises(asyncio.CancelledError):
         await first
     qb = reader.open("b")
-    assert reader._server is not first
+    assert reader._task is not first
     sink = await asyncio.to_thread(SocketSink, reader.mailbox, Metrics("decode", "r"),
                                    lambda ids: None)
     try:
@@ -209,7 +209,7 @@ async def test_the_next_request_serves_the_socket_again_if_its_server_ended():
         assert (await asyncio.wait_for(qb.get(), 10)).new_token_ids == [5]
     finally:
         sink._sock.close()
-        second = reader._server
+        second = reader._task
         reader.shutdown()
     reader.open("c")  # after shutdown nothing is served again
-    assert reader._server is second
+    assert reader._task is second
