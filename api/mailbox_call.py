@@ -41,9 +41,8 @@ class _CallEnded:
         self.call = call
 
 
-async def mailbox_call(handle: Any, reader: TokenReader,
-                       prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       timeout_s: float,
+async def mailbox_call(handle: Any, reader: TokenReader, prompt_ids: list[int],
+                       params: SamplingParams, request_id: str, timeout_s: float,
                        coalescing: Coalescing | None = None) -> AsyncIterator[RequestOutput]:
     coalescing = coalescing or Coalescing()
     queue = reader.open(request_id)

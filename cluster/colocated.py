@@ -27,7 +27,8 @@ class ColocatedServer:
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                   mailbox: TokenAddress) -> None:
-        """Generate with the outputs sent to `mailbox` (serving/token_mailbox.py)."""
+        """Generate with the outputs sent to `mailbox`, the ingress's token socket or mailbox
+        (serving/token_path.py)."""
         self._count(prompt_ids)
         await self.replica.run_into(mailbox, request_id, lambda sink: self.replica.engine.generate(
             prompt_ids, params, request_id, sink=sink))

@@ -54,7 +54,8 @@ class DecodeServer:
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                   mailbox: TokenAddress) -> None:
-        """Generate with the outputs sent to `mailbox` (serving/token_mailbox.py)."""
+        """Generate with the outputs sent to `mailbox`, the ingress's token socket or mailbox
+        (serving/token_path.py)."""
         await self.replica.run_into(mailbox, request_id, lambda sink: self.worker.generate(
             prompt_ids, params, request_id, sink))
 
