@@ -86,8 +86,8 @@ class HandleClient:
                     async for out in stream:
                         generated += out.new_token_ids
                         if attempt:  # as the original request would have numbered it
-                            out = dataclasses.replace(out, num_prompt_tokens=len(prompt_ids),
-                                                      num_output_tokens=len(generated))
+                            out = out.evolve(num_prompt_tokens=len(prompt_ids),
+                                             num_output_tokens=len(generated))
                         yield out
                         if out.finished:
                             return
