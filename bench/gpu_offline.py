@@ -18,6 +18,7 @@ import random
 import time
 
 from bench.gpu_floor import decode_bytes, linear_params, llama3_8b_dir, measure_floor, prefill_flops
+from bench.gpu_serve import step_fill
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -28,6 +29,8 @@ def run(llm: LLM, prompts: list[list[int]], output_len: int, concurrency: int) -
     pending, live = list(prompts), 0
     steps = decode_steps = 0
     decode_s = tokens = 0.0
+    sched = engine.scheduler
+    before = (sched.num_prefill_tokens, sched.num_prefill_steps, sched.num_decode_tokens)
     start = time.perf_counter()
     while pending or engine.has_unfinished():
         while pending and live < concurrency:
@@ -45,8 +48,11 @@ def run(llm: LLM, prompts: list[list[int]], output_len: int, concurrency: int) -
             tokens += len(out.new_token_ids)
             live -= out.finished
     wall = time.perf_counter() - start
+    sched = engine.scheduler
+    fill = step_fill(steps, sched.num_prefill_tokens - before[0],
+                     sched.num_prefill_steps - before[1], sched.num_decode_tokens - before[2])
     return {"tok_s": tokens / wall, "wall_s": wall, "steps": steps, "decode_steps": decode_steps,
-            "decode_step_ms": 1e3 * decode_s / max(decode_steps, 1)}
+            "decode_step_ms": 1e3 * decode_s / max(decode_steps, 1), "fill": fill}
 
 
 def bounds(arch, floor, n: int, input_len: int, output_len: int, concurrency: int) -> dict:
@@ -92,7 +98,8 @@ def main() -> None:
         print(f"budget {budget}, overlap {overlap}: {res['tok_s']:.0f} output tok/s "
               f"({res['wall_s']:.2f} s, "
               f"{res['steps']} steps, {res['decode_steps']} decode-only at "
-              f"{res['decode_step_ms']:.1f} ms); bounds: serial {b['serial_tok_s']:.0f}, "
+              f"{res['decode_step_ms']:.1f} ms; {res['fill']}); "
+              f"bounds: serial {b['serial_tok_s']:.0f}, "
               f"compute {b['compute_tok_s']:.0f} tok/s; engine / serial bound "
               f"{res['tok_s'] / b['serial_tok_s']:.2f}", flush=True)
         del llm

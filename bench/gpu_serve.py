@@ -62,6 +62,8 @@ def hf_baseline(path: Path, batch: int, input_len: int, output_len: int) -> floa
 
 STEP_COUNTERS = ("pdserve_engine_steps_total", "pdserve_engine_step_seconds_total",
                  "pdserve_engine_round_seconds_total", "pdserve_engine_action_seconds_total")
+SCHEDULED = ("pdserve_scheduled_prefill_tokens_total", "pdserve_scheduled_prefill_steps_total",
+             "pdserve_scheduled_decode_tokens_total")
 KV_BYTES = "pdserve_kv_transfer_bytes_total"  # received by decode replicas (fp8 KV: half)
 METRICS_PUSH_S = 3.0
 
@@ -73,21 +75,30 @@ def step_counters() -> dict[str, dict]:
     from bench.soak import parse_metrics
 
     text = httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
-    return {name: parse_metrics(text, name) for name in (*STEP_COUNTERS, KV_BYTES)}
+    return {name: parse_metrics(text, name) for name in (*STEP_COUNTERS, *SCHEDULED, KV_BYTES)}
 
 
 def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
-    """Per serving replica, over the run: steps, mean time in `Engine.step`, and the mean host
-    time the serving path added between two steps (the rest of the step thread's rounds)."""
-    steps, step_s, round_s, action_s = (
+    """Per serving replica, over the run: steps, mean time in `Engine.step`, the mean host
+    time the serving path added between two steps (the rest of the step thread's rounds), and
+    how full the steps were (`step_fill`)."""
+    steps, step_s, round_s, action_s, prefill, prefill_steps, decode = (
         {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
-        for name in STEP_COUNTERS)
+        for name in (*STEP_COUNTERS, *SCHEDULED))
     for key, n in sorted(steps.items()):
         if n:
             print(f"step thread {key[0]} {key[1][:8]}: {n:.0f} steps, "
                   f"{1e3 * step_s[key] / n:.2f} ms in Engine.step, "
                   f"{1e3 * (round_s[key] - step_s[key]) / n:.2f} ms between steps "
-                  f"(actions {1e3 * action_s.get(key, 0.0) / n:.2f} ms)", flush=True)
+                  f"(actions {1e3 * action_s.get(key, 0.0) / n:.2f} ms); "
+                  + step_fill(n, prefill.get(key, 0.0), prefill_steps.get(key, 0.0),
+                              decode.get(key, 0.0)), flush=True)
+
+
+def step_fill(steps: float, prefill: float, prefill_steps: float, decode: float) -> str:
+    """Prompt tokens per step that ran any, and decode rows per step (the scheduler's counters)."""
+    return (f"{prefill_steps:.0f} steps with prompt tokens ({prefill / max(prefill_steps, 1):.0f} "
+            f"each), {decode / steps:.1f} decode rows per step")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -289,7 +289,10 @@ class Engine:
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_preemptions=sched.num_preemptions,
             num_cascade_steps=self.runner.num_cascade_steps,
-            num_cascade_tokens=self.runner.num_cascade_tokens)
+            num_cascade_tokens=self.runner.num_cascade_tokens,
+            num_prefill_tokens=sched.num_prefill_tokens,
+            num_prefill_steps=sched.num_prefill_steps,
+            num_decode_tokens=sched.num_decode_tokens)
 
     def check_integrity(self) -> None:
         """Raises AssertionError if the page accounting is broken (call between steps)."""

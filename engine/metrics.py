@@ -44,6 +44,9 @@ class EngineStats:
     num_preemptions: int
     num_cascade_steps: int
     num_cascade_tokens: int
+    num_prefill_tokens: int = 0  # launched steps' prompt tokens (Scheduler.num_prefill_tokens)
+    num_prefill_steps: int = 0
+    num_decode_tokens: int = 0
 
 
 class Metrics:
@@ -72,6 +75,9 @@ class Metrics:
         self.counters["pdserve_cascade_steps_total"] = stats.num_cascade_steps
         self.counters["pdserve_cascade_tokens_total"] = stats.num_cascade_tokens
         self.counters["pdserve_preemptions_total"] = stats.num_preemptions
+        self.counters["pdserve_scheduled_prefill_tokens_total"] = stats.num_prefill_tokens
+        self.counters["pdserve_scheduled_prefill_steps_total"] = stats.num_prefill_steps
+        self.counters["pdserve_scheduled_decode_tokens_total"] = stats.num_decode_tokens
 
     def snapshot(self) -> dict:
         return {"role": self.role, "replica": self.replica, "gauges": dict(self.gauges),

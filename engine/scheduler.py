@@ -104,6 +104,12 @@ class Scheduler:
         self.reserved: dict[str, Request] = {}
         self.exporting: dict[str, Request] = {}
         self.num_preemptions = 0
+        # What launched steps ran: prompt tokens (prefill chunks, and recomputation after a
+        # preemption), the steps that ran any, and one-token decode rows. Their ratios say how
+        # full the steps were (`pdserve_scheduled_*` in /metrics, the GPU benchmarks' step line).
+        self.num_prefill_tokens = 0
+        self.num_prefill_steps = 0
+        self.num_decode_tokens = 0
 
     # -- membership ----------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -239,9 +245,16 @@ class Scheduler:
         batch.computed_before = [r.num_computed_tokens for r in batch.requests]
         batch.preemptions_before = [r.num_preemptions for r in batch.requests]
         batch.launched = True
+        prefill = 0
         for req, n, sampled in zip(batch.requests, batch.num_new_tokens, batch.samples):
+            if n == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+                self.num_decode_tokens += 1
+            else:
+                prefill += n
             req.num_computed_tokens += n
             req.num_output_placeholders += sampled
+        self.num_prefill_tokens += prefill
+        self.num_prefill_steps += prefill > 0
 
     def update(self, batch: ScheduledBatch, out: ModelOutput) -> list[Request]:
         """The step is back: cache the full blocks it wrote, replace placeholders by the sampled

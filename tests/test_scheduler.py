@@ -63,6 +63,19 @@ def test_chunked_prefill_then_decode_then_pages_back():
     assert free_list(sched) == [3, 4, 5, 6, 7, 2, 1, 0]
 
 
+def test_launch_counts_prompt_tokens_prompt_steps_and_decode_rows():
+    sched = scheduler(num_pages=16, budget=6)
+    a, b = request("a", list(range(10)), max_tokens=3), request("b", list(range(3)), max_tokens=2)
+    sched.add(a)
+    assert step(sched) == [("a", 6, [0, 1])]
+    sched.add(b)
+    assert step(sched) == [("a", 4, [0, 1, 2]), ("b", 2, [3])]  # b's prompt: a chunk of 2
+    assert step(sched) == [("a", 1, [0, 1, 2]), ("b", 1, [3])]  # b's last prompt token
+    assert step(sched) == [("a", 1, [0, 1, 2]), ("b", 1, [3])]  # both decode
+    assert (sched.num_prefill_tokens, sched.num_prefill_steps, sched.num_decode_tokens) == (
+        6 + 4 + 2 + 1, 3, 1 + 2)
+
+
 def test_decodes_go_first_and_a_prefill_chunk_fills_the_budget():
     sched = scheduler(num_pages=8, budget=6)
     a, b = request("a", [1] * 5), request("b", [2] * 7)
