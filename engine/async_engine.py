@@ -34,6 +34,7 @@ from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation
+from engine.step_log import StepLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,6 +106,8 @@ class AsyncEngine:
         self.step_seconds = 0.0
         self.round_seconds = 0.0
         self.action_seconds = 0.0  # of which applying adds, admits, aborts, calls
+        self._step_log = StepLog.from_env()  # PDSERVE_STEP_LOG: a line per step
+        self._last_step_s = 0.0
 
     def close(self) -> None:
         """Stop the step thread: it finishes the step it is in and applies the actions (adds,
@@ -351,6 +354,8 @@ class AsyncEngine:
                 if not self._closed and self._has_work():
                     self._step()
                     self.round_seconds += time.perf_counter() - start
+                    if self._step_log is not None:
+                        self._log_step(len(pending), start)
         except BaseException:  # a bug here must not leave the streams waiting forever
             log.exception("engine step thread failed")
             with self._cond:
@@ -379,11 +384,19 @@ class AsyncEngine:
             log.exception("engine step failed; failing its requests")
             self._fail_all(e)
             return
-        self.step_seconds += time.perf_counter() - start
+        self._last_step_s = time.perf_counter() - start
+        self.step_seconds += self._last_step_s
         self.num_steps += 1
         for out in outputs:
             self._deliver(out)
         self._flush()
+
+    def _log_step(self, actions: int, start: float) -> None:
+        # The step's own time is the last addition to step_seconds; waiting is read after the
+        # step, which took its queued requests (what it left waiting).
+        sched = self.engine.scheduler
+        self._step_log.record(time.time() - (time.perf_counter() - start), actions,
+                              self._last_step_s, len(sched.waiting), sched)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):

@@ -4,6 +4,7 @@ was submitted before `close`, and undoes the work of callers that went away."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 from engine.async_engine import AsyncEngine
@@ -81,3 +82,22 @@ def test_a_caller_cancelled_before_its_call_ran_leaves_nothing_reserved(tiny_lla
         engine.close()
 
     asyncio.run(main())
+
+
+def test_the_step_log_has_a_line_per_step_with_what_it_launched(tiny_llama, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("PDSERVE_STEP_LOG", str(tmp_path))
+    llm = LLM(tiny_llama, num_pages=64)
+    engine = AsyncEngine(llm.engine)
+
+    async def main() -> None:
+        await asyncio.gather(_tokens(engine, [5, 6, 7], "a"), _tokens(engine, [8, 9], "b"))
+        engine.close()
+
+    asyncio.run(main())
+    [path] = tmp_path.iterdir()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == engine.num_steps
+    # 5 prompt tokens, then 3 decode rows for each request's 2nd-4th tokens
+    assert sum(r["prefill"] for r in lines) == 5 and sum(r["decode"] for r in lines) == 6
+    assert sum(r["actions"] for r in lines) >= 1 and lines[-1]["running"] == 0
