@@ -12,19 +12,16 @@
 # pd_mps (1P1D with CUDA MPS: the two replicas' kernels run side by side on the GPU instead of
 # in turns; Ray is restarted under an MPS control daemon, then without it again), pd_mps_p60
 # (the same, the prefill replica held to 60% of the SMs: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE),
-# pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket),
-# pd_steps / colo_steps (the committed config with a step log per replica, engine/step_log.py,
-# copied to $OUT/steplog).
+# pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket).
+# With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
+# writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
+# from `ray start`), and DIR is copied to $OUT/steplog at the end.
 set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
 import sys, yaml
 for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     cfg = yaml.safe_load(open(src))
-    env = {"PDSERVE_STEP_LOG": f"/tmp/steplog/{name}steps"}
-    cfg["applications"][0]["runtime_env"] = {"env_vars": env}
-    yaml.safe_dump(cfg, open(f"/tmp/{name}steps.yaml", "w"))
-    cfg["applications"][0].pop("runtime_env")
     args = cfg["applications"][0]["args"]
     for n in (1, 3):
         args["ingress"]["num_replicas"] = n
@@ -97,4 +94,6 @@ for name in "${@:-offline pd colo}"; do
     esac
   done
 done
-if [ -d /tmp/steplog ] && [ -n "${OUT:-}" ]; then cp -r /tmp/steplog "$OUT/"; fi
+if [ -n "${PDSERVE_STEP_LOG:-}" ] && [ -d "$PDSERVE_STEP_LOG" ] && [ -n "${OUT:-}" ]; then
+  cp -r "$PDSERVE_STEP_LOG" "$OUT/steplog"
+fi

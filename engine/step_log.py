@@ -5,7 +5,7 @@ and each AsyncEngine in that process appends to `DIR/steps-<pid>-<n>.jsonl`:
 `{"t": round start (time.time()), "actions": adds/aborts applied before the step, "step_s":
 time in Engine.step, "waiting": requests left queued by the step, "running": ...,
 "prefill": prompt tokens launched, "decode": decode rows launched}`. Off by default: the cost is
-a write per step. `bench/gpu_token_path.sh` names `*_steps` collect these.
+a write per step. `bench/gpu_token_path.sh` collects them (its header says how).
 """
 
 from __future__ import annotations
