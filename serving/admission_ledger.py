@@ -1,9 +1,10 @@
 """Cluster-wide admission: one ledger of concurrency slots shared by every ingress replica.
 
 `limits.max_concurrent_requests` holds for the whole application, not per ingress replica. Each
-ingress replica (a holder) asks a named Ray actor, the ledger, for a slot once per request, at
-admission, before the body is read; tokens never touch it. A slot is given back with a message
-that is not waited for (the response has been sent by then).
+ingress replica (a holder) asks a named Ray actor, the ledger, for a slot per request, at
+admission, before the body is read; tokens never touch it. Requests that arrive together share
+one claim message (`SharedSlots`). A slot is given back with a message that is not waited for
+(the response has been sent by then).
 
 Every message carries the holder's whole count (slots in use there, plus claims still in
 flight), not a delta, and the ledger sets that holder's count to it. So nothing is lost for
@@ -51,13 +52,12 @@ class Ledger:
         self._seen: dict[str, float] = {}
         self.last_call = now()
 
-    def claim(self, holder: str, held: int, limit: int) -> tuple[bool, int]:
-        """Sets `holder`'s count to `held`, then takes one more slot if the total stays within
-        `limit`. Returns (granted, live holders)."""
+    def claim(self, holder: str, held: int, limit: int, want: int = 1) -> tuple[int, int]:
+        """Sets `holder`'s count to `held`, then takes up to `want` more slots while the total
+        stays within `limit`. Returns (slots granted, live holders)."""
         self.renew(holder, held)
-        granted = sum(self._held.values()) < limit
-        if granted:
-            self._held[holder] += 1
+        granted = max(0, min(want, limit - sum(self._held.values())))
+        self._held[holder] += granted
         return granted, len(self._held)
 
     def renew(self, holder: str, held: int) -> int:
@@ -82,7 +82,8 @@ class LedgerPort(Protocol):
     call sends its message before it returns (the answer is awaited later), so that messages
     leave in the order the holder's counts were taken; a port that cannot send raises."""
 
-    def claim(self, holder: str, held: int, limit: int) -> Awaitable[tuple[bool, int]]: ...
+    def claim(self, holder: str, held: int, limit: int,
+              want: int) -> Awaitable[tuple[int, int]]: ...
 
     def renew(self, holder: str, held: int) -> Awaitable[int]: ...
 
@@ -100,9 +101,9 @@ class LocalLedger:
         if self.down:
             raise ConnectionError("admission ledger unreachable")
 
-    def claim(self, holder: str, held: int, limit: int) -> Awaitable[tuple[bool, int]]:
+    def claim(self, holder: str, held: int, limit: int, want: int) -> Awaitable[tuple[int, int]]:
         self._check()
-        return _done(self.ledger.claim(holder, held, limit))
+        return _done(self.ledger.claim(holder, held, limit, want))
 
     def renew(self, holder: str, held: int) -> Awaitable[int]:
         self._check()
@@ -120,17 +121,26 @@ async def _done(value: Any) -> Any:
 class SharedSlots:
     """One ingress replica's side: `acquire()` before a request is admitted, `release()` after
     its response. `held` counts this replica's slots in use, whoever granted them (the ledger,
-    or the local share while the ledger was away): that is what it asserts."""
+    or the local share while the ledger was away): that is what it asserts.
+
+    Messages are shared under bursts: while one claim is on its way, the acquires that arrive
+    wait and then go as one claim for all of them (`want`), and the releases of one event-loop
+    turn send one count. A burst of N requests costs a few messages, not N (each one a call
+    that the one-threaded ledger answers in turn, ~1 ms apiece on a busy host)."""
 
     def __init__(self, port: LedgerPort, holder: str, limit: int,
                  claim_timeout_s: float = CLAIM_TIMEOUT_S) -> None:
         self.port, self.holder, self.limit = port, holder, limit
         self.claim_timeout_s = claim_timeout_s
         self.held = 0
-        self.pending = 0  # claims sent, answer not yet in
+        self.pending = 0  # acquires not yet decided (queued, or in a claim on its way)
         self.live_holders = 1  # as the ledger last said; sizes the local share
         self.ledger_up = True
         self.num_fallbacks = 0  # admission decisions taken locally (ledger away)
+        self.num_claims = 0  # claim messages sent
+        self._queued: list[asyncio.Future] = []  # acquires waiting for the next claim
+        self._sender: asyncio.Task | None = None  # sends claims while any are queued
+        self._count_due = False  # a release's count is to be sent this loop turn
 
     def local_share(self) -> int:
         return max(1, self.limit // self.live_holders)
@@ -139,23 +149,49 @@ class SharedSlots:
         """A slot for one request, or False (the limit is taken cluster-wide)."""
         if self.held + self.pending >= self.limit:  # refused without asking: cannot fit
             return False
-        asserted = self.held + self.pending  # claims in flight count as held (see top)
         self.pending += 1
         try:
             if self.ledger_up:
-                try:
-                    granted, self.live_holders = await asyncio.wait_for(
-                        self.port.claim(self.holder, asserted, self.limit),
-                        self.claim_timeout_s)
+                answer = asyncio.get_running_loop().create_future()
+                self._queued.append(answer)
+                if self._sender is None:
+                    self._sender = asyncio.create_task(self._send_claims())
+                granted = await answer  # None: the ledger did not answer, decide here
+                if granted is not None:
                     return self._take(granted)
-                except (asyncio.CancelledError, KeyboardInterrupt):
-                    raise
-                except BaseException as e:  # unreachable or too slow: fail open, see top
-                    self._lost(e)
             self.num_fallbacks += 1
-            return self._take(asserted < self.local_share())
+            # The other undecided acquires count as held (see top), as they would at the ledger.
+            return self._take(self.held + self.pending - 1 < self.local_share())
         finally:
             self.pending -= 1
+
+    async def _send_claims(self) -> None:
+        """One claim for the queued acquires, then the next for those queued meanwhile. Each
+        claim asserts `held`: no other claim of this holder is on its way while it is."""
+        try:
+            while self._queued:
+                batch, self._queued = [f for f in self._queued if not f.done()], []
+                if not batch:
+                    continue
+                granted = None
+                if self.ledger_up:
+                    self.num_claims += 1
+                    try:
+                        granted, self.live_holders = await asyncio.wait_for(
+                            self.port.claim(self.holder, self.held, self.limit, len(batch)),
+                            self.claim_timeout_s)
+                    except (asyncio.CancelledError, KeyboardInterrupt):
+                        raise
+                    except BaseException as e:  # unreachable or too slow: fail open, see top
+                        self._lost(e)
+                for answer in batch:  # grants go to the acquires still waiting, in order
+                    if answer.done():  # cancelled (client gone): its grant, if any, is
+                        continue  # counted by the ledger until this holder's next message
+                    answer.set_result(None if granted is None else granted > 0)
+                    if granted is not None:
+                        granted -= 1
+        finally:
+            self._sender = None
 
     def _take(self, granted: bool) -> bool:
         self.held += granted
@@ -169,6 +205,18 @@ class SharedSlots:
 
     def release(self) -> None:
         self.held -= 1
+        if not self.ledger_up or self._count_due:
+            return  # away: the renewals assert the count later; due: that message carries it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here: send at once
+            self._send_count()
+            return
+        self._count_due = True
+        loop.call_soon(self._send_count)
+
+    def _send_count(self) -> None:
+        self._count_due = False
         if self.ledger_up:
             try:
                 self.port.renew_nowait(self.holder, self.held + self.pending)
@@ -204,8 +252,8 @@ class AdmissionLedgerActor:
         self.ledger = Ledger()
         threading.Thread(target=self._exit_when_idle, daemon=True).start()
 
-    def claim(self, holder: str, held: int, limit: int) -> tuple[bool, int]:
-        return self.ledger.claim(holder, held, limit)
+    def claim(self, holder: str, held: int, limit: int, want: int) -> tuple[int, int]:
+        return self.ledger.claim(holder, held, limit, want)
 
     def renew(self, holder: str, held: int) -> int:
         return self.ledger.renew(holder, held)
@@ -245,10 +293,10 @@ class RayLedger:
         return _remote_class.options(name=self.name, namespace=NAMESPACE,
                                      get_if_exists=True, lifetime="detached").remote()
 
-    def claim(self, holder: str, held: int, limit: int) -> Awaitable[tuple[bool, int]]:
+    def claim(self, holder: str, held: int, limit: int, want: int) -> Awaitable[tuple[int, int]]:
         if self.actor is None:  # lost: only a renewal looks it up again (see renew)
             raise ConnectionError(f"admission ledger {self.name} lost")
-        return self._answer(self.actor.claim.remote(holder, held, limit))
+        return self._answer(self.actor.claim.remote(holder, held, limit, want))
 
     def renew(self, holder: str, held: int) -> Awaitable[int]:
         if self.actor is None:
@@ -274,6 +322,13 @@ class RayLedger:
             raise
 
 
+def ledger_name(app: str, deployment: str) -> str:
+    """The ledger actor's name, one per application and deployment. "-v2": claims carry
+    `want`; a detached ledger of the one-slot protocol, left running by an earlier version of
+    the app, is not reused (it ends itself when idle)."""
+    return f"admission-v2:{app}:{deployment}"
+
+
 def replica_shared_slots(limit: int) -> SharedSlots:
     """The SharedSlots of the Serve replica this runs in: one ledger per application and
     deployment, this replica its holder."""
@@ -281,5 +336,5 @@ def replica_shared_slots(limit: int) -> SharedSlots:
 
     replica = serve.get_replica_context().replica_id
     dep = replica.deployment_id
-    return SharedSlots(RayLedger(f"admission:{dep.app_name}:{dep.name}"),
+    return SharedSlots(RayLedger(ledger_name(dep.app_name, dep.name)),
                        f"{dep.name}#{replica.unique_id}", limit)

@@ -60,9 +60,11 @@ async def test_shared_slots_hold_the_limit_across_two_replicas() -> None:
     assert [await a.acquire(), await b.acquire()] == [False, False]
     assert (a.held, b.held, port.ledger.counts()) == (2, 1, {"a": 2, "b": 1})
     a.release()
+    await asyncio.sleep(0)  # a release's count goes out on the next turn of the loop
     assert port.ledger.counts() == {"a": 1, "b": 1}
     assert await b.acquire() and not await a.acquire()
     b.release(), b.release(), a.release()
+    await asyncio.sleep(0)
     assert port.ledger.counts() == {"a": 0, "b": 0}
     assert (a.num_fallbacks, b.num_fallbacks) == (0, 0)
 
@@ -74,8 +76,8 @@ class SlowPort(LocalLedger):
         super().__init__()
         self.go = asyncio.Event()
 
-    def claim(self, holder: str, held: int, limit: int):
-        answer = self.ledger.claim(holder, held, limit)
+    def claim(self, holder: str, held: int, limit: int, want: int):
+        answer = self.ledger.claim(holder, held, limit, want)
 
         async def later():
             await self.go.wait()
@@ -84,39 +86,69 @@ class SlowPort(LocalLedger):
         return later()
 
 
-async def test_claims_in_flight_count_as_held() -> None:
+async def test_acquires_behind_a_claim_on_its_way_go_as_one_claim() -> None:
     port = SlowPort()
     a = SharedSlots(port, "a", 3)
-    tasks = [asyncio.create_task(a.acquire()) for _ in range(3)]
+    tasks = [asyncio.create_task(a.acquire())]
+    await asyncio.sleep(0)  # the first claim is on its way: the next two wait behind it
+    tasks += [asyncio.create_task(a.acquire()) for _ in range(2)]
     await asyncio.sleep(0)
-    # Each claim asserted the ones in flight before it (0, 1, 2): the ledger has all three.
-    assert port.ledger.counts() == {"a": 3} and a.pending == 3
-    assert not await a.acquire()  # 3 in flight: refused here, without asking
+    assert port.ledger.counts() == {"a": 1} and (a.pending, a.num_claims) == (3, 1)
+    assert not await a.acquire()  # 3 undecided here: refused without asking
     port.go.set()
     assert await asyncio.gather(*tasks) == [True, True, True]
-    assert a.held == 3 and a.pending == 0
+    assert (a.held, a.pending, a.num_claims) == (3, 0, 2)  # the two went as one claim
     a.release()
+    await asyncio.sleep(0)
     assert port.ledger.counts() == {"a": 2}
 
 
-async def test_a_refused_claim_in_flight_leans_towards_refusing() -> None:
+async def test_a_burst_is_one_claim_and_a_partial_grant_refuses_the_rest() -> None:
+    port = LocalLedger()
+    a, b = SharedSlots(port, "a", 8), SharedSlots(port, "b", 8)
+    assert await b.acquire() and await b.acquire() and await b.acquire()
+    got = await asyncio.gather(*[a.acquire() for _ in range(7)])
+    assert got == [True] * 5 + [False] * 2 and a.num_claims == 1
+    assert port.ledger.counts() == {"a": 5, "b": 3}
+    for _ in range(5):
+        a.release()
+    await asyncio.sleep(0)
+    assert port.ledger.counts() == {"a": 0, "b": 3}  # one message for the five releases
+
+
+async def test_an_acquire_cancelled_on_the_way_leans_towards_refusing() -> None:
+    port = SlowPort()
+    a = SharedSlots(port, "a", 2)
+    first = asyncio.create_task(a.acquire())
+    await asyncio.sleep(0)  # the acquire queues and starts the sender,
+    await asyncio.sleep(0)  # which sends the claim: granted there, the answer held back
+    assert a.num_claims == 1 and port.ledger.counts() == {"a": 1}
+    first.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    port.go.set()
+    await asyncio.sleep(0)
+    assert (a.held, a.pending) == (0, 0)
+    assert port.ledger.counts() == {"a": 1}  # one too many there, never one too few
+    await a.renew()  # the next message puts it right
+    assert port.ledger.counts() == {"a": 0}
+
+
+async def test_counts_sent_while_a_claim_is_on_its_way_count_it_as_held() -> None:
     port = SlowPort()
     a, b = SharedSlots(port, "a", 3), SharedSlots(port, "b", 3)
     port.go.set()
-    assert await b.acquire() and await b.acquire()
+    assert await a.acquire() and await b.acquire() and await b.acquire()
     port.go.clear()
-    first = asyncio.create_task(a.acquire())  # granted: 2 + 1
-    second = asyncio.create_task(a.acquire())  # refused: asserted 1 (the first in flight)
+    b.release()
     await asyncio.sleep(0)
-    b.release()  # a slot frees while the refusal is still on its way
-    third = asyncio.create_task(a.acquire())  # asserts 2 (both in flight): 2 + 1, refused
+    second = asyncio.create_task(a.acquire())  # asserts 1, granted: 1 + 1 + 1 = 3
     await asyncio.sleep(0)
-    port.go.set()
-    assert await asyncio.gather(first, second, third) == [True, False, False]
-    assert port.ledger.counts() == {"a": 2, "b": 1}  # one too many, never one too few
-    await a.renew()  # the next renewal puts it right
+    a.release()  # its count asserts the claim on its way: 0 + 1
+    await asyncio.sleep(0)
     assert port.ledger.counts() == {"a": 1, "b": 1}
-    assert await a.acquire()
+    port.go.set()
+    assert await second and port.ledger.counts() == {"a": 1, "b": 1} and a.held == 1
 
 
 async def test_ledger_restart_is_healed_by_the_renewals() -> None:

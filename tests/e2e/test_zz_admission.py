@@ -31,9 +31,9 @@ ROUNDS = 20  # bursts of probes at most, until both replicas have refused some
 def _ledger():
     import ray
 
-    from serving.admission_ledger import NAMESPACE
+    from serving.admission_ledger import NAMESPACE, ledger_name
 
-    return ray.get_actor(f"admission:{APP}:ingress", namespace=NAMESPACE)
+    return ray.get_actor(ledger_name(APP, "ingress"), namespace=NAMESPACE)
 
 
 def _ledger_counts() -> dict[str, int]:
