@@ -4,12 +4,14 @@
 # GIL or for the GPU counts), and the GIL holder only.
 # On the GPU machine:  bash bench/device_run.sh bash bench/gpu_pyspy.sh NAME ...
 # NAME: a bench/gpu_token_path.sh name (pd, pd_mps, colo, ...); a pd* name profiles the decode
-# replica, a colo* name the colocated one. Needs .device/py-spy: the static binary that
-# `pip install py-spy` puts in bin/. Writes $OUT/NAME_idle.txt and $OUT/NAME_gil.txt (py-spy's
+# replica, a colo* name the colocated one; NAME@ROLE profiles a replica of ROLE instead (e.g.
+# colo@ingress: the first ingress replica). Needs .device/py-spy: the static binary that
+# `pip install py-spy` puts in bin/. Writes $OUT/NAME_ROLE_idle.txt and $OUT/NAME_ROLE_gil.txt (py-spy's
 # raw format: one `thread;frame;...;frame count` line per distinct stack).
 set -u
-for name in "$@"; do
-  case $name in colo*) role=colocated ;; *) role=decode ;; esac
+for arg in "$@"; do
+  name=${arg%@*}
+  case $arg in *@*) role=${arg#*@} ;; colo*) role=colocated ;; *) role=decode ;; esac
   rm -f /tmp/r_$name/warmup.json
   (
     for _ in $(seq 3000); do [ -f /tmp/r_$name/warmup.json ] && break; sleep 0.1; done
@@ -18,7 +20,7 @@ for name in "$@"; do
     echo "py-spy: $role replica pid $pid"
     for mode in idle gil; do
       .device/py-spy record --nonblocking --threads --$mode -r 200 -d 8 -f raw \
-        -o "$OUT/${name}_$mode.txt" -p "$pid" > "/tmp/pyspy_$mode.log" 2>&1 &
+        -o "$OUT/${name}_${role}_$mode.txt" -p "$pid" > "/tmp/pyspy_$mode.log" 2>&1 &
     done
     wait
     tail -n 2 /tmp/pyspy_*.log

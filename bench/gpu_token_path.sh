@@ -95,5 +95,5 @@ for name in "${@:-offline pd colo}"; do
   done
 done
 if [ -n "${PDSERVE_STEP_LOG:-}" ] && [ -d "$PDSERVE_STEP_LOG" ] && [ -n "${OUT:-}" ]; then
-  cp -r "$PDSERVE_STEP_LOG" "$OUT/steplog"
+  mkdir -p "$OUT/steplog" && cp -r "$PDSERVE_STEP_LOG"/. "$OUT/steplog/"
 fi
