@@ -1,0 +1,64 @@
+"""Reads a step log (engine/step_log.py) and prints the timeline of one run: when requests
+reached the engine, the steps that ran prompt tokens, and the decode steps with rows missing.
+
+    python -m bench.step_log_report STEPS.jsonl [--run -1] [--gap-s 0.25] [--full 128]
+
+A log holds every run of its replica (warm-ups included); runs are separated by an idle gap of
+more than `--gap-s`, and `--run` picks one (default: the last). `--full` is the batch a step
+counts as full at (the benchmark's concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def runs(lines: list[dict], gap_s: float) -> list[list[dict]]:
+    """The log split where a round starts more than gap_s after the previous one ended."""
+    out: list[list[dict]] = [[]]
+    for prev, cur in zip([None, *lines], lines):
+        if prev is not None and cur["t"] - (prev["t"] + prev["step_s"]) > gap_s:
+            out.append([])
+        out[-1].append(cur)
+    return out
+
+
+def report(run: list[dict], full: int) -> list[str]:
+    t0 = run[0]["t"]
+    end = run[-1]["t"] + run[-1]["step_s"] - t0
+    rows = sum(r["decode"] for r in run)
+    lines = [f"{len(run)} steps in {end:.3f} s; {rows / len(run):.1f} decode rows per step; "
+             f"{sum(r['actions'] for r in run)} actions applied"]
+    short = 0
+    for i, r in enumerate(run):
+        if r["actions"] or r["prefill"]:
+            if short:
+                lines.append(f"  ... {short} decode steps below {full} rows")
+                short = 0
+            lines.append(f"  step {i:4d} at {r['t'] - t0:7.3f} s: {r['actions']:3d} actions, "
+                         f"{r['prefill']:5d} prompt tokens, {r['decode']:3d} decode rows, "
+                         f"{r['waiting']:3d} left waiting, {1e3 * r['step_s']:6.1f} ms")
+        elif r["decode"] < full:
+            short += 1
+    if short:
+        lines.append(f"  ... {short} decode steps below {full} rows")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("log", type=Path)
+    ap.add_argument("--run", type=int, default=-1)
+    ap.add_argument("--gap-s", type=float, default=0.25)
+    ap.add_argument("--full", type=int, default=128)
+    args = ap.parse_args(argv)
+    lines = [json.loads(line) for line in args.log.read_text().splitlines() if line]
+    all_runs = runs(lines, args.gap_s)
+    print(f"{len(all_runs)} runs in {args.log}; run {args.run}:")
+    print("\n".join(report(all_runs[args.run], args.full)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""bench.step_log_report: a step log split into runs at idle gaps, and one run's timeline."""
+
+from __future__ import annotations
+
+import json
+
+from bench import step_log_report
+
+
+def _step(t: float, actions: int = 0, prefill: int = 0, decode: int = 0, waiting: int = 0,
+          step_s: float = 0.01) -> dict:
+    return {"t": t, "actions": actions, "step_s": step_s, "waiting": waiting, "running": 4,
+            "prefill": prefill, "decode": decode}
+
+
+LOG = [_step(0.0, actions=1, prefill=8), _step(0.01, decode=1),  # a warm-up
+       _step(5.0, actions=4, prefill=32, waiting=2), _step(5.01, decode=4),
+       _step(5.02, decode=3), _step(5.03, decode=2), _step(5.04, actions=1, prefill=8, decode=2)]
+
+
+def test_runs_split_at_idle_gaps_and_the_report_names_what_each_step_ran(tmp_path, capsys):
+    assert [len(r) for r in step_log_report.runs(LOG, gap_s=1.0)] == [2, 5]
+    path = tmp_path / "steps.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in LOG))
+    step_log_report.main([str(path), "--full", "4"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"2 runs in {path}; run -1:",
+        "5 steps in 0.050 s; 2.2 decode rows per step; 5 actions applied",
+        "  step    0 at   0.000 s:   4 actions,    32 prompt tokens,   0 decode rows,   2 left "
+        "waiting,   10.0 ms",
+        "  ... 2 decode steps below 4 rows",
+        "  step    4 at   0.040 s:   1 actions,     8 prompt tokens,   2 decode rows,   0 left "
+        "waiting,   10.0 ms"]
