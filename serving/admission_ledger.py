@@ -139,6 +139,7 @@ class SharedSlots:
         self.num_fallbacks = 0  # admission decisions taken locally (ledger away)
         self.num_claims = 0  # claim messages sent
         self._queued: list[asyncio.Future] = []  # acquires waiting for the next claim
+        self._granted = 0  # acquires answered with a slot that have not taken it yet
         self._sender: asyncio.Task | None = None  # sends claims while any are queued
         self._count_due = False  # a release's count is to be sent this loop turn
 
@@ -156,8 +157,14 @@ class SharedSlots:
                 self._queued.append(answer)
                 if self._sender is None:
                     self._sender = asyncio.create_task(self._send_claims())
-                granted = await answer  # None: the ledger did not answer, decide here
+                try:
+                    granted = await answer  # None: the ledger did not answer, decide here
+                except asyncio.CancelledError:
+                    if answer.done() and not answer.cancelled() and answer.result():
+                        self._granted -= 1  # not taken: counted there until the next message
+                    raise
                 if granted is not None:
+                    self._granted -= granted
                     return self._take(granted)
             self.num_fallbacks += 1
             # The other undecided acquires count as held (see top), as they would at the ledger.
@@ -167,7 +174,8 @@ class SharedSlots:
 
     async def _send_claims(self) -> None:
         """One claim for the queued acquires, then the next for those queued meanwhile. Each
-        claim asserts `held`: no other claim of this holder is on its way while it is."""
+        claim asserts the slots held and those granted but not yet taken (the acquires resume
+        after this loop sends the next claim); no other claim of this holder is on its way."""
         try:
             while self._queued:
                 batch, self._queued = [f for f in self._queued if not f.done()], []
@@ -178,7 +186,8 @@ class SharedSlots:
                     self.num_claims += 1
                     try:
                         granted, self.live_holders = await asyncio.wait_for(
-                            self.port.claim(self.holder, self.held, self.limit, len(batch)),
+                            self.port.claim(self.holder, self.held + self._granted,
+                                            self.limit, len(batch)),
                             self.claim_timeout_s)
                     except (asyncio.CancelledError, KeyboardInterrupt):
                         raise
@@ -188,7 +197,8 @@ class SharedSlots:
                     if answer.done():  # cancelled (client gone): its grant, if any, is
                         continue  # counted by the ledger until this holder's next message
                     answer.set_result(None if granted is None else granted > 0)
-                    if granted is not None:
+                    if granted:
+                        self._granted += 1
                         granted -= 1
         finally:
             self._sender = None

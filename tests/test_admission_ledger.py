@@ -116,6 +116,22 @@ async def test_a_burst_is_one_claim_and_a_partial_grant_refuses_the_rest() -> No
     assert port.ledger.counts() == {"a": 0, "b": 3}  # one message for the five releases
 
 
+async def test_a_claim_right_after_another_counts_the_slots_it_granted() -> None:
+    """The next claim leaves as soon as the previous answer is in, before the acquires it
+    answered have taken their slots: it must assert them, or the ledger would grant them again."""
+    port = LocalLedger()
+    a, b = SharedSlots(port, "a", 8), SharedSlots(port, "b", 8)
+    for _ in range(3):
+        assert await b.acquire()
+    first = [asyncio.create_task(a.acquire()) for _ in range(5)]
+    await asyncio.sleep(0)  # the five queue and start the sender,
+    await asyncio.sleep(0)  # which sends them as one claim
+    second = [asyncio.create_task(a.acquire()) for _ in range(3)]
+    assert await asyncio.gather(*first, *second) == [True] * 5 + [False] * 3
+    assert a.num_claims == 2 and a.held == 5
+    assert port.ledger.counts() == {"a": 5, "b": 3}
+
+
 async def test_an_acquire_cancelled_on_the_way_leans_towards_refusing() -> None:
     port = SlowPort()
     a = SharedSlots(port, "a", 2)
