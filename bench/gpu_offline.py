@@ -48,7 +48,6 @@ def run(llm: LLM, prompts: list[list[int]], output_len: int, concurrency: int) -
             tokens += len(out.new_token_ids)
             live -= out.finished
     wall = time.perf_counter() - start
-    sched = engine.scheduler
     fill = step_fill(steps, sched.num_prefill_tokens - before[0],
                      sched.num_prefill_steps - before[1], sched.num_decode_tokens - before[2])
     return {"tok_s": tokens / wall, "wall_s": wall, "steps": steps, "decode_steps": decode_steps,

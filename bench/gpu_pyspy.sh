@@ -6,8 +6,8 @@
 # NAME: a bench/gpu_token_path.sh name (pd, pd_mps, colo, ...); a pd* name profiles the decode
 # replica, a colo* name the colocated one; NAME@ROLE profiles a replica of ROLE instead (e.g.
 # colo@ingress: the first ingress replica). Needs .device/py-spy: the static binary that
-# `pip install py-spy` puts in bin/. Writes $OUT/NAME_ROLE_idle.txt and $OUT/NAME_ROLE_gil.txt (py-spy's
-# raw format: one `thread;frame;...;frame count` line per distinct stack).
+# `pip install py-spy` puts in bin/. Writes $OUT/NAME_ROLE_idle.txt and $OUT/NAME_ROLE_gil.txt
+# (py-spy's raw format: one `thread;frame;...;frame count` line per distinct stack).
 set -u
 for arg in "$@"; do
   name=${arg%@*}
