@@ -50,6 +50,7 @@ class LoadResult:
     rate: float
     concurrency: int | None
     meta: dict[str, Any] = field(default_factory=dict)
+    start_unix: float = 0.0  # time.time() when send_time was 0: lines up with server logs
 
 
 async def run_load(
@@ -67,7 +68,7 @@ async def run_load(
         raise ValueError("concurrency must be >= 1")
     offsets = arrival_offsets(len(specs), rate, seed, burstiness)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
-    t0 = time.perf_counter()
+    t0, start_unix = time.perf_counter(), time.time()
 
     async def one(offset: float, spec: RequestSpec) -> RequestRecord:
         delay = t0 + offset - time.perf_counter()
@@ -87,7 +88,8 @@ async def run_load(
         return record
 
     records = await asyncio.gather(*(one(o, s) for o, s in zip(offsets, specs)))
-    return LoadResult(list(records), time.perf_counter() - t0, rate, concurrency)
+    return LoadResult(list(records), time.perf_counter() - t0, rate, concurrency,
+                      start_unix=start_unix)
 
 
 @dataclass(frozen=True)

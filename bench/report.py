@@ -45,6 +45,7 @@ def summarize_run(
         "completed": len(ok),
         "failed": len(recs) - len(ok),
         "duration_s": dur,
+        "start_unix": result.start_unix,
         "request_throughput": len(ok) / dur if dur > 0 else math.nan,
         "output_throughput": out_tokens / dur if dur > 0 else math.nan,
         "input_throughput": in_tokens / dur if dur > 0 else math.nan,

@@ -2,10 +2,14 @@
 reached the engine, the steps that ran prompt tokens, and the decode steps with rows missing.
 
     python -m bench.step_log_report STEPS.jsonl [--run -1] [--gap-s 0.25] [--full 128]
+        [--client SERVE.json]
 
 A log holds every run of its replica (warm-ups included); runs are separated by an idle gap of
 more than `--gap-s`, and `--run` picks one (default: the last). `--full` is the batch a step
-counts as full at (the benchmark's concurrency).
+counts as full at (the benchmark's concurrency). `--client` takes `bench.serve`'s JSON of the
+same run (its `start_unix` lines the two clocks up, same host) and adds how long requests took
+from the client's send to the engine: the k-th send against the k-th action applied (adds;
+on a decode replica of 1P1D, admissions after the KV import, so prefill included).
 """
 
 from __future__ import annotations
@@ -47,17 +51,33 @@ def report(run: list[dict], full: int) -> list[str]:
     return lines
 
 
+def request_path_ms(run: list[dict], sends_unix: list[float]) -> list[float]:
+    """k-th action applied minus k-th send, ms, for as many as both have."""
+    applied = sorted(r["t"] for r in run for _ in range(r["actions"]))
+    return [1e3 * (a - s) for a, s in zip(applied, sorted(sends_unix))]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log", type=Path)
     ap.add_argument("--run", type=int, default=-1)
     ap.add_argument("--gap-s", type=float, default=0.25)
     ap.add_argument("--full", type=int, default=128)
+    ap.add_argument("--client", type=Path)
     args = ap.parse_args(argv)
     lines = [json.loads(line) for line in args.log.read_text().splitlines() if line]
     all_runs = runs(lines, args.gap_s)
     print(f"{len(all_runs)} runs in {args.log}; run {args.run}:")
     print("\n".join(report(all_runs[args.run], args.full)))
+    if args.client:
+        from bench.stats import percentile
+
+        client = json.loads(args.client.read_text())["runs"][0]
+        lat = request_path_ms(all_runs[args.run],
+                              [client["start_unix"] + r["send_s"] for r in client["requests"]])
+        print(f"client send -> applied in the engine, {len(lat)} requests: p50 "
+              f"{percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, "
+              f"max {max(lat):.1f} ms")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,10 @@ def test_runs_split_at_idle_gaps_and_the_report_names_what_each_step_ran(tmp_pat
         "  ... 2 decode steps below 4 rows",
         "  step    4 at   0.040 s:   1 actions,     8 prompt tokens,   2 decode rows,   0 left "
         "waiting,   10.0 ms"]
+
+
+def test_request_path_pairs_the_kth_send_with_the_kth_action_applied():
+    run = [_step(10.0, actions=2), _step(10.05, decode=2), _step(10.1, actions=1)]
+    # sends at 9.99, 9.995 and 10.06: applied at 10.0, 10.0 and 10.1
+    assert [round(x, 3) for x in step_log_report.request_path_ms(run, [10.06, 9.99, 9.995])] \
+        == [10.0, 5.0, 40.0]
