@@ -8,8 +8,10 @@ A log holds every run of its replica (warm-ups included); runs are separated by 
 more than `--gap-s`, and `--run` picks one (default: the last). `--full` is the batch a step
 counts as full at (the benchmark's concurrency). `--client` takes `bench.serve`'s JSON of the
 same run (its `start_unix` lines the two clocks up, same host) and adds how long requests took
-from the client's send to the engine: the k-th send against the k-th action applied (adds;
-on a decode replica of 1P1D, admissions after the KV import, so prefill included).
+from the client's send to the engine: the k-th send against the k-th action applied. That is
+one action per request on a colocated or prefill replica (its add); a decode replica of 1P1D
+applies two (the page reservation, then the admission after the KV import), so read the
+prefill replica's log there.
 """
 
 from __future__ import annotations
