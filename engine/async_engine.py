@@ -107,7 +107,6 @@ class AsyncEngine:
         self.round_seconds = 0.0
         self.action_seconds = 0.0  # of which applying adds, admits, aborts, calls
         self._step_log = StepLog.from_env()  # PDSERVE_STEP_LOG: a line per step
-        self._last_step_s = 0.0
 
     def close(self) -> None:
         """Stop the step thread: it finishes the step it is in and applies the actions (adds,
@@ -352,10 +351,12 @@ class AsyncEngine:
                 start = time.perf_counter()
                 self._apply(pending)
                 if not self._closed and self._has_work():
-                    self._step()
+                    step_s = self._step()
                     self.round_seconds += time.perf_counter() - start
-                    if self._step_log is not None:
-                        self._log_step(len(pending), start)
+                    if self._step_log is not None and step_s is not None:
+                        # The round's start on the wall clock: other processes' logs line up.
+                        self._step_log.record(time.time() - (time.perf_counter() - start),
+                                              len(pending), step_s, self.engine.scheduler)
         except BaseException:  # a bug here must not leave the streams waiting forever
             log.exception("engine step thread failed")
             with self._cond:
@@ -376,27 +377,23 @@ class AsyncEngine:
         self.action_seconds += time.perf_counter() - start
         self._flush()  # first tokens of the requests admitted just now
 
-    def _step(self) -> None:
+    def _step(self) -> float | None:
+        """One engine step and the hand-off of its outputs; returns the step's seconds, or None
+        when it failed (its requests failed with it)."""
         start = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as e:
             log.exception("engine step failed; failing its requests")
             self._fail_all(e)
-            return
-        self._last_step_s = time.perf_counter() - start
-        self.step_seconds += self._last_step_s
+            return None
+        step_s = time.perf_counter() - start
+        self.step_seconds += step_s
         self.num_steps += 1
         for out in outputs:
             self._deliver(out)
         self._flush()
-
-    def _log_step(self, actions: int, start: float) -> None:
-        # The step's own time is the last addition to step_seconds; waiting is read after the
-        # step, which took its queued requests (what it left waiting).
-        sched = self.engine.scheduler
-        self._step_log.record(time.time() - (time.perf_counter() - start), actions,
-                              self._last_step_s, len(sched.waiting), sched)
+        return step_s
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):

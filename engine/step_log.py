@@ -34,13 +34,13 @@ class StepLog:
             return None
         return cls(Path(where) / f"steps-{os.getpid()}-{next(_numbers)}.jsonl")
 
-    def record(self, t: float, actions: int, step_s: float, waiting: int,
-               sched: Scheduler) -> None:
-        """After a step: what it launched is the change in the scheduler's counters."""
+    def record(self, t: float, actions: int, step_s: float, sched: Scheduler) -> None:
+        """After a step: what it launched is the change in the scheduler's counters, and what
+        it left waiting is the scheduler's queue now."""
         launched = (sched.num_prefill_tokens, sched.num_decode_tokens)
         prefill, decode = (a - b for a, b in zip(launched, self._launched))
         self._launched = launched
         self.file.write(json.dumps({
             "t": round(t, 6), "actions": actions, "step_s": round(step_s, 6),
-            "waiting": waiting, "running": len(sched.running), "prefill": prefill,
+            "waiting": len(sched.waiting), "running": len(sched.running), "prefill": prefill,
             "decode": decode}) + "\n")
