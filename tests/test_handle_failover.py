@@ -21,6 +21,7 @@ from api.server import build_api
 from engine.async_engine import AsyncEngine
 from engine.llm import LLM
 from engine.llm_engine import Engine
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.anyio
@@ -28,7 +29,10 @@ PROMPT = "Once upon a time, the lighthouse keeper"
 
 
 class DyingResponse:
-    """A streaming DeploymentResponse whose replica dies after `die_after` outputs."""
+    """A streaming DeploymentResponse whose replica dies after `die_after` tokens. The engine
+    merges a stream's outputs when its consumer falls behind (as on a loaded machine), so the
+    death is counted in tokens, and an output that runs past it arrives cut at the death point:
+    the client gets exactly `die_after` tokens however the engine grouped them."""
 
     def __init__(self, stream, die_after: int | None) -> None:
         self.stream, self.die_after, self.n, self.cancelled = stream, die_after, 0, False
@@ -40,8 +44,15 @@ class DyingResponse:
         if self.die_after is not None and self.n >= self.die_after:
             await self.stream.aclose()  # the replica's engine goes down with it
             raise ActorDiedError()
-        self.n += 1
         out = await anext(self.stream)
+        cut = len(out.new_token_ids) - (self.die_after - self.n if self.die_after is not None
+                                        else len(out.new_token_ids))
+        if cut > 0:  # the replica dies before sending the rest of this output
+            keep = len(out.new_token_ids) - cut
+            out = out.evolve(new_token_ids=out.new_token_ids[:keep],
+                             new_logprobs=out.new_logprobs[:keep], finished=False,
+                             finish_reason=None, num_output_tokens=out.num_output_tokens - cut)
+        self.n += len(out.new_token_ids)
         if out.finished:  # the replica runs its generator to the end on its own
             await self.stream.aclose()
         return out
@@ -52,7 +63,7 @@ class DyingResponse:
 
 
 class EngineHandle:
-    """Stands in for a DeploymentHandle; call i dies after `deaths[i]` outputs (None: never)."""
+    """Stands in for a DeploymentHandle; call i dies after `deaths[i]` tokens (None: never)."""
 
     def __init__(self, engine: AsyncEngine, deaths: list[int | None]) -> None:
         self.engine, self.deaths = engine, list(deaths)
@@ -104,6 +115,18 @@ async def run(client, prompt_ids, params) -> tuple[list[int], str, str | None, i
 
 
 SEEDED = dict(max_tokens=40, temperature=1.5, top_k=0, seed=5, ignore_eos=True)
+
+
+async def test_the_stand_in_dies_at_its_token_even_inside_a_merged_output() -> None:
+    async def merged():  # one output carrying three steps' tokens, as a busy engine sends it
+        yield RequestOutput("r", [7, 8, 9], "", True, "length", num_output_tokens=3)
+
+    response = DyingResponse(merged(), die_after=2)
+    out = await anext(response)
+    assert (out.new_token_ids, out.finished, out.finish_reason, out.num_output_tokens) == (
+        [7, 8], False, None, 2)
+    with pytest.raises(ActorDiedError):
+        await anext(response)
 
 
 @pytest.mark.parametrize("params", [
