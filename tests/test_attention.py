@@ -106,6 +106,31 @@ def test_paged_prefill_equals_dense_causal():
         start += n
 
 
+def test_batched_decodes_equal_dense_per_request():
+    # Five single-token requests of different lengths in one step: the torch backend attends
+    # them as one batch, padded to the longest (13 pages' worth) and masked; each row must
+    # equal its own request's dense attention, whatever its padding holds.
+    torch.manual_seed(1)
+    lens = [1, 4, 5, 13, 50]
+    pages = list(range(40))
+    random.Random(1).shuffle(pages)
+    tables, start = [], 0
+    for n in lens:
+        tables.append(pages[start:start + -(-n // PS)])
+        start += len(tables[-1])
+    cache = torch.randn(40, 2, PS, HKV, D)
+    b = len(lens)
+    q, k, v = torch.randn(b, HQ, D), torch.randn(b, HKV, D), torch.randn(b, HKV, D)
+    out = _run(_backend(), tables, [n - 1 for n in lens], [1] * b, cache, q, k, v)
+    for i, (table, n) in enumerate(zip(tables, lens)):
+        kv = cache[table].transpose(0, 1).reshape(2, -1, HKV, D)[:, :n]
+        assert torch.equal(kv[0, -1], k[i]) and torch.equal(kv[1, -1], v[i])
+        qh = q[i].view(HKV, HQ // HKV, D)
+        s = torch.einsum("hgd,mhd->hgm", qh, kv[0]) * D ** -0.5
+        dense = torch.einsum("hgm,mhd->hgd", s.softmax(-1), kv[1]).reshape(HQ, D)
+        torch.testing.assert_close(out[i], dense, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_cascade_equals_plain_decode(seed):
     rng = random.Random(seed)
