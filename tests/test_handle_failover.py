@@ -45,8 +45,7 @@ class DyingResponse:
             await self.stream.aclose()  # the replica's engine goes down with it
             raise ActorDiedError()
         out = await anext(self.stream)
-        cut = len(out.new_token_ids) - (self.die_after - self.n if self.die_after is not None
-                                        else len(out.new_token_ids))
+        cut = 0 if self.die_after is None else self.n + len(out.new_token_ids) - self.die_after
         if cut > 0:  # the replica dies before sending the rest of this output
             keep = len(out.new_token_ids) - cut
             out = out.evolve(new_token_ids=out.new_token_ids[:keep],
