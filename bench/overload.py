@@ -4,8 +4,8 @@ python -m bench.overload [--config configs/tiny.yaml] [--limit 8] [--burst 32] [
 
 Starts `serve run CONFIG` with `limits.max_concurrent_requests` set to `--limit`, fills the limit
 with long streams (each has streamed a token before the burst), then sends `--burst` requests at
-once (`--repeats` times) and prints the latency of their 429 answers (p50, p99, max) and how
-many were admitted.
+once (`--repeats` times) and prints the latency of their 429 answers (p50, p99, max, and the
+slowest of each burst) and how many were admitted.
 """
 
 from __future__ import annotations
