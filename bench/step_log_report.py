@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         from bench.stats import percentile
 
         client = json.loads(args.client.read_text())["runs"][0]
+        if "start_unix" not in client:
+            raise SystemExit(f"{args.client} has no start_unix (written before bench.serve "
+                             "recorded it): its sends cannot be lined up with the step log")
         lat = request_path_ms(all_runs[args.run],
                               [client["start_unix"] + r["send_s"] for r in client["requests"]])
         print(f"client send -> applied in the engine, {len(lat)} requests: p50 "
