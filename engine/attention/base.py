@@ -188,11 +188,11 @@ def store_kv(kv_cache: torch.Tensor, index: tuple, x: torch.Tensor) -> None:
     as_bytes(kv_cache)[index] = as_bytes(to_kv_dtype(x, kv_cache.dtype))
 
 
-def load_kv(kv_cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """Whole pages kv_cache[pages] in float32 (fp8 pages: times KV_FP8_SCALE = 1.0, i.e. upcast
-    only). index_select, not `kv_cache[pages]`: on CPU the advanced-indexing kernel copied a
-    step's pages ~10x slower."""
-    return as_bytes(kv_cache).index_select(0, pages).view(kv_cache.dtype).float()
+def load_kv(kv_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """kv_cache[index] along dim 0 (whole pages, or rows of a view of the pool) in float32 (fp8
+    pages: times KV_FP8_SCALE = 1.0, i.e. upcast only). index_select, not `kv_cache[index]`: on
+    CPU the advanced-indexing kernel copied a step's pages ~10x slower."""
+    return as_bytes(kv_cache).index_select(0, index).view(kv_cache.dtype).float()
 
 
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,

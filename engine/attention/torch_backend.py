@@ -15,7 +15,6 @@ from engine.attention.base import (
     AttentionMetadata,
     AttentionPlan,
     CascadeLevel,
-    as_bytes,
     load_kv,
     write_kv,
 )
@@ -160,11 +159,10 @@ class TorchPlan(AttentionPlan):
                          out: torch.Tensor) -> None:
         tokens, k_rows, v_rows, mask = self.decode
         b, hkv, d = tokens.shape[0], self.num_kv_heads, self.head_dim
-        rows = as_bytes(kv_cache).view(-1, hkv * d)  # fp8 as uint8: same element size
+        rows = kv_cache.view(-1, hkv * d)  # [num_pages * 2 * page_size, Hkv * D]
 
         def gather(index: torch.Tensor) -> torch.Tensor:  # -> [B, Hkv, L, D] float32
-            x = rows.index_select(0, index).view(kv_cache.dtype).float()
-            return x.view(b, -1, hkv, d).transpose(1, 2)
+            return load_kv(rows, index).view(b, -1, hkv, d).transpose(1, 2)
 
         k, v = gather(k_rows), gather(v_rows)
         # A KV head's G query heads ride as G query positions: no K/V repeat for GQA.
