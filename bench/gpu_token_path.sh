@@ -12,6 +12,8 @@
 # pd_mps (1P1D with CUDA MPS: the two replicas' kernels run side by side on the GPU instead of
 # in turns; Ray is restarted under an MPS control daemon, then without it again), pd_mps_p60
 # (the same, the prefill replica held to 60% of the SMs: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE),
+# pd_mps_lowp (the prefill replica an MPS client of below-normal priority:
+# CUDA_MPS_CLIENT_PRIORITY=1), pd_mps_c8k (its prompt chunks 8K tokens instead of 16K),
 # pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket).
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
 # writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
@@ -47,6 +49,12 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
         env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60"}
         args["prefill"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
         yaml.safe_dump(cfg, open("/tmp/pd_mps_p60.yaml", "w"))
+        env = {"CUDA_MPS_CLIENT_PRIORITY": "1"}  # below normal: decode's kernels go first
+        args["prefill"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+        yaml.safe_dump(cfg, open("/tmp/pd_mps_lowp.yaml", "w"))
+        args["prefill"]["ray_actor_options"].pop("runtime_env")
+        args["prefill"]["engine"]["max_num_batched_tokens"] = 8192
+        yaml.safe_dump(cfg, open("/tmp/pd_mps_c8k.yaml", "w"))
 PY
 restart_ray() {  # $1: RAY_SERVE_ENABLE_HA_PROXY for the new Ray instance (as in device_run.sh)
   ray stop > /dev/null 2>&1
@@ -85,7 +93,7 @@ for name in "${@:-offline pd colo}"; do
         if [ $n = pd_proxy ]; then cfg=$C; else cfg=$K; fi
         RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
-      pd_mps | pd_mps_p60)
+      pd_mps | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       pd_* | colo_*)  # a variant the script wrote above
         if [ -f /tmp/$n.yaml ]; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
