@@ -40,7 +40,8 @@ async def burst(base: str, limit: int, n: int, repeats: int = 1) -> tuple[list[l
     Returns each burst's 429 latencies (seconds) and how many requests were admitted.
 
     The client keeps its connections: the first burst opens `n` new ones, the later bursts
-    reuse them (docs/cpu-benchmarks.md: the first burst is the slow one on two cores).
+    reuse them. On two cores the first burst is often the slowest, but slow bursts come at any
+    point (docs/cpu-benchmarks.md, "Threads, niceness and the slow bursts, again").
 
     The client is aiohttp, as in bench/loadgen.py: on two shared cores httpx's own cost per
     request was most of what a burst measured (429 p50 430 ms against 86 ms with aiohttp, same
