@@ -15,7 +15,9 @@ accuracy: Llama-3-8B shape with random weights (load_format dummy: N(0, 0.02), a
   4 x 128 positions: KL(bf16 || fp8) and top-1 agreement, for fp8 weights, fp8 KV and both.
   Random weights make these a check of the numerics, not of a trained model's quality.
 decode: engine decode steps at B = 1, 32, 128 (context 1024, CUDA graphs, FlashInfer) for bf16,
-  fp8 weights, fp8 weights + fp8 KV: step wall time, graph replay GPU time, ratio to bf16.
+  fp8 weights run one projection at a time (PDSERVE_FP8_FUSION=0), fp8 weights through the
+  fused layers (engine/fp8_fusion.py), fp8 weights + fp8 KV: step wall time, graph replay GPU
+  time, ratio to bf16.
 """
 
 from __future__ import annotations
@@ -160,8 +162,11 @@ def bench_decode(sizes: list[int], context: int, steps: int) -> None:
     max_len = context + 4 * steps + 64
     num_pages = max(sizes) * -(-max_len // 16) + 64
     rows: dict[str, dict[int, tuple[float, float]]] = {}
-    for name, kw in (("bf16", {}), *((n, VARIANTS[n]) for n in ("fp8 weights",
-                                                                "fp8 weights + KV"))):
+    # "unfused": fp8 layers one projection at a time (PDSERVE_FP8_FUSION=0), the path before
+    # engine/fp8_fusion.py, measured in the same run
+    for name, kw in (("bf16", {}), ("fp8 weights, unfused", VARIANTS["fp8 weights"]),
+                     *((n, VARIANTS[n]) for n in ("fp8 weights", "fp8 weights + KV"))):
+        os.environ["PDSERVE_FP8_FUSION"] = "0" if "unfused" in name else "1"
         t0 = time.perf_counter()
         llm = _llm(cuda_graphs=True, max_num_seqs=max(sizes), max_num_batched_tokens=16384,
                    max_model_len=max_len, num_pages=num_pages, **kw)

@@ -67,7 +67,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return wq, scale
 
 
-def _fused(fn: Callable) -> Callable:
+def compiled_on_cuda(fn: Callable) -> Callable:
     """`fn` compiled by torch.compile on CUDA (one Triton kernel instead of 4-6 elementwise
     launches per layer: at batch 1 those launches cost as much as the GEMM saves), eager on CPU
     or with PDSERVE_FP8_COMPILE=0. Compiles on first use, which the CUDA-graph warm-up runs
@@ -90,9 +90,9 @@ def _fused(fn: Callable) -> Callable:
     return run
 
 
-_quantize_rows = _fused(quantize_rows)
-_quantize_static = _fused(quantize_static)
-_dequantize_output = _fused(dequantize_output)
+_quantize_rows = compiled_on_cuda(quantize_rows)
+_quantize_static = compiled_on_cuda(quantize_static)
+_dequantize_output = compiled_on_cuda(dequantize_output)
 
 
 class Fp8Linear(nn.Module):
@@ -141,26 +141,37 @@ class Fp8Linear(nn.Module):
         """[N, K] float32: what the fp8 weight stands for (tests, accuracy checks)."""
         return self.weight.float() * self.weight_scale[:, None]
 
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M, 1] float32): per token, or with the
+        checkpoint's static input scale."""
+        if self.input_scale is None:
+            return _quantize_rows(x)
+        return _quantize_static(x, self.input_scale)
+
+    def gemm_unscaled(self, xq: torch.Tensor) -> torch.Tensor:
+        """xq [M, K] fp8 -> sum_k xq[m, k] * wq[n, k] [M, N], no scale and no bias applied.
+
+        The sums reach 448^2 * K: past float16's range, so they land in bf16 (or fp32 for an
+        fp32 model) and the scales apply in float32 afterwards (`dequantize_output`, or a
+        caller's fused kernel: engine/fp8_fusion.py)."""
+        raw = torch.float32 if self.out_dtype == torch.float32 else torch.bfloat16
+        # the weight transposed is [K, N] column-major, as _scaled_mm wants its second operand
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=self._one, scale_b=self._one,
+                                out_dtype=raw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if self.input_scale is None:
-            xq, x_scale = _quantize_rows(x2)  # [M, K] fp8, [M, 1] fp32
-        else:
-            xq, x_scale = _quantize_static(x2, self.input_scale)
-        w_t = self.weight.t()  # [K, N] column-major, as _scaled_mm wants its second operand
+        xq, x_scale = self.quantize_input(x2)  # [M, K] fp8, [M, 1] fp32
         if x2.shape[0] >= ROWWISE_MIN_M and self.out_dtype == torch.bfloat16:
-            y = torch._scaled_mm(xq, w_t, scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale,
+                                 scale_b=self.weight_scale.view(1, -1),
                                  out_dtype=self.out_dtype)  # [M, N]
             if self.bias is not None:
                 y = y + self.bias
         else:
-            # Unscaled sums reach 448^2 * K: past float16's range, so they land in bf16 (or
-            # fp32 for an fp32 model) and the scales apply in float32 afterwards.
-            raw = torch.float32 if self.out_dtype == torch.float32 else torch.bfloat16
-            y = torch._scaled_mm(xq, w_t, scale_a=self._one, scale_b=self._one,
-                                 out_dtype=raw)  # [M, N], unscaled
-            y = _dequantize_output(y, x_scale, self.weight_scale, self.bias, self.out_dtype)
+            y = _dequantize_output(self.gemm_unscaled(xq), x_scale, self.weight_scale,
+                                   self.bias, self.out_dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

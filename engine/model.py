@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import fp8_fusion
 from engine.attention.base import AttentionPlan
+from engine.fp8_fusion import Pending
 from engine.model_arch import ModelArch
 from engine.rope import RotaryEmbedding
 
@@ -100,15 +102,20 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(h, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, h, bias=False)
 
-    def forward(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, layer: int, hidden: torch.Tensor | Pending, residual: torch.Tensor | None,
                 positions: torch.Tensor, rope: RotaryEmbedding, plan: AttentionPlan,
-                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: torch.Tensor) -> tuple[torch.Tensor | Pending, torch.Tensor]:
         """hidden [T, H], residual [T, H] or None -> (mlp_out [T, H], residual [T, H]).
 
         This layer's output (the input of the next) is `residual + mlp_out`; the caller adds
         them (fused into the next norm on the GPU). On the GPU `hidden` and `residual` are
-        updated in place.
+        updated in place. A layer with fp8 projections returns mlp_out unscaled, as a
+        `Pending`, which the next layer's first kernel scales.
         """
+        if fp8_fusion.fusable(self):
+            return self._forward_fp8(layer, hidden, residual, positions, rope, plan, kv_cache)
+        if isinstance(hidden, Pending):  # after an fp8 layer, in a model with bf16 layers too
+            hidden = hidden.value(residual.dtype)
         fi = fused_kernels(hidden)
         if fi is not None:
             return self._forward_fused(fi, layer, hidden, residual, positions, rope, plan,
@@ -146,6 +153,32 @@ class DecoderLayer(nn.Module):
                                   self.post_attn_norm.eps)
         return self.down_proj(fi.activation.silu_and_mul(self.gate_up_proj(h))), residual
 
+    def _forward_fp8(self, layer: int, hidden: torch.Tensor | Pending,
+                     residual: torch.Tensor | None, positions: torch.Tensor,
+                     rope: RotaryEmbedding, plan: AttentionPlan,
+                     kv_cache: torch.Tensor) -> tuple[Pending, torch.Tensor]:
+        """The layer with fp8 projections, each GEMM's scales and the next GEMM's input
+        quantization fused into the kernel between them (engine/fp8_fusion.py)."""
+        a, t = self.arch, positions.shape[0]
+        qkv_p, o_p = self.qkv_proj, self.o_proj
+        gate_up_p, down_p = self.gate_up_proj, self.down_proj
+        # residual += hidden; xq = quantize(input_norm(residual))
+        xq, s, residual = fp8_fusion.add_rmsnorm_quantize(hidden, residual, self.input_norm,
+                                                          qkv_p.input_scale)
+        qkv = fp8_fusion.project_dequantized(qkv_p, xq, s)  # [T, q_size + 2 * kv_size]
+        q, k, v = (y.view(t, -1, a.head_dim)
+                   for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
+        fi = fused_kernels(qkv)
+        q, k = rope(positions, q, k) if fi is None else _rope_fused(fi, rope, positions, q, k)
+        attn = plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size)
+        # residual += o_proj(attn); xq = quantize(post_attn_norm(residual))
+        xq, s, residual = fp8_fusion.add_rmsnorm_quantize(
+            fp8_fusion.project(o_p, *o_p.quantize_input(attn)), residual, self.post_attn_norm,
+            gate_up_p.input_scale)
+        xq, s = fp8_fusion.silu_mul_quantize(fp8_fusion.project(gate_up_p, xq, s),
+                                             down_p.input_scale)
+        return fp8_fusion.project(down_p, xq, s), residual
+
 
 class CausalLM(nn.Module):
     def __init__(self, arch: ModelArch, max_positions: int) -> None:
@@ -177,11 +210,14 @@ class CausalLM(nn.Module):
                 on_layer(i)
         return self.final_norm(hidden, residual)
 
-    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def final_norm(self, hidden: torch.Tensor | Pending,
+                   residual: torch.Tensor | None) -> torch.Tensor:
         """norm(residual + hidden) [T, H]: the last layer's output, normed (one kernel on the
         GPU, which leaves the sum in `residual` and the normed states in `hidden`)."""
         if residual is None:  # a model without layers
             return self.norm(hidden)
+        if isinstance(hidden, Pending):
+            hidden = hidden.value(residual.dtype)
         fi = fused_kernels(hidden)
         if fi is None:
             return self.norm(residual + hidden)

@@ -18,14 +18,17 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("flashinfer")
 
-from engine import fp8_linear  # noqa: E402
+from engine import fp8_fusion, fp8_linear  # noqa: E402
 from engine.attention.cascade import plan_cascade  # noqa: E402
 from engine.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
 from engine.attention.metadata import build_metadata  # noqa: E402
 from engine.attention.torch_backend import TorchBackend  # noqa: E402
 from engine.fp8_linear import Fp8Linear  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.model import RMSNorm  # noqa: E402
 from tests.gpu import test_gpu_engine as gpu_engine  # noqa: E402
 from tests.gpu.test_flashinfer_backend import random_tables, rel_err  # noqa: E402
+from tests.test_fp8 import agreement  # noqa: E402
 
 tiny_path = gpu_engine.tiny_path  # the head_dim-64 tiny llama (a module-scoped fixture)
 
@@ -145,6 +148,63 @@ def test_tiny_model_with_fp8_kv_agrees_across_backends(tiny_path):
                                         cuda_graphs=True, kv_cache_dtype="fp8_e4m3")
     gpu_engine.assert_agree(ref, got)
     assert replays > 0
+
+
+def _fused_kernel_cases(m: int):
+    """(compiled call, eager reference) for each fused kernel of engine/fp8_fusion.py, on
+    Llama-3-8B-shaped bf16 inputs of m rows: add+RMSNorm+quantize, SiLU-and-mul+quantize."""
+    torch.manual_seed(m)
+    h, i = 4096, 14336
+    norm = RMSNorm(h, 1e-5).to(DEV, DT)
+    raw_h = torch.randn(m, h, device=DEV, dtype=DT) * 300
+    res = torch.randn(m, h, device=DEV, dtype=DT)
+    raw_i = torch.randn(m, 2 * i, device=DEV, dtype=DT) * 300
+    xs, ws_h, ws_i = (torch.rand(*s, device=DEV) * 0.01 for s in ((m, 1), (h,), (2 * i,)))
+    pend_h, pend_i = fp8_fusion.Pending(raw_h, xs, ws_h), fp8_fusion.Pending(raw_i, xs, ws_i)
+    return [(lambda: fp8_fusion.add_rmsnorm_quantize(pend_h, res, norm, None),
+             lambda: fp8_fusion.add_rmsnorm_quantize_kernel(raw_h, xs, ws_h, res, norm.weight,
+                                                            norm.eps, None), raw_h),
+            (lambda: fp8_fusion.silu_mul_quantize(pend_i, None),
+             lambda: fp8_fusion.silu_mul_quantize_kernel(raw_i, xs, ws_i, None), raw_i)]
+
+
+def _assert_close_quantized(got, want) -> None:
+    """(xq, scale[, residual]) against the eager reference: the same values up to rounding (an
+    fp8 code may flip where a value sits at a rounding boundary)."""
+    assert got[0].dtype == FP8 and got[0].shape == want[0].shape
+    assert rel_err(got[1], want[1]) < 1e-3
+    assert rel_err(got[0].float() * got[1], want[0].float() * want[1]) < 1e-2
+    for g, w in zip(got[2:], want[2:], strict=True):
+        assert g.dtype == w.dtype and rel_err(g, w) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 32, 512])
+def test_compiled_fused_fp8_kernels_match_eager_and_replay_in_cuda_graphs(m):
+    for compiled, eager, source in _fused_kernel_cases(m):
+        with torch.inference_mode():
+            _assert_close_quantized(compiled(), eager())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = compiled()
+            source.copy_(torch.randn_like(source) * 300)
+            graph.replay()
+            torch.cuda.synchronize()
+            _assert_close_quantized(captured, eager())
+
+
+def test_tiny_model_with_fused_fp8_layers_stays_close_to_bf16_in_cuda_graphs(tiny_path):
+    """fp8 weights through the fused layers (compiled, flashinfer, CUDA graphs): next-token
+    distributions within the CPU test's bound of the bf16 model's (tests/test_fp8.py; broken
+    scales give top-1 agreement near 1/vocab), and greedy decoding replays graphs."""
+    kw = dict(gpu_engine.COMMON, attention_backend="flashinfer", cuda_graphs=True)
+    ref = LLM(tiny_path, **kw)
+    fp8 = LLM(tiny_path, quantize="fp8", **kw)
+    kl, top1 = agreement(ref, fp8, gpu_engine._prompts(0))
+    print(f"fused fp8 vs bf16: KL {kl:.3f}, top-1 {top1:.2f}")
+    assert kl < 1.0 and top1 > 0.5
+    out = fp8.generate(gpu_engine._prompts(1), gpu_engine.GREEDY)
+    assert all(len(o.token_ids) == gpu_engine.GREEDY.max_tokens for o in out)
+    assert gpu_engine._graph_replays(fp8) > 0
 
 
 # No backend-agreement test with fp8 weights *and* fp8 KV on this model: per-token fp8 rounding
