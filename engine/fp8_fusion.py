@@ -17,10 +17,12 @@ quantizes the next GEMM's input:
     silu_mul_quantize     xq, s = quantize(silu(gate) * up), gate | up = gate_up_raw * s_x * s_w
     down GEMM             carried to the next layer unscaled, as a `Pending`
 
-Every GEMM is the per-tensor fp8 GEMM with unit scales (`Fp8Linear.gemm_unscaled`): with its
-scales applied elsewhere it is the fastest fp8 GEMM at every M measured (docs/fp8.md). The
-functions are plain PyTorch, compiled into Triton kernels on CUDA (`compiled_on_cuda`) and run
-as they are on CPU, where they are the reference the tests compare against the unfused path.
+Below `ROWWISE_MIN_M` rows (decode) every GEMM is the per-tensor fp8 GEMM with unit scales
+(`Fp8Linear.gemm_unscaled`), the fastest fp8 GEMM there (docs/fp8.md); from it (prefill) the
+row-wise GEMM applies the scales in its epilogue and the next kernel reads a finished output
+(a `Pending` without scales). The functions are plain PyTorch, compiled into Triton kernels
+on CUDA (`compiled_on_cuda`) and run as they are on CPU, where the tests compare them with the
+unfused path.
 `PDSERVE_FP8_FUSION=0` runs fp8 layers one projection at a time instead.
 """
 
@@ -47,14 +49,17 @@ PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 class Pending(NamedTuple):
     """A projection's output whose scales are not applied yet: raw [T, N] * x_scale [T, 1] *
-    w_scale [N] (raw in bf16, or fp32 for an fp32 model; the scales float32)."""
+    w_scale [N] (raw in bf16, or fp32 for an fp32 model; the scales float32). Both scales None:
+    raw is the output itself (the row-wise GEMM applied them)."""
 
     raw: torch.Tensor
-    x_scale: torch.Tensor
-    w_scale: torch.Tensor
+    x_scale: torch.Tensor | None
+    w_scale: torch.Tensor | None
 
     def value(self, dtype: torch.dtype) -> torch.Tensor:
         """The output itself, [T, N] in `dtype` (for a consumer that is not fused)."""
+        if self.x_scale is None:
+            return self.raw.to(dtype)
         return _dequantize(self.raw, self.x_scale, self.w_scale, None, dtype)
 
 
@@ -98,12 +103,13 @@ def add_rmsnorm_quantize_kernel(
     return xq, scale, res
 
 
-def silu_mul_quantize_kernel(raw: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                             input_scale: torch.Tensor | None,
+def silu_mul_quantize_kernel(raw: torch.Tensor, x_scale: torch.Tensor | None,
+                             w_scale: torch.Tensor | None, input_scale: torch.Tensor | None,
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused gate|up GEMM's unscaled output [T, 2I] -> quantize(silu(gate) * up): xq [T, I]
-    fp8 and its scale [T, 1]."""
-    gate, up = (raw.float() * x_scale * w_scale).chunk(2, dim=-1)  # [T, I] each
+    """The fused gate|up GEMM's output [T, 2I] (unscaled unless x_scale is None) ->
+    quantize(silu(gate) * up): xq [T, I] fp8 and its scale [T, 1]."""
+    gu = raw.float() if x_scale is None else raw.float() * x_scale * w_scale
+    gate, up = gu.chunk(2, dim=-1)  # [T, I] each
     return _quantize(F.silu(gate) * up, input_scale)
 
 
@@ -125,13 +131,19 @@ def add_rmsnorm_quantize(hidden: torch.Tensor | Pending, residual: torch.Tensor 
 
 
 def project(proj: Fp8Linear, xq: torch.Tensor, x_scale: torch.Tensor) -> Pending:
-    """proj's GEMM on an already quantized input, its scales left for the next kernel."""
+    """proj's GEMM (no bias) on an already quantized input, its scales left for the next
+    kernel; from `ROWWISE_MIN_M` rows the row-wise GEMM applies them itself."""
+    if proj.uses_rowwise(xq.shape[0]):
+        return Pending(proj.gemm_rowwise(xq, x_scale), None, None)
     return Pending(proj.gemm_unscaled(xq), x_scale, proj.weight_scale)
 
 
 def project_dequantized(proj: Fp8Linear, xq: torch.Tensor, x_scale: torch.Tensor,
                         ) -> torch.Tensor:
     """proj's GEMM on an already quantized input, scaled (+ bias) into proj's dtype [T, N]."""
+    if proj.uses_rowwise(xq.shape[0]):
+        y = proj.gemm_rowwise(xq, x_scale)
+        return y if proj.bias is None else y + proj.bias
     return _dequantize(proj.gemm_unscaled(xq), x_scale, proj.weight_scale, proj.bias,
                        proj.out_dtype)
 

@@ -79,7 +79,17 @@ def compiled_on_cuda(fn: Callable) -> Callable:
                 or state["failed"]:
             return fn(*args)
         if state["compiled"] is None:
-            state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
+            # No split reductions: a row's reductions (its norm, its absolute maximum) and the
+            # quantization that uses them stay one kernel, at M = 1 as at 8K.
+            state["compiled"] = torch.compile(fn, fullgraph=True,
+                                              options={"split_reductions": False})
+        # Only the number of rows varies between calls (batch buckets, prefill chunks): that
+        # dimension compiles dynamic and the feature sizes static. With every size dynamic
+        # (dynamic=True), inductor cut a reduction over 14336 features into three kernels and
+        # an fp32 intermediate in memory (run 64, docs/fp8.md).
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() == 2:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
         try:
             return state["compiled"](*args)
         except Exception as e:  # noqa: BLE001 - e.g. no Triton in this install
@@ -159,14 +169,22 @@ class Fp8Linear(nn.Module):
         return torch._scaled_mm(xq, self.weight.t(), scale_a=self._one, scale_b=self._one,
                                 out_dtype=raw)
 
+    def uses_rowwise(self, m: int) -> bool:
+        """Whether an input of m rows takes the row-wise-scaled GEMM (`gemm_rowwise`)."""
+        return m >= ROWWISE_MIN_M and self.out_dtype == torch.bfloat16
+
+    def gemm_rowwise(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """xq [M, K] fp8, x_scale [M, 1] -> y [M, N] bf16, both scales applied in the GEMM's
+        epilogue (its one output dtype is bf16); no bias."""
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale,
+                                scale_b=self.weight_scale.view(1, -1), out_dtype=torch.bfloat16)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         xq, x_scale = self.quantize_input(x2)  # [M, K] fp8, [M, 1] fp32
-        if x2.shape[0] >= ROWWISE_MIN_M and self.out_dtype == torch.bfloat16:
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale,
-                                 scale_b=self.weight_scale.view(1, -1),
-                                 out_dtype=self.out_dtype)  # [M, N]
+        if self.uses_rowwise(x2.shape[0]):
+            y = self.gemm_rowwise(xq, x_scale)  # [M, N]
             if self.bias is not None:
                 y = y + self.bias
         else:

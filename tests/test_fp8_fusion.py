@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.gpu_fp8 import prompt_logits
-from engine import fp8_fusion
+from engine import fp8_fusion, fp8_linear
 from engine.fp8_fusion import Pending, add_rmsnorm_quantize_kernel, silu_mul_quantize_kernel
-from engine.fp8_linear import FP8, dequantize_output, quantize_rows, quantize_static
+from engine.fp8_linear import FP8, Fp8Linear, dequantize_output, quantize_rows, quantize_static
 from engine.llm import LLM
 from engine.model import RMSNorm
 from engine.tiny_fp8 import make_fp8_checkpoint, quantization_config
@@ -68,6 +68,19 @@ def test_silu_mul_quantize_is_dequantize_then_silu_and_mul_then_quantize():
     want = quantize_rows(torch.nn.functional.silu(gate) * up)
     assert_same(silu_mul_quantize_kernel(raw, x_scale, w_scale, None), want)
     assert_same(fp8_fusion.silu_mul_quantize(Pending(raw, x_scale, w_scale), None), want)
+
+
+@pytest.mark.parametrize("m", [7, fp8_linear.ROWWISE_MIN_M])
+def test_a_projection_leaves_its_scales_pending_below_rowwise_min_m(m):
+    torch.manual_seed(0)
+    fp8 = Fp8Linear.from_linear(torch.nn.Linear(256, 384, bias=False).to(torch.bfloat16))
+    x = torch.randn(m, 256, dtype=torch.bfloat16)
+    out = fp8_fusion.project(fp8, *quantize_rows(x))
+    if m < fp8_linear.ROWWISE_MIN_M:  # the unscaled GEMM; the scales wait for the next kernel
+        assert out.x_scale is not None and out.raw.abs().max() > 1000
+    else:  # the row-wise GEMM applied them
+        assert out.x_scale is None and out.w_scale is None
+    assert torch.equal(out.value(torch.bfloat16), fp8(x))
 
 
 def test_a_pending_output_is_its_scaled_value():
