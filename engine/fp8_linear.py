@@ -67,34 +67,41 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return wq, scale
 
 
+# Rows from which a compiled kernel keeps each row's reductions in one program (below it, inductor
+# may split a reduction across programs). H200, the SiLU-and-mul + quantize kernel (run 65,
+# docs/fp8.md): split, its M = 1 pass took 3 kernels and 177 us per step; unsplit, 290 us. At
+# M = 128 unsplit took 317 us against 796 us for the split one.
+SPLIT_REDUCTIONS_BELOW_M = 64
+
+
 def compiled_on_cuda(fn: Callable) -> Callable:
     """`fn` compiled by torch.compile on CUDA (one Triton kernel instead of 4-6 elementwise
     launches per layer: at batch 1 those launches cost as much as the GEMM saves), eager on CPU
-    or with PDSERVE_FP8_COMPILE=0. Compiles on first use, which the CUDA-graph warm-up runs
-    ahead of capture; a failure to compile falls back to eager for good."""
-    state: dict[str, Callable | None] = {"compiled": None, "failed": None}
+    or with PDSERVE_FP8_COMPILE=0. `fn`'s first argument is [M, ...]. Compiles on first use,
+    which the CUDA-graph warm-up runs ahead of capture; a failure to compile falls back to eager
+    for good."""
+    compiled: dict[bool, Callable] = {}
+    failed = []
 
     def run(*args):
-        if not args[0].is_cuda or os.environ.get("PDSERVE_FP8_COMPILE", "1") == "0" \
-                or state["failed"]:
+        if not args[0].is_cuda or os.environ.get("PDSERVE_FP8_COMPILE", "1") == "0" or failed:
             return fn(*args)
-        if state["compiled"] is None:
-            # No split reductions: a row's reductions (its norm, its absolute maximum) and the
-            # quantization that uses them stay one kernel, at M = 1 as at 8K.
-            state["compiled"] = torch.compile(fn, fullgraph=True,
-                                              options={"split_reductions": False})
+        split = args[0].shape[0] < SPLIT_REDUCTIONS_BELOW_M
+        if split not in compiled:
+            compiled[split] = torch.compile(fn, fullgraph=True,
+                                            options={"split_reductions": split})
         # Only the number of rows varies between calls (batch buckets, prefill chunks): that
         # dimension compiles dynamic and the feature sizes static. With every size dynamic
         # (dynamic=True), inductor cut a reduction over 14336 features into three kernels and
-        # an fp32 intermediate in memory (run 64, docs/fp8.md).
+        # an fp32 intermediate in memory at every M (run 64, docs/fp8.md).
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() == 2:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
         try:
-            return state["compiled"](*args)
+            return compiled[split](*args)
         except Exception as e:  # noqa: BLE001 - e.g. no Triton in this install
             log.warning("fp8: torch.compile of %s failed (%s); running it eagerly", fn.__name__, e)
-            state["failed"] = True
+            failed.append(e)
             return fn(*args)
 
     return run
