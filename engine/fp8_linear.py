@@ -68,9 +68,10 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Rows from which a compiled kernel keeps each row's reductions in one program (below it, inductor
-# may split a reduction across programs). H200, the SiLU-and-mul + quantize kernel (run 65,
-# docs/fp8.md): split, its M = 1 pass took 3 kernels and 177 us per step; unsplit, 290 us. At
-# M = 128 unsplit took 317 us against 796 us for the split one.
+# may split a reduction across programs). H200, SiLU-and-mul + quantize over the 32 layers
+# (docs/fp8.md): at M = 1 one program per row took 290 us per step (run 65), split 247 us in
+# three kernels (run 66); at M = 128 one program per row took 317 us (run 65), where the first
+# version's split kernels (every size dynamic) took 796 us (run 64).
 SPLIT_REDUCTIONS_BELOW_M = 64
 
 
@@ -93,7 +94,7 @@ def compiled_on_cuda(fn: Callable) -> Callable:
         # Only the number of rows varies between calls (batch buckets, prefill chunks): that
         # dimension compiles dynamic and the feature sizes static. With every size dynamic
         # (dynamic=True), inductor cut a reduction over 14336 features into three kernels and
-        # an fp32 intermediate in memory at every M (run 64, docs/fp8.md).
+        # an intermediate in memory (run 64's profiles at M = 1 and 128, docs/fp8.md).
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() == 2:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
