@@ -33,14 +33,16 @@ tiny-model: install
 	$(BIN)/pdserve make-tiny-model
 
 # HAProxy takes HTTP straight to the ingress replicas (cluster/app.py); set it to 0 for Serve's
-# Python proxy.
+# Python proxy. Its threads: half the cores, 1 to 4 (bench/launcher.py: haproxy_threads).
 HAPROXY ?= 1
+HAPROXY_THREADS ?= $(shell n=$$(nproc); t=$$((n / 2)); [ $$t -lt 1 ] && t=1; [ $$t -gt 4 ] && t=4; echo $$t)
+SERVE_ENV = RAY_SERVE_ENABLE_HA_PROXY=$(HAPROXY) RAY_SERVE_HAPROXY_NBTHREAD=$(HAPROXY_THREADS)
 
 serve: install
-	RAY_SERVE_ENABLE_HA_PROXY=$(HAPROXY) $(BIN)/serve run configs/tiny.yaml
+	$(SERVE_ENV) $(BIN)/serve run configs/tiny.yaml
 
 serve-colocated: install
-	RAY_SERVE_ENABLE_HA_PROXY=$(HAPROXY) $(BIN)/serve run configs/tiny-colocated.yaml
+	$(SERVE_ENV) $(BIN)/serve run configs/tiny-colocated.yaml
 
 bench: install
 	$(BIN)/python -m bench.compare configs/tiny-colocated.yaml configs/tiny.yaml \

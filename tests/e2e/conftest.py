@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from api.grpc_service import SERVICER_FUNCTION
+from bench.launcher import serve_env
 from bench.ports import free_port as _free_port
 from engine.tiny_model import make_tiny_model
 
@@ -48,7 +49,7 @@ def haproxy_env() -> dict[str, str]:
     (long enough for HAProxy on this one node to drop it; the redeploy tests wait for it)."""
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0":  # Serve's Python proxy, on request
         return {}
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+    return {**serve_env(),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
