@@ -12,7 +12,7 @@ import pytest
 
 from bench import compare, serve
 from bench.fake_server import FakeConfig, running
-from bench.launcher import ServerProcess, expand
+from bench.launcher import ServerProcess, expand, haproxy_threads, serve_env
 
 
 def _free_port() -> int:
@@ -169,3 +169,22 @@ def test_expand_fills_placeholders() -> None:
     cmd = expand("{serve} run {config}", "configs/tiny.yaml")
     assert cmd[0].endswith("serve") and cmd[1:] == ["run", "configs/tiny.yaml"]
     assert expand("{python} -m x")[0] == sys.executable
+
+
+@pytest.mark.parametrize("cpus, threads", [(1, 1), (2, 1), (6, 3), (16, 4), (128, 4)])
+def test_haproxy_gets_half_the_cores_as_threads_from_1_to_4(cpus: int, threads: int) -> None:
+    assert haproxy_threads(cpus) == threads
+
+
+def test_the_launcher_starts_serve_as_make_serve_does_unless_told_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    launch = [sys.executable, "-c", "import os; print(os.environ['RAY_SERVE_ENABLE_HA_PROXY'],"
+              " os.environ['RAY_SERVE_HAPROXY_NBTHREAD'])"]
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_NBTHREAD", "3")  # the caller's environment wins
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    server = ServerProcess(launch, "http://127.0.0.1:9/health", tmp_path / "x.log")
+    with server:
+        server.proc.wait(timeout=30)
+    assert (tmp_path / "x.log").read_text().splitlines()[-1] == "1 3"
+    assert serve_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                           "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}
