@@ -5,6 +5,13 @@ of C tokens each, one query token per request: the decode wrapper with tensor co
 engine uses for bf16), without them (CUDA-core kernel), for bf16 and float8_e4m3fn pages. GPU
 time per call (CUDA events) and the KV bytes it reads per second.
 
+A last row per (B, context) tries FlashInfer's FA3 kernel over the fp8 pages with fp8 queries
+(its fp8 kernels take fp8 queries only; unit scales, the pages' KV_FP8_SCALE): its time, and the
+relative error of its output against FA2's bf16-query output over the same pages. FA2's fp8
+path reads the pages at 1.5-2.3 TB/s (docs/fp8.md, run 33), so this says whether fp8 queries
+would buy the bandwidth back. A failure there (an API the kit does not have) prints the error
+and the benchmark goes on.
+
     python -m bench.gpu_fp8_attention [--batch-sizes 32,128] [--contexts 1024,4096]
 """
 
@@ -19,22 +26,58 @@ from bench.gpu_floor import cuda_time_ms
 HQ, HKV, D, PS = 32, 8, 128, 16
 
 
-def time_decode(b: int, ctx: int, kv_dtype: torch.dtype, tensor_cores: bool) -> float:
-    import flashinfer
-
+def _pages(b: int, ctx: int, kv_dtype: torch.dtype):
+    """(cache, kv_indptr, kv_indices, kv_last_page_len, workspace): b requests of ctx tokens
+    on shuffled pages."""
     dev = torch.device("cuda")
     pages = -(-ctx // PS)
+    torch.manual_seed(0)
     cache = torch.randn(b * pages, 2, PS, HKV, D, device=dev).to(kv_dtype)
     indptr = torch.arange(b + 1, dtype=torch.int32) * pages
     indices = torch.randperm(b * pages, device=dev).to(torch.int32)
     last = torch.full((b,), (ctx - 1) % PS + 1, dtype=torch.int32)
     ws = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device=dev)
+    return cache, indptr, indices, last, ws
+
+
+def _query(b: int) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+
+
+def time_decode(b: int, ctx: int, kv_dtype: torch.dtype, tensor_cores: bool,
+                ) -> tuple[float, torch.Tensor]:
+    """(ms per call, the output) of the decode wrapper."""
+    import flashinfer
+
+    cache, indptr, indices, last, ws = _pages(b, ctx, kv_dtype)
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tensor_cores,
                                                       backend="fa2")
     w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type=torch.bfloat16,
            kv_data_type=kv_dtype, sm_scale=D ** -0.5)
-    q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
-    return cuda_time_ms(lambda: w.run(q, cache), reps=30)
+    q = _query(b)
+    return cuda_time_ms(lambda: w.run(q, cache), reps=30), w.run(q, cache)
+
+
+def time_fa3_fp8_queries(b: int, ctx: int) -> float:
+    """ms per call of FA3 over fp8 pages with fp8 queries (one query per request, unit
+    scales); prints its relative error against FA2 with bf16 queries over the same pages."""
+    import flashinfer
+
+    fp8 = torch.float8_e4m3fn
+    cache, indptr, indices, last, ws = _pages(b, ctx, fp8)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
+    w.plan(torch.arange(b + 1, dtype=torch.int32), indptr, indices, last, HQ, HKV, D, PS,
+           causal=False, q_data_type=fp8, kv_data_type=fp8, o_data_type=torch.bfloat16,
+           sm_scale=D ** -0.5)
+    q = _query(b)
+    q8 = q.clamp(-448, 448).to(fp8)
+    ones = [torch.ones(n, device="cuda", dtype=torch.float32) for n in (HQ, HKV, HKV)]
+    ms = cuda_time_ms(lambda: w.run(q8, cache, *ones), reps=30)
+    ref = time_decode(b, ctx, fp8, True)[1]
+    err = ((w.run(q8, cache, *ones).float() - ref.float()).norm() / ref.float().norm()).item()
+    print(f"       FA3 fp8 queries: relative error {err:.4f} against FA2 bf16 queries")
+    return ms
 
 
 def main() -> None:
@@ -48,12 +91,20 @@ def main() -> None:
         for ctx in (int(x) for x in args.contexts.split(",")):
             for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
                 for tc in (True, False):
-                    ms = time_decode(b, ctx, kv_dtype, tc)
+                    ms = time_decode(b, ctx, kv_dtype, tc)[0]
                     kv_bytes = b * ctx * 2 * HKV * D * kv_dtype.itemsize
                     name = "bf16" if kv_dtype == torch.bfloat16 else "fp8"
                     print(f"{b:>4} {ctx:>6} {name:>5} {str(tc):>13} {ms:9.4f} "
                           f"{kv_bytes / ms / 1e9:8.2f}", flush=True)
                     torch.cuda.empty_cache()
+            try:
+                ms = time_fa3_fp8_queries(b, ctx)
+                print(f"{b:>4} {ctx:>6} {'fp8':>5} {'FA3, fp8 q':>13} {ms:9.4f} "
+                      f"{b * ctx * 2 * HKV * D / ms / 1e9:8.2f}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on (see the docstring)
+                print(f"{b:>4} {ctx:>6} {'fp8':>5} {'FA3, fp8 q':>13} failed: "
+                      f"{type(e).__name__}: {e}", flush=True)
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
