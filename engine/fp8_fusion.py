@@ -36,12 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.fp8_linear import (
-    FP8,
-    FP8_MAX,
-    MIN_SCALE,
     Fp8Linear,
     compiled_on_cuda,
     dequantize_output,
+    quantize_rows,
+    quantize_static,
 )
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -72,14 +71,10 @@ def fusable(layer: nn.Module) -> bool:
 
 def _quantize(x: torch.Tensor, input_scale: torch.Tensor | None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float32 -> (xq [M, K] float8_e4m3fn, scale [M, 1] float32): per token (each
-    row's absolute maximum maps to FP8_MAX), or by the checkpoint's static scale []."""
-    if input_scale is None:
-        amax = x.abs().amax(dim=-1, keepdim=True)  # [M, 1]
-        scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
-    else:
-        scale = input_scale.reshape(1, 1).expand(x.shape[0], 1)
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M, 1] float32): per token, or by the
+    checkpoint's static scale [], as `Fp8Linear.quantize_input` does (here inside a fused
+    kernel, so the plain functions, not their compiled wrappers)."""
+    return quantize_rows(x) if input_scale is None else quantize_static(x, input_scale)
 
 
 def add_rmsnorm_quantize_kernel(
