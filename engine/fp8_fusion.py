@@ -9,7 +9,7 @@ a GEMM's output scales apply inside the kernel that reads the output next, and t
 quantizes the next GEMM's input:
 
     add_rmsnorm_quantize  residual += down_raw * s_x * s_w; xq, s = quantize(rmsnorm(residual))
-    qkv GEMM              (then dequantize_output: RoPE and attention want bf16 q, k, v)
+    qkv GEMM              scaled as `Fp8Linear.gemm` does: RoPE and attention want bf16 q, k, v
     quantize_rows         the attention output, the o projection's input
     o GEMM
     add_rmsnorm_quantize  residual += o_raw * s_x * s_w; xq, s = quantize(rmsnorm(residual))
@@ -38,7 +38,7 @@ from torch import nn
 from engine.fp8_linear import (
     Fp8Linear,
     compiled_on_cuda,
-    dequantize_output,
+    dequantize_output_compiled,
     quantize_rows,
     quantize_static,
 )
@@ -59,7 +59,7 @@ class Pending(NamedTuple):
         """The output itself, [T, N] in `dtype` (for a consumer that is not fused)."""
         if self.x_scale is None:
             return self.raw.to(dtype)
-        return _dequantize(self.raw, self.x_scale, self.w_scale, None, dtype)
+        return dequantize_output_compiled(self.raw, self.x_scale, self.w_scale, None, dtype)
 
 
 def fusable(layer: nn.Module) -> bool:
@@ -110,7 +110,6 @@ def silu_mul_quantize_kernel(raw: torch.Tensor, x_scale: torch.Tensor | None,
 
 _add_rmsnorm_quantize = compiled_on_cuda(add_rmsnorm_quantize_kernel)
 _silu_mul_quantize = compiled_on_cuda(silu_mul_quantize_kernel)
-_dequantize = compiled_on_cuda(dequantize_output)
 
 
 def add_rmsnorm_quantize(hidden: torch.Tensor | Pending, residual: torch.Tensor | None,
@@ -131,16 +130,6 @@ def project(proj: Fp8Linear, xq: torch.Tensor, x_scale: torch.Tensor) -> Pending
     if proj.uses_rowwise(xq.shape[0]):
         return Pending(proj.gemm_rowwise(xq, x_scale), None, None)
     return Pending(proj.gemm_unscaled(xq), x_scale, proj.weight_scale)
-
-
-def project_dequantized(proj: Fp8Linear, xq: torch.Tensor, x_scale: torch.Tensor,
-                        ) -> torch.Tensor:
-    """proj's GEMM on an already quantized input, scaled (+ bias) into proj's dtype [T, N]."""
-    if proj.uses_rowwise(xq.shape[0]):
-        y = proj.gemm_rowwise(xq, x_scale)
-        return y if proj.bias is None else y + proj.bias
-    return _dequantize(proj.gemm_unscaled(xq), x_scale, proj.weight_scale, proj.bias,
-                       proj.out_dtype)
 
 
 def silu_mul_quantize(gate_up: Pending, input_scale: torch.Tensor | None,

@@ -110,7 +110,8 @@ def compiled_on_cuda(fn: Callable) -> Callable:
 
 _quantize_rows = compiled_on_cuda(quantize_rows)
 _quantize_static = compiled_on_cuda(quantize_static)
-_dequantize_output = compiled_on_cuda(dequantize_output)
+# also engine/fp8_fusion.py's, so that one compiled instance holds its torch.compile entries
+dequantize_output_compiled = compiled_on_cuda(dequantize_output)
 
 
 class Fp8Linear(nn.Module):
@@ -187,17 +188,18 @@ class Fp8Linear(nn.Module):
         return torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale,
                                 scale_b=self.weight_scale.view(1, -1), out_dtype=torch.bfloat16)
 
+    def gemm(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """xq [M, K] fp8, x_scale [M, 1] -> y [M, N] in out_dtype, scaled (+ bias): the
+        row-wise GEMM from ROWWISE_MIN_M rows, below it the unscaled one and a scaling pass."""
+        if self.uses_rowwise(xq.shape[0]):
+            y = self.gemm_rowwise(xq, x_scale)
+            return y if self.bias is None else y + self.bias
+        return dequantize_output_compiled(self.gemm_unscaled(xq), x_scale, self.weight_scale,
+                                          self.bias, self.out_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        xq, x_scale = self.quantize_input(x2)  # [M, K] fp8, [M, 1] fp32
-        if self.uses_rowwise(x2.shape[0]):
-            y = self.gemm_rowwise(xq, x_scale)  # [M, N]
-            if self.bias is not None:
-                y = y + self.bias
-        else:
-            y = _dequantize_output(self.gemm_unscaled(xq), x_scale, self.weight_scale,
-                                   self.bias, self.out_dtype)
+        y = self.gemm(*self.quantize_input(x.reshape(-1, self.in_features)))  # [M, N]
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -165,7 +165,7 @@ class DecoderLayer(nn.Module):
         # residual += hidden; xq = quantize(input_norm(residual))
         xq, s, residual = fp8_fusion.add_rmsnorm_quantize(hidden, residual, self.input_norm,
                                                           qkv_p.input_scale)
-        qkv = fp8_fusion.project_dequantized(qkv_p, xq, s)  # [T, q_size + 2 * kv_size]
+        qkv = qkv_p.gemm(xq, s)  # [T, q_size + 2 * kv_size], scaled (+ bias)
         q, k, v = (y.view(t, -1, a.head_dim)
                    for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
         fi = fused_kernels(qkv)
