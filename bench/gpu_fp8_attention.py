@@ -18,6 +18,7 @@ and the benchmark goes on.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -45,9 +46,9 @@ def _query(b: int) -> torch.Tensor:
     return torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
 
 
-def time_decode(b: int, ctx: int, kv_dtype: torch.dtype, tensor_cores: bool,
-                ) -> tuple[float, torch.Tensor]:
-    """(ms per call, the output) of the decode wrapper."""
+def decode_call(b: int, ctx: int, kv_dtype: torch.dtype, tensor_cores: bool,
+                ) -> Callable[[], torch.Tensor]:
+    """One call of the planned FA2 decode wrapper over the pages, bf16 queries."""
     import flashinfer
 
     cache, indptr, indices, last, ws = _pages(b, ctx, kv_dtype)
@@ -56,7 +57,7 @@ def time_decode(b: int, ctx: int, kv_dtype: torch.dtype, tensor_cores: bool,
     w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type=torch.bfloat16,
            kv_data_type=kv_dtype, sm_scale=D ** -0.5)
     q = _query(b)
-    return cuda_time_ms(lambda: w.run(q, cache), reps=30), w.run(q, cache)
+    return lambda: w.run(q, cache)
 
 
 def time_fa3_fp8_queries(b: int, ctx: int) -> float:
@@ -74,7 +75,7 @@ def time_fa3_fp8_queries(b: int, ctx: int) -> float:
     q8 = q.clamp(-448, 448).to(fp8)
     ones = [torch.ones(n, device="cuda", dtype=torch.float32) for n in (HQ, HKV, HKV)]
     ms = cuda_time_ms(lambda: w.run(q8, cache, *ones), reps=30)
-    ref = time_decode(b, ctx, fp8, True)[1]
+    ref = decode_call(b, ctx, fp8, True)()
     err = ((w.run(q8, cache, *ones).float() - ref.float()).norm() / ref.float().norm()).item()
     print(f"       FA3 fp8 queries: relative error {err:.4f} against FA2 bf16 queries")
     return ms
@@ -91,7 +92,7 @@ def main() -> None:
         for ctx in (int(x) for x in args.contexts.split(",")):
             for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
                 for tc in (True, False):
-                    ms = time_decode(b, ctx, kv_dtype, tc)[0]
+                    ms = cuda_time_ms(decode_call(b, ctx, kv_dtype, tc), reps=30)
                     kv_bytes = b * ctx * 2 * HKV * D * kv_dtype.itemsize
                     name = "bf16" if kv_dtype == torch.bfloat16 else "fp8"
                     print(f"{b:>4} {ctx:>6} {name:>5} {str(tc):>13} {ms:9.4f} "
