@@ -14,7 +14,10 @@
 # (the same, the prefill replica held to 60% of the SMs: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE),
 # pd_mps_lowp (the prefill replica an MPS client of below-normal priority:
 # CUDA_MPS_CLIENT_PRIORITY=1), pd_mps_c8k (its prompt chunks 8K tokens instead of 16K),
-# pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket).
+# pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket),
+# pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS), colo_fp8 (the colocated config with
+# fp8 weights and fp8 KV, as that file sets them: docs/fp8.md), offline_fp8 (the engine alone
+# with both).
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
 # writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
 # from `ray start`), and DIR is copied to $OUT/steplog at the end.
@@ -44,6 +47,12 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     args["token_path"] = "mailbox"
     yaml.safe_dump(cfg, open(f"/tmp/{name}mbox.yaml", "w"))
     args.pop("token_path")
+    if name == "colo_":  # the fp8 settings of configs/llama3-8b-gpu-fp8.yaml
+        args["model"]["quantize"] = "fp8"
+        args["engine"]["kv_cache_dtype"] = "fp8_e4m3"
+        yaml.safe_dump(cfg, open("/tmp/colo_fp8.yaml", "w"))
+        args["model"].pop("quantize")
+        args["engine"].pop("kv_cache_dtype")
     if name == "pd_":
         yaml.safe_dump(cfg, open("/tmp/pd_mps.yaml", "w"))
         env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60"}
@@ -86,6 +95,8 @@ for name in "${@:-offline pd colo}"; do
   for n in $name; do
     case $n in
       offline) timeout 240 python -m bench.gpu_offline --budgets 8192 2>&1 | tail -6 ;;
+      offline_fp8) timeout 240 python -m bench.gpu_offline --budgets 8192 --overlap on --quantize fp8 \
+                     --kv-cache-dtype fp8_e4m3 2>&1 | tail -6 ;;
       pd) bash bench/gpu_serve_runs.sh pd:$C ;;
       colo) bash bench/gpu_serve_runs.sh colo:$K ;;
       pd_proxy | colo_proxy)
@@ -95,6 +106,8 @@ for name in "${@:-offline pd colo}"; do
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
       pd_mps | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
+      pd_fp8_mps)
+        if mps on; then bash bench/gpu_serve_runs.sh $n:configs/llama3-8b-gpu-fp8.yaml; mps off; fi ;;
       pd_* | colo_*)  # a variant the script wrote above
         if [ -f /tmp/$n.yaml ]; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
         else echo "unknown name $n"; fi ;;
