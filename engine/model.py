@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import fp8_fusion
+from engine import fp8_fusion, gemv
 from engine.attention.base import AttentionPlan
 from engine.fp8_fusion import Pending
 from engine.model_arch import ModelArch
@@ -143,15 +143,17 @@ class DecoderLayer(nn.Module):
             residual, hidden = hidden, fi.norm.rmsnorm(hidden, norm.weight, norm.eps)
         else:  # residual += hidden; hidden = input_norm(residual)
             fi.norm.fused_add_rmsnorm(hidden, residual, norm.weight, norm.eps)
-        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        # The projections: at one row (batch-1 decode) Inductor's tuned reduction, not cuBLAS.
+        qkv = gemv.linear(self.qkv_proj, hidden)  # [T, q_size + 2 * kv_size]
         q, k, v = (y.view(t, -1, a.head_dim)
                    for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
         q, k = _rope_fused(fi, rope, positions, q, k)
-        h = self.o_proj(plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size))
+        h = gemv.linear(self.o_proj, plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size))
         # residual += attention; h = post_attn_norm(residual)
         fi.norm.fused_add_rmsnorm(h, residual, self.post_attn_norm.weight,
                                   self.post_attn_norm.eps)
-        return self.down_proj(fi.activation.silu_and_mul(self.gate_up_proj(h))), residual
+        up = fi.activation.silu_and_mul(gemv.linear(self.gate_up_proj, h))
+        return gemv.linear(self.down_proj, up), residual
 
     def _forward_fp8(self, layer: int, hidden: torch.Tensor | Pending,
                      residual: torch.Tensor | None, positions: torch.Tensor,
@@ -226,4 +228,4 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, vocab] float32."""
-        return self.lm_head(hidden).float()
+        return gemv.linear(self.lm_head, hidden).float()

@@ -1,0 +1,47 @@
+"""engine/gemv.py: which projections take the compiled batch-1 reduction (the kernel itself is
+checked against cuBLAS on the GPU, tests/gpu/test_gemv.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine import gemv
+from engine.fp8_linear import Fp8Linear
+
+
+def _meta(shape, dtype=torch.bfloat16) -> torch.Tensor:
+    """A tensor that reports CUDA without a GPU: the rule reads only shape, dtype, device."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+class _OnCuda:
+    """x as the rule sees it on a GPU: every attribute of the meta tensor, is_cuda True."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self._x = x
+
+    def __getattr__(self, name):
+        return True if name == "is_cuda" else getattr(self._x, name)
+
+
+@pytest.mark.parametrize("rows, dtype, expected", [
+    (1, torch.bfloat16, True), (1, torch.float16, True),
+    (2, torch.bfloat16, False),  # two rows and up: cuBLAS
+    (1, torch.float32, False),
+])
+def test_one_half_precision_row_into_a_plain_linear_takes_it(rows, dtype, expected):
+    layer = nn.Linear(64, 32, bias=False, dtype=dtype, device="meta")
+    assert gemv.uses_gemv(layer, _OnCuda(_meta((rows, 64), dtype))) is expected
+
+
+def test_cpu_fp8_layers_and_the_switch_keep_the_layer(monkeypatch):
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    layer = nn.Linear(64, 32, bias=True, dtype=torch.bfloat16)
+    assert not gemv.uses_gemv(layer, x)  # CPU
+    assert torch.equal(gemv.linear(layer, x), layer(x))
+    fp8 = Fp8Linear(64, 32, bias=False, out_dtype=torch.bfloat16, device="meta")
+    assert not gemv.uses_gemv(fp8, _OnCuda(_meta((1, 64))))  # fp8 weights keep their GEMM
+    monkeypatch.setenv("PDSERVE_GEMV", "0")
+    assert not gemv.uses_gemv(layer.to("meta"), _OnCuda(_meta((1, 64))))
