@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from engine import gemv
 from engine.attention.base import AttentionBackend, AttentionMetadata, AttentionPlan
 from engine.attention.cascade import CascadeGroup, CascadePlan
 from engine.attention.metadata import build_metadata
@@ -110,12 +111,14 @@ class CudaGraphRunner:
         plan = self.backend.plan_cuda_graph(meta, b)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: JIT builds and lazy allocations happen here
-            self._forward(b, plan)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            logits[b] = self._forward(b, plan)
+        # Graphs take one-row projections through a compiled reduction (engine/gemv.py).
+        with gemv.for_cuda_graphs():
+            with torch.cuda.stream(stream):  # warm-up: JIT builds, compiles, lazy allocations
+                self._forward(b, plan)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.mempool):
+                logits[b] = self._forward(b, plan)
         graphs[b] = graph
 
     def bucket(self, n: int) -> int | None:

@@ -33,15 +33,20 @@ class _OnCuda:
 ])
 def test_one_half_precision_row_into_a_plain_linear_takes_it(rows, dtype, expected):
     layer = nn.Linear(64, 32, bias=False, dtype=dtype, device="meta")
-    assert gemv.uses_gemv(layer, _OnCuda(_meta((rows, 64), dtype))) is expected
+    x = _OnCuda(_meta((rows, 64), dtype))
+    assert not gemv.uses_gemv(layer, x)  # eager steps keep cuBLAS
+    with gemv.for_cuda_graphs():
+        assert gemv.uses_gemv(layer, x) is expected
+    assert not gemv.uses_gemv(layer, x)
 
 
 def test_cpu_fp8_layers_and_the_switch_keep_the_layer(monkeypatch):
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     layer = nn.Linear(64, 32, bias=True, dtype=torch.bfloat16)
-    assert not gemv.uses_gemv(layer, x)  # CPU
-    assert torch.equal(gemv.linear(layer, x), layer(x))
-    fp8 = Fp8Linear(64, 32, bias=False, out_dtype=torch.bfloat16, device="meta")
-    assert not gemv.uses_gemv(fp8, _OnCuda(_meta((1, 64))))  # fp8 weights keep their GEMM
-    monkeypatch.setenv("PDSERVE_GEMV", "0")
-    assert not gemv.uses_gemv(layer.to("meta"), _OnCuda(_meta((1, 64))))
+    with gemv.for_cuda_graphs():
+        assert not gemv.uses_gemv(layer, x)  # CPU
+        assert torch.equal(gemv.linear(layer, x), layer(x))
+        fp8 = Fp8Linear(64, 32, bias=False, out_dtype=torch.bfloat16, device="meta")
+        assert not gemv.uses_gemv(fp8, _OnCuda(_meta((1, 64))))  # fp8 weights keep their GEMM
+        monkeypatch.setenv("PDSERVE_GEMV", "0")
+        assert not gemv.uses_gemv(layer.to("meta"), _OnCuda(_meta((1, 64))))

@@ -26,7 +26,7 @@ def test_one_row_matches_cublas_and_replays_in_a_cuda_graph(dtype, n_out, n_in, 
     torch.manual_seed(0)
     layer = nn.Linear(n_in, n_out, bias=bias, device="cuda", dtype=dtype)
     x = torch.randn(1, n_in, device="cuda", dtype=dtype)
-    with torch.inference_mode():
+    with torch.inference_mode(), gemv.for_cuda_graphs():
         assert gemv.uses_gemv(layer, x)
         got = gemv.linear(layer, x)
         assert got.shape == (1, n_out) and got.dtype == dtype
