@@ -1,0 +1,116 @@
+"""Decode attention by KV split: how fast FlashInfer's decode kernel reads the pages, per plan.
+
+One layer of Llama-3-8B's decode attention (32 query heads, 8 KV heads x 128, page size 16), B
+requests of C tokens each on shuffled pages, 32 calls (a step's layers) replayed in one CUDA
+graph, GPU time per call and KV bytes read per second. Plans:
+- `graph`: the wrapper the engine captures (use_cuda_graph, tensor cores, FA2; its planner
+  splits the KV as it sees fit per step) - what every decode step runs today;
+- `eager`: the same kernel planned without CUDA-graph mode (the eager decode wrapper of
+  engine/attention/flashinfer_backend.py);
+- `split N`: eager with the KV split pinned to N pages per chunk (`fixed_split_size`);
+- `no split`: eager with `disable_split_kv`;
+- `CUDA cores`: the decode kernel without tensor cores.
+
+    python -m bench.gpu_decode_attention [--cases 1x1024,32x1024,128x640,128x1024] [--fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from bench.gpu_floor import cuda_time_ms
+
+HQ, HKV, D, PS = 32, 8, 128, 16
+LAYERS = 32
+
+
+def pages(b: int, ctx: int, kv_dtype: torch.dtype):
+    """(cache, kv_indptr, kv_indices, kv_last_page_len): b requests of ctx tokens."""
+    dev = torch.device("cuda")
+    n = -(-ctx // PS)
+    torch.manual_seed(0)
+    cache = torch.randn(b * n, 2, PS, HKV, D, device=dev).to(kv_dtype)
+    indptr = torch.arange(b + 1, dtype=torch.int32) * n
+    indices = torch.randperm(b * n, device=dev).to(torch.int32)
+    last = torch.full((b,), (ctx - 1) % PS + 1, dtype=torch.int32)
+    return cache, indptr, indices, last
+
+
+def layers_ms(run: Callable[[], torch.Tensor]) -> float:
+    """GPU ms per call of `run`, from a CUDA graph of LAYERS calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(LAYERS):
+            run()
+    return cuda_time_ms(g.replay, reps=20) / LAYERS
+
+
+def wrapper_run(b: int, ctx: int, kv_dtype: torch.dtype, plan: str) -> Callable:
+    import flashinfer
+
+    cache, indptr, indices, last = pages(b, ctx, kv_dtype)
+    ws = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    kw: dict = dict(q_data_type=torch.bfloat16, kv_data_type=kv_dtype, sm_scale=D ** -0.5)
+    if plan == "graph":
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            ws, "NHD", use_cuda_graph=True, use_tensor_cores=True, backend="fa2",
+            paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device="cuda"),
+            paged_kv_indices_buffer=torch.zeros(indices.numel(), dtype=torch.int32,
+                                                device="cuda"),
+            paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device="cuda"))
+    else:
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            ws, "NHD", use_tensor_cores=plan != "CUDA cores", backend="fa2")
+    if plan.startswith("split "):
+        kw["fixed_split_size"] = int(plan.split()[1])
+    elif plan == "no split":
+        kw["disable_split_kv"] = True
+    w.plan(indptr, indices, last, HQ, HKV, D, PS, **kw)
+    torch.manual_seed(1)
+    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+    return lambda: w.run(q, cache)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="1x1024,32x1024,128x640,128x1024")
+    ap.add_argument("--splits", default="4,8,16,32,64", help="fixed_split_size values, pages")
+    ap.add_argument("--fp8", action="store_true", help="also float8_e4m3fn pages")
+    args = ap.parse_args()
+    plans = (["graph", "eager", "no split"] + [f"split {n}" for n in args.splits.split(",")]
+             + ["CUDA cores"])
+    dtypes = [torch.bfloat16] + ([torch.float8_e4m3fn] if args.fp8 else [])
+    print(torch.cuda.get_device_name(), flush=True)
+    print(f"{'B':>4} {'ctx':>6} {'kv':>5} {'plan':>11} {'us/layer':>9} {'KV TB/s':>8} {'err':>8}")
+    for case in args.cases.split(","):
+        b, ctx = (int(v) for v in case.split("x"))
+        for kv_dtype in dtypes:
+            ref = None
+            for plan in plans:
+                try:
+                    run = wrapper_run(b, ctx, kv_dtype, plan)
+                    out = run().float()
+                    ref = out if ref is None else ref
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    ms = layers_ms(run)
+                except Exception as e:  # noqa: BLE001 - a plan this build refuses: say so
+                    print(f"{b:>4} {ctx:>6} {'':>5} {plan:>11} failed: {type(e).__name__}: "
+                          f"{str(e)[:120]}", flush=True)
+                    continue
+                nbytes = b * ctx * 2 * HKV * D * kv_dtype.itemsize
+                name = "bf16" if kv_dtype == torch.bfloat16 else "fp8"
+                print(f"{b:>4} {ctx:>6} {name:>5} {plan:>11} {ms * 1e3:9.1f} "
+                      f"{nbytes / ms / 1e9:8.2f} {err:8.1e}", flush=True)
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
