@@ -11,7 +11,12 @@ Each row runs a projection for `--layers` layers' weights (32 distinct weights: 
 holds) back to back in one CUDA graph and prints GPU ms for all of them, the weight bytes read
 per second, and the relative error against the eager path's output.
 
-    python -m bench.gpu_gemv [--layers 32]
+    python -m bench.gpu_gemv [--layers 32] [--rows 1]
+
+`--rows 32` or `128` asks the same of batched decode: there Inductor autotunes its Triton GEMM
+templates against cuBLAS (`max_autotune`) and keeps the faster, so its row is at most cuBLAS's
+(not run yet: the next lever for issue 12's B = 32 and 128 targets, where cuBLAS reads the
+weights at 3.2-3.5 TB/s, runs 12 and issue 13).
 """
 
 from __future__ import annotations
@@ -119,17 +124,19 @@ def fp8_rows(name: str, x: torch.Tensor, ws: list[torch.Tensor]) -> None:
         rel_err(weight_only(0), F.linear(x, w8[0].to(bf16)) * scale))
 
 
-def projection_rows(name: str, ws: list[torch.Tensor], gemv) -> dict[str, float]:
-    """cuBLAS against Inductor for one projection over every layer's weight; their ms."""
+def projection_rows(name: str, ws: list[torch.Tensor], inductor, m: int = 1,
+                    ) -> dict[str, float]:
+    """cuBLAS against Inductor for one projection over every layer's weight at m rows; their
+    ms. At one row also the prologue-fused and fp8 variants."""
     n, (nout, k) = len(ws), ws[0].shape
-    x = torch.randn(1, k, device=ws[0].device, dtype=ws[0].dtype)
+    x = torch.randn(m, k, device=ws[0].device, dtype=ws[0].dtype)
     ref, out = F.linear(x, ws[0]), {}
-    for label, fn in (("cuBLAS", F.linear), ("Inductor", gemv)):
+    for label, fn in (("cuBLAS", F.linear), ("Inductor", inductor)):
         out[label] = graph_ms(lambda i, fn=fn: fn(x, ws[i]), n)
         row(f"{name} {label}", out[label], n * nout * k * 2, rel_err(fn(x, ws[0]), ref))
-    if name in ("qkv", "down"):
+    if m == 1 and name in ("qkv", "down"):
         prologue_rows(name, x, ws)
-    if name != "lm_head":
+    if m == 1 and name != "lm_head":
         fp8_rows(name, x, ws)
     return out
 
@@ -137,18 +144,23 @@ def projection_rows(name: str, ws: list[torch.Tensor], gemv) -> dict[str, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=1,
+                    help="M; above 1 Inductor autotunes its Triton GEMM templates against "
+                         "cuBLAS (max_autotune) instead of the one-row reduction")
     args = ap.parse_args()
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    print(f"{'M = 1, all layers':<36} {'GPU ms':>8} {'TB/s':>8} {'rel err':>10}")
-    gemv = torch.compile(F.linear, dynamic=False, options=TUNED)
+    print(f"{f'M = {args.rows}, all layers':<36} {'GPU ms':>8} {'TB/s':>8} {'rel err':>10}")
+    options = TUNED if args.rows == 1 else {"max_autotune": True,
+                                            "max_autotune_gemm_backends": "TRITON,ATEN"}
+    inductor = torch.compile(F.linear, dynamic=False, options=options)
     total = {"cuBLAS": 0.0, "Inductor": 0.0}
     shapes = {**SHAPES, "lm_head": (VOCAB, H)}
     for name, (nout, k) in shapes.items():
         layers = 4 if name == "lm_head" else args.layers
         ws = [torch.randn(nout, k, device=dev, dtype=bf16) * 0.02 for _ in range(layers)]
-        for label, ms in projection_rows(name, ws, gemv).items():
+        for label, ms in projection_rows(name, ws, inductor, args.rows).items():
             total[label] += ms / layers * (1 if name == "lm_head" else args.layers)
         ws.clear()
         torch.cuda.empty_cache()
