@@ -22,21 +22,9 @@ from collections.abc import Callable
 import torch
 
 from bench.gpu_floor import cuda_time_ms
+from bench.gpu_fp8_attention import HKV, HQ, PS, D, pages
 
-HQ, HKV, D, PS = 32, 8, 128, 16
 LAYERS = 32
-
-
-def pages(b: int, ctx: int, kv_dtype: torch.dtype):
-    """(cache, kv_indptr, kv_indices, kv_last_page_len): b requests of ctx tokens."""
-    dev = torch.device("cuda")
-    n = -(-ctx // PS)
-    torch.manual_seed(0)
-    cache = torch.randn(b * n, 2, PS, HKV, D, device=dev).to(kv_dtype)
-    indptr = torch.arange(b + 1, dtype=torch.int32) * n
-    indices = torch.randperm(b * n, device=dev).to(torch.int32)
-    last = torch.full((b,), (ctx - 1) % PS + 1, dtype=torch.int32)
-    return cache, indptr, indices, last
 
 
 def layers_ms(run: Callable[[], torch.Tensor]) -> float:
@@ -56,8 +44,7 @@ def layers_ms(run: Callable[[], torch.Tensor]) -> float:
 def wrapper_run(b: int, ctx: int, kv_dtype: torch.dtype, plan: str) -> Callable:
     import flashinfer
 
-    cache, indptr, indices, last = pages(b, ctx, kv_dtype)
-    ws = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    cache, indptr, indices, last, ws = pages(b, ctx, kv_dtype)
     kw: dict = dict(q_data_type=torch.bfloat16, kv_data_type=kv_dtype, sm_scale=D ** -0.5)
     if plan == "graph":
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(

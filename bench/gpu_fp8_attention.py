@@ -27,7 +27,7 @@ from bench.gpu_floor import cuda_time_ms
 HQ, HKV, D, PS = 32, 8, 128, 16
 
 
-def _pages(b: int, ctx: int, kv_dtype: torch.dtype):
+def pages(b: int, ctx: int, kv_dtype: torch.dtype):
     """(cache, kv_indptr, kv_indices, kv_last_page_len, workspace): b requests of ctx tokens
     on shuffled pages."""
     dev = torch.device("cuda")
@@ -51,7 +51,7 @@ def decode_call(b: int, ctx: int, kv_dtype: torch.dtype, tensor_cores: bool,
     """One call of the planned FA2 decode wrapper over the pages, bf16 queries."""
     import flashinfer
 
-    cache, indptr, indices, last, ws = _pages(b, ctx, kv_dtype)
+    cache, indptr, indices, last, ws = pages(b, ctx, kv_dtype)
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tensor_cores,
                                                       backend="fa2")
     w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type=torch.bfloat16,
@@ -66,7 +66,7 @@ def time_fa3_fp8_queries(b: int, ctx: int) -> float:
     import flashinfer
 
     fp8 = torch.float8_e4m3fn
-    cache, indptr, indices, last, ws = _pages(b, ctx, fp8)
+    cache, indptr, indices, last, ws = pages(b, ctx, fp8)
     w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
     w.plan(torch.arange(b + 1, dtype=torch.int32), indptr, indices, last, HQ, HKV, D, PS,
            causal=False, q_data_type=fp8, kv_data_type=fp8, o_data_type=torch.bfloat16,
