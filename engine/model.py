@@ -143,7 +143,7 @@ class DecoderLayer(nn.Module):
             residual, hidden = hidden, fi.norm.rmsnorm(hidden, norm.weight, norm.eps)
         else:  # residual += hidden; hidden = input_norm(residual)
             fi.norm.fused_add_rmsnorm(hidden, residual, norm.weight, norm.eps)
-        # The projections: at one row (batch-1 decode) Inductor's tuned reduction, not cuBLAS.
+        # One-row projections of CUDA-graph steps may run a compiled reduction (engine/gemv.py).
         qkv = gemv.linear(self.qkv_proj, hidden)  # [T, q_size + 2 * kv_size]
         q, k, v = (y.view(t, -1, a.head_dim)
                    for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
