@@ -18,6 +18,8 @@ from engine.attention.cascade import plan_cascade
 from engine.attention.metadata import build_metadata
 from engine.block_table import BlockTableMirror
 from engine.config import EngineConfig
+from engine.fp8_fusion import fusable
+from engine.fp8_linear import ROWWISE_MIN_M
 from engine.host_copy import to_device_async
 from engine.kv_pool import KVPool
 from engine.kv_stream import LayerExporter
@@ -82,6 +84,29 @@ class ModelRunner:
 
             self.graphs = CudaGraphRunner(model, pool, backend, cfg.max_num_seqs, device,
                                           cascade_graphs=cfg.cascade != "off")
+        if device.type == "cuda" and any(fusable(layer) for layer in model.layers):
+            self.warm_up_rowwise_fp8()
+
+    @torch.inference_mode()
+    def warm_up_rowwise_fp8(self) -> bool:
+        """One eager forward of `ROWWISE_MIN_M` prompt tokens, at start-up: fused fp8 layers
+        (engine/fp8_fusion.py) take other compiled kernels from that many rows on (the row-wise
+        GEMM's output arrives scaled), and the CUDA graphs' warm-ups (at most 128 rows) never
+        reach them. Without this the first prefill chunk or decode batch of that size would
+        wait for torch.compile. The toy request's K/V land on the first pages of the pool,
+        which is empty at start-up (as for the graph captures). Returns whether it ran: a pool
+        or a context length too small for the toy request skips it."""
+        ps = self.pool.page_size
+        pages = -(-ROWWISE_MIN_M // ps)
+        if pages > self.pool.num_pages or ROWWISE_MIN_M > self.model.rope.cos.shape[0]:
+            return False
+        meta = build_metadata([list(range(pages))], [0], [ROWWISE_MIN_M], ps, self.device)
+        ids = torch.zeros(ROWWISE_MIN_M, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, meta.positions, self.pool.layers, self.backend.plan(meta))
+        self.model.logits(hidden[-1:])
+        if self.device.type == "cuda":  # done before a step plans over the reused host buffers
+            torch.cuda.synchronize(self.device)
+        return True
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         return self.launch(batch).result()

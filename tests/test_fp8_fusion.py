@@ -135,3 +135,31 @@ def test_full_precision_layers_between_fp8_ones_take_their_input_scaled(monkeypa
     fused, unfused, passes = fused_and_unfused(monkeypatch, str(path))
     assert passes == 3  # layers 0, 2 and 3
     assert torch.equal(fused, unfused)
+
+
+def test_start_up_warm_up_reaches_the_row_wise_kernels(monkeypatch, tiny_llama):
+    """The start-up forward of ROWWISE_MIN_M tokens (GPU engines with fused fp8 layers run it,
+    so that no request waits for the row-wise variants' compile) takes the row-wise GEMM in
+    every projection and writes K/V only into the first pages, which no request holds yet."""
+    llm = LLM(tiny_llama, quantize="fp8", dtype="bfloat16", num_pages=64)  # row-wise: bf16 out
+    runner = llm.engine.runner
+    rowwise = []
+    gemm = fp8_linear.Fp8Linear.gemm_rowwise
+    monkeypatch.setattr(fp8_linear.Fp8Linear, "gemm_rowwise",
+                        lambda self, *a: (rowwise.append(a[0].shape[0]), gemm(self, *a))[1])
+    layers = runner.pool.layers[0]
+    before = layers.clone()
+    assert runner.warm_up_rowwise_fp8()
+    pages = fp8_linear.ROWWISE_MIN_M // runner.pool.page_size
+    n = len(runner.model.layers)
+    # qkv goes through Fp8Linear.gemm, the other three through project(): all row-wise
+    assert rowwise == [fp8_linear.ROWWISE_MIN_M] * (4 * n)
+    assert not torch.equal(bits(layers[:pages]), bits(before[:pages]))
+    assert torch.equal(bits(layers[pages:]), bits(before[pages:]))
+    assert llm.engine.scheduler.kv.allocator.num_used == 0  # no page was reserved for it
+
+
+def test_a_pool_or_context_smaller_than_the_warm_up_skips_it(tiny_llama):
+    assert not LLM(tiny_llama, quantize="fp8", num_pages=8).engine.runner.warm_up_rowwise_fp8()
+    llm = LLM(tiny_llama, quantize="fp8", num_pages=64, max_model_len=128)
+    assert not llm.engine.runner.warm_up_rowwise_fp8()
