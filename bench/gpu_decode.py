@@ -34,6 +34,7 @@ from bench.gpu_floor import (
     llama3_8b_dir,
     measure_floor,
 )
+from engine import gemv
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -186,6 +187,8 @@ def main() -> None:
               num_pages=num_pages, enable_prefix_caching=False, quantize=args.quantize,
               kv_cache_dtype=args.kv_cache_dtype)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    for line in gemv.report():  # the one-row projections' timing (engine/gemv.py)
+        print(f"gemv {line}", flush=True)
     engine = llm.engine
     timer = StepTimer(engine)
     rng = random.Random(0)

@@ -50,3 +50,19 @@ def test_cpu_fp8_layers_and_the_switch_keep_the_layer(monkeypatch):
         assert not gemv.uses_gemv(fp8, _OnCuda(_meta((1, 64))))  # fp8 weights keep their GEMM
         monkeypatch.setenv("PDSERVE_GEMV", "0")
         assert not gemv.uses_gemv(layer.to("meta"), _OnCuda(_meta((1, 64))))
+
+
+def test_each_shape_keeps_the_kernel_that_timed_faster(monkeypatch):
+    """The timing runs once per (shape, bias, dtype, device) on the GPU; here it is given."""
+    dev = torch.device("meta")
+    monkeypatch.setattr(gemv, "_timings", {
+        ((48, 64), False, torch.bfloat16, dev): (10.0, 12.5),
+        ((64, 64), True, torch.float16, dev): (9.0, 8.0)})
+    x16 = torch.empty(1, 64, dtype=torch.float16, device=dev)
+    faster = nn.Linear(64, 48, bias=False, dtype=torch.bfloat16, device=dev)
+    slower = nn.Linear(64, 64, bias=True, dtype=torch.float16, device=dev)
+    assert gemv._compiled_is_faster(faster, x16.to(torch.bfloat16))
+    assert not gemv._compiled_is_faster(slower, x16)
+    assert gemv.report() == [
+        "48x64 bfloat16: compiled 10.0 us, cuBLAS 12.5 us -> compiled",
+        "64x64 +bias float16: compiled 9.0 us, cuBLAS 8.0 us -> cuBLAS"]

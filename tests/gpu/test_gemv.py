@@ -31,7 +31,8 @@ def test_one_row_matches_cublas_and_replays_in_a_cuda_graph(dtype, n_out, n_in, 
     with torch.inference_mode(), gemv.for_cuda_graphs():
         assert gemv.uses_gemv(layer, x)
         got = gemv.linear(layer, x)
-        assert ((n_out, n_in), bias, dtype, x.device) in gemv._choice  # timed once, kept
+        assert ((n_out, n_in), bias, dtype, x.device) in gemv._timings  # timed once, kept
+        assert any(line.startswith(f"{n_out}x{n_in}") for line in gemv.report())
         compiled = gemv._compiled()(x, layer.weight, layer.bias)
         assert rel_err(compiled, layer(x)) < 4e-3  # whichever of the two the timing kept
         assert got.shape == (1, n_out) and got.dtype == dtype
