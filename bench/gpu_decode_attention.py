@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.gpu_floor import cuda_time_ms
+from bench.gpu_floor import graph_ms, rel_err
 from bench.gpu_fp8_attention import HKV, HQ, PS, D, pages
 
 LAYERS = 32
@@ -29,16 +29,7 @@ LAYERS = 32
 
 def layers_ms(run: Callable[[], torch.Tensor]) -> float:
     """GPU ms per call of `run`, from a CUDA graph of LAYERS calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(LAYERS):
-            run()
-    return cuda_time_ms(g.replay, reps=20) / LAYERS
+    return graph_ms(lambda: [run() for _ in range(LAYERS)]) / LAYERS
 
 
 def wrapper_run(b: int, ctx: int, kv_dtype: torch.dtype, plan: str) -> Callable:
@@ -84,9 +75,9 @@ def main() -> None:
             for plan in plans:
                 try:
                     run = wrapper_run(b, ctx, kv_dtype, plan)
-                    out = run().float()
+                    out = run()
                     ref = out if ref is None else ref
-                    err = ((out - ref).norm() / ref.norm()).item()
+                    err = rel_err(out, ref)
                     ms = layers_ms(run)
                 except Exception as e:  # noqa: BLE001 - a plan this build refuses: say so
                     print(f"{b:>4} {ctx:>6} {'':>5} {plan:>11} failed: {type(e).__name__}: "

@@ -67,6 +67,25 @@ def cuda_time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, reps: int = 20) -> float:
+    """GPU ms of one replay of fn captured in a CUDA graph (after a warm-up call on a side
+    stream, where JIT builds, compiles and lazy allocations happen): launches are not timed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time_ms(graph.replay, reps=reps)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """|got - ref| / |ref| (Frobenius norms, in float32)."""
+    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def wall_time_ms(fn, reps: int = 5) -> float:
     """Median wall clock of `reps` calls of fn, each until the GPU is done, after one warm-up
     call: for work that includes the host (planning, copies through host memory)."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.gpu_decode import StepTimer, add_requests, run_until_decoding
-from bench.gpu_floor import cuda_time_ms, llama3_8b_dir
+from bench.gpu_floor import cuda_time_ms, graph_ms, llama3_8b_dir, rel_err
 from engine import fp8_linear
 from engine.fp8_linear import ROWWISE_MIN_M, Fp8Linear, quantize_rows
 
@@ -41,16 +41,6 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
 LAYERS = 32
 MS = (1, 32, 128, 512)
 DEV = "cuda"
-
-
-def _graph_ms(fn) -> float:
-    """GPU time of one replay of fn captured in a CUDA graph (after an eager warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return cuda_time_ms(graph.replay, reps=20)
 
 
 def _paths(xs: dict, xq: dict, bf16: dict, mods: dict) -> dict:
@@ -90,7 +80,7 @@ def bench_gemm() -> None:
         for key, fn in _paths(xs, xq, bf16, mods).items():
             if isinstance(key, tuple):
                 key, fp8_linear.ROWWISE_MIN_M, os.environ["PDSERVE_FP8_COMPILE"] = key
-            row[key] = _graph_ms(fn)
+            row[key] = graph_ms(fn)
         best = min(row["layer tensor+mul"], row["layer rowwise"])
         print(f"{m:>5} " + " ".join(f"{row[c]:16.3f}" for c in cols)
               + f" {best / row['bf16']:16.2f}", flush=True)
@@ -100,7 +90,7 @@ def bench_gemm() -> None:
     for s, (k, _) in SHAPES.items():
         x = torch.randn(128, k, device=DEV, dtype=torch.bfloat16)
         ref, got = F.linear(x, bf16[s][0]).float(), mods[s][0](x).float()
-        print(f"  {s:>8}: {((got - ref).norm() / ref.norm()).item():.4f}")
+        print(f"  {s:>8}: {rel_err(got, ref):.4f}")
 
 
 def _linear(w: torch.Tensor) -> torch.nn.Linear:

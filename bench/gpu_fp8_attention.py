@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.gpu_floor import cuda_time_ms
+from bench.gpu_floor import cuda_time_ms, rel_err
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 
@@ -76,7 +76,7 @@ def time_fa3_fp8_queries(b: int, ctx: int) -> float:
     ones = [torch.ones(n, device="cuda", dtype=torch.float32) for n in (HQ, HKV, HKV)]
     ms = cuda_time_ms(lambda: w.run(q8, cache, *ones), reps=30)
     ref = decode_call(b, ctx, fp8, True)()
-    err = ((w.run(q8, cache, *ones).float() - ref.float()).norm() / ref.float().norm()).item()
+    err = rel_err(w.run(q8, cache, *ones), ref)
     print(f"       FA3 fp8 queries: relative error {err:.4f} against FA2 bf16 queries")
     return ms
 

@@ -27,7 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.gpu_floor import cuda_time_ms
+from bench import gpu_floor
+from bench.gpu_floor import rel_err
 
 H, I, Q = 4096, 14336, 6144  # hidden, intermediate, q + k + v features of Llama-3-8B
 SHAPES = {"qkv": (Q, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
@@ -37,21 +38,7 @@ TUNED = {"coordinate_descent_tuning": True}
 
 def graph_ms(fn: Callable[[int], torch.Tensor], layers: int) -> float:
     """GPU ms of one CUDA-graph replay of fn(0), ..., fn(layers - 1)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(layers):  # warm-up: compiles and tunes outside the capture
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(layers):
-            fn(i)
-    return cuda_time_ms(g.replay, reps=30)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return gpu_floor.graph_ms(lambda: [fn(i) for i in range(layers)], reps=30)
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
