@@ -25,6 +25,7 @@ set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
 import sys, yaml
+fp8 = yaml.safe_load(open("configs/llama3-8b-gpu-fp8.yaml"))["applications"][0]["args"]
 for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     cfg = yaml.safe_load(open(src))
     args = cfg["applications"][0]["args"]
@@ -48,8 +49,8 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     yaml.safe_dump(cfg, open(f"/tmp/{name}mbox.yaml", "w"))
     args.pop("token_path")
     if name == "colo_":  # the fp8 settings of configs/llama3-8b-gpu-fp8.yaml
-        args["model"]["quantize"] = "fp8"
-        args["engine"]["kv_cache_dtype"] = "fp8_e4m3"
+        args["model"]["quantize"] = fp8["model"]["quantize"]
+        args["engine"]["kv_cache_dtype"] = fp8["engine"]["kv_cache_dtype"]
         yaml.safe_dump(cfg, open("/tmp/colo_fp8.yaml", "w"))
         args["model"].pop("quantize")
         args["engine"].pop("kv_cache_dtype")
