@@ -152,8 +152,7 @@ class DecoderLayer(nn.Module):
         # residual += attention; h = post_attn_norm(residual)
         fi.norm.fused_add_rmsnorm(h, residual, self.post_attn_norm.weight,
                                   self.post_attn_norm.eps)
-        # One row in a CUDA graph: the projection and SiLU-and-mul may be one kernel.
-        up = gemv.linear_silu_mul(self.gate_up_proj, h, fi.activation.silu_and_mul)
+        up = fi.activation.silu_and_mul(gemv.linear(self.gate_up_proj, h))
         return gemv.linear(self.down_proj, up), residual
 
     def _forward_fp8(self, layer: int, hidden: torch.Tensor | Pending,
