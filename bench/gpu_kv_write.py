@@ -3,13 +3,15 @@
 Llama-3-8B's heads (32 query, 8 KV, 128 dims), page size 16, B rows each writing one token's
 K/V into its own page (the fused qkv output, as the model has it). 32 calls (a step's layers)
 are replayed in one CUDA graph; GPU us per call. Write variants (K and V only):
-- `index_put`: the engine's `KVWrite` (engine/attention/flashinfer_backend.py), one advanced-
-  indexing kernel over [page, :, offset];
+- `index_put`: one advanced-indexing kernel over [page, :, offset] (the engine's store until
+  run 74; fp8 pools still take it);
 - `index_copy`: the pool viewed as rows of Hkv x D, the 2B rows copied by `index_copy_`;
-- `append`: FlashInfer's `append_paged_kv_cache`, each row its own one-page "request" (the
-  graph's fixed page / offset buffers in int32, so it could replay from them).
+- `append`: FlashInfer's `append_paged_kv_cache`, each row its own one-page "request" (int32
+  page / offset buffers, as a graph replays them);
+- `engine`: the engine's `KVWrite` (engine/attention/flashinfer_backend.py), which is `append`
+  since run 74.
 RoPE + write variants:
-- `rope+index_put`: FlashInfer's in-place RoPE on q and k, then `KVWrite` (what steps run now);
+- `rope+engine`: FlashInfer's in-place RoPE on q and k, then `KVWrite` (what steps run);
 - `compiled`: RoPE and the write in one torch.compile'd function (Inductor: the rotated q as a
   new tensor, K/V scattered into the pool); `compiled+combo` lets Inductor combine its
   independent kernels into one launch (`combo_kernels`).
@@ -63,14 +65,18 @@ def variants(b: int) -> dict[str, Callable[[], object]]:
     positions = torch.randint(0, 1024, (b,), device=dev)
     cos_sin = torch.randn(4096, D, device=dev)
     q, k, v = (y.view(b, -1, D) for y in qkv.split([Q, KV, KV], dim=-1))
-    write = KVWrite(page, offset)
-    rows = torch.cat([page * 2 * PS + offset, page * 2 * PS + PS + offset])
-    flat = cache.view(-1, KV)
-    kv_rows = torch.cat([k.reshape(b, KV), v.reshape(b, KV)])
     page32, offset32 = page.int(), offset.int()
     batch = torch.arange(b, device=dev, dtype=torch.int32)
     indptr = torch.arange(b + 1, device=dev, dtype=torch.int32)
-    ones = torch.ones(b, device=dev, dtype=torch.int32)
+    write = KVWrite.from_slots(page * PS + offset, PS, indptr, flashinfer.append_paged_kv_cache)
+    kv = qkv[:, Q:].view(b, 2, HKV, D)  # k and v side by side, as in the engine's qkv output
+    rows = torch.cat([page * 2 * PS + offset, page * 2 * PS + PS + offset])
+    flat = cache.view(-1, KV)
+    kv_rows = torch.cat([k.reshape(b, KV), v.reshape(b, KV)])
+    last = offset32 + 1
+
+    def index_put():
+        cache[page, :, offset] = kv
 
     def fi_rope_write():
         flashinfer.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, D, cos_sin,
@@ -81,11 +87,12 @@ def variants(b: int) -> dict[str, Callable[[], object]]:
     combo = torch.compile(rope_write, fullgraph=True, dynamic=False,
                           options={"combo_kernels": True})
     return {
-        "index_put": lambda: write(cache, k, v),
+        "index_put": index_put,
         "index_copy": lambda: flat.index_copy_(0, rows, kv_rows),
         "append": lambda: flashinfer.append_paged_kv_cache(k, v, batch, offset32, cache, page32,
-                                                           indptr, ones),
-        "rope+index_put": fi_rope_write,
+                                                           indptr, last),
+        "engine": lambda: write(cache, k, v),
+        "rope+engine": fi_rope_write,
         "compiled": lambda: compiled(qkv, positions, cos_sin, cache, page, offset),
         "compiled+combo": lambda: combo(qkv, positions, cos_sin, cache, page, offset),
     }

@@ -90,10 +90,24 @@ def _merge_state_in_place(v, s, v_other, s_other, mask=None):
     v[rows], s[rows] = merged[rows], merged_lse[rows]
 
 
+def _append_paged_kv_cache(k, v, batch_indices, positions, cache, kv_indices, kv_indptr,
+                           kv_last_page_len):
+    """FlashInfer's documented semantics: token i goes to position positions[i] of request
+    batch_indices[i], i.e. page kv_indices[kv_indptr[b] + pos // page_size] at pos % page_size,
+    a position its pages and last-page length hold."""
+    for i in range(k.shape[0]):
+        b, pos = int(batch_indices[i]), int(positions[i])
+        lo, hi = int(kv_indptr[b]), int(kv_indptr[b + 1])
+        assert 0 <= pos < (hi - lo - 1) * PS + int(kv_last_page_len[b])
+        page = int(kv_indices[lo + pos // PS])
+        cache[page, 0, pos % PS], cache[page, 1, pos % PS] = k[i], v[i]
+
+
 STAND_IN = types.SimpleNamespace(
     BatchPrefillWithPagedKVCacheWrapper=StandInWrapper,
     BatchDecodeWithPagedKVCacheWrapper=lambda *a, **k: StandInWrapper(*a, decode=True, **k),
-    merge_state_in_place=_merge_state_in_place)
+    merge_state_in_place=_merge_state_in_place,
+    append_paged_kv_cache=_append_paged_kv_cache)
 
 
 def _backend() -> fb.FlashInferBackend:
@@ -105,6 +119,7 @@ def _backend() -> fb.FlashInferBackend:
     be.decode = StandInWrapper(be.workspace, "NHD", decode=True)
     be.cascade = fb.TwoLevelCascade(STAND_IN, be.workspace, "fa2")
     be.cascade_backend, be.graph_buffers = "fa2", None
+    be._rows = torch.arange(1, dtype=torch.int32)
     return be
 
 
@@ -149,3 +164,28 @@ def test_replayed_graph_step_equals_plain_attention(cascade, seed):
     assert torch.equal(cache[:NUM_PAGES], ref_cache[:NUM_PAGES])  # padding: scratch page only
     if n < b:
         assert any(torch.equal(cache[NUM_PAGES, 0, 0], kv[i, 0]) for i in range(n, b))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_eager_step_stores_each_token_where_the_torch_backend_does(kv_dtype):
+    """A prefill chunk over a cached prefix and a decode token: K/V of the pool's own dtype go
+    through the append kernel (each token a one-page request), fp8 pools through the indexed
+    store; either way the pool ends as the torch backend leaves it."""
+    torch.manual_seed(0)
+    be = _backend()
+    tables, done, new = [[7, 3, 11], [5, 2]], [PS + 1, PS], [6, 1]
+    meta = build_metadata(tables, done, new, PS, CPU)
+    t = sum(new)
+    q, kv = torch.randn(t, HQ, D), torch.randn(t, 2, HKV, D)
+    cache = torch.randn(NUM_PAGES, 2, PS, HKV, D).to(kv_dtype)
+    ref_cache = cache.clone()
+    plain = TorchBackend(HQ, HKV, D, torch.float32, "cpu", PS, kv_dtype=kv_dtype)
+    plain.plan(meta).forward(0, q, kv[:, 0], kv[:, 1], ref_cache)
+    be.kv_dtype = kv_dtype
+    plan = be.plan(meta)
+    # positions 5..10 of the first request (pages 3, 11 at page size 4), 4 of the second
+    assert plan.write.page.dtype == torch.int32
+    assert plan.write.page.tolist() == [3, 3, 3, 11, 11, 11, 2]
+    assert plan.write.offset.tolist() == [1, 2, 3, 0, 1, 2, 0]
+    plan.write(cache, kv[:, 0], kv[:, 1])
+    assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))

@@ -168,8 +168,11 @@ class GraphBuffers:
         # the step, plus one per padding row
         self.indices = torch.zeros(max_num_indices + b_max, dtype=torch.int32, device=device)
         self.shared_indices = torch.zeros(max_num_indices, dtype=torch.int32, device=device)
-        self.page = torch.zeros(b_max, dtype=torch.int64, device=device)
-        self.offset = torch.zeros(b_max, dtype=torch.int64, device=device)
+        # the K/V store's rows (flashinfer_backend.KVWrite): page, offset, offset + 1, 0..b_max
+        self.page = torch.zeros(b_max, dtype=torch.int32, device=device)
+        self.offset = torch.zeros(b_max, dtype=torch.int32, device=device)
+        self.last = torch.ones(b_max, dtype=torch.int32, device=device)
+        self.rows = torch.arange(b_max + 1, dtype=torch.int32, device=device)
         self.merge_mask = torch.zeros(b_max, dtype=torch.uint8, device=device)
         self.wrappers = {b: fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
@@ -183,16 +186,19 @@ class GraphBuffers:
                          for b in batch_sizes if cascade_graph_groups(b)}
 
     def fill_write_rows(self, meta: AttentionMetadata, batch_size: int,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Page and in-page offset [batch_size] int64 of each row's new K/V (views of the
-        fixed buffers): the requests' slots, then the scratch page's slot 0 for padding."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Page, in-page offset and offset + 1 [batch_size] int32 of each row's new K/V (views
+        of the fixed buffers): the requests' slots, then the scratch page's slot 0 for
+        padding."""
         n, ps = meta.batch_size, meta.page_size
         page, offset = self.page[:batch_size], self.offset[:batch_size]
-        torch.div(meta.slot_mapping, ps, rounding_mode="floor", out=page[:n])
-        torch.remainder(meta.slot_mapping, ps, out=offset[:n])
+        page[:n].copy_(torch.div(meta.slot_mapping, ps, rounding_mode="floor"))
+        offset[:n].copy_(torch.remainder(meta.slot_mapping, ps))
         page[n:].fill_(self.scratch_page)
         offset[n:].fill_(0)
-        return page, offset
+        last = self.last[:batch_size]
+        torch.add(offset, 1, out=last)
+        return page, offset, last
 
     @property
     def max_indices(self) -> int:
