@@ -66,8 +66,7 @@ def variants(b: int) -> dict[str, Callable[[], object]]:
     cos_sin = torch.randn(4096, D, device=dev)
     q, k, v = (y.view(b, -1, D) for y in qkv.split([Q, KV, KV], dim=-1))
     page32, offset32 = page.int(), offset.int()
-    batch = torch.arange(b, device=dev, dtype=torch.int32)
-    indptr = torch.arange(b + 1, device=dev, dtype=torch.int32)
+    indptr = torch.arange(b + 1, device=dev, dtype=torch.int32)  # batch indices: indptr[:b]
     write = KVWrite.from_slots(page * PS + offset, PS, indptr, flashinfer.append_paged_kv_cache)
     kv = qkv[:, Q:].view(b, 2, HKV, D)  # k and v side by side, as in the engine's qkv output
     rows = torch.cat([page * 2 * PS + offset, page * 2 * PS + PS + offset])
@@ -89,8 +88,8 @@ def variants(b: int) -> dict[str, Callable[[], object]]:
     return {
         "index_put": index_put,
         "index_copy": lambda: flat.index_copy_(0, rows, kv_rows),
-        "append": lambda: flashinfer.append_paged_kv_cache(k, v, batch, offset32, cache, page32,
-                                                           indptr, last),
+        "append": lambda: flashinfer.append_paged_kv_cache(k, v, indptr[:b], offset32, cache,
+                                                           page32, indptr, last),
         "engine": lambda: write(cache, k, v),
         "rope+engine": fi_rope_write,
         "compiled": lambda: compiled(qkv, positions, cos_sin, cache, page, offset),

@@ -168,7 +168,9 @@ class GraphBuffers:
         # the step, plus one per padding row
         self.indices = torch.zeros(max_num_indices + b_max, dtype=torch.int32, device=device)
         self.shared_indices = torch.zeros(max_num_indices, dtype=torch.int32, device=device)
-        # the K/V store's rows (flashinfer_backend.KVWrite): page, offset, offset + 1, 0..b_max
+        # the K/V store's rows (flashinfer_backend.KVWrite): page, offset, offset + 1, 0..b_max;
+        # `rows` is the graphs' own, as the backend's (`FlashInferBackend.rows`) is replaced
+        # when it grows and captured kernels must keep reading one address
         self.page = torch.zeros(b_max, dtype=torch.int32, device=device)
         self.offset = torch.zeros(b_max, dtype=torch.int32, device=device)
         self.last = torch.ones(b_max, dtype=torch.int32, device=device)
@@ -192,8 +194,9 @@ class GraphBuffers:
         padding."""
         n, ps = meta.batch_size, meta.page_size
         page, offset = self.page[:batch_size], self.offset[:batch_size]
-        page[:n].copy_(torch.div(meta.slot_mapping, ps, rounding_mode="floor"))
-        offset[:n].copy_(torch.remainder(meta.slot_mapping, ps))
+        # int64 slots into the int32 buffers: the kernels write the narrower type directly
+        torch.div(meta.slot_mapping, ps, rounding_mode="floor", out=page[:n])
+        torch.remainder(meta.slot_mapping, ps, out=offset[:n])
         page[n:].fill_(self.scratch_page)
         offset[n:].fill_(0)
         last = self.last[:batch_size]
