@@ -9,7 +9,14 @@ graph, GPU time per call and KV bytes read per second. Plans:
   engine/attention/flashinfer_backend.py);
 - `split N`: eager with the KV split pinned to N pages per chunk (`fixed_split_size`);
 - `no split`: eager with `disable_split_kv`;
-- `CUDA cores`: the decode kernel without tensor cores.
+- `CUDA cores`: the decode kernel without tensor cores;
+- `graph CUDA cores`: that kernel through the CUDA-graph wrapper;
+- `xqa generic`, `xqa gmma`: TensorRT-LLM's XQA decode kernel as FlashInfer ships it, through
+  the engine's `XQADecode` (engine/attention/xqa_decode.py): no plan, a block table and the
+  lengths on the device, the KV split reduced inside the one kernel; `gmma` is its Hopper fp8
+  kernel (fp8 pages only, fp8 math), `generic` computes in bf16. Its sources are in
+  FlashInfer's wheel under data/csrc/xqa; `.device/fi-xqa-src.tar.xz` adds them to the device
+  kit (bench/device_run.sh).
 
     python -m bench.gpu_decode_attention [--cases 1x1024,32x1024,128x640,128x1024] [--fp8]
 """
@@ -32,14 +39,35 @@ def layers_ms(run: Callable[[], torch.Tensor]) -> float:
     return graph_ms(lambda: [run() for _ in range(LAYERS)]) / LAYERS
 
 
+def xqa_run(b: int, ctx: int, kv_dtype: torch.dtype, kernel: str) -> Callable:
+    """The engine's XQA decode (engine/attention/xqa_decode.py) over the same pages."""
+    from flashinfer.xqa import get_xqa_module
+
+    from engine.attention.metadata import build_metadata
+    from engine.attention.xqa_decode import SCRATCH_BYTES, SEMAPHORE_BYTES, XQADecode
+
+    cache, indptr, indices, _, _ = pages(b, ctx, kv_dtype)
+    tables = indices.view(b, -1).tolist()  # each request's pages: one run of indptr
+    meta = build_metadata(tables, [ctx - 1] * b, [1] * b, PS, cache.device)
+    ws = torch.zeros(SEMAPHORE_BYTES + SCRATCH_BYTES, dtype=torch.uint8, device="cuda")
+    x = XQADecode(get_xqa_module, torch.bfloat16, kv_dtype, HQ, HKV, D, PS, b, len(tables[0]), 0,
+                  ws, cache.device, kernel)
+    x.plan(meta, b)
+    torch.manual_seed(1)
+    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+    return lambda: x.run(q, cache)
+
+
 def wrapper_run(b: int, ctx: int, kv_dtype: torch.dtype, plan: str) -> Callable:
     import flashinfer
 
+    if plan.startswith("xqa "):
+        return xqa_run(b, ctx, kv_dtype, plan.split()[1])
     cache, indptr, indices, last, ws = pages(b, ctx, kv_dtype)
     kw: dict = dict(q_data_type=torch.bfloat16, kv_data_type=kv_dtype, sm_scale=D ** -0.5)
-    if plan == "graph":
+    if plan in ("graph", "graph CUDA cores"):
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            ws, "NHD", use_cuda_graph=True, use_tensor_cores=True, backend="fa2",
+            ws, "NHD", use_cuda_graph=True, use_tensor_cores=plan == "graph", backend="fa2",
             paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device="cuda"),
             paged_kv_indices_buffer=torch.zeros(indices.numel(), dtype=torch.int32,
                                                 device="cuda"),
@@ -62,9 +90,13 @@ def main() -> None:
     ap.add_argument("--cases", default="1x1024,32x1024,128x640,128x1024")
     ap.add_argument("--splits", default="4,8,16,32,64", help="fixed_split_size values, pages")
     ap.add_argument("--fp8", action="store_true", help="also float8_e4m3fn pages")
+    ap.add_argument("--plans", default="", help="comma-separated plans (default: all; the "
+                    "first is the reference of the error column)")
     args = ap.parse_args()
     plans = (["graph", "eager", "no split"] + [f"split {n}" for n in args.splits.split(",")]
-             + ["CUDA cores"])
+             + ["CUDA cores", "graph CUDA cores", "xqa generic", "xqa gmma"])
+    if args.plans:
+        plans = args.plans.split(",")
     dtypes = [torch.bfloat16] + ([torch.float8_e4m3fn] if args.fp8 else [])
     print(torch.cuda.get_device_name(), flush=True)
     print(f"{'B':>4} {'ctx':>6} {'kv':>5} {'plan':>11} {'us/layer':>9} {'KV TB/s':>8} {'err':>8}")

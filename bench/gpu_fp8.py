@@ -16,8 +16,9 @@ accuracy: Llama-3-8B shape with random weights (load_format dummy: N(0, 0.02), a
   Random weights make these a check of the numerics, not of a trained model's quality.
 decode: engine decode steps at B = 1, 32, 128 (context 1024, CUDA graphs, FlashInfer) for bf16,
   fp8 weights run one projection at a time (PDSERVE_FP8_FUSION=0), fp8 weights through the
-  fused layers (engine/fp8_fusion.py), fp8 weights + fp8 KV: step wall time, graph replay GPU
-  time, ratio to bf16.
+  fused layers (engine/fp8_fusion.py), fp8 weights + fp8 KV with the pages decoded by FA2
+  (PDSERVE_FP8_DECODE=fa2) and by XQA (the default): step wall time, graph replay GPU time,
+  ratio to bf16.
 """
 
 from __future__ import annotations
@@ -153,10 +154,16 @@ def bench_decode(sizes: list[int], context: int, steps: int) -> None:
     num_pages = max(sizes) * -(-max_len // 16) + 64
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     # "unfused": fp8 layers one projection at a time (PDSERVE_FP8_FUSION=0), the path before
-    # engine/fp8_fusion.py, measured in the same run
-    for name, kw in (("bf16", {}), ("fp8 weights, unfused", VARIANTS["fp8 weights"]),
-                     *((n, VARIANTS[n]) for n in ("fp8 weights", "fp8 weights + KV"))):
-        os.environ["PDSERVE_FP8_FUSION"] = "0" if "unfused" in name else "1"
+    # engine/fp8_fusion.py; "KV, FA2": fp8 pages decoded by FlashInfer's FA2 kernel instead of
+    # XQA (PDSERVE_FP8_DECODE=fa2); each measured in the same run
+    both = VARIANTS["fp8 weights + KV"]
+    for name, kw, env in (("bf16", {}, {}),
+                          ("fp8 weights, unfused", VARIANTS["fp8 weights"],
+                           {"PDSERVE_FP8_FUSION": "0"}),
+                          ("fp8 weights", VARIANTS["fp8 weights"], {}),
+                          ("fp8 weights + KV, FA2", both, {"PDSERVE_FP8_DECODE": "fa2"}),
+                          ("fp8 weights + KV", both, {})):
+        os.environ.update({"PDSERVE_FP8_FUSION": "1", "PDSERVE_FP8_DECODE": "gmma", **env})
         t0 = time.perf_counter()
         llm = _llm(cuda_graphs=True, max_num_seqs=max(sizes), max_num_batched_tokens=16384,
                    max_model_len=max_len, num_pages=num_pages, **kw)

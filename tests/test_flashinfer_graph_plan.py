@@ -23,6 +23,7 @@ from engine.attention.base import AttentionBackend
 from engine.attention.cascade import CascadeGroup, CascadePlan, plan_cascade
 from engine.attention.metadata import build_metadata
 from engine.attention.torch_backend import TorchBackend, attend, gather_kv, merge_states
+from engine.attention.xqa_decode import XQADecode, table_positions
 from tests.test_graph_levels import shared_prefix_batch
 
 HQ, HKV, D, PS = 4, 2, 8, 4
@@ -120,6 +121,7 @@ def _backend() -> fb.FlashInferBackend:
     be.cascade = fb.TwoLevelCascade(STAND_IN, be.workspace, "fa2")
     be.cascade_backend, be.graph_buffers = "fa2", None
     be._rows = torch.arange(1, dtype=torch.int32)
+    be.fp8_decode, be.xqa_workspace, be._xqa = "fa2", None, None
     return be
 
 
@@ -189,3 +191,87 @@ def test_eager_step_stores_each_token_where_the_torch_backend_does(kv_dtype):
     assert plan.write.offset.tolist() == [1, 2, 3, 0, 1, 2, 0]
     plan.write(cache, kv[:, 0], kv[:, 1])
     assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+
+
+# -- plain decode over fp8 pages through XQA (engine/attention/xqa_decode.py) -----------------
+def _xqa_op(gmma, sm_count, num_kv_heads, sliding_win, q_scale, out, rcp_out_scale, q, sinks,
+            k_cache, v_cache, k_sf, v_sf, page_table, max_seq_len, seq_lens, batch_size,
+            kv_scale, semaphores, scratch, enable_pdl, q_seq_len, q_cu_seq_lens, mask):
+    """XQA's documented semantics: row r attends over the first seq_lens[r] tokens of the pages
+    page_table[r, 0], page_table[r, 1], ... (max_seq_len = the table's width in tokens)."""
+    assert page_table.dtype == torch.int32 and seq_lens.dtype == torch.uint32
+    assert max_seq_len == page_table.shape[1] * PS and page_table.shape[0] == batch_size
+    assert q.is_contiguous() and out.is_contiguous() and q.shape[:2] == (batch_size, 1)
+    assert (q_scale, kv_scale, num_kv_heads, sliding_win, q_seq_len) == (1.0, 1.0, HKV, 0, 1)
+    lens = seq_lens.view(torch.int32)[:, 0].tolist()
+    for r, n in enumerate(lens):
+        pages = page_table[r, :-(-n // PS)].long()
+        k = k_cache[pages].float().flatten(0, 1)[:n]  # [n, Hkv, D]
+        v = v_cache[pages].float().flatten(0, 1)[:n]
+        out[r] = attend(q[r].float(), k, v, D ** -0.5, causal=True)[0].to(out.dtype)
+
+
+def _get_xqa_module(dtype, kv_dtype, page_size, head_dim, group, sliding, out_dtype, q_len):
+    assert (page_size, head_dim, group, sliding, q_len) == (PS, D, HQ // HKV, False, 1)
+    return types.SimpleNamespace(xqa=_xqa_op)
+
+
+def _xqa_backend() -> fb.FlashInferBackend:
+    """The backend over fp8 pages with XQA for plain decode (the stand-in for its kernel)."""
+    be = _backend()
+    be.kv_dtype, be.fp8_decode = torch.float8_e4m3fn, "gmma"
+    be._get_xqa_module, be.xqa_workspace = _get_xqa_module, torch.zeros(64, dtype=torch.uint8)
+    return be
+
+
+def test_table_positions_place_each_request_s_pages_in_its_row():
+    # 3 pages (9 tokens), 1 page (4 tokens), 2 pages (5 tokens) into rows of width 4
+    assert table_positions([9, 4, 5], PS, 4).tolist() == [0, 1, 2, 4, 8, 9]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fp8_decode_through_xqa_eager_and_replayed_equals_plain_attention(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    be, b = _xqa_backend(), 8
+    be.enable_cuda_graphs([4, b], max_num_indices=b * 30, scratch_page=NUM_PAGES)
+    assert be.graph_buffers.xqa.table.shape == (b, 30)
+    fp8 = torch.float8_e4m3fn
+    cache = torch.zeros(NUM_PAGES + 1, 2, PS, HKV, D, dtype=fp8)
+    captured = be.plan_cuda_graph(_toy_step(b, cascade=False), b)
+    assert isinstance(captured.wrapper, XQADecode)
+    n = rng.randint(1, b)
+    lens = [rng.randint(1, 60) for _ in range(n)]
+    pages = rng.sample(range(NUM_PAGES), sum(-(-x // PS) for x in lens))
+    tables = [[pages.pop() for _ in range(-(-x // PS))] for x in lens]
+    meta = build_metadata(tables, [x - 1 for x in lens], [1] * n, PS, CPU)
+    plain = TorchBackend(HQ, HKV, D, torch.float32, "cpu", PS, kv_dtype=fp8)
+    q, kv = torch.randn(b, HQ, D), torch.randn(b, 2, HKV, D)
+    cache = torch.randn(NUM_PAGES + 1, 2, PS, HKV, D).to(fp8)
+    ref_cache = cache.clone()
+    ref = plain.plan(meta).forward(0, q[:n], kv[:n, 0], kv[:n, 1], ref_cache)
+    # eager: a plan of its own, rows = the requests
+    eager_cache = cache.clone()
+    plan = be.plan(meta)
+    assert isinstance(plan.wrapper, XQADecode) and plan.wrapper.rows == n
+    assert (plan.forward(0, q[:n], kv[:n, 0], kv[:n, 1], eager_cache) - ref).abs().max() <= 1e-5
+    assert torch.equal(eager_cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    # replay: the capture's plan after plan_cuda_graph refilled the fixed table and lengths
+    assert be.can_graph(meta, b)
+    be.plan_cuda_graph(meta, b)
+    x = be.graph_buffers.xqa
+    for r, t in enumerate(tables):
+        assert x.table[r, :len(t)].tolist() == t
+    assert x.table[n:, 0].tolist() == [NUM_PAGES] * (b - n)  # padding: the scratch page
+    assert x.lens.tolist() == lens + [1] * (b - n)
+    out = captured.forward(0, q, kv[:, 0], kv[:, 1], cache)
+    assert (out[:n] - ref).abs().max().item() <= 1e-5
+    assert torch.equal(cache[:NUM_PAGES].view(torch.uint8), ref_cache[:NUM_PAGES].view(torch.uint8))
+
+
+def test_a_step_longer_than_the_xqa_table_runs_eagerly():
+    be = _xqa_backend()
+    be.enable_cuda_graphs([4], max_num_indices=4 * 3, scratch_page=NUM_PAGES)  # 3 pages a row
+    meta = build_metadata([[1, 2, 3, 4]], [4 * PS - 1], [1], PS, CPU)
+    assert not be.can_graph(meta, 4)
+    assert isinstance(be.plan(meta).wrapper, XQADecode)  # eager buffers grow to fit

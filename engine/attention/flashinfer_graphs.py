@@ -182,6 +182,7 @@ class GraphBuffers:
             paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=device),
             backend="fa2") for b in batch_sizes}
+        self.xqa = None  # XQADecode over fp8 pages: plain decode's kernel (set by the backend)
         self.cascades = {b: CascadeGraph(fi, workspace, b, cascade_graph_groups(b),
                                          self.shared_indices, self.indices, cascade_backend,
                                          device)

@@ -9,6 +9,7 @@ bf16 tolerance), and both must write identical fp8 bytes into the pool."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -39,13 +40,20 @@ DEV = torch.device("cuda")
 DT = torch.bfloat16
 HQ, HKV, PS = 32, 8, 16
 TOL = 2e-2  # bf16 attention over identical fp8 K/V (bf16 runs hold 1e-2; fp8 adds no error)
+# XQA's Hopper fp8 kernel also rounds the queries and the softmax weights to e4m3 (3 mantissa
+# bits, as the fp8 GEMM's operands): its outputs were 3.3-3.6% off bf16 math in run 77.
+FP8_MATH_TOL = 6e-2
+FP8_MATH_TIE = 1.0  # nats, the KL bound of fp8 weights on this model (tests/test_fp8.py)
+# The plain fp8 decode kernels (flashinfer_backend.FP8_DECODE_KERNELS) and their bounds.
+DECODE_TOL = {"fa2": TOL, "generic": TOL, "gmma": FP8_MATH_TOL}
 FP8_GEMM_REL_ERR = 0.06  # as on CPU (tests/test_fp8.py): 3 mantissa bits per operand
 
 
-def backends(d: int) -> tuple[FlashInferBackend, TorchBackend]:
+def backends(d: int, fp8_decode: str = "fa2") -> tuple[FlashInferBackend, TorchBackend]:
     kw = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=d, dtype=DT, device=DEV,
               page_size=PS, kv_dtype=FP8)
-    fi = FlashInferBackend(**kw)
+    fi = FlashInferBackend(**kw, fp8_decode=fp8_decode)
+    assert fi.fp8_decode == fp8_decode  # not a fallback (XQA failing to build is logged)
     fi.warmup()
     return fi, TorchBackend(**kw)
 
@@ -62,10 +70,11 @@ def compare(fi, ref, d, tables, done, new, num_pages, cascade=None) -> tuple[flo
     return rel_err(got, want), torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
 
 
+@pytest.mark.parametrize("kernel", ["fa2", "generic", "gmma"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("seed", range(3))
-def test_flashinfer_over_fp8_pages_matches_the_torch_reference(d, seed):
-    fi, ref = backends(d)
+def test_flashinfer_over_fp8_pages_matches_the_torch_reference(d, seed, kernel):
+    fi, ref = backends(d, kernel)
     rng = random.Random(seed)
     # a prefill batch (fresh, cached prefix, a decode row), then a decode-only batch
     done, new = [0, rng.randint(1, 300), rng.randint(1, 300)], [rng.randint(2, 200),
@@ -78,7 +87,7 @@ def test_flashinfer_over_fp8_pages_matches_the_torch_reference(d, seed):
     n = sum(-(-x // PS) for x in lens) + 3
     err, same = compare(fi, ref, d, random_tables(rng, lens, n), [x - 1 for x in lens],
                         [1] * len(lens), n)
-    assert err <= TOL and same
+    assert err <= DECODE_TOL[kernel] and same
 
 
 def test_cascade_over_fp8_pages_matches_plain_reference():
@@ -96,8 +105,9 @@ def test_cascade_over_fp8_pages_matches_plain_reference():
     assert err <= TOL and same
 
 
-def test_cuda_graph_decode_over_fp8_pages():
-    fi, ref = backends(128)
+@pytest.mark.parametrize("kernel", ["fa2", "generic", "gmma"])
+def test_cuda_graph_decode_over_fp8_pages(kernel):
+    fi, ref = backends(128, kernel)
     fi.enable_cuda_graphs([8], max_num_indices=8 * 64, scratch_page=300)
     cache = torch.zeros(301, 2, PS, HKV, 128, device=DEV, dtype=FP8)  # page 300: the scratch
     q, k, v = (torch.randn(8, h, 128, device=DEV).to(DT) for h in (HQ, HKV, HKV))
@@ -116,7 +126,9 @@ def test_cuda_graph_decode_over_fp8_pages():
     fi.plan_cuda_graph(meta, 8)
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(out[:6], want) <= TOL
+    assert rel_err(out[:6], want) <= DECODE_TOL[kernel]
+    # the two padding rows wrote their K/V into the scratch page only
+    assert torch.equal(cache[:300].view(torch.uint8), ref_cache[:300].view(torch.uint8))
 
 
 @pytest.mark.parametrize("m", [1, 32, 128, 512])
@@ -138,9 +150,12 @@ def test_fp8_gemm_error_bound_and_cuda_graph_capture(m):
     assert m < fp8_linear.ROWWISE_MIN_M or rel_err(captured, fp8(x)) < 1e-2
 
 
-def test_tiny_model_with_fp8_kv_agrees_across_backends(tiny_path):
-    """The head_dim-64 tiny model over fp8 KV pages: flashinfer (with CUDA graphs) agrees with
-    the torch backend as tests/gpu/test_gpu_engine.py defines agreement."""
+@pytest.mark.parametrize("kernel", ["fa2", "generic"])
+def test_tiny_model_with_fp8_kv_agrees_across_backends(tiny_path, kernel, monkeypatch):
+    """The head_dim-64 tiny model over fp8 KV pages, decoding in bf16 math (FA2 or XQA's
+    generic kernel): flashinfer (with CUDA graphs) agrees with the torch backend as
+    tests/gpu/test_gpu_engine.py defines agreement."""
+    monkeypatch.setenv("PDSERVE_FP8_DECODE", kernel)
     prompts = gpu_engine._prompts(0)
     ref, _ = gpu_engine._generate(tiny_path, prompts, attention_backend="torch",
                                   kv_cache_dtype="fp8_e4m3")
@@ -148,6 +163,30 @@ def test_tiny_model_with_fp8_kv_agrees_across_backends(tiny_path):
                                         cuda_graphs=True, kv_cache_dtype="fp8_e4m3")
     gpu_engine.assert_agree(ref, got)
     assert replays > 0
+
+
+def test_tiny_model_decoding_fp8_kv_in_fp8_math_stays_near_the_reference(tiny_path):
+    """XQA's Hopper fp8 kernel, the default decode over fp8 pages, in the engine with CUDA
+    graphs: every request's first decode step (both backends read the same fp8 pages, written
+    by the same prefill) picks a token of the torch backend's top two, its log-probability
+    within FP8_MATH_TIE. Later steps compound the fp8 rounding of queries and softmax weights on
+    this random model (it flipped a 1.9-nat margin at a fifth step), so they are not compared;
+    they must stay finite."""
+    prompts = gpu_engine._prompts(0)
+    ref, _ = gpu_engine._generate(tiny_path, prompts, attention_backend="torch",
+                                  kv_cache_dtype="fp8_e4m3")
+    got, replays = gpu_engine._generate(tiny_path, prompts, attention_backend="flashinfer",
+                                        cuda_graphs=True, kv_cache_dtype="fp8_e4m3")
+    assert replays > 0
+    for r, g in zip(ref, got, strict=True):
+        assert len(g.token_ids) == gpu_engine.GREEDY.max_tokens
+        assert all(math.isfinite(lp.logprob) for lp in g.logprobs)
+        top = dict(r.logprobs[1].top[:2])  # index 0 is the prefill's token, 1 the first decode
+        assert r.token_ids[0] == g.token_ids[0] and g.token_ids[1] in top
+        gap = abs(top[g.token_ids[1]] - g.logprobs[1].logprob)
+        print(f"first decode step: reference {r.token_ids[1]}, xqa {g.token_ids[1]}, "
+              f"log-probability {gap:.3f} apart")
+        assert gap < FP8_MATH_TIE
 
 
 def _fused_kernel_cases(m: int):
