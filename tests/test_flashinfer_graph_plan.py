@@ -23,7 +23,12 @@ from engine.attention.base import AttentionBackend
 from engine.attention.cascade import CascadeGroup, CascadePlan, plan_cascade
 from engine.attention.metadata import build_metadata
 from engine.attention.torch_backend import TorchBackend, attend, gather_kv, merge_states
-from engine.attention.xqa_decode import XQADecode, table_positions
+from engine.attention.xqa_decode import (
+    XQADecode,
+    XQAKernels,
+    decode_kernels,
+    table_positions,
+)
 from tests.test_graph_levels import shared_prefix_batch
 
 HQ, HKV, D, PS = 4, 2, 8, 4
@@ -121,7 +126,7 @@ def _backend() -> fb.FlashInferBackend:
     be.cascade = fb.TwoLevelCascade(STAND_IN, be.workspace, "fa2")
     be.cascade_backend, be.graph_buffers = "fa2", None
     be._rows = torch.arange(1, dtype=torch.int32)
-    be.fp8_decode, be.xqa_workspace, be._xqa = "fa2", None, None
+    be.xqa = None  # FA2 decodes fp8 pages (fp8_decode_kernels: None)
     return be
 
 
@@ -219,8 +224,9 @@ def _get_xqa_module(dtype, kv_dtype, page_size, head_dim, group, sliding, out_dt
 def _xqa_backend() -> fb.FlashInferBackend:
     """The backend over fp8 pages with XQA for plain decode (the stand-in for its kernel)."""
     be = _backend()
-    be.kv_dtype, be.fp8_decode = torch.float8_e4m3fn, "gmma"
-    be._get_xqa_module, be.xqa_workspace = _get_xqa_module, torch.zeros(64, dtype=torch.uint8)
+    be.kv_dtype = torch.float8_e4m3fn
+    be.xqa = XQAKernels(_get_xqa_module, "gmma", torch.float32, be.kv_dtype, HQ, HKV, D, PS,
+                        be.max_num_seqs, CPU)
     return be
 
 
@@ -275,3 +281,37 @@ def test_a_step_longer_than_the_xqa_table_runs_eagerly():
     meta = build_metadata([[1, 2, 3, 4]], [4 * PS - 1], [1], PS, CPU)
     assert not be.can_graph(meta, 4)
     assert isinstance(be.plan(meta).wrapper, XQADecode)  # eager buffers grow to fit
+
+
+def test_decode_kernel_choice(caplog, monkeypatch):
+    args = (torch.float32, torch.float8_e4m3fn, HQ, HKV, D, PS, 16, CPU)
+    with pytest.raises(ValueError, match=r"unknown fp8 decode kernel 'xqa'; valid: \['gmma'"):
+        decode_kernels("xqa", _get_xqa_module, *args)
+    assert decode_kernels("fa2", _get_xqa_module, *args) is None
+    fp8 = decode_kernels("generic", _get_xqa_module, *args)
+    assert (fp8.kernel, fp8.eager_steps, fp8.max_graph_rows >= 1 << 20) == ("generic", True, True)
+    # same-dtype pages: the generic kernel in small graphs only, whatever the fp8 choice
+    same = decode_kernels("fa2", _get_xqa_module, torch.float32, torch.float32, *args[2:])
+    assert (same.kernel, same.eager_steps, same.max_graph_rows) == ("generic", False, 32)
+    monkeypatch.setenv("PDSERVE_XQA_BF16", "0")
+    assert decode_kernels(None, _get_xqa_module, torch.float32, torch.float32, *args[2:]) is None
+    monkeypatch.setenv("PDSERVE_FP8_DECODE", "generic")
+    assert decode_kernels(None, _get_xqa_module, *args).kernel == "generic"
+
+    def missing_sources(*a):
+        raise RuntimeError("no csrc/xqa")
+
+    assert decode_kernels("generic", missing_sources, *args) is None
+    assert "stays on FlashInfer's FA2 kernel" in caplog.text and "no csrc/xqa" in caplog.text
+
+
+def test_same_dtype_pages_decode_through_xqa_in_small_graphs_only():
+    be = _backend()
+    be.xqa = XQAKernels(_get_xqa_module, "generic", torch.float32, torch.float32, HQ, HKV, D, PS,
+                        be.max_num_seqs, CPU, max_graph_rows=4, eager_steps=False)
+    be.enable_cuda_graphs([1, 2, 4, 8], max_num_indices=8 * 30, scratch_page=NUM_PAGES)
+    assert be.graph_buffers.xqa.table.shape == (4, 30)
+    meta = build_metadata([[3, 5], [7]], [PS + 1, 2], [1, 1], PS, CPU)
+    assert isinstance(be.plan_cuda_graph(meta, 4).wrapper, XQADecode)
+    assert be.plan_cuda_graph(meta, 8).wrapper is be.graph_buffers.wrappers[8]
+    assert be.plan(meta).wrapper is be.decode  # eager steps: FA2

@@ -35,8 +35,6 @@ FlashInfer is imported here, lazily: CPU installs never load this module.
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 
 import torch
 
@@ -56,15 +54,10 @@ from engine.attention.flashinfer_graphs import (
     paging,
     shared_level_args,
 )
-from engine.attention.xqa_decode import SCRATCH_BYTES, SEMAPHORE_BYTES, XQADecode
+from engine.attention.xqa_decode import decode_kernels
 from engine.host_copy import copy_from_host
 
-log = logging.getLogger(__name__)
-
 WORKSPACE_BYTES = 128 * 1024 * 1024
-# Plain decode over fp8 pages: XQA's Hopper fp8 kernel (`gmma`), its bf16-math one (`generic`)
-# or FlashInfer's FA2 decode wrapper (`fa2`). PDSERVE_FP8_DECODE picks one for measurements.
-FP8_DECODE_KERNELS = ("gmma", "generic", "fa2")
 HEAD_DIMS = (64, 128, 256)  # what both FlashInfer prefill kernels (FA2, FA3) instantiate
 
 
@@ -187,6 +180,7 @@ class FlashInferBackend(AttentionBackend):
                  device: torch.device | str, page_size: int = 16, max_num_seqs: int = 64,
                  kv_dtype: torch.dtype | None = None, *, prefill_backend: str = "auto",
                  cascade_backend: str = "fa2", fp8_decode: str | None = None) -> None:
+        """`fp8_decode`: plain decode's kernel over fp8 pages (xqa_decode.decode_kernels)."""
         super().__init__(num_q_heads, num_kv_heads, head_dim, dtype, device, page_size,
                          max_num_seqs, kv_dtype)
         # fp8 pages: bf16/fp16 queries over float8_e4m3fn K/V (kv_data_type in each plan). FA2
@@ -207,8 +201,6 @@ class FlashInferBackend(AttentionBackend):
         import flashinfer
 
         self._fi = flashinfer
-        # the module: `flashinfer.xqa` itself names the function that FlashInfer re-exports
-        self._get_xqa_module = importlib.import_module("flashinfer.xqa").get_xqa_module
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "NHD", backend=prefill_backend)
@@ -218,52 +210,12 @@ class FlashInferBackend(AttentionBackend):
         self.cascade_backend = cascade_backend  # also the kernel of cascade graphs' levels
         self.graph_buffers: GraphBuffers | None = None  # set by enable_cuda_graphs
         self._rows = torch.arange(1, dtype=torch.int32, device=self.device)  # see `rows`
-        # XQA's own workspace: its semaphores must stay zero between launches, which the FA2
-        # wrappers' shared workspace would not keep.
-        self.xqa_workspace = (torch.zeros(SEMAPHORE_BYTES + SCRATCH_BYTES, dtype=torch.uint8,
-                                          device=self.device)
-                              if self.kv_dtype == FP8_KV else None)
-        self.fp8_decode = self._fp8_decode_kernel(fp8_decode)
-        if self.fp8_decode == "fa2":
-            self.xqa_workspace = None
-        self._xqa: XQADecode | None = None  # eager decode's, made and grown by `_eager_xqa`
-
-    def _fp8_decode_kernel(self, choice: str | None) -> str:
-        """The plain fp8 decode kernel: `choice`, else $PDSERVE_FP8_DECODE, else `gmma` on
-        Hopper and later; `fa2` for bf16/fp16 pages or where XQA cannot be built (FlashInfer
-        without its XQA sources: the reason is logged)."""
-        choice = choice or os.environ.get("PDSERVE_FP8_DECODE", "gmma")
-        if choice not in FP8_DECODE_KERNELS:
-            raise ValueError(f"unknown fp8 decode kernel {choice!r}; valid: "
-                             f"{list(FP8_DECODE_KERNELS)}")
-        if self.kv_dtype != FP8_KV or choice == "fa2":
-            return "fa2"
-        if choice == "gmma" and torch.cuda.get_device_capability(self.device)[0] != 9:
-            choice = "generic"  # the fp8 GMMA kernel is Hopper's
-        try:
-            self._xqa_decode(1, 1, 0, choice)  # builds (JIT) or loads the kernel now
-        except Exception as e:  # noqa: BLE001 - any build failure: FA2 runs these steps
-            log.warning("fp8 decode falls back to FlashInfer's FA2 kernel: XQA is not "
-                        "available: %s: %s", type(e).__name__, e)
-            return "fa2"
-        return choice
-
-    def _xqa_decode(self, max_rows: int, width: int, scratch_page: int,
-                    kernel: str | None = None) -> XQADecode:
-        return XQADecode(self._get_xqa_module, self.dtype, self.kv_dtype, self.num_q_heads,
-                         self.num_kv_heads, self.head_dim, self.page_size, max_rows, width,
-                         scratch_page, self.xqa_workspace, self.device,
-                         kernel or self.fp8_decode)
-
-    def _eager_xqa(self, meta: AttentionMetadata) -> XQADecode:
-        """The eager decode's XQA buffers, remade twice as large when a step outgrows them."""
-        x = self._xqa
-        if x is None or not x.fits(meta, meta.batch_size):
-            pages = -(-max(meta.kv_lens_host) // self.page_size)
-            rows = max(meta.batch_size, self.max_num_seqs)
-            width = max(pages, 2 * x.width if x else 64)
-            self._xqa = x = self._xqa_decode(rows, width, 0)
-        return x
+        # where XQA runs plain decode (None: nowhere); the module by name, as `flashinfer.xqa`
+        # is also the function FlashInfer re-exports
+        self.xqa = decode_kernels(
+            fp8_decode, importlib.import_module("flashinfer.xqa").get_xqa_module, dtype,
+            self.kv_dtype, num_q_heads, num_kv_heads, head_dim, page_size, max_num_seqs,
+            self.device)
 
     # -- planning ---------------------------------------------------------------------------
     def rows(self, n: int) -> torch.Tensor:
@@ -288,8 +240,8 @@ class FlashInferBackend(AttentionBackend):
         nc = meta.num_cascade_reqs if meta.cascade else 0
         if nc:
             self._plan_cascade(meta, heads)
-        if not nc and self.fp8_decode != "fa2":
-            xqa = self._eager_xqa(meta)
+        if not nc and self.xqa is not None and self.xqa.eager_steps:
+            xqa = self.xqa.eager(meta)
             xqa.plan(meta, meta.batch_size)
             return WrapperPlan(meta, write, xqa)
         if nc < meta.batch_size:
@@ -318,10 +270,11 @@ class FlashInferBackend(AttentionBackend):
         self.graph_buffers = GraphBuffers(self._fi, self.workspace, batch_sizes,
                                           max_num_indices, scratch_page, self.device,
                                           self.cascade_backend)
-        if self.fp8_decode != "fa2":
+        sizes = [b for b in batch_sizes if self.xqa and b <= self.xqa.max_graph_rows]
+        if sizes:  # the buckets up to max(sizes) decode through XQA
             b_max = max(batch_sizes)
-            self.graph_buffers.xqa = self._xqa_decode(b_max, -(-max_num_indices // b_max),
-                                                      scratch_page)
+            self.graph_buffers.xqa = self.xqa.make(max(sizes), -(-max_num_indices // b_max),
+                                                   scratch_page)
 
     def _graph_buffers(self) -> GraphBuffers:
         if self.graph_buffers is None:
@@ -334,7 +287,7 @@ class FlashInferBackend(AttentionBackend):
     def can_graph(self, meta: AttentionMetadata, batch_size: int) -> bool:
         g = self._graph_buffers()
         return meta.num_decode_only and g.fits(meta, batch_size) and (
-            meta.cascade is not None or g.xqa is None or g.xqa.fits(meta, batch_size))
+            not g.uses_xqa(meta, batch_size) or g.xqa.fits(meta, batch_size))
 
     def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
         """Plan a decode-only step, plain or cascade, for the graph captured at `batch_size`.
@@ -348,7 +301,7 @@ class FlashInferBackend(AttentionBackend):
                         self._fi.append_paged_kv_cache)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
         own = own_level_args(meta, batch_size, g.scratch)
-        if meta.cascade is None and g.xqa is not None:
+        if g.uses_xqa(meta, batch_size):
             g.xqa.plan(meta, batch_size)
             return WrapperPlan(meta, write, g.xqa)
         if meta.cascade is None:
