@@ -288,30 +288,14 @@ def test_decode_kernel_choice(caplog, monkeypatch):
     with pytest.raises(ValueError, match=r"unknown fp8 decode kernel 'xqa'; valid: \['gmma'"):
         decode_kernels("xqa", _get_xqa_module, *args)
     assert decode_kernels("fa2", _get_xqa_module, *args) is None
-    fp8 = decode_kernels("generic", _get_xqa_module, *args)
-    assert (fp8.kernel, fp8.eager_steps, fp8.max_graph_rows >= 1 << 20) == ("generic", True, True)
-    # same-dtype pages: the generic kernel in small graphs only, whatever the fp8 choice
-    same = decode_kernels("fa2", _get_xqa_module, torch.float32, torch.float32, *args[2:])
-    assert (same.kernel, same.eager_steps, same.max_graph_rows) == ("generic", False, 32)
-    monkeypatch.setenv("PDSERVE_XQA_BF16", "0")
-    assert decode_kernels(None, _get_xqa_module, torch.float32, torch.float32, *args[2:]) is None
-    monkeypatch.setenv("PDSERVE_FP8_DECODE", "generic")
-    assert decode_kernels(None, _get_xqa_module, *args).kernel == "generic"
+    assert decode_kernels("generic", _get_xqa_module, *args).kernel == "generic"
+    same_dtype = (torch.float32, torch.float32, *args[2:])
+    assert decode_kernels("generic", _get_xqa_module, *same_dtype) is None
+    monkeypatch.setenv("PDSERVE_FP8_DECODE", "fa2")
+    assert decode_kernels(None, _get_xqa_module, *args) is None
 
     def missing_sources(*a):
         raise RuntimeError("no csrc/xqa")
 
     assert decode_kernels("generic", missing_sources, *args) is None
     assert "stays on FlashInfer's FA2 kernel" in caplog.text and "no csrc/xqa" in caplog.text
-
-
-def test_same_dtype_pages_decode_through_xqa_in_small_graphs_only():
-    be = _backend()
-    be.xqa = XQAKernels(_get_xqa_module, "generic", torch.float32, torch.float32, HQ, HKV, D, PS,
-                        be.max_num_seqs, CPU, max_graph_rows=4, eager_steps=False)
-    be.enable_cuda_graphs([1, 2, 4, 8], max_num_indices=8 * 30, scratch_page=NUM_PAGES)
-    assert be.graph_buffers.xqa.table.shape == (4, 30)
-    meta = build_metadata([[3, 5], [7]], [PS + 1, 2], [1, 1], PS, CPU)
-    assert isinstance(be.plan_cuda_graph(meta, 4).wrapper, XQADecode)
-    assert be.plan_cuda_graph(meta, 8).wrapper is be.graph_buffers.wrappers[8]
-    assert be.plan(meta).wrapper is be.decode  # eager steps: FA2

@@ -210,7 +210,7 @@ class FlashInferBackend(AttentionBackend):
         self.cascade_backend = cascade_backend  # also the kernel of cascade graphs' levels
         self.graph_buffers: GraphBuffers | None = None  # set by enable_cuda_graphs
         self._rows = torch.arange(1, dtype=torch.int32, device=self.device)  # see `rows`
-        # where XQA runs plain decode (None: nowhere); the module by name, as `flashinfer.xqa`
+        # plain decode over fp8 pages, unless None (FA2); the module by name, as `flashinfer.xqa`
         # is also the function FlashInfer re-exports
         self.xqa = decode_kernels(
             fp8_decode, importlib.import_module("flashinfer.xqa").get_xqa_module, dtype,
@@ -240,7 +240,7 @@ class FlashInferBackend(AttentionBackend):
         nc = meta.num_cascade_reqs if meta.cascade else 0
         if nc:
             self._plan_cascade(meta, heads)
-        if not nc and self.xqa is not None and self.xqa.eager_steps:
+        if not nc and self.xqa is not None:
             xqa = self.xqa.eager(meta)
             xqa.plan(meta, meta.batch_size)
             return WrapperPlan(meta, write, xqa)
@@ -270,10 +270,9 @@ class FlashInferBackend(AttentionBackend):
         self.graph_buffers = GraphBuffers(self._fi, self.workspace, batch_sizes,
                                           max_num_indices, scratch_page, self.device,
                                           self.cascade_backend)
-        sizes = [b for b in batch_sizes if self.xqa and b <= self.xqa.max_graph_rows]
-        if sizes:  # the buckets up to max(sizes) decode through XQA
+        if self.xqa is not None:
             b_max = max(batch_sizes)
-            self.graph_buffers.xqa = self.xqa.make(max(sizes), -(-max_num_indices // b_max),
+            self.graph_buffers.xqa = self.xqa.make(b_max, -(-max_num_indices // b_max),
                                                    scratch_page)
 
     def _graph_buffers(self) -> GraphBuffers:

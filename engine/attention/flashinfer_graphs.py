@@ -182,8 +182,7 @@ class GraphBuffers:
             paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device=device),
             backend="fa2") for b in batch_sizes}
-        # XQADecode: plain decode's kernel in the buckets up to its rows (set by the backend)
-        self.xqa = None
+        self.xqa = None  # XQADecode over fp8 pages: plain decode's kernel (set by the backend)
         self.cascades = {b: CascadeGraph(fi, workspace, b, cascade_graph_groups(b),
                                          self.shared_indices, self.indices, cascade_backend,
                                          device)
@@ -206,9 +205,8 @@ class GraphBuffers:
         return page, offset, last
 
     def uses_xqa(self, meta: AttentionMetadata, batch_size: int) -> bool:
-        """Whether a plain decode step of bucket `batch_size` runs XQA (else FA2's wrapper)."""
-        return (meta.cascade is None and self.xqa is not None
-                and batch_size <= self.xqa.table.shape[0])
+        """Whether this step runs XQA in bucket `batch_size`'s graph (else FA2's wrappers)."""
+        return meta.cascade is None and self.xqa is not None
 
     @property
     def max_indices(self) -> int:

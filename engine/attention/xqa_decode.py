@@ -36,11 +36,9 @@ log = logging.getLogger(__name__)
 # Plain decode over fp8 pages: XQA's Hopper fp8 kernel (`gmma`), its bf16-math one (`generic`)
 # or FlashInfer's FA2 decode wrapper (`fa2`). PDSERVE_FP8_DECODE picks one for measurements.
 FP8_DECODE_KERNELS = ("gmma", "generic", "fa2")
-# Over bf16/fp16 pages XQA's generic kernel beats FA2's graph-mode decode in CUDA graphs of up
-# to this many rows (1 x 1K tokens: 8.8 against 10.2 us a layer, 32 x 1K: 41.4 against 43.4)
-# and loses above (128 x 1K: 151 against 144), H200 run 77; eager steps keep FA2 (8.0 us at
-# one row, it plans each step's split). PDSERVE_XQA_BF16=0 switches this off.
-XQA_BF16_MAX_GRAPH_ROWS = 32
+# Over bf16/fp16 pages FA2 decodes: XQA's generic kernel was no faster in the engine's graphs
+# at one row (step / floor 1.248-1.250 against 1.238-1.245) and slower at 32 rows (1.49
+# against 1.34-1.35; H200 run 82), though it timed 8.8 against 10.2 us a layer alone (run 77).
 
 # XQA's multi-CTA reduction counts arrivals in uint32 semaphores that must start at zero (each
 # launch leaves them at zero); partial results go to the scratch after them. FlashInfer's own
@@ -119,16 +117,12 @@ class XQADecode:
 class XQAKernels:
     """A backend's XQA decode: the kernel, one workspace (semaphores kept at zero, which the FA2
     wrappers' shared workspace would not keep), and the `XQADecode` buffers of eager steps,
-    made again twice as large when a step outgrows them. `make` builds a graph's (fixed).
-    Plain decode steps run it in graphs of up to `max_graph_rows` rows, and eagerly where
-    `eager_steps`."""
+    made again twice as large when a step outgrows them. `make` builds a graph's (fixed)."""
 
     def __init__(self, get_xqa_module, kernel: str, dtype: torch.dtype, kv_dtype: torch.dtype,
                  num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                 max_num_seqs: int, device: torch.device, max_graph_rows: int = 1 << 30,
-                 eager_steps: bool = True) -> None:
+                 max_num_seqs: int, device: torch.device) -> None:
         self.kernel, self.page_size, self.max_num_seqs = kernel, page_size, max_num_seqs
-        self.max_graph_rows, self.eager_steps = max_graph_rows, eager_steps
         self.workspace = torch.zeros(SEMAPHORE_BYTES + SCRATCH_BYTES, dtype=torch.uint8,
                                      device=device)
         self._args = (get_xqa_module, dtype, kv_dtype, num_q_heads, num_kv_heads, head_dim,
@@ -153,30 +147,22 @@ class XQAKernels:
 def decode_kernels(fp8_choice: str | None, get_xqa_module, dtype: torch.dtype,
                    kv_dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int,
                    page_size: int, max_num_seqs: int, device: torch.device) -> XQAKernels | None:
-    """Where XQA runs plain decode; None: FA2 runs all of it.
-
-    fp8 pages: every plain decode step, with `fp8_choice`, else $PDSERVE_FP8_DECODE, else
-    `gmma` (Hopper's; `generic` on other GPUs); `fa2`: None. bf16/fp16 pages: the `generic`
-    kernel in graphs of up to XQA_BF16_MAX_GRAPH_ROWS rows, unless PDSERVE_XQA_BF16=0. None,
-    too, where XQA cannot be built (FlashInfer without its XQA sources: the reason is logged).
-    """
+    """XQA for plain decode over fp8 pages, or None where FA2 runs it: `fp8_choice`, else
+    $PDSERVE_FP8_DECODE, else `gmma` (Hopper's; `generic` on other GPUs). None for bf16/fp16
+    pages, for `fa2`, and where XQA cannot be built (FlashInfer without its XQA sources: the
+    reason is logged)."""
     choice = fp8_choice or os.environ.get("PDSERVE_FP8_DECODE", "gmma")
     if choice not in FP8_DECODE_KERNELS:
         raise ValueError(f"unknown fp8 decode kernel {choice!r}; valid: "
                          f"{list(FP8_DECODE_KERNELS)}")
-    kw: dict = {}
-    if kv_dtype != torch.float8_e4m3fn:
-        if os.environ.get("PDSERVE_XQA_BF16", "1") == "0":
-            return None
-        choice, kw = "generic", dict(max_graph_rows=XQA_BF16_MAX_GRAPH_ROWS, eager_steps=False)
-    elif choice == "fa2":
+    if kv_dtype != torch.float8_e4m3fn or choice == "fa2":
         return None
-    elif choice == "gmma" and torch.cuda.get_device_capability(device)[0] != 9:
+    if choice == "gmma" and torch.cuda.get_device_capability(device)[0] != 9:
         choice = "generic"
     try:
         return XQAKernels(get_xqa_module, choice, dtype, kv_dtype, num_q_heads, num_kv_heads,
-                          head_dim, page_size, max_num_seqs, device, **kw)
+                          head_dim, page_size, max_num_seqs, device)
     except Exception as e:  # noqa: BLE001 - any build failure: FA2 runs these steps
-        log.warning("plain decode stays on FlashInfer's FA2 kernel: XQA is not available: "
+        log.warning("fp8 decode stays on FlashInfer's FA2 kernel: XQA is not available: "
                     "%s: %s", type(e).__name__, e)
         return None
