@@ -36,7 +36,7 @@ def report(run: list[dict], full: int) -> list[str]:
     end = run[-1]["t"] + run[-1]["step_s"] - t0
     rows = sum(r["decode"] for r in run)
     lines = [f"{len(run)} steps in {end:.3f} s; {rows / len(run):.1f} decode rows per step; "
-             f"{sum(r['actions'] for r in run)} actions applied"]
+             f"{sum(r['actions'] for r in run)} actions applied", time_split(run)]
     short = 0
     for i, r in enumerate(run):
         if r["actions"] or r["prefill"]:
@@ -51,6 +51,23 @@ def report(run: list[dict], full: int) -> list[str]:
     if short:
         lines.append(f"  ... {short} decode steps below {full} rows")
     return lines
+
+
+def time_split(run: list[dict]) -> str:
+    """Where a run's time went: decode-only steps, steps with prompt tokens, and the gaps
+    between steps (the replica's own work outside `Engine.step`). With overlapped scheduling a
+    step's time is mostly the GPU time of the step launched before it."""
+    decode = sorted(r["step_s"] for r in run if not r["prefill"])
+    prompt = [r["step_s"] for r in run if r["prefill"]]
+    gaps = sorted(max(0.0, b["t"] - a["t"] - a["step_s"]) for a, b in zip(run, run[1:]))
+
+    def median_ms(xs: list[float]) -> float:
+        return 1e3 * xs[len(xs) // 2] if xs else 0.0
+
+    return (f"  time: {len(decode)} decode-only steps {sum(decode):.3f} s (median "
+            f"{median_ms(decode):.2f} ms), {len(prompt)} steps with prompt tokens "
+            f"{sum(prompt):.3f} s, between steps {sum(gaps):.3f} s "
+            f"(median {median_ms(gaps):.2f} ms)")
 
 
 def request_path_ms(run: list[dict], sends_unix: list[float]) -> list[float]:

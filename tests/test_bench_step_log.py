@@ -26,6 +26,8 @@ def test_runs_split_at_idle_gaps_and_the_report_names_what_each_step_ran(tmp_pat
     assert capsys.readouterr().out.splitlines() == [
         f"2 runs in {path}; run -1:",
         "5 steps in 0.050 s; 2.2 decode rows per step; 5 actions applied",
+        "  time: 3 decode-only steps 0.030 s (median 10.00 ms), 2 steps with prompt tokens "
+        "0.020 s, between steps 0.000 s (median 0.00 ms)",
         "  step    0 at   0.000 s:   4 actions,    32 prompt tokens,   0 decode rows,   2 left "
         "waiting,   10.0 ms",
         "  ... 2 decode steps below 4 rows",
@@ -38,3 +40,12 @@ def test_request_path_pairs_the_kth_send_with_the_kth_action_applied():
     # sends at 9.99, 9.995 and 10.06: applied at 10.0, 10.0 and 10.1
     assert [round(x, 3) for x in step_log_report.request_path_ms(run, [10.06, 9.99, 9.995])] \
         == [10.0, 5.0, 40.0]
+
+
+def test_time_split_counts_the_gaps_between_steps():
+    run = [_step(0.0, prefill=8, step_s=0.1), _step(0.105, decode=2, step_s=0.004),
+           _step(0.111, decode=2, step_s=0.004), _step(0.125, decode=2, step_s=0.006)]
+    # gaps 5, 2 and 10 ms
+    assert step_log_report.time_split(run) == (
+        "  time: 3 decode-only steps 0.014 s (median 4.00 ms), 1 steps with prompt tokens "
+        "0.100 s, between steps 0.017 s (median 5.00 ms)")
