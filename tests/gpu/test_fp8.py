@@ -5,7 +5,9 @@ KV agreeing between the two attention backends.
 
 FlashInfer reads fp8 K/V with k_scale = v_scale = 1.0 and computes in bf16/fp32; the reference
 upcasts the same fp8 bytes to float32, so the two differ by the kernels' rounding only (the
-bf16 tolerance), and both must write identical fp8 bytes into the pool."""
+bf16 tolerance), and both must write identical fp8 bytes into the pool. Plain decode's kernels
+(engine/attention/xqa_decode.py) run each: FA2 and XQA's generic kernel in bf16 math, XQA's
+Hopper kernel (the default) in fp8 math, held to the fp8 bound."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ TOL = 2e-2  # bf16 attention over identical fp8 K/V (bf16 runs hold 1e-2; fp8 ad
 # bits, as the fp8 GEMM's operands): its outputs were 3.3-3.6% off bf16 math in run 77.
 FP8_MATH_TOL = 6e-2
 FP8_MATH_TIE = 1.0  # nats, the KL bound of fp8 weights on this model (tests/test_fp8.py)
-# The plain fp8 decode kernels (flashinfer_backend.FP8_DECODE_KERNELS) and their bounds.
+# The plain fp8 decode kernels (xqa_decode.FP8_DECODE_KERNELS) and their bounds.
 DECODE_TOL = {"fa2": TOL, "generic": TOL, "gmma": FP8_MATH_TOL}
 FP8_GEMM_REL_ERR = 0.06  # as on CPU (tests/test_fp8.py): 3 mantissa bits per operand
 
@@ -166,13 +168,14 @@ def test_tiny_model_with_fp8_kv_agrees_across_backends(tiny_path, kernel, monkey
     assert replays > 0
 
 
-def test_tiny_model_decoding_fp8_kv_in_fp8_math_stays_near_the_reference(tiny_path):
+def test_tiny_model_decoding_fp8_kv_in_fp8_math_stays_near_the_reference(tiny_path, monkeypatch):
     """XQA's Hopper fp8 kernel, the default decode over fp8 pages, in the engine with CUDA
     graphs: every request's first decode step (both backends read the same fp8 pages, written
     by the same prefill) picks a token of the torch backend's top two, its log-probability
     within FP8_MATH_TIE. Later steps compound the fp8 rounding of queries and softmax weights on
     this random model (it flipped a 1.9-nat margin at a fifth step), so they are not compared;
     they must stay finite."""
+    monkeypatch.setenv("PDSERVE_FP8_DECODE", "gmma")  # the default, whatever the environment
     prompts = gpu_engine._prompts(0)
     ref, _ = gpu_engine._generate(tiny_path, prompts, attention_backend="torch",
                                   kv_cache_dtype="fp8_e4m3")
