@@ -19,6 +19,7 @@ graph, GPU time per call and KV bytes read per second. Plans:
   kit (bench/device_run.sh).
 
     python -m bench.gpu_decode_attention [--cases 1x1024,32x1024,128x640,128x1024] [--fp8]
+        [--plans "graph,eager,xqa generic,xqa gmma"]
 """
 
 from __future__ import annotations
