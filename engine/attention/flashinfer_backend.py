@@ -286,7 +286,7 @@ class FlashInferBackend(AttentionBackend):
     def can_graph(self, meta: AttentionMetadata, batch_size: int) -> bool:
         g = self._graph_buffers()
         return meta.num_decode_only and g.fits(meta, batch_size) and (
-            not g.uses_xqa(meta, batch_size) or g.xqa.fits(meta, batch_size))
+            not g.uses_xqa(meta) or g.xqa.fits(meta, batch_size))
 
     def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
         """Plan a decode-only step, plain or cascade, for the graph captured at `batch_size`.
@@ -298,11 +298,11 @@ class FlashInferBackend(AttentionBackend):
         assert self.can_graph(meta, batch_size), "plan_cuda_graph of a step that does not fit"
         write = KVWrite(*g.fill_write_rows(meta, batch_size), g.rows,
                         self._fi.append_paged_kv_cache)
-        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
-        own = own_level_args(meta, batch_size, g.scratch)
-        if g.uses_xqa(meta, batch_size):
+        if g.uses_xqa(meta):
             g.xqa.plan(meta, batch_size)
             return WrapperPlan(meta, write, g.xqa)
+        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
+        own = own_level_args(meta, batch_size, g.scratch)
         if meta.cascade is None:
             wrapper = g.wrappers[batch_size]
             wrapper.plan(_host_i32(own.kv_indptr), own.kv_indices,

@@ -204,8 +204,8 @@ class GraphBuffers:
         torch.add(offset, 1, out=last)
         return page, offset, last
 
-    def uses_xqa(self, meta: AttentionMetadata, batch_size: int) -> bool:
-        """Whether this step runs XQA in bucket `batch_size`'s graph (else FA2's wrappers)."""
+    def uses_xqa(self, meta: AttentionMetadata) -> bool:
+        """Whether this step's graph runs XQA (else FA2's wrappers): plain decode over fp8."""
         return meta.cascade is None and self.xqa is not None
 
     @property
