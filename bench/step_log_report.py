@@ -45,12 +45,21 @@ def report(run: list[dict], full: int) -> list[str]:
                 short = 0
             lines.append(f"  step {i:4d} at {r['t'] - t0:7.3f} s: {r['actions']:3d} actions, "
                          f"{r['prefill']:5d} prompt tokens, {r['decode']:3d} decode rows, "
-                         f"{r['waiting']:3d} left waiting, {1e3 * r['step_s']:6.1f} ms")
+                         f"{r['waiting']:3d} left waiting, {1e3 * r['step_s']:6.1f} ms"
+                         + costs(r))
         elif r["decode"] < full:
             short += 1
     if short:
         lines.append(f"  ... {short} decode steps below {full} rows")
     return lines
+
+
+def costs(step: dict) -> str:
+    """The step's own CPU time and the GC time in it, where the log has them (logs written
+    before they were recorded do not)."""
+    if "cpu_s" not in step:
+        return ""
+    return f" (cpu {1e3 * step['cpu_s']:.1f}, gc {1e3 * step['gc_s']:.1f})"
 
 
 def time_split(run: list[dict]) -> str:
@@ -64,10 +73,14 @@ def time_split(run: list[dict]) -> str:
     def median_ms(xs: list[float]) -> float:
         return 1e3 * xs[len(xs) // 2] if xs else 0.0
 
-    return (f"  time: {len(decode)} decode-only steps {sum(decode):.3f} s (median "
+    line = (f"  time: {len(decode)} decode-only steps {sum(decode):.3f} s (median "
             f"{median_ms(decode):.2f} ms), {len(prompt)} steps with prompt tokens "
             f"{sum(prompt):.3f} s, between steps {sum(gaps):.3f} s "
             f"(median {median_ms(gaps):.2f} ms)")
+    if all("cpu_s" in r for r in run):
+        line += (f"; in steps: cpu {sum(r['cpu_s'] for r in run):.3f} s, "
+                 f"gc {sum(r['gc_s'] for r in run):.3f} s")
+    return line
 
 
 def request_path_ms(run: list[dict], sends_unix: list[float]) -> list[float]:

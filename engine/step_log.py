@@ -4,15 +4,20 @@ Set `PDSERVE_STEP_LOG=DIR` in a replica's environment (e.g. the Serve config's `
 and each AsyncEngine in that process appends to `DIR/steps-<pid>-<n>.jsonl`:
 `{"t": round start (time.time()), "actions": adds/aborts applied before the step, "step_s":
 time in Engine.step, "waiting": requests left queued by the step, "running": ...,
-"prefill": prompt tokens launched, "decode": decode rows launched}`. Off by default: the cost is
-a write per step. `bench/gpu_token_path.sh` collects them (its header says how).
+"prefill": prompt tokens launched, "decode": decode rows launched, "cpu_s": the step thread's CPU
+time in Engine.step, "gc_s": time the process spent collecting garbage meanwhile}`. A step whose
+cpu_s is well below its step_s waited: for the GPU, or for the GIL held by another thread of the
+replica (its event loop, Ray's threads). Off by default: the cost is a write per step.
+`bench/gpu_token_path.sh` collects them (its header says how).
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 
 from engine.scheduler import Scheduler
@@ -21,11 +26,38 @@ ENV = "PDSERVE_STEP_LOG"
 _numbers = itertools.count()
 
 
+class GcClock:
+    """Seconds the process has spent in garbage collections, whichever thread ran them (a
+    collection holds the GIL, so it stalls every Python thread)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+
+_gc_clock: GcClock | None = None
+
+
 class StepLog:
     def __init__(self, path: Path) -> None:
+        global _gc_clock
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a", buffering=1)  # a line at a time: readable mid-run
         self._launched = (0, 0)
+        if _gc_clock is None:  # one per process: each engine's log reads the same clock
+            _gc_clock = GcClock()
+        self.gc_clock = _gc_clock
+
+    def clocks(self) -> tuple[float, float]:
+        """This thread's CPU seconds and the process's GC seconds: read them around a step."""
+        return time.thread_time(), self.gc_clock.seconds
 
     @classmethod
     def from_env(cls) -> StepLog | None:
@@ -34,13 +66,15 @@ class StepLog:
             return None
         return cls(Path(where) / f"steps-{os.getpid()}-{next(_numbers)}.jsonl")
 
-    def record(self, t: float, actions: int, step_s: float, sched: Scheduler) -> None:
+    def record(self, t: float, actions: int, step_s: float, sched: Scheduler,
+               cpu_s: float, gc_s: float) -> None:
         """After a step: what it launched is the change in the scheduler's counters, and what
-        it left waiting is the scheduler's queue now."""
+        it left waiting is the scheduler's queue now; cpu_s and gc_s are `clocks()`'s change
+        over Engine.step."""
         launched = (sched.num_prefill_tokens, sched.num_decode_tokens)
         prefill, decode = (a - b for a, b in zip(launched, self._launched))
         self._launched = launched
         self.file.write(json.dumps({
             "t": round(t, 6), "actions": actions, "step_s": round(step_s, 6),
             "waiting": len(sched.waiting), "running": len(sched.running), "prefill": prefill,
-            "decode": decode}) + "\n")
+            "decode": decode, "cpu_s": round(cpu_s, 6), "gc_s": round(gc_s, 6)}) + "\n")

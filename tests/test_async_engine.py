@@ -101,3 +101,5 @@ def test_the_step_log_has_a_line_per_step_with_what_it_launched(tiny_llama, tmp_
     # 5 prompt tokens, then 3 decode rows for each request's 2nd-4th tokens
     assert sum(r["prefill"] for r in lines) == 5 and sum(r["decode"] for r in lines) == 6
     assert sum(r["actions"] for r in lines) >= 1 and lines[-1]["running"] == 0
+    # the step thread's CPU time is within the step's wall time (plus the clocks' resolution)
+    assert all(0 <= r["cpu_s"] <= r["step_s"] + 0.002 and r["gc_s"] >= 0 for r in lines)

@@ -49,3 +49,10 @@ def test_time_split_counts_the_gaps_between_steps():
     assert step_log_report.time_split(run) == (
         "  time: 3 decode-only steps 0.014 s (median 4.00 ms), 1 steps with prompt tokens "
         "0.100 s, between steps 0.017 s (median 5.00 ms)")
+
+
+def test_steps_with_cpu_and_gc_clocks_print_them():
+    run = [dict(_step(0.0, actions=1, prefill=8, step_s=0.1), cpu_s=0.02, gc_s=0.005),
+           dict(_step(0.105, decode=1, step_s=0.004), cpu_s=0.001, gc_s=0.0)]
+    assert step_log_report.time_split(run).endswith("; in steps: cpu 0.021 s, gc 0.005 s")
+    assert step_log_report.report(run, full=1)[2].endswith("100.0 ms (cpu 20.0, gc 5.0)")
