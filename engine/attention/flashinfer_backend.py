@@ -5,11 +5,15 @@ One wrapper per kind of step, each planned once per step and run once per layer:
   its requests (decode rows are prefill rows of length one);
 - decode-only batches: `BatchDecodeWithPagedKVCacheWrapper` with tensor cores (GQA groups ride
   the MMA rows);
-- decode batches with a cascade plan: a 2-level cascade (two_level_cascade.py: shared prefix
-  pages, then each request's own pages, merged by LSE) for the first `num_cascade_reqs`
-  requests, plain decode for the rest. Its levels run FA2, except that on Hopper the shared
-  level of one large group (>= 128 queries over >= 32K tokens) runs FA3 over slices of the
-  prefix (split_shared_level.py), eagerly;
+- decode batches with a cascade plan: a 2-level cascade (shared prefix pages, then each
+  request's own pages, merged by LSE) for the first `num_cascade_reqs` requests, plain decode
+  for the rest. It is FlashInfer's `MultiLevelCascadeAttentionWrapper` rebuilt from the same
+  public parts (one `BatchPrefillWithPagedKVCacheWrapper` per level + `merge_state_in_place`)
+  so that the levels' kernel can be chosen: that wrapper always takes `auto`, which is FA3 on
+  Hopper, and FA3 runs the shared level (one long KV run, all the group's queries) slower
+  than FA2 (whose planner splits the KV over the SMs): for 128 requests sharing 32K tokens the
+  cascade attention took 42 ms per step on FA3 and 30 ms on FA2, against 79 ms for plain
+  decode (H200, docs/benchmarks.md);
 - CUDA-graph replays (engine/cuda_graph.py), plain and cascade decode: per captured batch size
   a decode wrapper and a cascade graph over fixed index buffers (`GraphBuffers`,
   flashinfer_graphs.py) that `plan_cuda_graph` refills before each replay;
@@ -31,7 +35,6 @@ FlashInfer is imported here, lazily: CPU installs never load this module.
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
@@ -51,13 +54,37 @@ from engine.attention.flashinfer_graphs import (
     paging,
     shared_level_args,
 )
-from engine.attention.split_shared_level import SplitSharedLevel
-from engine.attention.two_level_cascade import TwoLevelCascade
 from engine.attention.xqa_decode import decode_kernels
 from engine.host_copy import copy_from_host
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 HEAD_DIMS = (64, 128, 256)  # what both FlashInfer prefill kernels (FA2, FA3) instantiate
+
+
+class TwoLevelCascade:
+    """Shared-prefix attention merged with per-request attention, for one run of queries.
+
+    `plan` takes per level (shared first) qo_indptr, kv_indptr, kv_indices, kv_last_page_len;
+    only the last level is causal. `run(q, kv_cache)` -> [n, Hq, D].
+    """
+
+    def __init__(self, flashinfer, workspace: torch.Tensor, backend: str) -> None:
+        self._merge = flashinfer.merge_state_in_place
+        self.levels = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD",
+                                                                      backend=backend)
+                       for _ in range(2)]
+
+    def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, *heads, **kwargs) -> None:
+        for i, wrapper in enumerate(self.levels):
+            wrapper.plan(qo_indptr[i], kv_indptr[i], kv_indices[i], last_page_len[i], *heads,
+                         causal=i == len(self.levels) - 1, **kwargs)
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        out, lse = self.levels[-1].run(q, kv_cache, return_lse=True)
+        for wrapper in self.levels[:-1]:
+            out_i, lse_i = wrapper.run(q, kv_cache, return_lse=True)
+            self._merge(out, lse, out_i, lse_i)
+        return out
 
 
 def _host_i32(values: list[int]) -> torch.Tensor:
@@ -179,8 +206,7 @@ class FlashInferBackend(AttentionBackend):
             self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True, backend="fa2")
-        self.cascade = TwoLevelCascade(flashinfer, self.workspace, cascade_backend,
-                                       self._split_level(flashinfer, cascade_backend))
+        self.cascade = TwoLevelCascade(flashinfer, self.workspace, cascade_backend)
         self.cascade_backend = cascade_backend  # also the kernel of cascade graphs' levels
         self.graph_buffers: GraphBuffers | None = None  # set by enable_cuda_graphs
         self._rows = torch.arange(1, dtype=torch.int32, device=self.device)  # see `rows`
@@ -198,16 +224,6 @@ class FlashInferBackend(AttentionBackend):
         if self._rows.numel() <= n:
             self._rows = torch.arange(2 * (n + 1), dtype=torch.int32, device=self.device)
         return self._rows
-
-    def _split_level(self, flashinfer, cascade_backend: str) -> SplitSharedLevel | None:
-        """FA3 over slices for large shared levels (split_shared_level.py): on Hopper, over
-        bf16/fp16 pages (FA3's fp8 kernels want fp8 queries), where the levels are FA2's.
-        `PDSERVE_CASCADE_SPLIT=0` keeps FA2 for every shared level (for comparisons)."""
-        if (cascade_backend != "fa2" or self.kv_dtype == FP8_KV
-                or torch.cuda.get_device_capability(self.device)[0] != 9
-                or os.environ.get("PDSERVE_CASCADE_SPLIT") == "0"):
-            return None
-        return SplitSharedLevel(flashinfer, self.workspace)
 
     def _plan_args(self) -> dict:
         return dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype, sm_scale=self.scale)
@@ -240,10 +256,10 @@ class FlashInferBackend(AttentionBackend):
     def _plan_cascade(self, meta: AttentionMetadata, heads: tuple) -> None:
         levels = meta.cascade
         # The levels' small arrays come from their host mirrors: no device-to-host copy.
-        self.cascade.plan([lv.qo_indptr_host for lv in levels],
-                          [lv.kv_indptr_host for lv in levels],
+        self.cascade.plan([_host_i32(lv.qo_indptr_host) for lv in levels],
+                          [_host_i32(lv.kv_indptr_host) for lv in levels],
                           [lv.kv_indices for lv in levels],
-                          [lv.kv_last_page_len_host for lv in levels], *heads,
+                          [_host_i32(lv.kv_last_page_len_host) for lv in levels], *heads,
                           **self._plan_args())
 
     # -- CUDA graphs ------------------------------------------------------------------------
@@ -270,7 +286,7 @@ class FlashInferBackend(AttentionBackend):
     def can_graph(self, meta: AttentionMetadata, batch_size: int) -> bool:
         g = self._graph_buffers()
         return meta.num_decode_only and g.fits(meta, batch_size) and (
-            not g.uses_xqa(meta) or g.xqa.fits(meta, batch_size)) and not self.cascade.splits(meta)
+            not g.uses_xqa(meta) or g.xqa.fits(meta, batch_size))
 
     def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
         """Plan a decode-only step, plain or cascade, for the graph captured at `batch_size`.
@@ -326,11 +342,4 @@ class FlashInferBackend(AttentionBackend):
         run([[2, 3], [4]], [ps + 2, 3], [1, 1])  # decode
         run([[0, 2], [0, 3], [5]], [ps + 1, ps + 4, 2], [1, 1, 1],
             CascadePlan(order=[0, 1, 2], groups=[CascadeGroup([0, 1], 1)]))
-        split = self.cascade.split
-        if split is not None:  # its FA3 kernel: 2 queries over 4 pages, one a slice
-            split.plan([0, 2], [0, 4], torch.arange(4, dtype=torch.int32, device=dev), [ps],
-                       self.num_q_heads, self.num_kv_heads, self.head_dim, ps,
-                       **self._plan_args())
-            split.run(torch.randn(2, self.num_q_heads, self.head_dim, device=dev,
-                                  dtype=self.dtype), cache)
         torch.cuda.synchronize(dev)

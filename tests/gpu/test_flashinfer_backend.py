@@ -151,24 +151,6 @@ def test_cascade_matches_plain(fi_backend, seed):
     assert same_pool
 
 
-def test_a_large_group_s_shared_level_runs_fa3_over_slices(fi_backend):
-    """128 requests sharing 32K tokens (split_shared_level.split_pays): the shared level runs
-    FA3 over 4 slices of the prefix, and the step matches plain attention."""
-    if fi_backend.cascade.split is None:
-        pytest.skip("the shared level runs split on Hopper only")
-    rng = random.Random(300)
-    tables, kv_lens, num_pages = _shared_prefix_tables(rng, [(128, 2048)], loners=3)
-    plan = plan_cascade(tables, kv_lens, PS, mode="on")
-    tables = [tables[i] for i in plan.order]
-    kv_lens = [kv_lens[i] for i in plan.order]
-    err, same_pool, fi_plan = _compare(fi_backend, tables, [n - 1 for n in kv_lens],
-                                       [1] * len(kv_lens), num_pages, plan)
-    assert isinstance(fi_plan, CascadeDecodePlan) and fi_plan.num_cascade == 128
-    assert fi_backend.cascade._split_planned
-    assert err <= TOL
-    assert same_pool
-
-
 def _toy_cascade_meta(b: int):
     """The step a cascade graph is captured on (as engine/cuda_graph.py does): b rows, one
     group sharing page 0, so the shared level holds the bucket's most rows."""
