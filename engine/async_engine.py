@@ -107,7 +107,6 @@ class AsyncEngine:
         self.round_seconds = 0.0
         self.action_seconds = 0.0  # of which applying adds, admits, aborts, calls
         self._step_log = StepLog.from_env()  # PDSERVE_STEP_LOG: a line per step
-        self._step_clocks = (0.0, 0.0)  # the last step's CPU and GC seconds, for the log
 
     def close(self) -> None:
         """Stop the step thread: it finishes the step it is in and applies the actions (adds,
@@ -357,8 +356,7 @@ class AsyncEngine:
                     if self._step_log is not None and step_s is not None:
                         # The round's start on the wall clock: other processes' logs line up.
                         self._step_log.record(time.time() - (time.perf_counter() - start),
-                                              len(pending), step_s, self.engine.scheduler,
-                                              *self._step_clocks)
+                                              len(pending), step_s, self.engine.scheduler)
         except BaseException:  # a bug here must not leave the streams waiting forever
             log.exception("engine step thread failed")
             with self._cond:
@@ -382,7 +380,8 @@ class AsyncEngine:
     def _step(self) -> float | None:
         """One engine step and the hand-off of its outputs; returns the step's seconds, or None
         when it failed (its requests failed with it)."""
-        clocks = self._step_log.clocks() if self._step_log is not None else (0.0, 0.0)
+        if self._step_log is not None:
+            self._step_log.start_step()
         start = time.perf_counter()
         try:
             outputs = self.engine.step()
@@ -392,7 +391,7 @@ class AsyncEngine:
             return None
         step_s = time.perf_counter() - start
         if self._step_log is not None:
-            self._step_clocks = tuple(b - a for a, b in zip(clocks, self._step_log.clocks()))
+            self._step_log.end_step()
         self.step_seconds += step_s
         self.num_steps += 1
         for out in outputs:

@@ -13,6 +13,7 @@ replica (its event loop, Ray's threads). Off by default: the cost is a write per
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import json
@@ -42,22 +43,28 @@ class GcClock:
             self.seconds += time.perf_counter() - self._start
 
 
-_gc_clock: GcClock | None = None
+@functools.cache
+def gc_clock() -> GcClock:
+    """The process's one GcClock: every engine's log reads the same one."""
+    return GcClock()
 
 
 class StepLog:
     def __init__(self, path: Path) -> None:
-        global _gc_clock
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a", buffering=1)  # a line at a time: readable mid-run
         self._launched = (0, 0)
-        if _gc_clock is None:  # one per process: each engine's log reads the same clock
-            _gc_clock = GcClock()
-        self.gc_clock = _gc_clock
+        self._gc = gc_clock()
+        self._started = (0.0, 0.0)  # the step's start on both clocks
+        self._costs = (0.0, 0.0)  # the last step's CPU and GC seconds
 
-    def clocks(self) -> tuple[float, float]:
-        """This thread's CPU seconds and the process's GC seconds: read them around a step."""
-        return time.thread_time(), self.gc_clock.seconds
+    def start_step(self) -> None:
+        """Call on the step thread as Engine.step starts."""
+        self._started = (time.thread_time(), self._gc.seconds)
+
+    def end_step(self) -> None:
+        """Call on the step thread as Engine.step returns: `record` writes what it measured."""
+        self._costs = (time.thread_time() - self._started[0], self._gc.seconds - self._started[1])
 
     @classmethod
     def from_env(cls) -> StepLog | None:
@@ -66,11 +73,11 @@ class StepLog:
             return None
         return cls(Path(where) / f"steps-{os.getpid()}-{next(_numbers)}.jsonl")
 
-    def record(self, t: float, actions: int, step_s: float, sched: Scheduler,
-               cpu_s: float, gc_s: float) -> None:
+    def record(self, t: float, actions: int, step_s: float, sched: Scheduler) -> None:
         """After a step: what it launched is the change in the scheduler's counters, and what
-        it left waiting is the scheduler's queue now; cpu_s and gc_s are `clocks()`'s change
-        over Engine.step."""
+        it left waiting is the scheduler's queue now; its CPU and GC time are what
+        `start_step` / `end_step` measured around Engine.step."""
+        cpu_s, gc_s = self._costs
         launched = (sched.num_prefill_tokens, sched.num_decode_tokens)
         prefill, decode = (a - b for a, b in zip(launched, self._launched))
         self._launched = launched
