@@ -25,12 +25,11 @@ HQ, HKV, D, PS, LAYERS = 32, 8, 128, 16, 32
 
 def make_level(fi, workspace: torch.Tensor, backend: str, group: int, pages: int, splits: int):
     """A prefill wrapper planned for `splits` requests of `group` queries each, request s over
-    pages [s·pages/splits, (s+1)·pages/splits) of 0..pages-1."""
+    pages [s·pages//splits, (s+1)·pages//splits) of 0..pages-1 (every page in one slice)."""
     w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
-    per = pages // splits
     dev = workspace.device
     qo = torch.arange(0, (splits + 1) * group, group, dtype=torch.int32)
-    kv = torch.arange(0, (splits + 1) * per, per, dtype=torch.int32)
+    kv = torch.tensor([pages * s // splits for s in range(splits + 1)], dtype=torch.int32)
     w.plan(qo, kv, torch.arange(pages, dtype=torch.int32, device=dev),
            torch.full((splits,), PS, dtype=torch.int32), HQ, HKV, D, PS, causal=False,
            q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
