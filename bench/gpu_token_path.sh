@@ -4,7 +4,8 @@
 # NAMEs (default: offline pd colo): offline, pd (1P1D cuda_ipc), colo (colocated); the configs
 # run two ingress replicas: pd_ing1 / colo_ing1 (one), pd_ing3 / colo_ing3 (three);
 # pd_c50 / colo_c50 (stream_interval_ms: 50),
-# pd_gil1 / colo_gil1 (the replicas' GIL switch interval at 1 ms: PDSERVE_GIL_SWITCH_MS),
+# <NAME>_gil<X> for NAME pd, colo or colo_fp8 (that config with the replicas' GIL switch interval
+# at X ms, PDSERVE_GIL_SWITCH_MS; e.g. colo_gil1, colo_fp8_gil0.1),
 # pd_noov / colo_noov (engine.overlap_scheduling: off), pd_proxy / colo_proxy (Serve's Python
 # proxy instead of the HAProxy ingress: Ray is restarted without it, then with it again),
 # pd_main / colo_main (the replicas run user code on Serve's own event loop:
@@ -36,8 +37,6 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     args["stream_interval_ms"] = 50
     yaml.safe_dump(cfg, open(f"/tmp/{name}c50.yaml", "w"))
     args.pop("stream_interval_ms")
-    cfg["applications"][0]["runtime_env"] = {"env_vars": {"PDSERVE_GIL_SWITCH_MS": "1"}}
-    yaml.safe_dump(cfg, open(f"/tmp/{name}gil1.yaml", "w"))
     env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     cfg["applications"][0]["runtime_env"] = {"env_vars": env}
     yaml.safe_dump(cfg, open(f"/tmp/{name}main.yaml", "w"))
@@ -109,6 +108,16 @@ for name in "${@:-offline pd colo}"; do
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       pd_fp8_mps)
         if mps on; then bash bench/gpu_serve_runs.sh $n:configs/llama3-8b-gpu-fp8.yaml; mps off; fi ;;
+      *_gil*)
+        base=${n%_gil*}
+        case $base in pd) src=$C ;; colo) src=$K ;; *) src=/tmp/$base.yaml ;; esac
+        python - "$src" "${n##*_gil}" /tmp/$n.yaml <<'PY'
+import sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+cfg["applications"][0]["runtime_env"] = {"env_vars": {"PDSERVE_GIL_SWITCH_MS": sys.argv[2]}}
+yaml.safe_dump(cfg, open(sys.argv[3], "w"))
+PY
+        bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml ;;
       pd_* | colo_*)  # a variant the script wrote above
         if [ -f /tmp/$n.yaml ]; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
         else echo "unknown name $n"; fi ;;
