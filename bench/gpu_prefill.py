@@ -4,7 +4,7 @@ Each case is one engine step that prefills whole prompts from scratch (no prefix
 and samples their first tokens; its matmul flops (bench/gpu_floor.prefill_flops) over the step's
 wall time, divided by the matmul rate measured in this run, is the share (target >= 70%).
 
-    python -m bench.gpu_prefill --cases 1x4096,8x1024 [--quantize fp8]
+    python -m bench.gpu_prefill --cases 1x4096,8x1024 [--quantize fp8] [--profile]
 
 With --quantize fp8 the share is still of the bf16 matmul rate (fp8 tensor cores may pass 100%).
 """
@@ -16,6 +16,7 @@ import random
 import statistics
 import time
 
+from bench.gpu_decode import print_kernel_profile
 from bench.gpu_floor import emit_row, llama3_8b_dir, measure_floor, prefill_flops
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", help="append JSON lines here")
     ap.add_argument("--quantize", choices=["fp8"], help="fp8 weights (docs/fp8.md)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timings, print each case's top kernels per step")
     args = ap.parse_args()
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     floor = measure_floor()
@@ -65,6 +68,15 @@ def main() -> None:
                    share=row["tflops"] * 1e12 / floor.matmul_flops_per_s)
         rows.append(row)
         emit_row(row, "prefill", args.out)
+    if args.profile:  # after every timing: the profiler slows eager launches down for good
+        for num, length in cases:
+            def step(num=num, length=length) -> None:
+                for _ in range(num):
+                    llm.engine.add_request([rng.randrange(llm.engine.arch.vocab_size)
+                                            for _ in range(length)],
+                                           SamplingParams(max_tokens=1, ignore_eos=True))
+                llm.engine.step()
+            print_kernel_profile(step, f"{num}x{length} prefill step", reps=3)
     print(f"\nLlama-3-8B prefill, bf16, weights {args.quantize or 'bf16'}, {floor}")
     print(f"{'case':>8} {'step ms':>8} {'TFLOP/s':>8} {'share of matmul':>16}")
     for r in rows:
