@@ -9,7 +9,10 @@ are replayed in one CUDA graph; GPU us per call. Write variants (K and V only):
 - `append`: FlashInfer's `append_paged_kv_cache`, each row its own one-page "request" (int32
   page / offset buffers, as a graph replays them);
 - `engine`: the engine's `KVWrite` (engine/attention/flashinfer_backend.py), which is `append`
-  since run 74.
+  since run 74;
+- into an fp8 pool: `fp8 index_put` (saturate, cast, one advanced-indexing kernel: the engine's
+  store until run 89) and `fp8 engine` (`KVWrite`: one compiled saturate-and-cast kernel for K
+  and V, then `append`).
 RoPE + write variants:
 - `rope+engine`: FlashInfer's in-place RoPE on q and k, then `KVWrite` (what steps run);
 - `compiled`: RoPE and the write in one torch.compile'd function (Inductor: the rotated q as a
@@ -28,6 +31,7 @@ import torch
 
 from bench.gpu_floor import graph_ms
 from bench.gpu_fp8_attention import HKV, HQ, PS, D
+from engine.attention.base import FP8_KV, store_kv
 from engine.attention.flashinfer_backend import KVWrite
 
 LAYERS = 32
@@ -77,6 +81,8 @@ def variants(b: int) -> dict[str, Callable[[], object]]:
     def index_put():
         cache[page, :, offset] = kv
 
+    cache8 = torch.zeros(n_pages, 2, PS, HKV, D, device=dev, dtype=FP8_KV)
+
     def fi_rope_write():
         flashinfer.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, D, cos_sin,
                                                               is_neox=True)
@@ -91,6 +97,8 @@ def variants(b: int) -> dict[str, Callable[[], object]]:
         "append": lambda: flashinfer.append_paged_kv_cache(k, v, indptr[:b], offset32, cache,
                                                            page32, indptr, last),
         "engine": lambda: write(cache, k, v),
+        "fp8 index_put": lambda: store_kv(cache8, (page, slice(None), offset), kv),
+        "fp8 engine": lambda: write(cache8, k, v),
         "rope+engine": fi_rope_write,
         "compiled": lambda: compiled(qkv, positions, cos_sin, cache, page, offset),
         "compiled+combo": lambda: combo(qkv, positions, cos_sin, cache, page, offset),

@@ -175,9 +175,9 @@ def test_replayed_graph_step_equals_plain_attention(cascade, seed):
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
 def test_eager_step_stores_each_token_where_the_torch_backend_does(kv_dtype):
-    """A prefill chunk over a cached prefix and a decode token: K/V of the pool's own dtype go
-    through the append kernel (each token a one-page request), fp8 pools through the indexed
-    store; either way the pool ends as the torch backend leaves it."""
+    """A prefill chunk over a cached prefix and a decode token: K/V go through the append
+    kernel (each token a one-page request), converted first for an fp8 pool (saturated, one
+    kernel for K and V); either way the pool ends as the torch backend leaves it."""
     torch.manual_seed(0)
     be = _backend()
     tables, done, new = [[7, 3, 11], [5, 2]], [PS + 1, PS], [6, 1]
@@ -194,7 +194,11 @@ def test_eager_step_stores_each_token_where_the_torch_backend_does(kv_dtype):
     assert plan.write.page.dtype == torch.int32
     assert plan.write.page.tolist() == [3, 3, 3, 11, 11, 11, 2]
     assert plan.write.offset.tolist() == [1, 2, 3, 0, 1, 2, 0]
+    appended = []
+    plan.write.append = lambda k, v, *rest: (appended.append((k.dtype, v.dtype)),
+                                            _append_paged_kv_cache(k, v, *rest))
     plan.write(cache, kv[:, 0], kv[:, 1])
+    assert appended == [(kv_dtype, kv_dtype)]  # one append, of the pool's dtype
     assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
 
 
@@ -228,6 +232,21 @@ def _xqa_backend() -> fb.FlashInferBackend:
     be.xqa = XQAKernels(_get_xqa_module, "gmma", torch.float32, be.kv_dtype, HQ, HKV, D, PS,
                         be.max_num_seqs, CPU)
     return be
+
+
+def test_fp8_store_input_is_k_then_v_per_row_saturated_to_e4m3_s_range():
+    torch.manual_seed(0)
+    qkv = torch.randn(3, HQ * D + 2 * HKV * D) * 300  # some values beyond e4m3's 448
+    k = qkv[:, HQ * D:HQ * D + HKV * D].view(3, HKV, D)
+    v = qkv[:, HQ * D + HKV * D:].view(3, HKV, D)
+    rows = torch.cat([k.reshape(3, -1), v.reshape(3, -1)], dim=1)
+    side_by_side = fb._side_by_side(k, v)
+    assert side_by_side.data_ptr() == k.data_ptr()  # a view of the fused qkv output
+    assert torch.equal(side_by_side, rows)
+    assert torch.equal(fb._side_by_side(k.clone(), v.clone()), rows)  # apart: a copy
+    fp8 = fb.to_fp8_rows(side_by_side)
+    assert fp8.dtype == torch.float8_e4m3fn and fp8.float().abs().max().item() == 448.0
+    assert torch.equal(fp8.float(), rows.clamp(-448, 448).to(torch.float8_e4m3fn).float())
 
 
 def test_table_positions_place_each_request_s_pages_in_its_row():

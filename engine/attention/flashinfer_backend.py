@@ -44,7 +44,7 @@ from engine.attention.base import (
     AttentionBackend,
     AttentionMetadata,
     AttentionPlan,
-    store_kv,
+    to_kv_dtype,
 )
 from engine.attention.flashinfer_graphs import (
     GraphBuffers,
@@ -55,6 +55,7 @@ from engine.attention.flashinfer_graphs import (
     shared_level_args,
 )
 from engine.attention.xqa_decode import decode_kernels
+from engine.fp8_linear import compiled_on_cuda
 from engine.host_copy import copy_from_host
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
@@ -95,12 +96,14 @@ class KVWrite:
     """Where a step's new K/V go, and the kernel that stores them.
 
     `page`, `offset`, `last` [T] int32 per token row: pool page, in-page offset, offset + 1.
-    Where the pool holds K/V's own dtype, FlashInfer's `append_paged_kv_cache` stores them, each
-    row posing as a request of one page (kv_indptr = `rows` [0..T], kv_indices = `page`,
-    position = `offset`, last page length = `last`): one kernel for K and V that took 1.9-2.3
-    us per layer at 1-128 rows, against 3.3-3.9 us for the indexed store (H200, run 74,
-    `python -m bench.gpu_kv_write`). fp8 pools take the indexed store, which converts on the way.
-    Every tensor may be a view of a fixed buffer, so a CUDA graph replays the store.
+    FlashInfer's `append_paged_kv_cache` stores them, each row posing as a request of one page
+    (kv_indptr = `rows` [0..T], kv_indices = `page`, position = `offset`, last page length =
+    `last`): one kernel for K and V that took 1.9-2.3 us per layer at 1-128 rows, against 3.3-3.9
+    us for the indexed store (H200, run 74, `python -m bench.gpu_kv_write`). The append kernel
+    stores only K/V of the pool's dtype, so for fp8 pools one compiled kernel first saturates
+    and casts K and V together (`to_fp8_rows`), where the indexed store took three launches
+    (clamp, cast, scatter). Every tensor may be a view of a fixed buffer, so a CUDA graph
+    replays the store.
     """
 
     def __init__(self, page: torch.Tensor, offset: torch.Tensor, last: torch.Tensor,
@@ -120,20 +123,30 @@ class KVWrite:
 
     def __call__(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         t = k.shape[0]
-        if kv_cache.dtype == k.dtype:
-            self.append(k, v, self.rows[:t], self.offset, kv_cache, self.page,
-                        self.rows[:t + 1], self.last)
-            return
-        gap = v.data_ptr() - k.data_ptr()
-        if (k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-                and k.stride() == v.stride() and gap > 0 and gap % k.element_size() == 0):
-            # k and v lie side by side in the fused qkv output: view them as one [T, 2, Hkv, D]
-            # tensor, so that one scatter kernel writes both.
-            kv = k.as_strided((t, 2, *k.shape[1:]),
-                              (k.stride(0), gap // k.element_size(), *k.stride()[1:]))
-        else:
-            kv = torch.stack((k, v), dim=1)
-        store_kv(kv_cache, (self.page, slice(None), self.offset), kv)
+        if kv_cache.dtype != k.dtype:
+            assert kv_cache.dtype == FP8_KV, f"K/V of {k.dtype} into a {kv_cache.dtype} pool"
+            kv = to_fp8_rows(_side_by_side(k, v)).view(t, 2, *k.shape[1:])  # [T, 2, Hkv, D]
+            k, v = kv[:, 0], kv[:, 1]
+        self.append(k, v, self.rows[:t], self.offset, kv_cache, self.page, self.rows[:t + 1],
+                    self.last)
+
+
+def _side_by_side(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[T, 2·Hkv·D]: each row k's then v's. A view where they lie side by side in the fused
+    qkv output (rows of k, then v, with v right after k), else a copy."""
+    t, width = k.shape[0], k[0].numel()
+    if (k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            and k.stride() == v.stride() and v.data_ptr() - k.data_ptr() == width * k.element_size()
+            and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1]):
+        return k.as_strided((t, 2 * width), (k.stride(0), 1))
+    return torch.cat([k.reshape(t, width), v.reshape(t, width)], dim=1)
+
+
+def _to_fp8(x: torch.Tensor) -> torch.Tensor:
+    return to_kv_dtype(x, FP8_KV)
+
+
+to_fp8_rows = compiled_on_cuda(_to_fp8)  # one kernel on CUDA: clamp and cast fused
 
 
 class WrapperPlan(AttentionPlan):
