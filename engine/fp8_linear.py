@@ -20,12 +20,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
-
-from engine.persistent_reductions import persistent_reductions
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +73,6 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # three kernels (run 66); at M = 128 one program per row took 317 us (run 65), where the first
 # version's split kernels (every size dynamic) took 796 us (run 64).
 SPLIT_REDUCTIONS_BELOW_M = 64
-# Rows from which that program also holds the whole row (engine/persistent_reductions.py), for
-# rows of up to PDSERVE_FP8_PERSISTENT features (default 16384, the widest fp8 kernel's 14336;
-# 0: never), instead of looping over it once per pass: prefill chunks. The GPU warm-up compiles
-# this variant too (ModelRunner.warm_up_rowwise_fp8 runs ROWWISE_MIN_M rows).
-PERSISTENT_FROM_M = ROWWISE_MIN_M
-
-
-def _persistent_max_features() -> int:
-    return int(os.environ.get("PDSERVE_FP8_PERSISTENT", "16384"))
-
-
-def _variant(m: int) -> str:
-    """Which compiled variant runs m rows: split, loop or persistent reductions."""
-    if m < SPLIT_REDUCTIONS_BELOW_M:
-        return "split"
-    if m < PERSISTENT_FROM_M or _persistent_max_features() <= 0:
-        return "loop"
-    return "persistent"
 
 
 def compiled_on_cuda(fn: Callable) -> Callable:
@@ -102,22 +81,16 @@ def compiled_on_cuda(fn: Callable) -> Callable:
     or with PDSERVE_FP8_COMPILE=0. `fn`'s first argument is [M, ...]. Compiles on first use,
     which the CUDA-graph warm-up runs ahead of capture; a failure to compile falls back to eager
     for good."""
-    compiled: dict[str, Callable] = {}
+    compiled: dict[bool, Callable] = {}
     failed = []
 
     def run(*args):
         if not args[0].is_cuda or os.environ.get("PDSERVE_FP8_COMPILE", "1") == "0" or failed:
             return fn(*args)
-        variant = _variant(args[0].shape[0])
-        if variant not in compiled:
-            # The persistent variant's graph and options would otherwise equal the loop
-            # variant's, and Inductor's FX graph cache would hand it the loop's code. With a row
-            # in registers, Inductor drops a bf16 round trip between fused ops (the residual the
-            # norm reads) unless told to keep it: run 91 saw the norm's scales 1.2e-3 off eager.
-            options = ({"split_reductions": False, "fx_graph_cache": False,
-                        "emulate_precision_casts": True}
-                       if variant == "persistent" else {"split_reductions": variant == "split"})
-            compiled[variant] = torch.compile(fn, fullgraph=True, options=options)
+        split = args[0].shape[0] < SPLIT_REDUCTIONS_BELOW_M
+        if split not in compiled:
+            compiled[split] = torch.compile(fn, fullgraph=True,
+                                            options={"split_reductions": split})
         # Only the number of rows varies between calls (batch buckets, prefill chunks): that
         # dimension compiles dynamic and the feature sizes static. With every size dynamic
         # (dynamic=True), inductor cut a reduction over 14336 features into three kernels and
@@ -125,11 +98,8 @@ def compiled_on_cuda(fn: Callable) -> Callable:
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() == 2:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
-        context = (persistent_reductions(_persistent_max_features())
-                   if variant == "persistent" else nullcontext())
         try:
-            with context:
-                return compiled[variant](*args)
+            return compiled[split](*args)
         except Exception as e:  # noqa: BLE001 - e.g. no Triton in this install
             log.warning("fp8: torch.compile of %s failed (%s); running it eagerly", fn.__name__, e)
             failed.append(e)
