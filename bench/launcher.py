@@ -67,6 +67,11 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if self.healthy():
+            # A server left running (by an earlier run, or by hand) would answer every request
+            # and the figures would be its config's, not this one's.
+            raise RuntimeError(f"{self.health_url} answers before this server has started: "
+                               "stop what serves there first (serve shutdown -y; ray stop)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"$ {shlex.join(self.launch)}\n".encode())
@@ -80,6 +85,14 @@ class ServerProcess:
                 start_new_session=True, env=env,
             )
 
+    def healthy(self) -> bool:
+        """The health URL answers 200 now."""
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=2.0) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False  # not listening, or unhealthy (HTTPError is a URLError)
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -91,12 +104,8 @@ class ServerProcess:
             if not self.alive():
                 rc = None if self.proc is None else self.proc.returncode
                 raise RuntimeError(f"server exited (rc={rc}) before ready:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.health_url, timeout=2.0) as resp:
-                    if resp.status == 200:
-                        return time.monotonic() - t0
-            except (urllib.error.URLError, OSError):
-                pass  # not listening yet, or unhealthy (HTTPError is a URLError)
+            if self.healthy():
+                return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"{self.health_url} not healthy after {timeout:.0f} s:\n"
                                    f"{self.log_tail()}")

@@ -166,6 +166,14 @@ def test_launcher_reports_early_exit(tmp_path: Path) -> None:
     assert server.proc is not None and server.proc.returncode == 3
 
 
+def test_launcher_refuses_to_start_where_a_server_already_answers(tmp_path: Path) -> None:
+    with running(FakeConfig(ttft_ms=1, tpot_ms=1, model="fk")) as url:
+        server = ServerProcess([sys.executable, "-c", "pass"], f"{url}/health", tmp_path / "x.log")
+        with pytest.raises(RuntimeError, match="answers before this server has started"):
+            server.start()
+    assert server.proc is None  # nothing launched
+
+
 def test_expand_fills_placeholders() -> None:
     cmd = expand("{serve} run {config}", "configs/tiny.yaml")
     assert cmd[0].endswith("serve") and cmd[1:] == ["run", "configs/tiny.yaml"]
