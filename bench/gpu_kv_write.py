@@ -11,7 +11,7 @@ are replayed in one CUDA graph; GPU us per call. Write variants (K and V only):
 - `engine`: the engine's `KVWrite` (engine/attention/flashinfer_backend.py), which is `append`
   since run 74;
 - into an fp8 pool: `fp8 index_put` (saturate, cast, one advanced-indexing kernel: the engine's
-  store until run 89) and `fp8 engine` (`KVWrite`: one compiled saturate-and-cast kernel for K
+  store until run 90) and `fp8 engine` (`KVWrite`: one compiled saturate-and-cast kernel for K
   and V, then `append`).
 RoPE + write variants:
 - `rope+engine`: FlashInfer's in-place RoPE on q and k, then `KVWrite` (what steps run);

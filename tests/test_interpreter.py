@@ -18,10 +18,14 @@ def restore_interpreter():
 
 def test_what_lives_now_is_frozen(restore_interpreter, monkeypatch):
     monkeypatch.delenv("PDSERVE_GIL_SWITCH_MS", raising=False)
-    kept = [object() for _ in range(10)]  # alive before the call: moved out of the GC's scans
     gc.unfreeze()
+    kept = [[i] for i in range(10)]  # alive before the call: out of the collector's scans after
+    assert any(o is kept for o in gc.get_objects())
     tune_interpreter()
-    assert gc.get_freeze_count() >= len(kept)
+    assert not any(o is kept for o in gc.get_objects())  # frozen: in no generation it scans
+    assert gc.get_freeze_count() > 0
+    after = [[0]]  # made later: scanned as usual
+    assert any(o is after for o in gc.get_objects())
 
 
 def test_switch_interval_from_the_environment(restore_interpreter, monkeypatch):
