@@ -22,13 +22,18 @@ from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
 
-def bench_case(engine, num: int, length: int, reps: int, rng: random.Random) -> dict:
+def add_prompts(engine, num: int, length: int, rng: random.Random) -> None:
+    """`num` random prompts of `length` tokens, each to sample one greedy token."""
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for _ in range(num):
+        engine.add_request([rng.randrange(engine.arch.vocab_size) for _ in range(length)],
+                           params)
+
+
+def bench_case(engine, num: int, length: int, reps: int, rng: random.Random) -> dict:
     times = []
     for i in range(reps + 1):
-        for _ in range(num):
-            engine.add_request([rng.randrange(engine.arch.vocab_size) for _ in range(length)],
-                               params)
+        add_prompts(engine, num, length, rng)
         t0 = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t0
@@ -71,10 +76,7 @@ def main() -> None:
     if args.profile:  # after every timing: the profiler slows eager launches down for good
         for num, length in cases:
             def step(num=num, length=length) -> None:
-                for _ in range(num):
-                    llm.engine.add_request([rng.randrange(llm.engine.arch.vocab_size)
-                                            for _ in range(length)],
-                                           SamplingParams(max_tokens=1, ignore_eos=True))
+                add_prompts(llm.engine, num, length, rng)
                 llm.engine.step()
             print_kernel_profile(step, f"{num}x{length} prefill step", reps=3)
     print(f"\nLlama-3-8B prefill, bf16, weights {args.quantize or 'bf16'}, {floor}")
