@@ -20,9 +20,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+from engine.persistent_reductions import persistent_reductions
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,19 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # three kernels (run 66); at M = 128 one program per row took 317 us (run 65), where the first
 # version's split kernels (every size dynamic) took 796 us (run 64).
 SPLIT_REDUCTIONS_BELOW_M = 64
+# Rows from which that program also holds the whole row (engine/persistent_reductions.py) instead
+# of looping over it once per pass: prefill chunks. The GPU warm-up compiles this variant too
+# (ModelRunner.warm_up_rowwise_fp8 runs ROWWISE_MIN_M rows). PDSERVE_FP8_PERSISTENT=0: never.
+PERSISTENT_FROM_M = ROWWISE_MIN_M
+
+
+def _variant(m: int) -> str:
+    """Which compiled variant runs m rows: split, loop or persistent reductions."""
+    if m < SPLIT_REDUCTIONS_BELOW_M:
+        return "split"
+    if m < PERSISTENT_FROM_M or os.environ.get("PDSERVE_FP8_PERSISTENT", "1") == "0":
+        return "loop"
+    return "persistent"
 
 
 def compiled_on_cuda(fn: Callable) -> Callable:
@@ -81,16 +97,19 @@ def compiled_on_cuda(fn: Callable) -> Callable:
     or with PDSERVE_FP8_COMPILE=0. `fn`'s first argument is [M, ...]. Compiles on first use,
     which the CUDA-graph warm-up runs ahead of capture; a failure to compile falls back to eager
     for good."""
-    compiled: dict[bool, Callable] = {}
+    compiled: dict[str, Callable] = {}
     failed = []
 
     def run(*args):
         if not args[0].is_cuda or os.environ.get("PDSERVE_FP8_COMPILE", "1") == "0" or failed:
             return fn(*args)
-        split = args[0].shape[0] < SPLIT_REDUCTIONS_BELOW_M
-        if split not in compiled:
-            compiled[split] = torch.compile(fn, fullgraph=True,
-                                            options={"split_reductions": split})
+        variant = _variant(args[0].shape[0])
+        if variant not in compiled:
+            # The persistent variant's graph and options would otherwise equal the loop
+            # variant's, and Inductor's FX graph cache would hand it the loop's code.
+            options = ({"split_reductions": False, "fx_graph_cache": False}
+                       if variant == "persistent" else {"split_reductions": variant == "split"})
+            compiled[variant] = torch.compile(fn, fullgraph=True, options=options)
         # Only the number of rows varies between calls (batch buckets, prefill chunks): that
         # dimension compiles dynamic and the feature sizes static. With every size dynamic
         # (dynamic=True), inductor cut a reduction over 14336 features into three kernels and
@@ -98,8 +117,10 @@ def compiled_on_cuda(fn: Callable) -> Callable:
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() == 2:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
+        context = persistent_reductions() if variant == "persistent" else nullcontext()
         try:
-            return compiled[split](*args)
+            with context:
+                return compiled[variant](*args)
         except Exception as e:  # noqa: BLE001 - e.g. no Triton in this install
             log.warning("fp8: torch.compile of %s failed (%s); running it eagerly", fn.__name__, e)
             failed.append(e)

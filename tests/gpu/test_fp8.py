@@ -221,7 +221,7 @@ def _assert_close_quantized(got, want) -> None:
         assert g.dtype == w.dtype and rel_err(g, w) < 1e-2
 
 
-@pytest.mark.parametrize("m", [1, 32, 512])
+@pytest.mark.parametrize("m", [1, 32, 128, 512, 2048])  # split, loop and persistent variants
 def test_compiled_fused_fp8_kernels_match_eager_and_replay_in_cuda_graphs(m):
     for compiled, eager, source in _fused_kernel_cases(m):
         with torch.inference_mode():
@@ -233,6 +233,22 @@ def test_compiled_fused_fp8_kernels_match_eager_and_replay_in_cuda_graphs(m):
             graph.replay()
             torch.cuda.synchronize()
             _assert_close_quantized(captured, eager())
+
+
+@pytest.mark.parametrize(("m", "prefix"), [(128, "triton_red_"), (2048, "triton_per_")])
+def test_prefill_rows_run_persistent_reductions(m, prefix):
+    """From PERSISTENT_FROM_M rows each fused kernel holds its rows whole (Inductor names such
+    kernels triton_per_*), below it the kernels loop over each row (triton_red_*)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for compiled, _, _ in _fused_kernel_cases(m):
+        with torch.inference_mode():
+            compiled()  # compiles outside the profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                compiled()
+                torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages() if e.key.startswith("triton_")]
+        assert names and all(n.startswith(prefix) for n in names), names
 
 
 def test_tiny_model_with_fused_fp8_layers_stays_close_to_bf16_in_cuda_graphs(tiny_path):
