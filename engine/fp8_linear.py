@@ -76,17 +76,22 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # three kernels (run 66); at M = 128 one program per row took 317 us (run 65), where the first
 # version's split kernels (every size dynamic) took 796 us (run 64).
 SPLIT_REDUCTIONS_BELOW_M = 64
-# Rows from which that program also holds the whole row (engine/persistent_reductions.py) instead
-# of looping over it once per pass: prefill chunks. The GPU warm-up compiles this variant too
-# (ModelRunner.warm_up_rowwise_fp8 runs ROWWISE_MIN_M rows). PDSERVE_FP8_PERSISTENT=0: never.
+# Rows from which that program also holds the whole row (engine/persistent_reductions.py), for
+# rows of up to PDSERVE_FP8_PERSISTENT features (default 16384, the widest fp8 kernel's 14336;
+# 0: never), instead of looping over it once per pass: prefill chunks. The GPU warm-up compiles
+# this variant too (ModelRunner.warm_up_rowwise_fp8 runs ROWWISE_MIN_M rows).
 PERSISTENT_FROM_M = ROWWISE_MIN_M
+
+
+def _persistent_max_features() -> int:
+    return int(os.environ.get("PDSERVE_FP8_PERSISTENT", "16384"))
 
 
 def _variant(m: int) -> str:
     """Which compiled variant runs m rows: split, loop or persistent reductions."""
     if m < SPLIT_REDUCTIONS_BELOW_M:
         return "split"
-    if m < PERSISTENT_FROM_M or os.environ.get("PDSERVE_FP8_PERSISTENT", "1") == "0":
+    if m < PERSISTENT_FROM_M or _persistent_max_features() <= 0:
         return "loop"
     return "persistent"
 
@@ -117,7 +122,8 @@ def compiled_on_cuda(fn: Callable) -> Callable:
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() == 2:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
-        context = persistent_reductions() if variant == "persistent" else nullcontext()
+        context = (persistent_reductions(_persistent_max_features())
+                   if variant == "persistent" else nullcontext())
         try:
             with context:
                 return compiled[variant](*args)

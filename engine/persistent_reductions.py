@@ -1,5 +1,5 @@
-"""persistent_reductions(): a context in which torch.compile keeps whole rows of up to
-PERSISTENT_MAX_FEATURES features in one Triton program (a persistent reduction).
+"""persistent_reductions(max_features): a context in which torch.compile keeps whole rows of up
+to `max_features` features in one Triton program (a persistent reduction).
 
 Inductor's heuristic does so only for rows of up to 1024 features. Past that it loops over each
 row once per reduction and once more for the output, so a kernel that reduces a row and then
@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-PERSISTENT_MAX_FEATURES = 16384
 
-
-def _handler():
+def _handler(max_features: int):
     try:
         from torch._inductor.choices import InductorChoices
         from torch._inductor.runtime.hints import ReductionHint
@@ -34,7 +32,7 @@ def _handler():
         def should_use_persistent_reduction(self, features, *args, **kwargs) -> bool:
             if (features.get_reduction_hint() == ReductionHint.INNER
                     and V.graph.sizevars.statically_known_leq(features.reduction_numel,
-                                                              PERSISTENT_MAX_FEATURES)):
+                                                              max_features)):
                 return True
             return InductorChoices.should_use_persistent_reduction(features, *args, **kwargs)
 
@@ -42,8 +40,8 @@ def _handler():
 
 
 @contextlib.contextmanager
-def persistent_reductions() -> Iterator[None]:
-    found = _handler()
+def persistent_reductions(max_features: int) -> Iterator[None]:
+    found = _handler(max_features)
     if found is None:
         yield
         return

@@ -25,6 +25,6 @@ def test_persistent_variant_can_be_switched_off(monkeypatch):
 
 def test_the_hook_is_installed_only_inside_the_context():
     before = type(V.choices)
-    with persistent_reductions():
+    with persistent_reductions(16384):
         assert type(V.choices).__name__ == "PersistentRows"
     assert type(V.choices) is before
