@@ -29,10 +29,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+from api.batched_submit import SubmitBatcher
 from api.mailbox_call import Coalescing, mailbox_call
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from serving.token_path import TokenReader
+from serving.token_socket import SocketReader
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +61,22 @@ def replica_died(e: BaseException) -> bool:
 class HandleClient:
     """With a `reader`, a call goes to the deployment's `run` method and its tokens come
     through the reader's mailbox, one message per engine step for all streams
-    (api/mailbox_call.py); without one, to the streaming `method`, one message per output."""
+    (api/mailbox_call.py), with `submit_batch` > 1 (and a token socket) many requests a call;
+    without one, to the streaming `method`, one message per output."""
 
     def __init__(self, handle: Any, method: str = "generate", timeout_s: float = 600.0,
                  max_resumes: int = 3, reader: TokenReader | None = None,
-                 coalescing: Coalescing | None = None) -> None:
+                 coalescing: Coalescing | None = None, submit_batch: int = 1) -> None:
         self._unary = handle
         self._handle = handle.options(stream=True)
         self._method = method
         self.timeout_s, self.max_resumes = timeout_s, max_resumes
         self.reader, self.coalescing = reader, coalescing or Coalescing()
         self.num_resumes = 0
+        # Many requests a Serve call (api/batched_submit.py): only over the token socket, which
+        # carries their aborts.
+        self.batcher = (SubmitBatcher(handle, reader, submit_batch)
+                        if submit_batch > 1 and isinstance(reader, SocketReader) else None)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -104,7 +111,8 @@ class HandleClient:
     async def _call(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str) -> AsyncIterator[RequestOutput]:
         if self.reader is not None:
-            stream = mailbox_call(self._unary, self.reader, prompt_ids, params, request_id,
+            run = self.batcher.run if self.batcher is not None else self._unary.run.remote
+            stream = mailbox_call(run, self.reader, prompt_ids, params, request_id,
                                   self.timeout_s, self.coalescing)
         else:
             stream = self._stream(prompt_ids, params, request_id)

@@ -50,14 +50,16 @@ class Ingress(GrpcService):  # + gRPC Generate / GenerateStream (api/grpc_servic
                  max_model_len: int = 2048, metrics_source: MetricsSource | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600.0,
                  stream_interval_ms: float = 0.0, detokenize: bool = True,
-                 token_path: str = "socket", api_keys: list[Any] | None = None) -> None:
+                 token_path: str = "socket", api_keys: list[Any] | None = None,
+                 submit_batch: int = 1) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.handle = handle
         # Token ids only ("socket" / "mailbox": one frame or message per engine step for every
         # stream of this replica); build_api detokenizes every stream, resumed ones included.
         self.client = HandleClient(handle, timeout_s=request_timeout_s,
                                    reader=make_reader(token_path),
-                                   coalescing=Coalescing(stream_interval_ms / 1000))
+                                   coalescing=Coalescing(stream_interval_ms / 1000),
+                                   submit_batch=submit_batch)
         self.model_name = model_name or model_path
         self.max_model_len = max_model_len
         self.metrics_source = metrics_source

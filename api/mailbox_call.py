@@ -1,4 +1,5 @@
-"""One request through a serving deployment's `run` method, its outputs through the ingress's
+"""One request through a serving deployment's `run` method (or a batcher's, api/batched_submit.py),
+its outputs through the ingress's
 token socket or mailbox (serving/token_socket.py, serving/token_mailbox.py): the Serve call
 carries the request, its cancellation and its end; the tokens arrive in per-step batches,
 fanned out by the reader.
@@ -11,7 +12,7 @@ Leaving early cancels the call, which aborts the request on the replica.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from engine.async_engine import merge_outputs
@@ -41,12 +42,13 @@ class _CallEnded:
         self.call = call
 
 
-async def mailbox_call(handle: Any, reader: TokenReader, prompt_ids: list[int],
+async def mailbox_call(run: Callable[..., Any], reader: TokenReader, prompt_ids: list[int],
                        params: SamplingParams, request_id: str, timeout_s: float,
                        coalescing: Coalescing | None = None) -> AsyncIterator[RequestOutput]:
     coalescing = coalescing or Coalescing()
     queue = reader.open(request_id)
-    response = handle.run.remote(prompt_ids, params, request_id, reader.mailbox)
+    # `handle.run.remote` or `SubmitBatcher.run`: an awaitable with `cancel()`.
+    response = run(prompt_ids, params, request_id, reader.mailbox)
     call = asyncio.ensure_future(response)
 
     def ended(f: asyncio.Future) -> None:

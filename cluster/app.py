@@ -64,7 +64,7 @@ def build_app(args: dict[str, Any]):
         server, cfg.model.resolved_path, cfg.model.served_name, max_model_len,
         metrics_source=collect_snapshots, limits=dataclasses.asdict(limits),
         request_timeout_s=cfg.request_timeout_s, stream_interval_ms=cfg.stream_interval_ms,
-        token_path=cfg.token_path, api_keys=cfg.api_keys,
+        token_path=cfg.token_path, submit_batch=cfg.submit_batch, api_keys=cfg.api_keys,
         # Random weights sample ids the tokenizer may not know: stream ids, no text.
         detokenize=cfg.model.load_format != "dummy")
 

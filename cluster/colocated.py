@@ -9,6 +9,7 @@ from ray import serve
 
 from engine.metrics import track_stream
 from engine.sampling_params import SamplingParams
+from serving.batched_runs import Request
 from serving.replica import Replica
 from serving.token_path import TokenAddress
 
@@ -32,6 +33,14 @@ class ColocatedServer:
         self._count(prompt_ids)
         await self.replica.run_into(mailbox, request_id, lambda sink: self.replica.engine.generate(
             prompt_ids, params, request_id, sink=sink))
+
+    async def run_many(self, requests: list[Request], mailbox: TokenAddress):
+        """`run` for many requests in one call (serving/batched_runs.py)."""
+        for prompt_ids, _, _ in requests:
+            self._count(prompt_ids)
+        async for item in self.replica.run_many(
+                requests, mailbox, lambda r, sink: self.replica.engine.generate(*r, sink=sink)):
+            yield item
 
     def _count(self, prompt_ids: list[int]) -> None:
         self.replica.metrics.inc("pdserve_requests_total")

@@ -9,6 +9,7 @@ from ray import serve
 from decode.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport
+from serving.batched_runs import Request
 from serving.replica import Replica, replica_lost
 from serving.token_path import TokenAddress
 
@@ -58,6 +59,12 @@ class DecodeServer:
         (serving/token_path.py)."""
         await self.replica.run_into(mailbox, request_id, lambda sink: self.worker.generate(
             prompt_ids, params, request_id, sink))
+
+    async def run_many(self, requests: list[Request], mailbox: TokenAddress):
+        """`run` for many requests in one call (serving/batched_runs.py)."""
+        async for item in self.replica.run_many(
+                requests, mailbox, lambda r, sink: self.worker.generate(*r, sink)):
+            yield item
 
     async def health(self) -> dict:
         """Ready when this replica and a prefill replica answer (raises otherwise)."""

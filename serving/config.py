@@ -215,6 +215,13 @@ class AppConfig(_Strict):
     # "stream" one Serve streaming message per output per request (one hop fewer: lower
     # latency for a few streams, but its cost grows with the number of streams).
     token_path: Literal["socket", "mailbox", "stream"] = "socket"
+    # Up to this many requests an ingress replica sends the serving deployment in one Serve call
+    # (api/batched_submit.py): a wave of requests then costs the serving replica, whose engine
+    # steps wait on its GIL, a few calls' work instead of one per request. 1: a call per
+    # request. Needs `token_path: socket` (it carries the aborts), Serve's own routing (the
+    # prefix router reads one prompt per call) and no Serve `autoscaling_config` (it counts
+    # calls, not requests; the SLO autoscaler is fine).
+    submit_batch: int = Field(1, ge=1)
     slo: SLOSection = Field(default_factory=SLOSection)
     autoscaler: AutoscalerSection = Field(default_factory=AutoscalerSection)
     routing: RoutingSection = Field(default_factory=RoutingSection)
@@ -239,6 +246,23 @@ class AppConfig(_Strict):
                 self.engine_config(role)
             except ConfigFieldError as e:
                 raise ConfigFieldError(f"{role}.engine.{e.field}", e.problem) from None
+        return self
+
+    @model_validator(mode="after")
+    def _submit_batch_usable(self) -> AppConfig:
+        if self.submit_batch == 1:
+            return self
+        role = "decode" if self.mode == "disaggregated" else "colocated"
+        if self.token_path != "socket":
+            raise ConfigFieldError("submit_batch", "needs token_path: socket (it carries the "
+                                   "aborts of batched requests)")
+        if self.routing.policy != "default":
+            raise ConfigFieldError("submit_batch", "needs routing.policy: default (the prefix "
+                                   "router picks a replica by one request's prompt)")
+        if getattr(self, role).autoscaling_config is not None:
+            raise ConfigFieldError("submit_batch", f"needs {role}.autoscaling_config: null "
+                                   "(Serve's policy counts a call of many requests as one; the "
+                                   "SLO autoscaler reads the replicas' own counts)")
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from engine.llm_engine import Engine
 from engine.metrics import EngineStats, Metrics
 from engine.tiny_model import ensure_tiny_model
 from kvtransfer import KVTransferLost, model_fingerprint
+from serving.batched_runs import BatchedRuns, End, Request
 from serving.config import AppConfig
 from serving.gpu_sharing import warn_if_sharing_without_mps
 from serving.metrics_hub import start_pushing
@@ -103,7 +104,8 @@ class Replica:
         self.engine.engine.check_integrity()
         self.metrics.set("pdserve_kv_integrity_ok", 1)
         self._last_audit = 0.0
-        self.sinks = SinkSet(self.metrics, on_lost=self._abort_all)
+        self.batched = BatchedRuns()
+        self.sinks = SinkSet(self.metrics, on_lost=self._abort_all, on_abort=self.batched.abort)
         warn_if_sharing_without_mps(model_cfg.device)
         tune_interpreter()
         self._stop_push = start_pushing(self.snapshot)
@@ -126,6 +128,19 @@ class Replica:
             sink.close(request_id)
         if not finished:
             raise RuntimeError(f"request {request_id} was aborted by the serving replica")
+
+    async def run_many(self, requests: list[Request], mailbox: TokenAddress,
+                       generate: Callable[[Request, StepSink], AsyncIterator],
+                       ) -> AsyncIterator[int | list[End]]:
+        """Many requests in one Serve call (serving/batched_runs.py), each run as `run_into`
+        runs one. The sink is connected first: the requests' aborts come back over it."""
+        await self.sinks.get(mailbox)
+
+        def run(request: Request):
+            return self.run_into(mailbox, request[2], lambda sink: generate(request, sink))
+
+        async for item in self.batched.run_many(requests, run):
+            yield item
 
     def _abort_all(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -17,10 +17,12 @@ class SinkSet:
     """`get` returns the live sink for an address, making one when there is none or the last
     one was lost. A socket sink connects in a worker thread (up to its connect timeout when the
     ingress's host does not answer), so the replica's event loop and its other requests go on
-    meanwhile; requests that arrive during the connect share it."""
+    meanwhile; requests that arrive during the connect share it. A socket sink hands the aborts
+    its ingress sends to `on_abort`, on the loop that asked for the sink."""
 
-    def __init__(self, metrics: Metrics, on_lost: Callable[[list[str]], None]) -> None:
-        self.metrics, self.on_lost = metrics, on_lost
+    def __init__(self, metrics: Metrics, on_lost: Callable[[list[str]], None],
+                 on_abort: Callable[[str], None] | None = None) -> None:
+        self.metrics, self.on_lost, self.on_abort = metrics, on_lost, on_abort
         self.sinks: dict[str, StepSink] = {}
         self._connecting: dict[str, asyncio.Future] = {}
 
@@ -34,7 +36,8 @@ class SinkSet:
         pending = self._connecting.get(mailbox.id)
         if pending is None:
             pending = self._connecting[mailbox.id] = asyncio.ensure_future(
-                asyncio.to_thread(SocketSink, mailbox, self.metrics, self.on_lost))
+                asyncio.to_thread(SocketSink, mailbox, self.metrics, self.on_lost,
+                                  on_abort=self.on_abort, loop=asyncio.get_running_loop()))
             pending.add_done_callback(lambda done: self._connected(mailbox.id, done))
         # Shielded: one waiter's cancellation must not stop the connect the others wait for.
         return await asyncio.shield(pending)

@@ -14,6 +14,14 @@ tuples. A connection starts with the reader's secret (32 random bytes that only 
 Ray calls, in the `TokenSocket` address); the reader drops a connection that does not, before it
 unpickles anything from it.
 
+Aborts travel the other way on the same connection (`SocketReader.abort`): a frame per request
+id, its UTF-8 bytes, read on the serving replica by a thread per connection that hands each id to
+`on_abort` on the replica's event loop. They are for requests sent many to a Serve call
+(api/batched_submit.py), which one call's cancellation cannot abort alone. An id that the replica
+does not run is ignored there; the reader sends every connection each abort (an ingress has few),
+and a connection that joins later the most recent ones, so an abort never misses the replica
+that runs the request.
+
 Failure: if a write fails, the ingress reads nothing for SEND_TIMEOUT_S, or it leaves more than
 MAX_BACKLOG_BYTES unread (the ingress died or stopped reading), the sink is lost:
 `on_lost(request_ids)` aborts the requests still open on it, as the mailbox sink does; the next
@@ -34,7 +42,7 @@ import struct
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.metrics import Metrics
@@ -50,6 +58,7 @@ SEND_TIMEOUT_S = 30.0  # the ingress read nothing for this long: it is gone or s
 # Bytes a sink keeps for an ingress that reads slower than the steps come (beyond the kernel's
 # buffers): ~10^4 steps of 128 streams' tokens. Past it the ingress counts as gone.
 MAX_BACKLOG_BYTES = 64 << 20
+RECENT_ABORTS = 1024  # aborts a connection that joins later is sent (see the top)
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,15 @@ class SocketReader(TokenReader):
         self.mailbox = TokenSocket(uuid.uuid4().hex, host, self._listener.getsockname()[1],
                                    os.urandom(SECRET_BYTES))
         self.num_connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._recent_aborts: deque[bytes] = deque(maxlen=RECENT_ABORTS)
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Ask every serving replica connected here to abort `request_ids` (see the top)."""
+        frames = [_id_frame(rid) for rid in request_ids]
+        self._recent_aborts.extend(frames)
+        for writer in self._writers:
+            writer.write(b"".join(frames))
 
     async def _receive(self) -> None:
         server = await asyncio.start_server(self._connection, sock=self._listener)
@@ -100,12 +118,15 @@ class SocketReader(TokenReader):
                 log.warning("token socket: a connection without the secret was dropped")
                 return
             self.num_connections += 1
+            writer.write(b"".join(self._recent_aborts))
+            self._writers.add(writer)
             while True:
                 (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
                 self.fanout.deliver_batch(await reader.readexactly(size))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the serving replica closed or died: its calls end on their own (see top)
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     def shutdown(self) -> None:
@@ -123,11 +144,16 @@ class SocketSink(StepSink):
     what the kernel does not take (the ingress is slow to read and the socket's buffers are
     full) goes to a backlog that a writer thread, started then, drains in order. While the
     backlog is not empty every frame joins it. A backlog past `max_backlog_bytes`, a write that
-    fails, or one that cannot proceed for SEND_TIMEOUT_S loses the sink."""
+    fails, or one that cannot proceed for SEND_TIMEOUT_S loses the sink.
+
+    With `on_abort`, a thread reads the aborts the ingress sends and calls `on_abort(id)` for
+    each, on the event loop `loop`."""
 
     def __init__(self, address: TokenSocket, metrics: Metrics,
                  on_lost: Callable[[list[str]], None],
-                 max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
+                 max_backlog_bytes: int = MAX_BACKLOG_BYTES,
+                 on_abort: Callable[[str], None] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(metrics, on_lost)
         self.address, self.max_backlog_bytes = address, max_backlog_bytes
         self._sock = socket.create_connection((address.host, address.port), CONNECT_TIMEOUT_S)
@@ -138,6 +164,37 @@ class SocketSink(StepSink):
         self.backlog_bytes = 0
         self._cond = threading.Condition()
         self._writer: threading.Thread | None = None
+        if on_abort is not None and loop is not None:
+            threading.Thread(target=self._read_aborts, args=(on_abort, loop), daemon=True,
+                             name=f"token-socket-aborts-{address.id[:8]}").start()
+
+    def _read_aborts(self, on_abort: Callable[[str], None],
+                     loop: asyncio.AbstractEventLoop) -> None:
+        """(Abort reader thread.) Until the connection ends or the sink is lost."""
+        buf = b""
+        while not self.lost:
+            try:
+                readable, _, _ = select.select([self._sock], [], [], 1.0)
+                if not readable:
+                    continue
+                chunk = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError):  # closed by `_fail`
+                return
+            if not chunk:  # the ingress closed its side; a write will notice
+                return
+            buf += chunk
+            while len(buf) >= FRAME.size:
+                (size,) = FRAME.unpack_from(buf)
+                if len(buf) < FRAME.size + size:
+                    break
+                request_id = buf[FRAME.size:FRAME.size + size].decode()
+                buf = buf[FRAME.size + size:]
+                try:
+                    loop.call_soon_threadsafe(on_abort, request_id)
+                except RuntimeError:  # the loop is closed: the replica is going away
+                    return
 
     def send(self, blob: bytes) -> None:
         frame = memoryview(FRAME.pack(len(blob)) + blob)
@@ -204,3 +261,8 @@ class SocketSink(StepSink):
                     self.address.id[:8], e, len(self.recorders))
         self.mark_lost()
         self._cond.notify()
+
+
+def _id_frame(request_id: str) -> bytes:
+    data = request_id.encode()
+    return FRAME.pack(len(data)) + data

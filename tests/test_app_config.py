@@ -89,7 +89,8 @@ def test_an_override_to_null_is_kept_apart_from_no_override():
 @pytest.mark.parametrize("args, key, valid", [
     ({"max_num_seq": 1}, "max_num_seq",
      "api_keys, autoscaler, colocated, decode, engine, ingress, kv_transport, limits, mode, "
-     "model, prefill, request_timeout_s, routing, slo, stream_interval_ms, token_path"),
+     "model, prefill, request_timeout_s, routing, slo, stream_interval_ms, submit_batch, "
+     "token_path"),
     ({"routing": {"decode": "prefix"}}, "routing.decode",
      "max_imbalance, max_index_pages, policy"),
     ({"slo": {"ttft": 1}}, "slo.ttft", "tpot_ms, ttft_ms"),
@@ -138,6 +139,25 @@ def test_an_unknown_key_is_named_with_the_valid_keys(args, key, valid):
 ])
 def test_an_invalid_value_is_refused_naming_the_field(args, message):
     assert message in refused(args)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"submit_batch": 0}, "submit_batch: Input should be greater than or equal to 1"),
+    ({"submit_batch": 32, "token_path": "mailbox"}, "submit_batch: needs token_path: socket"),
+    ({"submit_batch": 32, "routing": {"policy": "prefix"}},
+     "submit_batch: needs routing.policy: default"),
+    ({"submit_batch": 32, "mode": "colocated", "colocated": {"autoscaling_config": {}}},
+     "submit_batch: needs colocated.autoscaling_config: null"),
+])
+def test_batched_submission_is_refused_where_it_would_change_routing_or_aborts(args, message):
+    assert message in refused(args)
+
+
+def test_batched_submission_is_off_by_default_and_survives_the_trip():
+    assert AppConfig.from_args({}).submit_batch == 1
+    cfg = AppConfig.from_args({"submit_batch": 32, "slo": SLO,
+                               "autoscaler": {"enabled": True}})  # the SLO autoscaler is fine
+    assert AppConfig.from_args(cfg.model_dump()).submit_batch == 32
 
 
 def test_an_unknown_kv_transport_lists_the_registered_ones():

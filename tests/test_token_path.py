@@ -157,7 +157,7 @@ async def test_mailbox_call_yields_every_token_then_ends_even_if_the_call_return
     from api.mailbox_call import mailbox_call
 
     handle, reader = FakeDeployment(), FakeReader()
-    stream = mailbox_call(handle, reader, [1, 2], GREEDY, "r", timeout_s=60)
+    stream = mailbox_call(handle.run.remote, reader, [1, 2], GREEDY, "r", timeout_s=60)
     first = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0)
     assert handle.calls == [([1, 2], GREEDY, "r", "the-mailbox")]
@@ -180,14 +180,14 @@ async def test_mailbox_call_raises_the_replica_error_and_cancels_when_left_early
     from api.mailbox_call import mailbox_call
 
     handle, reader = FakeDeployment(), FakeReader()
-    stream = mailbox_call(handle, reader, [1], GREEDY, "bad", timeout_s=60)
+    stream = mailbox_call(handle.run.remote, reader, [1], GREEDY, "bad", timeout_s=60)
     pending = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0)
     handle.responses[0].result.set_exception(ValueError("the prompt is empty"))
     with pytest.raises(ValueError, match="prompt is empty"):
         await pending
 
-    stream = mailbox_call(handle, reader, [1], GREEDY, "left", timeout_s=60)
+    stream = mailbox_call(handle.run.remote, reader, [1], GREEDY, "left", timeout_s=60)
     pending = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0)
     reader.deliver([_out("left", 3)])
@@ -202,7 +202,8 @@ async def test_mailbox_call_coalesces_only_when_asked_and_busy():
 
     handle, reader = FakeDeployment(), FakeReader()
     busy = Coalescing(interval_s=0.001, busy_streams=0)
-    stream = mailbox_call(handle, reader, [1], GREEDY, "c", timeout_s=60, coalescing=busy)
+    stream = mailbox_call(handle.run.remote, reader, [1], GREEDY, "c", timeout_s=60,
+                          coalescing=busy)
     pending = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0)
     reader.deliver([_out("c", 1), _out("c", 2), _out("c", 3, finished=True)])
@@ -259,7 +260,7 @@ async def test_a_mailbox_stream_idle_for_its_timeout_raises_and_cancels_its_call
     from api.mailbox_call import mailbox_call
 
     handle, reader = FakeDeployment(), FakeReader()
-    stream = mailbox_call(handle, reader, [1], GREEDY, "idle", timeout_s=0.05)
+    stream = mailbox_call(handle.run.remote, reader, [1], GREEDY, "idle", timeout_s=0.05)
     with pytest.raises(TimeoutError, match="no output from the serving replica"):
         await anext(stream)
     assert handle.responses[0].cancelled and "idle" not in reader.queues

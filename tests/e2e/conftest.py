@@ -31,7 +31,10 @@ ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
 
 def app_args(model_dir: str, mode: str) -> dict:
+    """The colocated app sends many requests a Serve call (`submit_batch`), the disaggregated
+    one a call per request: the e2e tests cover both."""
     return {"mode": mode, "model": {"path": model_dir},
+            "submit_batch": 32 if mode == "colocated" else 1,
             "engine": {"page_size": 16, "num_pages": 512, "max_num_batched_tokens": 512},
             "prefill": ZERO_CPU, "decode": ZERO_CPU, "colocated": ZERO_CPU, "ingress": ZERO_CPU,
             "request_timeout_s": 120}

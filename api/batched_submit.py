@@ -1,0 +1,146 @@
+"""SubmitBatcher: the ingress sends requests to the serving deployment many to a Serve call
+(`submit_batch` > 1; serving/batched_runs.py is the replica's side).
+
+A Serve call per request costs the serving replica's process Python work under the GIL, which
+its engine step thread waits for while a wave of requests arrives. The batcher sends the first
+request of a burst at once, in a call of its own; requests that arrive while calls are being
+accepted wait, and go together, up to `max_batch` a call, as soon as the replica has accepted
+those (Nagle's algorithm, for calls): a lone request waits for nothing, a burst costs a few
+calls, and the more the replica lags, the larger the batches.
+
+`run(...)` stands in for `handle.run.remote(...)` (api/mailbox_call.py): it returns an awaitable
+that ends when the request has ended on the replica, raising what it ended with (a ValueError
+for input the engine refused; the call's error, e.g. a replica that died, for every request of
+the call that had not ended), and whose `cancel()` aborts the request. A request not yet sent
+is dropped; one sent is aborted through the token socket (`SocketReader.abort`), once its call
+has been accepted, so that the abort cannot arrive before the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+from serving.token_socket import SocketReader, TokenSocket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One `run_many` call: its requests' futures, until each has ended."""
+
+    futures: dict[str, asyncio.Future]
+    accepted: bool = False
+    aborts: list[str] = field(default_factory=list)  # cancelled before the call was accepted
+
+
+class BatchedResponse:
+    """One request's part of a batched call, as a DeploymentResponse: awaitable, cancellable."""
+
+    def __init__(self, batcher: SubmitBatcher, request_id: str, future: asyncio.Future) -> None:
+        self.batcher, self.request_id, self.future = batcher, request_id, future
+
+    def __await__(self):
+        return self.future.__await__()
+
+    def cancel(self) -> None:
+        self.batcher.cancel(self.request_id)
+
+
+class SubmitBatcher:
+    def __init__(self, handle: Any, reader: SocketReader, max_batch: int) -> None:
+        self._handle = handle.options(stream=True)
+        self.reader, self.max_batch = reader, max_batch
+        self._queued: dict[str, tuple[tuple, asyncio.Future]] = {}  # not sent yet
+        self._calls: dict[str, _Call] = {}  # sent, not ended: request id -> its call
+        self._opening = 0  # calls sent and not yet accepted
+        self.num_calls = 0
+
+    def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+            mailbox: TokenSocket) -> BatchedResponse:
+        if request_id in self._queued or request_id in self._calls:
+            raise ValueError(f"request id {request_id!r} is already running")
+        future = asyncio.get_running_loop().create_future()
+        self._queued[request_id] = ((prompt_ids, params, request_id), future)
+        if not self._opening:
+            self._send()
+        return BatchedResponse(self, request_id, future)
+
+    def cancel(self, request_id: str) -> None:
+        queued = self._queued.pop(request_id, None)
+        if queued is not None:
+            queued[1].cancel()
+            return
+        call = self._calls.pop(request_id, None)
+        if call is None:
+            return  # ended already
+        call.futures.pop(request_id).cancel()
+        if call.accepted:
+            self.reader.abort([request_id])
+        else:
+            call.aborts.append(request_id)
+
+    def _send(self) -> None:
+        items = list(self._queued.values())
+        self._queued.clear()
+        for start in range(0, len(items), self.max_batch):
+            batch = items[start:start + self.max_batch]
+            call = _Call({args[2]: future for args, future in batch})
+            self._calls.update(dict.fromkeys(call.futures, call))
+            self._opening += 1
+            self.num_calls += 1
+            # In a context of its own: Serve cancels the calls made in a request's context
+            # when that request ends, and this call serves many.
+            asyncio.get_running_loop().create_task(
+                self._call(call, [args for args, _ in batch]), context=contextvars.Context())
+
+    def _accepted(self, call: _Call) -> None:
+        call.accepted = True
+        self._opening -= 1
+        if call.aborts:
+            self.reader.abort(call.aborts)
+            call.aborts = []
+        if not self._opening and self._queued:
+            self._send()
+
+    async def _call(self, call: _Call, requests: list[tuple]) -> None:
+        error: BaseException | None = None
+        try:
+            stream = self._handle.run_many.remote(requests, self.reader.mailbox)
+            async for item in stream:
+                if not call.accepted:  # the first item: every request was started
+                    self._accepted(call)
+                    continue
+                for request_id, failure in item:
+                    self._end(call, request_id, _error(failure))
+        except Exception as e:  # the call failed: its open requests fail with it
+            error = e
+        finally:
+            if not call.accepted:
+                self._accepted(call)
+            for request_id in list(call.futures):
+                self._end(call, request_id, error or RuntimeError(
+                    f"the serving replica's call ended before request {request_id}"))
+
+    def _end(self, call: _Call, request_id: str, error: BaseException | None) -> None:
+        future = call.futures.pop(request_id, None)
+        if self._calls.get(request_id) is call:
+            del self._calls[request_id]
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+def _error(failure: tuple[str, str] | None) -> BaseException | None:
+    if failure is None:
+        return None
+    kind, message = failure
+    return ValueError(message) if kind == "ValueError" else RuntimeError(message)
