@@ -6,7 +6,7 @@
 # pd_c50 / colo_c50 (stream_interval_ms: 50),
 # <NAME>_gil<X> for NAME pd, colo or colo_fp8 (that config with the replicas' GIL switch interval
 # at X ms, PDSERVE_GIL_SWITCH_MS; e.g. colo_gil1, colo_fp8_gil0.1),
-# <NAME>_batch<N> for NAME pd, colo or colo_fp8 (that config sending up to N requests a Serve
+# <NAME>_batch<N> for NAME pd, pd_mps, colo or colo_fp8 (that config sending up to N requests a Serve
 # call, `submit_batch: N`: api/batched_submit.py; e.g. colo_batch32, colo_fp8_batch32),
 # pd_noov / colo_noov (engine.overlap_scheduling: off), pd_proxy / colo_proxy (Serve's Python
 # proxy instead of the HAProxy ingress: Ray is restarted without it, then with it again),
@@ -129,7 +129,10 @@ cfg = yaml.safe_load(open(sys.argv[1]))
 cfg["applications"][0]["args"]["submit_batch"] = int(sys.argv[2])
 yaml.safe_dump(cfg, open(sys.argv[3], "w"))
 PY
-        bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml ;;
+        case $base in
+          pd_mps) if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
+          *) bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml ;;
+        esac ;;
       pd_* | colo_*)  # a variant the script wrote above
         if [ -f /tmp/$n.yaml ]; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml
         else echo "unknown name $n"; fi ;;
