@@ -153,11 +153,15 @@ def test_batched_submission_is_refused_where_it_would_change_routing_or_aborts(a
     assert message in refused(args)
 
 
-def test_batched_submission_is_off_by_default_and_survives_the_trip():
-    assert AppConfig.from_args({}).submit_batch == 1
-    cfg = AppConfig.from_args({"submit_batch": 32, "slo": SLO,
+def test_batched_submission_is_on_by_default_and_steps_aside_where_it_cannot_work():
+    assert AppConfig.from_args({}).submit_batch == 32
+    for args in ({"token_path": "mailbox"}, {"routing": {"policy": "prefix"}},
+                 {"mode": "colocated", "colocated": {"autoscaling_config": {}}}):
+        cfg = AppConfig.from_args(args)
+        assert cfg.submit_batch == 1 and AppConfig.from_args(cfg.model_dump()) == cfg
+    cfg = AppConfig.from_args({"submit_batch": 8, "slo": SLO,
                                "autoscaler": {"enabled": True}})  # the SLO autoscaler is fine
-    assert AppConfig.from_args(cfg.model_dump()).submit_batch == 32
+    assert AppConfig.from_args(cfg.model_dump()).submit_batch == 8
 
 
 def test_an_unknown_kv_transport_lists_the_registered_ones():

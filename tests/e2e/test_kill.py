@@ -37,6 +37,7 @@ def kill_app(cluster):
     args["decode"] = {**args["decode"], "num_replicas": 2}
     args["limits"] = {"max_concurrent_requests": CONCURRENCY_LIMIT}
     args["request_timeout_s"] = 60
+    args["submit_batch"] = 32  # failover of requests sent many to a call (the shared pd app: 1)
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     base = cluster["base"] + PREFIX
     deadline = time.time() + 60
