@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.sampling_params import SamplingParams
 from serving.token_socket import SocketReader, TokenSocket
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)

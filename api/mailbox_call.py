@@ -1,8 +1,7 @@
-"""One request through a serving deployment's `run` method (or a batcher's, api/batched_submit.py),
-its outputs through the ingress's
-token socket or mailbox (serving/token_socket.py, serving/token_mailbox.py): the Serve call
-carries the request, its cancellation and its end; the tokens arrive in per-step batches,
-fanned out by the reader.
+"""One request through a serving deployment's `run` method (or a SubmitBatcher's,
+api/batched_submit.py), its outputs through the ingress's token socket or mailbox
+(serving/token_socket.py, serving/token_mailbox.py): the call carries the request, its
+cancellation and its end; the tokens arrive in per-step batches, fanned out by the reader.
 
 The stream ends with the request's last output, or raises the error the call ended with (a
 replica that died, a ValueError for bad input, a timeout when nothing arrives for `timeout_s`).
