@@ -6,7 +6,9 @@ its engine step thread waits for while a wave of requests arrives. The batcher s
 request of a burst at once, in a call of its own; requests that arrive while calls are being
 accepted wait, and go together, up to `max_batch` a call, as soon as the replica has accepted
 those (Nagle's algorithm, for calls): a lone request waits for nothing, a burst costs a few
-calls, and the more the replica lags, the larger the batches.
+calls, and the more the replica lags, the larger the batches. A request waits at most
+`max_hold_s` so: a call that Serve holds back (its replicas all at `max_ongoing_requests`) or
+that waits for a replica's first connection does not hold up the requests behind it for long.
 
 `run(...)` stands in for `handle.run.remote(...)` (api/mailbox_call.py): it returns an awaitable
 that ends when the request has ended on the replica, raising what it ended with (a ValueError
@@ -49,10 +51,15 @@ class BatchedResponse:
         self.batcher.cancel(self.request_id)
 
 
+MAX_HOLD_S = 0.05
+
+
 class SubmitBatcher:
-    def __init__(self, handle: Any, reader: SocketReader, max_batch: int) -> None:
+    def __init__(self, handle: Any, reader: SocketReader, max_batch: int,
+                 max_hold_s: float = MAX_HOLD_S) -> None:
         self._handle = handle.options(stream=True)
-        self.reader, self.max_batch = reader, max_batch
+        self.reader, self.max_batch, self.max_hold_s = reader, max_batch, max_hold_s
+        self._hold: asyncio.TimerHandle | None = None  # sends the held requests at the latest
         self._queued: dict[str, tuple[tuple, asyncio.Future]] = {}  # not sent yet
         self._calls: dict[str, _Call] = {}  # sent, not ended: request id -> its call
         self._opening = 0  # calls sent and not yet accepted
@@ -66,6 +73,8 @@ class SubmitBatcher:
         self._queued[request_id] = ((prompt_ids, params, request_id), future)
         if not self._opening:
             self._send()
+        elif self._hold is None:
+            self._hold = asyncio.get_running_loop().call_later(self.max_hold_s, self._send)
         return BatchedResponse(self, request_id, future)
 
     def cancel(self, request_id: str) -> None:
@@ -83,6 +92,9 @@ class SubmitBatcher:
             call.aborts.append(request_id)
 
     def _send(self) -> None:
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
         items = list(self._queued.values())
         self._queued.clear()
         for start in range(0, len(items), self.max_batch):

@@ -89,7 +89,7 @@ async def _settle() -> None:
 @pytest.mark.anyio
 async def test_a_burst_goes_as_one_call_after_the_first_is_accepted_and_splits_at_max_batch():
     handle, reader = FakeHandle(), FakeReader()
-    batcher = SubmitBatcher(handle, reader, max_batch=3)
+    batcher = SubmitBatcher(handle, reader, max_batch=3, max_hold_s=60)  # the hold never fires here
     first = batcher.run([1], GREEDY, "r0", reader.mailbox)
     rest = [batcher.run([i], GREEDY, f"r{i}", reader.mailbox) for i in range(1, 6)]
     await _settle()
@@ -105,9 +105,27 @@ async def test_a_burst_goes_as_one_call_after_the_first_is_accepted_and_splits_a
 
 
 @pytest.mark.anyio
+async def test_requests_behind_a_call_that_is_never_accepted_go_after_the_hold():
+    handle, reader = FakeHandle(), FakeReader()
+    batcher = SubmitBatcher(handle, reader, max_batch=8, max_hold_s=0.01)
+    batcher.run([1], GREEDY, "stuck", reader.mailbox)  # Serve holds this call back
+    batcher.run([2], GREEDY, "held", reader.mailbox)
+    await _settle()
+    assert [c.ids for c in handle.calls] == [["stuck"]]
+    for _ in range(3000):  # a hang guard, not a timing bound: the hold is 10 ms
+        if len(handle.calls) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [c.ids for c in handle.calls] == [["stuck"], ["held"]]
+    handle.calls[0].accept()  # the late acceptance sends nothing more
+    await _settle()
+    assert len(handle.calls) == 2 and batcher._hold is None
+
+
+@pytest.mark.anyio
 async def test_each_request_ends_with_its_own_error_and_a_failed_call_fails_the_rest():
     handle, reader = FakeHandle(), FakeReader()
-    batcher = SubmitBatcher(handle, reader, max_batch=8)
+    batcher = SubmitBatcher(handle, reader, max_batch=8, max_hold_s=60)
     a = batcher.run([1], GREEDY, "a", reader.mailbox)
     await _settle()
     handle.calls[0].accept()
@@ -139,7 +157,7 @@ async def test_each_request_ends_with_its_own_error_and_a_failed_call_fails_the_
 @pytest.mark.anyio
 async def test_a_cancelled_request_is_dropped_unsent_or_aborted_once_its_call_is_accepted():
     handle, reader = FakeHandle(), FakeReader()
-    batcher = SubmitBatcher(handle, reader, max_batch=8)
+    batcher = SubmitBatcher(handle, reader, max_batch=8, max_hold_s=60)
     batcher.run([1], GREEDY, "sent", reader.mailbox).cancel()  # sent, not yet accepted
     await _settle()
     queued = batcher.run([1], GREEDY, "queued", reader.mailbox)
