@@ -45,8 +45,7 @@ def build_app(args: dict[str, Any]):
     if cfg.model.path is None:
         ensure_tiny_model()  # created once, here, before any replica starts
     arch = ModelArch.from_pretrained(cfg.model.resolved_path)
-    role = "decode" if cfg.mode == "disaggregated" else "colocated"
-    max_model_len = Engine.max_model_len_for(arch, cfg.engine_config(role))
+    max_model_len = Engine.max_model_len_for(arch, cfg.engine_config(cfg.serving_role))
     limits = cfg.limits.resolved(max_model_len)  # refuses limits past the model, at build time
     plain = cfg.model_dump()
     if cfg.mode == "disaggregated":

@@ -262,7 +262,7 @@ class AppConfig(_Strict):
         return self
 
     def _submit_batch_problem(self) -> str | None:
-        role = "decode" if self.mode == "disaggregated" else "colocated"
+        role = self.serving_role
         if self.token_path != "socket":
             return "needs token_path: socket (it carries the aborts of batched requests)"
         if self.routing.policy != "default":
@@ -294,6 +294,11 @@ class AppConfig(_Strict):
                                        f"a number in autoscaler.{role}'s [{bounds.min_replicas},"
                                        f" {bounds.max_replicas}], not {n!r}")
         return self
+
+    @property
+    def serving_role(self) -> Role:
+        """The role the ingress calls: decode, or colocated."""
+        return "decode" if self.mode == "disaggregated" else "colocated"
 
     def engine_config(self, role: Role) -> EngineConfig:
         """The engine config of a role: the shared section plus that role's overrides."""
