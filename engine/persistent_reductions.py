@@ -15,9 +15,11 @@ this torch lacks it, the context changes nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 
+@functools.cache  # built once per width: the context is entered on every compiled call
 def _handler(max_features: int):
     try:
         from torch._inductor.choices import InductorChoices
