@@ -219,7 +219,13 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
         from bench.gpu_decode import print_kernel_profile
 
         runner.cfg = dataclasses.replace(base_cfg, cascade="on")
-        print_kernel_profile(engine.step, f"{group}x{shared}x{own} cascade step", reps=3)
+        print_kernel_profile(engine.step, f"{group}x{shared}x{own} cascade step (graph)",
+                             reps=3)
+        # the same step launched eagerly: the two lists differ in what the graph changes
+        aside, graphs.cascade_graphs = graphs.cascade_graphs, {}
+        print_kernel_profile(engine.step, f"{group}x{shared}x{own} cascade step (eager)",
+                             reps=3)
+        graphs.cascade_graphs = aside
     if host_profile:
         import cProfile
         import pstats

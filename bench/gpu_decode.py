@@ -95,8 +95,8 @@ def print_kernel_profile(fn, title: str, reps: int = 5) -> None:
     launches = sum(e.count for e in events) / reps
     print(f"\n{title}: {total / 1e3:.3f} ms of kernels per call, {launches:.0f} kernels (and "
           f"copies) per call; top kernels (us per call):")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
-        print(f"  {e.self_device_time_total / reps:9.1f}  x{e.count // reps:<4} {e.key[:90]}")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:20]:
+        print(f"  {e.self_device_time_total / reps:9.1f}  x{e.count // reps:<4} {e.key[:150]}")
 
 
 def bench_batch(engine, timer: StepTimer, batch: int, context: int, steps: int, floor,

@@ -96,7 +96,7 @@ mps() {  # $1: on / off. Clients find the daemon through CUDA_MPS_PIPE_DIRECTORY
 for name in "${@:-offline pd colo}"; do
   for n in $name; do
     case $n in
-      offline) timeout 240 python -m bench.gpu_offline --budgets 8192 2>&1 | tail -6 ;;
+      offline) timeout 240 python -m bench.gpu_offline --budgets 8192 --overlap on 2>&1 | tail -4 ;;
       offline_fp8) timeout 240 python -m bench.gpu_offline --budgets 8192 --overlap on --quantize fp8 \
                      --kv-cache-dtype fp8_e4m3 2>&1 | tail -6 ;;
       pd) bash bench/gpu_serve_runs.sh pd:$C ;;
