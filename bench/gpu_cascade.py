@@ -153,9 +153,10 @@ def grid(args) -> None:
 
 
 # -- part 2: whole engine steps -----------------------------------------------------------------
-# The paths timed per case: cascade "auto", cascade "on" (the cascade CUDA graphs), "eager"
-# (cascade on, its graphs set aside, as before they existed), plain decode ("off").
-ENGINE_MODES = ("auto", "on", "eager", "off")
+# The paths timed per case: cascade "auto", cascade "on" (the cascade CUDA graphs, split where
+# the backend picks it), "fa2" (the same with split graphs off: every shared level on FA2),
+# "eager" (cascade on, its graphs set aside, as before they existed), plain decode ("off").
+ENGINE_MODES = ("auto", "on", "fa2", "eager", "off")
 
 
 def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.Random,
@@ -178,16 +179,20 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
     base_cfg = runner.cfg
     row = {"group": group, "shared": shared, "own": own}
     graphs = runner.graphs  # the CudaGraphRunner
+    buffers = runner.backend.graph_buffers
     for mode in ENGINE_MODES:
-        runner.cfg = dataclasses.replace(base_cfg, cascade="on" if mode == "eager" else mode)
+        runner.cfg = dataclasses.replace(base_cfg, cascade=mode if mode in ("auto", "off")
+                                         else "on")
         aside, graphs.cascade_graphs = graphs.cascade_graphs, ({} if mode == "eager"
                                                                else graphs.cascade_graphs)
-        before, replays = runner.num_cascade_steps, graphs.num_cascade_replays
+        buffers.split_on = mode != "fa2"
+        before = (runner.num_cascade_steps, graphs.num_cascade_replays, graphs.num_split_replays)
         step_s, runner_s, _ = timer.steps(steps if mode != "off" or shared < 16384 else 4)
-        graphs.cascade_graphs = aside
+        graphs.cascade_graphs, buffers.split_on = aside, True
         row[f"{mode}_ms"] = step_s * 1e3
-        row[f"{mode}_cascade_steps"] = runner.num_cascade_steps - before
-        row[f"{mode}_cascade_graph_steps"] = graphs.num_cascade_replays - replays
+        row[f"{mode}_cascade_steps"] = runner.num_cascade_steps - before[0]
+        row[f"{mode}_cascade_graph_steps"] = graphs.num_cascade_replays - before[1]
+        row[f"{mode}_split_graph_steps"] = graphs.num_split_replays - before[2]
     # The floors of this batch, as it stands after the timed steps: weights + KV at the copy
     # bandwidth measured in this run; plain decode reads every request's whole context, a
     # cascade step the shared prefix once and each request's own tokens.
@@ -221,7 +226,11 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
         runner.cfg = dataclasses.replace(base_cfg, cascade="on")
         print_kernel_profile(engine.step, f"{group}x{shared}x{own} cascade step (graph)",
                              reps=3)
-        # the same step launched eagerly: the two lists differ in what the graph changes
+        buffers.split_on = False
+        print_kernel_profile(engine.step, f"{group}x{shared}x{own} cascade step (graph, FA2 "
+                             "shared level)", reps=3)
+        buffers.split_on = True
+        # the same step launched eagerly: the lists differ in what the graph changes
         aside, graphs.cascade_graphs = graphs.cascade_graphs, {}
         print_kernel_profile(engine.step, f"{group}x{shared}x{own} cascade step (eager)",
                              reps=3)
@@ -273,18 +282,21 @@ def engine_runs(args) -> None:
         row["device"] = floor.device
         rows.append(row)
         emit_row(row, "cascade_engine", args.out)
-    print(f"\nLlama-3-8B decode step (ms), cascade auto / on (graphs) / eager / off in one "
-          f"engine; floors from {floor}")
-    print(f"{'G x S x U':>16} {'auto':>7} {'on':>7} {'eager':>7} {'off':>7} {'floor c':>8}"
-          f" {'floor p':>8} {'on/fl':>6} {'off/fl':>6} {'on vs off':>9} {'graphed':>8}"
-          f" {'auto picked':>11} {'faster':>8}")
+    print(f"\nLlama-3-8B decode step (ms), cascade auto / on (graphs) / fa2 (graphs, no split "
+          f"shared level) / eager / off in one engine; graphed: on's steps that replayed a "
+          f"graph (split ones) / its cascade steps; floors from {floor}")
+    print(f"{'G x S x U':>16} {'auto':>7} {'on':>7} {'fa2':>7} {'eager':>7} {'off':>7}"
+          f" {'floor c':>8} {'floor p':>8} {'on/fl':>6} {'off/fl':>6} {'on vs off':>9}"
+          f" {'graphed':>10} {'auto picked':>11} {'faster':>8}")
     for r in rows:
         name = f"{r['group']}x{r['shared']}x{r['own']}"
-        graphed = f"{r['on_cascade_graph_steps']}/{r['on_cascade_steps']}"
-        print(f"{name:>16} {r['auto_ms']:7.2f} {r['on_ms']:7.2f} {r['eager_ms']:7.2f}"
+        graphed = (f"{r['on_cascade_graph_steps']}({r['on_split_graph_steps']})"
+                   f"/{r['on_cascade_steps']}")
+        print(f"{name:>16} {r['auto_ms']:7.2f} {r['on_ms']:7.2f} {r['fa2_ms']:7.2f}"
+              f" {r['eager_ms']:7.2f}"
               f" {r['off_ms']:7.2f} {r['floor_cascade_ms']:8.2f} {r['floor_plain_ms']:8.2f}"
               f" {r['on_x_floor']:6.2f} {r['off_x_floor']:6.2f} {r['speedup_on_vs_off']:8.2f}x"
-              f" {graphed:>8} {r['auto_picked']:>11} {r['faster']:>8}")
+              f" {graphed:>10} {r['auto_picked']:>11} {r['faster']:>8}")
     print_rules([{"group": r["group"], "shared": r["shared"], "own": r["own"],
                   "cascade_ms": r["on_ms"], "plain_ms": r["off_ms"]} for r in rows],
                 "engine rows (cascade = on, plain = off)")

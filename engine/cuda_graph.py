@@ -3,8 +3,9 @@
 A decode step of a large model is hundreds of small kernels; launched one by one from Python,
 the launches (not the GPU) set the pace at small batches. Graphs are captured per batch-size
 bucket (1, 2, 4, ... up to the largest that `max_num_seqs` needs), one for plain decode and,
-with `cascade_graphs`, one for cascade decode (shared-prefix levels, engine/attention/cascade.py)
-where the backend has them; a step of n requests replays the smallest bucket >= n of its kind.
+with `cascade_graphs`, one per cascade kind the backend names (shared-prefix levels,
+engine/attention/cascade.py; e.g. FlashInfer's split shared level for one large group); a step
+of n requests replays the smallest bucket >= n, the graph of the kind the backend picks for it.
 Its extra rows are padding: they keep whatever token and position the buffers last held (any
 valid values do) and the backend points their attention and K/V write at the pool's scratch
 page, so nothing is copied for them. Prefill, mixed steps, and cascade steps that the
@@ -12,8 +13,9 @@ backend's graphs do not fit (too many groups) run eagerly.
 
 Contract with the backend (engine/attention/base.py): `supports_cuda_graphs` is True;
 `enable_cuda_graphs(batch_sizes, max_num_indices, scratch_page)` once, then
-`plan_cuda_graph(meta, batch_size)` before each capture or replay, writing only into buffers
-that the captured kernels read; `can_graph(meta, batch_size)` says whether a step fits. The plan
+`plan_cuda_graph(meta, batch_size[, kind])` before each capture or replay, writing only into
+buffers that the captured kernels read; `can_graph(meta, batch_size)` says whether a step fits,
+`graph_kind(meta, batch_size)` which graph it replays. The plan
 it returns runs the captured forward; a replay only needs the buffers refilled. The runner owns
 the token and position buffers.
 """
@@ -35,6 +37,7 @@ from engine.model import CausalLM
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOY_SHARED_PAGES = 4  # the cascade capture step's shared pages: enough for 4 slices
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -45,6 +48,20 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
         if b >= max_num_seqs:
             break
     return sizes
+
+
+def toy_step(b: int, cascade: bool, page_size: int, device: torch.device) -> AttentionMetadata:
+    """The step a graph is captured on: b rows at the first slots of pages 0 (plain), or b rows
+    sharing TOY_SHARED_PAGES pages (all page 0) as one group, each decoding at the start of page
+    0 again (cascade: the bucket's largest group, over enough pages for a shared level cut in
+    slices). The pool is still empty at start-up, so what it writes there is overwritten before
+    anything reads it."""
+    if not cascade:
+        return build_metadata([[0]] * b, [0] * b, [1] * b, page_size, device)
+    shared = TOY_SHARED_PAGES
+    plan = CascadePlan(order=list(range(b)), groups=[CascadeGroup(list(range(b)), shared)])
+    return build_metadata([[0] * (shared + 1)] * b, [shared * page_size] * b, [1] * b,
+                          page_size, device, plan)
 
 
 class CudaGraphRunner:
@@ -65,11 +82,13 @@ class CudaGraphRunner:
         self.positions = torch.zeros(b_max, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # plain decode, per bucket
         self.logits: dict[int, torch.Tensor] = {}  # [b, vocab] float32, written by each replay
-        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # cascade decode, per bucket
-        self.cascade_logits: dict[int, torch.Tensor] = {}
+        # cascade decode, per (kind, bucket): kinds from backend.cascade_graph_kinds
+        self.cascade_graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        self.cascade_logits: dict[tuple[str, int], torch.Tensor] = {}
         self.mempool = torch.cuda.graph_pool_handle()
         self.num_replays = 0
         self.num_cascade_replays = 0
+        self.num_split_replays = 0  # of those, graphs of kind "cascade_split"
         # Why cascade graphs are missing, if their capture failed: cascade steps then run
         # eagerly (correct, slower) rather than the engine failing to start.
         self.cascade_graph_error: str | None = None
@@ -84,7 +103,8 @@ class CudaGraphRunner:
         if not self.backend.can_graph(cascade, b):
             return
         try:
-            self._capture(b, cascade, self.cascade_graphs, self.cascade_logits)
+            for kind in self.backend.cascade_graph_kinds(b):
+                self._capture(b, cascade, self.cascade_graphs, self.cascade_logits, kind)
         except Exception as e:  # noqa: BLE001 - reported, and cascade steps stay eager
             self.cascade_graph_error = f"bucket {b}: {type(e).__name__}: {e}"
             self.cascade_graphs.clear()
@@ -93,22 +113,17 @@ class CudaGraphRunner:
                         self.cascade_graph_error)
 
     def _toy_step(self, b: int, cascade: bool) -> AttentionMetadata:
-        """The step a graph is captured on: b rows at the first slots of pages 0 (plain), or b
-        rows sharing page 0 as one group, each decoding at the start of page 0 again (cascade:
-        the bucket's largest shared level). The pool is still empty at start-up, so what it
-        writes there is overwritten before anything reads it."""
-        if not cascade:
-            return build_metadata([[0]] * b, [0] * b, [1] * b, self.pool.page_size, self.device)
-        ps = self.pool.page_size
-        plan = CascadePlan(order=list(range(b)), groups=[CascadeGroup(list(range(b)), 1)])
-        return build_metadata([[0, 0]] * b, [ps] * b, [1] * b, ps, self.device, plan)
+        return toy_step(b, cascade, self.pool.page_size, self.device)
 
     def _forward(self, b: int, plan: AttentionPlan) -> torch.Tensor:
         hidden = self.model(self.input_ids[:b], self.positions[:b], self.pool.layers, plan)
         return self.model.logits(hidden)
 
-    def _capture(self, b: int, meta: AttentionMetadata, graphs: dict, logits: dict) -> None:
-        plan = self.backend.plan_cuda_graph(meta, b)
+    def _capture(self, b: int, meta: AttentionMetadata, graphs: dict, logits: dict,
+                 kind: str = "decode") -> None:
+        """Capture bucket b's graph of `kind` (plain graphs are keyed b, cascade ones (kind, b))."""
+        plan = self.backend.plan_cuda_graph(meta, b, kind)
+        key = b if kind == "decode" else (kind, b)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         # Graphs take one-row projections through a compiled reduction (engine/gemv.py).
@@ -118,8 +133,8 @@ class CudaGraphRunner:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.mempool):
-                logits[b] = self._forward(b, plan)
-        graphs[b] = graph
+                logits[key] = self._forward(b, plan)
+        graphs[key] = graph
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
@@ -128,9 +143,9 @@ class CudaGraphRunner:
         if not meta.num_decode_only:
             return False
         b = self.bucket(meta.batch_size)
-        if b is None or (meta.cascade is not None and b not in self.cascade_graphs):
+        if b is None or not self.backend.can_graph(meta, b):
             return False
-        return self.backend.can_graph(meta, b)
+        return meta.cascade is None or (self.backend.graph_kind(meta, b), b) in self.cascade_graphs
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata,
             on_planned: Callable[[], None] | None = None) -> torch.Tensor:
@@ -140,7 +155,8 @@ class CudaGraphRunner:
         b = self.bucket(n)
         # Refills the buffers that the captured kernels read; the graph replays the capture's
         # plan, so the plan object returned here is not needed.
-        self.backend.plan_cuda_graph(meta, b)
+        kind = self.backend.graph_kind(meta, b)
+        self.backend.plan_cuda_graph(meta, b, kind)
         if on_planned is not None:
             on_planned()
         self.input_ids[:n].copy_(input_ids)
@@ -149,8 +165,9 @@ class CudaGraphRunner:
             self.graphs[b].replay()
             logits = self.logits[b]
         else:
-            self.cascade_graphs[b].replay()
-            logits = self.cascade_logits[b]
+            self.cascade_graphs[kind, b].replay()
+            logits = self.cascade_logits[kind, b]
             self.num_cascade_replays += 1
+            self.num_split_replays += kind == "cascade_split"
         self.num_replays += 1
         return logits[:n]

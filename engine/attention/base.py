@@ -114,12 +114,14 @@ class AttentionBackend(ABC):
       `enable_cuda_graphs(batch_sizes, max_num_indices, scratch_page)` once, then before each
       capture or replay `plan_cuda_graph(meta, batch_size)`, a decode-only step of at most
       `batch_size` requests padded to `batch_size` rows, where `can_graph(meta, batch_size)`.
-      A step with `meta.cascade` and one without replay different graphs of the bucket (the
-      runner keys them by `meta.cascade is None`). Padding rows may read and write only the
-      pool's `scratch_page`, which no request owns. `plan_cuda_graph` writes only into fixed
-      buffers that the captured kernels read, so a replay needs no new plan object: the one
-      returned is for the capture. `max_graph_indices()` is how many `kv_indices` a graph step
-      may hold.
+      A bucket holds a graph per kind of step: `graph_kind(meta, batch_size)` names the one a
+      step replays ("decode" without `meta.cascade`; "cascade", or a backend's own cascade
+      kinds from `cascade_graph_kinds(batch_size)`), and the runner captures each kind on its
+      toy step with `plan_cuda_graph(toy, batch_size, kind)`. Padding rows may read and write
+      only the pool's `scratch_page`, which no request owns. `plan_cuda_graph` writes only
+      into fixed buffers that the captured kernels read, so a replay needs no new plan object:
+      the one returned is for the capture. `max_graph_indices()` is how many `kv_indices` a
+      graph step may hold.
     """
 
     supports_cuda_graphs: bool = False
@@ -159,9 +161,20 @@ class AttentionBackend(ABC):
         return (meta.num_decode_only and meta.cascade is None
                 and meta.kv_indices.numel() <= self.max_graph_indices())
 
-    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
-        """Plan a decode-only step for the graph captured at `batch_size` (>= meta.batch_size)."""
+    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int,
+                        kind: str | None = None) -> AttentionPlan:
+        """Plan a decode-only step for the graph of `kind` (None: `graph_kind`) captured at
+        `batch_size` (>= meta.batch_size)."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def graph_kind(self, meta: AttentionMetadata, batch_size: int) -> str:
+        """The kind of graph a decode step replays at bucket `batch_size`."""
+        return "decode" if meta.cascade is None else "cascade"
+
+    def cascade_graph_kinds(self, batch_size: int) -> tuple[str, ...]:
+        """The cascade kinds captured at `batch_size` (where the runner captures cascade
+        graphs); a backend whose `can_graph` refuses cascade steps captures none anyway."""
+        return ("cascade",)
 
     def max_graph_indices(self) -> int:
         """The most `kv_indices` entries that a graph step can hold."""

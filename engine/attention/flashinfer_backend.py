@@ -54,6 +54,7 @@ from engine.attention.flashinfer_graphs import (
     paging,
     shared_level_args,
 )
+from engine.attention.split_shared_level import split_level_args
 from engine.attention.xqa_decode import decode_kernels
 from engine.fp8_linear import compiled_on_cuda
 from engine.host_copy import copy_from_host
@@ -282,11 +283,25 @@ class FlashInferBackend(AttentionBackend):
         buffers (filled per step); padding rows use `scratch_page`."""
         self.graph_buffers = GraphBuffers(self._fi, self.workspace, batch_sizes,
                                           max_num_indices, scratch_page, self.device,
-                                          self.cascade_backend)
+                                          self.cascade_backend, self._split_graphs())
         if self.xqa is not None:
             b_max = max(batch_sizes)
             self.graph_buffers.xqa = self.xqa.make(b_max, -(-max_num_indices // b_max),
                                                    scratch_page)
+
+    def _split_graphs(self) -> bool:
+        """Whether large groups' shared levels get split graphs (split_shared_level.py): FA3 is
+        Hopper's, and its fp8 kernels want fp8 queries, so bf16/fp16 pages only; and where the
+        levels are FA2's (another `cascade_backend` is the user's choice for every level)."""
+        return (self.cascade_backend == "fa2" and self.kv_dtype != FP8_KV
+                and self.device.type == "cuda"
+                and torch.cuda.get_device_capability(self.device)[0] == 9)
+
+    def graph_kind(self, meta: AttentionMetadata, batch_size: int) -> str:
+        return self._graph_buffers().graph_kind(meta, batch_size)
+
+    def cascade_graph_kinds(self, batch_size: int) -> tuple[str, ...]:
+        return self._graph_buffers().cascade_kinds(batch_size)
 
     def _graph_buffers(self) -> GraphBuffers:
         if self.graph_buffers is None:
@@ -301,14 +316,17 @@ class FlashInferBackend(AttentionBackend):
         return meta.num_decode_only and g.fits(meta, batch_size) and (
             not g.uses_xqa(meta) or g.xqa.fits(meta, batch_size))
 
-    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int) -> AttentionPlan:
-        """Plan a decode-only step, plain or cascade, for the graph captured at `batch_size`.
+    def plan_cuda_graph(self, meta: AttentionMetadata, batch_size: int,
+                        kind: str | None = None) -> AttentionPlan:
+        """Plan a decode-only step, plain or cascade, for the graph captured at `batch_size`
+        (of `kind`; None: `graph_kind(meta, batch_size)`).
 
         Rows past the real ones are padding: they attend over the scratch page and write their
         K/V there (flashinfer_graphs.py), so padding changes no byte that a request reads.
         """
         g = self._graph_buffers()
         assert self.can_graph(meta, batch_size), "plan_cuda_graph of a step that does not fit"
+        kind = kind or g.graph_kind(meta, batch_size)
         write = KVWrite(*g.fill_write_rows(meta, batch_size), g.rows,
                         self._fi.append_paged_kv_cache)
         if g.uses_xqa(meta):
@@ -321,17 +339,22 @@ class FlashInferBackend(AttentionBackend):
             wrapper.plan(_host_i32(own.kv_indptr), own.kv_indices,
                          _host_i32(own.kv_last_page_len), *heads, **self._plan_args())
             return WrapperPlan(meta, write, wrapper)
-        graph = g.cascades[batch_size]
-        shared = shared_level_args(meta, graph.groups)
-        graph.shared.plan(_host_i32(shared.qo_indptr), _host_i32(shared.kv_indptr),
-                          shared.kv_indices, _host_i32(shared.kv_last_page_len), *heads,
-                          causal=False, **self._plan_args())
+        graph, split = g.cascades[batch_size], None
+        if kind == "cascade_split":
+            split = g.splits[batch_size]
+            split.plan(split_level_args(meta, batch_size, split.splits), *heads,
+                       **self._plan_args())
+        else:
+            shared = shared_level_args(meta, graph.groups)
+            graph.shared.plan(_host_i32(shared.qo_indptr), _host_i32(shared.kv_indptr),
+                              shared.kv_indices, _host_i32(shared.kv_last_page_len), *heads,
+                              causal=False, **self._plan_args())
         graph.own.plan(_host_i32(own.qo_indptr), _host_i32(own.kv_indptr), own.kv_indices,
                        _host_i32(own.kv_last_page_len), *heads, causal=True, uniform_q_len=1,
                        **self._plan_args())
         mask = g.merge_mask[:batch_size]
         copy_from_host(mask, torch.tensor(merge_mask(meta, batch_size), dtype=torch.uint8))
-        return GraphCascadePlan(meta, write, graph, mask)
+        return GraphCascadePlan(meta, write, graph, mask, split)
 
     # -- start-up ---------------------------------------------------------------------------
     def warmup(self) -> None:

@@ -16,6 +16,9 @@ K/V through a gather in every layer).
     so they launch no work;
   * the merge adds the shared part to the rows of groups only (`merge_mask`).
   A step with more groups than its bucket's `groups` runs eagerly.
+- Split cascade decode (`graph_kind` "cascade_split"), buckets of >= 128 rows on Hopper: the
+  same, with the shared level of one large group on FA3 over slices of the prefix
+  (split_shared_level.py), the faster kernel there.
 
 FlashInfer's graph-mode planner (scheduler.cuh, `PrefillSplitQOKVIndptr`) fixes the query tile
 from the row count of the first plan, the capture's, as (rows - entries + 1) queries per entry,
@@ -27,11 +30,12 @@ group: the shared prefix is then read once per 32 queries, not once per 4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from engine.attention import split_shared_level as split_level
 from engine.attention.base import AttentionMetadata, AttentionPlan
+from engine.attention.level_args import LevelArgs
+from engine.attention.split_shared_level import SplitSharedLevel, split_pays
 
 # Most groups a cascade graph takes (per bucket: min(this, b // 2); a group has >= 2 members).
 CASCADE_GRAPH_GROUPS = 4
@@ -40,17 +44,6 @@ CASCADE_GRAPH_GROUPS = 4
 def cascade_graph_groups(batch_size: int) -> int:
     """Shared-level entries of bucket `batch_size`'s cascade graph; 0: the bucket has none."""
     return min(CASCADE_GRAPH_GROUPS, batch_size // 2)
-
-
-@dataclass
-class LevelArgs:
-    """One wrapper's plan arguments for a graph step, named as FlashInfer names them (host lists
-    for the small arrays, as the planner reads them on the host)."""
-
-    qo_indptr: list[int]  # [entries+1]
-    kv_indptr: list[int]  # [entries+1]
-    kv_indices: torch.Tensor  # [nnz_pages] int32, on the device
-    kv_last_page_len: list[int]  # [entries]
 
 
 def paging(kv_lens: list[int], page_size: int) -> tuple[list[int], list[int]]:
@@ -133,22 +126,27 @@ class GraphCascadePlan(AttentionPlan):
     """A cascade decode step inside a captured graph: K/V write, own level (every row), shared
     level (the groups' rows), masked merge. The same kernels per layer whatever the groups and
     the rows outside them: each level's attention and split-KV merge (graph mode always splits
-    the KV), then `merge_state_in_place`."""
+    the KV), then `merge_state_in_place`. With `split`, the shared level is that one group's
+    FA3 over slices (split_shared_level.py) instead of the graph's FA2 shared wrapper."""
 
     def __init__(self, meta: AttentionMetadata, write, graph: CascadeGraph,
-                 mask: torch.Tensor) -> None:
+                 mask: torch.Tensor, split: SplitSharedLevel | None = None) -> None:
         super().__init__(meta)
         self.write = write  # KVWrite over the graph's fixed page/offset rows
         self.graph = graph
         self.mask = mask  # [b] uint8, a view of GraphBuffers.merge_mask
+        self.split = split
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         self.write(kv_cache, k, v)
         g = self.graph
         out, lse = g.own.run(q, kv_cache, return_lse=True)  # [b, Hq, D], [b, Hq]
-        # rows past the groups' are never written here; the mask keeps the merge off them
-        shared_out, shared_lse = g.shared.run(q, kv_cache, return_lse=True)
+        # rows outside the groups hold no shared part; the mask keeps the merge off them
+        if self.split is None:
+            shared_out, shared_lse = g.shared.run(q, kv_cache, return_lse=True)
+        else:
+            shared_out, shared_lse = self.split.run(q, kv_cache)
         g._merge(out, lse, shared_out, shared_lse, self.mask)
         return out
 
@@ -159,7 +157,7 @@ class GraphBuffers:
 
     def __init__(self, fi, workspace: torch.Tensor, batch_sizes: list[int],
                  max_num_indices: int, scratch_page: int, device: torch.device,
-                 cascade_backend: str = "fa2") -> None:
+                 cascade_backend: str = "fa2", split_graphs: bool = False) -> None:
         b_max = max(batch_sizes)
         self.scratch_page = scratch_page
         # [b_max] int32, every entry the scratch page: the padding rows' page runs
@@ -187,6 +185,11 @@ class GraphBuffers:
                                          self.shared_indices, self.indices, cascade_backend,
                                          device)
                          for b in batch_sizes if cascade_graph_groups(b)}
+        # split cascade graphs (FA3 over slices of one large group's prefix), where the backend
+        # allows them; `split_on` False makes steps take the FA2 cascade graph (comparisons)
+        self.splits = {b: SplitSharedLevel(fi, workspace, b, self.shared_indices, device)
+                       for b in self.cascades if split_graphs and b >= split_level.MIN_QUERIES}
+        self.split_on = True
 
     def fill_write_rows(self, meta: AttentionMetadata, batch_size: int,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,6 +206,21 @@ class GraphBuffers:
         last = self.last[:batch_size]
         torch.add(offset, 1, out=last)
         return page, offset, last
+
+    def graph_kind(self, meta: AttentionMetadata, batch_size: int) -> str:
+        """Which of bucket `batch_size`'s graphs a decode step replays: "decode", "cascade", or
+        "cascade_split" (one large group, where this bucket has a split graph)."""
+        if meta.cascade is None:
+            return "decode"
+        if self.split_on and batch_size in self.splits and split_pays(meta):
+            return "cascade_split"
+        return "cascade"
+
+    def cascade_kinds(self, batch_size: int) -> tuple[str, ...]:
+        """The cascade graphs to capture at `batch_size`."""
+        if batch_size not in self.cascades:
+            return ()
+        return ("cascade", "cascade_split") if batch_size in self.splits else ("cascade",)
 
     def uses_xqa(self, meta: AttentionMetadata) -> bool:
         """Whether this step's graph runs XQA (else FA2's wrappers): plain decode over fp8."""

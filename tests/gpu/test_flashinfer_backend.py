@@ -25,6 +25,7 @@ from engine.attention.flashinfer_backend import (  # noqa: E402
 from engine.attention.flashinfer_graphs import cascade_graph_groups  # noqa: E402
 from engine.attention.metadata import build_metadata  # noqa: E402
 from engine.attention.torch_backend import TorchBackend  # noqa: E402
+from engine.cuda_graph import toy_step  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -158,8 +159,8 @@ def _toy_cascade_meta(b: int):
     return build_metadata([[0, 0]] * b, [PS] * b, [1] * b, PS, DEV, plan)
 
 
-def _capture(fi_backend, meta, b, q, k, v, cache):
-    plan = fi_backend.plan_cuda_graph(meta, b)
+def _capture(fi_backend, meta, b, q, k, v, cache, kind=None):
+    plan = fi_backend.plan_cuda_graph(meta, b, kind)
     plan.forward(0, q, k, v, cache)  # warm
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -266,3 +267,43 @@ def test_cascade_graph_refuses_more_groups_than_its_shared_level_holds(fi_backen
                               [kv_lens[i] - 1 for i in plan.order], [1] * len(tables), PS, DEV,
                               plan)
         assert fi_backend.can_graph(meta, 16) is fits
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] != 9,
+                    reason="split shared levels run FA3, Hopper's kernel")
+def test_split_cascade_graph_replay_equals_the_fa2_graph_and_plain(fi_backend):
+    """128 requests sharing a 32K-token prefix (split_shared_level.py's case): bucket 128's
+    split graph (FA3 over 4 slices of the prefix) and its FA2 cascade graph, each captured on
+    the runner's toy step, both give plain attention's outputs and pool bytes."""
+    b = 128
+    tables, kv_lens, num_pages = _shared_prefix_tables(random.Random(11), [(b, 2048)], 0)
+    fi_backend.enable_cuda_graphs([b], max_num_indices=b * 2100, scratch_page=num_pages)
+    kinds = fi_backend.cascade_graph_kinds(b)
+    assert kinds == ("cascade", "cascade_split")
+    cache = torch.zeros(num_pages + 1, 2, PS, HKV, D, device=DEV, dtype=DT)
+    qkv = torch.randn(b, HQ + 2 * HKV, D, device=DEV).to(DT)
+    q, k, v = qkv[:, :HQ], qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]
+    toy = toy_step(b, True, PS, DEV)
+    graphs = {kind: _capture(fi_backend, toy, b, q, k, v, cache, kind) for kind in kinds}
+    plan = plan_cascade(tables, kv_lens, PS, mode="on")
+    assert plan is not None and len(plan.groups) == 1
+    tables = [tables[i] for i in plan.order]
+    done = [kv_lens[i] - 1 for i in plan.order]
+    meta = build_metadata(tables, done, [1] * b, PS, DEV, plan)
+    start = torch.randn_like(cache, dtype=torch.float32).to(DT)
+    qkv.copy_(torch.randn_like(qkv, dtype=torch.float32).to(DT))
+    ref_cache = start.clone()
+    fresh = qkv.clone()
+    plain = _torch_backend().plan(build_metadata(tables, done, [1] * b, PS, DEV))
+    ref = plain.forward(0, fresh[:, :HQ], fresh[:, HQ:HQ + HKV], fresh[:, HQ + HKV:], ref_cache)
+    for kind, split_on in (("cascade_split", True), ("cascade", False)):
+        fi_backend.graph_buffers.split_on = split_on
+        assert fi_backend.can_graph(meta, b) and fi_backend.graph_kind(meta, b) == kind
+        cache.copy_(start)
+        fi_backend.plan_cuda_graph(meta, b)
+        graph, out = graphs[kind]
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, ref) <= TOL, kind
+        assert torch.equal(cache[:num_pages], ref_cache[:num_pages]), kind
+    fi_backend.graph_buffers.split_on = True
