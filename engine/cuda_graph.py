@@ -100,11 +100,18 @@ class CudaGraphRunner:
 
     def _capture_cascade(self, b: int) -> None:
         cascade = self._toy_step(b, cascade=True)
-        if not self.backend.can_graph(cascade, b):
+        kinds = self.backend.cascade_graph_kinds(b)
+        if not kinds or not self.backend.can_graph(cascade, b):
             return
+        base, *extra = kinds
         try:
-            for kind in self.backend.cascade_graph_kinds(b):
-                self._capture(b, cascade, self.cascade_graphs, self.cascade_logits, kind)
+            self._capture(b, cascade, self.cascade_graphs, self.cascade_logits, base)
+            for kind in extra:  # without one of these, its steps replay the base kind's graph
+                try:
+                    self._capture(b, cascade, self.cascade_graphs, self.cascade_logits, kind)
+                except Exception as e:  # noqa: BLE001 - reported
+                    log.warning("no %s CUDA graph at bucket %d (%s: %s); its steps replay the "
+                                "%s graph", kind, b, type(e).__name__, e, base)
         except Exception as e:  # noqa: BLE001 - reported, and cascade steps stay eager
             self.cascade_graph_error = f"bucket {b}: {type(e).__name__}: {e}"
             self.cascade_graphs.clear()
@@ -145,7 +152,13 @@ class CudaGraphRunner:
         b = self.bucket(meta.batch_size)
         if b is None or not self.backend.can_graph(meta, b):
             return False
-        return meta.cascade is None or (self.backend.graph_kind(meta, b), b) in self.cascade_graphs
+        return meta.cascade is None or (self._kind(meta, b), b) in self.cascade_graphs
+
+    def _kind(self, meta: AttentionMetadata, b: int) -> str:
+        """The backend's kind for this step, or "cascade" where that kind's capture failed."""
+        kind = self.backend.graph_kind(meta, b)
+        return kind if kind in ("decode", "cascade") or (kind, b) in self.cascade_graphs \
+            else "cascade"
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata,
             on_planned: Callable[[], None] | None = None) -> torch.Tensor:
@@ -155,7 +168,7 @@ class CudaGraphRunner:
         b = self.bucket(n)
         # Refills the buffers that the captured kernels read; the graph replays the capture's
         # plan, so the plan object returned here is not needed.
-        kind = self.backend.graph_kind(meta, b)
+        kind = self._kind(meta, b)
         self.backend.plan_cuda_graph(meta, b, kind)
         if on_planned is not None:
             on_planned()
