@@ -9,12 +9,14 @@ is faster where, and the `auto` rule (min_group_size, min_saved_tokens) that los
 Part 2, `engine`: the whole decode step of Llama-3-8B (dummy weights, CUDA graphs on) in one
 engine, switching `cascade` between auto / on / off on the same running batch: 128 requests
 sharing a 32K prefix (256 tokens each of their own; target >= 4.5x) and smaller cases around
-the rule's boundary. "on" replays the cascade CUDA graphs; "eager" is the same cascade step
-launched eagerly (the graphs set aside). Each step is printed against its floor measured in
-the same run: weights + KV read at the copy bandwidth, the KV being every request's whole
-context for plain decode and the shared prefix once plus each request's own tokens for
-cascade. Last, the `auto` rules (engine/attention/cascade.py `CascadeRule`) that lose the
-least time over these rows: the re-calibration of `AUTO_RULE`.
+the rule's boundary. "on" replays the cascade CUDA graphs (for one group of >= 128 requests
+over >= 32K tokens, the split graph: engine/attention/split_shared_level.py); "fa2" replays them
+with split graphs off; "eager" is the same cascade step launched eagerly (the graphs set
+aside). Each step is printed against its floor measured in the same run: weights + KV read at
+the copy bandwidth, the KV being every request's whole context for plain decode and the shared
+prefix once plus each request's own tokens for cascade. Last, the `auto` rules
+(engine/attention/cascade.py `CascadeRule`) that lose the least time over these rows: the
+re-calibration of `AUTO_RULE`.
 
     python -m bench.gpu_cascade grid
     python -m bench.gpu_cascade engine --cases 128x32768x256,16x2048x128
