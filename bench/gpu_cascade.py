@@ -264,8 +264,13 @@ def engine_runs(args) -> None:
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     max_len = max(s + u for _, s, u in cases) + 8 * args.steps + 64
     num_pages = max(s // PS + g * -(-(u + 8 * args.steps + 32) // PS) for g, s, u in cases) + 512
+    from engine.attention import split_shared_level
     from engine.llm import LLM
 
+    if args.split_min:  # before the engine builds its graphs: buckets from MIN_QUERIES get one
+        queries, tokens = (int(x) for x in args.split_min.split(":"))
+        split_shared_level.MIN_QUERIES, split_shared_level.MIN_SHARED_TOKENS = queries, tokens
+        print(f"split graphs from {queries} queries over {tokens} tokens", flush=True)
     floor = measure_floor()
     print(floor, flush=True)
     llm = LLM(llama3_8b_dir(), load_format="dummy", dtype="bfloat16", device="cuda",
@@ -324,6 +329,9 @@ def main() -> None:
                    "(eager launches stay slower in the process afterwards: use alone)")
     e.add_argument("--host-profile", action="store_true", help="cProfile of the first case")
     e.add_argument("--steps", type=int, default=10)
+    e.add_argument("--split-min", help="QUERIES:TOKENS, the split graphs' thresholds for this "
+                   "run (engine/attention/split_shared_level.py; default: its MIN_QUERIES and "
+                   "MIN_SHARED_TOKENS), to measure other shapes")
     e.add_argument("--out")
     args = ap.parse_args()
     grid(args) if args.part == "grid" else engine_runs(args)
