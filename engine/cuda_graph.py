@@ -22,6 +22,7 @@ the token and position buffers.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 
@@ -88,7 +89,7 @@ class CudaGraphRunner:
         self.mempool = torch.cuda.graph_pool_handle()
         self.num_replays = 0
         self.num_cascade_replays = 0
-        self.num_split_replays = 0  # of those, graphs of kind "cascade_split"
+        self.replays_by_kind: collections.Counter[str] = collections.Counter()  # cascade ones
         # Why cascade graphs are missing, if their capture failed: cascade steps then run
         # eagerly (correct, slower) rather than the engine failing to start.
         self.cascade_graph_error: str | None = None
@@ -181,6 +182,6 @@ class CudaGraphRunner:
             self.cascade_graphs[kind, b].replay()
             logits = self.cascade_logits[kind, b]
             self.num_cascade_replays += 1
-            self.num_split_replays += kind == "cascade_split"
+            self.replays_by_kind[kind] += 1
         self.num_replays += 1
         return logits[:n]

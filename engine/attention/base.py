@@ -173,7 +173,8 @@ class AttentionBackend(ABC):
 
     def cascade_graph_kinds(self, batch_size: int) -> tuple[str, ...]:
         """The cascade kinds captured at `batch_size` (where the runner captures cascade
-        graphs); a backend whose `can_graph` refuses cascade steps captures none anyway."""
+        graphs), "cascade" first: a step whose own kind failed to capture replays that one. A
+        backend whose `can_graph` refuses cascade steps captures none anyway."""
         return ("cascade",)
 
     def max_graph_indices(self) -> int:
