@@ -10,7 +10,7 @@ Part 2, `engine`: the whole decode step of Llama-3-8B (dummy weights, CUDA graph
 engine, switching `cascade` between auto / on / off on the same running batch: 128 requests
 sharing a 32K prefix (256 tokens each of their own; target >= 4.5x) and smaller cases around
 the rule's boundary. "on" replays the cascade CUDA graphs (for one group of >= 128 requests
-over >= 32K tokens, the split graph: engine/attention/split_shared_level.py); "fa2" replays them
+over >= 8K tokens, the split graph: engine/attention/split_shared_level.py); "fa2" replays them
 with split graphs off; "eager" is the same cascade step launched eagerly (the graphs set
 aside). Each step is printed against its floor measured in the same run: weights + KV read at
 the copy bandwidth, the KV being every request's whole context for plain decode and the shared

@@ -42,8 +42,8 @@ def _group_meta(members: int, shared_pages: int, own: list[int], loners: int = 0
                                         plan)
 
 
-def test_split_pays_only_for_one_group_of_128_over_a_32k_token_prefix():
-    pages = 32768 // PS
+def test_split_pays_only_for_one_group_of_128_over_an_8k_token_prefix():
+    pages = 8192 // PS
     assert split_pays(_group_meta(128, pages, [5])[2])
     assert not split_pays(_group_meta(127, pages, [5])[2])  # too few queries
     assert not split_pays(_group_meta(128, pages - 1, [5])[2])  # too short a prefix

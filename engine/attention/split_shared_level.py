@@ -13,9 +13,11 @@ docs/benchmarks.md, `python -m bench.gpu_cascade_shared`): FA2 6.90 ms, FA3 14.1
 reverted) it lost: the repeat, three merges and FA3's wrapper call per layer cost more host
 time than the kernel saved. Inside a graph those launches are replayed, not issued: at 128
 requests x 32K shared x 256 own tokens the level took 3.93 ms a step against FA2's 6.35, and
-the step 12.37 ms against 14.71 (run 95). The thresholds below come from the level timed alone
-and eagerly, where launches counted; whether smaller groups or prefixes pay inside a graph was
-not measured.
+the step 12.37 ms against 14.71 (run 95). With the thresholds lowered for a run (`python -m
+bench.gpu_cascade engine --split-min 64:8192`, runs 99-100), whole steps with split graphs
+against FA2 ones: 128 requests over 8K shared tokens 8.78 against 9.40 ms, over 16K 9.64
+against 12.11; 64 requests lost at 8K, 16K and 32K (7.63 / 7.54, 8.56 / 8.33, 10.45 / 9.85),
+as FA3's 128-row tiles then run half empty.
 
 In bucket b's graph every slice is a request of all b rows' queries, so the slices' bounds are
 the only thing that changes between replays. Rows outside the group compute a part that the
@@ -37,8 +39,8 @@ from engine.attention.base import AttentionMetadata
 from engine.attention.level_args import LevelArgs
 
 SPLITS = 4  # slices of the prefix: 4 x 32 works fill the H200's 132 SMs at G = 128
-MIN_QUERIES = 128  # smaller groups keep FA2 (32 x 32K alone: FA2 2.13 ms, FA3 x4 4.32 ms)
-MIN_SHARED_TOKENS = 32768  # and shorter prefixes too (128 x 8K alone: 2.31 vs 2.83 ms)
+MIN_QUERIES = 128  # smaller groups keep FA2 (64 requests lost in a graph, runs 99-100)
+MIN_SHARED_TOKENS = 8192  # shorter prefixes too (128 x 2K and 4K: not measured)
 
 
 def split_pays(meta: AttentionMetadata) -> bool:
