@@ -34,7 +34,7 @@ import torch
 
 from engine.attention import split_shared_level as split_level
 from engine.attention.base import AttentionMetadata, AttentionPlan
-from engine.attention.level_args import LevelArgs
+from engine.attention.level_args import LevelArgs, graph_wrapper
 from engine.attention.split_shared_level import SplitSharedLevel, split_pays
 
 # Most groups a cascade graph takes (per bucket: min(this, b // 2); a group has >= 2 members).
@@ -107,18 +107,9 @@ class CascadeGraph:
     def __init__(self, fi, workspace: torch.Tensor, batch_size: int, groups: int,
                  shared_indices: torch.Tensor, own_indices: torch.Tensor, backend: str,
                  device: torch.device) -> None:
-        def wrapper(entries: int, indices: torch.Tensor):
-            return fi.BatchPrefillWithPagedKVCacheWrapper(
-                workspace, "NHD", use_cuda_graph=True,
-                qo_indptr_buf=torch.zeros(entries + 1, dtype=torch.int32, device=device),
-                paged_kv_indptr_buf=torch.zeros(entries + 1, dtype=torch.int32, device=device),
-                paged_kv_indices_buf=indices,
-                paged_kv_last_page_len_buf=torch.ones(entries, dtype=torch.int32, device=device),
-                backend=backend)
-
         self.batch_size, self.groups = batch_size, groups
-        self.shared = wrapper(groups, shared_indices)
-        self.own = wrapper(batch_size, own_indices)
+        self.shared = graph_wrapper(fi, workspace, groups, shared_indices, backend, device)
+        self.own = graph_wrapper(fi, workspace, batch_size, own_indices, backend, device)
         self._merge = fi.merge_state_in_place
 
 

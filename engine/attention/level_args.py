@@ -1,5 +1,6 @@
 """LevelArgs: one FlashInfer paged wrapper's plan arguments for a graph step (one attention level
-of a cascade, or a plain decode step)."""
+of a cascade, or a plain decode step); `graph_wrapper`: a paged prefill wrapper in CUDA-graph
+mode over fixed buffers, which such arguments refill before each replay."""
 
 from __future__ import annotations
 
@@ -17,3 +18,16 @@ class LevelArgs:
     kv_indptr: list[int]  # [entries+1]
     kv_indices: torch.Tensor  # [nnz_pages] int32, on the device
     kv_last_page_len: list[int]  # [entries]
+
+
+def graph_wrapper(fi, workspace: torch.Tensor, entries: int, kv_indices: torch.Tensor,
+                  backend: str, device: torch.device):
+    """`BatchPrefillWithPagedKVCacheWrapper` in graph mode for `entries` requests, over index
+    buffers of its own and the given `kv_indices` buffer (shared with other wrappers)."""
+    return fi.BatchPrefillWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True,
+        qo_indptr_buf=torch.zeros(entries + 1, dtype=torch.int32, device=device),
+        paged_kv_indptr_buf=torch.zeros(entries + 1, dtype=torch.int32, device=device),
+        paged_kv_indices_buf=kv_indices,
+        paged_kv_last_page_len_buf=torch.ones(entries, dtype=torch.int32, device=device),
+        backend=backend)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.base import AttentionMetadata
-from engine.attention.level_args import LevelArgs
+from engine.attention.level_args import LevelArgs, graph_wrapper
 
 SPLITS = 4  # slices of the prefix: 4 x 32 works fill the H200's 132 SMs at G = 128
 MIN_QUERIES = 128  # smaller groups keep FA2 (64 requests lost in a graph, runs 99-100)
@@ -77,13 +77,7 @@ class SplitSharedLevel:
     def __init__(self, fi, workspace: torch.Tensor, batch_size: int, kv_indices: torch.Tensor,
                  device: torch.device, splits: int = SPLITS, backend: str = "fa3") -> None:
         self.batch_size, self.splits = batch_size, splits
-        self.wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True,
-            qo_indptr_buf=torch.zeros(splits + 1, dtype=torch.int32, device=device),
-            paged_kv_indptr_buf=torch.zeros(splits + 1, dtype=torch.int32, device=device),
-            paged_kv_indices_buf=kv_indices,
-            paged_kv_last_page_len_buf=torch.ones(splits, dtype=torch.int32, device=device),
-            backend=backend)
+        self.wrapper = graph_wrapper(fi, workspace, splits, kv_indices, backend, device)
         self._merge = fi.merge_state_in_place
 
     def plan(self, args: LevelArgs, num_qo_heads: int, num_kv_heads: int, head_dim: int,
