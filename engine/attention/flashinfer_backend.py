@@ -54,6 +54,7 @@ from engine.attention.flashinfer_graphs import (
     paging,
     shared_level_args,
 )
+from engine.attention.level_args import host_i32
 from engine.attention.split_shared_level import split_level_args
 from engine.attention.xqa_decode import decode_kernels
 from engine.fp8_linear import compiled_on_cuda
@@ -87,10 +88,6 @@ class TwoLevelCascade:
             out_i, lse_i = wrapper.run(q, kv_cache, return_lse=True)
             self._merge(out, lse, out_i, lse_i)
         return out
-
-
-def _host_i32(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32)
 
 
 class KVWrite:
@@ -248,8 +245,8 @@ class FlashInferBackend(AttentionBackend):
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
         indptr, last = paging(meta.kv_lens_host, self.page_size)
         if not meta.num_decode_only:
-            self.prefill.plan(_host_i32(meta.qo_indptr_host), _host_i32(indptr), meta.kv_indices,
-                              _host_i32(last), *heads, causal=True, **self._plan_args())
+            self.prefill.plan(host_i32(meta.qo_indptr_host), host_i32(indptr), meta.kv_indices,
+                              host_i32(last), *heads, causal=True, **self._plan_args())
             return WrapperPlan(meta, write, self.prefill)
         nc = meta.num_cascade_reqs if meta.cascade else 0
         if nc:
@@ -260,7 +257,7 @@ class FlashInferBackend(AttentionBackend):
             return WrapperPlan(meta, write, xqa)
         if nc < meta.batch_size:
             rest = [p - indptr[nc] for p in indptr[nc:]]
-            self.decode.plan(_host_i32(rest), meta.kv_indices[indptr[nc]:], _host_i32(last[nc:]),
+            self.decode.plan(host_i32(rest), meta.kv_indices[indptr[nc]:], host_i32(last[nc:]),
                              *heads, **self._plan_args())
         if not nc:
             return WrapperPlan(meta, write, self.decode)
@@ -270,10 +267,10 @@ class FlashInferBackend(AttentionBackend):
     def _plan_cascade(self, meta: AttentionMetadata, heads: tuple) -> None:
         levels = meta.cascade
         # The levels' small arrays come from their host mirrors: no device-to-host copy.
-        self.cascade.plan([_host_i32(lv.qo_indptr_host) for lv in levels],
-                          [_host_i32(lv.kv_indptr_host) for lv in levels],
+        self.cascade.plan([host_i32(lv.qo_indptr_host) for lv in levels],
+                          [host_i32(lv.kv_indptr_host) for lv in levels],
                           [lv.kv_indices for lv in levels],
-                          [_host_i32(lv.kv_last_page_len_host) for lv in levels], *heads,
+                          [host_i32(lv.kv_last_page_len_host) for lv in levels], *heads,
                           **self._plan_args())
 
     # -- CUDA graphs ------------------------------------------------------------------------
@@ -336,8 +333,8 @@ class FlashInferBackend(AttentionBackend):
         own = own_level_args(meta, batch_size, g.scratch)
         if meta.cascade is None:
             wrapper = g.wrappers[batch_size]
-            wrapper.plan(_host_i32(own.kv_indptr), own.kv_indices,
-                         _host_i32(own.kv_last_page_len), *heads, **self._plan_args())
+            wrapper.plan(host_i32(own.kv_indptr), own.kv_indices,
+                         host_i32(own.kv_last_page_len), *heads, **self._plan_args())
             return WrapperPlan(meta, write, wrapper)
         graph, split = g.cascades[batch_size], None
         if kind == "cascade_split":
@@ -345,13 +342,9 @@ class FlashInferBackend(AttentionBackend):
             split.plan(split_level_args(meta, batch_size, split.splits), *heads,
                        **self._plan_args())
         else:
-            shared = shared_level_args(meta, graph.groups)
-            graph.shared.plan(_host_i32(shared.qo_indptr), _host_i32(shared.kv_indptr),
-                              shared.kv_indices, _host_i32(shared.kv_last_page_len), *heads,
-                              causal=False, **self._plan_args())
-        graph.own.plan(_host_i32(own.qo_indptr), _host_i32(own.kv_indptr), own.kv_indices,
-                       _host_i32(own.kv_last_page_len), *heads, causal=True, uniform_q_len=1,
-                       **self._plan_args())
+            shared_level_args(meta, graph.groups).plan(graph.shared, *heads, causal=False,
+                                                       **self._plan_args())
+        own.plan(graph.own, *heads, causal=True, uniform_q_len=1, **self._plan_args())
         mask = g.merge_mask[:batch_size]
         copy_from_host(mask, torch.tensor(merge_mask(meta, batch_size), dtype=torch.uint8))
         return GraphCascadePlan(meta, write, graph, mask, split)

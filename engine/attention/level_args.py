@@ -19,6 +19,17 @@ class LevelArgs:
     kv_indices: torch.Tensor  # [nnz_pages] int32, on the device
     kv_last_page_len: list[int]  # [entries]
 
+    def plan(self, wrapper, *heads, **kwargs) -> None:
+        """Plan a paged prefill wrapper with these arguments; `heads` (num_qo_heads,
+        num_kv_heads, head_dim, page_size) and `kwargs` as its `plan` takes them."""
+        wrapper.plan(host_i32(self.qo_indptr), host_i32(self.kv_indptr), self.kv_indices,
+                     host_i32(self.kv_last_page_len), *heads, **kwargs)
+
+
+def host_i32(values: list[int]) -> torch.Tensor:
+    """A host int32 tensor: how FlashInfer's planners take their small arrays."""
+    return torch.tensor(values, dtype=torch.int32)
+
 
 def graph_wrapper(fi, workspace: torch.Tensor, entries: int, kv_indices: torch.Tensor,
                   backend: str, device: torch.device):

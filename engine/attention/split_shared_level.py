@@ -66,10 +66,6 @@ def split_level_args(meta: AttentionMetadata, batch_size: int, splits: int = SPL
                      [meta.page_size] * (splits - 1) + [shared.kv_last_page_len_host[0]])
 
 
-def _i32(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32)
-
-
 class SplitSharedLevel:
     """The FA3 wrapper of one bucket's split graph, over fixed buffers (`kv_indices` is the
     graphs' shared-level index buffer)."""
@@ -82,9 +78,8 @@ class SplitSharedLevel:
 
     def plan(self, args: LevelArgs, num_qo_heads: int, num_kv_heads: int, head_dim: int,
              page_size: int, **kwargs) -> None:
-        self.wrapper.plan(_i32(args.qo_indptr), _i32(args.kv_indptr), args.kv_indices,
-                          _i32(args.kv_last_page_len), num_qo_heads, num_kv_heads, head_dim,
-                          page_size, causal=False, **kwargs)
+        args.plan(self.wrapper, num_qo_heads, num_kv_heads, head_dim, page_size, causal=False,
+                  **kwargs)
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s = self.batch_size, self.splits
