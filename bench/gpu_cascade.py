@@ -188,14 +188,14 @@ def engine_case(llm, group: int, shared: int, own: int, steps: int, rng: random.
         aside, graphs.cascade_graphs = graphs.cascade_graphs, ({} if mode == "eager"
                                                                else graphs.cascade_graphs)
         buffers.split_on = mode != "fa2"
-        split = graphs.replays_by_kind  # cascade replays per graph kind
-        before = (runner.num_cascade_steps, graphs.num_cascade_replays, split["cascade_split"])
+        by_kind = graphs.replays_by_kind  # cascade replays per graph kind
+        before = (runner.num_cascade_steps, graphs.num_cascade_replays, by_kind["cascade_split"])
         step_s, runner_s, _ = timer.steps(steps if mode != "off" or shared < 16384 else 4)
         graphs.cascade_graphs, buffers.split_on = aside, True
         row[f"{mode}_ms"] = step_s * 1e3
         row[f"{mode}_cascade_steps"] = runner.num_cascade_steps - before[0]
         row[f"{mode}_cascade_graph_steps"] = graphs.num_cascade_replays - before[1]
-        row[f"{mode}_split_graph_steps"] = split["cascade_split"] - before[2]
+        row[f"{mode}_split_graph_steps"] = by_kind["cascade_split"] - before[2]
     # The floors of this batch, as it stands after the timed steps: weights + KV at the copy
     # bandwidth measured in this run; plain decode reads every request's whole context, a
     # cascade step the shared prefix once and each request's own tokens.
