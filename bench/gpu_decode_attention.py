@@ -11,6 +11,9 @@ graph, GPU time per call and KV bytes read per second. Plans:
 - `no split`: eager with `disable_split_kv`;
 - `CUDA cores`: the decode kernel without tensor cores;
 - `graph CUDA cores`: that kernel through the CUDA-graph wrapper;
+- `fa3`, `graph fa3`: FlashInfer's FA3 (Hopper) kernel through the paged prefill wrapper, each
+  request one query row (causal off), eager and in CUDA-graph mode (`level_args.graph_wrapper`,
+  what the split cascade graph uses): whether TMA loads read decode's pages faster than FA2;
 - `xqa generic`, `xqa gmma`: TensorRT-LLM's XQA decode kernel as FlashInfer ships it, through
   the engine's `XQADecode` (engine/attention/xqa_decode.py): no plan, a block table and the
   lengths on the device, the KV split reduced inside the one kernel; `gmma` is its Hopper fp8
@@ -19,7 +22,7 @@ graph, GPU time per call and KV bytes read per second. Plans:
   kit (bench/device_run.sh).
 
     python -m bench.gpu_decode_attention [--cases 1x1024,32x1024,128x640,128x1024] [--fp8]
-        [--plans "graph,eager,xqa generic,xqa gmma"]
+        [--plans "graph,eager,fa3,graph fa3,xqa generic"]
 """
 
 from __future__ import annotations
@@ -59,11 +62,32 @@ def xqa_run(b: int, ctx: int, kv_dtype: torch.dtype, kernel: str) -> Callable:
     return lambda: x.run(q, cache)
 
 
+def fa3_run(b: int, ctx: int, kv_dtype: torch.dtype, graph: bool) -> Callable:
+    """FA3 over the same pages: the paged prefill wrapper, one query row per request."""
+    import flashinfer
+
+    from engine.attention.level_args import LevelArgs, graph_wrapper
+
+    cache, indptr, indices, last, ws = pages(b, ctx, kv_dtype)
+    if graph:
+        w = graph_wrapper(flashinfer, ws, b, torch.zeros_like(indices), "fa3", cache.device)
+    else:
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
+    args = LevelArgs(list(range(b + 1)), indptr.tolist(), indices, last.tolist())
+    args.plan(w, HQ, HKV, D, PS, causal=False, q_data_type=torch.bfloat16,
+              kv_data_type=kv_dtype, sm_scale=D ** -0.5)
+    torch.manual_seed(1)
+    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+    return lambda: w.run(q, cache)
+
+
 def wrapper_run(b: int, ctx: int, kv_dtype: torch.dtype, plan: str) -> Callable:
     import flashinfer
 
     if plan.startswith("xqa "):
         return xqa_run(b, ctx, kv_dtype, plan.split()[1])
+    if plan in ("fa3", "graph fa3"):
+        return fa3_run(b, ctx, kv_dtype, plan == "graph fa3")
     cache, indptr, indices, last, ws = pages(b, ctx, kv_dtype)
     kw: dict = dict(q_data_type=torch.bfloat16, kv_data_type=kv_dtype, sm_scale=D ** -0.5)
     if plan in ("graph", "graph CUDA cores"):
@@ -95,7 +119,7 @@ def main() -> None:
                     "first is the reference of the error column)")
     args = ap.parse_args()
     plans = (["graph", "eager", "no split"] + [f"split {n}" for n in args.splits.split(",")]
-             + ["CUDA cores", "graph CUDA cores", "xqa generic", "xqa gmma"])
+             + ["CUDA cores", "graph CUDA cores", "fa3", "graph fa3", "xqa generic", "xqa gmma"])
     if args.plans:
         plans = args.plans.split(",")
     dtypes = [torch.bfloat16] + ([torch.float8_e4m3fn] if args.fp8 else [])

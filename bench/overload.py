@@ -2,6 +2,10 @@
 
 python -m bench.overload [--config configs/tiny.yaml] [--limit 8] [--burst 32] [--repeats 3]
 
+Any config: the requests name the model that `/v1/models` lists (on the GPU host, e.g.
+`--config configs/llama3-8b-gpu-colocated.yaml` after `python -m bench.gpu_serve
+--make-model-only`).
+
 Starts `serve run CONFIG` with `limits.max_concurrent_requests` set to `--limit`, fills the limit
 with long streams (each has streamed a token before the burst), then sends `--burst` requests at
 once (`--repeats` times) and prints the latency of their 429 answers (p50, p99, max, and the
@@ -22,9 +26,9 @@ import yaml
 from bench.launcher import ServerProcess, expand
 from bench.stats import percentile
 
-LONG = {"model": "tiny-llama", "prompt": "Once upon a time", "max_tokens": 1800,
-        "ignore_eos": True, "temperature": 0, "stream": True}
-SHORT = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+LONG = {"prompt": "Once upon a time", "max_tokens": 1800, "ignore_eos": True, "temperature": 0,
+        "stream": True}
+SHORT = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
 
 
 def limited_config(config: str, limit: int) -> Path:
@@ -49,19 +53,26 @@ async def burst(base: str, limit: int, n: int, repeats: int = 1) -> tuple[list[l
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=0),
                                      timeout=timeout) as session:
+        async with session.get("/v1/models") as r:  # the served model's name, any config
+            model = (await r.json())["data"][0]["id"]
+        long, short = {**LONG, "model": model}, {**SHORT, "model": model}
         started = [asyncio.Event() for _ in range(limit)]
 
-        async def hold(i: int) -> None:
-            async with session.post("/v1/completions", json=LONG) as r:
-                async for _ in r.content:
+        async def hold(i: int) -> str:
+            """Stream one long completion; returns how it ended (it should outlast the bursts)."""
+            async with session.post("/v1/completions", json=long) as r:
+                last = b""
+                async for line in r.content:
                     started[i].set()
+                    last = line if line.strip() else last
+                return f"HTTP {r.status}, last line {last[:160]!r}"
 
         holders = [asyncio.create_task(hold(i)) for i in range(limit)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 300)
 
         async def one() -> tuple[int, float]:
             t = time.perf_counter()
-            async with session.post("/v1/completions", json=SHORT) as r:
+            async with session.post("/v1/completions", json=short) as r:
                 await r.read()
                 return r.status, time.perf_counter() - t
 
@@ -69,6 +80,11 @@ async def burst(base: str, limit: int, n: int, repeats: int = 1) -> tuple[list[l
         for _ in range(repeats):
             bursts.append(await asyncio.gather(*(one() for _ in range(n))))
             await asyncio.sleep(0.5)  # let the previous burst's connections settle
+        ended = [repr(h.exception()) if h.exception() else h.result()
+                 for h in holders if h.done()]
+        if ended:  # a burst may then have been admitted into a freed slot: say so
+            print(f"WARNING: {len(ended)} of the {limit} held streams ended before the last "
+                  f"burst; the first: {ended[0]}")
         for h in holders:
             h.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
