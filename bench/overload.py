@@ -7,7 +7,7 @@ Any config: the requests name the model that `/v1/models` lists (on the GPU host
 --make-model-only`).
 
 Starts `serve run CONFIG` with `limits.max_concurrent_requests` set to `--limit`, fills the limit
-with long streams (each has streamed a token before the burst), then sends `--burst` requests at
+with long streams (each admitted: its status line has come), then sends `--burst` requests at
 once (`--repeats` times) and prints the latency of their 429 answers (p50, p99, max, and the
 slowest of each burst) and how many were admitted.
 """
@@ -61,11 +61,17 @@ async def burst(base: str, limit: int, n: int, repeats: int = 1) -> tuple[list[l
         async def hold(i: int) -> str:
             """Stream one long completion; returns how it ended (it should outlast the bursts)."""
             async with session.post("/v1/completions", json=long) as r:
-                last = b""
+                # Admitted: the status line came (a stream's events may come later, or not at
+                # all while its tokens decode to no text, as random weights' ids past a small
+                # tokenizer's vocabulary do)
+                started[i].set()
+                events: list[bytes] = []
                 async for line in r.content:
-                    started[i].set()
-                    last = line if line.strip() else last
-                return f"HTTP {r.status}, last line {last[:160]!r}"
+                    if line.startswith(b"data:"):
+                        events.append(line)
+                last = [e for e in events if not e.startswith(b"data: [DONE]")][-1:] or [b""]
+                return (f"HTTP {r.status}, {len(events)} events, the last before [DONE]: "
+                        f"{last[0][:300]!r}")
 
         holders = [asyncio.create_task(hold(i)) for i in range(limit)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 300)
