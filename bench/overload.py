@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from bench.client import fetch_first_model
 from bench.launcher import ServerProcess, expand
 from bench.stats import percentile
 
@@ -39,7 +40,8 @@ def limited_config(config: str, limit: int) -> Path:
     return path
 
 
-async def burst(base: str, limit: int, n: int, repeats: int = 1) -> tuple[list[list[float]], int]:
+async def burst(base: str, model: str, limit: int, n: int, repeats: int = 1,
+                ) -> tuple[list[list[float]], int]:
     """Hold `limit` streams, then send `repeats` bursts of `n` requests, one after the other.
     Returns each burst's 429 latencies (seconds) and how many requests were admitted.
 
@@ -53,17 +55,15 @@ async def burst(base: str, limit: int, n: int, repeats: int = 1) -> tuple[list[l
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=0),
                                      timeout=timeout) as session:
-        async with session.get("/v1/models") as r:  # the served model's name, any config
-            model = (await r.json())["data"][0]["id"]
         long, short = {**LONG, "model": model}, {**SHORT, "model": model}
         started = [asyncio.Event() for _ in range(limit)]
 
         async def hold(i: int) -> str:
             """Stream one long completion; returns how it ended (it should outlast the bursts)."""
             async with session.post("/v1/completions", json=long) as r:
-                # Admitted: the status line came (a stream's events may come later, or not at
-                # all while its tokens decode to no text, as random weights' ids past a small
-                # tokenizer's vocabulary do)
+                # Admitted: the status line came. Its events may come much later: the API sends
+                # none for a token without text (no logprobs asked), and random weights' ids past
+                # a small tokenizer's vocabulary have none.
                 started[i].set()
                 events: list[bytes] = []
                 async for line in r.content:
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     server.start()
     try:
         server.wait_ready(timeout=300)
-        rejected, admitted = asyncio.run(burst(args.base_url, args.limit, args.burst,
+        model = fetch_first_model(args.base_url)  # the requests name it: any config
+        rejected, admitted = asyncio.run(burst(args.base_url, model, args.limit, args.burst,
                                                  args.repeats))
     finally:
         server.stop()
