@@ -88,7 +88,6 @@ class CudaGraphRunner:
         self.cascade_logits: dict[tuple[str, int], torch.Tensor] = {}
         self.mempool = torch.cuda.graph_pool_handle()
         self.num_replays = 0
-        self.num_cascade_replays = 0
         self.replays_by_kind: collections.Counter[str] = collections.Counter()  # cascade ones
         # Why cascade graphs are missing, if their capture failed: cascade steps then run
         # eagerly (correct, slower) rather than the engine failing to start.
@@ -144,6 +143,10 @@ class CudaGraphRunner:
                 logits[key] = self._forward(b, plan)
         graphs[key] = graph
 
+    @property
+    def num_cascade_replays(self) -> int:
+        return sum(self.replays_by_kind.values())
+
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
@@ -181,7 +184,6 @@ class CudaGraphRunner:
         else:
             self.cascade_graphs[kind, b].replay()
             logits = self.cascade_logits[kind, b]
-            self.num_cascade_replays += 1
             self.replays_by_kind[kind] += 1
         self.num_replays += 1
         return logits[:n]
