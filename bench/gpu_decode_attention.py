@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 
 from bench.gpu_floor import graph_ms, rel_err
-from bench.gpu_fp8_attention import HKV, HQ, PS, D, pages
+from bench.gpu_fp8_attention import HKV, HQ, PS, D, pages, query
 
 LAYERS = 32
 
@@ -57,8 +57,7 @@ def xqa_run(b: int, ctx: int, kv_dtype: torch.dtype, kernel: str) -> Callable:
     x = XQADecode(get_xqa_module, torch.bfloat16, kv_dtype, HQ, HKV, D, PS, b, len(tables[0]), 0,
                   ws, cache.device, kernel)
     x.plan(meta, b)
-    torch.manual_seed(1)
-    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+    q = query(b)
     return lambda: x.run(q, cache)
 
 
@@ -76,8 +75,7 @@ def fa3_run(b: int, ctx: int, kv_dtype: torch.dtype, graph: bool) -> Callable:
     args = LevelArgs(list(range(b + 1)), indptr.tolist(), indices, last.tolist())
     args.plan(w, HQ, HKV, D, PS, causal=False, q_data_type=torch.bfloat16,
               kv_data_type=kv_dtype, sm_scale=D ** -0.5)
-    torch.manual_seed(1)
-    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+    q = query(b)
     return lambda: w.run(q, cache)
 
 
@@ -105,8 +103,7 @@ def wrapper_run(b: int, ctx: int, kv_dtype: torch.dtype, plan: str) -> Callable:
     elif plan == "no split":
         kw["disable_split_kv"] = True
     w.plan(indptr, indices, last, HQ, HKV, D, PS, **kw)
-    torch.manual_seed(1)
-    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+    q = query(b)
     return lambda: w.run(q, cache)
 
 

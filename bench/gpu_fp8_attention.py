@@ -41,7 +41,8 @@ def pages(b: int, ctx: int, kv_dtype: torch.dtype):
     return cache, indptr, indices, last, ws
 
 
-def _query(b: int) -> torch.Tensor:
+def query(b: int) -> torch.Tensor:
+    """b decode queries [b, HQ, D] bf16, the same in every call (seeded)."""
     torch.manual_seed(1)
     return torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
 
@@ -56,7 +57,7 @@ def decode_call(b: int, ctx: int, kv_dtype: torch.dtype, tensor_cores: bool,
                                                       backend="fa2")
     w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type=torch.bfloat16,
            kv_data_type=kv_dtype, sm_scale=D ** -0.5)
-    q = _query(b)
+    q = query(b)
     return lambda: w.run(q, cache)
 
 
@@ -71,7 +72,7 @@ def time_fa3_fp8_queries(b: int, ctx: int) -> float:
     w.plan(torch.arange(b + 1, dtype=torch.int32), indptr, indices, last, HQ, HKV, D, PS,
            causal=False, q_data_type=fp8, kv_data_type=fp8, o_data_type=torch.bfloat16,
            sm_scale=D ** -0.5)
-    q = _query(b)
+    q = query(b)
     q8 = q.clamp(-448, 448).to(fp8)
     ones = [torch.ones(n, device="cuda", dtype=torch.float32) for n in (HQ, HKV, HKV)]
     ms = cuda_time_ms(lambda: w.run(q8, cache, *ones), reps=30)
