@@ -65,13 +65,11 @@ async def burst(base: str, model: str, limit: int, n: int, repeats: int = 1,
                 # none for a token without text (no logprobs asked), and random weights' ids past
                 # a small tokenizer's vocabulary have none.
                 started[i].set()
-                events: list[bytes] = []
+                events, last = 0, b""
                 async for line in r.content:
-                    if line.startswith(b"data:"):
-                        events.append(line)
-                last = [e for e in events if not e.startswith(b"data: [DONE]")][-1:] or [b""]
-                return (f"HTTP {r.status}, {len(events)} events, the last before [DONE]: "
-                        f"{last[0][:300]!r}")
+                    if line.startswith(b"data:") and not line.startswith(b"data: [DONE]"):
+                        events, last = events + 1, line
+                return f"HTTP {r.status}, {events} events before [DONE], the last: {last[:300]!r}"
 
         holders = [asyncio.create_task(hold(i)) for i in range(limit)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 300)
