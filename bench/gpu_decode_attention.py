@@ -22,7 +22,10 @@ graph, GPU time per call and KV bytes read per second. Plans:
   kit (bench/device_run.sh).
 
     python -m bench.gpu_decode_attention [--cases 1x1024,32x1024,128x640,128x1024] [--fp8]
-        [--plans "graph,eager,fa3,graph fa3,xqa generic"]
+        [--plans "graph,eager,fa3,graph fa3,xqa generic"] [--page-sizes 16,64] [--layouts NHD,HND]
+
+`--page-sizes` and `--layouts` run the FA2 plans over pages of other shapes (the engine's are
+16 tokens, NHD): whether longer or head-major pages let the kernel read the KV faster.
 """
 
 from __future__ import annotations
@@ -79,30 +82,33 @@ def fa3_run(b: int, ctx: int, kv_dtype: torch.dtype, graph: bool) -> Callable:
     return lambda: w.run(q, cache)
 
 
-def wrapper_run(b: int, ctx: int, kv_dtype: torch.dtype, plan: str) -> Callable:
+def wrapper_run(b: int, ctx: int, kv_dtype: torch.dtype, plan: str, page_size: int = PS,
+                layout: str = "NHD") -> Callable:
     import flashinfer
 
-    if plan.startswith("xqa "):
-        return xqa_run(b, ctx, kv_dtype, plan.split()[1])
-    if plan in ("fa3", "graph fa3"):
+    if plan.startswith("xqa ") or plan in ("fa3", "graph fa3"):
+        if (page_size, layout) != (PS, "NHD"):
+            raise ValueError(f"runs only on the engine's pages ({PS} tokens, NHD)")
+        if plan.startswith("xqa "):
+            return xqa_run(b, ctx, kv_dtype, plan.split()[1])
         return fa3_run(b, ctx, kv_dtype, plan == "graph fa3")
-    cache, indptr, indices, last, ws = pages(b, ctx, kv_dtype)
+    cache, indptr, indices, last, ws = pages(b, ctx, kv_dtype, page_size, layout)
     kw: dict = dict(q_data_type=torch.bfloat16, kv_data_type=kv_dtype, sm_scale=D ** -0.5)
     if plan in ("graph", "graph CUDA cores"):
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            ws, "NHD", use_cuda_graph=True, use_tensor_cores=plan == "graph", backend="fa2",
+            ws, layout, use_cuda_graph=True, use_tensor_cores=plan == "graph", backend="fa2",
             paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device="cuda"),
             paged_kv_indices_buffer=torch.zeros(indices.numel(), dtype=torch.int32,
                                                 device="cuda"),
             paged_kv_last_page_len_buffer=torch.ones(b, dtype=torch.int32, device="cuda"))
     else:
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            ws, "NHD", use_tensor_cores=plan != "CUDA cores", backend="fa2")
+            ws, layout, use_tensor_cores=plan != "CUDA cores", backend="fa2")
     if plan.startswith("split "):
         kw["fixed_split_size"] = int(plan.split()[1])
     elif plan == "no split":
         kw["disable_split_kv"] = True
-    w.plan(indptr, indices, last, HQ, HKV, D, PS, **kw)
+    w.plan(indptr, indices, last, HQ, HKV, D, page_size, **kw)
     q = query(b)
     return lambda: w.run(q, cache)
 
@@ -113,7 +119,10 @@ def main() -> None:
     ap.add_argument("--splits", default="4,8,16,32,64", help="fixed_split_size values, pages")
     ap.add_argument("--fp8", action="store_true", help="also float8_e4m3fn pages")
     ap.add_argument("--plans", default="", help="comma-separated plans (default: all; the "
-                    "first is the reference of the error column)")
+                    "first is the reference of the error column, per page shape)")
+    ap.add_argument("--page-sizes", default=str(PS),
+                    help="tokens per page, comma-separated (FA2 plans; the engine's is 16)")
+    ap.add_argument("--layouts", default="NHD", help="NHD (the engine's), HND, or both")
     args = ap.parse_args()
     plans = (["graph", "eager", "no split"] + [f"split {n}" for n in args.splits.split(",")]
              + ["CUDA cores", "graph CUDA cores", "fa3", "graph fa3", "xqa generic", "xqa gmma"])
@@ -121,25 +130,28 @@ def main() -> None:
         plans = args.plans.split(",")
     dtypes = [torch.bfloat16] + ([torch.float8_e4m3fn] if args.fp8 else [])
     print(torch.cuda.get_device_name(), flush=True)
-    print(f"{'B':>4} {'ctx':>6} {'kv':>5} {'plan':>11} {'us/layer':>9} {'KV TB/s':>8} {'err':>8}")
+    print(f"{'B':>4} {'ctx':>6} {'kv':>5} {'pages':>9} {'plan':>11} {'us/layer':>9} "
+          f"{'KV TB/s':>8} {'err':>8}")
+    variants = [(int(ps), lay) for ps in args.page_sizes.split(",")
+                for lay in args.layouts.split(",")]
     for case in args.cases.split(","):
         b, ctx = (int(v) for v in case.split("x"))
         for kv_dtype in dtypes:
-            ref = None
-            for plan in plans:
+            refs: dict[str, torch.Tensor] = {}  # per page shape: each fills its pages anew
+            for (ps, layout), plan in ((v, p) for v in variants for p in plans):
+                pg = f"{ps} {layout}"
                 try:
-                    run = wrapper_run(b, ctx, kv_dtype, plan)
+                    run = wrapper_run(b, ctx, kv_dtype, plan, ps, layout)
                     out = run()
-                    ref = out if ref is None else ref
-                    err = rel_err(out, ref)
+                    err = rel_err(out, refs.setdefault(pg, out))
                     ms = layers_ms(run)
                 except Exception as e:  # noqa: BLE001 - a plan this build refuses: say so
-                    print(f"{b:>4} {ctx:>6} {'':>5} {plan:>11} failed: {type(e).__name__}: "
+                    print(f"{b:>4} {ctx:>6} {'':>5} {pg:>9} {plan:>11} failed: {type(e).__name__}: "
                           f"{str(e)[:120]}", flush=True)
                     continue
                 nbytes = b * ctx * 2 * HKV * D * kv_dtype.itemsize
                 name = "bf16" if kv_dtype == torch.bfloat16 else "fp8"
-                print(f"{b:>4} {ctx:>6} {name:>5} {plan:>11} {ms * 1e3:9.1f} "
+                print(f"{b:>4} {ctx:>6} {name:>5} {pg:>9} {plan:>11} {ms * 1e3:9.1f} "
                       f"{nbytes / ms / 1e9:8.2f} {err:8.1e}", flush=True)
                 torch.cuda.empty_cache()
 

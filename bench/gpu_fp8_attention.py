@@ -27,16 +27,18 @@ from bench.gpu_floor import cuda_time_ms, rel_err
 HQ, HKV, D, PS = 32, 8, 128, 16
 
 
-def pages(b: int, ctx: int, kv_dtype: torch.dtype):
+def pages(b: int, ctx: int, kv_dtype: torch.dtype, page_size: int = PS, layout: str = "NHD"):
     """(cache, kv_indptr, kv_indices, kv_last_page_len, workspace): b requests of ctx tokens
-    on shuffled pages."""
+    on shuffled pages of `page_size` tokens, each page [2, page_size, HKV, D] ("NHD", the
+    engine's layout) or [2, HKV, page_size, D] ("HND")."""
     dev = torch.device("cuda")
-    pages = -(-ctx // PS)
+    pages = -(-ctx // page_size)
     torch.manual_seed(0)
-    cache = torch.randn(b * pages, 2, PS, HKV, D, device=dev).to(kv_dtype)
+    page = (page_size, HKV, D) if layout == "NHD" else (HKV, page_size, D)
+    cache = torch.randn(b * pages, 2, *page, device=dev).to(kv_dtype)
     indptr = torch.arange(b + 1, dtype=torch.int32) * pages
     indices = torch.randperm(b * pages, device=dev).to(torch.int32)
-    last = torch.full((b,), (ctx - 1) % PS + 1, dtype=torch.int32)
+    last = torch.full((b,), (ctx - 1) % page_size + 1, dtype=torch.int32)
     ws = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device=dev)
     return cache, indptr, indices, last, ws
 
