@@ -15,11 +15,10 @@ accuracy: Llama-3-8B shape with random weights (load_format dummy: N(0, 0.02), a
   4 x 128 positions: KL(bf16 || fp8) and top-1 agreement, for fp8 weights, fp8 KV and both.
   Random weights make these a check of the numerics, not of a trained model's quality.
 decode: engine decode steps at B = 1, 32, 128 (context 1024, CUDA graphs, FlashInfer) for bf16,
-  fp8 weights with every unscaled GEMM torch's call (PDSERVE_FP8_GEMM=torch), fp8 weights as
-  the engine runs them (fused layers, engine/fp8_fusion.py; per shape the faster GEMM,
-  engine/fp8_gemm_pick.py), fp8 weights + fp8 KV with the pages decoded by FA2
+  fp8 weights run one projection at a time (PDSERVE_FP8_FUSION=0), fp8 weights through the
+  fused layers (engine/fp8_fusion.py), fp8 weights + fp8 KV with the pages decoded by FA2
   (PDSERVE_FP8_DECODE=fa2) and by XQA (the default): step wall time, graph replay GPU time,
-  ratio to bf16; then each shape's two GEMM timings from the warm-up.
+  ratio to bf16.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 from bench.gpu_decode import StepTimer, add_requests, run_until_decoding
 from bench.gpu_floor import cuda_time_ms, graph_ms, llama3_8b_dir, rel_err
-from engine import fp8_gemm_pick, fp8_linear
+from engine import fp8_linear
 from engine.fp8_linear import ROWWISE_MIN_M, Fp8Linear, quantize_rows
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
@@ -154,20 +153,17 @@ def bench_decode(sizes: list[int], context: int, steps: int) -> None:
     max_len = context + 4 * steps + 64
     num_pages = max(sizes) * -(-max_len // 16) + 64
     rows: dict[str, dict[int, tuple[float, float]]] = {}
-    # "torch GEMM": the unscaled fp8 GEMM always torch's call (PDSERVE_FP8_GEMM=torch), the
-    # path before engine/fp8_gemm_pick.py; "KV, FA2": fp8 pages decoded by FlashInfer's FA2
-    # kernel instead of XQA (PDSERVE_FP8_DECODE=fa2); each measured in the same run.
-    # (PDSERVE_FP8_FUSION=0 measures the layers one projection at a time, before
-    # engine/fp8_fusion.py; docs/fp8.md has its rows.)
+    # "unfused": fp8 layers one projection at a time (PDSERVE_FP8_FUSION=0), the path before
+    # engine/fp8_fusion.py; "KV, FA2": fp8 pages decoded by FlashInfer's FA2 kernel instead of
+    # XQA (PDSERVE_FP8_DECODE=fa2); each measured in the same run
     both = VARIANTS["fp8 weights + KV"]
     for name, kw, env in (("bf16", {}, {}),
-                          ("fp8 weights, torch GEMM", VARIANTS["fp8 weights"],
-                           {"PDSERVE_FP8_GEMM": "torch"}),
+                          ("fp8 weights, unfused", VARIANTS["fp8 weights"],
+                           {"PDSERVE_FP8_FUSION": "0"}),
                           ("fp8 weights", VARIANTS["fp8 weights"], {}),
                           ("fp8 weights + KV, FA2", both, {"PDSERVE_FP8_DECODE": "fa2"}),
                           ("fp8 weights + KV", both, {})):
-        os.environ.update({"PDSERVE_FP8_FUSION": "1", "PDSERVE_FP8_DECODE": "gmma",
-                           "PDSERVE_FP8_GEMM": "pick", **env})
+        os.environ.update({"PDSERVE_FP8_FUSION": "1", "PDSERVE_FP8_DECODE": "gmma", **env})
         t0 = time.perf_counter()
         llm = _llm(cuda_graphs=True, max_num_seqs=max(sizes), max_num_batched_tokens=16384,
                    max_model_len=max_len, num_pages=num_pages, **kw)
@@ -196,8 +192,6 @@ def bench_decode(sizes: list[int], context: int, steps: int) -> None:
         cells = [f"{s:7.2f} / {g:6.2f} ({s / base[0]:.2f}x/{g / base[1]:.2f}x)"
                  for s, g in (rows[n][b] for n in rows)]
         print(f"{b:>4} " + " ".join(f"{c:>30}" for c in cells), flush=True)
-    for line in fp8_gemm_pick.report():  # each shape's two GEMMs, as timed at warm-up
-        print(f"fp8 GEMM {line}", flush=True)
 
 
 def main() -> None:

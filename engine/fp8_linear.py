@@ -8,9 +8,7 @@ or with the checkpoint's static per-tensor `input_scale` when it has one.
 Two GEMM paths, picked per call by the number of rows M (measured in bench/gpu_fp8.py):
 - small M: the per-tensor-scaled GEMM with unit scales, then one elementwise multiply by
   s_x[:, None] * s_w[None, :]. cuBLAS's per-tensor fp8 GEMM streams the weight at close to
-  full bandwidth at M = 1..32, while its row-wise-scaled one is slower than bf16 there. In
-  CUDA-graph steps that GEMM is torch's call or FlashInfer's autotuned one, whichever measured
-  faster for the shape (engine/fp8_gemm_pick.py).
+  full bandwidth at M = 1..32, while its row-wise-scaled one is slower than bf16 there.
 - large M (bf16 outputs only, the row-wise kernel's one output dtype): the row-wise-scaled
   GEMM, which applies both scales in its epilogue (no [M, N] pass afterwards).
 
@@ -27,7 +25,6 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from engine import fp8_gemm_pick
 from engine.persistent_reductions import persistent_reductions
 
 log = logging.getLogger(__name__)
@@ -207,8 +204,9 @@ class Fp8Linear(nn.Module):
         fp32 model) and the scales apply in float32 afterwards (`dequantize_output`, or a
         caller's fused kernel: engine/fp8_fusion.py)."""
         raw = torch.float32 if self.out_dtype == torch.float32 else torch.bfloat16
-        # CUDA-graph steps take the faster of torch's and FlashInfer's tuned GEMM per shape
-        return fp8_gemm_pick.gemm_unscaled(xq, self.weight, self._one, raw)
+        # the weight transposed is [K, N] column-major, as _scaled_mm wants its second operand
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=self._one, scale_b=self._one,
+                                out_dtype=raw)
 
     def uses_rowwise(self, m: int) -> bool:
         """Whether an input of m rows takes the row-wise-scaled GEMM (`gemm_rowwise`)."""

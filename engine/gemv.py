@@ -55,16 +55,11 @@ def for_cuda_graphs() -> Iterator[None]:
         _scope.on = before
 
 
-def in_cuda_graph_scope() -> bool:
-    """Whether this thread is inside `for_cuda_graphs()`."""
-    return getattr(_scope, "on", False)
-
-
 def uses_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether `linear` runs x through the compiled reduction: one row, fp16/bf16, CUDA, and a
     plain linear layer of x's dtype (fp8 layers, engine/fp8_linear.py, keep their GEMM), inside
     `for_cuda_graphs()`."""
-    return (in_cuda_graph_scope() and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda
+    return (getattr(_scope, "on", False) and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda
             and x.dtype in (torch.float16, torch.bfloat16)
             and isinstance(layer, nn.Linear) and layer.weight.dtype == x.dtype
             and os.environ.get("PDSERVE_GEMV", "1") != "0" and "failed" not in _state)
@@ -81,7 +76,7 @@ def _compiled():
     return fn
 
 
-def graph_us(fn, flush: torch.Tensor) -> float:
+def _graph_us(fn, flush: torch.Tensor) -> float:
     """GPU us per call of fn, each call after an L2 flush (both in one CUDA graph, so neither
     Python nor launches are timed; the flush's cost is the same for every candidate). One call
     first, outside the capture: compiling and tuning, or cuBLAS's lazy set-up, happen there."""
@@ -116,8 +111,8 @@ def _compiled_is_faster(layer: nn.Linear, x: torch.Tensor) -> bool:
             return False  # first seen inside a capture (no warm-up ran it): cuBLAS
         fn = _compiled()
         flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=x.device)
-        cublas = graph_us(lambda: F.linear(x, layer.weight, layer.bias), flush)
-        compiled = graph_us(lambda: fn(x, layer.weight, layer.bias), flush)
+        cublas = _graph_us(lambda: F.linear(x, layer.weight, layer.bias), flush)
+        compiled = _graph_us(lambda: fn(x, layer.weight, layer.bias), flush)
         _timings[key] = (compiled, cublas)
         log.info("one-row projection %s", report()[-1])
     compiled, cublas = _timings[key]
