@@ -12,6 +12,10 @@ Each row runs a projection over `--layers` layers' weights (distinct, more than 
 to back in one CUDA graph and prints GPU ms, the weight bytes read per second, and the relative
 error against torch's output. A backend the kit cannot build prints its error instead.
 
+Run 107 (docs/benchmarks.md): bf16 ties torch; fp8 `mm_fp8` 3-7% faster here, but back to back
+only: one call at a time the two fp8 GEMMs were within 2%, and in the engine's decode steps the
+faster pick per shape changed nothing (run 109).
+
     python -m bench.gpu_gemm_libs [--rows 1,32,128] [--layers 32] [--backends cublaslt,tinygemm]
 """
 
