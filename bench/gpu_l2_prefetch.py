@@ -6,16 +6,18 @@ request and its split merge, SiLU-and-mul) leave HBM nearly idle for ~24 us a la
 profile), while each projection reads its weight at the copy rate. This measures, per
 projection and share of its rows, the product (Inductor's one-row reduction, engine/gemv.py):
 - `cold`: alone, its weight in HBM (32 layers' distinct weights, more than L2 holds);
-- `after a read`: right after a kernel that read the same rows (engine/l2_prefetch.py's: a
-  Triton load with L2's evict-last hint), i.e. the product with those rows in L2, the read's
-  own time subtracted;
+- `after a read`: right after a kernel that read the same rows (a Triton load with L2's
+  evict-last hint), i.e. the product with those rows in L2, the read's own time subtracted;
 - `overlapped`: a stand-in for attention (a spin kernel of `--spin-us` on the main stream) with
   the read forked onto a side stream, joined before the product; against the same stand-in and
   product without the read. The difference is what the trick would save a layer.
 
     python -m bench.gpu_l2_prefetch [--spin-us 12] [--fractions 1,0.5]
 
-In the engine: `PDSERVE_L2_PREFETCH=<share> python -m bench.gpu_decode --batch-sizes 1`.
+Run 112 (docs/benchmarks.md): from L2 the o projection took 9.9 us against 11.9 from HBM, and
+overlapped with a 12 us stand-in the read saved 1.3 us a layer; every larger weight lost. In
+the engine (o's weight read beside RoPE and attention, a side stream in the captured graph) the
+B = 1 step moved within its run-to-run spread, so the engine does not do it.
 """
 
 from __future__ import annotations
@@ -23,13 +25,37 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
+import triton.language as tl
 
 from bench.gpu_floor import graph_ms
 from bench.gpu_gemv import SHAPES
 from engine import gemv
-from engine.l2_prefetch import read_into_l2
 
 LAYERS = 32
+BLOCK = 4096  # int32 words (16 KB) a program of the read kernel
+
+
+@triton.jit
+def _read(ptr, out, n, BLOCK: tl.constexpr):
+    # BLOCK words through L2 with the evict-last hint; a partial sum a program is stored so that
+    # the loads are not dropped as dead code.
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(ptr + offs, mask=offs < n, other=0, eviction_policy="evict_last")
+    tl.store(out + pid, tl.sum(v, axis=0))
+
+
+_scratch: dict[int, torch.Tensor] = {}
+
+
+def read_into_l2(w: torch.Tensor, rows: int) -> None:
+    """Read the first `rows` rows of the contiguous CUDA tensor w through L2 (one kernel)."""
+    words = w[:rows].reshape(-1).view(torch.int32)
+    programs = triton.cdiv(words.numel(), BLOCK)
+    if programs not in _scratch:
+        _scratch[programs] = torch.empty(programs, dtype=torch.int32, device=w.device)
+    _read[(programs,)](words, _scratch[programs], words.numel(), BLOCK=BLOCK)
 
 
 def spin_cycles(us: float) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import fp8_fusion, gemv, l2_prefetch
+from engine import fp8_fusion, gemv
 from engine.attention.base import AttentionPlan
 from engine.fp8_fusion import Pending
 from engine.model_arch import ModelArch
@@ -145,13 +145,10 @@ class DecoderLayer(nn.Module):
             fi.norm.fused_add_rmsnorm(hidden, residual, norm.weight, norm.eps)
         # One-row projections of CUDA-graph steps may run a compiled reduction (engine/gemv.py).
         qkv = gemv.linear(self.qkv_proj, hidden)  # [T, q_size + 2 * kv_size]
-        # At one row, o's weight may be read into L2 meanwhile (engine/l2_prefetch.py).
-        with l2_prefetch.ahead(self.o_proj, qkv):
-            q, k, v = (y.view(t, -1, a.head_dim)
-                       for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
-            q, k = _rope_fused(fi, rope, positions, q, k)
-            attn = plan.forward(layer, q, k, v, kv_cache)  # [T, heads, head_dim]
-        h = gemv.linear(self.o_proj, attn.reshape(t, a.q_size))
+        q, k, v = (y.view(t, -1, a.head_dim)
+                   for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
+        q, k = _rope_fused(fi, rope, positions, q, k)
+        h = gemv.linear(self.o_proj, plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size))
         # residual += attention; h = post_attn_norm(residual)
         fi.norm.fused_add_rmsnorm(h, residual, self.post_attn_norm.weight,
                                   self.post_attn_norm.eps)

@@ -1,6 +1,5 @@
 """engine/gemv.py on the GPU: the compiled one-row reduction against cuBLAS, its capture in a
-CUDA graph, a batch-1 greedy run of the tiny model with it against the same run without, and
-the same with the o weights read into L2 ahead (engine/l2_prefetch.py)."""
+CUDA graph, and a batch-1 greedy run of the tiny model with it against the same run without."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from torch import nn
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from engine import gemv, l2_prefetch  # noqa: E402
+from engine import gemv  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from tests.gpu import test_gpu_engine as gpu_engine  # noqa: E402
 from tests.gpu.test_flashinfer_backend import rel_err  # noqa: E402
@@ -63,22 +62,3 @@ def test_batch_one_decoding_agrees_with_cublas(tiny_path, monkeypatch):
     assert gpu_engine._graph_replays(llm) > 0 and "failed" not in gemv._state
     # bucket 1's warm-up and capture each ran every layer's 4 projections and lm_head through it
     assert len(calls) >= 2 * (4 * len(llm.engine.runner.model.layers) + 1)
-
-
-def test_reading_o_weights_into_l2_ahead_changes_no_token(tiny_path, monkeypatch):
-    """engine/l2_prefetch.py only moves bytes earlier: batch-1 greedy decoding with o's weight
-    read ahead gives exactly the tokens and logprobs of the run without, and the read ran in
-    every layer of bucket 1's warm-up and capture."""
-    prompts = gpu_engine._prompts(3, n=1)
-    kw = dict(gpu_engine.COMMON, attention_backend="flashinfer", cuda_graphs=True)
-    monkeypatch.setattr(gemv, "_compiled_is_faster", lambda layer, x: True)
-    monkeypatch.setenv("PDSERVE_L2_PREFETCH", "0")
-    ref = LLM(tiny_path, **kw).generate(prompts, gpu_engine.GREEDY)
-    before = l2_prefetch.calls
-    monkeypatch.setenv("PDSERVE_L2_PREFETCH", "1")
-    llm = LLM(tiny_path, **kw)
-    got = llm.generate(prompts, gpu_engine.GREEDY)
-    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
-    assert [o.logprobs for o in got] == [o.logprobs for o in ref]
-    assert gpu_engine._graph_replays(llm) > 0
-    assert l2_prefetch.calls - before >= 2 * len(llm.engine.runner.model.layers)
