@@ -12,9 +12,10 @@ Each row runs a projection over `--layers` layers' weights (distinct, more than 
 to back in one CUDA graph and prints GPU ms, the weight bytes read per second, and the relative
 error against torch's output. A backend the kit cannot build prints its error instead.
 
-Run 107 (docs/benchmarks.md): bf16 ties torch; fp8 `mm_fp8` 3-7% faster here, but back to back
-only: one call at a time the two fp8 GEMMs were within 2%, and in the engine's decode steps the
-faster pick per shape changed nothing (run 109).
+Run 107 (docs/benchmarks.md): bf16 ties torch. fp8 `mm_fp8` came out 3-7% faster, but that run
+made torch's unit scale inside each timed call, so its torch rows also timed a fill kernel per
+GEMM; timed one call at a time with the scale made once, the two fp8 GEMMs were within 2%, and
+in the engine's decode steps the faster pick per shape changed nothing (run 109).
 
     python -m bench.gpu_gemm_libs [--rows 1,32,128] [--layers 32] [--backends cublaslt,tinygemm]
 """
@@ -44,14 +45,17 @@ def bf16_candidates(backends: list[str]) -> dict[str, Callable]:
     return out
 
 
-def fp8_candidates() -> dict[str, Callable]:
+def fp8_candidates(device: torch.device) -> dict[str, Callable]:
     """name -> fn(x8 [M, K], w8 [N, K]) -> bf16 [M, N], unit scales: the engine's unscaled fp8
     GEMM (per-channel and per-token scales are applied after it) through torch and through
     FlashInfer's autotuned cuBLASLt."""
     import flashinfer
 
+    # Made once, as the engine's `Fp8Linear._one` is: made per call, the timed graph would also
+    # run a fill kernel before each GEMM (run 107 did; docs/benchmarks.md).
+    one = torch.ones((), device=device)
+
     def torch_fp8(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
-        one = torch.ones((), device=x8.device)
         return torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
     def fi_fp8(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows = [int(m) for m in args.rows.split(",")]
     bf16_c = bf16_candidates(args.backends.split(","))
-    fp8_c = {} if args.no_fp8 else fp8_candidates()
+    fp8_c = {} if args.no_fp8 else fp8_candidates(dev)
     totals: dict[tuple[int, str], float] = {}
     for name, (nout, k) in SHAPES.items():
         ws = [torch.randn(nout, k, device=dev, dtype=bf16) * 0.02 for _ in range(args.layers)]
