@@ -89,8 +89,8 @@ def measure(fn, ws: list[torch.Tensor], x: torch.Tensor, rows: int, cycles: int,
 
 
 def cold_us(fn, ws: list[torch.Tensor], x: torch.Tensor) -> float:
-    """us a layer of the product with its weight in HBM."""
-    fn(x, ws[0])  # compile and tune before any capture
+    """us a layer of the product with its weight in HBM (graph_ms's warm-up call, before the
+    capture, compiles and tunes it)."""
     return graph_ms(lambda: [fn(x, w) for w in ws]) / LAYERS * 1e3
 
 
