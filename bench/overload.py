@@ -1,6 +1,7 @@
 """How fast an overloaded cluster says no: a burst against `max_concurrent_requests`.
 
 python -m bench.overload [--config configs/tiny.yaml] [--limit 8] [--burst 32] [--repeats 3]
+    [--client raw|aiohttp]
 
 Any config: the requests name the model that `/v1/models` lists (on the GPU host, e.g.
 `--config configs/llama3-8b-gpu-colocated.yaml` after `python -m bench.gpu_serve
@@ -9,7 +10,9 @@ Any config: the requests name the model that `/v1/models` lists (on the GPU host
 Starts `serve run CONFIG` with `limits.max_concurrent_requests` set to `--limit`, fills the limit
 with long streams (each admitted: its status line has come), then sends `--burst` requests at
 once (`--repeats` times) and prints the latency of their 429 answers (p50, p99, max, and the
-slowest of each burst) and how many were admitted.
+slowest of each burst) and how many were admitted. The bursts go through `bench.raw_http` (one
+kept-alive connection per request of a burst) unless `--client aiohttp`; the held streams
+always through aiohttp.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import yaml
 
 from bench.client import fetch_first_model
 from bench.launcher import ServerProcess, expand
+from bench.raw_http import RawConnection, post_json_request
 from bench.stats import percentile
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 1800, "ignore_eos": True, "temperature": 0,
@@ -41,7 +45,7 @@ def limited_config(config: str, limit: int) -> Path:
 
 
 async def burst(base: str, model: str, limit: int, n: int, repeats: int = 1,
-                ) -> tuple[list[list[float]], int]:
+                client: str = "raw") -> tuple[list[list[float]], int]:
     """Hold `limit` streams, then send `repeats` bursts of `n` requests, one after the other.
     Returns each burst's 429 latencies (seconds) and how many requests were admitted.
 
@@ -49,9 +53,11 @@ async def burst(base: str, model: str, limit: int, n: int, repeats: int = 1,
     reuse them. On two cores the first burst is often the slowest, but slow bursts come at any
     point (docs/cpu-benchmarks.md, "Threads, niceness and the slow bursts, again").
 
-    The client is aiohttp, as in bench/loadgen.py: on two shared cores httpx's own cost per
-    request was most of what a burst measured (429 p50 430 ms against 86 ms with aiohttp, same
-    server, 2026-12-01)."""
+    `client` "raw" sends the bursts through `bench.raw_http`, "aiohttp" through the session
+    that holds the streams. On two shared cores the client's own cost per request is part of
+    what a burst measures: httpx's was most of it (429 p50 430 ms against 86 ms with aiohttp,
+    same server, 2026-12-01), and aiohttp's new connections still added tens of ms to the
+    first burst (docs/cpu-benchmarks.md, "The burst's own client")."""
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=0),
                                      timeout=timeout) as session:
@@ -74,15 +80,21 @@ async def burst(base: str, model: str, limit: int, n: int, repeats: int = 1,
         holders = [asyncio.create_task(hold(i)) for i in range(limit)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 300)
 
-        async def one() -> tuple[int, float]:
+        raw = [RawConnection(base) for _ in range(n)]
+        request = post_json_request(base, "/v1/completions", short)
+
+        async def one(i: int) -> tuple[int, float]:
             t = time.perf_counter()
+            if client == "raw":
+                status, _, _ = await raw[i].send(request)
+                return status, time.perf_counter() - t
             async with session.post("/v1/completions", json=short) as r:
                 await r.read()
                 return r.status, time.perf_counter() - t
 
         bursts: list[list[tuple[int, float]]] = []
         for _ in range(repeats):
-            bursts.append(await asyncio.gather(*(one() for _ in range(n))))
+            bursts.append(await asyncio.gather(*(one(i) for i in range(n))))
             await asyncio.sleep(0.5)  # let the previous burst's connections settle
         ended = [repr(h.exception()) if h.exception() else h.result()
                  for h in holders if h.done()]
@@ -92,6 +104,7 @@ async def burst(base: str, model: str, limit: int, n: int, repeats: int = 1,
         for h in holders:
             h.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in raw))
     rejected = [[dt for code, dt in answers if code == 429] for answers in bursts]
     return rejected, sum(code == 200 for answers in bursts for code, _ in answers)
 
@@ -103,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--burst", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="bursts, one after the other")
+    ap.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
+                    help="what sends the bursts (the held streams: aiohttp)")
     args = ap.parse_args(argv)
     config = limited_config(args.config, args.limit)
     server = ServerProcess(expand("{serve} run {config}", str(config)),
@@ -112,12 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         server.wait_ready(timeout=300)
         model = fetch_first_model(args.base_url)  # the requests name it: any config
         rejected, admitted = asyncio.run(burst(args.base_url, model, args.limit, args.burst,
-                                                 args.repeats))
+                                                 args.repeats, args.client))
     finally:
         server.stop()
     ms = sorted(dt * 1e3 for each in rejected for dt in each)
     print(f"{args.repeats} bursts of {args.burst} against a limit of {args.limit} "
-          f"(all {args.limit} held): "
+          f"(all {args.limit} held), sent through {args.client}: "
           f"{len(ms)} got 429, {admitted} admitted")
     if ms:
         print(f"429 latency: p50 {percentile(ms, 50):.0f} ms, p99 {percentile(ms, 99):.0f} ms, "
