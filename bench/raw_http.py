@@ -3,7 +3,7 @@
 `bench.overload` times 429 answers on a machine whose two cores the server shares with the
 load generator. There aiohttp's own work per request (a session's request object, its
 connector's bookkeeping, the response's parser) was a measurable part of what a burst timed:
-the first burst on new connections came back in 58-74 ms through aiohttp against 18-32 ms
+the first burst on new connections came back in 50-74 ms through aiohttp against 18-32 ms
 through this client, alternated on one server (docs/cpu-benchmarks.md, 2026-12-03). This
 client writes a prepared request and reads the status line, the headers and a
 `Content-Length` body; nothing else (no chunked bodies, no redirects, no TLS).
