@@ -57,7 +57,8 @@ async def burst(base: str, model: str, limit: int, n: int, repeats: int = 1,
     that holds the streams. On two shared cores the client's own cost per request is part of
     what a burst measures: httpx's was most of it (429 p50 430 ms against 86 ms with aiohttp,
     same server, 2026-12-01), and aiohttp's new connections still added tens of ms to the
-    first burst (docs/cpu-benchmarks.md, "The burst's own client")."""
+    first burst (docs/cpu-benchmarks.md, "32 streams against one, and the burst's own
+    client")."""
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=0),
                                      timeout=timeout) as session:
@@ -80,7 +81,7 @@ async def burst(base: str, model: str, limit: int, n: int, repeats: int = 1,
         holders = [asyncio.create_task(hold(i)) for i in range(limit)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 300)
 
-        raw = [RawConnection(base) for _ in range(n)]
+        raw = [RawConnection(base) for _ in range(n)] if client == "raw" else []
         request = post_json_request(base, "/v1/completions", short)
 
         async def one(i: int) -> tuple[int, float]:

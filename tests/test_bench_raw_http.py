@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -49,13 +50,17 @@ def answer(status: str, body: bytes, extra: str = "", length: bool = True) -> tu
     return (head + "\r\n").encode(), body
 
 
-async def serve(server: OneShotServer, requests: list[bytes]) -> tuple[list, str]:
+async def serve(server: OneShotServer, make_request: Callable[[str], bytes],
+                count: int) -> tuple[list, str]:
+    """Sends `count` requests made by `make_request(base_url)` through one RawConnection;
+    returns the answers and the base URL."""
     srv = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     conn = RawConnection(base)
     try:
-        return [await conn.send(r(base) if callable(r) else r) for r in requests], base
+        request = make_request(base)
+        return [await conn.send(request) for _ in range(count)], base
     finally:
         await conn.close()
         srv.close()
@@ -67,7 +72,7 @@ def test_keeps_one_connection_and_reads_whole_answers() -> None:
                             answer("200 OK", b"ok")])
     body = {"prompt": "Hello", "max_tokens": 4}
     req = lambda base: post_json_request(base, "/v1/completions", body)  # noqa: E731
-    (first, second), base = asyncio.run(serve(server, [req, req]))
+    (first, second), base = asyncio.run(serve(server, req, 2))
     assert first == (429, {"retry-after": "1", "content-length": "22"},
                      b'{"error":"overloaded"}')
     assert second == (200, {"retry-after": "1", "content-length": "2"}, b"ok")
@@ -82,7 +87,7 @@ def test_reconnects_after_connection_close() -> None:
     server = OneShotServer([answer("429 Too Many Requests", b"x", "Connection: close\r\n"),
                             answer("429 Too Many Requests", b"y")])
     req = lambda base: post_json_request(base, "/generate", {"inputs": "a"})  # noqa: E731
-    (first, second), _ = asyncio.run(serve(server, [req, req]))
+    (first, second), _ = asyncio.run(serve(server, req, 2))
     assert (first[0], first[2], second[0], second[2]) == (429, b"x", 429, b"y")
     assert server.connections == 2
 
@@ -92,6 +97,6 @@ def test_refuses_answers_it_cannot_delimit() -> None:
                                    length=False)])
     req = lambda base: post_json_request(base, "/v1/completions", {})  # noqa: E731
     with pytest.raises(ValueError, match="without Content-Length"):
-        asyncio.run(serve(server, [req]))
+        asyncio.run(serve(server, req, 1))
     with pytest.raises(ValueError, match="plain http only"):
         RawConnection("https://127.0.0.1:8000")
