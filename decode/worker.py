@@ -2,7 +2,8 @@
 
 1. reserve pages for the prompt, reusing blocks this replica already caches;
 2. ask a prefill replica for the first token and only the blocks this side lacks;
-3. receive the pages through the transport, check them, place them into the reserved pages;
+3. receive the pages through the transport, check them, place them into the reserved pages (the
+   transport writes them there itself where it can: `KVTransport.receive_into`);
 4. join the running batch between two steps and stream every token until the request ends.
 No Ray here: `prefill` is any `Prefiller` (serving/pd_protocol.py).
 
@@ -61,7 +62,7 @@ class DecodeWorker:
         self.engine.validate(prompt_ids, params)
         rsv = await self._reserve(request_id, prompt_ids, params)
         try:
-            result, payload = await self._fetch(prompt_ids, params, request_id, rsv.first_block)
+            result, payload = await self._fetch(prompt_ids, params, request_id, rsv)
             dtype, page_size = self.engine.kv_layout
             payload.check(dtype=dtype, page_size=page_size, first_block=rsv.first_block,
                           block_hashes=rsv.block_hashes, fingerprint=self.fingerprint,
@@ -72,28 +73,31 @@ class DecodeWorker:
         self.metrics.inc("pdserve_kv_transfer_bytes_total", payload.nbytes)
         self.metrics.inc("pdserve_kv_transfer_blocks_skipped_total", rsv.first_block)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
-        stream = self.engine.admit_prefilled(request_id, rsv.first_block, payload.data,
+        # A header (meta data): the transport already wrote the pages into the reservation.
+        kv_data = None if payload.data.is_meta else payload.data
+        stream = self.engine.admit_prefilled(request_id, rsv.first_block, kv_data,
                                              result.first_token, result.logprob,
                                              result.num_cached_tokens, sink,
                                              result.prompt_logprobs)
-        del payload  # the stream holds the pages only until they are copied into the pool
+        del payload, kv_data  # the stream holds the pages only until they are in the pool
         async for out in stream:
             yield out
 
     async def _fetch(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                     first_block: int) -> tuple[PrefillResult, KVPayload]:
+                     rsv: Reservation) -> tuple[PrefillResult, KVPayload]:
         """The first token and the missing KV blocks, from another prefill replica if one is
         lost on the way."""
         for attempt in range(self.prefill_retries + 1):
             try:
                 if self.layerwise:
                     return await self._fetch_layerwise(prompt_ids, params, request_id,
-                                                       first_block)
-                result = await self.prefill.prefill(prompt_ids, params, request_id, first_block)
+                                                       rsv)
+                result = await self.prefill.prefill(prompt_ids, params, request_id,
+                                                    rsv.first_block)
                 # The receive places the pages on this replica's device, off the engine loop;
                 # between two steps only their scatter into the reserved pages runs.
                 start = time.perf_counter()
-                payload = await self._receive(result.kv)
+                payload = await self._receive(result.kv, rsv)
                 self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
                 return result, payload
             except Exception as e:
@@ -106,15 +110,15 @@ class DecodeWorker:
         raise AssertionError("unreachable")
 
     async def _fetch_layerwise(self, prompt_ids: list[int], params: SamplingParams,
-                               request_id: str, first_block: int,
+                               request_id: str, rsv: Reservation,
                                ) -> tuple[PrefillResult, KVPayload]:
         """The KV handle comes before the prompt runs: its layers are received while the
         prefill replica computes them, then the first token comes."""
-        stream = self.prefill.prefill_stream(prompt_ids, params, request_id, first_block)
+        stream = self.prefill.prefill_stream(prompt_ids, params, request_id, rsv.first_block)
         try:
             handle = await anext(stream)
             start = time.perf_counter()
-            receive = asyncio.ensure_future(self._receive(handle))
+            receive = asyncio.ensure_future(self._receive(handle, rsv))
             try:
                 result = await anext(stream)
                 if not isinstance(result, PrefillResult):
@@ -130,9 +134,12 @@ class DecodeWorker:
         self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
         return result, payload
 
-    async def _receive(self, handle: object) -> KVPayload:
-        return await asyncio.wait_for(self.transport.receive(handle, self.engine.device),
-                                      self.timeout_s)
+    async def _receive(self, handle: object, rsv: Reservation) -> KVPayload:
+        if rsv.import_to is None:
+            receive = self.transport.receive(handle, self.engine.device)
+        else:
+            receive = self.transport.receive_into(handle, rsv.import_to)
+        return await asyncio.wait_for(receive, self.timeout_s)
 
     async def _reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        ) -> Reservation:

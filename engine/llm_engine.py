@@ -14,6 +14,7 @@ API detokenizes (api/detokenizing_client.py), off the step loop.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -32,6 +33,7 @@ from engine.metrics import EngineStats
 from engine.model_arch import ModelArch
 from engine.model_runner import LaunchedStep, ModelRunner, StepOutput
 from engine.outputs import KVExport, RequestOutput
+from engine.page_import import page_import
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation, ScheduledBatch, Scheduler
@@ -154,12 +156,17 @@ class Engine:
         """Pages for a prompt whose KV another replica computes: cached prefix pages first, fresh
         pages for the rest; None when the pool cannot hold it now. Undo with `abort`."""
         self.validate(prompt_ids, params)
-        return self.scheduler.reserve(Request(request_id, list(prompt_ids), params))
+        rsv = self.scheduler.reserve(Request(request_id, list(prompt_ids), params))
+        if rsv is None:
+            return None
+        pages = self.scheduler.reserved[request_id].block_table[rsv.first_block:]
+        return dataclasses.replace(rsv, import_to=page_import(self.pool, pages))
 
     def admit_prefilled(self, request_id: str, first_block: int, data, first_token: int,
                         logprob=None, num_cached_tokens: int = 0,
                         prompt_logprobs: list | None = None) -> RequestOutput | None:
-        """Write the transferred pages (blocks >= first_block) into the reservation, then join
+        """Write the transferred pages (blocks >= first_block) into the reservation (unless `data`
+        is None: a transport wrote them through the reservation's `import_to`), then join
         the running batch with the first token (and the prompt logprobs, if asked for) that the
         prefill side computed. On any error the reservation is freed. None if the reservation is
         gone: the request was aborted while its KV was on the way (its client or its token
@@ -174,7 +181,8 @@ class Engine:
             # Complete now, so a preemption's recompute here never computes them again.
             req.prompt_logprobs = list(prompt_logprobs)
         try:
-            self.pool.write_pages(req.block_table[first_block:], data)
+            if data is not None:  # None: the transport wrote them (engine/page_import.py)
+                self.pool.write_pages(req.block_table[first_block:], data)
             self.scheduler.import_done(req, first_block)
         except BaseException:
             self.scheduler.abort(request_id)

@@ -88,6 +88,9 @@ class Reservation:
     first_block: int
     num_pages: int
     block_hashes: list[int]  # chain hashes of the prompt's full blocks
+    # Set by the engine: where a transport may write the pages itself (engine/page_import.py's
+    # PageImport), None where it cannot (a CPU pool). Opaque here: schedulers import no torch.
+    import_to: object | None = None
 
 
 class Scheduler:

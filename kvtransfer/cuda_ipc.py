@@ -15,6 +15,12 @@ which holds no GIL; the engine's step thread and the event loop run meanwhile. T
 one read and one write of the pages on the GPU (64 MiB for a 512-token Llama-3-8B prompt: ~30
 us at H200 bandwidth) and as much memory while the request waits to be admitted; at most
 `max_concurrent` receives copy at once.
+
+`receive_into` (the decode replica's path) skips that buffer: it copies the pages from the
+sender's memory straight into the pool pages reserved for the request (engine/page_import.py),
+one 2D copy per run of consecutive pages, once the engine's stream has passed the reservation.
+Between two steps the engine then only does the admission's bookkeeping; freeing the received
+buffer there had cost the step thread ~1 ms a request on one H200 (docs/benchmarks.md, run 98).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.page_import import PageImport
 from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, PROCESS_MAPPINGS, cuda_runtime
 from kvtransfer.payload import KVPayload
 from kvtransfer.transport import KVTransport
@@ -85,17 +92,24 @@ class CudaIpcTransport(KVTransport):
         return pickle.dumps((payload.header(), pages), protocol=pickle.HIGHEST_PROTOCOL)
 
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
-        if not isinstance(handle, bytes):
-            raise TypeError(f"cuda_ipc transport got {type(handle).__name__}, not bytes")
+        _check_handle(handle)
         want = torch.device(device)
         if want.type == "cuda" and want.index is None:
             want = torch.device("cuda", torch.cuda.current_device())
+        async with self._slot():
+            return await asyncio.to_thread(self.take, handle, want)
+
+    async def receive_into(self, handle: object, target: PageImport) -> KVPayload:
+        _check_handle(handle)
+        async with self._slot():
+            return await _to_thread_to_the_end(self.write_into, handle, target)
+
+    def _slot(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
         slots = self._slots.get(loop)
         if slots is None:
             slots = self._slots[loop] = asyncio.Semaphore(self.max_concurrent)
-        async with slots:
-            return await asyncio.to_thread(self.take, handle, want)
+        return slots
 
     def take(self, handle: bytes, want: torch.device) -> KVPayload:
         """(A worker thread; blocks, without the GIL while CUDA works.) Map the sender's pages,
@@ -106,10 +120,7 @@ class CudaIpcTransport(KVTransport):
             return dataclasses.replace(header, data=torch.empty(meta.shape, dtype=meta.dtype,
                                                                 device=want))
         try:
-            if pages.device != want.index:
-                raise ValueError(f"cuda_ipc transport: pages are on cuda:{pages.device}, the "
-                                 f"receiver runs on {want}; use the 'ray' transport across "
-                                 f"GPUs")
+            _check_device(pages, want)
             runtime, stream = cuda_runtime(), self._stream(want)
             runtime.set_device(want.index)  # this thread's context: where the handle is mapped
             with torch.cuda.stream(stream):  # allocated for use on the copy's stream
@@ -127,9 +138,73 @@ class CudaIpcTransport(KVTransport):
             torch.UntypedStorage._release_ipc_counter(*pages.ref_counter, device=want)
         return dataclasses.replace(header, data=data.view(meta.dtype).view(meta.shape))
 
+    def write_into(self, handle: bytes, target: PageImport) -> KVPayload:
+        """(A worker thread; blocks, without the GIL while CUDA works.) Map the sender's pages,
+        copy them into the pool pages of `target` once the engine's stream has passed their
+        reservation, unmap, and release the sender's block. Returns the payload's header."""
+        header, pages = pickle.loads(handle)
+        meta = header.data
+        try:
+            # Checked before any write: a payload larger than the reservation would overrun
+            # into other requests' pages.
+            if tuple(meta.shape) != target.shape or meta.dtype != target.dtype:
+                raise ValueError(f"KV payload {tuple(meta.shape)} {meta.dtype} does not fit the "
+                                 f"reserved pages {target.shape} {target.dtype}")
+            if pages is None:
+                return header
+            if pages.nbytes != target.nbytes:
+                raise ValueError(f"cuda_ipc transport: {pages.nbytes} bytes shared for a "
+                                 f"{target.nbytes}-byte payload")
+            _check_device(pages, target.device)
+            runtime, stream = cuda_runtime(), self._stream(target.device)
+            runtime.set_device(target.device.index)
+            stream.wait_event(target.ready)  # steps that may still touch the pages are done
+            base = self.mappings.acquire(pages.handle)
+            try:
+                if pages.event is not None:
+                    runtime.wait_ipc_event(stream.cuda_stream, pages.event)
+                for dst, src, width in target.copies(base + pages.offset):
+                    runtime.copy_2d_async(dst, target.layer_pitch, src, target.src_pitch, width,
+                                          target.num_layers, stream.cuda_stream)
+                runtime.synchronize(stream.cuda_stream)  # the pages are in place
+            finally:
+                self.mappings.release(pages.handle)
+        finally:
+            if pages is not None:  # the sender may free its block now, whatever happened
+                torch.UntypedStorage._release_ipc_counter(*pages.ref_counter,
+                                                          device=target.device)
+        return header
+
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         with self._lock:
             stream = self._streams.get(device)
             if stream is None:
                 stream = self._streams[device] = torch.cuda.Stream(device)
             return stream
+
+
+def _check_handle(handle: object) -> None:
+    if not isinstance(handle, bytes):
+        raise TypeError(f"cuda_ipc transport got {type(handle).__name__}, not bytes")
+
+
+def _check_device(pages: IpcPages, want: torch.device) -> None:
+    if pages.device != want.index:
+        raise ValueError(f"cuda_ipc transport: pages are on cuda:{pages.device}, the receiver "
+                         f"runs on {want}; use the 'ray' transport across GPUs")
+
+
+async def _to_thread_to_the_end(fn, *args):
+    """fn(*args) in a worker thread. A caller cancelled meanwhile is cancelled only once fn has
+    returned: fn writes into pages that the caller frees next."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        task.exception()  # retrieved: the caller hears of its cancellation, not of fn's error
+        raise asyncio.CancelledError
+    return task.result()

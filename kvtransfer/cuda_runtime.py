@@ -23,6 +23,7 @@ import torch
 IPC_HANDLE_SIZE = 64  # bytes of cudaIpcMemHandle_t and of cudaIpcEventHandle_t
 _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 _DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
+_MAX_PITCH = 11  # cudaDevAttrMaxPitch: the largest pitch cudaMemcpy2D* take
 
 
 class _IpcHandle(ctypes.Structure):
@@ -49,10 +50,15 @@ class CudaRuntime:
                 ("cudaEventDestroy", [p]),
                 ("cudaStreamWaitEvent", [p, p, u]),
                 ("cudaMemcpyAsync", [p, p, s, i, p]),
+                ("cudaMemcpy2DAsync", [p, s, p, s, s, s, i, p]),
+                ("cudaGetDevice", [ctypes.POINTER(i)]),
+                ("cudaDeviceGetAttribute", [ctypes.POINTER(i), i, i]),
                 ("cudaStreamSynchronize", [p])):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, i
         lib.cudaGetErrorString.argtypes, lib.cudaGetErrorString.restype = [i], ctypes.c_char_p
+
+        self._max_pitch: dict[int, int] = {}
 
     def _check(self, err: int, what: str) -> None:
         if err:
@@ -84,6 +90,30 @@ class CudaRuntime:
     def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self._check(self.lib.cudaMemcpyAsync(dst, src, nbytes, _DEVICE_TO_DEVICE, stream),
                     "cudaMemcpyAsync")
+
+    def copy_2d_async(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int,
+                      height: int, stream: int) -> None:
+        """`height` rows of `width` bytes, `src_pitch` apart at `src` and `dst_pitch` apart at
+        `dst`: one call where both pitches are within the device's limit, else a copy a row."""
+        if max(dst_pitch, src_pitch) <= self.max_pitch():
+            self._check(self.lib.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
+                                                   _DEVICE_TO_DEVICE, stream),
+                        "cudaMemcpy2DAsync")
+            return
+        for row in range(height):
+            self.copy_async(dst + row * dst_pitch, src + row * src_pitch, width, stream)
+
+    def max_pitch(self) -> int:
+        """cudaDevAttrMaxPitch of the calling thread's current device."""
+        device = ctypes.c_int()
+        self._check(self.lib.cudaGetDevice(ctypes.byref(device)), "cudaGetDevice")
+        pitch = self._max_pitch.get(device.value)
+        if pitch is None:
+            value = ctypes.c_int()
+            self._check(self.lib.cudaDeviceGetAttribute(ctypes.byref(value), _MAX_PITCH,
+                                                        device.value), "cudaDeviceGetAttribute")
+            pitch = self._max_pitch[device.value] = value.value
+        return pitch
 
     def synchronize(self, stream: int) -> None:
         self._check(self.lib.cudaStreamSynchronize(stream), "cudaStreamSynchronize")

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from engine.kv_stream import LayerwiseExport
+from engine.page_import import PageImport
 from kvtransfer.payload import KVPayload
 
 
@@ -25,6 +26,11 @@ class KVTransport(ABC):
       retrievable until the receiver has taken them (or the sender dies: `receive` raises).
     - `receive(handle, device)` runs on the receiver and returns the payload (awaitable) with
       `data` on `device`, completely written: any stream may read it.
+    - `receive_into(handle, target)` does the same for a reserved request whose pool pages
+      are described by `target` (engine/page_import.py, whose contract it honours). A transport
+      that can write there itself does, and returns the payload's header (`data` a meta
+      tensor); it returns or raises, even cancelled, only once nothing more will be written.
+      The others return `receive(handle, target.device)`, for the engine to write.
     - Bytes moved are counted by the receiver (`KVPayload.nbytes`).
     - A sender holds a payload for at most `timeout_s` (the request timeout) waiting for its
       receiver; a receive whose KV is gone raises KVTransferLost.
@@ -49,6 +55,9 @@ class KVTransport(ABC):
 
     @abstractmethod
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload: ...
+
+    async def receive_into(self, handle: object, target: PageImport) -> KVPayload:
+        return await self.receive(handle, target.device)
 
     def send_layerwise(self, header: KVPayload, export: LayerwiseExport) -> object:
         """`header` describes the payload (its data a meta tensor of the final shape)."""
