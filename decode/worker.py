@@ -94,8 +94,9 @@ class DecodeWorker:
                                                        rsv)
                 result = await self.prefill.prefill(prompt_ids, params, request_id,
                                                     rsv.first_block)
-                # The receive places the pages on this replica's device, off the engine loop;
-                # between two steps only their scatter into the reserved pages runs.
+                # The receive places the pages on this replica's device (or straight into the
+                # reserved pages: `receive_into`), off the engine loop; between two steps only
+                # their scatter into the reserved pages (if still needed) runs.
                 start = time.perf_counter()
                 payload = await self._receive(result.kv, rsv)
                 self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
