@@ -62,7 +62,10 @@ class DecodeWorker:
         self.engine.validate(prompt_ids, params)
         rsv = await self._reserve(request_id, prompt_ids, params)
         try:
-            result, payload = await self._fetch(prompt_ids, params, request_id, rsv)
+            try:
+                result, payload = await self._fetch(prompt_ids, params, request_id, rsv)
+            finally:  # an abort meanwhile (client gone) frees the pages from here on
+                self.engine.end_import(request_id)
             dtype, page_size = self.engine.kv_layout
             payload.check(dtype=dtype, page_size=page_size, first_block=rsv.first_block,
                           block_hashes=rsv.block_hashes, fingerprint=self.fingerprint,
@@ -152,6 +155,7 @@ class DecodeWorker:
             except asyncio.CancelledError:
                 # Cancelled after the reservation ran but before this task resumed: undo it.
                 # (Cancelled before it ran, `reserve` undoes it itself.)
+                self.engine.end_import(request_id)  # no transport got it
                 self.engine.abort(request_id)
                 raise
             if rsv is not None:

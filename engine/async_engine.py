@@ -154,9 +154,19 @@ class AsyncEngine:
     async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       ) -> Reservation | None:
         """Pages for a prompt whose KV comes from another replica (`Engine.reserve`). A caller
-        cancelled meanwhile leaves nothing reserved; otherwise `abort` undoes it."""
+        cancelled meanwhile leaves nothing reserved; otherwise `abort` undoes it, carried out
+        once `end_import` says that no transport writes into it (with a PageImport out)."""
+        def undo(_) -> None:  # no transport was given the reservation
+            self.engine.end_import(request_id)
+            self.engine.abort(request_id)
+
         return await self.call(lambda: self.engine.reserve(request_id, prompt_ids, params),
-                               undo=lambda _: self.engine.abort(request_id))
+                               undo=undo)
+
+    def end_import(self, request_id: str) -> None:
+        """The transport is done with request_id's reservation (`Engine.end_import`); safe from
+        any thread, queued behind the actions submitted before it."""
+        self._submit(request_id, lambda: self.engine.end_import(request_id))
 
     async def admit_prefilled(self, request_id: str, first_block: int, kv_data, first_token: int,
                               logprob=None, num_cached_tokens: int = 0,

@@ -78,6 +78,9 @@ class Engine:
         self.scheduler = Scheduler(engine_cfg, BlockAllocator(num_pages, engine_cfg.page_size),
                                    self.max_model_len, arch.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        # Reservations a transport may be writing into (their PageImport is out), each with
+        # whether an abort came meanwhile: their pages are freed only at `end_import`.
+        self.importing: dict[str, bool] = {}
         self._ids = itertools.count()
         self.overlap = (engine_cfg.overlap_scheduling == "on"
                         or engine_cfg.overlap_scheduling == "auto" and self.device.type == "cuda")
@@ -160,7 +163,17 @@ class Engine:
         if rsv is None:
             return None
         pages = self.scheduler.reserved[request_id].block_table[rsv.first_block:]
-        return dataclasses.replace(rsv, import_to=page_import(self.pool, pages))
+        target = page_import(self.pool, pages)
+        if target is not None:
+            self.importing[request_id] = False
+        return dataclasses.replace(rsv, import_to=target)
+
+    def end_import(self, request_id: str) -> None:
+        """No transport writes into request_id's reserved pages any more (its receive ended,
+        or never started). An abort that came while one might have is carried out now; until
+        then the pages stay reserved, so that no other request gets them mid-write."""
+        if self.importing.pop(request_id, False):
+            self.abort(request_id)
 
     def admit_prefilled(self, request_id: str, first_block: int, data, first_token: int,
                         logprob=None, num_cached_tokens: int = 0,
@@ -194,6 +207,9 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         self.detokenizers.pop(request_id, None)
+        if request_id in self.importing:  # freed at end_import: a transport may be writing
+            self.importing[request_id] = True
+            return True
         req = self.scheduler.abort(request_id)
         if req is not None and isinstance(req.kv_stream, LayerwiseExport):
             req.kv_stream.fail(f"request {request_id} was aborted")

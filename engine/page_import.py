@@ -19,7 +19,10 @@ Contract (the engine makes it, a transport honours it, the scheduler still owns 
   `dtype`) goes to pool page `pages[i]` of every layer. A writer checks that shape and dtype
   before it writes anything (a longer payload would overrun into other requests' pages).
 - The writer is done (its stream synchronized) before it reports the receive, and never leaves
-  a write running behind a failed or cancelled receive: the caller frees the reservation then.
+  a write running behind a failed or cancelled receive.
+- Until its receiver calls `Engine.end_import` (the receive ended, or never started), the engine
+  keeps the pages reserved, even through an abort (a client gone mid-transfer): the abort is
+  carried out then. So no other request is given pages that a transport may still write.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """`KVTransport.receive_into`: a transport that cannot write into the pool returns its payload
 for the engine to write; one that writes there itself never lets a cancelled caller go (and
-free the pages) while its write may still run. GPU behaviour: tests/gpu/test_page_import.py."""
+free the pages) while its write may still run, and the engine keeps a reservation whose pages
+a transport may be writing until `end_import`, whatever aborts it meanwhile. GPU behaviour:
+tests/gpu/test_page_import.py."""
 
 from __future__ import annotations
 
@@ -9,9 +11,15 @@ import threading
 
 import torch
 
+from engine import llm_engine
+from engine.config import EngineConfig, ModelConfig
+from engine.llm_engine import Engine
 from engine.page_import import PageImport
+from engine.sampling_params import SamplingParams
 from kvtransfer import KVPayload, make_transport
 from kvtransfer.cuda_ipc import _to_thread_to_the_end
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
 
 
 def test_a_transport_without_pool_writes_hands_the_payload_over():
@@ -54,3 +62,37 @@ def test_a_cancelled_receive_ends_only_after_its_write():
 
 def test_an_uncancelled_receive_returns_the_writers_result():
     assert asyncio.run(_to_thread_to_the_end(lambda: "header")) == "header"
+
+
+def _engine(path: str, monkeypatch) -> Engine:
+    """A CPU engine that hands out a PageImport as a GPU pool does (the lease is what is
+    tested; no transport writes here)."""
+    monkeypatch.setattr(llm_engine, "page_import", lambda pool, pages: ("lease", tuple(pages)))
+    return Engine(ModelConfig(path), EngineConfig(page_size=16, num_pages=8))
+
+
+def test_an_abort_during_an_import_frees_the_pages_only_when_it_ends(tiny_llama, monkeypatch):
+    engine = _engine(tiny_llama, monkeypatch)
+    prompt = list(range(100, 140))  # 3 pages
+    rsv = engine.reserve("a", prompt, GREEDY)
+    assert rsv.import_to == ("lease", (0, 1, 2))
+    assert engine.abort("a")  # the client left while the KV was on the way
+    assert engine.stats().pages_used == 3  # a transport may still write them: kept
+    engine.check_integrity()
+    big = list(range(200, 290))  # 6 pages: only 5 of the 8 are free while "a" is written
+    assert engine.reserve("b", big, GREEDY) is None
+    engine.end_import("a")  # the receive ended
+    assert engine.stats().pages_used == 0 and engine.importing == {}
+    engine.check_integrity()
+    assert engine.reserve("b", big, GREEDY) is not None  # a's pages are free only now
+
+
+def test_an_import_that_ends_first_leaves_aborts_as_they_were(tiny_llama, monkeypatch):
+    engine = _engine(tiny_llama, monkeypatch)
+    engine.reserve("a", list(range(100, 140)), GREEDY)
+    engine.end_import("a")
+    assert engine.stats().pages_used == 3  # still reserved: no abort came
+    assert engine.abort("a")
+    assert engine.stats().pages_used == 0
+    engine.end_import("a")  # a second end, or one for a request gone: nothing happens
+    engine.check_integrity()
