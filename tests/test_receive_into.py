@@ -96,3 +96,42 @@ def test_an_import_that_ends_first_leaves_aborts_as_they_were(tiny_llama, monkey
     assert engine.stats().pages_used == 0
     engine.end_import("a")  # a second end, or one for a request gone: nothing happens
     engine.check_integrity()
+
+
+def test_the_decode_worker_ends_every_import_it_was_given(tiny_llama, monkeypatch):
+    """With a PageImport on every reservation (as on a GPU) and a transport that hands the
+    payload over (the default `receive_into`), tokens are the colocated engine's and no lease
+    is left behind, after a success and after a failed transfer alike."""
+    from decode.worker import DecodeWorker
+    from engine.async_engine import AsyncEngine
+    from engine.llm import LLM
+    from kvtransfer import model_fingerprint
+    from prefill.worker import PrefillWorker
+
+    target = PageImport(torch.device("cpu"), (), torch.float32, (), 0, 0, 0, None)
+    monkeypatch.setattr(llm_engine, "page_import", lambda pool, pages: target)
+    cfg = EngineConfig(page_size=16, num_pages=64)
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    transport = make_transport("inline")
+    prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), cfg)), transport, fp)
+    decode_engine = Engine(ModelConfig(tiny_llama), cfg)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt = list(range(100, 140))
+
+    async def main():
+        decode = DecodeWorker(AsyncEngine(decode_engine), prefill, transport, fp)
+        got = [t async for o in decode.generate(prompt, params, "ok") for t in o.new_token_ids]
+        wrong = DecodeWorker(decode.engine, prefill, transport, "another model")
+        try:
+            [o async for o in wrong.generate(prompt, params, "refused")]
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a payload of another model was admitted")
+        await decode.engine.check_integrity()
+        return got
+
+    got = asyncio.run(main())
+    assert got == LLM(tiny_llama, num_pages=64).generate([prompt], params)[0].token_ids
+    assert decode_engine.importing == {}
+    assert decode_engine.stats().pages_used == 0
