@@ -157,7 +157,9 @@ class Engine:
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 ) -> Reservation | None:
         """Pages for a prompt whose KV another replica computes: cached prefix pages first, fresh
-        pages for the rest; None when the pool cannot hold it now. Undo with `abort`."""
+        pages for the rest; None when the pool cannot hold it now. Undo with `abort`. On a
+        GPU the reservation carries a PageImport (`import_to`), and an abort of it is carried
+        out only at `end_import`, which its receiver calls once no transport writes there."""
         self.validate(prompt_ids, params)
         rsv = self.scheduler.reserve(Request(request_id, list(prompt_ids), params))
         if rsv is None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from decode.worker import DecodeWorker
+from engine import llm_engine
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM
 from engine.llm_engine import Engine
+from engine.page_import import PageImport
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVPayload, make_transport, model_fingerprint
 from prefill.worker import PrefillWorker
@@ -118,3 +121,28 @@ def test_payload_mismatch_is_rejected(tiny_llama):
     with pytest.raises(ValueError, match="2 pages sent, 1 expected"):
         KVPayload.from_tensor(torch.zeros(4, 2, 2, 16, 2, 32), 16, 0, [1], "abc").header() \
             .check(fingerprint="abc", **kw)
+
+
+def test_the_decode_worker_ends_every_import_it_was_given(tiny_llama, monkeypatch):
+    """With a PageImport on every reservation (as on a GPU) and a transport that hands the
+    payload over (the default `receive_into`), tokens are the colocated engine's and no import
+    lease (engine/page_import.py) is left behind, after a success and after a refused payload
+    alike."""
+    target = PageImport(torch.device("cpu"), (), torch.float32, (), 0, 0, 0, None)
+    monkeypatch.setattr(llm_engine, "page_import", lambda pool, pages: target)
+    prompt = list(range(100, 140))
+
+    async def main():
+        prefill, decode = _pair(tiny_llama)
+        got = await _collect(decode, prompt, GREEDY, "ok")
+        wrong = DecodeWorker(decode.engine, prefill, decode.transport, "another model")
+        with pytest.raises(ValueError):
+            await _collect(wrong, prompt, GREEDY, "refused")
+        await decode.engine.check_integrity()
+        return decode, got
+
+    decode, got = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=128).generate([prompt], GREEDY)[0].token_ids
+    assert [t for o in got for t in o.new_token_ids] == ref
+    assert decode.engine.engine.importing == {}
+    assert decode.engine.stats().pages_used == 0
