@@ -30,7 +30,9 @@ import dataclasses
 import pickle
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -38,6 +40,8 @@ from engine.page_import import PageImport
 from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, PROCESS_MAPPINGS, cuda_runtime
 from kvtransfer.payload import KVPayload
 from kvtransfer.transport import KVTransport
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,68 +116,80 @@ class CudaIpcTransport(KVTransport):
         return slots
 
     def take(self, handle: bytes, want: torch.device) -> KVPayload:
-        """(A worker thread; blocks, without the GIL while CUDA works.) Map the sender's pages,
-        copy them, unmap, and release the sender's block."""
+        """(A worker thread; blocks, without the GIL while CUDA works.) Copy the sender's pages
+        into a new tensor on `want`."""
         header, pages = pickle.loads(handle)
         meta = header.data
         if pages is None:
             return dataclasses.replace(header, data=torch.empty(meta.shape, dtype=meta.dtype,
                                                                 device=want))
-        try:
-            _check_device(pages, want)
-            runtime, stream = cuda_runtime(), self._stream(want)
-            runtime.set_device(want.index)  # this thread's context: where the handle is mapped
+
+        def copy(src: int, stream: torch.cuda.Stream) -> torch.Tensor:
             with torch.cuda.stream(stream):  # allocated for use on the copy's stream
                 data = torch.empty(pages.nbytes, dtype=torch.uint8, device=want)
+            cuda_runtime().copy_async(data.data_ptr(), src, pages.nbytes, stream.cuda_stream)
+            return data
+
+        data = self._copy_out(pages, want, copy)  # done: any stream may read it
+        return dataclasses.replace(header, data=data.view(meta.dtype).view(meta.shape))
+
+    def write_into(self, handle: bytes, target: PageImport) -> KVPayload:
+        """(A worker thread; blocks, without the GIL while CUDA works.) Copy the sender's pages
+        into the pool pages of `target` once the engine's stream has passed their reservation.
+        Returns the payload's header."""
+        header, pages = pickle.loads(handle)
+        meta = header.data
+        # Checked before any write: a payload larger than the reservation would overrun into
+        # other requests' pages.
+        misfit = None
+        if tuple(meta.shape) != target.shape or meta.dtype != target.dtype:
+            misfit = (f"KV payload {tuple(meta.shape)} {meta.dtype} does not fit the reserved "
+                      f"pages {target.shape} {target.dtype}")
+        elif pages is not None and pages.nbytes != target.nbytes:
+            misfit = (f"cuda_ipc transport: {pages.nbytes} bytes shared for a {target.nbytes}"
+                      f"-byte payload")
+        if misfit is not None:
+            if pages is not None:  # the sender may free its block now
+                _release_sender(pages, target.device)
+            raise ValueError(misfit)
+        if pages is None:
+            return header
+
+        def copy(src: int, stream: torch.cuda.Stream) -> None:
+            for dst, run_src, width in target.copies(src):
+                cuda_runtime().copy_2d_async(dst, target.layer_pitch, run_src, target.src_pitch,
+                                             width, target.num_layers, stream.cuda_stream,
+                                             target.device.index)
+
+        self._copy_out(pages, target.device, copy, after=target.ready)  # the pages are in place
+        return header
+
+    def _copy_out(self, pages: IpcPages, device: torch.device,
+                  copy: Callable[[int, torch.cuda.Stream], T],
+                  after: torch.cuda.Event | None = None) -> T:
+        """(A worker thread.) Map the sender's pages, queue `copy(their address, stream)` on
+        this transport's stream for `device` (behind the sender's writes and the event `after`),
+        wait for the stream, unmap, and release the sender's block whatever happened. Returns
+        what `copy` returned."""
+        try:
+            _check_device(pages, device)
+            runtime, stream = cuda_runtime(), self._stream(device)
+            runtime.set_device(device.index)  # this thread's context: where the handle is mapped
+            if after is not None:
+                stream.wait_event(after)
             base = self.mappings.acquire(pages.handle)
             try:
                 if pages.event is not None:  # the sender's gather may still be running
                     runtime.wait_ipc_event(stream.cuda_stream, pages.event)
-                runtime.copy_async(data.data_ptr(), base + pages.offset, pages.nbytes,
-                                   stream.cuda_stream)
-                runtime.synchronize(stream.cuda_stream)  # done: any stream may read `data`
-            finally:
-                self.mappings.release(pages.handle)
-        finally:  # the sender may free its block now (on its next ipc_collect), whatever happened
-            torch.UntypedStorage._release_ipc_counter(*pages.ref_counter, device=want)
-        return dataclasses.replace(header, data=data.view(meta.dtype).view(meta.shape))
-
-    def write_into(self, handle: bytes, target: PageImport) -> KVPayload:
-        """(A worker thread; blocks, without the GIL while CUDA works.) Map the sender's pages,
-        copy them into the pool pages of `target` once the engine's stream has passed their
-        reservation, unmap, and release the sender's block. Returns the payload's header."""
-        header, pages = pickle.loads(handle)
-        meta = header.data
-        try:
-            # Checked before any write: a payload larger than the reservation would overrun
-            # into other requests' pages.
-            if tuple(meta.shape) != target.shape or meta.dtype != target.dtype:
-                raise ValueError(f"KV payload {tuple(meta.shape)} {meta.dtype} does not fit the "
-                                 f"reserved pages {target.shape} {target.dtype}")
-            if pages is None:
-                return header
-            if pages.nbytes != target.nbytes:
-                raise ValueError(f"cuda_ipc transport: {pages.nbytes} bytes shared for a "
-                                 f"{target.nbytes}-byte payload")
-            _check_device(pages, target.device)
-            runtime, stream = cuda_runtime(), self._stream(target.device)
-            runtime.set_device(target.device.index)
-            stream.wait_event(target.ready)  # steps that may still touch the pages are done
-            base = self.mappings.acquire(pages.handle)
-            try:
-                if pages.event is not None:
-                    runtime.wait_ipc_event(stream.cuda_stream, pages.event)
-                for dst, src, width in target.copies(base + pages.offset):
-                    runtime.copy_2d_async(dst, target.layer_pitch, src, target.src_pitch, width,
-                                          target.num_layers, stream.cuda_stream)
-                runtime.synchronize(stream.cuda_stream)  # the pages are in place
-            finally:
-                self.mappings.release(pages.handle)
+                out = copy(base + pages.offset, stream)
+            finally:  # no copy may still read the mapping when it goes, nor write after we return
+                try:
+                    runtime.synchronize(stream.cuda_stream)
+                finally:
+                    self.mappings.release(pages.handle)
         finally:
-            if pages is not None:  # the sender may free its block now, whatever happened
-                torch.UntypedStorage._release_ipc_counter(*pages.ref_counter,
-                                                          device=target.device)
-        return header
+            _release_sender(pages, device)
+        return out
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         with self._lock:
@@ -186,6 +202,12 @@ class CudaIpcTransport(KVTransport):
 def _check_handle(handle: object) -> None:
     if not isinstance(handle, bytes):
         raise TypeError(f"cuda_ipc transport got {type(handle).__name__}, not bytes")
+
+
+def _release_sender(pages: IpcPages, device: torch.device) -> None:
+    """Drop the receiver's reference on the sender's block (torch frees it on the sender's next
+    `ipc_collect`)."""
+    torch.UntypedStorage._release_ipc_counter(*pages.ref_counter, device=device)
 
 
 def _check_device(pages: IpcPages, want: torch.device) -> None:

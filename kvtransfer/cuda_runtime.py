@@ -51,7 +51,6 @@ class CudaRuntime:
                 ("cudaStreamWaitEvent", [p, p, u]),
                 ("cudaMemcpyAsync", [p, p, s, i, p]),
                 ("cudaMemcpy2DAsync", [p, s, p, s, s, s, i, p]),
-                ("cudaGetDevice", [ctypes.POINTER(i)]),
                 ("cudaDeviceGetAttribute", [ctypes.POINTER(i), i, i]),
                 ("cudaStreamSynchronize", [p])):
             fn = getattr(lib, name)
@@ -92,10 +91,11 @@ class CudaRuntime:
                     "cudaMemcpyAsync")
 
     def copy_2d_async(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int,
-                      height: int, stream: int) -> None:
+                      height: int, stream: int, device: int) -> None:
         """`height` rows of `width` bytes, `src_pitch` apart at `src` and `dst_pitch` apart at
-        `dst`: one call where both pitches are within the device's limit, else a copy a row."""
-        if max(dst_pitch, src_pitch) <= self.max_pitch():
+        `dst`, on `device`: one call where both pitches are within the device's limit, else a
+        copy a row."""
+        if max(dst_pitch, src_pitch) <= self.max_pitch(device):
             self._check(self.lib.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
                                                    _DEVICE_TO_DEVICE, stream),
                         "cudaMemcpy2DAsync")
@@ -103,16 +103,14 @@ class CudaRuntime:
         for row in range(height):
             self.copy_async(dst + row * dst_pitch, src + row * src_pitch, width, stream)
 
-    def max_pitch(self) -> int:
-        """cudaDevAttrMaxPitch of the calling thread's current device."""
-        device = ctypes.c_int()
-        self._check(self.lib.cudaGetDevice(ctypes.byref(device)), "cudaGetDevice")
-        pitch = self._max_pitch.get(device.value)
+    def max_pitch(self, device: int) -> int:
+        """cudaDevAttrMaxPitch of `device` (asked once per device)."""
+        pitch = self._max_pitch.get(device)
         if pitch is None:
             value = ctypes.c_int()
-            self._check(self.lib.cudaDeviceGetAttribute(ctypes.byref(value), _MAX_PITCH,
-                                                        device.value), "cudaDeviceGetAttribute")
-            pitch = self._max_pitch[device.value] = value.value
+            self._check(self.lib.cudaDeviceGetAttribute(ctypes.byref(value), _MAX_PITCH, device),
+                        "cudaDeviceGetAttribute")
+            pitch = self._max_pitch[device] = value.value
         return pitch
 
     def synchronize(self, stream: int) -> None:

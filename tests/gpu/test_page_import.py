@@ -65,7 +65,7 @@ def exporter():
 class _RowByRow(CudaRuntime):
     """The runtime of a device whose pitch limit is below the pool's: a copy per layer."""
 
-    def max_pitch(self) -> int:
+    def max_pitch(self, device: int) -> int:
         return 0
 
 
