@@ -13,10 +13,11 @@
 # pd_main / colo_main (the replicas run user code on Serve's own event loop:
 # RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, so an SSE event crosses no thread),
 # pd_mps (1P1D with CUDA MPS: the two replicas' kernels run side by side on the GPU instead of
-# in turns; Ray is restarted under an MPS control daemon, then without it again), pd_mps_p60
-# (the same, the prefill replica held to 60% of the SMs: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE),
-# pd_mps_lowp (the prefill replica an MPS client of below-normal priority:
-# CUDA_MPS_CLIENT_PRIORITY=1), pd_mps_c8k (its prompt chunks 8K tokens instead of 16K),
+# in turns; Ray is restarted under an MPS control daemon, then without it again; the config's
+# decode replica is an MPS client of below-normal priority, CUDA_MPS_CLIENT_PRIORITY=1),
+# pd_mps_even (neither replica below normal), pd_mps_lowp (the prefill replica below normal
+# instead), pd_mps_p60 (neither below normal, the prefill replica held to 60% of the SMs:
+# CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), pd_mps_c8k (its prompt chunks 8K tokens instead of 16K),
 # pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket),
 # pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS), colo_fp8 (the colocated config with
 # fp8 weights and fp8 KV, as that file sets them: docs/fp8.md), offline_fp8 (the engine alone
@@ -55,15 +56,19 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
         yaml.safe_dump(cfg, open("/tmp/colo_fp8.yaml", "w"))
         args["model"].pop("quantize")
         args["engine"].pop("kv_cache_dtype")
-    if name == "pd_":
+    if name == "pd_":  # MPS variants; the config itself runs decode at below-normal priority
         yaml.safe_dump(cfg, open("/tmp/pd_mps.yaml", "w"))
+        low = {"env_vars": {"CUDA_MPS_CLIENT_PRIORITY": "1"}}  # below normal
+        decode_env = args["decode"]["ray_actor_options"].pop("runtime_env", None)
+        yaml.safe_dump(cfg, open("/tmp/pd_mps_even.yaml", "w"))
+        args["prefill"]["ray_actor_options"]["runtime_env"] = low
+        yaml.safe_dump(cfg, open("/tmp/pd_mps_lowp.yaml", "w"))
         env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60"}
         args["prefill"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
         yaml.safe_dump(cfg, open("/tmp/pd_mps_p60.yaml", "w"))
-        env = {"CUDA_MPS_CLIENT_PRIORITY": "1"}  # below normal: decode's kernels go first
-        args["prefill"]["ray_actor_options"]["runtime_env"] = {"env_vars": env}
-        yaml.safe_dump(cfg, open("/tmp/pd_mps_lowp.yaml", "w"))
         args["prefill"]["ray_actor_options"].pop("runtime_env")
+        if decode_env is not None:
+            args["decode"]["ray_actor_options"]["runtime_env"] = decode_env
         args["prefill"]["engine"]["max_num_batched_tokens"] = 8192
         yaml.safe_dump(cfg, open("/tmp/pd_mps_c8k.yaml", "w"))
 PY
@@ -106,7 +111,7 @@ for name in "${@:-offline pd colo}"; do
         if [ $n = pd_proxy ]; then cfg=$C; else cfg=$K; fi
         RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
-      pd_mps | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k)
+      pd_mps | pd_mps_even | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       pd_fp8_mps)
         if mps on; then bash bench/gpu_serve_runs.sh $n:configs/llama3-8b-gpu-fp8.yaml; mps off; fi ;;
