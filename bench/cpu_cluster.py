@@ -1,8 +1,10 @@
 """The cluster on CPU, end to end: `serve run CONFIG` readiness, one stream vs 32 streams.
 
-python -m bench.cpu_cluster [--config configs/tiny.yaml] [--out-dir docs/bench]
+python -m bench.cpu_cluster [--config configs/tiny.yaml] [--out-dir DIR]
 Prints time to first HTTP 200, TTFT and TPOT of one stream, output tokens/s at concurrency
-1 and 32 and their ratio, and KV bytes moved per request (from /metrics).
+1 and 32 and their ratio, and KV bytes moved per request (from /metrics). The two runs' JSON
+goes to DIR (default: a new temporary directory, printed; `--out-dir docs/bench` replaces the
+committed ones).
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--base-url", default="http://127.0.0.1:8000")
-    ap.add_argument("--out-dir", default="docs/bench")
+    ap.add_argument("--out-dir", default=None)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
     args = ap.parse_args(argv)
-    out = Path(args.out_dir)
+    out = Path(args.out_dir or tempfile.mkdtemp(prefix="cpu_cluster-"))
     out.mkdir(parents=True, exist_ok=True)
     log = Path(tempfile.mkdtemp()) / "serve.log"
     # No `ray stop` afterwards: serve run owns the Ray instance it started and ends it on exit.
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"throughput ratio 32/1: {many['output_throughput'] / one['output_throughput']:.2f}x")
     if served:
         print(f"KV bytes moved per request: {moved / served:.0f} ({served:.0f} requests)")
+    print(f"JSON: {out}/tiny-cpu-c1.json, {out}/tiny-cpu-c32.json")
 
 
 if __name__ == "__main__":
