@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
     args = ap.parse_args(argv)
-    out = Path(args.out_dir or tempfile.mkdtemp(prefix="cpu_cluster-"))
+    scratch = Path(tempfile.mkdtemp(prefix="cpu_cluster-"))  # serve.log; the JSON by default
+    out = Path(args.out_dir) if args.out_dir else scratch
     out.mkdir(parents=True, exist_ok=True)
-    log = Path(tempfile.mkdtemp()) / "serve.log"
+    log = scratch / "serve.log"
     # No `ray stop` afterwards: serve run owns the Ray instance it started and ends it on exit.
     server = ServerProcess(expand("{serve} run {config}", args.config), f"{args.base_url}/health",
                            log)
