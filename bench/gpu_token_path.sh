@@ -19,7 +19,8 @@
 # instead), pd_mps_p60 (neither below normal, the prefill replica held to 60% of the SMs:
 # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), pd_mps_c8k (its prompt chunks 8K tokens instead of 16K),
 # pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket),
-# pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS), colo_fp8 (the colocated config with
+# pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS; pd_fp8_mps_lowd: its decode replica
+# below normal priority, as configs/llama3-8b-gpu.yaml runs it), colo_fp8 (the colocated config with
 # fp8 weights and fp8 KV, as that file sets them: docs/fp8.md), offline_fp8 (the engine alone
 # with both).
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
@@ -71,6 +72,10 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
             args["decode"]["ray_actor_options"]["runtime_env"] = decode_env
         args["prefill"]["engine"]["max_num_batched_tokens"] = 8192
         yaml.safe_dump(cfg, open("/tmp/pd_mps_c8k.yaml", "w"))
+fp8_cfg = yaml.safe_load(open("configs/llama3-8b-gpu-fp8.yaml"))  # its decode replica below normal
+fp8_cfg["applications"][0]["args"]["decode"]["ray_actor_options"]["runtime_env"] = {
+    "env_vars": {"CUDA_MPS_CLIENT_PRIORITY": "1"}}
+yaml.safe_dump(fp8_cfg, open("/tmp/pd_fp8_mps_lowd.yaml", "w"))
 PY
 restart_ray() {  # $1: RAY_SERVE_ENABLE_HA_PROXY for the new Ray instance (as in device_run.sh)
   ray stop > /dev/null 2>&1
@@ -115,6 +120,8 @@ for name in "${@:-offline pd colo}"; do
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       pd_fp8_mps)
         if mps on; then bash bench/gpu_serve_runs.sh $n:configs/llama3-8b-gpu-fp8.yaml; mps off; fi ;;
+      pd_fp8_mps_lowd)
+        if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       *_gil*)
         base=${n%_gil*}
         case $base in pd) src=$C ;; colo) src=$K ;; *) src=/tmp/$base.yaml ;; esac

@@ -37,7 +37,7 @@ from typing import TypeVar
 import torch
 
 from engine.page_import import PageImport
-from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, PROCESS_MAPPINGS, cuda_runtime
+from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, PROCESS_MAPPINGS, CudaRuntime, cuda_runtime
 from kvtransfer.payload import KVPayload
 from kvtransfer.transport import KVTransport
 
@@ -124,10 +124,10 @@ class CudaIpcTransport(KVTransport):
             return dataclasses.replace(header, data=torch.empty(meta.shape, dtype=meta.dtype,
                                                                 device=want))
 
-        def copy(src: int, stream: torch.cuda.Stream) -> torch.Tensor:
+        def copy(runtime: CudaRuntime, src: int, stream: torch.cuda.Stream) -> torch.Tensor:
             with torch.cuda.stream(stream):  # allocated for use on the copy's stream
                 data = torch.empty(pages.nbytes, dtype=torch.uint8, device=want)
-            cuda_runtime().copy_async(data.data_ptr(), src, pages.nbytes, stream.cuda_stream)
+            runtime.copy_async(data.data_ptr(), src, pages.nbytes, stream.cuda_stream)
             return data
 
         data = self._copy_out(pages, want, copy)  # done: any stream may read it
@@ -155,22 +155,21 @@ class CudaIpcTransport(KVTransport):
         if pages is None:
             return header
 
-        def copy(src: int, stream: torch.cuda.Stream) -> None:
+        def copy(runtime: CudaRuntime, src: int, stream: torch.cuda.Stream) -> None:
             for dst, run_src, width in target.copies(src):
-                cuda_runtime().copy_2d_async(dst, target.layer_pitch, run_src, target.src_pitch,
-                                             width, target.num_layers, stream.cuda_stream,
-                                             target.device.index)
+                runtime.copy_2d_async(dst, target.layer_pitch, run_src, target.src_pitch, width,
+                                      target.num_layers, stream.cuda_stream, target.device.index)
 
         self._copy_out(pages, target.device, copy, after=target.ready)  # the pages are in place
         return header
 
     def _copy_out(self, pages: IpcPages, device: torch.device,
-                  copy: Callable[[int, torch.cuda.Stream], T],
+                  copy: Callable[[CudaRuntime, int, torch.cuda.Stream], T],
                   after: torch.cuda.Event | None = None) -> T:
-        """(A worker thread.) Map the sender's pages, queue `copy(their address, stream)` on
-        this transport's stream for `device` (behind the sender's writes and the event `after`),
-        wait for the stream, unmap, and release the sender's block whatever happened. Returns
-        what `copy` returned."""
+        """(A worker thread.) Map the sender's pages, queue `copy(runtime, their address,
+        stream)` on this transport's stream for `device` (behind the sender's writes and the
+        event `after`), wait for the stream, unmap, and release the sender's block whatever
+        happened. Returns what `copy` returned."""
         try:
             _check_device(pages, device)
             runtime, stream = cuda_runtime(), self._stream(device)
@@ -181,7 +180,7 @@ class CudaIpcTransport(KVTransport):
             try:
                 if pages.event is not None:  # the sender's gather may still be running
                     runtime.wait_ipc_event(stream.cuda_stream, pages.event)
-                out = copy(base + pages.offset, stream)
+                out = copy(runtime, base + pages.offset, stream)
             finally:  # no copy may still read the mapping when it goes, nor write after we return
                 try:
                     runtime.synchronize(stream.cuda_stream)
