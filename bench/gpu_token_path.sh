@@ -22,7 +22,8 @@
 # pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS; pd_fp8_mps_lowd: its decode replica
 # below normal priority, as configs/llama3-8b-gpu.yaml runs it), colo_fp8 (the colocated config with
 # fp8 weights and fp8 KV, as that file sets them: docs/fp8.md), offline_fp8 (the engine alone
-# with both).
+# with both), lp_mps (long prompts, 2048 in / 16 out, 48 per Poisson rate in LP_RATES (default
+# 16,24 req/s), SLOs TTFT <= 1 s and TPOT <= 20 ms: pd_mps_even against pd_mps, bench.compare).
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
 # writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
 # from `ray start`), and DIR is copied to $OUT/steplog at the end.
@@ -122,6 +123,15 @@ for name in "${@:-offline pd colo}"; do
         if mps on; then bash bench/gpu_serve_runs.sh $n:configs/llama3-8b-gpu-fp8.yaml; mps off; fi ;;
       pd_fp8_mps_lowd)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
+      lp_mps)  # long prompts under MPS: goodput with the decode replica at normal, then below
+        if mps on; then
+          timeout 560 python -m bench.compare /tmp/pd_mps_even.yaml /tmp/pd_mps.yaml \
+            --labels normal,below --stop-cmd none --settle 2 --workload long-prompt \
+            --num-prompts 48 --sweep-rates ${LP_RATES:-16,24} --slo-ttft-ms 1000 \
+            --slo-tpot-ms 20 --vocab-size 1000 --count-empty-chunks --extra-body '{"logprobs": 0}' \
+            --seed 0 --no-progress --out "${OUT:-/tmp}/lp_mps.json" 2>&1 | grep -v "INFO\|WARNING" | tail -14
+          mps off
+        fi ;;
       *_gil*)
         base=${n%_gil*}
         case $base in pd) src=$C ;; colo) src=$K ;; *) src=/tmp/$base.yaml ;; esac
