@@ -33,8 +33,9 @@ def sharing_warning(gpu_share: float | None, device: str, mps: bool) -> str | No
     if not device.startswith("cuda") or gpu_share is None or not 0 < gpu_share < 1 or mps:
         return None
     return (f"this replica has {gpu_share:g} of a GPU and no CUDA MPS daemon was found: the "
-            f"replicas sharing the GPU will run in turns, not side by side. Start one before "
-            f"Ray (`nvidia-cuda-mps-control -d`; README, \"One GPU, prefill and decode\")")
+            f"replicas sharing the GPU will run in turns, not side by side. Side by side gives "
+            f"more tokens/s, in turns a steadier TPOT: for the first, start a daemon before Ray "
+            f"(`nvidia-cuda-mps-control -d`; README, \"One GPU, prefill and decode\")")
 
 
 def assigned_gpu_share() -> float | None:
