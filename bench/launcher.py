@@ -148,7 +148,7 @@ class ServerProcess:
         `route_timeout` s more, until HAProxy routes to an ingress replica itself. The first
         200 can come through HAProxy's fallback, Serve's Python proxy, up to ~1 s before the
         switch, and the switch restarts HAProxy: a benchmark that began at once measured that
-        restart (a first burst of 429s at 148 ms against 13-33 ms for the next five,
+        restart (a first burst of 429s at 148 ms against 14-33 ms for the next five,
         docs/cpu-benchmarks.md, "Serve's switch to direct ingress")."""
         t0 = time.monotonic()
         while True:
