@@ -20,9 +20,9 @@
 # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), pd_mps_c8k (its prompt chunks 8K tokens instead of 16K),
 # pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket),
 # pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS; pd_fp8_mps_lowd: its decode replica
-# below normal priority, as configs/llama3-8b-gpu.yaml runs it), colo_fp8 (the colocated config with
-# fp8 weights and fp8 KV, as that file sets them: docs/fp8.md), offline_fp8 (the engine alone
-# with both), lp_mps (long prompts, 2048 in / 16 out, 48 per Poisson rate in LP_RATES (default
+# below normal priority, as configs/llama3-8b-gpu.yaml runs it), colo_fp8 (the colocated
+# config with fp8 weights and fp8 KV, as that file sets them: docs/fp8.md), offline_fp8 (the
+# engine alone with both), lp_mps (long prompts, 2048 in / 16 out, 48 per Poisson rate in LP_RATES (default
 # 16,24 req/s), SLOs TTFT <= 1 s and TPOT <= 20 ms: pd_mps_even against pd_mps, bench.compare).
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
 # writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
@@ -124,6 +124,7 @@ for name in "${@:-offline pd colo}"; do
       pd_fp8_mps_lowd)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       lp_mps)  # long prompts under MPS: goodput with the decode replica at normal, then below
+        python -m bench.gpu_serve --make-model-only > /dev/null  # what the configs load
         if mps on; then
           timeout 560 python -m bench.compare /tmp/pd_mps_even.yaml /tmp/pd_mps.yaml \
             --labels normal,below --stop-cmd none --settle 2 --workload long-prompt \
