@@ -53,9 +53,9 @@ def serve_env() -> dict[str, str]:
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}
 
 
-def haproxy_admin_sockets(since: float) -> list[Path]:
-    """Serve's HAProxy admin sockets (one folder per node under the folder of
-    `RAY_SERVE_HAPROXY_SOCKET_PATH`) made at or after `since` (a time.time()), newest first."""
+def haproxy_admin_socket(since: float) -> Path | None:
+    """The newest of Serve's HAProxy admin sockets (one folder per node under the folder of
+    `RAY_SERVE_HAPROXY_SOCKET_PATH`) made at or after `since` (a time.time()); None if none."""
     base = Path(os.environ.get("RAY_SERVE_HAPROXY_SOCKET_PATH",
                                "/tmp/haproxy-serve/admin.sock")).parent
     found = []
@@ -66,7 +66,7 @@ def haproxy_admin_sockets(since: float) -> list[Path]:
             continue  # removed meanwhile
         if mtime >= since:
             found.append((mtime, path))
-    return [path for _, path in sorted(found, reverse=True)]
+    return max(found)[1] if found else None
 
 
 def haproxy_command(sock: Path, command: str, timeout: float = 2.0) -> str:
@@ -174,11 +174,11 @@ class ServerProcess:
         `start` (another server, or Serve's own proxy only)."""
         deadline = time.monotonic() + timeout
         while True:
-            sockets = haproxy_admin_sockets(self.started_at)
-            if not sockets:
+            sock = haproxy_admin_socket(self.started_at)
+            if sock is None:
                 return True
             try:
-                if routes_to_replica(haproxy_command(sockets[0], "show servers state")):
+                if routes_to_replica(haproxy_command(sock, "show servers state")):
                     return True
             except OSError:
                 pass  # between two HAProxy processes: ask again

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.launcher import ServerProcess, haproxy_admin_sockets, routes_to_replica
+from bench.launcher import ServerProcess, haproxy_admin_socket, routes_to_replica
 
 HEADER = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight "
           "srv_iweight srv_time_since_last_change srv_check_status\n")
@@ -63,7 +63,7 @@ def test_wait_routed_asks_until_the_replica_is_listed(
     (tmp_path / "node-a").mkdir()
     fake = FakeAdminSocket(tmp_path / "node-a" / "admin.sock", switch_after=3)
     try:
-        assert haproxy_admin_sockets(server.started_at) == [tmp_path / "node-a" / "admin.sock"]
+        assert haproxy_admin_socket(server.started_at) == tmp_path / "node-a" / "admin.sock"
         assert server.wait_routed(timeout=30, interval=0.01)
         assert fake.commands == ["show servers state\n"] * 4
         fake.switch_after = 10**6  # never routed again: the wait gives up at its timeout
@@ -81,5 +81,5 @@ def test_no_admin_socket_made_since_the_start_means_no_wait(
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     server = ServerProcess(["true"], "http://127.0.0.1:9/health", tmp_path / "x.log")
     server.started_at = time.time()
-    assert haproxy_admin_sockets(server.started_at) == []
+    assert haproxy_admin_socket(server.started_at) is None
     assert server.wait_routed(timeout=0)
