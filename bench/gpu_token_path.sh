@@ -22,8 +22,9 @@
 # pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS; pd_fp8_mps_lowd: its decode replica
 # below normal priority, as configs/llama3-8b-gpu.yaml runs it), colo_fp8 (the colocated
 # config with fp8 weights and fp8 KV, as that file sets them: docs/fp8.md), offline_fp8 (the
-# engine alone with both), lp_mps (long prompts, 2048 in / 16 out, 48 per Poisson rate in LP_RATES (default
-# 16,24 req/s), SLOs TTFT <= 1 s and TPOT <= 20 ms: pd_mps_even against pd_mps, bench.compare).
+# engine alone with both), lp_mps (long prompts, 2048 in / 16 out, 48 per Poisson rate in
+# LP_RATES (default 16,24 req/s), SLOs TTFT <= 1 s and TPOT <= 20 ms: pd_mps_even against
+# pd_mps, bench.compare).
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
 # writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
 # from `ray start`), and DIR is copied to $OUT/steplog at the end.
@@ -31,7 +32,9 @@ set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 python - "$C" "$K" <<'PY'
 import sys, yaml
-fp8 = yaml.safe_load(open("configs/llama3-8b-gpu-fp8.yaml"))["applications"][0]["args"]
+fp8_cfg = yaml.safe_load(open("configs/llama3-8b-gpu-fp8.yaml"))
+fp8 = fp8_cfg["applications"][0]["args"]
+low = {"env_vars": {"CUDA_MPS_CLIENT_PRIORITY": "1"}}  # an MPS client below normal priority
 for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     cfg = yaml.safe_load(open(src))
     args = cfg["applications"][0]["args"]
@@ -60,7 +63,6 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
         args["engine"].pop("kv_cache_dtype")
     if name == "pd_":  # MPS variants; the config itself runs decode at below-normal priority
         yaml.safe_dump(cfg, open("/tmp/pd_mps.yaml", "w"))
-        low = {"env_vars": {"CUDA_MPS_CLIENT_PRIORITY": "1"}}  # below normal
         decode_env = args["decode"]["ray_actor_options"].pop("runtime_env", None)
         yaml.safe_dump(cfg, open("/tmp/pd_mps_even.yaml", "w"))
         args["prefill"]["ray_actor_options"]["runtime_env"] = low
@@ -73,9 +75,7 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
             args["decode"]["ray_actor_options"]["runtime_env"] = decode_env
         args["prefill"]["engine"]["max_num_batched_tokens"] = 8192
         yaml.safe_dump(cfg, open("/tmp/pd_mps_c8k.yaml", "w"))
-fp8_cfg = yaml.safe_load(open("configs/llama3-8b-gpu-fp8.yaml"))  # its decode replica below normal
-fp8_cfg["applications"][0]["args"]["decode"]["ray_actor_options"]["runtime_env"] = {
-    "env_vars": {"CUDA_MPS_CLIENT_PRIORITY": "1"}}
+fp8["decode"]["ray_actor_options"]["runtime_env"] = low  # the fp8 config, decode below normal
 yaml.safe_dump(fp8_cfg, open("/tmp/pd_fp8_mps_lowd.yaml", "w"))
 PY
 restart_ray() {  # $1: RAY_SERVE_ENABLE_HA_PROXY for the new Ray instance (as in device_run.sh)
