@@ -47,7 +47,8 @@ class DecodeServer:
         self.worker = DecodeWorker(self.replica.engine, prefill, self.transport,
                                    self.replica.fingerprint, self.replica.metrics,
                                    reserve_timeout_s=min(60.0, timeout_s), timeout_s=timeout_s,
-                                   retriable=replica_lost)
+                                   retriable=replica_lost, local_prefill_max_tokens=(
+                                       self.replica.cfg.decode.local_prefill_max_tokens))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         async for out in self.worker.generate(prompt_ids, params, request_id):

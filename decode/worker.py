@@ -7,6 +7,11 @@
 4. join the running batch between two steps and stream every token until the request ends.
 No Ray here: `prefill` is any `Prefiller` (serving/pd_protocol.py).
 
+A prompt of which at most `local_prefill_max_tokens` tokens are not in this replica's prefix
+cache (a short prompt, or a new turn of a conversation routed here for its prefix) skips 2-3:
+this engine prefills it in its own steps. That costs the running batch one longer step, against
+a round trip to a prefill replica and a KV transfer; 0 (the default) sends every prompt there.
+
 Steps 2-3 are retried, at most `prefill_retries` times, when `retriable(error)` says the
 prefill replica (or the KV it owned) was lost: the next call goes to another prefill replica.
 The receive is bounded by `timeout_s`; the prefill client bounds its own call.
@@ -18,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 
 from engine.async_engine import AsyncEngine, OutputSink
 from engine.metrics import Metrics, track_stream
@@ -34,7 +40,7 @@ class DecodeWorker:
                  fingerprint: str, metrics: Metrics | None = None, reserve_timeout_s: float = 60.0,
                  timeout_s: float = 600.0, prefill_retries: int = 2,
                  retriable: Callable[[BaseException], bool] = lambda e: False,
-                 layerwise: bool | None = None) -> None:
+                 layerwise: bool | None = None, local_prefill_max_tokens: int = 0) -> None:
         self.engine = engine
         self.prefill = prefill
         self.transport = transport
@@ -44,6 +50,7 @@ class DecodeWorker:
         self.timeout_s, self.prefill_retries, self.retriable = timeout_s, prefill_retries, retriable
         # Receive the KV while the prefill computes it, when the transport can (default).
         self.layerwise = transport.supports_layerwise if layerwise is None else layerwise
+        self.local_prefill_max_tokens = local_prefill_max_tokens
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        sink: OutputSink | None = None):
@@ -60,6 +67,16 @@ class DecodeWorker:
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                         sink: OutputSink | None):
         self.engine.validate(prompt_ids, params)
+        if self._prefill_here(prompt_ids):
+            self.metrics.inc("pdserve_local_prefills_total")
+            self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
+            # aclosing: a client gone mid-stream aborts the request (and frees its pages) now,
+            # not when the garbage collector finalizes the engine's stream.
+            async with aclosing(self.engine.generate(prompt_ids, params, request_id,
+                                                     sink=sink)) as stream:
+                async for out in stream:
+                    yield out
+            return
         rsv = await self._reserve(request_id, prompt_ids, params)
         try:
             try:
@@ -85,6 +102,15 @@ class DecodeWorker:
         del payload, kv_data  # the stream holds the pages only until they are in the pool
         async for out in stream:
             yield out
+
+    def _prefill_here(self, prompt_ids: list[int]) -> bool:
+        """True when at most `local_prefill_max_tokens` of the prompt's tokens need computing
+        here (the prefix cache read as a hint: it is only about cost, not correctness)."""
+        limit = self.local_prefill_max_tokens
+        if limit <= 0:
+            return False
+        return (len(prompt_ids) <= limit
+                or len(prompt_ids) - self.engine.cached_prefix_tokens(prompt_ids) <= limit)
 
     async def _fetch(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                      rsv: Reservation) -> tuple[PrefillResult, KVPayload]:

@@ -209,6 +209,12 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def cached_prefix_tokens(self, prompt_ids: list[int]) -> int:
+        """Leading prompt tokens this engine's prefix cache holds now. Read off the step
+        thread without waiting for it (dict reads, atomic under the GIL), so only a hint:
+        the step thread may evict those pages, or cache more, before the request runs."""
+        return self.engine.scheduler.kv.cached_prefix_tokens(prompt_ids)
+
     async def check_integrity(self) -> EngineStats:
         """The page-accounting audit, between two steps; returns the stats it saw."""
         def audit() -> EngineStats:

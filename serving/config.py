@@ -125,6 +125,17 @@ class EngineDeploymentSection(DeploymentSection):
     engine: EngineOverrides = Field(default_factory=EngineOverrides)
 
 
+class DecodeDeploymentSection(EngineDeploymentSection):
+    """The decode deployment: an engine deployment that may also prefill short prompts."""
+
+    # A decode replica prefills a prompt itself when at most this many of its tokens are not in
+    # its prefix cache (a short prompt, or a new turn whose history it holds): one longer step
+    # for its running batch instead of a prefill replica's round trip and a KV transfer (NVIDIA
+    # Dynamo's "conditional disaggregation" rule, here counted after the prefix cache).
+    # 0 (default): every prompt goes to a prefill replica.
+    local_prefill_max_tokens: int = Field(0, ge=0)
+
+
 class SLOSection(_Strict):
     """Latency targets, met on the mean over the autoscaler's look-back window."""
 
@@ -196,7 +207,7 @@ class AppConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     kv_transport: str = "ray"  # a name in kvtransfer.registry.TRANSPORTS
     prefill: EngineDeploymentSection = Field(default_factory=EngineDeploymentSection)
-    decode: EngineDeploymentSection = Field(default_factory=EngineDeploymentSection)
+    decode: DecodeDeploymentSection = Field(default_factory=DecodeDeploymentSection)
     colocated: EngineDeploymentSection = Field(default_factory=EngineDeploymentSection)
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
     request_timeout_s: float = Field(600.0, gt=0)

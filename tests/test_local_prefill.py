@@ -1,0 +1,144 @@
+"""A decode replica prefills a prompt itself when at most `local_prefill_max_tokens` of its
+tokens are not in its prefix cache; longer ones still go to a prefill replica. Tokens equal the
+colocated engine's either way, and no page is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from decode.worker import DecodeWorker
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, ModelConfig
+from engine.llm import LLM
+from engine.llm_engine import Engine
+from engine.sampling_params import SamplingParams
+from kvtransfer import make_transport, model_fingerprint
+from prefill.worker import PrefillWorker
+from serving.config import AppConfig
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+SHARED = list(range(100, 164))  # 4 full pages of 16
+
+
+def _pair(path: str, local_prefill_max_tokens: int, **engine_kwargs):
+    cfg = EngineConfig(page_size=16, num_pages=128, **engine_kwargs)
+    fp = model_fingerprint(path, "float32", "safetensors", 0)
+    transport = make_transport("inline")
+    prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), transport, fp)
+    decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), prefill, transport, fp,
+                          local_prefill_max_tokens=local_prefill_max_tokens)
+    return prefill, decode
+
+
+async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str) -> list[int]:
+    return [t async for out in decode.generate(prompt, GREEDY, rid) for t in out.new_token_ids]
+
+
+def _count(worker, name: str) -> float:
+    return worker.metrics.counters.get(name, 0)
+
+
+def _no_pages_left(*workers) -> None:
+    for worker in workers:
+        worker.engine.engine.check_integrity()
+        assert worker.engine.stats().pages_used == 0
+
+
+def test_short_prompts_prefill_on_the_decode_replica_long_ones_remotely(tiny_llama):
+    short, long = list(range(300, 316)), list(range(400, 417))  # 16 and 17 tokens
+
+    async def main():
+        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=16)
+        got_short = await _tokens(decode, short, "short")
+        assert _count(prefill, "pdserve_requests_total") == 0
+        assert _count(decode, "pdserve_kv_transfer_bytes_total") == 0
+        got_long = await _tokens(decode, long, "long")
+        return prefill, decode, got_short, got_long
+
+    prefill, decode, got_short, got_long = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=128).generate([short, long], GREEDY)
+    assert (got_short, got_long) == (ref[0].token_ids, ref[1].token_ids)
+    assert _count(prefill, "pdserve_requests_total") == 1  # the long one only
+    assert _count(decode, "pdserve_local_prefills_total") == 1
+    assert _count(decode, "pdserve_kv_transfer_bytes_total") > 0
+    assert _count(decode, "pdserve_prompt_tokens_total") == 16 + 17
+    _no_pages_left(prefill, decode)
+
+
+def test_a_new_turn_on_a_cached_history_prefills_locally(tiny_llama):
+    """The limit counts the tokens the decode replica's prefix cache lacks: 64 cached + 10 new
+    is a local prefill under a limit of 16, though the prompt has 74 tokens."""
+    first, turn = SHARED + [7, 8, 9], SHARED + list(range(20, 30))
+
+    async def main():
+        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=16)
+        assert decode.engine.cached_prefix_tokens(turn) == 0
+        got_first = await _tokens(decode, first, "first")  # 67 uncached: a prefill replica's
+        moved = _count(decode, "pdserve_kv_transfer_bytes_total")
+        assert decode.engine.cached_prefix_tokens(turn) == 64
+        got_turn = await _tokens(decode, turn, "turn")
+        return prefill, decode, got_first, got_turn, moved
+
+    prefill, decode, got_first, got_turn, moved = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=128).generate([first, turn], GREEDY)
+    assert (got_first, got_turn) == (ref[0].token_ids, ref[1].token_ids)
+    assert _count(prefill, "pdserve_requests_total") == 1
+    assert _count(decode, "pdserve_local_prefills_total") == 1
+    assert _count(decode, "pdserve_kv_transfer_bytes_total") == moved  # nothing moved for the turn
+    _no_pages_left(prefill, decode)
+
+
+def test_limit_zero_sends_every_prompt_to_a_prefill_replica(tiny_llama):
+    async def main():
+        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=0)
+        await _tokens(decode, [5, 6, 7], "tiny")
+        return prefill, decode
+
+    prefill, decode = asyncio.run(main())
+    assert _count(prefill, "pdserve_requests_total") == 1
+    assert _count(decode, "pdserve_local_prefills_total") == 0
+    _no_pages_left(prefill, decode)
+
+
+def test_without_prefix_caching_only_the_prompt_length_counts(tiny_llama):
+    async def main():
+        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=16,
+                                enable_prefix_caching=False)
+        await _tokens(decode, SHARED + [1], "a")
+        assert decode.engine.cached_prefix_tokens(SHARED + [2]) == 0
+        await _tokens(decode, SHARED + [2], "b")
+        return prefill, decode
+
+    prefill, decode = asyncio.run(main())
+    assert _count(prefill, "pdserve_requests_total") == 2
+    assert _count(decode, "pdserve_local_prefills_total") == 0
+    _no_pages_left(prefill, decode)
+
+
+def test_a_client_gone_mid_stream_frees_a_local_prefills_pages(tiny_llama):
+    async def main():
+        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=32)
+        long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        stream = decode.generate([3] * 20, long, "gone")
+        async for _ in stream:
+            break  # the client goes away after the first token
+        await stream.aclose()
+        await decode.engine.check_integrity()  # queued behind the abort
+        return prefill, decode
+
+    prefill, decode = asyncio.run(main())
+    assert _count(decode, "pdserve_local_prefills_total") == 1
+    _no_pages_left(prefill, decode)
+
+
+def test_the_limit_is_a_decode_key_and_not_negative():
+    assert AppConfig.from_args({}).decode.local_prefill_max_tokens == 0
+    cfg = AppConfig.from_args({"decode": {"local_prefill_max_tokens": 256}})
+    assert cfg.decode.local_prefill_max_tokens == 256
+    with pytest.raises(ValueError, match="decode.local_prefill_max_tokens"):
+        AppConfig.from_args({"decode": {"local_prefill_max_tokens": -1}})
+    with pytest.raises(ValueError, match=r"prefill.local_prefill_max_tokens: unknown key; valid "
+                                         r"keys: .*engine"):
+        AppConfig.from_args({"prefill": {"local_prefill_max_tokens": 16}})
