@@ -24,7 +24,11 @@
 # config with fp8 weights and fp8 KV, as that file sets them: docs/fp8.md), offline_fp8 (the
 # engine alone with both), lp_mps (long prompts, 2048 in / 16 out, 48 per Poisson rate in
 # LP_RATES (default 16,24 req/s), SLOs TTFT <= 1 s and TPOT <= 20 ms: pd_mps_even against
-# pd_mps, bench.compare).
+# pd_mps, bench.compare), pd_local_mps (pd_mps with the decode replica prefilling prompts of up
+# to 512 uncached tokens itself: here every prompt), sp_local_mps (a shared-prefix workload, 16
+# groups of 16 requests, 1024-token prefix + 32-token suffix, 128 out, 64 at a time: pd_mps
+# against pd_mps with `decode.local_prefill_max_tokens: 64`, so that a request whose prefix
+# the decode replica holds is prefilled there, bench.compare).
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
 # writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
 # from `ray start`), and DIR is copied to $OUT/steplog at the end.
@@ -63,6 +67,10 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
         args["engine"].pop("kv_cache_dtype")
     if name == "pd_":  # MPS variants; the config itself runs decode at below-normal priority
         yaml.safe_dump(cfg, open("/tmp/pd_mps.yaml", "w"))
+        for limit, out in ((512, "pd_local_mps"), (64, "pd_local64_mps")):
+            args["decode"]["local_prefill_max_tokens"] = limit
+            yaml.safe_dump(cfg, open(f"/tmp/{out}.yaml", "w"))
+        args["decode"].pop("local_prefill_max_tokens")
         decode_env = args["decode"]["ray_actor_options"].pop("runtime_env", None)
         yaml.safe_dump(cfg, open("/tmp/pd_mps_even.yaml", "w"))
         args["prefill"]["ray_actor_options"]["runtime_env"] = low
@@ -117,7 +125,7 @@ for name in "${@:-offline pd colo}"; do
         if [ $n = pd_proxy ]; then cfg=$C; else cfg=$K; fi
         RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
-      pd_mps | pd_mps_even | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k)
+      pd_mps | pd_mps_even | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k | pd_local_mps)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       pd_fp8_mps)
         if mps on; then bash bench/gpu_serve_runs.sh $n:configs/llama3-8b-gpu-fp8.yaml; mps off; fi ;;
@@ -131,6 +139,17 @@ for name in "${@:-offline pd colo}"; do
             --num-prompts 48 --sweep-rates ${LP_RATES:-16,24} --slo-ttft-ms 1000 \
             --slo-tpot-ms 20 --vocab-size 1000 --count-empty-chunks --extra-body '{"logprobs": 0}' \
             --seed 0 --no-progress --out "${OUT:-/tmp}/lp_mps.json" 2>&1 | grep -v "INFO\|WARNING" | tail -14
+          mps off
+        fi ;;
+      sp_local_mps)  # shared prefixes: every prompt remote, against local when cached
+        python -m bench.gpu_serve --make-model-only > /dev/null
+        if mps on; then
+          timeout 500 python -m bench.compare /tmp/pd_mps.yaml /tmp/pd_local64_mps.yaml \
+            --labels remote,local64 --stop-cmd none --settle 2 --workload shared-prefix \
+            --num-groups 16 --group-size 16 --prefix-len 1024 --suffix-len 32 \
+            --output-len fixed:128 --concurrency 64 --vocab-size 1000 --count-empty-chunks \
+            --extra-body '{"logprobs": 0}' --seed 0 --no-progress \
+            --out "${OUT:-/tmp}/sp_local_mps.json" 2>&1 | grep -v "INFO\|WARNING" | tail -24
           mps off
         fi ;;
       *_gil*)

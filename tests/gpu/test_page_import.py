@@ -134,7 +134,10 @@ def _prefill_server(path: str, requests, replies) -> None:
 ENGINE_KW = dict(page_size=PAGE, num_pages=256, max_num_seqs=8, attention_backend="flashinfer")
 
 
-def test_1p1d_across_processes_gives_the_colocated_tokens(tmp_path):
+@pytest.mark.parametrize("local_prefill_max_tokens", [0, 8])
+def test_1p1d_across_processes_gives_the_colocated_tokens(tmp_path, local_prefill_max_tokens):
+    """With a limit of 8, the second prompt (4 cached pages + 5 tokens) is prefilled by the
+    decode engine itself, on the pages the first one imported."""
     pytest.importorskip("flashinfer")
     import engine.tiny_model as tiny
     from decode.worker import DecodeWorker
@@ -167,7 +170,8 @@ def test_1p1d_across_processes_gives_the_colocated_tokens(tmp_path):
         engine = AsyncEngine(Engine(ModelConfig(path, dtype="bfloat16", device="cuda"),
                                     EngineConfig(**ENGINE_KW)))
         fp = model_fingerprint(path, "bfloat16", "safetensors", 0)
-        decode = DecodeWorker(engine, Remote(), cuda_ipc.CudaIpcTransport(), fp)
+        decode = DecodeWorker(engine, Remote(), cuda_ipc.CudaIpcTransport(), fp,
+                              local_prefill_max_tokens=local_prefill_max_tokens)
         outs = []
         for i, prompt in enumerate(prompts):  # one after the other: the prefix is cached
             outs.append([t async for o in decode.generate(prompt, greedy, f"r{i}")
@@ -182,5 +186,9 @@ def test_1p1d_across_processes_gives_the_colocated_tokens(tmp_path):
         proc.join(120)
     assert proc.exitcode == 0
     assert outs == [r.token_ids for r in ref]
-    assert counters["pdserve_kv_transfer_blocks_skipped_total"] == 4  # written past the prefix
+    if local_prefill_max_tokens:
+        assert counters["pdserve_local_prefills_total"] == 1
+        assert counters["pdserve_kv_transfer_blocks_skipped_total"] == 0  # one import, whole
+    else:
+        assert counters["pdserve_kv_transfer_blocks_skipped_total"] == 4  # past the prefix
     assert stats.pages_used == 0
