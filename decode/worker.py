@@ -23,7 +23,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from contextlib import aclosing
 
 from engine.async_engine import AsyncEngine, OutputSink
 from engine.metrics import Metrics, track_stream
@@ -70,12 +69,8 @@ class DecodeWorker:
         if self._prefill_here(prompt_ids):
             self.metrics.inc("pdserve_local_prefills_total")
             self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
-            # aclosing: a client gone mid-stream aborts the request (and frees its pages) now,
-            # not when the garbage collector finalizes the engine's stream.
-            async with aclosing(self.engine.generate(prompt_ids, params, request_id,
-                                                     sink=sink)) as stream:
-                async for out in stream:
-                    yield out
+            async for out in self.engine.generate(prompt_ids, params, request_id, sink=sink):
+                yield out
             return
         rsv = await self._reserve(request_id, prompt_ids, params)
         try:

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from engine.block_allocator import BlockAllocator
-from engine.block_hash import block_hashes
+from engine.block_hash import ROOT, block_hashes, hash_block
 from engine.request import Request
 
 
@@ -55,8 +55,14 @@ class KVManager:
         may be evicted, or more cached, by the time a request for these tokens runs."""
         if not self.enable_prefix_caching:
             return 0
-        hashes = block_hashes(token_ids, self.page_size)
-        return len(self.allocator.lookup(hashes)) * self.page_size
+        parent, cached, size = ROOT, 0, self.page_size
+        # Hash block by block and stop at the first miss: a new prompt costs one hash.
+        while cached + size <= len(token_ids):
+            parent = hash_block(parent, token_ids[cached:cached + size])
+            if not self.allocator.lookup([parent]):
+                break
+            cached += size
+        return cached
 
     def pages_needed(self, req: Request, n: int) -> int:
         total = -(-(req.num_computed_tokens + n) // self.page_size)

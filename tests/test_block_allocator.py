@@ -119,3 +119,22 @@ def test_integrity_under_random_operations():
         a.free(seq)
     a.check_integrity()
     assert a.num_used == 0 and a.num_free == 64
+
+
+def test_cached_prefix_tokens_counts_the_leading_cached_pages_and_takes_nothing():
+    from engine.kv_manager import KVManager
+
+    alloc = BlockAllocator(8, 2)
+    kv = KVManager(alloc, enable_prefix_caching=True)
+    tokens = [5, 6, 7, 8, 9, 10, 11]  # 3 full blocks of 2, and 1 token
+    hashes = block_hashes(tokens, 2)
+    pages = alloc.allocate(2)
+    alloc.register(pages[0], hashes[0])
+    alloc.register(pages[1], hashes[1])
+    alloc.free(pages)  # cached, evictable
+    assert kv.cached_prefix_tokens(tokens) == 4  # blocks 0 and 1; block 2 is not cached
+    assert kv.cached_prefix_tokens([5, 6, 0, 0]) == 2  # the run stops at the first miss
+    assert kv.cached_prefix_tokens([7, 8, 9, 10]) == 0  # block 1's tokens, but another parent
+    assert sorted(alloc.evictable) == pages and alloc.num_used == 0  # no reference taken
+    assert KVManager(alloc, enable_prefix_caching=False).cached_prefix_tokens(tokens) == 0
+    alloc.check_integrity()

@@ -120,11 +120,19 @@ def test_without_prefix_caching_only_the_prompt_length_counts(tiny_llama):
 def test_a_client_gone_mid_stream_frees_a_local_prefills_pages(tiny_llama):
     async def main():
         prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=32)
-        long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-        stream = decode.generate([3] * 20, long, "gone")
-        async for _ in stream:
-            break  # the client goes away after the first token
-        await stream.aclose()
+        long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        first = asyncio.Event()
+
+        async def client():
+            async for _ in decode.generate([3] * 20, long, "gone"):
+                first.set()
+
+        task = asyncio.create_task(client())
+        await first.wait()
+        # As Serve does when the HTTP client goes: the task waiting for the next output is
+        # cancelled, inside the engine's stream, which then aborts the request.
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         await decode.engine.check_integrity()  # queued behind the abort
         return prefill, decode
 
