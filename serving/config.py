@@ -129,10 +129,10 @@ class DecodeDeploymentSection(EngineDeploymentSection):
     """The decode deployment: an engine deployment that may also prefill short prompts."""
 
     # A decode replica prefills a prompt itself when at most this many of its tokens are not in
-    # its prefix cache (a short prompt, or a new turn whose history it holds): one longer step
-    # for its running batch instead of a prefill replica's round trip and a KV transfer (NVIDIA
-    # Dynamo's "conditional disaggregation" rule, here counted after the prefix cache).
-    # 0 (default): every prompt goes to a prefill replica.
+    # its prefix cache (a short prompt, or a new turn whose history it holds): longer steps for
+    # its running batch instead of a prefill replica's round trip and a KV transfer (the
+    # "conditional disaggregation" of NVIDIA Dynamo and TensorRT-LLM, which also count the
+    # tokens after the prefix hit). 0 (default): every prompt goes to a prefill replica.
     local_prefill_max_tokens: int = Field(0, ge=0)
 
 
