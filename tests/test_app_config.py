@@ -19,6 +19,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 ENGINE_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(EngineConfig)))
 ROLE_KEYS = "autoscaling_config, engine, max_ongoing_requests, num_replicas, ray_actor_options"
 INGRESS_KEYS = ROLE_KEYS.replace("engine, ", "")
+DECODE_KEYS = ROLE_KEYS.replace("engine, ", "engine, local_prefill_max_tokens, ")
 
 
 def app_args(path: Path) -> dict:
@@ -105,7 +106,7 @@ def test_an_override_to_null_is_kept_apart_from_no_override():
     ({"engine": {"max_num_seq": 8}}, "engine.max_num_seq", ENGINE_KEYS),
     ({"prefill": {"engine": {"max_num_seq": 8}}}, "prefill.engine.max_num_seq", ENGINE_KEYS),
     ({"colocated": {"engine": {"pagesize": 8}}}, "colocated.engine.pagesize", ENGINE_KEYS),
-    ({"decode": {"replicas": 2}}, "decode.replicas", ROLE_KEYS),
+    ({"decode": {"replicas": 2}}, "decode.replicas", DECODE_KEYS),
     ({"ingress": {"engine": {"num_pages": 1}}}, "ingress.engine", INGRESS_KEYS),
     ({"limits": {"max_tokens": 5}}, "limits.max_tokens",
      "max_batch_prefill_tokens, max_body_bytes, max_client_batch_size, max_concurrent_requests, "
