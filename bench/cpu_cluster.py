@@ -2,9 +2,9 @@
 
 python -m bench.cpu_cluster [--config configs/tiny.yaml] [--out-dir DIR]
 Prints time to first HTTP 200, TTFT and TPOT of one stream, output tokens/s at concurrency
-1 and 32 and their ratio, and KV bytes moved per request (from /metrics). The two runs' JSON
-goes to DIR (default: a new temporary directory, printed; `--out-dir docs/bench` replaces the
-committed ones).
+1 and 32 and their ratio, KV bytes moved per request and how many requests the decode replica
+prefilled itself (from /metrics). The two runs' JSON goes to DIR (default: a new temporary
+directory, printed; `--out-dir docs/bench` replaces the committed ones).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from bench import serve as bench_serve
 from bench.launcher import ServerProcess, expand
 
 
-def kv_bytes(base: str) -> tuple[float, float]:
-    """(KV bytes received by decode replicas, requests they served) from /metrics."""
+def kv_bytes(base: str) -> tuple[float, float, float]:
+    """(KV bytes received by decode replicas, requests they served, and of those the ones they
+    prefilled themselves: `decode.local_prefill_max_tokens`) from /metrics."""
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    total = reqs = 0.0
+    total = reqs = local = 0.0
     for line in text.splitlines():
         if 'role="decode"' not in line:
             continue
@@ -30,7 +31,9 @@ def kv_bytes(base: str) -> tuple[float, float]:
             total += float(line.rsplit(" ", 1)[1])
         elif line.startswith("pdserve_requests_total{"):
             reqs += float(line.rsplit(" ", 1)[1])
-    return total, reqs
+        elif line.startswith("pdserve_local_prefills_total{"):
+            local += float(line.rsplit(" ", 1)[1])
+    return total, reqs, local
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                               str(conc), "--request-rate", "inf", "--seed", "0",
                               "--no-progress", "--out", str(path)])
             results[conc] = json.loads(path.read_text())["runs"][0]
-        moved, served = kv_bytes(args.base_url)
+        moved, served, local = kv_bytes(args.base_url)
     finally:
         server.stop()
     one, many = results[1], results[32]
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{many['tpot_ms']['p50']:.2f} ms, {many['output_throughput']:.1f} tok/s")
     print(f"throughput ratio 32/1: {many['output_throughput'] / one['output_throughput']:.2f}x")
     if served:
-        print(f"KV bytes moved per request: {moved / served:.0f} ({served:.0f} requests)")
+        print(f"KV bytes moved per request: {moved / served:.0f} ({served:.0f} requests, "
+              f"{local:.0f} of them prefilled on the decode replica)")
     print(f"JSON: {out}/tiny-cpu-c1.json, {out}/tiny-cpu-c32.json")
 
 
