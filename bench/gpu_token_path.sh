@@ -27,8 +27,8 @@
 # pd_mps, bench.compare), pd_local_mps (pd_mps with the decode replica prefilling prompts of up
 # to 512 uncached tokens itself: here every prompt), sp_local_mps (a shared-prefix workload, 16
 # groups of 16 requests, 1024-token prefix + 32-token suffix, 128 out, 64 at a time: pd_mps
-# against pd_mps with `decode.local_prefill_max_tokens: 64`, so that a request whose prefix
-# the decode replica holds is prefilled there, bench.compare).
+# with `decode.local_prefill_max_tokens` 0 against 64, the config's, so that a request whose
+# prefix the decode replica holds is prefilled there, bench.compare).
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
 # writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
 # from `ray start`), and DIR is copied to $OUT/steplog at the end.
@@ -67,10 +67,11 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
         args["engine"].pop("kv_cache_dtype")
     if name == "pd_":  # MPS variants; the config itself runs decode at below-normal priority
         yaml.safe_dump(cfg, open("/tmp/pd_mps.yaml", "w"))
-        for limit, out in ((512, "pd_local_mps"), (64, "pd_local64_mps")):
+        configured = args["decode"].get("local_prefill_max_tokens", 0)
+        for limit, out in ((512, "pd_local_mps"), (64, "pd_local64_mps"), (0, "pd_local0_mps")):
             args["decode"]["local_prefill_max_tokens"] = limit
             yaml.safe_dump(cfg, open(f"/tmp/{out}.yaml", "w"))
-        args["decode"].pop("local_prefill_max_tokens")
+        args["decode"]["local_prefill_max_tokens"] = configured  # the variants below keep it
         decode_env = args["decode"]["ray_actor_options"].pop("runtime_env", None)
         yaml.safe_dump(cfg, open("/tmp/pd_mps_even.yaml", "w"))
         args["prefill"]["ray_actor_options"]["runtime_env"] = low
@@ -144,7 +145,7 @@ for name in "${@:-offline pd colo}"; do
       sp_local_mps)  # shared prefixes: every prompt remote, against local when cached
         python -m bench.gpu_serve --make-model-only > /dev/null
         if mps on; then
-          timeout 500 python -m bench.compare /tmp/pd_mps.yaml /tmp/pd_local64_mps.yaml \
+          timeout 500 python -m bench.compare /tmp/pd_local0_mps.yaml /tmp/pd_local64_mps.yaml \
             --labels remote,local64 --stop-cmd none --settle 2 --workload shared-prefix \
             --num-groups 16 --group-size 16 --prefix-len 1024 --suffix-len 32 \
             --output-len fixed:128 --concurrency 64 --vocab-size 1000 --count-empty-chunks \
