@@ -90,29 +90,21 @@ def test_a_new_turn_on_a_cached_history_prefills_locally(tiny_llama):
     _no_pages_left(prefill, decode)
 
 
-def test_limit_zero_sends_every_prompt_to_a_prefill_replica(tiny_llama):
+@pytest.mark.parametrize("limit, engine_kwargs, prompts", [
+    (0, {}, [[5, 6, 7]]),  # limit 0: even a 3-token prompt
+    # Without prefix caching only the length counts: the second prompt's 64 shared tokens are
+    # not cached, so 65 tokens need computing, more than 16.
+    (16, {"enable_prefix_caching": False}, [SHARED + [1], SHARED + [2]]),
+])
+def test_these_prompts_all_go_to_the_prefill_replica(tiny_llama, limit, engine_kwargs, prompts):
     async def main():
-        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=0)
-        await _tokens(decode, [5, 6, 7], "tiny")
+        prefill, decode = _pair(tiny_llama, limit, **engine_kwargs)
+        for i, prompt in enumerate(prompts):
+            await _tokens(decode, prompt, f"r{i}")
         return prefill, decode
 
     prefill, decode = asyncio.run(main())
-    assert _count(prefill, "pdserve_requests_total") == 1
-    assert _count(decode, "pdserve_local_prefills_total") == 0
-    _no_pages_left(prefill, decode)
-
-
-def test_without_prefix_caching_only_the_prompt_length_counts(tiny_llama):
-    async def main():
-        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=16,
-                                enable_prefix_caching=False)
-        await _tokens(decode, SHARED + [1], "a")
-        assert decode.engine.cached_prefix_tokens(SHARED + [2]) == 0
-        await _tokens(decode, SHARED + [2], "b")
-        return prefill, decode
-
-    prefill, decode = asyncio.run(main())
-    assert _count(prefill, "pdserve_requests_total") == 2
+    assert _count(prefill, "pdserve_requests_total") == len(prompts)
     assert _count(decode, "pdserve_local_prefills_total") == 0
     _no_pages_left(prefill, decode)
 
