@@ -138,16 +138,19 @@ async def _generate(decode: DecodeWorker, prompts: list[list[int]]) -> list[list
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
-@pytest.mark.parametrize("transport", ["inline", "gloo-whole", "gloo-layerwise"])
+@pytest.mark.parametrize("transport", ["inline", "gloo-whole", "gloo-layerwise", "inline-local"])
 def test_disaggregated_prompt_logprobs_equal_hf(tiny_llama, transport):
+    """inline-local: the decode replica prefills the third prompt itself (64 of its 66 tokens
+    cached there: `local_prefill_max_tokens`), so it computes those prompt logprobs."""
     fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
-    if transport == "inline":
+    if transport.startswith("inline"):
         send = recv = make_transport("inline")
     else:
         send, recv = make_transport("gloo", timeout_s=60), make_transport("gloo", timeout_s=60)
     prefill = PrefillWorker(_engine(tiny_llama), send, fp)
     decode = DecodeWorker(_engine(tiny_llama), prefill, recv, fp, timeout_s=60,
-                          layerwise=transport == "gloo-layerwise")
+                          layerwise=transport == "gloo-layerwise",
+                          local_prefill_max_tokens=8 if transport == "inline-local" else 0)
     shared = _prompts(5, (64,))[0]
     # The second prompt's 4 shared blocks are cached on both sides when it runs.
     prompts = [shared + [7, 8, 9], _prompts(6, (45,))[0]]
@@ -159,7 +162,7 @@ def test_disaggregated_prompt_logprobs_equal_hf(tiny_llama, transport):
     try:
         got = asyncio.run(main())
     finally:
-        if transport != "inline":
+        if not transport.startswith("inline"):
             send.close()
             recv.close()
     prompts.append(shared + [10, 11])
@@ -169,6 +172,8 @@ def test_disaggregated_prompt_logprobs_equal_hf(tiny_llama, transport):
     ref = LLM(tiny_llama, num_pages=128).generate(prompts, PARAMS)
     assert [[t for o in outs for t in o.new_token_ids] for outs in got] == \
         [c.token_ids for c in ref]
+    local = 1 if transport == "inline-local" else 0
+    assert decode.metrics.counters.get("pdserve_local_prefills_total", 0) == local
     for w in (prefill, decode):
         w.engine.engine.check_integrity()
         assert w.engine.stats().pages_used == 0
