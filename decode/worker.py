@@ -8,10 +8,10 @@
 No Ray here: `prefill` is any `Prefiller` (serving/pd_protocol.py).
 
 A prompt of which at most `local_prefill_max_tokens` tokens are not in this replica's prefix
-cache (a short prompt, or a new turn of a conversation routed here for its prefix) skips 2-3:
-this engine prefills it in its own steps. That makes the running batch's steps longer while it
-runs, against a round trip to a prefill replica and a KV transfer; 0 (the default) sends every
-prompt there.
+cache (a short prompt, or a new turn of a conversation routed here for its prefix) skips 1-3:
+this engine takes its pages and prefills it in its own steps, as a colocated engine does. That
+makes the running batch's steps longer while it runs, against a round trip to a prefill replica
+and a KV transfer; 0 (the default) sends every prompt there.
 
 Steps 2-3 are retried, at most `prefill_retries` times, when `retriable(error)` says the
 prefill replica (or the KV it owned) was lost: the next call goes to another prefill replica.
