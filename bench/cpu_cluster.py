@@ -17,23 +17,19 @@ from pathlib import Path
 
 from bench import serve as bench_serve
 from bench.launcher import ServerProcess, expand
+from bench.soak import parse_metrics
 
 
 def kv_bytes(base: str) -> tuple[float, float, float]:
     """(KV bytes received by decode replicas, requests they served, and of those the ones they
     prefilled themselves: `decode.local_prefill_max_tokens`) from /metrics."""
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    total = reqs = local = 0.0
-    for line in text.splitlines():
-        if 'role="decode"' not in line:
-            continue
-        if line.startswith("pdserve_kv_transfer_bytes_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("pdserve_requests_total{"):
-            reqs += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("pdserve_local_prefills_total{"):
-            local += float(line.rsplit(" ", 1)[1])
-    return total, reqs, local
+
+    def decode_sum(name: str) -> float:
+        return sum(v for (role, _), v in parse_metrics(text, name).items() if role == "decode")
+
+    return (decode_sum("pdserve_kv_transfer_bytes_total"), decode_sum("pdserve_requests_total"),
+            decode_sum("pdserve_local_prefills_total"))
 
 
 def main(argv: list[str] | None = None) -> None:
