@@ -1,5 +1,6 @@
 """What the e2e tests that run applications of their own share: waiting (hang guards only),
-reading Serve's replica states and actors, deploying a Serve config, one greedy stream."""
+reading Serve's replica states and actors, an app's readiness and its /metrics counters,
+deploying a Serve config, one greedy stream."""
 
 from __future__ import annotations
 
@@ -29,6 +30,22 @@ def running_replicas(app_name: str, role: str) -> int:
         return 0
     return sum(n for state, n in app.deployments[role].replica_states.items()
                if str(state).endswith("RUNNING"))
+
+
+def serving(app_name: str, base: str) -> bool:
+    """`app_name` has a running decode replica and answers /health at `base` with 200."""
+    try:
+        return (running_replicas(app_name, "decode") > 0
+                and httpx.get(f"{base}/health").status_code == 200)
+    except httpx.HTTPError:
+        return False
+
+
+def counter(base: str, name: str) -> float:
+    """Metric `name` summed over every replica on `base`'s /metrics."""
+    from bench.soak import parse_metrics
+
+    return sum(parse_metrics(httpx.get(f"{base}/metrics", timeout=30).text, name).values())
 
 
 def replica_actors(app_name: str, role: str) -> set[str]:

@@ -19,6 +19,7 @@ import pytest
 
 from bench.soak import parse_metrics
 from tests.e2e.conftest import app_args
+from tests.e2e.serve_apps import counter
 
 APP, PREFIX = "kill", "/kill"
 CONCURRENCY_LIMIT = 8
@@ -98,10 +99,6 @@ async def run_streams(base: str, texts: list[str], n: int, during=None) -> list[
         extra = [during(seen)] if during else []
         results = await asyncio.gather(*tasks, *extra)
     return results[:len(texts)]
-
-
-def counter(base: str, name: str) -> float:
-    return sum(parse_metrics(httpx.get(f"{base}/metrics", timeout=30).text, name).values())
 
 
 def test_request_id_is_echoed_once_and_health_is_ready(kill_app):

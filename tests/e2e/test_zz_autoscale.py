@@ -17,7 +17,7 @@ import threading
 import httpx
 
 from tests.e2e.conftest import app_args
-from tests.e2e.serve_apps import deploy, running_replicas, wait_until
+from tests.e2e.serve_apps import deploy, running_replicas, serving, wait_until
 
 APPS = {"decode": ("autoscale", "/autoscale"), "prefill": ("autoscalep", "/autoscalep")}
 
@@ -38,14 +38,6 @@ def _serve_config(model_dir: str, scaled: str) -> dict:
         "name": app, "route_prefix": route, "import_path": "cluster.app:build_app",
         "autoscaling_policy": {"policy_function": "cluster.slo_autoscaler:slo_policy"},
         "args": args}]}
-
-
-def _healthy(app: str, base: str) -> bool:
-    try:
-        return (running_replicas(app, "decode") > 0
-                and httpx.get(f"{base}/health").status_code == 200)
-    except httpx.HTTPError:
-        return False
 
 
 class Load:
@@ -87,7 +79,7 @@ def _scale_under_load(cluster, scaled: str) -> None:
     deploy(_serve_config(cluster["model_dir"], scaled))
     base = f"{cluster['base']}{route}"
     try:
-        wait_until("the app", lambda: _healthy(app, base))
+        wait_until("the app", lambda: serving(app, base))
         assert (running_replicas(app, scaled), running_replicas(app, pinned)) == (1, 1)
         load = Load(base, prompt_heavy=scaled == "prefill")
         load.thread.start()

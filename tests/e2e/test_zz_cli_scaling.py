@@ -21,6 +21,7 @@ import httpx
 from tests.e2e.conftest import app_args
 from tests.e2e.serve_apps import (
     HANG_GUARD_S,
+    counter,
     deploy,
     replica_actors,
     running_replicas,
@@ -47,12 +48,6 @@ def _config(model_dir: str, decode_replicas: int, app: str = APP, route: str = R
             {"name": "decode", "num_replicas": decode_replicas,
              "ray_actor_options": {"num_cpus": 0}, "graceful_shutdown_timeout_s": 1},
             {"name": "ingress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}]}]}
-
-
-def _counter(base: str, name: str) -> float:
-    from bench.soak import parse_metrics
-
-    return sum(parse_metrics(httpx.get(f"{base}/metrics", timeout=30).text, name).values())
 
 
 def _integrity(base: str, replicas: dict[str, set[str]]) -> dict[tuple[str, str], float]:
@@ -115,11 +110,11 @@ def test_one_role_scales_from_the_config_and_streams_finish(cluster):
             deploy(_config(model, 1))
             wait_until("one decode replica", lambda: len(replica_actors(APP, "decode")) == 1)
 
-        resumed = _counter(base, "pdserve_api_resumed_requests_total")
+        resumed = counter(base, "pdserve_api_resumed_requests_total")
         results = asyncio.run(_streams_across(base, prompts, LONG, scale_down))
         assert results == [("ok", r) for r in ref_long]  # handed over, none cut
         # which streams the stopped replica held is Serve's routing: printed, not asserted
-        print(f"\nscale-down: {_counter(base, 'pdserve_api_resumed_requests_total') - resumed:.0f}"
+        print(f"\nscale-down: {counter(base, 'pdserve_api_resumed_requests_total') - resumed:.0f}"
               " of 4 streams resumed on the remaining decode replica")
         final = {role: replica_actors(APP, role) for role in ("prefill", "decode", "ingress")}
         assert final["prefill"] == before["prefill"] and final["ingress"] == before["ingress"]

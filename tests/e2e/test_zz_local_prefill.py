@@ -8,19 +8,11 @@ from __future__ import annotations
 import httpx
 from ray import serve
 
-from bench.soak import parse_metrics
 from tests.e2e.conftest import app_args
-from tests.e2e.serve_apps import deploy, running_replicas, wait_until
+from tests.e2e.serve_apps import counter, deploy, serving, wait_until
 
 APP, ROUTE = "localpf", "/localpf"
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return (running_replicas(APP, "decode") > 0
-                and httpx.get(f"{base}/health").status_code == 200)
-    except httpx.HTTPError:
-        return False
+LOCAL = "pdserve_local_prefills_total"
 
 
 def _completion(base: str, prompt: list[int]) -> str:
@@ -30,11 +22,6 @@ def _completion(base: str, prompt: list[int]) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def _local_prefills(base: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=30).text
-    return sum(parse_metrics(text, "pdserve_local_prefills_total").values())
-
-
 def test_a_short_prompt_is_prefilled_on_the_decode_replica(cluster):
     args = app_args(cluster["model_dir"], "disaggregated")
     args["decode"] = {"local_prefill_max_tokens": 8}
@@ -42,10 +29,10 @@ def test_a_short_prompt_is_prefilled_on_the_decode_replica(cluster):
                               "import_path": "cluster.app:build_app", "args": args}]})
     base = cluster["base"] + ROUTE
     try:
-        wait_until("the app", lambda: _healthy(base))
-        before = _local_prefills(base)  # the shared apps never prefill on a decode replica
+        wait_until("the app", lambda: serving(APP, base))
+        before = counter(base, LOCAL)  # the shared apps never prefill on a decode replica
         prompt = [11, 12, 13, 14, 15, 16]
         assert _completion(base, prompt) == _completion(cluster["base"], prompt)
-        wait_until("the local prefill on /metrics", lambda: _local_prefills(base) == before + 1)
+        wait_until("the local prefill on /metrics", lambda: counter(base, LOCAL) == before + 1)
     finally:
         serve.delete(APP)  # its replicas leave /metrics (the pages-freed test reads it)
