@@ -10,19 +10,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from api.server import build_api
-from decode.worker import DecodeWorker
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM
-from engine.llm_engine import Engine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from kvtransfer import make_transport, model_fingerprint
-from prefill.worker import PrefillWorker
 from tests.api_harness import client_for, serving_engine
+from tests.test_disaggregated_inprocess import inline_pair
 
 pytestmark = pytest.mark.anyio
-PAGE = 16
+PAGE = 16  # inline_pair's page size
 
 
 class Recorder:
@@ -73,18 +68,9 @@ async def test_one_engine_prefills_the_prompt_once(llm: LLM) -> None:
     assert llm.engine.num_pages_used == 0
 
 
-def _pair(path: str) -> tuple[PrefillWorker, DecodeWorker]:
-    cfg = EngineConfig(page_size=PAGE, num_pages=128)
-    fp = model_fingerprint(path, "float32", "safetensors", 0)
-    transport = make_transport("inline")
-    prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), transport, fp)
-    decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), prefill, transport, fp)
-    return prefill, decode
-
-
 async def test_disaggregated_choices_move_the_prompt_once(tiny_llama: str) -> None:
     ref_llm = LLM(tiny_llama, num_pages=128)
-    prefill, decode = _pair(tiny_llama)
+    prefill, decode = inline_pair(tiny_llama)
     rec = Recorder(decode)
     counters = decode.metrics.counters
     warm, prompt = list(range(400, 467)), list(range(500, 567))  # 67 tokens: 4 pages + 3

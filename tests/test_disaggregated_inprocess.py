@@ -22,12 +22,16 @@ from prefill.worker import PrefillWorker
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def _pair(path: str, **engine_kwargs):
+def inline_pair(path: str, local_prefill_max_tokens: int = 0, **engine_kwargs,
+                ) -> tuple[PrefillWorker, DecodeWorker]:
+    """A prefill and a decode worker in this process over the inline transport, each with its
+    own engine (16-token pages, 128 of them, plus `engine_kwargs`)."""
     cfg = EngineConfig(page_size=16, num_pages=128, **engine_kwargs)
     fp = model_fingerprint(path, "float32", "safetensors", 0)
     transport = make_transport("inline")
     prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), transport, fp)
-    decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), prefill, transport, fp)
+    decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), prefill, transport, fp,
+                          local_prefill_max_tokens=local_prefill_max_tokens)
     return prefill, decode
 
 
@@ -37,7 +41,7 @@ async def _collect(decode: DecodeWorker, prompt, params, rid):
 
 def test_tokens_equal_colocated_and_prefix_pages_move_once(tiny_llama):
     async def main():
-        prefill, decode = _pair(tiny_llama)
+        prefill, decode = inline_pair(tiny_llama)
         shared = list(range(100, 164))  # 4 full blocks
         a, b = shared + [7, 8, 9], shared + [10, 11]
         outs_a = await _collect(decode, a, GREEDY, "a")
@@ -66,7 +70,7 @@ def test_a_prompt_cached_whole_on_the_decode_side_moves_no_pages(tiny_llama):
     """A prompt of full blocks only, all cached where it decodes (a repeat, or a resume after a
     replica died): the prefill replica exports no page, and the tokens stay right."""
     async def main():
-        prefill, decode = _pair(tiny_llama)
+        prefill, decode = inline_pair(tiny_llama)
         prompt = list(range(200, 264))  # exactly 4 full blocks
         first = await _collect(decode, prompt, GREEDY, "first")
         moved = decode.metrics.counters["pdserve_kv_transfer_bytes_total"]
@@ -86,7 +90,7 @@ def test_a_prompt_cached_whole_on_the_decode_side_moves_no_pages(tiny_llama):
 
 def test_concurrent_requests_and_abort_free_pages(tiny_llama):
     async def main():
-        prefill, decode = _pair(tiny_llama)
+        prefill, decode = inline_pair(tiny_llama)
         prompts = [[5 + i] * (10 + 7 * i) for i in range(6)]
         results = await asyncio.gather(*[_collect(decode, p, GREEDY, f"r{i}")
                                          for i, p in enumerate(prompts)])
@@ -133,7 +137,7 @@ def test_the_decode_worker_ends_every_import_it_was_given(tiny_llama, monkeypatc
     prompt = list(range(100, 140))
 
     async def main():
-        prefill, decode = _pair(tiny_llama)
+        prefill, decode = inline_pair(tiny_llama)
         got = await _collect(decode, prompt, GREEDY, "ok")
         wrong = DecodeWorker(decode.engine, prefill, decode.transport, "another model")
         with pytest.raises(ValueError):

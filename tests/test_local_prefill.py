@@ -9,27 +9,13 @@ import asyncio
 import pytest
 
 from decode.worker import DecodeWorker
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM
-from engine.llm_engine import Engine
 from engine.sampling_params import SamplingParams
-from kvtransfer import make_transport, model_fingerprint
-from prefill.worker import PrefillWorker
 from serving.config import AppConfig
+from tests.test_disaggregated_inprocess import inline_pair
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 SHARED = list(range(100, 164))  # 4 full pages of 16
-
-
-def _pair(path: str, local_prefill_max_tokens: int, **engine_kwargs):
-    cfg = EngineConfig(page_size=16, num_pages=128, **engine_kwargs)
-    fp = model_fingerprint(path, "float32", "safetensors", 0)
-    transport = make_transport("inline")
-    prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), transport, fp)
-    decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), prefill, transport, fp,
-                          local_prefill_max_tokens=local_prefill_max_tokens)
-    return prefill, decode
 
 
 async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str) -> list[int]:
@@ -50,7 +36,7 @@ def test_short_prompts_prefill_on_the_decode_replica_long_ones_remotely(tiny_lla
     short, long = list(range(300, 316)), list(range(400, 417))  # 16 and 17 tokens
 
     async def main():
-        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=16)
+        prefill, decode = inline_pair(tiny_llama, local_prefill_max_tokens=16)
         got_short = await _tokens(decode, short, "short")
         assert _count(prefill, "pdserve_requests_total") == 0
         assert _count(decode, "pdserve_kv_transfer_bytes_total") == 0
@@ -73,7 +59,7 @@ def test_a_new_turn_on_a_cached_history_prefills_locally(tiny_llama):
     first, turn = SHARED + [7, 8, 9], SHARED + list(range(20, 30))
 
     async def main():
-        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=16)
+        prefill, decode = inline_pair(tiny_llama, local_prefill_max_tokens=16)
         assert decode.engine.cached_prefix_tokens(turn) == 0
         got_first = await _tokens(decode, first, "first")  # 67 uncached: a prefill replica's
         moved = _count(decode, "pdserve_kv_transfer_bytes_total")
@@ -98,7 +84,7 @@ def test_a_new_turn_on_a_cached_history_prefills_locally(tiny_llama):
 ])
 def test_these_prompts_all_go_to_the_prefill_replica(tiny_llama, limit, engine_kwargs, prompts):
     async def main():
-        prefill, decode = _pair(tiny_llama, limit, **engine_kwargs)
+        prefill, decode = inline_pair(tiny_llama, limit, **engine_kwargs)
         for i, prompt in enumerate(prompts):
             await _tokens(decode, prompt, f"r{i}")
         return prefill, decode
@@ -111,7 +97,7 @@ def test_these_prompts_all_go_to_the_prefill_replica(tiny_llama, limit, engine_k
 
 def test_a_client_gone_mid_stream_frees_a_local_prefills_pages(tiny_llama):
     async def main():
-        prefill, decode = _pair(tiny_llama, local_prefill_max_tokens=32)
+        prefill, decode = inline_pair(tiny_llama, local_prefill_max_tokens=32)
         long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
         first = asyncio.Event()
 
