@@ -113,6 +113,17 @@ mps() {  # $1: on / off. Clients find the daemon through CUDA_MPS_PIPE_DIRECTORY
   restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}"
   return $ok
 }
+compare_under_mps() {  # $1: name ($OUT/$1.json), $2: time limit s, $3: lines of output shown;
+  # the rest: bench.compare's configs and options. Random-weight servers on the model
+  # `bench.gpu_serve --make-model-only` makes, under an MPS daemon.
+  python -m bench.gpu_serve --make-model-only > /dev/null  # what the configs load
+  if mps on; then
+    timeout "$2" python -m bench.compare "${@:4}" --stop-cmd none --settle 2 --vocab-size 1000 \
+      --count-empty-chunks --extra-body '{"logprobs": 0}' --seed 0 --no-progress \
+      --out "${OUT:-/tmp}/$1.json" 2>&1 | grep -v "INFO\|WARNING" | tail -"$3"
+    mps off
+  fi
+}
 for name in "${@:-offline pd colo}"; do
   for n in $name; do
     case $n in
@@ -133,26 +144,13 @@ for name in "${@:-offline pd colo}"; do
       pd_fp8_mps_lowd)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       lp_mps)  # long prompts under MPS: goodput with the decode replica at normal, then below
-        python -m bench.gpu_serve --make-model-only > /dev/null  # what the configs load
-        if mps on; then
-          timeout 560 python -m bench.compare /tmp/pd_mps_even.yaml /tmp/pd_mps.yaml \
-            --labels normal,below --stop-cmd none --settle 2 --workload long-prompt \
-            --num-prompts 48 --sweep-rates ${LP_RATES:-16,24} --slo-ttft-ms 1000 \
-            --slo-tpot-ms 20 --vocab-size 1000 --count-empty-chunks --extra-body '{"logprobs": 0}' \
-            --seed 0 --no-progress --out "${OUT:-/tmp}/lp_mps.json" 2>&1 | grep -v "INFO\|WARNING" | tail -14
-          mps off
-        fi ;;
+        compare_under_mps lp_mps 560 14 /tmp/pd_mps_even.yaml /tmp/pd_mps.yaml \
+          --labels normal,below --workload long-prompt --num-prompts 48 \
+          --sweep-rates ${LP_RATES:-16,24} --slo-ttft-ms 1000 --slo-tpot-ms 20 ;;
       sp_local_mps)  # shared prefixes: every prompt remote, against local when cached
-        python -m bench.gpu_serve --make-model-only > /dev/null
-        if mps on; then
-          timeout 500 python -m bench.compare /tmp/pd_local0_mps.yaml /tmp/pd_local64_mps.yaml \
-            --labels remote,local64 --stop-cmd none --settle 2 --workload shared-prefix \
-            --num-groups 16 --group-size 16 --prefix-len 1024 --suffix-len 32 \
-            --output-len fixed:128 --concurrency 64 --vocab-size 1000 --count-empty-chunks \
-            --extra-body '{"logprobs": 0}' --seed 0 --no-progress \
-            --out "${OUT:-/tmp}/sp_local_mps.json" 2>&1 | grep -v "INFO\|WARNING" | tail -24
-          mps off
-        fi ;;
+        compare_under_mps sp_local_mps 500 24 /tmp/pd_local0_mps.yaml /tmp/pd_local64_mps.yaml \
+          --labels remote,local64 --workload shared-prefix --num-groups 16 --group-size 16 \
+          --prefix-len 1024 --suffix-len 32 --output-len fixed:128 --concurrency 64 ;;
       *_gil*)
         base=${n%_gil*}
         case $base in pd) src=$C ;; colo) src=$K ;; *) src=/tmp/$base.yaml ;; esac
