@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterator
 
 ROOT = 0
 
@@ -17,12 +18,17 @@ def hash_block(parent: int, tokens: list[int] | tuple[int, ...]) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def iter_block_hashes(token_ids: list[int], page_size: int, start: list[int] | None = None,
+                      ) -> Iterator[int]:
+    """The chain hashes of the full blocks of `token_ids` after the `start` ones (hashes already
+    known), computed one block at a time as they are asked for."""
+    parent = start[-1] if start else ROOT
+    for i in range(len(start or ()), len(token_ids) // page_size):
+        parent = hash_block(parent, token_ids[i * page_size:(i + 1) * page_size])
+        yield parent
+
+
 def block_hashes(token_ids: list[int], page_size: int, start: list[int] | None = None,
                  ) -> list[int]:
     """Chain hashes of every full block of `token_ids`; `start` are hashes already known."""
-    hashes = list(start or [])
-    parent = hashes[-1] if hashes else ROOT
-    for i in range(len(hashes), len(token_ids) // page_size):
-        parent = hash_block(parent, token_ids[i * page_size:(i + 1) * page_size])
-        hashes.append(parent)
-    return hashes
+    return [*(start or []), *iter_block_hashes(token_ids, page_size, start)]

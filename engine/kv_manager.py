@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from engine.block_allocator import BlockAllocator
-from engine.block_hash import ROOT, block_hashes, hash_block
+from engine.block_hash import block_hashes, iter_block_hashes
 from engine.request import Request
 
 
@@ -55,13 +55,12 @@ class KVManager:
         may be evicted, or more cached, by the time a request for these tokens runs."""
         if not self.enable_prefix_caching:
             return 0
-        parent, cached, size = ROOT, 0, self.page_size
+        cached = 0
         # Hash block by block and stop at the first miss: a new prompt costs one hash.
-        while cached + size <= len(token_ids):
-            parent = hash_block(parent, token_ids[cached:cached + size])
-            if not self.allocator.lookup([parent]):
+        for block_hash in iter_block_hashes(token_ids, self.page_size):
+            if not self.allocator.lookup([block_hash]):
                 break
-            cached += size
+            cached += self.page_size
         return cached
 
     def pages_needed(self, req: Request, n: int) -> int:
