@@ -18,6 +18,9 @@
 # pd_mps_even (neither replica below normal), pd_mps_lowp (the prefill replica below normal
 # instead), pd_mps_p60 (neither below normal, the prefill replica held to 60% of the SMs:
 # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), pd_mps_c8k (its prompt chunks 8K tokens instead of 16K),
+# pd_mps_pnoov (the prefill replica's overlapped scheduling off: the GPU has none of its work
+# queued while it plans a step, so the decode replica's waiting kernels run there),
+# pd_mps_pnoov_c8k (both),
 # pd_mbox / colo_mbox (token_path: mailbox, the Ray mailbox actor, instead of the token socket),
 # pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS; pd_fp8_mps_lowd: its decode replica
 # below normal priority, as configs/llama3-8b-gpu.yaml runs it), colo_fp8 (the colocated
@@ -82,8 +85,13 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
         args["prefill"]["ray_actor_options"].pop("runtime_env")
         if decode_env is not None:
             args["decode"]["ray_actor_options"]["runtime_env"] = decode_env
+        chunk = args["prefill"]["engine"]["max_num_batched_tokens"]
         args["prefill"]["engine"]["max_num_batched_tokens"] = 8192
         yaml.safe_dump(cfg, open("/tmp/pd_mps_c8k.yaml", "w"))
+        args["prefill"]["engine"]["overlap_scheduling"] = "off"
+        yaml.safe_dump(cfg, open("/tmp/pd_mps_pnoov_c8k.yaml", "w"))
+        args["prefill"]["engine"]["max_num_batched_tokens"] = chunk
+        yaml.safe_dump(cfg, open("/tmp/pd_mps_pnoov.yaml", "w"))
 fp8["decode"]["ray_actor_options"]["runtime_env"] = low  # the fp8 config, decode below normal
 yaml.safe_dump(fp8_cfg, open("/tmp/pd_fp8_mps_lowd.yaml", "w"))
 PY
@@ -137,7 +145,8 @@ for name in "${@:-offline pd colo}"; do
         if [ $n = pd_proxy ]; then cfg=$C; else cfg=$K; fi
         RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
-      pd_mps | pd_mps_even | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k | pd_local_mps)
+      pd_mps | pd_mps_even | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k | pd_local_mps | pd_mps_pnoov \
+        | pd_mps_pnoov_c8k)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       pd_fp8_mps)
         if mps on; then bash bench/gpu_serve_runs.sh $n:configs/llama3-8b-gpu-fp8.yaml; mps off; fi ;;
