@@ -82,13 +82,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
     enable_prefix_caching: bool = True  # share the pages of equal prompt prefixes
     attention_backend: str = "torch"  # a name in engine.attention.registry.ATTENTION_BACKENDS
-    cascade: str = "auto"  # auto: a measured rule picks cascade or plain decode per step
+    # auto: a measured rule picks cascade or plain decode per step. This and
+    # overlap_scheduling take a bool too: YAML 1.1 (Serve's reader) reads a bare on / off as
+    # true / false, so `cascade: off` arrives as False; either becomes "on" / "off" here.
+    cascade: str | bool = "auto"
     cuda_graphs: bool = False  # capture decode steps as CUDA graphs (GPU only)
     kv_cache_dtype: str = "auto"  # a name in KV_CACHE_DTYPES: fp8_e4m3 halves the KV bytes
     # Plan step N+1 while step N runs on the device (its sampled ids feed N+1 there; outputs
     # come one step later). auto: on for CUDA, off on CPU, where kernels run synchronously and
     # the lag would only delay tokens. The tokens are the same either way.
-    overlap_scheduling: str = "auto"
+    overlap_scheduling: str | bool = "auto"
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -107,6 +110,9 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ConfigFieldError("max_num_batched_tokens",
                                    f"must be >= 1, got {self.max_num_batched_tokens}")
+        for name in ("cascade", "overlap_scheduling"):
+            if isinstance(value := getattr(self, name), bool):
+                object.__setattr__(self, name, "on" if value else "off")  # frozen
         _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _one_of("cascade", self.cascade, CASCADE_MODES)
         _one_of("overlap_scheduling", self.overlap_scheduling, OVERLAP_MODES)

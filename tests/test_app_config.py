@@ -87,6 +87,18 @@ def test_an_override_to_null_is_kept_apart_from_no_override():
     assert again.model_dump()["decode"]["engine"] == {}
 
 
+def test_a_bare_on_or_off_in_yaml_is_the_mode_of_that_name():
+    # YAML 1.1, as Serve reads a config, turns a bare on / off into true / false.
+    args = yaml.safe_load("engine: {cascade: off, overlap_scheduling: on}\n"
+                          "prefill: {engine: {overlap_scheduling: off}}")
+    assert args["engine"] == {"cascade": False, "overlap_scheduling": True}
+    cfg = AppConfig.from_args(args)
+    assert (cfg.engine.cascade, cfg.engine.overlap_scheduling) == ("off", "on")
+    assert cfg.engine_config("prefill").overlap_scheduling == "off"
+    assert cfg.engine_config("decode") == EngineConfig(cascade="off", overlap_scheduling="on")
+    assert AppConfig.from_args(cfg.model_dump()) == cfg
+
+
 @pytest.mark.parametrize("args, key, valid", [
     ({"max_num_seq": 1}, "max_num_seq",
      "api_keys, autoscaler, colocated, decode, engine, ingress, kv_transport, limits, mode, "
