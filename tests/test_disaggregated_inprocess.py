@@ -39,6 +39,24 @@ async def _collect(decode: DecodeWorker, prompt, params, rid):
     return [out async for out in decode.generate(prompt, params, rid)]
 
 
+async def leave_after_first_output(decode: DecodeWorker, prompt: list[int], rid: str) -> None:
+    """A client that goes away after the first output of a long request. As Serve does then,
+    the task waiting for the next output is cancelled inside the engine's stream, which aborts
+    the request at once (closing the stream instead would leave the abort to the inner
+    generators' finalizers, run whenever they are collected)."""
+    long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    first = asyncio.Event()
+
+    async def client():
+        async for _ in decode.generate(prompt, long, rid):
+            first.set()
+
+    task = asyncio.create_task(client())
+    await first.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def test_tokens_equal_colocated_and_prefix_pages_move_once(tiny_llama):
     async def main():
         prefill, decode = inline_pair(tiny_llama)
@@ -94,11 +112,7 @@ def test_concurrent_requests_and_abort_free_pages(tiny_llama):
         prompts = [[5 + i] * (10 + 7 * i) for i in range(6)]
         results = await asyncio.gather(*[_collect(decode, p, GREEDY, f"r{i}")
                                          for i, p in enumerate(prompts)])
-        long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-        stream = decode.generate([3] * 20, long, "gone")
-        async for _ in stream:
-            break  # the client goes away after the first token
-        await stream.aclose()
+        await leave_after_first_output(decode, [3] * 20, "gone")
         for worker in (prefill, decode):  # the audit queues behind the abort: it ran by then
             await worker.engine.check_integrity()
         return prefill, decode, prompts, results

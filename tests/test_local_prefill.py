@@ -12,7 +12,7 @@ from decode.worker import DecodeWorker
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from serving.config import AppConfig
-from tests.test_disaggregated_inprocess import inline_pair
+from tests.test_disaggregated_inprocess import inline_pair, leave_after_first_output
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 SHARED = list(range(100, 164))  # 4 full pages of 16
@@ -98,19 +98,7 @@ def test_these_prompts_all_go_to_the_prefill_replica(tiny_llama, limit, engine_k
 def test_a_client_gone_mid_stream_frees_a_local_prefills_pages(tiny_llama):
     async def main():
         prefill, decode = inline_pair(tiny_llama, local_prefill_max_tokens=32)
-        long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-        first = asyncio.Event()
-
-        async def client():
-            async for _ in decode.generate([3] * 20, long, "gone"):
-                first.set()
-
-        task = asyncio.create_task(client())
-        await first.wait()
-        # As Serve does when the HTTP client goes: the task waiting for the next output is
-        # cancelled, inside the engine's stream, which then aborts the request.
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await leave_after_first_output(decode, [3] * 20, "gone")
         await decode.engine.check_integrity()  # queued behind the abort
         return prefill, decode
 
