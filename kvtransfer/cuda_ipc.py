@@ -21,6 +21,11 @@ sender's memory straight into the pool pages reserved for the request (engine/pa
 one 2D copy per run of consecutive pages, once the engine's stream has passed the reservation.
 Between two steps the engine then only does the admission's bookkeeping; freeing the received
 buffer there had cost the step thread ~1 ms a request on one H200 (docs/benchmarks.md, run 98).
+These copies need no memory of their own, so they are not held to `max_concurrent`: each waits
+in a thread of the transport's own pool (`max_writers`). A prefill step hands over tens of
+prompts at once, and under CUDA MPS the decode replica's copies run only in the prefill's gaps;
+four at a time, the hand-over of a 16K-token step's 32 prompts took rounds of such gaps
+(docs/benchmarks.md, run 134).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import pickle
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -79,9 +85,12 @@ def cuda_malloc_handle(shareable: bytes) -> bytes:
 
 class CudaIpcTransport(KVTransport):
 
-    def __init__(self, timeout_s: float = 600.0, max_concurrent: int = 4) -> None:
+    def __init__(self, timeout_s: float = 600.0, max_concurrent: int = 4,
+                 max_writers: int = 64) -> None:
         super().__init__(timeout_s)
         self.max_concurrent = max_concurrent
+        # receive_into's threads: each blocks (without the GIL) until its copy is done
+        self._writers = ThreadPoolExecutor(max_writers, thread_name_prefix="cuda-ipc-into")
         self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per event loop
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
@@ -105,8 +114,11 @@ class CudaIpcTransport(KVTransport):
 
     async def receive_into(self, handle: object, target: PageImport) -> KVPayload:
         _check_handle(handle)
-        async with self._slot():
-            return await _to_thread_to_the_end(self.write_into, handle, target)
+        return await _to_thread_to_the_end(self.write_into, handle, target,
+                                           executor=self._writers)
+
+    def close(self) -> None:
+        self._writers.shutdown(wait=False)
 
     def _slot(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -215,10 +227,11 @@ def _check_device(pages: IpcPages, want: torch.device) -> None:
                          f"runs on {want}; use the 'ray' transport across GPUs")
 
 
-async def _to_thread_to_the_end(fn, *args):
-    """fn(*args) in a worker thread. A caller cancelled meanwhile is cancelled only once fn has
-    returned: fn writes into pages that the caller frees next."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+async def _to_thread_to_the_end(fn, *args, executor: Executor | None = None):
+    """fn(*args) in a thread of `executor` (None: the loop's default). A caller cancelled
+    meanwhile is cancelled only once fn has returned: fn writes into pages that the caller
+    frees next."""
+    task = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(executor, fn, *args))
     cancelled = False
     while not task.done():
         try:

@@ -17,7 +17,7 @@ from engine.llm_engine import Engine
 from engine.page_import import PageImport
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVPayload, make_transport
-from kvtransfer.cuda_ipc import _to_thread_to_the_end
+from kvtransfer.cuda_ipc import CudaIpcTransport, _to_thread_to_the_end
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
 
@@ -62,6 +62,28 @@ def test_a_cancelled_receive_ends_only_after_its_write():
 
 def test_an_uncancelled_receive_returns_the_writers_result():
     assert asyncio.run(_to_thread_to_the_end(lambda: "header")) == "header"
+
+
+def test_cuda_ipc_imports_into_the_pool_are_not_held_to_the_copy_bound(monkeypatch):
+    """`max_concurrent` bounds the receives that copy into memory of their own; writes into
+    reserved pool pages need none, so a prefill step's many prompts are imported at once."""
+    transport = CudaIpcTransport(max_concurrent=2)
+    together = threading.Barrier(8, timeout=60)
+
+    def write_into(handle: bytes, target: object) -> bytes:
+        together.wait()  # broken (an error) unless all eight writes run at once
+        return handle
+
+    monkeypatch.setattr(transport, "write_into", write_into)
+
+    async def main():
+        return await asyncio.gather(*[transport.receive_into(bytes([i]), None)
+                                      for i in range(8)])
+
+    try:
+        assert asyncio.run(main()) == [bytes([i]) for i in range(8)]
+    finally:
+        transport.close()
 
 
 def _engine(path: str, monkeypatch) -> Engine:
