@@ -21,11 +21,11 @@ sender's memory straight into the pool pages reserved for the request (engine/pa
 one 2D copy per run of consecutive pages, once the engine's stream has passed the reservation.
 Between two steps the engine then only does the admission's bookkeeping; freeing the received
 buffer there had cost the step thread ~1 ms a request on one H200 (docs/benchmarks.md, run 98).
-These copies need no memory of their own, so they are not held to `max_concurrent`: each waits
-in a thread of the transport's own pool (`max_writers`). A prefill step hands over tens of
-prompts at once, and under CUDA MPS the decode replica's copies run only in the prefill's gaps;
-four at a time, the hand-over of a 16K-token step's 32 prompts took rounds of such gaps
-(docs/benchmarks.md, run 134).
+These copies need no memory of their own, so they are not held to `max_concurrent`: a prefill
+step hands over tens of prompts at once, and each of their imports waits for its copy in a
+thread of the transport's own pool (`max_writers`), not in the event loop's default executor,
+which other work shares. (On one H200 under MPS this did not measurably shorten the hand-over:
+docs/benchmarks.md, run 134.)
 """
 
 from __future__ import annotations
