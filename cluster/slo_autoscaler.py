@@ -36,6 +36,7 @@ from cluster.slo_policy import (
     RoleInput,
     decide,
 )
+from engine.metrics import LOCAL_PREFILL_TTFT
 from serving.config import AppConfig
 
 if TYPE_CHECKING:
@@ -171,8 +172,10 @@ def measures(role: str, ctx: AutoscalingContext, decode_ctx: AutoscalingContext 
         return None
     if role == "prefill":
         ttft = None
-        if decode_ctx is not None:  # the first token is streamed, and timed, at decode
-            ttft = _window_mean(decode_ctx.raw_metrics or {}, "pdserve_ttft_seconds")
+        if decode_ctx is not None:  # the first token is streamed, and timed, at decode;
+            # the prompts a decode replica prefilled itself did not wait for prefill replicas
+            ttft = _window_mean(decode_ctx.raw_metrics or {}, "pdserve_ttft_seconds",
+                                without=LOCAL_PREFILL_TTFT)
         return PrefillMeasures(
             ttft_s=ttft,
             queued_prompt_tokens=sum(gauges.get("pdserve_queued_prompt_tokens", {}).values()),
@@ -197,10 +200,16 @@ def _deltas(series_by_replica: Mapping[Any, Any]) -> dict[Any, tuple[float, floa
     return out
 
 
-def _window_mean(raw: Mapping[str, Mapping[Any, Any]], histogram: str) -> float | None:
-    """The histogram's mean over the window, all replicas: increase of sum / of count."""
-    total = sum(d for d, _ in _deltas(raw.get(f"{histogram}_sum", {})).values())
-    count = sum(d for d, _ in _deltas(raw.get(f"{histogram}_count", {})).values())
+def _window_mean(raw: Mapping[str, Mapping[Any, Any]], histogram: str,
+                 without: str | None = None) -> float | None:
+    """The histogram's mean over the window, all replicas: increase of sum / of count; with
+    `without`, of the observations not also in that histogram (a subset of this one's)."""
+    def increase(name: str, part: str) -> float:
+        return sum(d for d, _ in _deltas(raw.get(f"{name}_{part}", {})).values())
+
+    total, count = increase(histogram, "sum"), increase(histogram, "count")
+    if without is not None:
+        total, count = total - increase(without, "sum"), count - increase(without, "count")
     return total / count if count > 0 else None
 
 

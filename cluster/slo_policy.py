@@ -8,7 +8,8 @@ Each role gets one number, its *pressure*: how far its SLO measure is from the t
 fraction of the SLO (1.0 = exactly at the SLO).
 - prefill: TTFT and the estimated prefill queue wait against `slo.ttft_ms`. TTFT is measured
   where the first token is streamed (the decode replicas), so it counts against prefill only
-  while prefill has work queued; otherwise the time went elsewhere.
+  while prefill has work queued; otherwise the time went elsewhere. Prompts a decode replica
+  prefilled itself (`decode.local_prefill_max_tokens`) are left out of it.
 - decode: TPOT against `slo.tpot_ms`, and KV use against `kv_high` (a full KV pool makes new
   requests wait for pages, which shows up as TTFT, not TPOT).
 

@@ -11,7 +11,9 @@ A prompt of which at most `local_prefill_max_tokens` tokens are not in this repl
 cache (a short prompt, or a new turn of a conversation routed here for its prefix) skips 1-3:
 this engine takes its pages and prefills it in its own steps, as a colocated engine does. That
 makes the running batch's steps longer while it runs, against a round trip to a prefill replica
-and a KV transfer; 0 (the default) sends every prompt there.
+and a KV transfer; 0 (the default) sends every prompt there. Such a request's TTFT also goes to
+`pdserve_local_prefill_ttft_seconds`, so that the SLO autoscaler can leave it out of the TTFT it
+charges to the prefill replicas (cluster/slo_autoscaler.py).
 
 Steps 2-3 are retried, at most `prefill_retries` times, when `retriable(error)` says the
 prefill replica (or the KV it owned) was lost: the next call goes to another prefill replica.
@@ -26,13 +28,37 @@ import time
 from collections.abc import Callable
 
 from engine.async_engine import AsyncEngine, OutputSink
-from engine.metrics import Metrics, track_stream
+from engine.metrics import LOCAL_PREFILL_TTFT, Metrics, track_stream
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation
 from kvtransfer import KVPayload, KVTransport
 from serving.pd_protocol import Prefiller, PrefillResult
 
 log = logging.getLogger(__name__)
+
+
+class FirstOutputTimer:
+    """Records into the histogram `name` how long after `start` a request's first output came.
+    With `sink`, it stands in front of that sink (outputs pass through it on the engine's step
+    thread); without, the caller calls `seen()` for every output of the request's stream."""
+
+    def __init__(self, metrics: Metrics, name: str, start: float,
+                 sink: OutputSink | None = None) -> None:
+        self.metrics, self.name, self.start, self.sink = metrics, name, start, sink
+        self.pending = True
+
+    def seen(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.metrics.observe(self.name, time.perf_counter() - self.start)
+
+    def put(self, out: RequestOutput) -> None:
+        self.seen()
+        self.sink.put(out)
+
+    def flush(self) -> None:
+        self.sink.flush()
 
 
 class DecodeWorker:
@@ -58,19 +84,22 @@ class DecodeWorker:
         stream yields only the last one."""
         start = time.perf_counter()
         self.metrics.inc("pdserve_requests_total")
-        stream = self._generate(list(prompt_ids), params, request_id, sink)
+        stream = self._generate(list(prompt_ids), params, request_id, sink, start)
         if sink is None:
             stream = track_stream(stream, self.metrics, start)
         async for out in stream:
             yield out
 
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                        sink: OutputSink | None):
+                        sink: OutputSink | None, start: float):
         self.engine.validate(prompt_ids, params)
         if self._prefill_here(prompt_ids):
             self.metrics.inc("pdserve_local_prefills_total")
             self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
-            async for out in self.engine.generate(prompt_ids, params, request_id, sink=sink):
+            timer = FirstOutputTimer(self.metrics, LOCAL_PREFILL_TTFT, start, sink)
+            async for out in self.engine.generate(prompt_ids, params, request_id,
+                                                  sink=None if sink is None else timer):
+                timer.seen()
                 yield out
             return
         rsv = await self._reserve(request_id, prompt_ids, params)

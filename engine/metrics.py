@@ -6,6 +6,10 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+# The TTFT of requests a decode replica prefilled itself (decode.local_prefill_max_tokens), also
+# in pdserve_ttft_seconds: what the SLO autoscaler leaves out of the TTFT it charges to prefill.
+LOCAL_PREFILL_TTFT = "pdserve_local_prefill_ttft_seconds"
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)
 

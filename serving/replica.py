@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import Engine
-from engine.metrics import EngineStats, Metrics
+from engine.metrics import LOCAL_PREFILL_TTFT, EngineStats, Metrics
 from engine.tiny_model import ensure_tiny_model
 from kvtransfer import KVTransferLost, model_fingerprint
 from serving.batched_runs import BatchedRuns, End, Request
@@ -31,7 +31,8 @@ AUDIT_EVERY_S = 2.0
 # (a per-report mean would lose the intervals in which nothing finished).
 AUTOSCALING_GAUGES = ("pdserve_kv_use", "pdserve_num_running", "pdserve_num_waiting",
                       "pdserve_queued_prompt_tokens")
-AUTOSCALING_HISTOGRAMS = ("pdserve_ttft_seconds", "pdserve_time_per_output_token_seconds")
+AUTOSCALING_HISTOGRAMS = ("pdserve_ttft_seconds", "pdserve_time_per_output_token_seconds",
+                          LOCAL_PREFILL_TTFT)
 AUTOSCALING_COUNTERS = ("pdserve_prompt_tokens_total",)
 
 

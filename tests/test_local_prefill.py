@@ -10,6 +10,7 @@ import pytest
 
 from decode.worker import DecodeWorker
 from engine.llm import LLM
+from engine.metrics import LOCAL_PREFILL_TTFT
 from engine.sampling_params import SamplingParams
 from serving.config import AppConfig
 from tests.test_disaggregated_inprocess import inline_pair, leave_after_first_output
@@ -50,6 +51,9 @@ def test_short_prompts_prefill_on_the_decode_replica_long_ones_remotely(tiny_lla
     assert _count(decode, "pdserve_local_prefills_total") == 1
     assert _count(decode, "pdserve_kv_transfer_bytes_total") > 0
     assert _count(decode, "pdserve_prompt_tokens_total") == 16 + 17
+    # both first tokens timed; the local one also apart, for the SLO autoscaler
+    assert decode.metrics.histograms["pdserve_ttft_seconds"].count == 2
+    assert decode.metrics.histograms[LOCAL_PREFILL_TTFT].count == 1
     _no_pages_left(prefill, decode)
 
 

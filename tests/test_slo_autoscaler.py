@@ -173,17 +173,21 @@ def test_ttft_counts_against_prefill_only_while_prefill_has_work():
 
 
 # -- the Serve adapter -------------------------------------------------------------------------
-def replica_reports(role: str, seconds: range) -> list[tuple[float, dict[str, float]]]:
+def replica_reports(role: str, seconds: range, local_ttft: float | None = None,
+                    ) -> list[tuple[float, dict[str, float]]]:
     """What one replica's `record_autoscaling_stats` returns every 2 s under a steady load:
-    decode streams at TPOT 125 ms (2.5x a 50 ms SLO) with TTFT 250 ms; prefill runs 1000
-    prompt tokens every 2 s."""
-    from engine.metrics import EngineStats, Metrics
+    decode streams at TPOT 125 ms (2.5x a 50 ms SLO) with TTFT 250 ms, and with `local_ttft`
+    also prompts it prefills itself at that TTFT; prefill runs 1000 prompt tokens every 2 s."""
+    from engine.metrics import LOCAL_PREFILL_TTFT, EngineStats, Metrics
     from serving.replica import autoscaling_stats
 
     metrics, out = Metrics(role, "r0"), []
     for t in seconds:
         if role == "decode":
             metrics.observe("pdserve_ttft_seconds", 0.25)
+            if local_ttft is not None:
+                metrics.observe("pdserve_ttft_seconds", local_ttft)
+                metrics.observe(LOCAL_PREFILL_TTFT, local_ttft)
             for _ in range(8):
                 metrics.observe("pdserve_time_per_output_token_seconds", 0.125)
         else:
@@ -197,7 +201,7 @@ def replica_reports(role: str, seconds: range) -> list[tuple[float, dict[str, fl
 
 
 def contexts(cfg, now: float, state: dict, replicas: dict[str, int],
-             reported: bool = True) -> dict:
+             reported: bool = True, local_ttft: float | None = None) -> dict:
     """Real Ray AutoscalingContexts, as the controller builds them over the last 10 s."""
     from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
@@ -208,7 +212,7 @@ def contexts(cfg, now: float, state: dict, replicas: dict[str, int],
     for role in ("prefill", "decode"):
         dep = DeploymentID(name=role, app_name="pd")
         rid = ReplicaID(unique_id=f"{role}-0", deployment_id=dep)
-        reports = replica_reports(role, range(int(now) - 8, int(now) + 1, 2))
+        reports = replica_reports(role, range(int(now) - 8, int(now) + 1, 2), local_ttft)
         raw = {name: {rid: [TimeStampedValue(t, r[name]) for t, r in reports]}
                for name in reports[0][1] if reported}
         agg = {name: {rid: sum(p.value for p in s[rid]) / len(s[rid])} for name, s in raw.items()}
@@ -267,6 +271,23 @@ def test_adapter_reads_the_replica_reports_and_scales_decode_through_serve_wrapp
     # Next tick, the new replica is starting: hold.
     targets, _ = policy(contexts(cfg, 16.0, state, {"prefill": 1, "decode": 2}))
     assert {d.name: n for d, n in targets.items()} == {"prefill": 1, "decode": 2}
+
+
+def test_prefill_is_charged_the_ttft_of_the_prompts_prefill_replicas_ran_only():
+    """A decode replica's own prefills (decode.local_prefill_max_tokens) are in its TTFT
+    histogram, which /metrics shows whole, but no prefill replica ran them."""
+    pytest.importorskip("ray")
+    from cluster.slo_autoscaler import _window_mean, measures
+    from serving.config import AppConfig
+
+    cfg = AppConfig.from_args({"slo": {"ttft_ms": 500, "tpot_ms": 50},
+                               "autoscaler": {"enabled": True}})
+    ctxs = {dep.name: ctx for dep, ctx in contexts(cfg, 10.0, {}, {"prefill": 1, "decode": 1},
+                                                   local_ttft=0.05).items()}
+    # a first token at 0.25 s and one at 0.05 s a report: 0.15 s on average, 0.25 remotely
+    assert _window_mean(ctxs["decode"].raw_metrics, "pdserve_ttft_seconds") == \
+        pytest.approx(0.15)
+    assert measures("prefill", ctxs["prefill"], ctxs["decode"]).ttft_s == pytest.approx(0.25)
 
 
 def test_adapter_holds_before_any_report_and_without_the_app_level_policy():
