@@ -1,5 +1,5 @@
 # bench.gpu_serve (--skip-hf) once per NAME:CONFIG argument; each run's results go to
-# $OUT/NAME.json, and its server log's errors are printed. Used by gpu_serve_matrix.sh and
+# $OUT/NAME.json, its waves (bench.waves) and its server log's errors are printed. Used by gpu_serve_matrix.sh and
 # gpu_2gpu.sh, on the GPU machine under bench/device_run.sh.
 set -u
 for run in "$@"; do
@@ -7,6 +7,7 @@ for run in "$@"; do
   echo "=== $name ($cfg) $(date -u +%H:%M:%S)"
   timeout 200 python -m bench.gpu_serve --skip-hf --config "$cfg" --out-dir "/tmp/r_$name" 2>&1 \
     | grep -v "INFO\|WARNING" | tail -9
-  cp "/tmp/r_$name/serve.json" "$OUT/$name.json" 2>/dev/null
+  cp "/tmp/r_$name/serve.json" "$OUT/$name.json" 2>/dev/null \
+    && python -m bench.waves "/tmp/r_$name/serve.json" | tail -n +2  # when each wave ran
   grep -i "Traceback\|Error" "/tmp/r_$name/serve.log" | head -5
 done

@@ -54,9 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, help="default: the run's own")
     args = ap.parse_args(argv)
     for run in json.loads(args.serve_json.read_text())["runs"]:
-        n = args.concurrency or run["concurrency"]
+        n = args.concurrency or run.get("concurrency")
+        name = run.get("label") or args.serve_json.stem
+        if not n:  # requests sent at a rate: no client waits for another's end
+            print(f"{name}: not a closed loop (no concurrency), no waves")
+            continue
         ok = [r for r in run["requests"] if not r.get("error")]
-        print(f"{run.get('label') or args.serve_json.stem}, concurrency {n}: "
+        print(f"{name}, concurrency {n}: "
               f"{run['output_throughput']:.0f} tok/s in {run['duration_s']:.2f} s")
         for k, w in enumerate(waves(ok, n), 1):
             print(format_wave(k, w))

@@ -40,3 +40,11 @@ def test_main_prints_every_run_and_leaves_failed_requests_out(tmp_path, capsys):
         "0.22/0.32/0.42/0.44 s; end 1.05/1.25/1.45/1.50 s",
         "  wave 2: 2 requests sent 1.00-1.50 s; first token p10/p50/p90/max "
         "1.33/1.45/1.57/1.60 s; end 2.01/2.05/2.09/2.10 s"]
+
+
+def test_a_run_at_a_request_rate_has_no_waves(tmp_path, capsys):
+    path = tmp_path / "rate.json"
+    path.write_text(json.dumps({"runs": [{"label": "lp", "concurrency": None,
+                                          "requests": REQUESTS}]}))
+    waves.main([str(path)])
+    assert capsys.readouterr().out == "lp: not a closed loop (no concurrency), no waves\n"
