@@ -1,6 +1,6 @@
 # bench.gpu_serve (--skip-hf) once per NAME:CONFIG argument; each run's results go to
-# $OUT/NAME.json, its waves (bench.waves) and its server log's errors are printed. Used by gpu_serve_matrix.sh and
-# gpu_2gpu.sh, on the GPU machine under bench/device_run.sh.
+# $OUT/NAME.json, and its waves (bench.waves) and its server log's errors are printed. Used by
+# gpu_serve_matrix.sh and gpu_2gpu.sh, on the GPU machine under bench/device_run.sh.
 set -u
 for run in "$@"; do
   name=${run%%:*}; cfg=${run#*:}
