@@ -84,9 +84,12 @@ class Metrics:
         self.counters["pdserve_scheduled_decode_tokens_total"] = stats.num_decode_tokens
 
     def snapshot(self) -> dict:
+        # Called from the metrics thread while the step thread may add a histogram: list()
+        # copies the items in one call under the GIL, where iterating the dict could meet
+        # the insertion ("dictionary changed size during iteration").
         return {"role": self.role, "replica": self.replica, "gauges": dict(self.gauges),
                 "counters": dict(self.counters),
-                "histograms": {k: h.snapshot() for k, h in self.histograms.items()}}
+                "histograms": {k: h.snapshot() for k, h in list(self.histograms.items())}}
 
 
 class StreamRecorder:
