@@ -3,7 +3,8 @@
 #   bash bench/device_run.sh python -m bench.gpu_serve
 # Sources .device/gpu-env.sh, restores a saved FlashInfer JIT cache if .device has one, puts
 # `ray` / `serve` command shims on PATH (the kit ships Ray as a package without its console
-# scripts), starts a Ray head over every GPU without the dashboard, then runs the command.
+# scripts), starts a Ray head over every GPU without the dashboard, then runs the command
+# (its output also goes to $OUT/device_run.log where $OUT is set).
 set -euo pipefail
 . .device/gpu-env.sh
 # The kit's FlashInfer lacks the XQA decode kernel's sources (data/csrc/xqa), which its wheel
@@ -39,4 +40,11 @@ for tool in serve ray; do
 done
 export PATH=/tmp/bin:$PATH
 ray start --head --num-gpus=$(nvidia-smi -L | wc -l) --include-dashboard=false --disable-usage-stats > /dev/null
-"$@"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  # A copy of the output under $OUT, written as it comes (Python unbuffered): it comes back
+  # even when the call runs past its time limit, which cuts the printed tail (run 133 lost its
+  # figures so, docs/benchmarks.md).
+  PYTHONUNBUFFERED=1 "$@" 2>&1 | tee -a "$OUT/device_run.log"
+else
+  "$@"
+fi
