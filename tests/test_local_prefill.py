@@ -57,6 +57,36 @@ def test_short_prompts_prefill_on_the_decode_replica_long_ones_remotely(tiny_lla
     _no_pages_left(prefill, decode)
 
 
+class _Sink:
+    """An output sink as a serving replica's (called on the engine's step thread)."""
+
+    def __init__(self) -> None:
+        self.outs: list = []
+
+    def put(self, out) -> None:
+        self.outs.append(out)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_through_an_output_sink_every_output_passes_and_the_first_is_timed_once(tiny_llama):
+    prompt = list(range(300, 316))
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama, local_prefill_max_tokens=16)
+        sink = _Sink()
+        streamed = [out async for out in decode.generate(prompt, GREEDY, "s", sink=sink)]
+        return prefill, decode, sink, streamed
+
+    prefill, decode, sink, streamed = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=128).generate([prompt], GREEDY)[0].token_ids
+    assert [t for out in sink.outs for t in out.new_token_ids] == ref
+    assert len(streamed) == 1 and streamed[0].finished  # the stream gets only the last one
+    assert decode.metrics.histograms[LOCAL_PREFILL_TTFT].count == 1
+    _no_pages_left(prefill, decode)
+
+
 def test_a_new_turn_on_a_cached_history_prefills_locally(tiny_llama):
     """The limit counts the tokens the decode replica's prefix cache lacks: 64 cached + 10 new
     is a local prefill under a limit of 16, though the prompt has 74 tokens."""
