@@ -14,7 +14,7 @@ from engine.llm import LLM
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from tests.api_harness import client_for, serving_engine
-from tests.test_disaggregated_inprocess import inline_pair
+from tests.test_disaggregated_inprocess import inline_pair, no_pages_left
 
 pytestmark = pytest.mark.anyio
 PAGE = 16  # inline_pair's page size
@@ -98,6 +98,4 @@ async def test_disaggregated_choices_move_the_prompt_once(tiny_llama: str) -> No
     check_order(rec, rid, 3)
     assert {k: v for k, v in rec.cached.items() if k.startswith(rid)} == {
         rid: 0, f"{rid}-1": 4 * PAGE, f"{rid}-2": 4 * PAGE}
-    for worker in (prefill, decode):
-        worker.engine.engine.check_integrity()
-        assert worker.engine.stats().pages_used == 0
+    no_pages_left(prefill, decode)

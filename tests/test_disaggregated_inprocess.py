@@ -35,6 +35,13 @@ def inline_pair(path: str, local_prefill_max_tokens: int = 0, **engine_kwargs,
     return prefill, decode
 
 
+def no_pages_left(*workers) -> None:
+    """Each worker's engine passes its page audit and holds no page."""
+    for worker in workers:
+        worker.engine.engine.check_integrity()
+        assert worker.engine.stats().pages_used == 0
+
+
 async def _collect(decode: DecodeWorker, prompt, params, rid):
     return [out async for out in decode.generate(prompt, params, rid)]
 
@@ -79,9 +86,7 @@ def test_tokens_equal_colocated_and_prefix_pages_move_once(tiny_llama):
     assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
     assert decode.metrics.counters["pdserve_kv_transfer_seconds_total"] > 0  # two receives timed
     assert prefill.metrics.counters["pdserve_kv_transfer_bytes_sent_total"] == bytes_a + bytes_b
-    for worker in (prefill, decode):
-        worker.engine.engine.check_integrity()
-        assert worker.engine.stats().pages_used == 0
+    no_pages_left(prefill, decode)
 
 
 def test_a_prompt_cached_whole_on_the_decode_side_moves_no_pages(tiny_llama):
@@ -101,9 +106,7 @@ def test_a_prompt_cached_whole_on_the_decode_side_moves_no_pages(tiny_llama):
     assert [t for o in again for t in o.new_token_ids] == ref
     assert decode.metrics.counters["pdserve_kv_transfer_bytes_total"] == moved  # nothing more
     assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
-    for worker in (prefill, decode):
-        worker.engine.engine.check_integrity()
-        assert worker.engine.stats().pages_used == 0
+    no_pages_left(prefill, decode)
 
 
 def test_concurrent_requests_and_abort_free_pages(tiny_llama):
@@ -121,9 +124,7 @@ def test_concurrent_requests_and_abort_free_pages(tiny_llama):
     ref = LLM(tiny_llama, num_pages=128).generate(prompts, GREEDY)
     assert [[t for o in r for t in o.new_token_ids] for r in results] == \
         [o.token_ids for o in ref]
-    for worker in (prefill, decode):
-        worker.engine.engine.check_integrity()
-        assert worker.engine.stats().pages_used == 0
+    no_pages_left(prefill, decode)
 
 
 def test_payload_mismatch_is_rejected(tiny_llama):

@@ -13,7 +13,11 @@ from engine.llm import LLM
 from engine.metrics import LOCAL_PREFILL_TTFT
 from engine.sampling_params import SamplingParams
 from serving.config import AppConfig
-from tests.test_disaggregated_inprocess import inline_pair, leave_after_first_output
+from tests.test_disaggregated_inprocess import (
+    inline_pair,
+    leave_after_first_output,
+    no_pages_left,
+)
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 SHARED = list(range(100, 164))  # 4 full pages of 16
@@ -25,12 +29,6 @@ async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str) -> list[int
 
 def _count(worker, name: str) -> float:
     return worker.metrics.counters.get(name, 0)
-
-
-def _no_pages_left(*workers) -> None:
-    for worker in workers:
-        worker.engine.engine.check_integrity()
-        assert worker.engine.stats().pages_used == 0
 
 
 def test_short_prompts_prefill_on_the_decode_replica_long_ones_remotely(tiny_llama):
@@ -54,7 +52,7 @@ def test_short_prompts_prefill_on_the_decode_replica_long_ones_remotely(tiny_lla
     # both first tokens timed; the local one also apart, for the SLO autoscaler
     assert decode.metrics.histograms["pdserve_ttft_seconds"].count == 2
     assert decode.metrics.histograms[LOCAL_PREFILL_TTFT].count == 1
-    _no_pages_left(prefill, decode)
+    no_pages_left(prefill, decode)
 
 
 class _Sink:
@@ -84,7 +82,7 @@ def test_through_an_output_sink_every_output_passes_and_the_first_is_timed_once(
     assert [t for out in sink.outs for t in out.new_token_ids] == ref
     assert len(streamed) == 1 and streamed[0].finished  # the stream gets only the last one
     assert decode.metrics.histograms[LOCAL_PREFILL_TTFT].count == 1
-    _no_pages_left(prefill, decode)
+    no_pages_left(prefill, decode)
 
 
 def test_a_new_turn_on_a_cached_history_prefills_locally(tiny_llama):
@@ -107,7 +105,7 @@ def test_a_new_turn_on_a_cached_history_prefills_locally(tiny_llama):
     assert _count(prefill, "pdserve_requests_total") == 1
     assert _count(decode, "pdserve_local_prefills_total") == 1
     assert _count(decode, "pdserve_kv_transfer_bytes_total") == moved  # nothing moved for the turn
-    _no_pages_left(prefill, decode)
+    no_pages_left(prefill, decode)
 
 
 @pytest.mark.parametrize("limit, engine_kwargs, prompts", [
@@ -126,7 +124,7 @@ def test_these_prompts_all_go_to_the_prefill_replica(tiny_llama, limit, engine_k
     prefill, decode = asyncio.run(main())
     assert _count(prefill, "pdserve_requests_total") == len(prompts)
     assert _count(decode, "pdserve_local_prefills_total") == 0
-    _no_pages_left(prefill, decode)
+    no_pages_left(prefill, decode)
 
 
 def test_a_client_gone_mid_stream_frees_a_local_prefills_pages(tiny_llama):
@@ -138,7 +136,7 @@ def test_a_client_gone_mid_stream_frees_a_local_prefills_pages(tiny_llama):
 
     prefill, decode = asyncio.run(main())
     assert _count(decode, "pdserve_local_prefills_total") == 1
-    _no_pages_left(prefill, decode)
+    no_pages_left(prefill, decode)
 
 
 def test_the_limit_is_a_decode_key_and_not_negative():
