@@ -14,6 +14,7 @@ Contract:
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 
 
 class BlockAllocator:
@@ -40,8 +41,9 @@ class BlockAllocator:
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
 
-    def lookup(self, hashes: list[int]) -> list[int]:
-        """Pages of the longest cached run of leading hashes, without taking references."""
+    def lookup(self, hashes: Iterable[int]) -> list[int]:
+        """Pages of the longest cached run of leading hashes, without taking references (the
+        hashes are read in order, none after the first miss)."""
         pages = []
         for h in hashes:
             page = self.hash_page.get(h)

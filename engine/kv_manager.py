@@ -55,13 +55,10 @@ class KVManager:
         may be evicted, or more cached, by the time a request for these tokens runs."""
         if not self.enable_prefix_caching:
             return 0
-        cached = 0
-        # Hash block by block and stop at the first miss: a new prompt costs one hash.
-        for block_hash in iter_block_hashes(token_ids, self.page_size):
-            if not self.allocator.lookup([block_hash]):
-                break
-            cached += self.page_size
-        return cached
+        # The hashes come one block at a time and the lookup stops at the first miss: a new
+        # prompt costs one hash.
+        return len(self.allocator.lookup(iter_block_hashes(token_ids, self.page_size))) \
+            * self.page_size
 
     def pages_needed(self, req: Request, n: int) -> int:
         total = -(-(req.num_computed_tokens + n) // self.page_size)
