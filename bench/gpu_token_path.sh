@@ -2,7 +2,8 @@
 # alone, then through Serve with the committed GPU configs and an ingress-count variant.
 # On the GPU machine:  bash bench/device_run.sh bash bench/gpu_token_path.sh [NAME ...]
 # NAMEs (default: offline pd colo): offline, pd (1P1D cuda_ipc), colo (colocated); the configs
-# run two ingress replicas: pd_ing1 / colo_ing1 (one), pd_ing3 / colo_ing3 (three);
+# run two ingress replicas: pd_ing1 / colo_ing1 (one), pd_ing3 / colo_ing3 (three), pd_ing4 /
+# colo_ing4 (four), pd_mps_ing3 / pd_mps_ing4 (pd_mps with three or four);
 # pd_c50 / colo_c50 (stream_interval_ms: 50),
 # <NAME>_gil<X> for NAME pd, colo or colo_fp8 (that config with the replicas' GIL switch interval
 # at X ms, PDSERVE_GIL_SWITCH_MS; e.g. colo_gil1, colo_fp8_gil0.1),
@@ -45,7 +46,7 @@ low = {"env_vars": {"CUDA_MPS_CLIENT_PRIORITY": "1"}}  # an MPS client below nor
 for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
     cfg = yaml.safe_load(open(src))
     args = cfg["applications"][0]["args"]
-    for n in (1, 3):
+    for n in (1, 3, 4):
         args["ingress"]["num_replicas"] = n
         yaml.safe_dump(cfg, open(f"/tmp/{name}ing{n}.yaml", "w"))
     args["ingress"]["num_replicas"] = 2
@@ -70,6 +71,10 @@ for src, name in zip(sys.argv[1:], ("pd_", "colo_")):  # /tmp/<NAME>.yaml
         args["engine"].pop("kv_cache_dtype")
     if name == "pd_":  # MPS variants; the config itself runs decode at below-normal priority
         yaml.safe_dump(cfg, open("/tmp/pd_mps.yaml", "w"))
+        for n in (3, 4):
+            args["ingress"]["num_replicas"] = n
+            yaml.safe_dump(cfg, open(f"/tmp/pd_mps_ing{n}.yaml", "w"))
+        args["ingress"]["num_replicas"] = 2
         configured = args["decode"].get("local_prefill_max_tokens", 0)
         for limit, out in ((512, "pd_local_mps"), (64, "pd_local64_mps"), (0, "pd_local0_mps")):
             args["decode"]["local_prefill_max_tokens"] = limit
@@ -146,7 +151,7 @@ for name in "${@:-offline pd colo}"; do
         RAY_SERVE_ENABLE_HA_PROXY=0 bash bench/gpu_serve_runs.sh $n:$cfg
         restart_ray "${RAY_SERVE_ENABLE_HA_PROXY:-1}" ;;
       pd_mps | pd_mps_even | pd_mps_p60 | pd_mps_lowp | pd_mps_c8k | pd_local_mps | pd_mps_pnoov \
-        | pd_mps_pnoov_c8k)
+        | pd_mps_pnoov_c8k | pd_mps_ing3 | pd_mps_ing4 | pd_local0_mps | pd_local64_mps)
         if mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       pd_fp8_mps)
         if mps on; then bash bench/gpu_serve_runs.sh $n:configs/llama3-8b-gpu-fp8.yaml; mps off; fi ;;
