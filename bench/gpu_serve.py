@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--out-dir", default=os.environ.get("OUT", tempfile.mkdtemp()))
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--client-processes", type=int, default=1,
+                    help="client processes sending the measured run (bench.serve)")
     ap.add_argument("--make-model-only", action="store_true")
     args = ap.parse_args(argv)
     path = make_model_dir(Path("~/.cache/pdserve/models/llama3-8b-shape").expanduser())
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         res_path = out / "serve.json"
         before = step_counters()
         bench_serve.main(common + ["--num-prompts", str(args.num_prompts), "--concurrency",
-                                   str(args.concurrency), "--seed", "0", "--out", str(res_path)])
+                                   str(args.concurrency), "--seed", "0", "--out", str(res_path),
+                                   "--client-processes", str(args.client_processes)])
         run = json.loads(res_path.read_text())["runs"][0]
         time.sleep(METRICS_PUSH_S)  # the replicas' last counters reach /metrics
         after = step_counters()
@@ -158,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\npdserve ({args.config}), concurrency {args.concurrency}: {tps:.1f} tok/s "
           f"(TTFT p50 {run['ttft_ms']['p50']:.0f} / p99 {run['ttft_ms']['p99']:.0f} ms, "
           f"TPOT p50 {run['tpot_ms']['p50']:.1f} / p99 {run['tpot_ms']['p99']:.1f} ms, "
-          f"ITL p50 {run['itl_ms']['p50']:.1f} / p99 {run['itl_ms']['p99']:.1f} ms)")
+          f"ITL p50 {run['itl_ms']['p50']:.1f} / p99 {run['itl_ms']['p99']:.1f} ms; client CPU "
+          f"{100 * run['client_cpu_s'] / run['duration_s']:.0f}% of a core in "
+          f"{args.client_processes} process(es))")
     if hf_tps:
         print(f"HF generate, batch {args.concurrency}: {hf_tps:.1f} tok/s -> ratio "
               f"{tps / hf_tps:.1f}x")

@@ -4,12 +4,18 @@ Open loop: requests arrive as a Poisson process at `rate` (gamma intervals when 
 != 1; rate inf sends all at once), independent of how fast the server answers. Closed loop:
 `concurrency` caps the requests in flight, so with rate inf each finished request lets the next
 one go, as N users in a loop would. Both can be combined (Poisson arrivals, capped in flight).
+
+A Python client has a cost per streamed event (~50 us on a 2-core machine: aiohttp, the SSE
+parser, `json.loads`), so one client process can lag a server streaming tens of thousands of
+events a second. `processes` > 1 splits the requests and the concurrency over that many client
+processes started together; the run's `client_cpu_s` says how busy the client was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +57,7 @@ class LoadResult:
     concurrency: int | None
     meta: dict[str, Any] = field(default_factory=dict)
     start_unix: float = 0.0  # time.time() when send_time was 0: lines up with server logs
+    client_cpu_s: float = 0.0  # CPU time of the client process(es) over the run
 
 
 async def run_load(
@@ -61,13 +68,20 @@ async def run_load(
     seed: int | str = 0,
     burstiness: float = 1.0,
     progress: Progress | None = None,
+    offsets: Sequence[float] | None = None,
+    start_at: float | None = None,
 ) -> LoadResult:
     """Send `specs` in order on the arrival schedule and gather one record per request,
-    in the order of `specs`."""
+    in the order of `specs`. `offsets` replaces the schedule drawn from rate / seed /
+    burstiness; `start_at` (a `time.perf_counter()` value, the same clock in every process of
+    the machine) is when offset 0 falls, instead of now."""
     if concurrency is not None and concurrency < 1:
         raise ValueError("concurrency must be >= 1")
-    offsets = arrival_offsets(len(specs), rate, seed, burstiness)
+    if offsets is None:
+        offsets = arrival_offsets(len(specs), rate, seed, burstiness)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
     t0, start_unix = time.perf_counter(), time.time()
 
     async def one(offset: float, spec: RequestSpec) -> RequestRecord:
@@ -116,25 +130,91 @@ def run_http(
     seed: int | str = 0,
     burstiness: float = 1.0,
     progress: Progress | None = None,
+    processes: int = 1,
 ) -> LoadResult:
-    """One benchmark run over HTTP, in a fresh event loop and connection pool."""
-
-    async def go() -> LoadResult:
-        connector = aiohttp.TCPConnector(limit=0)  # the schedule, not the pool, caps in-flight
-        timeout = aiohttp.ClientTimeout(total=client.timeout_s)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-            def send(spec: RequestSpec) -> Awaitable[RequestRecord]:
-                payload = completion_payload(
-                    client.model, spec, client.ignore_eos, client.include_usage, client.extra_body
-                )
-                return stream_completion(session, client.url, payload, spec,
-                                         client.count_empty_chunks)
-
-            return await run_load(specs, send, rate, concurrency, seed, burstiness, progress)
-
+    """One benchmark run over HTTP, in a fresh event loop and connection pool (in each of
+    `processes` client processes)."""
+    if processes > 1:
+        return _run_processes(specs, client, rate, concurrency, seed, burstiness, progress,
+                              processes)
+    cpu0 = time.process_time()
     try:
-        return asyncio.run(go())
+        result = asyncio.run(_run_async(specs, client, rate, concurrency, progress,
+                                        arrival_offsets(len(specs), rate, seed, burstiness)))
     finally:
         if progress is not None:
             progress.close()
+    result.client_cpu_s = time.process_time() - cpu0
+    return result
+
+
+async def _run_async(specs: Sequence[RequestSpec], client: ClientConfig, rate: float,
+                     concurrency: int | None, progress: Progress | None,
+                     offsets: Sequence[float], start_at: float | None = None) -> LoadResult:
+    connector = aiohttp.TCPConnector(limit=0)  # the schedule, not the pool, caps in-flight
+    timeout = aiohttp.ClientTimeout(total=client.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        def send(spec: RequestSpec) -> Awaitable[RequestRecord]:
+            payload = completion_payload(
+                client.model, spec, client.ignore_eos, client.include_usage, client.extra_body
+            )
+            return stream_completion(session, client.url, payload, spec,
+                                     client.count_empty_chunks)
+
+        return await run_load(specs, send, rate, concurrency, progress=progress,
+                              offsets=offsets, start_at=start_at)
+
+
+def _run_processes(specs: Sequence[RequestSpec], client: ClientConfig, rate: float,
+                   concurrency: int | None, seed: int | str, burstiness: float,
+                   progress: Progress | None, processes: int) -> LoadResult:
+    """The run split over `processes` client processes: request i goes to process i % n with
+    its send time from the one schedule, and each process caps its share of `concurrency`.
+    All start at one instant once every process is ready (imports and all)."""
+    n = min(processes, len(specs), concurrency or len(specs))
+    offsets = arrival_offsets(len(specs), rate, seed, burstiness)
+    ctx = multiprocessing.get_context("spawn")  # no copy of the parent's threads or loop
+    pipes, procs = [], []
+    for i in range(n):
+        share = None if concurrency is None else concurrency // n + (i < concurrency % n)
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_shard_main, daemon=True,
+                           args=(child, list(specs[i::n]), client, rate, share, offsets[i::n]))
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        for pipe in pipes:
+            if pipe.recv() != "ready":
+                raise RuntimeError("a client process failed to start")
+        start_at = time.perf_counter() + 0.05
+        start_unix = time.time() + 0.05
+        for pipe in pipes:
+            pipe.send(start_at)
+        shards: list[LoadResult] = [pipe.recv() for pipe in pipes]
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        if progress is not None:
+            progress.close()
+    records: list[RequestRecord] = [None] * len(specs)  # type: ignore[list-item]
+    for i, shard in enumerate(shards):
+        records[i::n] = shard.records
+    duration = max(s.duration for s in shards)
+    return LoadResult(records, duration, rate, concurrency, start_unix=start_unix,
+                      client_cpu_s=sum(s.client_cpu_s for s in shards))
+
+
+def _shard_main(pipe, specs: list[RequestSpec], client: ClientConfig, rate: float,
+                concurrency: int | None, offsets: list[float]) -> None:
+    """One client process: says it is ready, runs its share from the instant it is sent, and
+    sends its LoadResult back (durations and send times from that instant)."""
+    pipe.send("ready")
+    start_at = pipe.recv()
+    cpu0 = time.process_time()
+    result = asyncio.run(_run_async(specs, client, rate, concurrency, None, offsets, start_at))
+    result.client_cpu_s = time.process_time() - cpu0
+    pipe.send(result)

@@ -46,6 +46,7 @@ def summarize_run(
         "failed": len(recs) - len(ok),
         "duration_s": dur,
         "start_unix": result.start_unix,
+        "client_cpu_s": result.client_cpu_s,
         "request_throughput": len(ok) / dur if dur > 0 else math.nan,
         "output_throughput": out_tokens / dur if dur > 0 else math.nan,
         "input_throughput": in_tokens / dur if dur > 0 else math.nan,
@@ -117,6 +118,8 @@ def format_run(run: dict[str, Any]) -> str:
         f"== {label}rate {rate_str(run['rate'])} req/s, concurrency {conc} ==",
         f"requests: {run['completed']} ok, {run['failed']} failed in {run['duration_s']:.2f} s",
         f"request throughput: {fmt(run['request_throughput'])} req/s",
+        f"client CPU: {fmt(run.get('client_cpu_s', math.nan))} s "
+        f"({fmt(100 * run.get('client_cpu_s', math.nan) / run['duration_s'], 0)}% of a core)",
         f"output throughput:  {fmt(run['output_throughput'], 1)} tok/s "
         f"(input {fmt(run['input_throughput'], 1)} tok/s)",
     ]

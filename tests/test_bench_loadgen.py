@@ -12,7 +12,7 @@ from bench.client import fetch_first_model
 from bench.fake_server import FakeConfig, running
 from bench.loadgen import ClientConfig, arrival_offsets, run_http
 from bench.report import summarize_run
-from bench.workloads import WorkloadConfig, build_workload
+from bench.workloads import RequestSpec, WorkloadConfig, build_workload
 
 
 def _specs(n: int, out: int, fmt: str = "ids") -> list:
@@ -127,3 +127,32 @@ def test_failures_are_recorded_not_raised() -> None:
     # a server that is not there
     res = run_http(_specs(2, 3), ClientConfig("http://127.0.0.1:9", model="m", timeout_s=5))
     assert all(not r.ok and r.error for r in res.records)
+
+
+def test_client_processes_share_the_run() -> None:
+    """Two client processes: each takes every other request and half the concurrency, both
+    start at one instant, and the records come back in the order of the specs."""
+    # No first token before two requests are in: the run ends only if both processes send at
+    # once (one after the other, the first would wait out the client's timeout).
+    fake = FakeConfig(ttft_ms=40, tpot_ms=10, hold_until=2)
+    specs = [RequestSpec(list(range(n)), n, 4) for n in range(10, 16)]
+    with running(fake) as url:
+        res = run_http(specs, ClientConfig(url, model="m", timeout_s=30), concurrency=2,
+                       processes=2)
+    assert [r.prompt_tokens for r in res.records] == list(range(10, 16))  # usage, per request
+    assert all(r.ok and r.output_tokens == 4 for r in res.records)
+    assert _max_in_flight(res.records) == 2
+    # process 0 sends requests 0, 2, 4, each when the one before is done
+    for a, b in zip(res.records[0::2], res.records[2::2]):
+        assert b.send_time >= a.send_time + a.e2e - 1e-3
+    assert res.client_cpu_s > 0  # both processes' CPU, summed
+    assert res.duration >= max(r.send_time + r.e2e for r in res.records) - 1e-3
+
+
+def test_client_processes_keep_the_schedule() -> None:
+    with running(FakeConfig(ttft_ms=5, tpot_ms=1)) as url:
+        res = run_http(_specs(10, 2), ClientConfig(url, model="m"), rate=40.0, seed="s",
+                       processes=3)
+    for r, off in zip(res.records, arrival_offsets(10, 40.0, "s"), strict=True):
+        assert r.ok, r.error
+        assert off - 0.002 <= r.send_time
