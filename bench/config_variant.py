@@ -19,23 +19,39 @@ import yaml
 
 from serving.config import AppConfig
 
+DROP = object()  # a `with_settings` value: remove the key
+
 
 def variant(config: dict[str, Any], settings: list[str]) -> dict[str, Any]:
     """`config` with each `dotted.key=value` of `settings` set in its first application's
     args (sections made as needed); raises ValueError on a malformed or invalid setting."""
-    out = copy.deepcopy(config)
-    args = out["applications"][0].setdefault("args", {})
+    parsed: dict[str, Any] = {}
     for setting in settings:
         key, sep, text = setting.partition("=")
         if not sep or not key:
             raise ValueError(f"{setting!r}: expected KEY=VALUE")
-        *sections, leaf = key.split(".")
-        node = args
+        parsed[key] = yaml.safe_load(text)
+    return with_settings(config, parsed)
+
+
+def with_settings(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """`config` with each dotted key of `settings` set to its value (`DROP`: removed) under the
+    first application's args, or, for a key that starts with "/", on the application itself
+    (`/runtime_env`). Sections are made as needed; the args are checked as an app config."""
+    out = copy.deepcopy(config)
+    app = out["applications"][0]
+    args = app.setdefault("args", {})
+    for key, value in settings.items():
+        node = app if key.startswith("/") else args
+        *sections, leaf = key.removeprefix("/").split(".")
         for name in sections:
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{setting!r}: {name} is not a section")
-        node[leaf] = yaml.safe_load(text)
+                raise ValueError(f"{key!r}: {name} is not a section")
+        if value is DROP:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = copy.deepcopy(value)
     AppConfig.from_args(args)  # raises ValueError naming the bad key
     return out
 

@@ -1,0 +1,73 @@
+"""`bench.gpu_variants`: the GPU token-path variants are valid app configs that differ from their
+base config only where their settings say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.config_variant import DROP
+from bench.gpu_variants import PD, VARIANTS, main, needs_mps, resolve, write
+
+
+def _load(path: str | Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _at(app: dict, key: str):
+    node = app if key.startswith("/") else app["args"]
+    *sections, leaf = key.removeprefix("/").split(".")
+    for name in sections:
+        node = node[name]
+    return node.get(leaf, DROP)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_fixed_variant_changes_only_its_settings(name: str, tmp_path: Path) -> None:
+    base, settings = VARIANTS[name]
+    got = _load(write(name, tmp_path))["applications"][0]
+    for key, value in settings.items():
+        if value is DROP:
+            assert _at(got, key) is DROP
+        else:
+            assert _at(got, key) == value
+    # put the base's values back: nothing else differs
+    want = _load(base)["applications"][0]
+    for key in settings:
+        node = got if key.startswith("/") else got["args"]
+        *sections, leaf = key.removeprefix("/").split(".")
+        for section in sections:
+            node = node[section]
+        if _at(want, key) is DROP:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = _at(want, key)
+    assert got == want
+
+
+def test_pd_mps_is_the_committed_config(tmp_path: Path) -> None:
+    assert _load(write("pd_mps", tmp_path)) == _load(PD)
+
+
+def test_gil_and_batch_families_build_on_any_base(tmp_path: Path) -> None:
+    app = _load(write("colo_fp8_gil0.1", tmp_path))["applications"][0]
+    assert app["runtime_env"] == {"env_vars": {"PDSERVE_GIL_SWITCH_MS": "0.1"}}
+    assert app["args"]["model"]["quantize"] == "fp8"  # colo_fp8's own setting kept
+    args = _load(write("pd_mps_batch32", tmp_path))["applications"][0]["args"]
+    assert args["submit_batch"] == 32
+    assert resolve("pd_batch8") == (PD, {"submit_batch": 8})
+
+
+def test_mps_is_named() -> None:
+    assert needs_mps("pd_mps_batch32") and needs_mps("pd_local0_mps")
+    assert not needs_mps("pd_ing3") and not needs_mps("colo_fp8_gil0.1")
+
+
+def test_unknown_name_fails_naming_the_variants(tmp_path: Path) -> None:
+    with pytest.raises(KeyError):
+        resolve("pd_bogus")
+    with pytest.raises(SystemExit, match="unknown variant 'pd_bogus'.*pd_mps_even"):
+        main(["pd_bogus", "--out-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
