@@ -192,7 +192,12 @@ def _run_processes(specs: Sequence[RequestSpec], client: ClientConfig, rate: flo
         start_unix = time.time() + 0.05
         for pipe in pipes:
             pipe.send(start_at)
-        shards: list[LoadResult] = [pipe.recv() for pipe in pipes]
+        shards: list[LoadResult] = []
+        for pipe in pipes:
+            shard = pipe.recv()
+            if isinstance(shard, BaseException):  # the process's own error, passed on
+                raise RuntimeError("a client process failed") from shard
+            shards.append(shard)
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -215,6 +220,11 @@ def _shard_main(pipe, specs: list[RequestSpec], client: ClientConfig, rate: floa
     pipe.send("ready")
     start_at = pipe.recv()
     cpu0 = time.process_time()
-    result = asyncio.run(_run_async(specs, client, rate, concurrency, None, offsets, start_at))
+    try:
+        result = asyncio.run(_run_async(specs, client, rate, concurrency, None, offsets,
+                                        start_at))
+    except Exception as e:  # request failures are records; this is a bug or a bad argument
+        pipe.send(e)
+        return
     result.client_cpu_s = time.process_time() - cpu0
     pipe.send(result)

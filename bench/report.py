@@ -118,10 +118,10 @@ def format_run(run: dict[str, Any]) -> str:
         f"== {label}rate {rate_str(run['rate'])} req/s, concurrency {conc} ==",
         f"requests: {run['completed']} ok, {run['failed']} failed in {run['duration_s']:.2f} s",
         f"request throughput: {fmt(run['request_throughput'])} req/s",
-        f"client CPU: {fmt(run.get('client_cpu_s', math.nan))} s "
-        f"({fmt(100 * run.get('client_cpu_s', math.nan) / run['duration_s'], 0)}% of a core)",
         f"output throughput:  {fmt(run['output_throughput'], 1)} tok/s "
         f"(input {fmt(run['input_throughput'], 1)} tok/s)",
+        f"client CPU:         {fmt(run.get('client_cpu_s', math.nan))} s "
+        f"({fmt(100 * run.get('client_cpu_s', math.nan) / run['duration_s'], 0)}% of a core)",
     ]
     if "slo_attainment" in run:
         slo = run["slo"]
