@@ -7,8 +7,8 @@ python -m bench.gpu_variants --list
 
 Besides the names in `VARIANTS`, two families are made on the fly from any base B (pd, colo, or
 a variant's name): `B_gil<X>` (every replica's GIL switch interval at X ms, PDSERVE_GIL_SWITCH_MS)
-and `B_batch<N>` (the ingress sending up to N requests a Serve call, `submit_batch`). A name
-containing "_mps" is meant to run under a CUDA MPS daemon (`needs_mps`); the script starts one.
+and `B_batch<N>` (the ingress sending up to N requests a Serve call, `submit_batch`). The script
+runs a name containing "_mps" under a CUDA MPS daemon.
 """
 
 from __future__ import annotations
@@ -89,10 +89,6 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
 
 def _base(name: str) -> tuple[str, dict[str, Any]]:
     return (BASES[name], {}) if name in BASES else resolve(name)
-
-
-def needs_mps(name: str) -> bool:
-    return "_mps" in name
 
 
 def write(name: str, out_dir: Path) -> Path:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bench.config_variant import DROP
-from bench.gpu_variants import PD, VARIANTS, main, needs_mps, resolve, write
+from bench.gpu_variants import PD, VARIANTS, main, resolve, write
 
 
 def _load(path: str | Path) -> dict:
@@ -58,11 +58,6 @@ def test_gil_and_batch_families_build_on_any_base(tmp_path: Path) -> None:
     args = _load(write("pd_mps_batch32", tmp_path))["applications"][0]["args"]
     assert args["submit_batch"] == 32
     assert resolve("pd_batch8") == (PD, {"submit_batch": 8})
-
-
-def test_mps_is_named() -> None:
-    assert needs_mps("pd_mps_batch32") and needs_mps("pd_local0_mps")
-    assert not needs_mps("pd_ing3") and not needs_mps("colo_fp8_gil0.1")
 
 
 def test_unknown_name_fails_naming_the_variants(tmp_path: Path) -> None:
