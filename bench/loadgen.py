@@ -171,7 +171,8 @@ def _run_processes(specs: Sequence[RequestSpec], client: ClientConfig, rate: flo
                    progress: Progress | None, processes: int) -> LoadResult:
     """The run split over `processes` client processes: request i goes to process i % n with
     its send time from the one schedule, and each process caps its share of `concurrency`.
-    All start at one instant once every process is ready (imports and all)."""
+    All start at one instant once every process is ready (imports and all). `progress` is
+    drawn once, at the end."""
     n = min(processes, len(specs), concurrency or len(specs))
     offsets = arrival_offsets(len(specs), rate, seed, burstiness)
     ctx = multiprocessing.get_context("spawn")  # no copy of the parent's threads or loop
@@ -203,11 +204,13 @@ def _run_processes(specs: Sequence[RequestSpec], client: ClientConfig, rate: flo
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
-        if progress is not None:
-            progress.close()
     records: list[RequestRecord] = [None] * len(specs)  # type: ignore[list-item]
     for i, shard in enumerate(shards):
         records[i::n] = shard.records
+    if progress is not None:  # the processes report nothing on the way: the bar ends full
+        for record in records:
+            progress.update(record.ok)
+        progress.close()
     duration = max(s.duration for s in shards)
     return LoadResult(records, duration, rate, concurrency, start_unix=start_unix,
                       client_cpu_s=sum(s.client_cpu_s for s in shards))

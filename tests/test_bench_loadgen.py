@@ -6,11 +6,14 @@ lower bound of its own: a chunk the client reads late shortens the gap after it.
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from bench.client import fetch_first_model
 from bench.fake_server import FakeConfig, running
 from bench.loadgen import ClientConfig, arrival_offsets, run_http
+from bench.progress import Progress
 from bench.report import summarize_run
 from bench.workloads import RequestSpec, WorkloadConfig, build_workload
 
@@ -156,3 +159,13 @@ def test_client_processes_keep_the_schedule() -> None:
     for r, off in zip(res.records, arrival_offsets(10, 40.0, "s"), strict=True):
         assert r.ok, r.error
         assert off - 0.002 <= r.send_time
+
+
+def test_client_processes_fill_the_progress_bar() -> None:
+    out = io.StringIO()
+    progress = Progress(4, "run", stream=out)
+    with running(FakeConfig(ttft_ms=5, tpot_ms=1)) as url:
+        run_http(_specs(4, 2), ClientConfig(url, model="m"), concurrency=2, progress=progress,
+                 processes=2)
+    assert progress.done == 4 and progress.failed == 0
+    assert out.getvalue().rstrip().split("\r")[-1].startswith("run [" + "#" * 30 + "] 4/4")
