@@ -148,8 +148,11 @@ def test_client_processes_share_the_run() -> None:
     # process 0 sends requests 0, 2, 4, each when the one before is done
     for a, b in zip(res.records[0::2], res.records[2::2]):
         assert b.send_time >= a.send_time + a.e2e - 1e-3
-    assert res.client_cpu_s > 0  # both processes' CPU, summed
-    assert res.duration >= max(r.send_time + r.e2e for r in res.records) - 1e-3
+    # not timing: some CPU was used at all (summed over both processes), and the run's
+    # duration (the longest process's) covers every request's send and stream: orderings of
+    # one clock, true at any speed
+    assert res.client_cpu_s > 0  # not timing
+    assert res.duration >= max(r.send_time + r.e2e for r in res.records) - 1e-3  # not timing
 
 
 def test_client_processes_keep_the_schedule() -> None:
