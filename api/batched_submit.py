@@ -25,6 +25,7 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.hop_log import hop
 from engine.sampling_params import SamplingParams
 from serving.token_socket import SocketReader, TokenSocket
 
@@ -100,6 +101,8 @@ class SubmitBatcher:
         for start in range(0, len(items), self.max_batch):
             batch = items[start:start + self.max_batch]
             call = _Call({args[2]: future for args, future in batch})
+            for request_id in call.futures:
+                hop(request_id, "ingress.sent")
             self._calls.update(dict.fromkeys(call.futures, call))
             self._opening += 1
             self.num_calls += 1

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from engine.async_engine import merge_outputs
+from engine.hop_log import hop
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from serving.token_path import TokenReader
@@ -46,6 +47,7 @@ async def mailbox_call(run: Callable[..., Any], reader: TokenReader, prompt_ids:
                        coalescing: Coalescing | None = None) -> AsyncIterator[RequestOutput]:
     coalescing = coalescing or Coalescing()
     queue = reader.open(request_id)
+    hop(request_id, "ingress.call")
     # `handle.run.remote` or `SubmitBatcher.run`: an awaitable with `cancel()`.
     response = run(prompt_ids, params, request_id, reader.mailbox)
     call = asyncio.ensure_future(response)
@@ -58,13 +60,16 @@ async def mailbox_call(run: Callable[..., Any], reader: TokenReader, prompt_ids:
             queue.put_nowait(_CallEnded(f))
 
     call.add_done_callback(ended)
-    finished = False
+    finished = seen = False
     coalescing.open += 1
     idle = IdleTimer(queue, timeout_s)
     try:
         while not finished:
             out = await _next(queue)
             idle.touch()
+            if not seen:
+                seen = True
+                hop(request_id, "ingress.first")
             if coalescing.active:
                 while not queue.empty() and not out.finished:
                     more = _output(queue.get_nowait())

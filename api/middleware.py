@@ -23,6 +23,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import APIError, client_gone, error_response, route_path
+from engine.hop_log import hop
 
 log = logging.getLogger("pdserve.api")
 
@@ -49,6 +50,8 @@ class RequestId:
         given = _header(scope, HEADER)
         rid = given if given and _SANE.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        if scope["method"] == "POST":  # under this id, not the engine's (bench/hop_report.py)
+            hop(rid, "ingress.http")
         status, start = 500, time.perf_counter()
 
         async def send_with_id(message: Message) -> None:

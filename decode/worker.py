@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from engine.async_engine import AsyncEngine, OutputSink
+from engine.hop_log import hop
 from engine.metrics import LOCAL_PREFILL_TTFT, Metrics, track_stream
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -83,6 +84,7 @@ class DecodeWorker:
         """The request's outputs; with `sink` they go there (it records their timing) and this
         stream yields only the last one."""
         start = time.perf_counter()
+        hop(request_id, "decode.recv")
         self.metrics.inc("pdserve_requests_total")
         stream = self._generate(list(prompt_ids), params, request_id, sink, start)
         if sink is None:
@@ -103,9 +105,11 @@ class DecodeWorker:
                 yield out
             return
         rsv = await self._reserve(request_id, prompt_ids, params)
+        hop(request_id, "decode.reserved")
         try:
             try:
                 result, payload = await self._fetch(prompt_ids, params, request_id, rsv)
+                hop(request_id, "decode.kv_in")
             finally:  # an abort meanwhile (client gone) frees the pages from here on
                 self.engine.end_import(request_id)
             dtype, page_size = self.engine.kv_layout
@@ -146,8 +150,10 @@ class DecodeWorker:
                 if self.layerwise:
                     return await self._fetch_layerwise(prompt_ids, params, request_id,
                                                        rsv)
+                hop(request_id, "decode.prefill_call")
                 result = await self.prefill.prefill(prompt_ids, params, request_id,
                                                     rsv.first_block)
+                hop(request_id, "decode.prefill_done")
                 # The receive places the pages on this replica's device (or straight into the
                 # reserved pages: `receive_into`), off the engine loop; between two steps only
                 # their scatter into the reserved pages (if still needed) runs.
@@ -169,13 +175,16 @@ class DecodeWorker:
                                ) -> tuple[PrefillResult, KVPayload]:
         """The KV handle comes before the prompt runs: its layers are received while the
         prefill replica computes them, then the first token comes."""
+        hop(request_id, "decode.prefill_call")
         stream = self.prefill.prefill_stream(prompt_ids, params, request_id, rsv.first_block)
         try:
             handle = await anext(stream)
+            hop(request_id, "decode.kv_handle")
             start = time.perf_counter()
             receive = asyncio.ensure_future(self._receive(handle, rsv))
             try:
                 result = await anext(stream)
+                hop(request_id, "decode.prefill_done")
                 if not isinstance(result, PrefillResult):
                     raise TypeError(f"prefill stream sent {type(result).__name__} second")
                 payload = await receive

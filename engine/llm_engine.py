@@ -26,6 +26,7 @@ from engine.block_allocator import BlockAllocator
 from engine.block_hash import block_hashes
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.hop_log import hop
 from engine.kv_pool import KVPool
 from engine.kv_stream import LayerwiseExport
 from engine.loader import load_model
@@ -146,6 +147,7 @@ class Engine:
                       kv_export_from=kv_export_from, kv_stream=kv_stream)
         self.scheduler.add(req)
         self._open_detokenizer(req)
+        hop(req.request_id, "engine.add")
         return req.request_id
 
     def _open_detokenizer(self, req: Request) -> None:
@@ -164,6 +166,7 @@ class Engine:
         rsv = self.scheduler.reserve(Request(request_id, list(prompt_ids), params))
         if rsv is None:
             return None
+        hop(request_id, "engine.reserve")
         pages = self.scheduler.reserved[request_id].block_table[rsv.first_block:]
         target = page_import(self.pool, pages)
         if target is not None:
@@ -205,6 +208,7 @@ class Engine:
         req.num_cached_tokens = max(req.num_cached_tokens, num_cached_tokens)
         self.scheduler.admit(req, first_token, logprob)
         self._open_detokenizer(req)
+        hop(request_id, "engine.admit")
         return self._output(req)
 
     def abort(self, request_id: str) -> bool:

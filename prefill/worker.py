@@ -15,6 +15,7 @@ import torch
 
 from engine.async_engine import AsyncEngine
 from engine.block_hash import block_hashes
+from engine.hop_log import hop
 from engine.kv_stream import LayerwiseExport
 from engine.metrics import Metrics
 from engine.outputs import RequestOutput
@@ -35,6 +36,7 @@ class PrefillWorker:
                       first_block: int = 0) -> PrefillResult:
         """Prefill `prompt_ids`, sample one token with `params`, export blocks >= first_block."""
         # Stop strings and length limits are the decode side's business: sample exactly one.
+        hop(request_id, "prefill.recv")
         one = dataclasses.replace(params, max_tokens=1, stop=[])
         self.metrics.inc("pdserve_requests_total")
         last = None
@@ -53,6 +55,7 @@ class PrefillWorker:
         self.metrics.inc("pdserve_kv_transfer_send_seconds_total", time.perf_counter() - start)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
+        hop(request_id, "prefill.done")
         return _result(last, handle)
 
     async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
@@ -60,6 +63,7 @@ class PrefillWorker:
                              ) -> AsyncIterator[object | PrefillResult]:
         """Layer-wise: yields the KV handle at once, before the prompt runs (the transport sends
         each layer as the engine computes it), then the PrefillResult (its `kv` None)."""
+        hop(request_id, "prefill.recv")
         one = dataclasses.replace(params, max_tokens=1, stop=[])
         self.engine.validate(prompt_ids, one)  # nothing offered for a request that cannot run
         self.metrics.inc("pdserve_requests_total")
@@ -82,6 +86,7 @@ class PrefillWorker:
             raise RuntimeError(f"prefill of {request_id} ended without a token")
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", header.nbytes)
+        hop(request_id, "prefill.done")
         yield _result(last, None)
 
 

@@ -1,0 +1,47 @@
+"""engine/hop_log.py: with PDSERVE_HOP_LOG set, a request through a prefill and a decode worker
+leaves a line per hop, in the order it passed them; unset, nothing is written."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from engine import hop_log
+from engine.sampling_params import SamplingParams
+from tests.test_disaggregated_inprocess import _collect, inline_pair
+
+PARAMS = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def hop_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(hop_log.ENV, str(tmp_path / "hops"))
+    hop_log.reopen()
+    yield tmp_path / "hops"
+    monkeypatch.delenv(hop_log.ENV, raising=False)
+    assert hop_log.reopen() is None
+
+
+def test_a_disaggregated_request_passes_the_hops_in_order(tiny_llama, hop_dir):
+    _, decode = inline_pair(tiny_llama)
+    asyncio.run(_collect(decode, list(range(100, 140)), PARAMS, "r1"))
+    [path] = hop_dir.glob("hops-*.jsonl")  # one process: one file
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {line["id"] for line in lines} == {"r1"}
+    assert [line["t"] for line in lines] == sorted(line["t"] for line in lines)
+    assert [line["hop"] for line in lines] == [
+        "decode.recv", "engine.reserve", "decode.reserved", "decode.prefill_call",
+        "prefill.recv", "engine.add", "prefill.done", "decode.prefill_done", "decode.kv_in",
+        "engine.admit"]
+
+
+def test_without_the_variable_nothing_is_written(tiny_llama, hop_dir, monkeypatch):
+    _, decode = inline_pair(tiny_llama)
+    asyncio.run(_collect(decode, list(range(100, 140)), PARAMS, "on"))
+    monkeypatch.delenv(hop_log.ENV)
+    assert hop_log.reopen() is None
+    asyncio.run(_collect(decode, list(range(100, 140)), PARAMS, "off"))
+    [path] = hop_dir.glob("hops-*.jsonl")
+    assert {json.loads(line)["id"] for line in path.read_text().splitlines()} == {"on"}
