@@ -15,9 +15,10 @@
 # instead of in turns): Ray is restarted under an MPS control daemon, then without it again.
 # With PDSERVE_STEP_LOG=DIR in the environment of bench/device_run.sh, every serving replica
 # writes a line per engine step there (engine/step_log.py; Ray's workers inherit the variable
-# from `ray start`), and DIR is copied to $OUT/steplog at the end. Likewise PDSERVE_HOP_LOG=DIR:
-# a line each time a request passes a hop of the serving path (engine/hop_log.py), copied to
-# $OUT/hoplog; `python -m bench.hop_report hoplog --client NAME.json` reads a run's.
+# from `ray start`), and DIR goes back as $OUT/steplog.tar.gz at the end. Likewise
+# PDSERVE_HOP_LOG=DIR: a line each time a request passes a hop of the serving path
+# (engine/hop_log.py), back as $OUT/hoplog.tar.gz; `python -m bench.hop_report DIR --client
+# NAME.json` reads one run's.
 set -u
 C=configs/llama3-8b-gpu.yaml; K=configs/llama3-8b-gpu-colocated.yaml
 variants() {  # /tmp/<NAME>.yaml for each NAME; fails for a name that is no variant
@@ -90,9 +91,10 @@ for name in "${@:-offline pd colo}"; do
     esac
   done
 done
+# The logs go back as one file each ($OUT returns few files): tar xzf NAME.tar.gz -C DIR.
 if [ -n "${PDSERVE_STEP_LOG:-}" ] && [ -d "$PDSERVE_STEP_LOG" ] && [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/steplog" && cp -r "$PDSERVE_STEP_LOG"/. "$OUT/steplog/"
+  tar czf "$OUT/steplog.tar.gz" -C "$PDSERVE_STEP_LOG" .
 fi
 if [ -n "${PDSERVE_HOP_LOG:-}" ] && [ -d "$PDSERVE_HOP_LOG" ] && [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/hoplog" && cp -r "$PDSERVE_HOP_LOG"/. "$OUT/hoplog/"
+  tar czf "$OUT/hoplog.tar.gz" -C "$PDSERVE_HOP_LOG" .
 fi
