@@ -4,12 +4,17 @@ step ran; this says which request waited where).
 
 Set `PDSERVE_HOP_LOG=DIR` in the replicas' environment and every process appends a line
 `{"t": time.time(), "id": request id, "hop": name}` to `DIR/hops-<pid>.jsonl` each time a
-request passes a hop (`hop(request_id, name)`). Hops are named `<where>.<what>`: the ingress's
-(`ingress.http`, `ingress.call`, `ingress.sent`), the decode worker's (`decode.recv`,
-`decode.reserved`, `decode.prefill_call`, `decode.kv_handle`, `decode.prefill_done`,
-`decode.kv_in`), the prefill worker's (`prefill.recv`, `prefill.done`) and the engine's, on
-its step thread (`engine.add`, `engine.reserve`, `engine.admit`). `bench/hop_report.py`
-reads the files of all processes. Off by default: `hop` is then one test of a global.
+request passes a hop (`hop(request_id, name)`); a process that passes none writes no file.
+Hops are named `<where>.<what>`:
+- the ingress's: `ingress.http` (the app's HTTP arrival, under the X-Request-Id, not the
+  engine's id), `ingress.call` (the call to the serving deployment), `ingress.sent` (the
+  batcher's call, with `submit_batch` > 1), `ingress.first` (the first output back);
+- the decode worker's: `decode.recv`, `decode.reserved`, `decode.prefill_call`,
+  `decode.kv_handle` (layer-wise transports), `decode.prefill_done`, `decode.kv_in`;
+- the prefill worker's: `prefill.recv`, `prefill.done`;
+- the engine's, on its step thread: `engine.add`, `engine.reserve`, `engine.admit`.
+`bench/hop_report.py` reads the files of all processes. Off by default: `hop` is then one test
+of a global.
 """
 
 from __future__ import annotations
@@ -35,22 +40,28 @@ class HopLog:
             self.file.write(line)
 
 
-def _from_env() -> HopLog | None:
-    where = os.environ.get(ENV)
-    return HopLog(Path(where) / f"hops-{os.getpid()}.jsonl") if where else None
+_where: str | None = os.environ.get(ENV) or None
+_log: HopLog | None = None
+_opening = threading.Lock()
 
 
-_log = _from_env()
-
-
-def reopen() -> HopLog | None:
-    """Read `PDSERVE_HOP_LOG` again (the process's log is opened at import: tests set it after)."""
-    global _log
-    _log = _from_env()
-    return _log
+def reopen() -> str | None:
+    """Read `PDSERVE_HOP_LOG` again (it is read at import: tests set it after); returns it."""
+    global _where, _log
+    _where, _log = os.environ.get(ENV) or None, None
+    return _where
 
 
 def hop(request_id: str, name: str) -> None:
     """`request_id` passed hop `name` now (a no-op unless PDSERVE_HOP_LOG is set)."""
-    if _log is not None:
-        _log.record(request_id, name)
+    if _where is not None:
+        _open().record(request_id, name)
+
+
+def _open() -> HopLog:
+    global _log
+    if _log is None:  # the first hop of this process (two threads may race to it)
+        with _opening:
+            if _log is None:
+                _log = HopLog(Path(_where) / f"hops-{os.getpid()}.jsonl")
+    return _log

@@ -26,6 +26,7 @@ def hop_dir(tmp_path, monkeypatch):
 
 def test_a_disaggregated_request_passes_the_hops_in_order(tiny_llama, hop_dir):
     _, decode = inline_pair(tiny_llama)
+    assert not hop_dir.exists()  # no file before the process's first hop
     asyncio.run(_collect(decode, list(range(100, 140)), PARAMS, "r1"))
     [path] = hop_dir.glob("hops-*.jsonl")  # one process: one file
     lines = [json.loads(line) for line in path.read_text().splitlines()]
