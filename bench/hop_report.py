@@ -9,8 +9,8 @@ the ingress within its `duration_s` count (the warm-up's come before, other runs
 after). Requests are grouped into waves of N (the run's concurrency) in the order they reached
 the ingress, as `bench.waves` groups sends. Each wave's table has a row per hop, ordered by its
 median time: p10 / p50 / p90 / max of the time the wave's requests passed it (s from the
-start), and the median over requests of the time from the row above (ms), the step that hop
-took. Two rows are paired by order, not by id:
+start), and `hop p50`: the median over requests of the time from the row above (ms), what
+that hop took. Two rows are paired by order, not by id:
 `client.send` (the client's k-th send) and `ingress.http` (the k-th HTTP request to reach an
 ingress replica's app, logged under its X-Request-Id, before the route names the engine's
 request) go with the k-th request to reach `ingress.call`.
@@ -65,18 +65,18 @@ def report(reqs: dict[str, Hops], start_unix: float, duration_s: float, sends_s:
 
     http = sorted(t for p in reqs.values() if set(p) == {"ingress.http"}
                   and in_run(t := p["ingress.http"]))
-    run = sorted((p for p in reqs.values() if set(p) != {"ingress.http"}
-                  and in_run(first_hop(p))), key=first_hop)
+    run = sorted((dict(p) for p in reqs.values() if set(p) != {"ingress.http"}
+                  and in_run(first_hop(p))), key=first_hop)  # copies: the pairs go in below
     for path, send, arrival in zip(run, sorted(sends_s), http):
         path["client.send"], path["ingress.http"] = start_unix + send, arrival
     lines = []
     for k in range(0, len(run), concurrency):
         wave = run[k:k + concurrency]
         lines.append(f"wave {k // concurrency + 1}: {len(wave)} requests")
-        lines.append(f"  {'hop':<22} {'p10':>7} {'p50':>7} {'p90':>7} {'max':>7}   step p50")
+        lines.append(f"  {'hop':<22} {'p10':>7} {'p50':>7} {'p90':>7} {'max':>7}   hop p50")
         for name, qs, step in wave_table(wave, start_unix):
-            step_s = "" if step is None else f"{step:8.1f} ms"
-            lines.append(f"  {name:<22} " + " ".join(f"{q:7.3f}" for q in qs) + f"   {step_s}")
+            cell = "" if step is None else f"{step:8.1f} ms"
+            lines.append(f"  {name:<22} " + " ".join(f"{q:7.3f}" for q in qs) + f"   {cell}")
     return lines
 
 

@@ -29,15 +29,16 @@ def test_waves_of_hops_from_two_processes(tmp_path, capsys):
     reqs = hop_report.read_hops(tmp_path)
     assert reqs["a"] == {"ingress.call": T0 + 0.020, "decode.recv": T0 + 0.025}
     lines = hop_report.report(reqs, T0, 2.0, [0.0, 0.002, 1.0], concurrency=2)
+    assert reqs["a"] == {"ingress.call": T0 + 0.020, "decode.recv": T0 + 0.025}  # not changed
     assert lines == [
         "wave 1: 2 requests",
-        "  hop                        p10     p50     p90     max   step p50",
+        "  hop                        p10     p50     p90     max   hop p50",
         "  client.send              0.000   0.001   0.002   0.002   ",
         "  ingress.http             0.010   0.011   0.012   0.012       10.0 ms",
         "  ingress.call             0.021   0.025   0.029   0.030       14.0 ms",
         "  decode.recv              0.026   0.032   0.038   0.040        7.5 ms",
         "wave 2: 1 requests",
-        "  hop                        p10     p50     p90     max   step p50",
+        "  hop                        p10     p50     p90     max   hop p50",
         "  client.send              1.000   1.000   1.000   1.000   ",
         "  ingress.http             1.010   1.010   1.010   1.010       10.0 ms",
         "  ingress.call             1.020   1.020   1.020   1.020       10.0 ms",
