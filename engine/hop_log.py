@@ -19,6 +19,8 @@ of a global.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import json
 import os
 import threading
@@ -29,15 +31,42 @@ ENV = "PDSERVE_HOP_LOG"
 
 
 class HopLog:
+    """The hot path only queues (time, id, hop): ~0.6 us. A thread of its own formats and
+    writes the lines every FLUSH_S (~2 us a line) and at the process's exit. (Written at each
+    hop, a line cost the decode replica ~70 us of CPU on a 2-core machine, by py-spy during
+    bursts of 128 requests, where the hops it measures take ~1 ms of CPU each.)"""
+
+    FLUSH_S = 0.1
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a", buffering=1)  # a line at a time: nothing lost at a kill
-        self._lock = threading.Lock()  # the step thread and the event loop both write
+        self.file = path.open("a")
+        self._queue: collections.deque[tuple[float, str, str]] = collections.deque()
+        self._writing = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._write_forever, name="pdserve-hop-log", daemon=True).start()
+        atexit.register(self.close)
 
     def record(self, request_id: str, name: str) -> None:
-        line = json.dumps({"t": round(time.time(), 6), "id": request_id, "hop": name}) + "\n"
-        with self._lock:
-            self.file.write(line)
+        self._queue.append((time.time(), request_id, name))  # deque: safe from any thread
+
+    def flush(self) -> None:
+        with self._writing:
+            lines = []
+            while self._queue:
+                t, request_id, name = self._queue.popleft()
+                lines.append(f'{{"t": {t:.6f}, "id": {json.dumps(request_id)}, "hop": "{name}"}}\n')
+            if lines:
+                self.file.write("".join(lines))
+                self.file.flush()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.flush()
+
+    def _write_forever(self) -> None:
+        while not self._closed.wait(self.FLUSH_S):
+            self.flush()
 
 
 _where: str | None = os.environ.get(ENV) or None
@@ -48,6 +77,8 @@ _opening = threading.Lock()
 def reopen() -> str | None:
     """Read `PDSERVE_HOP_LOG` again (it is read at import: tests set it after); returns it."""
     global _where, _log
+    if _log is not None:
+        _log.close()
     _where, _log = os.environ.get(ENV) or None, None
     return _where
 
@@ -56,6 +87,12 @@ def hop(request_id: str, name: str) -> None:
     """`request_id` passed hop `name` now (a no-op unless PDSERVE_HOP_LOG is set)."""
     if _where is not None:
         _open().record(request_id, name)
+
+
+def flush() -> None:
+    """Write what is queued now (the log's thread does every FLUSH_S)."""
+    if _log is not None:
+        _log.flush()
 
 
 def _open() -> HopLog:

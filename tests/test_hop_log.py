@@ -28,6 +28,7 @@ def test_a_disaggregated_request_passes_the_hops_in_order(tiny_llama, hop_dir):
     _, decode = inline_pair(tiny_llama)
     assert not hop_dir.exists()  # no file before the process's first hop
     asyncio.run(_collect(decode, list(range(100, 140)), PARAMS, "r1"))
+    hop_log.flush()
     [path] = hop_dir.glob("hops-*.jsonl")  # one process: one file
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert {line["id"] for line in lines} == {"r1"}
@@ -41,6 +42,7 @@ def test_a_disaggregated_request_passes_the_hops_in_order(tiny_llama, hop_dir):
 def test_without_the_variable_nothing_is_written(tiny_llama, hop_dir, monkeypatch):
     _, decode = inline_pair(tiny_llama)
     asyncio.run(_collect(decode, list(range(100, 140)), PARAMS, "on"))
+    hop_log.flush()
     monkeypatch.delenv(hop_log.ENV)
     assert hop_log.reopen() is None
     asyncio.run(_collect(decode, list(range(100, 140)), PARAMS, "off"))
