@@ -18,6 +18,7 @@ from tests.test_disaggregated_inprocess import (
     leave_after_first_output,
     no_pages_left,
 )
+from tests.test_token_path import RecordingSink
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 SHARED = list(range(100, 164))  # 4 full pages of 16
@@ -55,31 +56,19 @@ def test_short_prompts_prefill_on_the_decode_replica_long_ones_remotely(tiny_lla
     no_pages_left(prefill, decode)
 
 
-class _Sink:
-    """An output sink as a serving replica's (called on the engine's step thread)."""
-
-    def __init__(self) -> None:
-        self.outs: list = []
-
-    def put(self, out) -> None:
-        self.outs.append(out)
-
-    def flush(self) -> None:
-        pass
-
-
 def test_through_an_output_sink_every_output_passes_and_the_first_is_timed_once(tiny_llama):
     prompt = list(range(300, 316))
 
     async def main():
         prefill, decode = inline_pair(tiny_llama, local_prefill_max_tokens=16)
-        sink = _Sink()
+        sink = RecordingSink()
         streamed = [out async for out in decode.generate(prompt, GREEDY, "s", sink=sink)]
         return prefill, decode, sink, streamed
 
     prefill, decode, sink, streamed = asyncio.run(main())
     ref = LLM(tiny_llama, num_pages=128).generate([prompt], GREEDY)[0].token_ids
-    assert [t for out in sink.outs for t in out.new_token_ids] == ref
+    outs = [out for batch in sink.batches for out in batch] + sink.pending
+    assert [t for out in outs for t in out.new_token_ids] == ref
     assert len(streamed) == 1 and streamed[0].finished  # the stream gets only the last one
     assert decode.metrics.histograms[LOCAL_PREFILL_TTFT].count == 1
     no_pages_left(prefill, decode)
