@@ -137,20 +137,19 @@ def run_http(
     if processes > 1:
         return _run_processes(specs, client, rate, concurrency, seed, burstiness, progress,
                               processes)
-    cpu0 = time.process_time()
     try:
-        result = asyncio.run(_run_async(specs, client, rate, concurrency, progress,
-                                        arrival_offsets(len(specs), rate, seed, burstiness)))
+        return asyncio.run(_run_async(specs, client, rate, concurrency, progress,
+                                      arrival_offsets(len(specs), rate, seed, burstiness)))
     finally:
         if progress is not None:
             progress.close()
-    result.client_cpu_s = time.process_time() - cpu0
-    return result
 
 
 async def _run_async(specs: Sequence[RequestSpec], client: ClientConfig, rate: float,
                      concurrency: int | None, progress: Progress | None,
                      offsets: Sequence[float], start_at: float | None = None) -> LoadResult:
+    """The run in this process, with its CPU time (session set-up and close included)."""
+    cpu0 = time.process_time()
     connector = aiohttp.TCPConnector(limit=0)  # the schedule, not the pool, caps in-flight
     timeout = aiohttp.ClientTimeout(total=client.timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -162,8 +161,10 @@ async def _run_async(specs: Sequence[RequestSpec], client: ClientConfig, rate: f
             return stream_completion(session, client.url, payload, spec,
                                      client.count_empty_chunks)
 
-        return await run_load(specs, send, rate, concurrency, progress=progress,
-                              offsets=offsets, start_at=start_at)
+        result = await run_load(specs, send, rate, concurrency, progress=progress,
+                                offsets=offsets, start_at=start_at)
+    result.client_cpu_s = time.process_time() - cpu0
+    return result
 
 
 def _run_processes(specs: Sequence[RequestSpec], client: ClientConfig, rate: float,
@@ -190,7 +191,6 @@ def _run_processes(specs: Sequence[RequestSpec], client: ClientConfig, rate: flo
             if pipe.recv() != "ready":
                 raise RuntimeError("a client process failed to start")
         start_at = time.perf_counter() + 0.05
-        start_unix = time.time() + 0.05
         for pipe in pipes:
             pipe.send(start_at)
         shards: list[LoadResult] = []
@@ -212,7 +212,9 @@ def _run_processes(specs: Sequence[RequestSpec], client: ClientConfig, rate: flo
             progress.update(record.ok)
         progress.close()
     duration = max(s.duration for s in shards)
-    return LoadResult(records, duration, rate, concurrency, start_unix=start_unix,
+    # Every shard's offset 0 is the one instant `start_at`: their clocks read it alike.
+    return LoadResult(records, duration, rate, concurrency,
+                      start_unix=min(s.start_unix for s in shards),
                       client_cpu_s=sum(s.client_cpu_s for s in shards))
 
 
@@ -222,12 +224,10 @@ def _shard_main(pipe, specs: list[RequestSpec], client: ClientConfig, rate: floa
     sends its LoadResult back (durations and send times from that instant)."""
     pipe.send("ready")
     start_at = pipe.recv()
-    cpu0 = time.process_time()
     try:
         result = asyncio.run(_run_async(specs, client, rate, concurrency, None, offsets,
                                         start_at))
     except Exception as e:  # request failures are records; this is a bug or a bad argument
         pipe.send(e)
         return
-    result.client_cpu_s = time.process_time() - cpu0
     pipe.send(result)
