@@ -29,10 +29,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from api.batched_submit import SubmitBatcher
 from api.mailbox_call import Coalescing, mailbox_call
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from serving.batched_submit import SubmitBatcher
 from serving.token_path import TokenReader
 from serving.token_socket import SocketReader
 
@@ -73,7 +73,7 @@ class HandleClient:
         self.timeout_s, self.max_resumes = timeout_s, max_resumes
         self.reader, self.coalescing = reader, coalescing or Coalescing()
         self.num_resumes = 0
-        # Many requests a Serve call (api/batched_submit.py): only over the token socket, which
+        # Many requests a Serve call (serving/batched_submit.py): only over the token socket, which
         # carries their aborts.
         self.batcher = (SubmitBatcher(handle, reader, submit_batch)
                         if submit_batch > 1 and isinstance(reader, SocketReader) else None)

@@ -1,5 +1,5 @@
 """One request through a serving deployment's `run` method (or a SubmitBatcher's,
-api/batched_submit.py), its outputs through the ingress's token socket or mailbox
+serving/batched_submit.py), its outputs through the ingress's token socket or mailbox
 (serving/token_socket.py, serving/token_mailbox.py): the call carries the request, its
 cancellation and its end; the tokens arrive in per-step batches, fanned out by the reader.
 

@@ -69,6 +69,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "pd_local_mps": (PD, {"decode.local_prefill_max_tokens": 512}),
     "pd_local64_mps": (PD, {"decode.local_prefill_max_tokens": 64}),
     "pd_local0_mps": (PD, {"decode.local_prefill_max_tokens": 0}),
+    # a Serve call per prompt from the decode replica to the prefill replica, as before
+    # `decode.prefill_batch` (the config's default sends up to 32 a call)
+    "pd_mps_pb1": (PD, {"decode.prefill_batch": 1}),
     # the fp8 config with its decode replica below normal priority, as PD runs it
     "pd_fp8_mps_lowd": (FP8, {DECODE_ENV: LOW}),
 }

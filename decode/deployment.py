@@ -10,21 +10,38 @@ from decode.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport
 from serving.batched_runs import Request
+from serving.batched_submit import SubmitBatcher
 from serving.replica import Replica, replica_lost
 from serving.token_path import TokenAddress
+from serving.token_socket import SocketReader
 
 HEALTH_TIMEOUT_S = 5.0
 
 
 class PrefillClient:
-    """The prefill deployment seen through its handle, as DecodeWorker expects it."""
+    """The prefill deployment seen through its handle, as DecodeWorker expects it. With
+    `max_batch` > 1, `prefill` calls go many to a Serve call (`prefill_many`, through a
+    SubmitBatcher: serving/batched_submit.py), and their aborts over a token socket of this
+    replica's that the prefill replicas connect to."""
 
-    def __init__(self, handle, timeout_s: float) -> None:
+    def __init__(self, handle, timeout_s: float, max_batch: int = 1) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
+        self.reader = SocketReader() if max_batch > 1 else None
+        self.batcher = (None if self.reader is None else
+                        SubmitBatcher(handle, self.reader, max_batch, method="prefill_many"))
 
     async def prefill(self, *args):
-        return await asyncio.wait_for(self.handle.prefill.remote(*args), self.timeout_s)
+        if self.batcher is None:
+            return await asyncio.wait_for(self.handle.prefill.remote(*args), self.timeout_s)
+        response = self.batcher.run(*args)
+        try:
+            # Shielded: a timeout or this task's cancellation aborts the request on the prefill
+            # replica through `cancel()`, which needs the request's future still pending.
+            return await asyncio.wait_for(asyncio.shield(response.future), self.timeout_s)
+        except BaseException:
+            response.cancel()
+            raise
 
     async def prefill_stream(self, *args):
         """The handle, then the result, from one prefill replica (one streaming call)."""
@@ -35,6 +52,10 @@ class PrefillClient:
         finally:
             gen.cancel()  # no-op once the call has ended; else the prefill is aborted
 
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.shutdown()
+
 
 @serve.deployment(name="decode")
 class DecodeServer:
@@ -42,13 +63,14 @@ class DecodeServer:
         self.replica = Replica(args, "decode")
         self.prefill_handle = prefill_handle
         timeout_s = self.replica.cfg.request_timeout_s
-        prefill = PrefillClient(prefill_handle, timeout_s)
+        decode = self.replica.cfg.decode
+        self.prefill = PrefillClient(prefill_handle, timeout_s, decode.prefill_batch)
         self.transport = make_transport(self.replica.cfg.kv_transport, timeout_s=timeout_s)
-        self.worker = DecodeWorker(self.replica.engine, prefill, self.transport,
+        self.worker = DecodeWorker(self.replica.engine, self.prefill, self.transport,
                                    self.replica.fingerprint, self.replica.metrics,
                                    reserve_timeout_s=min(60.0, timeout_s), timeout_s=timeout_s,
-                                   retriable=replica_lost, local_prefill_max_tokens=(
-                                       self.replica.cfg.decode.local_prefill_max_tokens))
+                                   retriable=replica_lost,
+                                   local_prefill_max_tokens=decode.local_prefill_max_tokens)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         async for out in self.worker.generate(prompt_ids, params, request_id):
@@ -80,5 +102,6 @@ class DecodeServer:
         return self.replica.record_autoscaling_stats()
 
     def __del__(self) -> None:  # Serve's graceful shutdown hook
+        self.prefill.close()
         self.transport.close()
         self.replica.close()

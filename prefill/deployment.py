@@ -7,8 +7,10 @@ from ray import serve
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport
 from prefill.worker import PrefillWorker
+from serving.batched_runs import Request
 from serving.pd_protocol import PrefillResult
 from serving.replica import Replica
+from serving.token_socket import TokenSocket
 
 
 @serve.deployment(name="prefill")
@@ -23,6 +25,13 @@ class PrefillServer:
     async def prefill(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                       first_block: int = 0) -> PrefillResult:
         return await self.worker.prefill(prompt_ids, params, request_id, first_block)
+
+    async def prefill_many(self, requests: list[Request], address: TokenSocket):
+        """`prefill` for many requests in one call (serving/batched_runs.py): the count, then
+        the results as they end; their aborts come over the caller's socket at `address`."""
+        async for item in self.replica.call_many(requests, address,
+                                                 lambda r: self.worker.prefill(*r)):
+            yield item
 
     async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
                              request_id: str, first_block: int = 0):

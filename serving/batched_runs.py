@@ -1,5 +1,5 @@
-"""A serving replica's side of `run_many`: many requests in one Serve call (api/batched_submit.py
-is the ingress's side).
+"""A serving replica's side of a call of many requests (`run_many`, and the prefill replica's
+`prefill_many`): many requests in one Serve call (serving/batched_submit.py is the caller's side).
 
 Every Serve call costs the serving replica Python work under the GIL (Serve's request wrapper,
 Ray's deserialization of the call), which the engine's step thread waits for: when a wave of
@@ -7,12 +7,13 @@ Ray's deserialization of the call), which the engine's step thread waits for: wh
 (docs/benchmarks.md, step logs of run 89). A call of many requests pays that once.
 
 The call is a stream. It yields the number of requests accepted once each has been started,
-then, as requests end, lists of `(request_id, error)`: error is None when the request's last
-output went out through the token path, else `(kind, message)`, kind "ValueError" for input the
-engine refused (the API answers 4xx) or "RuntimeError". A request's outputs travel through the
-token path, as with `run`. Its abort comes as `abort(request_id)` (the token socket's abort
-frames), and cancels that request's task as Serve's cancellation cancels a `run` call. The
-call's own cancellation (its ingress went away) cancels all of its requests' tasks.
+then, as requests end, lists of `(request_id, error, value)`: error is None when the request
+ended well, else `(kind, message)`, kind "ValueError" for input the engine refused (the API
+answers 4xx) or "RuntimeError"; value is what the request's run returned (None for `run_many`,
+whose outputs travel through the token path, as with `run`; the PrefillResult for
+`prefill_many`). A request's abort comes as `abort(request_id)` (the token socket's abort
+frames), and cancels that request's task as Serve's cancellation cancels a call of one. The
+call's own cancellation (its caller went away) cancels all of its requests' tasks.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from engine.sampling_params import SamplingParams
 
-Request = tuple[list[int], SamplingParams, str]  # prompt ids, sampling params, request id
-End = tuple[str, tuple[str, str] | None]  # request id, error (kind, message) or None
+# prompt ids, sampling params, request id (a prefill's also carries its first block)
+Request = tuple[list[int], SamplingParams, str] | tuple[list[int], SamplingParams, str, int]
+End = tuple[str, tuple[str, str] | None, object]  # request id, error (kind, message), value
 
 
 class BatchedRuns:
@@ -33,10 +35,11 @@ class BatchedRuns:
     def __init__(self) -> None:
         self.tasks: dict[str, asyncio.Task] = {}
 
-    async def run_many(self, requests: list[Request], run: Callable[[Request], Awaitable[None]],
+    async def run_many(self, requests: list[Request], run: Callable[[Request], Awaitable[object]],
                        ) -> AsyncIterator[int | list[End]]:
         """`run(request)` runs one request (the replica's `run`, outputs to the call's token
-        address) and returns when it ends, raising what it ended with."""
+        address; or a prefill) and returns its value when it ends, raising what it ended
+        with."""
         ends: asyncio.Queue[End] = asyncio.Queue()
         mine: dict[str, asyncio.Task] = {}
         try:
@@ -44,7 +47,8 @@ class BatchedRuns:
                 request_id = request[2]
                 if request_id in self.tasks:
                     ends.put_nowait((request_id, ("ValueError",
-                                                  f"request id {request_id!r} is already running")))
+                                                  f"request id {request_id!r} is already running"),
+                                     None))
                     continue
                 task = asyncio.ensure_future(run(request))
                 task.add_done_callback(functools.partial(self._ended, ends, request_id))
@@ -72,7 +76,8 @@ class BatchedRuns:
     def _ended(self, ends: asyncio.Queue, request_id: str, task: asyncio.Task) -> None:
         if self.tasks.get(request_id) is task:
             del self.tasks[request_id]
-        ends.put_nowait((request_id, _error(task)))
+        error = _error(task)
+        ends.put_nowait((request_id, error, None if error is not None else task.result()))
 
 
 def _error(task: asyncio.Task) -> tuple[str, str] | None:

@@ -134,6 +134,14 @@ class DecodeDeploymentSection(EngineDeploymentSection):
     # "conditional disaggregation" of NVIDIA Dynamo and TensorRT-LLM, which also count the
     # tokens after the prefix hit). 0 (default): every prompt goes to a prefill replica.
     local_prefill_max_tokens: int = Field(0, ge=0)
+    # Up to this many prompts a decode replica sends the prefill deployment in one Serve call
+    # (`prefill_many`, serving/batched_submit.py), as the ingress does with `submit_batch`: a
+    # wave of prompts then costs both replicas' processes a few calls' Python work instead of
+    # one per prompt. Their aborts travel over a token socket of the decode replica's. 1: a call
+    # per prompt. Needs `prefill.autoscaling_config: null` (Serve's policy would count a call of
+    # many prompts as one); where it is set, the default is 1. Transports that stream layers
+    # (`kv_transport: channel`) make a streaming call per prompt and do not use it.
+    prefill_batch: int = Field(32, ge=1)
 
 
 class SLOSection(_Strict):
@@ -227,7 +235,7 @@ class AppConfig(_Strict):
     # latency for a few streams, but its cost grows with the number of streams).
     token_path: Literal["socket", "mailbox", "stream"] = "socket"
     # Up to this many requests an ingress replica sends the serving deployment in one Serve call
-    # (api/batched_submit.py): a wave of requests then costs the serving replica, whose engine
+    # (serving/batched_submit.py): a wave of requests then costs the serving replica, whose engine
     # steps wait on its GIL, a few calls' work instead of one per request. 1: a call per
     # request. Needs `token_path: socket` (it carries the aborts), Serve's own routing (the
     # prefix router reads one prompt per call) and no Serve `autoscaling_config` (it counts
@@ -270,6 +278,18 @@ class AppConfig(_Strict):
         if "submit_batch" in self.model_fields_set:
             raise ConfigFieldError("submit_batch", problem)
         self.submit_batch = 1
+        return self
+
+    @model_validator(mode="after")
+    def _prefill_batch_usable(self) -> AppConfig:
+        """As `_submit_batch_usable`, for `decode.prefill_batch`."""
+        if self.decode.prefill_batch == 1 or self.prefill.autoscaling_config is None:
+            return self
+        if "prefill_batch" in self.decode.model_fields_set:
+            raise ConfigFieldError("decode.prefill_batch", "needs prefill.autoscaling_config: "
+                                   "null (Serve's policy counts a call of many prompts as one; "
+                                   "the SLO autoscaler reads the replicas' own counts)")
+        self.decode.prefill_batch = 1
         return self
 
     def _submit_batch_problem(self) -> str | None:

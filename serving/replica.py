@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import Engine
@@ -140,6 +140,16 @@ class Replica:
         def run(request: Request):
             return self.run_into(mailbox, request[2], lambda sink: generate(request, sink))
 
+        async for item in self.batched.run_many(requests, run):
+            yield item
+
+    async def call_many(self, requests: list[Request], address: TokenAddress,
+                        run: Callable[[Request], Awaitable[object]],
+                        ) -> AsyncIterator[int | list[End]]:
+        """Many requests in one Serve call whose values go back in the call's stream (a
+        prefill's result), `run(request)` each. The caller's token socket at `address` carries
+        only their aborts; it is connected first, as for `run_many`."""
+        await self.sinks.get(address)
         async for item in self.batched.run_many(requests, run):
             yield item
 

@@ -58,6 +58,11 @@ class TokenReader:
         self._closed = False
 
     def open(self, request_id: str) -> asyncio.Queue:
+        self.start()
+        return self.fanout.open(request_id)
+
+    def start(self) -> None:
+        """(On the event loop.) Start `_receive()` if it is not running; `open` does."""
         if not self._closed and (self._task is None or self._task.done()):
             if self._task is not None and not self._task.cancelled():
                 log.error("%s stopped (%r); starting it again", type(self).__name__,
@@ -66,7 +71,6 @@ class TokenReader:
             # the task serves every open stream.
             self._task = asyncio.get_running_loop().create_task(
                 self._receive(), context=contextvars.Context())
-        return self.fanout.open(request_id)
 
     def close(self, request_id: str) -> None:
         self.fanout.close(request_id)

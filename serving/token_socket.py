@@ -17,10 +17,11 @@ unpickles anything from it.
 Aborts travel the other way on the same connection (`SocketReader.abort`): a frame per request
 id, its UTF-8 bytes, read on the serving replica by a thread per connection that hands each id to
 `on_abort` on the replica's event loop. They are for requests sent many to a Serve call
-(api/batched_submit.py), which one call's cancellation cannot abort alone. An id that the replica
-does not run is ignored there; the reader sends every connection each abort (an ingress has few),
-and a connection that joins later the most recent ones, so an abort never misses the replica
-that runs the request.
+(serving/batched_submit.py), which one call's cancellation cannot abort alone. (A decode
+replica's own reader carries only such aborts, to the prefill replicas it sends prompts to.) An
+id that the replica does not run is ignored there; the reader sends every connection each abort
+(a reader has few), and a connection that joins later the most recent ones, so an abort never
+misses the replica that runs the request.
 
 Failure: if a write fails, the ingress reads nothing for SEND_TIMEOUT_S, or it leaves more than
 MAX_BACKLOG_BYTES unread (the ingress died or stopped reading), the sink is lost:
@@ -131,9 +132,13 @@ class SocketReader(TokenReader):
 
     def shutdown(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-        self._listener.close()
+        if self._task is None or self._task.done():
+            self._listener.close()
+            return
+        self._task.cancel()
+        # Once the server has stopped serving it: closed before, its fd is gone when the
+        # cancelled task unregisters it.
+        self._task.add_done_callback(lambda _: self._listener.close())
 
 
 class SocketSink(StepSink):

@@ -19,7 +19,8 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 ENGINE_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(EngineConfig)))
 ROLE_KEYS = "autoscaling_config, engine, max_ongoing_requests, num_replicas, ray_actor_options"
 INGRESS_KEYS = ROLE_KEYS.replace("engine, ", "")
-DECODE_KEYS = ROLE_KEYS.replace("engine, ", "engine, local_prefill_max_tokens, ")
+DECODE_KEYS = ROLE_KEYS.replace("engine, ", "engine, local_prefill_max_tokens, ").replace(
+    "num_replicas, ", "num_replicas, prefill_batch, ")
 
 
 def app_args(path: Path) -> dict:
@@ -175,6 +176,20 @@ def test_batched_submission_is_on_by_default_and_steps_aside_where_it_cannot_wor
     cfg = AppConfig.from_args({"submit_batch": 8, "slo": SLO,
                                "autoscaler": {"enabled": True}})  # the SLO autoscaler is fine
     assert AppConfig.from_args(cfg.model_dump()).submit_batch == 8
+
+
+def test_batched_prefill_calls_are_on_by_default_and_step_aside_for_serve_autoscaling():
+    assert AppConfig.from_args({}).decode.prefill_batch == 32
+    autoscaled = {"prefill": {"autoscaling_config": {"min_replicas": 1}}}
+    cfg = AppConfig.from_args(autoscaled)
+    assert cfg.decode.prefill_batch == 1 and AppConfig.from_args(cfg.model_dump()) == cfg
+    assert "decode.prefill_batch: needs prefill.autoscaling_config: null" in refused(
+        {**autoscaled, "decode": {"prefill_batch": 8}})
+    assert "decode.prefill_batch: Input should be greater than or equal to 1" in refused(
+        {"decode": {"prefill_batch": 0}})
+    cfg = AppConfig.from_args({"decode": {"prefill_batch": 8}, "slo": SLO,
+                               "autoscaler": {"enabled": True}})  # the SLO autoscaler is fine
+    assert AppConfig.from_args(cfg.model_dump()).decode.prefill_batch == 8
 
 
 def test_an_unknown_kv_transport_lists_the_registered_ones():

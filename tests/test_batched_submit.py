@@ -1,5 +1,5 @@
 """Many requests a Serve call (`submit_batch`): the ingress's SubmitBatcher
-(api/batched_submit.py), the replica's BatchedRuns (serving/batched_runs.py) and the aborts
+(serving/batched_submit.py), the replica's BatchedRuns (serving/batched_runs.py) and the aborts
 that travel back over the token socket (serving/token_socket.py). The Serve handle and the
 replica's requests are played by the tests."""
 
@@ -9,11 +9,11 @@ import asyncio
 
 import pytest
 
-from api.batched_submit import SubmitBatcher
 from engine.metrics import Metrics
 from engine.sampling_params import SamplingParams
 from serving.batched_runs import BatchedRuns
-from serving.token_socket import SocketReader, SocketSink
+from serving.batched_submit import SubmitBatcher
+from serving.token_socket import SocketReader, SocketSink, TokenSocket
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4)
 
@@ -33,6 +33,10 @@ class FakeCall:
         self.items.put_nowait(len(self.requests))
 
     def end(self, *ends: tuple[str, tuple[str, str] | None]) -> None:
+        """Requests that ended with no value (a `run_many` call's)."""
+        self.items.put_nowait([(*end, None) for end in ends])
+
+    def end_with(self, *ends: tuple[str, tuple[str, str] | None, object]) -> None:
         self.items.put_nowait(list(ends))
 
     def fail(self, e: BaseException) -> None:
@@ -54,23 +58,27 @@ class FakeCall:
 class FakeHandle:
     def __init__(self) -> None:
         self.calls: list[FakeCall] = []
-        self.run_many = self
+        self.run_many = self.prefill_many = self
 
     def options(self, stream: bool) -> FakeHandle:
         assert stream
         return self
 
     def remote(self, requests: list[tuple], mailbox: object) -> FakeCall:
-        assert mailbox == "the-socket"
+        assert mailbox is FakeReader.mailbox
         self.calls.append(FakeCall(requests))
         return self.calls[-1]
 
 
 class FakeReader:
-    mailbox = "the-socket"
+    mailbox = TokenSocket("the-socket", "127.0.0.1", 1, b"")
 
     def __init__(self) -> None:
         self.aborted: list[str] = []
+        self.started = 0
+
+    def start(self) -> None:
+        self.started += 1
 
     def abort(self, request_ids) -> None:
         self.aborted += list(request_ids)
@@ -102,6 +110,27 @@ async def test_a_burst_goes_as_one_call_after_the_first_is_accepted_and_splits_a
     await _settle()
     assert first.future.done() and first.future.result() is None
     assert not any(r.future.done() for r in rest) and batcher.num_calls == 3
+
+
+@pytest.mark.anyio
+async def test_a_prefill_batcher_calls_its_method_and_each_request_gets_its_value():
+    """A decode replica's batcher (`prefill_many`): requests keep their last argument (the
+    first block), each future ends with the value its request's run returned, and the reader
+    is started so that the prefill replicas' connections for aborts are accepted."""
+    handle, reader = FakeHandle(), FakeReader()
+    batcher = SubmitBatcher(handle, reader, max_batch=8, max_hold_s=60, method="prefill_many")
+    a = batcher.run([1, 2], GREEDY, "a", 0)
+    b = batcher.run([1, 2, 3], GREEDY, "b", 1)
+    await _settle()
+    handle.calls[0].accept()
+    await _settle()
+    assert [c.requests for c in handle.calls] == [[([1, 2], GREEDY, "a", 0)],
+                                                  [([1, 2, 3], GREEDY, "b", 1)]]
+    assert reader.started == 2  # once per send: a no-op while it runs
+    handle.calls[1].accept()
+    handle.calls[1].end_with(("b", None, "b's result"))
+    handle.calls[0].end_with(("a", None, "a's result"))
+    assert (await _result(a), await _result(b)) == ("a's result", "b's result")
 
 
 @pytest.mark.anyio
@@ -186,22 +215,22 @@ async def test_the_replica_runs_each_request_reports_its_end_and_cancels_the_abo
     runs = BatchedRuns()
     release: dict[str, asyncio.Future] = {}
 
-    async def run(request: tuple) -> None:
+    async def run(request: tuple) -> object:
         release[request[2]] = asyncio.get_running_loop().create_future()
-        await release[request[2]]
+        return await release[request[2]]  # its value goes back with its end
 
     requests = [([1], GREEDY, rid) for rid in ("ok", "bad", "gone", "left")]
     stream = runs.run_many(requests, run)
     assert await anext(stream) == 4
     await _settle()
     assert sorted(release) == sorted(runs.tasks) == ["bad", "gone", "left", "ok"]
-    release["ok"].set_result(None)
+    release["ok"].set_result("ok's value")
     release["bad"].set_exception(ValueError("prompt too long"))
-    assert sorted(await anext(stream)) == [("bad", ("ValueError", "prompt too long")),
-                                           ("ok", None)]
+    assert sorted(await anext(stream)) == [("bad", ("ValueError", "prompt too long"), None),
+                                           ("ok", None, "ok's value")]
     runs.abort("gone")
     runs.abort("not-here")  # another replica's request: ignored
-    assert await anext(stream) == [("gone", ("RuntimeError", "the request was aborted"))]
+    assert await anext(stream) == [("gone", ("RuntimeError", "the request was aborted"), None)]
     assert list(runs.tasks) == ["left"]
     left = runs.tasks["left"]
     await stream.aclose()  # the call was cancelled: its open requests go with it
@@ -221,12 +250,13 @@ async def test_a_duplicate_request_id_is_refused_without_touching_the_running_on
     assert await anext(first) == 1
     second = runs.run_many([([1], GREEDY, "x")], run)
     assert await anext(second) == 1
-    assert await anext(second) == [("x", ("ValueError", "request id 'x' is already running"))]
+    assert await anext(second) == [("x", ("ValueError", "request id 'x' is already running"),
+                                    None)]
     running = runs.tasks["x"]
     await second.aclose()
     assert not running.done()
     hold.set_result(None)
-    assert await anext(first) == [("x", None)]
+    assert await anext(first) == [("x", None, None)]
 
 
 @pytest.mark.anyio

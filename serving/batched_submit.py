@@ -1,8 +1,11 @@
-"""SubmitBatcher: the ingress sends requests to the serving deployment many to a Serve call
-(`submit_batch` > 1; serving/batched_runs.py is the replica's side).
+"""SubmitBatcher: a caller sends requests to a deployment many to a Serve call
+(serving/batched_runs.py is the replica's side). Two callers use it: the ingress, to the serving
+deployment's `run_many` (`submit_batch` > 1), and a decode replica, to the prefill deployment's
+`prefill_many` (`decode.prefill_batch` > 1).
 
-A Serve call per request costs the serving replica's process Python work under the GIL, which
-its engine step thread waits for while a wave of requests arrives. The batcher sends the first
+A Serve call per request costs both processes Python work under the GIL (the caller's router,
+the callee's request wrapper and deserialization), which their engine step threads wait for
+while a wave of requests arrives. The batcher sends the first
 request of a burst at once, in a call of its own; requests that arrive while calls are being
 accepted wait, and go together, up to `max_batch` a call, as soon as the replica has accepted
 those (Nagle's algorithm, for calls): a lone request waits for nothing, a burst costs a few
@@ -10,12 +13,15 @@ calls, and the more the replica lags, the larger the batches. A request waits at
 `max_hold_s` so: a call that Serve holds back (its replicas all at `max_ongoing_requests`) or
 that waits for a replica's first connection does not hold up the requests behind it for long.
 
-`run(...)` stands in for `handle.run.remote(...)` (api/mailbox_call.py): it returns an awaitable
-that ends when the request has ended on the replica, raising what it ended with (a ValueError
-for input the engine refused; the call's error, e.g. a replica that died, for every request of
-the call that had not ended), and whose `cancel()` aborts the request. A request not yet sent
-is dropped; one sent is aborted through the token socket (`SocketReader.abort`), once its call
-has been accepted, so that the abort cannot arrive before the request.
+`run(*request)` stands in for `handle.<one>.remote(*request, address)` (api/mailbox_call.py;
+decode/deployment.py): it returns an awaitable that ends when the request has ended on the
+replica, with the value its run returned there (None for `run_many`, a PrefillResult for
+`prefill_many`), or raising what it ended with (a ValueError for input the engine refused; the
+call's error, e.g. a replica that died, for every request of the call that had not ended), and
+whose `cancel()` aborts the request. A request not yet sent is dropped; one sent is aborted
+through the caller's token socket (`SocketReader.abort`; the replica connects to it when the
+call starts), once its call has been accepted, so that the abort cannot arrive before the
+request. The request id is the request's third item.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.hop_log import hop
-from engine.sampling_params import SamplingParams
 from serving.token_socket import SocketReader, TokenSocket
 
 
@@ -56,9 +61,12 @@ MAX_HOLD_S = 0.05
 
 
 class SubmitBatcher:
+    """Sends to `handle`'s streaming method `method`, called as `method(requests, address)`
+    with the reader's address."""
+
     def __init__(self, handle: Any, reader: SocketReader, max_batch: int,
-                 max_hold_s: float = MAX_HOLD_S) -> None:
-        self._handle = handle.options(stream=True)
+                 max_hold_s: float = MAX_HOLD_S, method: str = "run_many") -> None:
+        self._method = getattr(handle.options(stream=True), method)
         self.reader, self.max_batch, self.max_hold_s = reader, max_batch, max_hold_s
         self._hold: asyncio.TimerHandle | None = None  # sends the held requests at the latest
         self._queued: dict[str, tuple[tuple, asyncio.Future]] = {}  # not sent yet
@@ -66,12 +74,16 @@ class SubmitBatcher:
         self._opening = 0  # calls sent and not yet accepted
         self.num_calls = 0
 
-    def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-            mailbox: TokenSocket) -> BatchedResponse:
+    def run(self, *request: Any) -> BatchedResponse:
+        """`request`: one request's arguments, its id third. A token address last (the ingress
+        passes its reader's, as to a `run` call) is left out: the batch call carries it once."""
+        if isinstance(request[-1], TokenSocket):
+            request = request[:-1]
+        request_id = request[2]
         if request_id in self._queued or request_id in self._calls:
             raise ValueError(f"request id {request_id!r} is already running")
         future = asyncio.get_running_loop().create_future()
-        self._queued[request_id] = ((prompt_ids, params, request_id), future)
+        self._queued[request_id] = (request, future)
         if not self._opening:
             self._send()
         elif self._hold is None:
@@ -98,6 +110,9 @@ class SubmitBatcher:
             self._hold = None
         items = list(self._queued.values())
         self._queued.clear()
+        # The called replicas connect to the reader for their aborts: it must accept them even
+        # where no stream opens on it (a decode replica's, for its prefill calls).
+        self.reader.start()
         for start in range(0, len(items), self.max_batch):
             batch = items[start:start + self.max_batch]
             call = _Call({args[2]: future for args, future in batch})
@@ -123,13 +138,13 @@ class SubmitBatcher:
     async def _call(self, call: _Call, requests: list[tuple]) -> None:
         error: BaseException | None = None
         try:
-            stream = self._handle.run_many.remote(requests, self.reader.mailbox)
+            stream = self._method.remote(requests, self.reader.mailbox)
             async for item in stream:
                 if not call.accepted:  # the first item: every request was started
                     self._accepted(call)
                     continue
-                for request_id, failure in item:
-                    self._end(call, request_id, _error(failure))
+                for request_id, failure, value in item:
+                    self._end(call, request_id, _error(failure), value)
         except Exception as e:  # the call failed: its open requests fail with it
             error = e
         finally:
@@ -139,14 +154,15 @@ class SubmitBatcher:
                 self._end(call, request_id, error or RuntimeError(
                     f"the serving replica's call ended before request {request_id}"))
 
-    def _end(self, call: _Call, request_id: str, error: BaseException | None) -> None:
+    def _end(self, call: _Call, request_id: str, error: BaseException | None,
+             value: object = None) -> None:
         future = call.futures.pop(request_id, None)
         if self._calls.get(request_id) is call:
             del self._calls[request_id]
         if future is None or future.done():
             return
         if error is None:
-            future.set_result(None)
+            future.set_result(value)
         else:
             future.set_exception(error)
 

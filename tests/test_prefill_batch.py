@@ -1,0 +1,134 @@
+"""Prompts many to a Serve call from a decode replica to the prefill deployment
+(`decode.prefill_batch`): the decode side's PrefillClient (decode/deployment.py) over a
+SubmitBatcher, the prefill side's `Replica.call_many` with a real PrefillWorker behind it, and
+the aborts that travel over the decode replica's token socket. Only the Serve handle is played
+by the test: it hands each call to `call_many` in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from decode.deployment import PrefillClient
+from engine.llm import LLM
+from engine.metrics import Metrics
+from serving.batched_runs import BatchedRuns
+from serving.replica import Replica
+from serving.sink_set import SinkSet
+from tests.test_disaggregated_inprocess import GREEDY, inline_pair, no_pages_left
+
+
+class PrefillHandle:
+    """The prefill deployment's handle: `prefill_many` runs `Replica.call_many` on a stand-in
+    replica (its BatchedRuns, and a SinkSet whose sockets carry the aborts to them) over
+    `worker`. Each call may wait for `gate` before it starts; `calls` lists each call's ids."""
+
+    def __init__(self, worker) -> None:
+        runs = BatchedRuns()
+        self.replica = SimpleNamespace(batched=runs, sinks=SinkSet(
+            Metrics("prefill", "test"), on_lost=lambda ids: None, on_abort=runs.abort))
+        self.worker = worker
+        self.prefill_many = self
+        self.calls: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    def options(self, stream: bool) -> PrefillHandle:
+        assert stream
+        return self
+
+    def remote(self, requests: list[tuple], address):
+        self.calls.append([r[2] for r in requests])
+        return self._call(requests, address)
+
+    async def _call(self, requests, address):
+        await self.gate.wait()
+        async for item in Replica.call_many(self.replica, requests, address,
+                                            lambda r: self.worker.prefill(*r)):
+            yield item
+
+
+async def _wait_for(condition, what: str) -> None:
+    """A hang guard, not a timing bound."""
+    for _ in range(3000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+def test_a_wave_of_prompts_goes_in_two_calls_with_the_colocated_tokens(tiny_llama):
+    prompts = [[5 + i] * (10 + 7 * i) for i in range(6)]
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama)
+        handle = PrefillHandle(prefill)
+        decode.prefill = client = PrefillClient(handle, timeout_s=60, max_batch=8)
+        handle.gate.clear()  # the first call is not accepted until the others queue behind it
+        tasks = [asyncio.ensure_future(_collect(decode, p, f"r{i}"))
+                 for i, p in enumerate(prompts)]
+        await _wait_for(lambda: len(client.batcher._queued) == 5, "five prompts queued")
+        handle.gate.set()
+        results = await asyncio.gather(*tasks)
+        client.close()
+        return prefill, decode, handle.calls, results
+
+    prefill, decode, calls, results = asyncio.run(main())
+    ref = LLM(tiny_llama, num_pages=128).generate(prompts, GREEDY)
+    assert results == [o.token_ids for o in ref]
+    assert [len(c) for c in calls] == [1, 5]
+    assert sorted(calls[0] + calls[1]) == [f"r{i}" for i in range(6)]
+    assert prefill.metrics.counters["pdserve_requests_total"] == 6
+    no_pages_left(prefill, decode)
+
+
+def test_an_abort_reaches_the_prefill_replica_over_the_socket_and_frees_its_pages(tiny_llama):
+    """The client leaves while its prompt is half prefilled: the prefill replica's task is
+    cancelled through the socket (no Serve call ends), the prefill engine drops the prompt
+    before its next chunk, and neither side holds a page. The other prompt of the call goes on."""
+    long_prompt = [3] * 160  # 10 chunks of 16 tokens
+    released = threading.Event()
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama, max_num_batched_tokens=16)
+        engine = prefill.engine.engine
+        step, steps = engine.step, []
+
+        def gated_step():  # the prefill's step thread stops after its first chunk
+            steps.append(1)
+            if len(steps) == 2:
+                assert released.wait(30), "hang guard"
+            return step()
+
+        engine.step = gated_step
+        handle = PrefillHandle(prefill)
+        decode.prefill = client = PrefillClient(handle, timeout_s=60, max_batch=8)
+        gone = asyncio.ensure_future(_collect(decode, long_prompt, "gone"))
+        await _wait_for(lambda: len(steps) == 2, "the prefill's second chunk")
+        stays = asyncio.ensure_future(_collect(decode, [4] * 20, "stays"))
+        await _wait_for(lambda: "stays" in handle.replica.batched.tasks, "a second call")
+        gone.cancel()
+        await _wait_for(lambda: "gone" not in handle.replica.batched.tasks,
+                        "the abort at the prefill replica")
+        released.set()
+        kept = await stays
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        for worker in (prefill, decode):  # the audit queues behind the abort: it ran by then
+            await worker.engine.check_integrity()
+        client.close()
+        return prefill, decode, handle.calls, kept
+
+    prefill, decode, calls, kept = asyncio.run(main())
+    assert calls == [["gone"], ["stays"]]
+    assert kept == LLM(tiny_llama, num_pages=128).generate([[4] * 20], GREEDY)[0].token_ids
+    # counted when a prefill ends: only "stays" did
+    assert prefill.metrics.counters["pdserve_prompt_tokens_total"] == 20
+    no_pages_left(prefill, decode)
+
+
+async def _collect(decode, prompt: list[int], rid: str) -> list[int]:
+    return [t async for out in decode.generate(prompt, GREEDY, rid) for t in out.new_token_ids]
