@@ -33,10 +33,19 @@ def test_a_disaggregated_request_passes_the_hops_in_order(tiny_llama, hop_dir):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert {line["id"] for line in lines} == {"r1"}
     assert [line["t"] for line in lines] == sorted(line["t"] for line in lines)
-    assert [line["hop"] for line in lines] == [
-        "decode.recv", "engine.reserve", "decode.reserved", "decode.prefill_call",
+    hops = [line["hop"] for line in lines]
+    assert sorted(hops) == sorted([
+        "decode.recv", "decode.prefill_call", "engine.reserve", "decode.reserved",
         "prefill.recv", "engine.add", "prefill.done", "decode.prefill_done", "decode.kv_in",
-        "engine.admit"]
+        "engine.admit"])  # each once
+    # The prefill call goes out before the reservation is made (decode/worker.py), so the
+    # reservation (the decode engine's step thread) and the prefill run side by side: each
+    # path keeps its order, and both end before the first token comes.
+    for path in (["decode.recv", "decode.prefill_call", "engine.reserve", "decode.reserved",
+                  "decode.prefill_done", "decode.kv_in", "engine.admit"],
+                 ["decode.prefill_call", "prefill.recv", "engine.add", "prefill.done",
+                  "decode.prefill_done"]):
+        assert [hop for hop in hops if hop in path] == path
 
 
 def test_without_the_variable_nothing_is_written(tiny_llama, hop_dir, monkeypatch):

@@ -1,0 +1,122 @@
+"""The decode worker's prefill call goes out beside its reservation, for the blocks it caches
+when the request comes (decode/worker.py, step 2). Where the reservation turns out otherwise
+(it starts at another block, or must wait for pages) that call is dropped and made again: the
+tokens stay the colocated engine's and neither side keeps a page."""
+
+from __future__ import annotations
+
+import asyncio
+
+from decode.worker import DecodeWorker
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, ModelConfig
+from engine.llm import LLM
+from engine.llm_engine import Engine
+from engine.sampling_params import SamplingParams
+from kvtransfer import make_transport, model_fingerprint
+from prefill.worker import PrefillWorker
+from tests.test_disaggregated_inprocess import GREEDY, inline_pair, no_pages_left
+
+
+class CallLog:
+    """The prefill worker as the decode worker calls it, each call logged as
+    [request id, first block, how it ended]."""
+
+    def __init__(self, worker: PrefillWorker) -> None:
+        self.worker = worker
+        self.calls: list[list] = []
+
+    async def prefill(self, prompt_ids, params, request_id, first_block=0):
+        call = [request_id, first_block, "running"]
+        self.calls.append(call)
+        try:
+            result = await self.worker.prefill(prompt_ids, params, request_id, first_block)
+        except asyncio.CancelledError:
+            call[2] = "cancelled"
+            raise
+        call[2] = "done"
+        return result
+
+
+async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str,
+                  params: SamplingParams = GREEDY) -> list[int]:
+    return [t async for out in decode.generate(prompt, params, rid) for t in out.new_token_ids]
+
+
+async def _settle(decode: DecodeWorker) -> None:
+    """Until the dropped calls' releases have ended (a hang guard, not a timing bound)."""
+    for _ in range(3000):
+        if not decode._releases:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("a dropped prefill call was never released")
+
+
+def test_one_call_per_prompt_made_before_the_reservation_when_it_starts_as_expected(tiny_llama):
+    shared = list(range(100, 164))  # 4 full blocks
+    a, b = shared + [7, 8, 9], shared + [10, 11]
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama)
+        decode.prefill = log = CallLog(prefill)
+        got = [await _tokens(decode, a, "a"), await _tokens(decode, b, "b")]
+        return prefill, decode, log.calls, got
+
+    prefill, decode, calls, got = asyncio.run(main())
+    assert got == [o.token_ids for o in LLM(tiny_llama, num_pages=128).generate([a, b], GREEDY)]
+    assert calls == [["a", 0, "done"], ["b", 4, "done"]]  # b: its 4 blocks are cached here
+    no_pages_left(prefill, decode)
+
+
+def test_a_call_for_other_blocks_than_the_reservation_is_dropped_and_made_again(tiny_llama):
+    """The cache read before the reservation said 0 blocks (as when they are cached between the
+    two): the reservation starts at block 4, so the call for block 0 is dropped."""
+    shared = list(range(100, 164))
+    a, b = shared + [7, 8, 9], shared + [10, 11]
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama)
+        decode.prefill = log = CallLog(prefill)
+        first = await _tokens(decode, a, "a")
+        decode.engine.cached_prefix_tokens = lambda prompt_ids: 0
+        second = await _tokens(decode, b, "b")
+        await _settle(decode)
+        return prefill, decode, log.calls, [first, second]
+
+    prefill, decode, calls, got = asyncio.run(main())
+    assert got == [o.token_ids for o in LLM(tiny_llama, num_pages=128).generate([a, b], GREEDY)]
+    assert [c[:2] for c in calls] == [["a", 0], ["b", 0], ["b-again", 4]]
+    # dropped: aborted, or (had it ended first) its KV taken and thrown away
+    assert calls[1][2] in ("cancelled", "done") and calls[2][2] == "done"
+    assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
+    no_pages_left(prefill, decode)
+
+
+def test_a_call_whose_reservation_waits_for_pages_is_dropped_and_made_again(tiny_llama):
+    """The decode pool (16 pages) is full of a long request (14 pages): the second prompt's
+    reservation waits until it ends, and its early call is dropped meanwhile."""
+    cfg = EngineConfig(page_size=16, num_pages=16)
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    transport = make_transport("inline")
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    a, b = [5] * 16, [6] * 40  # a: 216 tokens = 14 pages at the end; b: 3 pages to reserve
+
+    async def main():
+        prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), cfg)), transport, fp)
+        log = CallLog(prefill)
+        decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), cfg)), log,
+                              transport, fp)
+        first = asyncio.ensure_future(_tokens(decode, a, "a", long))
+        while decode.engine.stats().pages_used < 14:  # a grew to its last page
+            await asyncio.sleep(0.001)
+        second = await _tokens(decode, b, "b")
+        got = [await first, second]
+        await _settle(decode)
+        return prefill, decode, log.calls, got
+
+    prefill, decode, calls, got = asyncio.run(main())
+    llm = LLM(tiny_llama, num_pages=128)
+    assert got == [llm.generate([a], long)[0].token_ids, llm.generate([b], GREEDY)[0].token_ids]
+    assert [c[:2] for c in calls] == [["a", 0], ["b", 0], ["b-again", 0]]
+    assert calls[1][2] in ("cancelled", "done") and calls[2][2] == "done"
+    no_pages_left(prefill, decode)
