@@ -29,7 +29,8 @@ class PrefillClient:
         self.timeout_s = timeout_s
         self.reader = SocketReader() if max_batch > 1 else None
         self.batcher = (None if self.reader is None else
-                        SubmitBatcher(handle, self.reader, max_batch, method="prefill_many"))
+                        SubmitBatcher(handle, self.reader, max_batch, method="prefill_many",
+                                      sent_hop="decode.prefill_sent"))
 
     async def prefill(self, *args):
         if self.batcher is None:

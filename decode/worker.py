@@ -3,9 +3,10 @@
 1. reserve pages for the prompt, reusing blocks this replica already caches;
 2. ask a prefill replica for the first token and only the blocks this side lacks. The call goes
    out beside 1, not after it (the reservation waits for the engine's step thread), for the
-   blocks cached here when the request came. If the reservation starts at another block (pages
-   evicted or cached meanwhile) or has to wait for free pages, that call is dropped (aborted;
-   its KV, if it came, released) and made again once the reservation is there;
+   blocks cached here when the request came, where the pool looks able to take the prompt. If
+   the reservation starts at another block (pages evicted or cached meanwhile) or has to wait
+   for free pages, that call is dropped (aborted; its KV, if it came, released) and made again
+   once the reservation is there;
 3. receive the pages through the transport, check them, place them into the reserved pages (the
    transport writes them there itself where it can: `KVTransport.receive_into`);
 4. join the running batch between two steps and stream every token until the request ends.
@@ -30,8 +31,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from decode.early_prefill import EarlyPrefill, EarlyPrefills
 from engine.async_engine import AsyncEngine, OutputSink
 from engine.hop_log import hop
 from engine.metrics import LOCAL_PREFILL_TTFT, Metrics, track_stream
@@ -67,15 +68,6 @@ class FirstOutputTimer:
         self.sink.flush()
 
 
-@dataclass(eq=False)
-class EarlyPrefill:
-    """A prefill call made before the reservation, for the blocks from `first_block` on."""
-
-    first_block: int
-    task: asyncio.Task
-    dropped: bool = False
-
-
 class DecodeWorker:
     def __init__(self, engine: AsyncEngine, prefill: Prefiller, transport: KVTransport,
                  fingerprint: str, metrics: Metrics | None = None, reserve_timeout_s: float = 60.0,
@@ -92,7 +84,7 @@ class DecodeWorker:
         # Receive the KV while the prefill computes it, when the transport can (default).
         self.layerwise = transport.supports_layerwise if layerwise is None else layerwise
         self.local_prefill_max_tokens = local_prefill_max_tokens
-        self._releases: set[asyncio.Task] = set()  # unused early prefills' KV being released
+        self.early = EarlyPrefills(engine, transport)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        sink: OutputSink | None = None):
@@ -119,13 +111,17 @@ class DecodeWorker:
                 timer.seen()
                 yield out
             return
-        early = self._prefill_early(prompt_ids, params, request_id)
+        # Step 2's call goes out before the reservation is made (decode/early_prefill.py).
+        early = None if self.layerwise else self.early.start(self.prefill, prompt_ids, params,
+                                                             request_id)
         try:
             rsv = await self._reserve(request_id, prompt_ids, params,
-                                      on_full=lambda: self._drop(early))
+                                      on_full=lambda: self.early.drop(early))
         except BaseException:
-            self._drop(early)
+            self.early.drop(early)
             raise
+        finally:
+            self.early.reserved(early)
         hop(request_id, "decode.reserved")
         try:
             try:
@@ -162,40 +158,6 @@ class DecodeWorker:
         return (len(prompt_ids) <= limit
                 or len(prompt_ids) - self.engine.cached_prefix_tokens(prompt_ids) <= limit)
 
-    def _prefill_early(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> EarlyPrefill | None:
-        """The prefill call, made before the reservation (which waits for the step thread,
-        ~10-30 ms in a burst), for the blocks this replica caches now. None with a transport
-        that streams layers: their receive needs the reservation when the handle comes."""
-        if self.layerwise:
-            return None
-        _, page_size = self.engine.kv_layout
-        first_block = self.engine.cached_prefix_tokens(prompt_ids) // page_size
-        hop(request_id, "decode.prefill_call")
-        return EarlyPrefill(first_block, asyncio.ensure_future(
-            self.prefill.prefill(prompt_ids, params, request_id, first_block)))
-
-    def _drop(self, early: EarlyPrefill | None) -> None:
-        """An early prefill that will not be used (the reservation starts at another block,
-        waits for pages, or the request ended): abort it, and if it had ended already, take
-        its KV off the prefill replica, which keeps it until it is received."""
-        if early is None or early.dropped:
-            return
-        early.dropped = True
-        early.task.cancel()
-        task = asyncio.ensure_future(self._release(early.task))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-
-    async def _release(self, task: asyncio.Task) -> None:
-        await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled() or task.exception() is not None:
-            return
-        try:
-            await self.transport.receive(task.result().kv, self.engine.device)
-        except Exception as e:  # noqa: BLE001 - nothing is waiting for it
-            log.warning("could not release an unused prefill's KV: %r", e)
-
     async def _fetch(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                      rsv: Reservation, early: EarlyPrefill | None = None,
                      ) -> tuple[PrefillResult, KVPayload]:
@@ -203,7 +165,7 @@ class DecodeWorker:
         reservation's blocks, else from a new call; from another prefill replica if one is
         lost on the way."""
         if early is not None and early.first_block != rsv.first_block:
-            self._drop(early)
+            self.early.drop(early)
         # A dropped call may hold the request's id on its prefill replica a while yet (its
         # abort travels on its own): the new call goes under another.
         prefill_id = f"{request_id}-again" if early is not None and early.dropped else request_id

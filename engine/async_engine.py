@@ -215,6 +215,11 @@ class AsyncEngine:
         the step thread may evict those pages, or cache more, before the request runs."""
         return self.engine.scheduler.kv.cached_prefix_tokens(prompt_ids)
 
+    def free_pages_hint(self) -> int:
+        """Pages a reservation could take now (free, or cached and evictable); read off the
+        step thread as `cached_prefix_tokens` is, so only a hint."""
+        return self.engine.allocator.num_free
+
     async def check_integrity(self) -> EngineStats:
         """The page-accounting audit, between two steps; returns the stats it saw."""
         def audit() -> EngineStats:

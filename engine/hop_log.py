@@ -9,8 +9,10 @@ Hops are named `<where>.<what>`:
 - the ingress's: `ingress.http` (the app's HTTP arrival, under the X-Request-Id, not the
   engine's id), `ingress.call` (the call to the serving deployment), `ingress.sent` (the
   batcher's call, with `submit_batch` > 1), `ingress.first` (the first output back);
-- the decode worker's: `decode.recv`, `decode.reserved`, `decode.prefill_call`,
-  `decode.kv_handle` (layer-wise transports), `decode.prefill_done`, `decode.kv_in`;
+- the decode replica's: `decode.recv`, `decode.prefill_call` (made before the reservation
+  is, decode/worker.py), `decode.prefill_sent` (the batcher's call, with
+  `decode.prefill_batch` > 1), `decode.reserved`, `decode.kv_handle` (layer-wise transports),
+  `decode.prefill_done`, `decode.kv_in`;
 - the prefill worker's: `prefill.recv`, `prefill.done`;
 - the engine's, on its step thread: `engine.add`, `engine.reserve`, `engine.admit`.
 `bench/hop_report.py` reads the files of all processes. Off by default: `hop` is then one test

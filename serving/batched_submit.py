@@ -5,13 +5,13 @@ deployment's `run_many` (`submit_batch` > 1), and a decode replica, to the prefi
 
 A Serve call per request costs both processes Python work under the GIL (the caller's router,
 the callee's request wrapper and deserialization), which their engine step threads wait for
-while a wave of requests arrives. The batcher sends the first
-request of a burst at once, in a call of its own; requests that arrive while calls are being
-accepted wait, and go together, up to `max_batch` a call, as soon as the replica has accepted
-those (Nagle's algorithm, for calls): a lone request waits for nothing, a burst costs a few
-calls, and the more the replica lags, the larger the batches. A request waits at most
-`max_hold_s` so: a call that Serve holds back (its replicas all at `max_ongoing_requests`) or
-that waits for a replica's first connection does not hold up the requests behind it for long.
+while a wave of requests arrives. The batcher sends the first request of a burst at once, in a
+call of its own; requests that arrive while calls are being accepted wait, and go together, up
+to `max_batch` a call, as soon as the replica has accepted those (Nagle's algorithm, for
+calls): a lone request waits for nothing, a burst costs a few calls, and the more the replica
+lags, the larger the batches. A request waits at most `max_hold_s` so: a call that Serve holds
+back (its replicas all at `max_ongoing_requests`) or that waits for a replica's first
+connection does not hold up the requests behind it for long.
 
 `run(*request)` stands in for `handle.<one>.remote(*request, address)` (api/mailbox_call.py;
 decode/deployment.py): it returns an awaitable that ends when the request has ended on the
@@ -37,7 +37,7 @@ from serving.token_socket import SocketReader, TokenSocket
 
 @dataclass(eq=False)
 class _Call:
-    """One `run_many` call: its requests' futures, until each has ended."""
+    """One call of many requests: their futures, until each has ended."""
 
     futures: dict[str, asyncio.Future]
     accepted: bool = False
@@ -62,11 +62,14 @@ MAX_HOLD_S = 0.05
 
 class SubmitBatcher:
     """Sends to `handle`'s streaming method `method`, called as `method(requests, address)`
-    with the reader's address."""
+    with the reader's address; each request passes the hop `sent_hop` (engine/hop_log.py) as
+    its call goes."""
 
     def __init__(self, handle: Any, reader: SocketReader, max_batch: int,
-                 max_hold_s: float = MAX_HOLD_S, method: str = "run_many") -> None:
+                 max_hold_s: float = MAX_HOLD_S, method: str = "run_many",
+                 sent_hop: str = "ingress.sent") -> None:
         self._method = getattr(handle.options(stream=True), method)
+        self.sent_hop = sent_hop
         self.reader, self.max_batch, self.max_hold_s = reader, max_batch, max_hold_s
         self._hold: asyncio.TimerHandle | None = None  # sends the held requests at the latest
         self._queued: dict[str, tuple[tuple, asyncio.Future]] = {}  # not sent yet
@@ -117,7 +120,7 @@ class SubmitBatcher:
             batch = items[start:start + self.max_batch]
             call = _Call({args[2]: future for args, future in batch})
             for request_id in call.futures:
-                hop(request_id, "ingress.sent")
+                hop(request_id, self.sent_hop)
             self._calls.update(dict.fromkeys(call.futures, call))
             self._opening += 1
             self.num_calls += 1

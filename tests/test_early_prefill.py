@@ -1,7 +1,8 @@
 """The decode worker's prefill call goes out beside its reservation, for the blocks it caches
-when the request comes (decode/worker.py, step 2). Where the reservation turns out otherwise
-(it starts at another block, or must wait for pages) that call is dropped and made again: the
-tokens stay the colocated engine's and neither side keeps a page."""
+when the request comes, where its pool looks able to take the prompt (decode/worker.py, step 2;
+decode/early_prefill.py). Where the reservation turns out otherwise (it starts at another block,
+or must wait for pages) that call is dropped and made again, under another id: the tokens stay
+the colocated engine's and neither side keeps a page."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str,
 async def _settle(decode: DecodeWorker) -> None:
     """Until the dropped calls' releases have ended (a hang guard, not a timing bound)."""
     for _ in range(3000):
-        if not decode._releases:
+        if not decode.early.releases:
+            assert decode.early.pending_pages == 0
             return
         await asyncio.sleep(0.01)
     raise AssertionError("a dropped prefill call was never released")
@@ -92,23 +94,25 @@ def test_a_call_for_other_blocks_than_the_reservation_is_dropped_and_made_again(
     no_pages_left(prefill, decode)
 
 
-def test_a_call_whose_reservation_waits_for_pages_is_dropped_and_made_again(tiny_llama):
-    """The decode pool (16 pages) is full of a long request (14 pages): the second prompt's
-    reservation waits until it ends, and its early call is dropped meanwhile."""
+def _full_pool_run(tiny_llama: str, hint: int | None) -> tuple:
+    """A decode pool of 16 pages, 14 of them held by a long request when a 40-token prompt (3
+    pages) comes; the pool's free-page hint read as `hint` if given. Returns the prefill and
+    decode workers, the prefill calls and both requests' tokens."""
     cfg = EngineConfig(page_size=16, num_pages=16)
     fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
     transport = make_transport("inline")
-    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-    a, b = [5] * 16, [6] * 40  # a: 216 tokens = 14 pages at the end; b: 3 pages to reserve
+    a, b = [5] * 16, [6] * 40  # a: 216 tokens = 14 pages at the end
 
     async def main():
         prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), cfg)), transport, fp)
         log = CallLog(prefill)
         decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), cfg)), log,
                               transport, fp)
-        first = asyncio.ensure_future(_tokens(decode, a, "a", long))
+        first = asyncio.ensure_future(_tokens(decode, a, "a", LONG))
         while decode.engine.stats().pages_used < 14:  # a grew to its last page
             await asyncio.sleep(0.001)
+        if hint is not None:  # as when the pool filled up between the hint and the reservation
+            decode.engine.free_pages_hint = lambda: hint
         second = await _tokens(decode, b, "b")
         got = [await first, second]
         await _settle(decode)
@@ -116,7 +120,48 @@ def test_a_call_whose_reservation_waits_for_pages_is_dropped_and_made_again(tiny
 
     prefill, decode, calls, got = asyncio.run(main())
     llm = LLM(tiny_llama, num_pages=128)
-    assert got == [llm.generate([a], long)[0].token_ids, llm.generate([b], GREEDY)[0].token_ids]
+    assert got == [llm.generate([a], LONG)[0].token_ids, llm.generate([b], GREEDY)[0].token_ids]
+    no_pages_left(prefill, decode)
+    return calls
+
+
+LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+
+def test_no_early_call_where_the_pool_looks_too_full_for_the_prompt(tiny_llama):
+    calls = _full_pool_run(tiny_llama, hint=None)
+    assert calls == [["a", 0, "done"], ["b", 0, "done"]]  # b's once its pages were reserved
+
+
+def test_a_call_whose_reservation_waits_for_pages_is_dropped_and_made_again(tiny_llama):
+    calls = _full_pool_run(tiny_llama, hint=1000)
     assert [c[:2] for c in calls] == [["a", 0], ["b", 0], ["b-again", 0]]
     assert calls[1][2] in ("cancelled", "done") and calls[2][2] == "done"
+
+
+def test_early_calls_count_the_pages_of_the_reservations_still_to_come(tiny_llama):
+    """Four 40-token prompts (3 pages each) come at once to a pool of 10 free pages: three
+    calls go early, the fourth waits for its reservation."""
+    prompts = [[7 + i] * 40 for i in range(4)]
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama)
+        decode.prefill = log = CallLog(prefill)
+        decode.engine.free_pages_hint = lambda: 10
+        early = []
+        start = decode.early.start
+
+        def counted(*args):
+            early.append(start(*args))
+            return early[-1]
+
+        decode.early.start = counted
+        got = await asyncio.gather(*[_tokens(decode, p, f"r{i}") for i, p in enumerate(prompts)])
+        await _settle(decode)
+        return prefill, decode, early, log.calls, got
+
+    prefill, decode, early, calls, got = asyncio.run(main())
+    assert got == [o.token_ids for o in LLM(tiny_llama, num_pages=128).generate(prompts, GREEDY)]
+    assert [e is not None for e in early] == [True, True, True, False]
+    assert sorted(c[0] for c in calls) == ["r0", "r1", "r2", "r3"]  # one call each, none dropped
     no_pages_left(prefill, decode)
