@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from ray import serve
 
 from decode.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
-from kvtransfer import make_transport
+from kvtransfer import KVTransport, make_transport
 from serving.batched_runs import Request
 from serving.batched_submit import SubmitBatcher
 from serving.replica import Replica, replica_lost
@@ -16,6 +17,17 @@ from serving.token_path import TokenAddress
 from serving.token_socket import SocketReader
 
 HEALTH_TIMEOUT_S = 5.0
+log = logging.getLogger(__name__)
+
+
+def prefill_batch(configured: int, transport: KVTransport) -> int:
+    """Prompts a prefill call may carry: `decode.prefill_batch`, but one where the transport's
+    handles hold Ray object refs (kvtransfer/transport.py says why)."""
+    if configured > 1 and transport.handle_holds_object_refs:
+        log.info("decode.prefill_batch %d: the %s transport's KV handles go one per prefill "
+                 "call", configured, type(transport).__name__)
+        return 1
+    return configured
 
 
 class PrefillClient:
@@ -65,8 +77,9 @@ class DecodeServer:
         self.prefill_handle = prefill_handle
         timeout_s = self.replica.cfg.request_timeout_s
         decode = self.replica.cfg.decode
-        self.prefill = PrefillClient(prefill_handle, timeout_s, decode.prefill_batch)
         self.transport = make_transport(self.replica.cfg.kv_transport, timeout_s=timeout_s)
+        self.prefill = PrefillClient(prefill_handle, timeout_s,
+                                     prefill_batch(decode.prefill_batch, self.transport))
         self.worker = DecodeWorker(self.replica.engine, self.prefill, self.transport,
                                    self.replica.fingerprint, self.replica.metrics,
                                    reserve_timeout_s=min(60.0, timeout_s), timeout_s=timeout_s,

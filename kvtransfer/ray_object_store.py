@@ -27,6 +27,7 @@ class ObjectStoreHandle:
 
 
 class RayObjectStoreTransport(KVTransport):
+    handle_holds_object_refs = True
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 600.0) -> None:
         super().__init__(timeout_s)

@@ -34,6 +34,11 @@ class KVTransport(ABC):
     - Bytes moved are counted by the receiver (`KVPayload.nbytes`).
     - A sender holds a payload for at most `timeout_s` (the request timeout) waiting for its
       receiver; a receive whose KV is gone raises KVTransferLost.
+    - A transport whose handles hold Ray object refs says so (`handle_holds_object_refs`):
+      such a handle travels only as a Serve call's return value, not inside an item a streaming
+      call yields, since Ray can lose the count of refs nested in those (ray-project/ray#58080;
+      seen here as ReferenceCountingAssertionError), so the decode side calls the prefill
+      deployment once per prompt for it (decode/deployment.py).
     - Transports with `supports_layerwise` also take `send_layerwise(header, export)` before the
       prefill runs: the handle is returned at once and each layer goes out as the engine
       publishes it into `export` (engine/kv_stream.py), so the transfer overlaps the prefill;
@@ -41,6 +46,7 @@ class KVTransport(ABC):
     """
 
     supports_layerwise = False
+    handle_holds_object_refs = False
 
     def __init__(self, timeout_s: float = 600.0) -> None:
         self.timeout_s = timeout_s

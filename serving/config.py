@@ -140,7 +140,9 @@ class DecodeDeploymentSection(EngineDeploymentSection):
     # one per prompt. Their aborts travel over a token socket of the decode replica's. 1: a call
     # per prompt. Needs `prefill.autoscaling_config: null` (Serve's policy would count a call of
     # many prompts as one); where it is set, the default is 1. Transports that stream layers
-    # (`kv_transport: channel`) make a streaming call per prompt and do not use it.
+    # (`nccl`, `gloo`) make a streaming call per prompt, and `ray` a call per prompt: its KV
+    # handles are object refs, which Ray may lose inside a streaming call's items
+    # (kvtransfer/transport.py).
     prefill_batch: int = Field(32, ge=1)
 
 

@@ -12,9 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from decode.deployment import PrefillClient
+from decode.deployment import PrefillClient, prefill_batch
 from engine.llm import LLM
 from engine.metrics import Metrics
+from kvtransfer import make_transport
 from serving.batched_runs import BatchedRuns
 from serving.replica import Replica
 from serving.sink_set import SinkSet
@@ -132,3 +133,14 @@ def test_an_abort_reaches_the_prefill_replica_over_the_socket_and_frees_its_page
 
 async def _collect(decode, prompt: list[int], rid: str) -> list[int]:
     return [t async for out in decode.generate(prompt, GREEDY, rid) for t in out.new_token_ids]
+
+
+def test_a_transport_whose_handles_hold_object_refs_gets_a_call_per_prompt():
+    """The `ray` transport's handles are object refs, which a streaming call's items may lose
+    (kvtransfer/transport.py): its prefill calls carry one prompt whatever the config says."""
+    from kvtransfer.ray_object_store import RayObjectStoreTransport
+
+    assert RayObjectStoreTransport.handle_holds_object_refs
+    assert prefill_batch(32, RayObjectStoreTransport()) == 1
+    assert prefill_batch(32, make_transport("inline")) == 32
+    assert prefill_batch(1, make_transport("inline")) == 1
