@@ -45,15 +45,24 @@ class PrefillClient:
                                       sent_hop="decode.prefill_sent"))
 
     async def prefill(self, *args):
+        """The prefill's answer. Cancelled (or timed out) after the answer came, this returns
+        it all the same: its KV waits on the prefill replica until received, and the caller
+        must release it (decode/prefill_calls.py)."""
         if self.batcher is None:
-            return await asyncio.wait_for(self.handle.prefill.remote(*args), self.timeout_s)
-        response = self.batcher.run(*args)
+            response = self.handle.prefill.remote(*args)
+            answer = asyncio.ensure_future(_answer(response))
+        else:
+            response = self.batcher.run(*args)
+            answer = response.future
         try:
             # Shielded: a timeout or this task's cancellation aborts the request on the prefill
-            # replica through `cancel()`, which needs the request's future still pending.
-            return await asyncio.wait_for(asyncio.shield(response.future), self.timeout_s)
+            # replica through `cancel()`, and the answer may have come meanwhile.
+            return await asyncio.wait_for(asyncio.shield(answer), self.timeout_s)
         except BaseException:
+            if answer.done() and not answer.cancelled() and answer.exception() is None:
+                return answer.result()
             response.cancel()
+            answer.cancel()
             raise
 
     async def prefill_stream(self, *args):
@@ -68,6 +77,10 @@ class PrefillClient:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.shutdown()
+
+
+async def _answer(response):
+    return await response
 
 
 @serve.deployment(name="decode")

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from decode.early_prefill import EarlyPrefill, EarlyPrefills
+from decode.prefill_calls import PrefillCall, PrefillCalls
 from engine.async_engine import AsyncEngine, OutputSink
 from engine.hop_log import hop
 from engine.metrics import LOCAL_PREFILL_TTFT, Metrics, track_stream
@@ -84,7 +84,7 @@ class DecodeWorker:
         # Receive the KV while the prefill computes it, when the transport can (default).
         self.layerwise = transport.supports_layerwise if layerwise is None else layerwise
         self.local_prefill_max_tokens = local_prefill_max_tokens
-        self.early = EarlyPrefills(engine, transport)
+        self.calls = PrefillCalls(engine, transport)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        sink: OutputSink | None = None):
@@ -111,17 +111,17 @@ class DecodeWorker:
                 timer.seen()
                 yield out
             return
-        # Step 2's call goes out before the reservation is made (decode/early_prefill.py).
-        early = None if self.layerwise else self.early.start(self.prefill, prompt_ids, params,
+        # Step 2's call goes out before the reservation is made (decode/prefill_calls.py).
+        early = None if self.layerwise else self.calls.early(self.prefill, prompt_ids, params,
                                                              request_id)
         try:
             rsv = await self._reserve(request_id, prompt_ids, params,
-                                      on_full=lambda: self.early.drop(early))
+                                      on_full=lambda: self.calls.drop(early))
         except BaseException:
-            self.early.drop(early)
+            self.calls.drop(early)
             raise
         finally:
-            self.early.reserved(early)
+            self.calls.reserved(early)
         hop(request_id, "decode.reserved")
         try:
             try:
@@ -159,13 +159,13 @@ class DecodeWorker:
                 or len(prompt_ids) - self.engine.cached_prefix_tokens(prompt_ids) <= limit)
 
     async def _fetch(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                     rsv: Reservation, early: EarlyPrefill | None = None,
+                     rsv: Reservation, early: PrefillCall | None = None,
                      ) -> tuple[PrefillResult, KVPayload]:
         """The first token and the missing KV blocks, from `early` where it asked for the
         reservation's blocks, else from a new call; from another prefill replica if one is
         lost on the way."""
         if early is not None and early.first_block != rsv.first_block:
-            self.early.drop(early)
+            self.calls.drop(early)
         # A dropped call may hold the request's id on its prefill replica a while yet (its
         # abort travels on its own): the new call goes under another.
         prefill_id = f"{request_id}-again" if early is not None and early.dropped else request_id
@@ -175,11 +175,11 @@ class DecodeWorker:
                     return await self._fetch_layerwise(prompt_ids, params, request_id,
                                                        rsv)
                 if attempt == 0 and early is not None and not early.dropped:
-                    result = await early.task
+                    call = early
                 else:
-                    hop(request_id, "decode.prefill_call")
-                    result = await self.prefill.prefill(prompt_ids, params, prefill_id,
-                                                        rsv.first_block)
+                    call = self.calls.start(self.prefill, prompt_ids, params, prefill_id,
+                                            rsv.first_block)
+                result = await self.calls.result(call)
                 hop(request_id, "decode.prefill_done")
                 # The receive places the pages on this replica's device (or straight into the
                 # reserved pages: `receive_into`), off the engine loop; between two steps only

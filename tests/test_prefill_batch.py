@@ -87,9 +87,10 @@ def test_a_wave_of_prompts_goes_in_two_calls_with_the_colocated_tokens(tiny_llam
 
 
 def test_an_abort_reaches_the_prefill_replica_over_the_socket_and_frees_its_pages(tiny_llama):
-    """The client leaves while its prompt is half prefilled: the prefill replica's task is
-    cancelled through the socket (no Serve call ends), the prefill engine drops the prompt
-    before its next chunk, and neither side holds a page. The other prompt of the call goes on."""
+    """The client leaves while its prompt is half prefilled (the prefill's step thread held
+    before its second chunk): the prefill replica's task is cancelled through the socket while
+    its call goes on, the prefill engine drops the prompt before it ends, and neither side
+    holds a page. The prompt of the next call is served."""
     long_prompt = [3] * 160  # 10 chunks of 16 tokens
     released = threading.Event()
 
@@ -144,3 +145,76 @@ def test_a_transport_whose_handles_hold_object_refs_gets_a_call_per_prompt():
     assert prefill_batch(32, RayObjectStoreTransport()) == 1
     assert prefill_batch(32, make_transport("inline")) == 32
     assert prefill_batch(1, make_transport("inline")) == 1
+
+
+class Response:
+    """A Serve response the test ends: awaitable, cancellable."""
+
+    def __init__(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+        self.cancelled = False
+
+    def __await__(self):
+        return self.future.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.future.cancel()
+
+
+class OnePrefillHandle:
+    """The prefill deployment's handle for calls of one prompt (`prefill`): each call's
+    Response is in `responses`."""
+
+    def __init__(self) -> None:
+        self.prefill = self
+        self.responses: list[Response] = []
+
+    def remote(self, *args) -> Response:
+        self.responses.append(Response())
+        return self.responses[-1]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_call_cancelled_after_its_answer_came_returns_the_answer(batched):
+    """The answer's KV waits on the prefill replica until it is received: a prefill client
+    cancelled once the answer is in returns it, so that its caller releases it
+    (decode/prefill_calls.py); cancelled before, it aborts the call."""
+    async def main():
+        if batched:
+            handle = PrefillHandle(worker=None)
+            handle.gate.clear()  # the calls are never accepted: nothing runs them
+            client = PrefillClient(handle, timeout_s=60, max_batch=8)
+        else:
+            handle = OnePrefillHandle()
+            client = PrefillClient(handle, timeout_s=60)
+        came = asyncio.ensure_future(client.prefill([1], GREEDY, "came", 0))
+        gone = asyncio.ensure_future(client.prefill([2], GREEDY, "gone", 0))
+        await asyncio.sleep(0)
+        if batched:
+            futures = {rid: f for rid, (_, f) in client.batcher._queued.items()}
+            futures.update({rid: call.futures[rid] for rid, call in client.batcher._calls.items()})
+        else:
+            futures = {"came": handle.responses[0].future, "gone": handle.responses[1].future}
+        # The answer comes as the cancellation is on its way: neither has reached `came` yet.
+        # (The order puts each case's answer in before `came` resumes; the other order would
+        # leave the unary answer's task one step behind, or let Python 3.11's wait_for return
+        # the batched answer itself.)
+        if batched:
+            came.cancel()
+            futures["came"].set_result("the answer")
+        else:
+            futures["came"].set_result("the answer")
+            came.cancel()
+        gone.cancel()
+        answer = await came
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        client.close()
+        return answer, futures["gone"], handle
+
+    answer, gone, handle = asyncio.run(main())
+    assert answer == "the answer"
+    assert gone.cancelled()
+    if not batched:
+        assert [r.cancelled for r in handle.responses] == [False, True]

@@ -1,13 +1,18 @@
-"""The decode worker's prefill call goes out beside its reservation, for the blocks it caches
-when the request comes, where its pool looks able to take the prompt (decode/worker.py, step 2;
-decode/early_prefill.py). Where the reservation turns out otherwise (it starts at another block,
-or must wait for pages) that call is dropped and made again, under another id: the tokens stay
-the colocated engine's and neither side keeps a page."""
+"""A decode replica's prefill calls (decode/prefill_calls.py). The call goes out beside the
+reservation, for the blocks the replica caches when the request comes, where its pool looks able
+to take the prompt (decode/worker.py, step 2). Where the reservation turns out otherwise (it
+starts at another block, or must wait for pages) that call is dropped and made again, under
+another id: the tokens stay the colocated engine's and neither side keeps a page. A call
+dropped as its answer came leaves that answer's KV to be received and thrown away."""
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
+import pytest
+
+from decode.prefill_calls import PrefillCalls
 from decode.worker import DecodeWorker
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, ModelConfig
@@ -16,6 +21,7 @@ from engine.llm_engine import Engine
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport, model_fingerprint
 from prefill.worker import PrefillWorker
+from serving.pd_protocol import PrefillResult
 from tests.test_disaggregated_inprocess import GREEDY, inline_pair, no_pages_left
 
 
@@ -47,8 +53,8 @@ async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str,
 async def _settle(decode: DecodeWorker) -> None:
     """Until the dropped calls' releases have ended (a hang guard, not a timing bound)."""
     for _ in range(3000):
-        if not decode.early.releases:
-            assert decode.early.pending_pages == 0
+        if not decode.calls.releases:
+            assert decode.calls.pending_pages == 0
             return
         await asyncio.sleep(0.01)
     raise AssertionError("a dropped prefill call was never released")
@@ -149,13 +155,13 @@ def test_early_calls_count_the_pages_of_the_reservations_still_to_come(tiny_llam
         decode.prefill = log = CallLog(prefill)
         decode.engine.free_pages_hint = lambda: 10
         early = []
-        start = decode.early.start
+        start = decode.calls.early
 
         def counted(*args):
             early.append(start(*args))
             return early[-1]
 
-        decode.early.start = counted
+        decode.calls.early = counted
         got = await asyncio.gather(*[_tokens(decode, p, f"r{i}") for i, p in enumerate(prompts)])
         await _settle(decode)
         return prefill, decode, early, log.calls, got
@@ -165,3 +171,51 @@ def test_early_calls_count_the_pages_of_the_reservations_still_to_come(tiny_llam
     assert [e is not None for e in early] == [True, True, True, False]
     assert sorted(c[0] for c in calls) == ["r0", "r1", "r2", "r3"]  # one call each, none dropped
     no_pages_left(prefill, decode)
+
+
+class AnswerFirst:
+    """A Prefiller whose answer comes as the call is cancelled: it returns it all the same, as
+    PrefillClient does when the answer came first (decode/deployment.py)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def prefill(self, prompt_ids, params, request_id, first_block=0):
+        self.started.set()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        except asyncio.CancelledError:
+            return PrefillResult(7, None, f"kv-of-{request_id}", 0)
+
+
+class ReceivedKV:
+    """A transport that records what it was asked to receive."""
+
+    def __init__(self) -> None:
+        self.received: list[object] = []
+
+    async def receive(self, handle, device):
+        self.received.append((handle, device))
+
+
+def test_a_caller_cancelled_as_the_answer_came_leaves_its_kv_to_be_released():
+    async def main():
+        transport = ReceivedKV()
+        calls = PrefillCalls(SimpleNamespace(device="cpu"), transport)
+        prefill = AnswerFirst()
+        call = calls.start(prefill, [1, 2, 3], GREEDY, "r", 0)
+        caller = asyncio.ensure_future(calls.result(call))
+        await prefill.started.wait()
+        caller.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        for _ in range(3000):  # a hang guard, not a timing bound
+            if not calls.releases:
+                break
+            await asyncio.sleep(0.01)
+        calls.drop(call)  # a second drop does nothing
+        return call, transport.received, calls.releases
+
+    call, received, releases = asyncio.run(main())
+    assert call.dropped and call.task.result().kv == "kv-of-r"
+    assert received == [("kv-of-r", "cpu")] and not releases  # received once, thrown away
