@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a command on the GPU machine with the project's kit (see ../shared/device/README.md):
 #   bash bench/device_run.sh python -m bench.gpu_serve
+# `bash bench/device_kit.sh` makes .device on a fresh checkout (all but the JIT cache).
 # Sources .device/gpu-env.sh, restores a saved FlashInfer JIT cache if .device has one, puts
 # `ray` / `serve` command shims on PATH (the kit ships Ray as a package without its console
 # scripts), starts a Ray head over every GPU without the dashboard, then runs the command
