@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from engine.async_engine import AsyncEngine
 from engine.hop_log import hop
+from engine.metrics import Metrics
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVTransport
 from serving.pd_protocol import Prefiller, PrefillResult
@@ -50,8 +51,11 @@ class PrefillCall:
 
 
 class PrefillCalls:
-    def __init__(self, engine: AsyncEngine, transport: KVTransport) -> None:
-        self.engine, self.transport = engine, transport
+    """Counts each dropped call in `pdserve_prefill_calls_dropped_total` (prefill work that may
+    have been done for nothing)."""
+
+    def __init__(self, engine: AsyncEngine, transport: KVTransport, metrics: Metrics) -> None:
+        self.engine, self.transport, self.metrics = engine, transport, metrics
         self.pending_pages = 0  # fresh pages that early calls' reservations, not yet made, need
         self.releases: set[asyncio.Task] = set()  # dropped calls still ending or being received
 
@@ -86,6 +90,7 @@ class PrefillCalls:
         if call is None or call.dropped:
             return
         call.dropped = True
+        self.metrics.inc("pdserve_prefill_calls_dropped_total")
         call.task.cancel()
         task = asyncio.ensure_future(self._release(call.task))
         self.releases.add(task)

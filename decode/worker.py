@@ -84,7 +84,7 @@ class DecodeWorker:
         # Receive the KV while the prefill computes it, when the transport can (default).
         self.layerwise = transport.supports_layerwise if layerwise is None else layerwise
         self.local_prefill_max_tokens = local_prefill_max_tokens
-        self.calls = PrefillCalls(engine, transport)
+        self.calls = PrefillCalls(engine, transport, self.metrics)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        sink: OutputSink | None = None):

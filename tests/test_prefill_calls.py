@@ -18,6 +18,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM
 from engine.llm_engine import Engine
+from engine.metrics import Metrics
 from engine.sampling_params import SamplingParams
 from kvtransfer import make_transport, model_fingerprint
 from prefill.worker import PrefillWorker
@@ -73,6 +74,7 @@ def test_one_call_per_prompt_made_before_the_reservation_when_it_starts_as_expec
     prefill, decode, calls, got = asyncio.run(main())
     assert got == [o.token_ids for o in LLM(tiny_llama, num_pages=128).generate([a, b], GREEDY)]
     assert calls == [["a", 0, "done"], ["b", 4, "done"]]  # b: its 4 blocks are cached here
+    assert "pdserve_prefill_calls_dropped_total" not in decode.metrics.counters
     no_pages_left(prefill, decode)
 
 
@@ -97,13 +99,14 @@ def test_a_call_for_other_blocks_than_the_reservation_is_dropped_and_made_again(
     # dropped: aborted, or (had it ended first) its KV taken and thrown away
     assert calls[1][2] in ("cancelled", "done") and calls[2][2] == "done"
     assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
+    assert decode.metrics.counters["pdserve_prefill_calls_dropped_total"] == 1
     no_pages_left(prefill, decode)
 
 
-def _full_pool_run(tiny_llama: str, hint: int | None) -> tuple:
+def _full_pool_run(tiny_llama: str, hint: int | None) -> tuple[list[list], int]:
     """A decode pool of 16 pages, 14 of them held by a long request when a 40-token prompt (3
-    pages) comes; the pool's free-page hint read as `hint` if given. Returns the prefill and
-    decode workers, the prefill calls and both requests' tokens."""
+    pages) comes; the pool's free-page hint read as `hint` if given. Checks both requests'
+    tokens and that no page is left; returns the prefill calls and how many were dropped."""
     cfg = EngineConfig(page_size=16, num_pages=16)
     fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
     transport = make_transport("inline")
@@ -128,20 +131,22 @@ def _full_pool_run(tiny_llama: str, hint: int | None) -> tuple:
     llm = LLM(tiny_llama, num_pages=128)
     assert got == [llm.generate([a], LONG)[0].token_ids, llm.generate([b], GREEDY)[0].token_ids]
     no_pages_left(prefill, decode)
-    return calls
+    return calls, decode.metrics.counters.get("pdserve_prefill_calls_dropped_total", 0)
 
 
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
 
 def test_no_early_call_where_the_pool_looks_too_full_for_the_prompt(tiny_llama):
-    calls = _full_pool_run(tiny_llama, hint=None)
+    calls, dropped = _full_pool_run(tiny_llama, hint=None)
     assert calls == [["a", 0, "done"], ["b", 0, "done"]]  # b's once its pages were reserved
+    assert dropped == 0
 
 
 def test_a_call_whose_reservation_waits_for_pages_is_dropped_and_made_again(tiny_llama):
-    calls = _full_pool_run(tiny_llama, hint=1000)
+    calls, dropped = _full_pool_run(tiny_llama, hint=1000)
     assert [c[:2] for c in calls] == [["a", 0], ["b", 0], ["b-again", 0]]
+    assert dropped == 1
     assert calls[1][2] in ("cancelled", "done") and calls[2][2] == "done"
 
 
@@ -201,7 +206,8 @@ class ReceivedKV:
 def test_a_caller_cancelled_as_the_answer_came_leaves_its_kv_to_be_released():
     async def main():
         transport = ReceivedKV()
-        calls = PrefillCalls(SimpleNamespace(device="cpu"), transport)
+        metrics = Metrics("decode", "t")
+        calls = PrefillCalls(SimpleNamespace(device="cpu"), transport, metrics)
         prefill = AnswerFirst()
         call = calls.start(prefill, [1, 2, 3], GREEDY, "r", 0)
         caller = asyncio.ensure_future(calls.result(call))
@@ -214,8 +220,9 @@ def test_a_caller_cancelled_as_the_answer_came_leaves_its_kv_to_be_released():
                 break
             await asyncio.sleep(0.01)
         calls.drop(call)  # a second drop does nothing
-        return call, transport.received, calls.releases
+        return call, transport.received, calls.releases, metrics.counters
 
-    call, received, releases = asyncio.run(main())
+    call, received, releases, counters = asyncio.run(main())
     assert call.dropped and call.task.result().kv == "kv-of-r"
+    assert counters["pdserve_prefill_calls_dropped_total"] == 1
     assert received == [("kv-of-r", "cpu")] and not releases  # received once, thrown away
