@@ -21,6 +21,8 @@ Contract (all on the replica's event loop):
   waits for pages, the request ended): the call is cancelled, and if it ends with an answer
   all the same (it had come), that answer's KV is received and thrown away. Does nothing the
   second time. A `Prefiller` cancelled after its answer came returns it (decode/deployment.py).
+- `release(answer)`: an answer that came for no call (its caller had left, and its abort came
+  too late on the prefill replica) has its KV received and thrown away.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class PrefillCall:
 
 
 class PrefillCalls:
-    """Counts each dropped call in `pdserve_prefill_calls_dropped_total` (prefill work that may
-    have been done for nothing)."""
+    """Counts each dropped call in `pdserve_prefill_calls_dropped_total`: early calls not
+    used, and calls whose request ended first (prefill work that may have been done for
+    nothing)."""
 
     def __init__(self, engine: AsyncEngine, transport: KVTransport, metrics: Metrics) -> None:
         self.engine, self.transport, self.metrics = engine, transport, metrics
@@ -92,15 +95,25 @@ class PrefillCalls:
         call.dropped = True
         self.metrics.inc("pdserve_prefill_calls_dropped_total")
         call.task.cancel()
-        task = asyncio.ensure_future(self._release(call.task))
+        self._track(self._release(call.task))
+
+    def release(self, answer: PrefillResult) -> None:
+        """An answer no call claims (it came after its caller left): its KV is received and
+        thrown away."""
+        self._track(self._throw_away(answer))
+
+    def _track(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
         self.releases.add(task)
         task.add_done_callback(self.releases.discard)
 
     async def _release(self, call: asyncio.Task) -> None:
         await asyncio.gather(call, return_exceptions=True)
-        if call.cancelled() or call.exception() is not None:
-            return
+        if not call.cancelled() and call.exception() is None:
+            await self._throw_away(call.result())
+
+    async def _throw_away(self, answer: PrefillResult) -> None:
         try:
-            await self.transport.receive(call.result().kv, self.engine.device)
+            await self.transport.receive(answer.kv, self.engine.device)
         except Exception as e:  # noqa: BLE001 - nothing is waiting for it
             log.warning("could not release an unused prefill's KV: %r", e)

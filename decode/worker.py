@@ -235,7 +235,7 @@ class DecodeWorker:
     async def _reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        on_full: Callable[[], None] = lambda: None) -> Reservation:
         """Pages for the prompt; waits (bounded) while the pool is full of running requests,
-        calling `on_full()` when it starts to."""
+        calling `on_full()` each time it finds it so."""
         deadline = time.monotonic() + self.reserve_timeout_s
         while True:
             try:

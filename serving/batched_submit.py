@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +68,13 @@ class SubmitBatcher:
 
     def __init__(self, handle: Any, reader: SocketReader, max_batch: int,
                  max_hold_s: float = MAX_HOLD_S, method: str = "run_many",
-                 sent_hop: str = "ingress.sent") -> None:
+                 sent_hop: str = "ingress.sent",
+                 unclaimed: Callable[[object], None] | None = None) -> None:
         self._method = getattr(handle.options(stream=True), method)
         self.sent_hop = sent_hop
+        # Gets the value of a request that ended well after its caller cancelled it (its abort
+        # came too late), where a value holds something to give back (a prefill's KV).
+        self.unclaimed = unclaimed
         self.reader, self.max_batch, self.max_hold_s = reader, max_batch, max_hold_s
         self._hold: asyncio.TimerHandle | None = None  # sends the held requests at the latest
         self._queued: dict[str, tuple[tuple, asyncio.Future]] = {}  # not sent yet
@@ -163,6 +168,8 @@ class SubmitBatcher:
         if self._calls.get(request_id) is call:
             del self._calls[request_id]
         if future is None or future.done():
+            if error is None and value is not None and self.unclaimed is not None:
+                self.unclaimed(value)
             return
         if error is None:
             future.set_result(value)

@@ -134,6 +134,30 @@ async def test_a_prefill_batcher_calls_its_method_and_each_request_gets_its_valu
 
 
 @pytest.mark.anyio
+async def test_a_value_that_comes_after_its_caller_left_goes_to_unclaimed():
+    """A prefill that ended before its abort reached the replica: the answer comes for a
+    request nobody waits for, and goes to `unclaimed` (which gives its KV back); an error or a
+    run's None does not."""
+    handle, reader, unclaimed = FakeHandle(), FakeReader(), []
+    batcher = SubmitBatcher(handle, reader, max_batch=8, max_hold_s=60, method="prefill_many",
+                            unclaimed=unclaimed.append)
+    left = [batcher.run([1], GREEDY, rid, 0) for rid in ("late", "failed", "none")]
+    await _settle()
+    handle.calls[0].accept()
+    await _settle()
+    handle.calls[1].accept()
+    await _settle()
+    for response in left:
+        response.cancel()
+    assert reader.aborted == ["late", "failed", "none"]
+    handle.calls[0].end_with(("late", None, "an answer"))
+    handle.calls[1].end_with(("failed", ("RuntimeError", "the request was aborted"), None),
+                             ("none", None, None))
+    await _settle()
+    assert unclaimed == ["an answer"]
+
+
+@pytest.mark.anyio
 async def test_requests_behind_a_call_that_is_never_accepted_go_after_the_hold():
     handle, reader = FakeHandle(), FakeReader()
     batcher = SubmitBatcher(handle, reader, max_batch=8, max_hold_s=0.01)

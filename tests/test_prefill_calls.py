@@ -226,3 +226,16 @@ def test_a_caller_cancelled_as_the_answer_came_leaves_its_kv_to_be_released():
     assert call.dropped and call.task.result().kv == "kv-of-r"
     assert counters["pdserve_prefill_calls_dropped_total"] == 1
     assert received == [("kv-of-r", "cpu")] and not releases  # received once, thrown away
+
+
+def test_an_answer_for_no_call_is_received_and_thrown_away():
+    """(Its caller left and its abort came too late: serving/batched_submit.py's `unclaimed`.)"""
+    async def main():
+        transport = ReceivedKV()
+        calls = PrefillCalls(SimpleNamespace(device="cpu"), transport, Metrics("decode", "t"))
+        calls.release(PrefillResult(7, None, "kv-of-nobody", 0))
+        while calls.releases:  # ends as soon as the receive has run
+            await asyncio.sleep(0)
+        return transport.received
+
+    assert asyncio.run(main()) == [("kv-of-nobody", "cpu")]
