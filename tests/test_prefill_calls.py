@@ -25,6 +25,8 @@ from prefill.worker import PrefillWorker
 from serving.pd_protocol import PrefillResult
 from tests.test_disaggregated_inprocess import GREEDY, inline_pair, no_pages_left
 
+LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
 
 class CallLog:
     """The prefill worker as the decode worker calls it, each call logged as
@@ -133,8 +135,6 @@ def _full_pool_run(tiny_llama: str, hint: int | None) -> tuple[list[list], int]:
     no_pages_left(prefill, decode)
     return calls, decode.metrics.counters.get("pdserve_prefill_calls_dropped_total", 0)
 
-
-LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
 
 def test_no_early_call_where_the_pool_looks_too_full_for_the_prompt(tiny_llama):
