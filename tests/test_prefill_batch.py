@@ -20,6 +20,7 @@ from serving.batched_runs import BatchedRuns
 from serving.replica import Replica
 from serving.sink_set import SinkSet
 from tests.test_disaggregated_inprocess import GREEDY, inline_pair, no_pages_left
+from tests.test_token_path import FakeResponse
 
 
 class PrefillHandle:
@@ -147,31 +148,16 @@ def test_a_transport_whose_handles_hold_object_refs_gets_a_call_per_prompt():
     assert prefill_batch(1, make_transport("inline")) == 1
 
 
-class Response:
-    """A Serve response the test ends: awaitable, cancellable."""
-
-    def __init__(self) -> None:
-        self.future = asyncio.get_running_loop().create_future()
-        self.cancelled = False
-
-    def __await__(self):
-        return self.future.__await__()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.future.cancel()
-
-
 class OnePrefillHandle:
     """The prefill deployment's handle for calls of one prompt (`prefill`): each call's
-    Response is in `responses`."""
+    response, which the test ends, is in `responses`."""
 
     def __init__(self) -> None:
         self.prefill = self
-        self.responses: list[Response] = []
+        self.responses: list[FakeResponse] = []
 
-    def remote(self, *args) -> Response:
-        self.responses.append(Response())
+    def remote(self, *args) -> FakeResponse:
+        self.responses.append(FakeResponse(asyncio.get_running_loop().create_future()))
         return self.responses[-1]
 
 
@@ -195,7 +181,7 @@ def test_a_call_cancelled_after_its_answer_came_returns_the_answer(batched):
             futures = {rid: f for rid, (_, f) in client.batcher._queued.items()}
             futures.update({rid: call.futures[rid] for rid, call in client.batcher._calls.items()})
         else:
-            futures = {"came": handle.responses[0].future, "gone": handle.responses[1].future}
+            futures = {"came": handle.responses[0].result, "gone": handle.responses[1].result}
         # The answer comes as the cancellation is on its way: neither has reached `came` yet.
         # (The order puts each case's answer in before `came` resumes; the other order would
         # leave the unary answer's task one step behind, or let Python 3.11's wait_for return
