@@ -271,27 +271,14 @@ class AppConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _submit_batch_usable(self) -> AppConfig:
-        """A `submit_batch` set where it cannot work is refused; the default steps aside (to
-        1) there."""
-        problem = self._submit_batch_problem() if self.submit_batch > 1 else None
-        if problem is None:
-            return self
-        if "submit_batch" in self.model_fields_set:
-            raise ConfigFieldError("submit_batch", problem)
-        self.submit_batch = 1
-        return self
-
-    @model_validator(mode="after")
-    def _prefill_batch_usable(self) -> AppConfig:
-        """As `_submit_batch_usable`, for `decode.prefill_batch`."""
-        if self.decode.prefill_batch == 1 or self.prefill.autoscaling_config is None:
-            return self
-        if "prefill_batch" in self.decode.model_fields_set:
-            raise ConfigFieldError("decode.prefill_batch", "needs prefill.autoscaling_config: "
-                                   "null (Serve's policy counts a call of many prompts as one; "
-                                   "the SLO autoscaler reads the replicas' own counts)")
-        self.decode.prefill_batch = 1
+    def _batching_usable(self) -> AppConfig:
+        """`submit_batch` and `decode.prefill_batch` set where they cannot work are refused;
+        their defaults step aside (to 1) there."""
+        _step_aside(self, "submit_batch", "submit_batch", self._submit_batch_problem())
+        _step_aside(self.decode, "prefill_batch", "decode.prefill_batch",
+                    None if self.prefill.autoscaling_config is None else
+                    "needs prefill.autoscaling_config: null (Serve's policy counts a call of "
+                    "many prompts as one; the SLO autoscaler reads the replicas' own counts)")
         return self
 
     def _submit_batch_problem(self) -> str | None:
@@ -378,3 +365,13 @@ def _fields_of(section: Any) -> dict[str, Any]:
         return {name: f.annotation for name, f in section.model_fields.items()}
     hints = typing.get_type_hints(section)
     return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _step_aside(section: BaseModel, key: str, name: str, problem: str | None) -> None:
+    """A batching setting (`key` of `section`, `name` in the app config) above 1 where
+    `problem` says it cannot work: refused if the user set it, else set to 1."""
+    if problem is None or getattr(section, key) == 1:
+        return
+    if key in section.model_fields_set:
+        raise ConfigFieldError(name, problem)
+    setattr(section, key, 1)
