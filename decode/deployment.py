@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from ray import serve
 
@@ -13,7 +12,6 @@ from engine.sampling_params import SamplingParams
 from kvtransfer import KVTransport, make_transport
 from serving.batched_runs import Request
 from serving.batched_submit import SubmitBatcher
-from serving.pd_protocol import PrefillResult
 from serving.replica import Replica, replica_lost
 from serving.token_path import TokenAddress
 from serving.token_socket import SocketReader
@@ -41,14 +39,10 @@ class PrefillClient:
     def __init__(self, handle, timeout_s: float, max_batch: int = 1) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
-        # An answer that came after its caller left, its abort too late: the owner of the
-        # answers' KV (decode/prefill_calls.py) releases it.
-        self.unclaimed: Callable[[PrefillResult], None] = lambda answer: None
         self.reader = SocketReader() if max_batch > 1 else None
         self.batcher = (None if self.reader is None else
                         SubmitBatcher(handle, self.reader, max_batch, method="prefill_many",
-                                      sent_hop="decode.prefill_sent",
-                                      unclaimed=lambda answer: self.unclaimed(answer)))
+                                      sent_hop="decode.prefill_sent"))
 
     async def prefill(self, *args):
         """The prefill's answer. Cancelled (or timed out) after the answer came, this returns
@@ -56,7 +50,7 @@ class PrefillClient:
         must release it (decode/prefill_calls.py)."""
         if self.batcher is None:
             response = self.handle.prefill.remote(*args)
-            answer = asyncio.ensure_future(_answer(response))
+            answer = asyncio.ensure_future(response)
         else:
             response = self.batcher.run(*args)
             answer = response.future
@@ -85,9 +79,6 @@ class PrefillClient:
             self.reader.shutdown()
 
 
-async def _answer(response):
-    return await response
-
 
 @serve.deployment(name="decode")
 class DecodeServer:
@@ -104,7 +95,10 @@ class DecodeServer:
                                    reserve_timeout_s=min(60.0, timeout_s), timeout_s=timeout_s,
                                    retriable=replica_lost,
                                    local_prefill_max_tokens=decode.local_prefill_max_tokens)
-        self.prefill.unclaimed = self.worker.calls.release
+        if self.prefill.batcher is not None:
+            # An answer that came after its caller left (its abort too late) goes to the owner
+            # of the answers' KV, which releases it.
+            self.prefill.batcher.unclaimed = self.worker.calls.release
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         async for out in self.worker.generate(prompt_ids, params, request_id):
