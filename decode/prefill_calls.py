@@ -10,11 +10,12 @@ blocks the reservation will start at, which the prefix cache says now.
 
 Contract (all on the replica's event loop):
 - `start(prefill, prompt_ids, params, request_id, first_block)` makes a call.
-- `early(prefill, prompt_ids, params, request_id)` makes one for the blocks this engine caches
-  now; or returns None where it should wait for the reservation: the pool looks too full for
-  the prompt, counting the pages of the early calls whose reservations are still to come (a
-  reservation that waits drops its call, which a prefill replica may have started on for
-  nothing). `reserved(call)` once its reservation was made or has failed.
+- `early(prefill, prompt_ids, params, request_id, cached)` makes one for the blocks this
+  engine caches now (`cached` tokens, as `AsyncEngine.cached_prefix_tokens` says); or returns
+  None where it should wait for the reservation: the pool looks too full for the prompt,
+  counting the pages of the early calls whose reservations are still to come (a reservation
+  that waits drops its call, which a prefill replica may have started on for nothing).
+  `reserved(call)` once its reservation was made or has failed.
 - `await result(call)`: the call's PrefillResult, whose KV the caller now owns. A caller
   cancelled meanwhile drops the call.
 - `drop(call)` when the call will not be used (the reservation starts at another block or
@@ -69,9 +70,9 @@ class PrefillCalls:
             prefill.prefill(prompt_ids, params, request_id, first_block)), pages)
 
     def early(self, prefill: Prefiller, prompt_ids: list[int], params: SamplingParams,
-              request_id: str) -> PrefillCall | None:
+              request_id: str, cached: int) -> PrefillCall | None:
         _, page_size = self.engine.kv_layout
-        first_block = self.engine.cached_prefix_tokens(prompt_ids) // page_size
+        first_block = cached // page_size
         pages = -(-len(prompt_ids) // page_size) - first_block
         if self.engine.free_pages_hint() - self.pending_pages < pages:
             return None

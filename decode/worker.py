@@ -102,7 +102,9 @@ class DecodeWorker:
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                         sink: OutputSink | None, start: float):
         self.engine.validate(prompt_ids, params)
-        if self._prefill_here(prompt_ids):
+        # One read of the prefix cache (a hint) for both choices below.
+        cached = self.engine.cached_prefix_tokens(prompt_ids)
+        if self._prefill_here(prompt_ids, cached):
             self.metrics.inc("pdserve_local_prefills_total")
             self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
             timer = FirstOutputTimer(self.metrics, LOCAL_PREFILL_TTFT, start, sink)
@@ -113,7 +115,7 @@ class DecodeWorker:
             return
         # Step 2's call goes out before the reservation is made (decode/prefill_calls.py).
         early = None if self.layerwise else self.calls.early(self.prefill, prompt_ids, params,
-                                                             request_id)
+                                                             request_id, cached)
         try:
             rsv = await self._reserve(request_id, prompt_ids, params,
                                       on_full=lambda: self.calls.drop(early))
@@ -149,14 +151,12 @@ class DecodeWorker:
         async for out in stream:
             yield out
 
-    def _prefill_here(self, prompt_ids: list[int]) -> bool:
+    def _prefill_here(self, prompt_ids: list[int], cached: int) -> bool:
         """True when at most `local_prefill_max_tokens` of the prompt's tokens need computing
-        here (the prefix cache read as a hint: it is only about cost, not correctness)."""
+        here, `cached` of them being in the prefix cache (a hint: it is only about cost, not
+        correctness)."""
         limit = self.local_prefill_max_tokens
-        if limit <= 0:
-            return False
-        return (len(prompt_ids) <= limit
-                or len(prompt_ids) - self.engine.cached_prefix_tokens(prompt_ids) <= limit)
+        return limit > 0 and len(prompt_ids) - cached <= limit
 
     async def _fetch(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                      rsv: Reservation, early: PrefillCall | None = None,
