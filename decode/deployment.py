@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from ray import serve
 
@@ -12,6 +13,7 @@ from engine.sampling_params import SamplingParams
 from kvtransfer import KVTransport, make_transport
 from serving.batched_runs import Request
 from serving.batched_submit import SubmitBatcher
+from serving.pd_protocol import PrefillResult
 from serving.replica import Replica, replica_lost
 from serving.token_path import TokenAddress
 from serving.token_socket import SocketReader
@@ -34,15 +36,20 @@ class PrefillClient:
     """The prefill deployment seen through its handle, as DecodeWorker expects it. With
     `max_batch` > 1, `prefill` calls go many to a Serve call (`prefill_many`, through a
     SubmitBatcher: serving/batched_submit.py), and their aborts over a token socket of this
-    replica's that the prefill replicas connect to."""
+    replica's that the prefill replicas connect to.
+
+    An answer that comes after its caller left (the cancellation reached the prefill replica
+    once it had answered) goes to `unclaimed`, which the owner of the answers' KV sets
+    (decode/prefill_calls.py): on either path, else its KV would stay on the prefill replica."""
 
     def __init__(self, handle, timeout_s: float, max_batch: int = 1) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
+        self.unclaimed: Callable[[PrefillResult], None] | None = None
         self.reader = SocketReader() if max_batch > 1 else None
         self.batcher = (None if self.reader is None else
                         SubmitBatcher(handle, self.reader, max_batch, method="prefill_many",
-                                      sent_hop="decode.prefill_sent"))
+                                      sent_hop="decode.prefill_sent", unclaimed=self._came_late))
 
     async def prefill(self, *args):
         """The prefill's answer. Cancelled (or timed out) after the answer came, this returns
@@ -62,8 +69,22 @@ class PrefillClient:
             if answer.done() and not answer.cancelled() and answer.exception() is None:
                 return answer.result()
             response.cancel()
-            answer.cancel()
+            if self.batcher is None:
+                # Serve's response still ends with the answer where the replica had answered
+                # before the cancellation came (the batcher sees to that on its own path).
+                answer.add_done_callback(self._ended_after_cancel)
             raise
+
+    def _ended_after_cancel(self, answer: asyncio.Future) -> None:
+        if not answer.cancelled() and answer.exception() is None:
+            self._came_late(answer.result())
+
+    def _came_late(self, answer: PrefillResult) -> None:
+        if self.unclaimed is None:
+            log.warning("a prefill answer came after its caller left, and nothing releases "
+                        "its KV")
+            return
+        self.unclaimed(answer)
 
     async def prefill_stream(self, *args):
         """The handle, then the result, from one prefill replica (one streaming call)."""
@@ -95,10 +116,7 @@ class DecodeServer:
                                    reserve_timeout_s=min(60.0, timeout_s), timeout_s=timeout_s,
                                    retriable=replica_lost,
                                    local_prefill_max_tokens=decode.local_prefill_max_tokens)
-        if self.prefill.batcher is not None:
-            # An answer that came after its caller left (its abort too late) goes to the owner
-            # of the answers' KV, which releases it.
-            self.prefill.batcher.unclaimed = self.worker.calls.release
+        self.prefill.unclaimed = self.worker.calls.release
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         async for out in self.worker.generate(prompt_ids, params, request_id):

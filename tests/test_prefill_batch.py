@@ -133,6 +133,71 @@ def test_an_abort_reaches_the_prefill_replica_over_the_socket_and_frees_its_page
     no_pages_left(prefill, decode)
 
 
+class AnsweredPrefillHandle:
+    """The prefill deployment's handle for calls of one prompt, each run by `worker` to the
+    end: its response's `cancel()` comes too late to stop it, as Serve's does where the replica
+    had answered before the cancellation reached it."""
+
+    def __init__(self, worker) -> None:
+        self.worker, self.prefill = worker, self
+        self.runs: list[asyncio.Task] = []
+
+    def remote(self, *args) -> AnsweredResponse:
+        self.runs.append(asyncio.ensure_future(self.worker.prefill(*args)))
+        return AnsweredResponse(asyncio.shield(self.runs[-1]))  # awaited here, run there
+
+
+class AnsweredResponse(FakeResponse):
+    def cancel(self) -> None:
+        self.cancelled = True  # and the run goes on
+
+
+def test_an_answer_that_comes_after_its_caller_left_has_its_kv_released(tiny_llama):
+    """A call of one prompt (`prefill_batch: 1`): the client leaves while the prompt is being
+    prefilled, and the prefill ends all the same. Its answer goes to the decode replica's
+    PrefillCalls, which receives its KV and throws it away (with `cuda_ipc`, the prefill
+    replica's export of it is then released)."""
+    released, received = threading.Event(), []
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama, max_num_batched_tokens=16)
+        engine = prefill.engine.engine
+        step, steps = engine.step, []
+
+        def gated_step():  # the prefill's step thread waits in its first step
+            steps.append(1)
+            if len(steps) == 1:
+                assert released.wait(30), "hang guard"
+            return step()
+
+        engine.step = gated_step
+        receive = decode.transport.receive
+
+        async def recorded_receive(handle, device):
+            received.append(handle)
+            return await receive(handle, device)
+
+        decode.transport.receive = recorded_receive  # the decode side's receipts
+        handle = AnsweredPrefillHandle(prefill)
+        decode.prefill = client = PrefillClient(handle, timeout_s=60)
+        client.unclaimed = decode.calls.release
+        gone = asyncio.ensure_future(_collect(decode, [3] * 40, "gone"))
+        await _wait_for(lambda: len(steps) == 1, "the prefill's first step")
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        released.set()
+        answer = await handle.runs[0]
+        await _wait_for(lambda: received and not decode.calls.releases,
+                        "the answer's KV received")
+        return prefill, decode, answer
+
+    prefill, decode, answer = asyncio.run(main())
+    assert received == [answer.kv]
+    assert decode.metrics.counters["pdserve_prefill_calls_dropped_total"] == 1
+    no_pages_left(prefill, decode)
+
+
 async def _collect(decode, prompt: list[int], rid: str) -> list[int]:
     return [t async for out in decode.generate(prompt, GREEDY, rid) for t in out.new_token_ids]
 
