@@ -15,10 +15,11 @@ from serving.token_socket import SocketSink, TokenSocket
 
 class SinkSet:
     """`get` returns the live sink for an address, making one when there is none or the last
-    one was lost. A socket sink connects in a worker thread (up to its connect timeout when the
-    ingress's host does not answer), so the replica's event loop and its other requests go on
-    meanwhile; requests that arrive during the connect share it. A socket sink hands the aborts
-    its ingress sends to `on_abort`, on the loop that asked for the sink."""
+    one was lost; it forgets every lost sink (an ingress that died never asks again). A socket
+    sink connects in a worker thread (up to its connect timeout when the ingress's host does
+    not answer), so the replica's event loop and its other requests go on meanwhile; requests
+    that arrive during the connect share it. A socket sink hands the aborts its ingress sends
+    to `on_abort`, on the loop that asked for the sink."""
 
     def __init__(self, metrics: Metrics, on_lost: Callable[[list[str]], None],
                  on_abort: Callable[[str], None] | None = None) -> None:
@@ -27,8 +28,10 @@ class SinkSet:
         self._connecting: dict[str, asyncio.Future] = {}
 
     async def get(self, mailbox: TokenAddress) -> StepSink:
+        for lost in [mid for mid, sink in self.sinks.items() if sink.lost]:
+            del self.sinks[lost]
         sink = self.sinks.get(mailbox.id)
-        if sink is not None and not sink.lost:
+        if sink is not None:
             return sink
         if not isinstance(mailbox, TokenSocket):
             sink = self.sinks[mailbox.id] = MailboxSink(mailbox, self.metrics, self.on_lost)

@@ -23,8 +23,9 @@ id that the replica does not run is ignored there; the reader sends every connec
 (a reader has few), and a connection that joins later the most recent ones, so an abort never
 misses the replica that runs the request.
 
-Failure: if a write fails, the ingress reads nothing for SEND_TIMEOUT_S, or it leaves more than
-MAX_BACKLOG_BYTES unread (the ingress died or stopped reading), the sink is lost:
+Failure: if a write fails, the ingress reads nothing for SEND_TIMEOUT_S, it leaves more than
+MAX_BACKLOG_BYTES unread (the ingress died or stopped reading), or, where the sink reads aborts,
+the ingress closes the connection, the sink is lost:
 `on_lost(request_ids)` aborts the requests still open on it, as the mailbox sink does; the next
 request from that ingress opens a new connection. A slow ingress never stalls the step thread
 (see `SocketSink`). A serving replica that dies ends its requests' Serve calls with an error,
@@ -185,9 +186,16 @@ class SocketSink(StepSink):
                 chunk = self._sock.recv(1 << 16)
             except BlockingIOError:
                 continue
-            except (OSError, ValueError):  # closed by `_fail`
+            except (OSError, ValueError) as e:  # ValueError: closed by `_fail` meanwhile
+                with self._cond:
+                    self._fail(e)
                 return
-            if not chunk:  # the ingress closed its side; a write will notice
+            if not chunk:
+                # The ingress closed the connection: it died or shut down. Lost now, not at the
+                # next write, which may never come (a sink that carries only aborts: a decode
+                # replica's prefill calls).
+                with self._cond:
+                    self._fail(ConnectionError("the ingress closed the connection"))
                 return
             buf += chunk
             while len(buf) >= FRAME.size:

@@ -1,6 +1,7 @@
 """token_path: socket (serving/token_socket.py): a serving replica's per-step frames reach the
 ingress's request queues in order; a connection without the reader's secret is dropped before
-anything is read from it; a sink whose ingress went away aborts the requests open on it."""
+anything is read from it; a sink whose ingress went away aborts the requests open on it, and is
+forgotten."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import pickle
 import socket
 import threading
+import time
 
 import pytest
 
@@ -147,6 +149,47 @@ def test_a_sink_whose_ingress_went_away_aborts_its_open_requests():
     sink.put(_out("a", 1))
     sink.flush()  # a lost sink sends nothing and reports nothing more
     assert lost == [["a", "b"]]
+
+
+def _wait_for(condition, what: str) -> None:
+    """A hang guard, not a timing bound."""
+    for _ in range(3000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+def test_a_sink_that_reads_aborts_is_lost_when_its_ingress_closes_the_connection():
+    """No write has to notice: a prefill replica's sink for a decode replica carries only that
+    replica's aborts, and writes nothing."""
+    loop = asyncio.new_event_loop()
+    try:
+        sink, peer, lost = _connected_sink(on_abort=lambda rid: None, loop=loop)
+        peer.close()  # the decode replica died
+        _wait_for(lambda: sink.lost, "the sink lost")
+        assert lost == [["a"]] and sink._sock.fileno() == -1
+    finally:
+        loop.close()
+
+
+@pytest.mark.anyio
+async def test_a_lost_sink_is_forgotten_at_the_next_get():
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    addresses = [TokenSocket(f"i{k}", "127.0.0.1", s.getsockname()[1], b"s" * SECRET_BYTES)
+                 for k, s in enumerate(listeners)]
+    sinks = SinkSet(Metrics("prefill", "r"), on_lost=lambda ids: None, on_abort=lambda rid: None)
+    try:
+        gone = await sinks.get(addresses[0])
+        peer, _ = listeners[0].accept()
+        peer.close()  # its replica died, and never sends a request again
+        await asyncio.to_thread(_wait_for, lambda: gone.lost, "the sink lost")
+        stays = await sinks.get(addresses[1])
+        assert sinks.sinks == {"i1": stays}
+        stays._sock.close()
+    finally:
+        for listener in listeners:
+            listener.close()
 
 
 @pytest.mark.anyio
