@@ -13,7 +13,9 @@ start), and `hop p50`: the median over requests of the time from the row above (
 that hop took. Two rows are paired by order, not by id:
 `client.send` (the client's k-th send) and `ingress.http` (the k-th HTTP request to reach an
 ingress replica's app, logged under its X-Request-Id, before the route names the engine's
-request) go with the k-th request to reach `ingress.call`.
+request) go with the k-th request to reach `ingress.call`. A prefill call that a decode replica made
+again (`<id>-again`, decode/worker.py) counts as its request's: its hops replace those of the
+call it replaced.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from bench.stats import percentile
 
 Hops = dict[str, float]  # hop name -> when the request passed it (unix s), first pass only
+AGAIN = "-again"  # the id suffix of a prefill call made again (decode/worker.py)
 
 
 def read_hops(where: Path) -> dict[str, Hops]:
@@ -36,6 +39,8 @@ def read_hops(where: Path) -> dict[str, Hops]:
             if line.strip():
                 r = json.loads(line)
                 reqs[r["id"]].setdefault(r["hop"], r["t"])
+    for again in [rid for rid in reqs if rid.endswith(AGAIN)]:
+        reqs[again.removesuffix(AGAIN)].update(reqs.pop(again))
     return dict(reqs)
 
 

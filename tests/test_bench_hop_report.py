@@ -1,5 +1,6 @@
 """bench.hop_report: hop logs of several processes read as one path per request, the client's
-sends and the ingress's HTTP arrivals paired by order, and a table per wave."""
+sends and the ingress's HTTP arrivals paired by order, and a table per wave; a prefill call made
+again counts as its request's."""
 
 from __future__ import annotations
 
@@ -49,3 +50,13 @@ def test_waves_of_hops_from_two_processes(tmp_path, capsys):
         "requests": [{"send_s": s} for s in (0.0, 0.002, 1.0)]}]}))
     hop_report.main([str(tmp_path), "--client", str(client)])
     assert capsys.readouterr().out.splitlines() == lines
+
+
+def test_a_prefill_call_made_again_counts_as_its_requests(tmp_path):
+    _write(tmp_path / "hops-1.jsonl", [
+        (0.020, "a", "ingress.call"), (0.025, "a", "decode.recv"),
+        (0.026, "a", "decode.prefill_call"), (0.030, "a", "prefill.recv"),  # dropped later
+        (0.040, "a-again", "decode.prefill_call"), (0.045, "a-again", "prefill.recv")])
+    assert hop_report.read_hops(tmp_path) == {"a": {
+        "ingress.call": T0 + 0.020, "decode.recv": T0 + 0.025,
+        "decode.prefill_call": T0 + 0.040, "prefill.recv": T0 + 0.045}}
