@@ -148,9 +148,19 @@ class Replica:
                         ) -> AsyncIterator[int | list[End]]:
         """Many requests in one Serve call whose values go back in the call's stream (a
         prefill's result), `run(request)` each. The caller's token socket at `address` carries
-        only their aborts; it is connected first, as for `run_many`."""
-        await self.sinks.get(address)
-        async for item in self.batched.run_many(requests, run):
+        only their aborts; it is connected first, as for `run_many`. The requests are open on
+        it while they run: if the caller goes (the socket closes: its replica died), they are
+        aborted, instead of running on for nobody and leaving their KV unreceived."""
+        sink = await self.sinks.get(address)
+
+        async def run_open(request: Request) -> object:
+            sink.open(request[2], time.perf_counter())
+            try:
+                return await run(request)
+            finally:
+                sink.close(request[2])
+
+        async for item in self.batched.run_many(requests, run_open):
             yield item
 
     def _abort_all(self, request_ids: list[str]) -> None:

@@ -133,6 +133,11 @@ class SocketReader(TokenReader):
 
     def shutdown(self) -> None:
         self._closed = True
+        for writer in list(self._writers):  # the serving replicas see this reader go
+            try:
+                writer.close()
+            except RuntimeError:  # its loop is closed: the process is going away
+                pass
         if self._task is None or self._task.done():
             self._listener.close()
             return

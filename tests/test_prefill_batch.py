@@ -198,6 +198,43 @@ def test_an_answer_that_comes_after_its_caller_left_has_its_kv_released(tiny_lla
     no_pages_left(prefill, decode)
 
 
+def test_a_decode_replica_that_goes_away_has_its_prompts_aborted_on_the_prefill_replica(
+        tiny_llama):
+    """Its socket closes (as when its process dies) while its prompt is half prefilled: the
+    prompt is aborted there and then, not prefilled for nobody with its KV left unreceived."""
+    released = threading.Event()
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama, max_num_batched_tokens=16)
+        engine = prefill.engine.engine
+        step, steps = engine.step, []
+
+        def gated_step():  # the prefill's step thread waits in its second step
+            steps.append(1)
+            if len(steps) == 2:
+                assert released.wait(30), "hang guard"
+            return step()
+
+        engine.step = gated_step
+        handle = PrefillHandle(prefill)
+        replica = handle.replica  # the prefill replica's sinks abort as Replica's do
+        replica.engine = prefill.engine
+        replica.sinks.on_lost = lambda ids: Replica._abort_all(replica, ids)
+        client = PrefillClient(handle, timeout_s=60, max_batch=8)
+        call = asyncio.ensure_future(client.prefill([3] * 160, GREEDY, "orphan", 0))
+        await _wait_for(lambda: len(steps) == 2, "the prefill's second chunk")
+        client.close()  # the decode replica goes: its socket closes, no abort is sent
+        with pytest.raises(RuntimeError, match="prefill of orphan ended without a token"):
+            await call  # (here the call's stream still reaches it)
+        released.set()
+        await prefill.engine.check_integrity()
+        return prefill
+
+    prefill = asyncio.run(main())
+    assert "pdserve_prompt_tokens_total" not in prefill.metrics.counters  # it never ended
+    no_pages_left(prefill)
+
+
 async def _collect(decode, prompt: list[int], rid: str) -> list[int]:
     return [t async for out in decode.generate(prompt, GREEDY, rid) for t in out.new_token_ids]
 
