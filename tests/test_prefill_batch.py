@@ -62,6 +62,23 @@ async def _wait_for(condition, what: str) -> None:
     raise AssertionError(f"never: {what}")
 
 
+class HeldStep:
+    """The prefill engine's step thread waits in its `nth` step until `released` is set (a
+    hang guard of 30 s, not a timing bound); `steps` counts the steps begun."""
+
+    def __init__(self, engine, nth: int) -> None:
+        self.steps, self.released = [], threading.Event()
+        step = engine.step
+
+        def held_step():
+            self.steps.append(1)
+            if len(self.steps) == nth:
+                assert self.released.wait(30), "hang guard"
+            return step()
+
+        engine.step = held_step
+
+
 def test_a_wave_of_prompts_goes_in_two_calls_with_the_colocated_tokens(tiny_llama):
     prompts = [[5 + i] * (10 + 7 * i) for i in range(6)]
 
@@ -93,30 +110,20 @@ def test_an_abort_reaches_the_prefill_replica_over_the_socket_and_frees_its_page
     its call goes on, the prefill engine drops the prompt before it ends, and neither side
     holds a page. The prompt of the next call is served."""
     long_prompt = [3] * 160  # 10 chunks of 16 tokens
-    released = threading.Event()
 
     async def main():
         prefill, decode = inline_pair(tiny_llama, max_num_batched_tokens=16)
-        engine = prefill.engine.engine
-        step, steps = engine.step, []
-
-        def gated_step():  # the prefill's step thread stops after its first chunk
-            steps.append(1)
-            if len(steps) == 2:
-                assert released.wait(30), "hang guard"
-            return step()
-
-        engine.step = gated_step
+        held = HeldStep(prefill.engine.engine, 2)  # it stops after its first chunk
         handle = PrefillHandle(prefill)
         decode.prefill = client = PrefillClient(handle, timeout_s=60, max_batch=8)
         gone = asyncio.ensure_future(_collect(decode, long_prompt, "gone"))
-        await _wait_for(lambda: len(steps) == 2, "the prefill's second chunk")
+        await _wait_for(lambda: len(held.steps) == 2, "the prefill's second chunk")
         stays = asyncio.ensure_future(_collect(decode, [4] * 20, "stays"))
         await _wait_for(lambda: "stays" in handle.replica.batched.tasks, "a second call")
         gone.cancel()
         await _wait_for(lambda: "gone" not in handle.replica.batched.tasks,
                         "the abort at the prefill replica")
-        released.set()
+        held.released.set()
         kept = await stays
         with pytest.raises(asyncio.CancelledError):
             await gone
@@ -157,20 +164,11 @@ def test_an_answer_that_comes_after_its_caller_left_has_its_kv_released(tiny_lla
     prefilled, and the prefill ends all the same. Its answer goes to the decode replica's
     PrefillCalls, which receives its KV and throws it away (with `cuda_ipc`, the prefill
     replica's export of it is then released)."""
-    released, received = threading.Event(), []
+    received = []
 
     async def main():
         prefill, decode = inline_pair(tiny_llama, max_num_batched_tokens=16)
-        engine = prefill.engine.engine
-        step, steps = engine.step, []
-
-        def gated_step():  # the prefill's step thread waits in its first step
-            steps.append(1)
-            if len(steps) == 1:
-                assert released.wait(30), "hang guard"
-            return step()
-
-        engine.step = gated_step
+        held = HeldStep(prefill.engine.engine, 1)
         receive = decode.transport.receive
 
         async def recorded_receive(handle, device):
@@ -182,11 +180,11 @@ def test_an_answer_that_comes_after_its_caller_left_has_its_kv_released(tiny_lla
         decode.prefill = client = PrefillClient(handle, timeout_s=60)
         client.unclaimed = decode.calls.release
         gone = asyncio.ensure_future(_collect(decode, [3] * 40, "gone"))
-        await _wait_for(lambda: len(steps) == 1, "the prefill's first step")
+        await _wait_for(lambda: len(held.steps) == 1, "the prefill's first step")
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
-        released.set()
+        held.released.set()
         answer = await handle.runs[0]
         await _wait_for(lambda: received and not decode.calls.releases,
                         "the answer's KV received")
@@ -202,31 +200,20 @@ def test_a_decode_replica_that_goes_away_has_its_prompts_aborted_on_the_prefill_
         tiny_llama):
     """Its socket closes (as when its process dies) while its prompt is half prefilled: the
     prompt is aborted there and then, not prefilled for nobody with its KV left unreceived."""
-    released = threading.Event()
-
     async def main():
         prefill, decode = inline_pair(tiny_llama, max_num_batched_tokens=16)
-        engine = prefill.engine.engine
-        step, steps = engine.step, []
-
-        def gated_step():  # the prefill's step thread waits in its second step
-            steps.append(1)
-            if len(steps) == 2:
-                assert released.wait(30), "hang guard"
-            return step()
-
-        engine.step = gated_step
+        held = HeldStep(prefill.engine.engine, 2)
         handle = PrefillHandle(prefill)
         replica = handle.replica  # the prefill replica's sinks abort as Replica's do
         replica.engine = prefill.engine
         replica.sinks.on_lost = lambda ids: Replica._abort_all(replica, ids)
         client = PrefillClient(handle, timeout_s=60, max_batch=8)
         call = asyncio.ensure_future(client.prefill([3] * 160, GREEDY, "orphan", 0))
-        await _wait_for(lambda: len(steps) == 2, "the prefill's second chunk")
+        await _wait_for(lambda: len(held.steps) == 2, "the prefill's second chunk")
         client.close()  # the decode replica goes: its socket closes, no abort is sent
         with pytest.raises(RuntimeError, match="prefill of orphan ended without a token"):
             await call  # (here the call's stream still reaches it)
-        released.set()
+        held.released.set()
         await prefill.engine.check_integrity()
         return prefill
 
