@@ -13,9 +13,9 @@ start), and `hop p50`: the median over requests of the time from the row above (
 that hop took. Two rows are paired by order, not by id:
 `client.send` (the client's k-th send) and `ingress.http` (the k-th HTTP request to reach an
 ingress replica's app, logged under its X-Request-Id, before the route names the engine's
-request) go with the k-th request to reach `ingress.call`. A prefill call that a decode replica made
-again (`<id>-again`, decode/worker.py) counts as its request's: its hops replace those of the
-call it replaced.
+request) go with the k-th request to reach `ingress.call`. A prefill call that a decode
+replica made again (`<id>-again`, decode/worker.py) counts as its request's: its hops replace
+those of the call it replaced.
 """
 
 from __future__ import annotations
