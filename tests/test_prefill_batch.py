@@ -155,6 +155,8 @@ class AnsweredPrefillHandle:
 
 
 class AnsweredResponse(FakeResponse):
+    """A response whose replica had answered: cancelling it stops nothing."""
+
     def cancel(self) -> None:
         self.cancelled = True  # and the run goes on
 
@@ -201,7 +203,7 @@ def test_a_decode_replica_that_goes_away_has_its_prompts_aborted_on_the_prefill_
     """Its socket closes (as when its process dies) while its prompt is half prefilled: the
     prompt is aborted there and then, not prefilled for nobody with its KV left unreceived."""
     async def main():
-        prefill, decode = inline_pair(tiny_llama, max_num_batched_tokens=16)
+        prefill, _ = inline_pair(tiny_llama, max_num_batched_tokens=16)
         held = HeldStep(prefill.engine.engine, 2)
         handle = PrefillHandle(prefill)
         replica = handle.replica  # the prefill replica's sinks abort as Replica's do
