@@ -120,13 +120,10 @@ class Replica:
         without a last output (aborted here, e.g. because its mailbox was lost), so that the
         ingress does not wait for one."""
         sink = await self.sinks.get(mailbox)
-        sink.open(request_id, time.perf_counter())
         finished = False
-        try:
+        with sink.opened(request_id):
             async for out in generate(sink):
                 finished = out.finished
-        finally:
-            sink.close(request_id)
         if not finished:
             raise RuntimeError(f"request {request_id} was aborted by the serving replica")
 
@@ -154,11 +151,8 @@ class Replica:
         sink = await self.sinks.get(address)
 
         async def run_open(request: Request) -> object:
-            sink.open(request[2], time.perf_counter())
-            try:
+            with sink.opened(request[2]):
                 return await run(request)
-            finally:
-                sink.close(request[2])
 
         async for item in self.batched.run_many(requests, run_open):
             yield item

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from engine.metrics import Metrics, StreamRecorder, record_step
 from engine.outputs import RequestOutput
@@ -27,6 +28,16 @@ class StepSink:
 
     def close(self, request_id: str) -> None:
         self.recorders.pop(request_id, None)
+
+    @contextmanager
+    def opened(self, request_id: str) -> Iterator[None]:
+        """The request is open on this sink (its outputs timed from now, and aborted if the
+        sink is lost) until the block ends."""
+        self.open(request_id, time.perf_counter())
+        try:
+            yield
+        finally:
+            self.close(request_id)
 
     def put(self, out: RequestOutput) -> None:
         self.pending.append(out)
