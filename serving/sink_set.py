@@ -15,11 +15,12 @@ from serving.token_socket import SocketSink, TokenSocket
 
 class SinkSet:
     """`get` returns the live sink for an address, making one when there is none or the last
-    one was lost; it forgets every lost sink (an ingress that died never asks again). A socket
-    sink connects in a worker thread (up to its connect timeout when the ingress's host does
-    not answer), so the replica's event loop and its other requests go on meanwhile; requests
-    that arrive during the connect share it. A socket sink hands the aborts its ingress sends
-    to `on_abort`, on the loop that asked for the sink."""
+    one was lost; it forgets every lost sink as it makes one (a peer that died never asks
+    again; its replacement does, with an address of its own). A socket sink connects in a
+    worker thread (up to its connect timeout when the ingress's host does not answer), so the
+    replica's event loop and its other requests go on meanwhile; requests that arrive during
+    the connect share it. A socket sink hands the aborts its ingress sends to `on_abort`, on
+    the loop that asked for the sink."""
 
     def __init__(self, metrics: Metrics, on_lost: Callable[[list[str]], None],
                  on_abort: Callable[[str], None] | None = None) -> None:
@@ -28,11 +29,12 @@ class SinkSet:
         self._connecting: dict[str, asyncio.Future] = {}
 
     async def get(self, mailbox: TokenAddress) -> StepSink:
-        for lost in [mid for mid, sink in self.sinks.items() if sink.lost]:
-            del self.sinks[lost]
         sink = self.sinks.get(mailbox.id)
-        if sink is not None:
+        if sink is not None and not sink.lost:
             return sink
+        # A new sink: the lost ones go now, off the path of the requests to live ones.
+        for lost in [mid for mid, old in self.sinks.items() if old.lost]:
+            del self.sinks[lost]
         if not isinstance(mailbox, TokenSocket):
             sink = self.sinks[mailbox.id] = MailboxSink(mailbox, self.metrics, self.on_lost)
             return sink
