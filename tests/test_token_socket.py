@@ -9,7 +9,6 @@ import asyncio
 import pickle
 import socket
 import threading
-import time
 
 import pytest
 
@@ -17,6 +16,7 @@ from engine.metrics import Metrics
 from engine.outputs import RequestOutput
 from serving.sink_set import SinkSet
 from serving.token_socket import FRAME, SECRET_BYTES, SocketReader, SocketSink, TokenSocket
+from tests.e2e.serve_apps import wait_until
 
 
 def _out(rid: str, token: int, finished: bool = False) -> RequestOutput:
@@ -151,15 +151,6 @@ def test_a_sink_whose_ingress_went_away_aborts_its_open_requests():
     assert lost == [["a", "b"]]
 
 
-def _wait_for(condition, what: str) -> None:
-    """A hang guard, not a timing bound."""
-    for _ in range(3000):
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"never: {what}")
-
-
 def test_a_sink_that_reads_aborts_is_lost_when_its_ingress_closes_the_connection():
     """No write has to notice: a prefill replica's sink for a decode replica carries only that
     replica's aborts, and writes nothing."""
@@ -167,7 +158,7 @@ def test_a_sink_that_reads_aborts_is_lost_when_its_ingress_closes_the_connection
     try:
         sink, peer, lost = _connected_sink(on_abort=lambda rid: None, loop=loop)
         peer.close()  # the decode replica died
-        _wait_for(lambda: sink.lost, "the sink lost")
+        wait_until("the sink lost", lambda: sink.lost, limit_s=30)
         assert lost == [["a"]] and sink._sock.fileno() == -1
     finally:
         loop.close()
@@ -183,7 +174,7 @@ async def test_a_lost_sink_is_forgotten_at_the_next_get():
         gone = await sinks.get(addresses[0])
         peer, _ = listeners[0].accept()
         peer.close()  # its replica died, and never sends a request again
-        await asyncio.to_thread(_wait_for, lambda: gone.lost, "the sink lost")
+        await asyncio.to_thread(wait_until, "the sink lost", lambda: gone.lost, 30)
         stays = await sinks.get(addresses[1])
         assert sinks.sinks == {"i1": stays}
         stays._sock.close()
