@@ -20,6 +20,7 @@ from serving.batched_runs import BatchedRuns
 from serving.replica import Replica
 from serving.sink_set import SinkSet
 from tests.test_disaggregated_inprocess import GREEDY, inline_pair, no_pages_left
+from tests.test_prefill_calls import wait_for
 from tests.test_token_path import FakeResponse
 
 
@@ -53,15 +54,6 @@ class PrefillHandle:
             yield item
 
 
-async def _wait_for(condition, what: str) -> None:
-    """A hang guard, not a timing bound."""
-    for _ in range(3000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never: {what}")
-
-
 class HeldStep:
     """The prefill engine's step thread waits in its `nth` step until `released` is set (a
     hang guard of 30 s, not a timing bound); `steps` counts the steps begun."""
@@ -89,7 +81,7 @@ def test_a_wave_of_prompts_goes_in_two_calls_with_the_colocated_tokens(tiny_llam
         handle.gate.clear()  # the first call is not accepted until the others queue behind it
         tasks = [asyncio.ensure_future(_collect(decode, p, f"r{i}"))
                  for i, p in enumerate(prompts)]
-        await _wait_for(lambda: len(client.batcher._queued) == 5, "five prompts queued")
+        await wait_for(lambda: len(client.batcher._queued) == 5, "five prompts queued")
         handle.gate.set()
         results = await asyncio.gather(*tasks)
         client.close()
@@ -117,12 +109,12 @@ def test_an_abort_reaches_the_prefill_replica_over_the_socket_and_frees_its_page
         handle = PrefillHandle(prefill)
         decode.prefill = client = PrefillClient(handle, timeout_s=60, max_batch=8)
         gone = asyncio.ensure_future(_collect(decode, long_prompt, "gone"))
-        await _wait_for(lambda: len(held.steps) == 2, "the prefill's second chunk")
+        await wait_for(lambda: len(held.steps) == 2, "the prefill's second chunk")
         stays = asyncio.ensure_future(_collect(decode, [4] * 20, "stays"))
-        await _wait_for(lambda: "stays" in handle.replica.batched.tasks, "a second call")
+        await wait_for(lambda: "stays" in handle.replica.batched.tasks, "a second call")
         gone.cancel()
-        await _wait_for(lambda: "gone" not in handle.replica.batched.tasks,
-                        "the abort at the prefill replica")
+        await wait_for(lambda: "gone" not in handle.replica.batched.tasks,
+                       "the abort at the prefill replica")
         held.released.set()
         kept = await stays
         with pytest.raises(asyncio.CancelledError):
@@ -182,14 +174,14 @@ def test_an_answer_that_comes_after_its_caller_left_has_its_kv_released(tiny_lla
         decode.prefill = client = PrefillClient(handle, timeout_s=60)
         client.unclaimed = decode.calls.release
         gone = asyncio.ensure_future(_collect(decode, [3] * 40, "gone"))
-        await _wait_for(lambda: len(held.steps) == 1, "the prefill's first step")
+        await wait_for(lambda: len(held.steps) == 1, "the prefill's first step")
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
         held.released.set()
         answer = await handle.runs[0]
-        await _wait_for(lambda: received and not decode.calls.releases,
-                        "the answer's KV received")
+        await wait_for(lambda: received and not decode.calls.releases,
+                       "the answer's KV received")
         return prefill, decode, answer
 
     prefill, decode, answer = asyncio.run(main())
@@ -211,7 +203,7 @@ def test_a_decode_replica_that_goes_away_has_its_prompts_aborted_on_the_prefill_
         replica.sinks.on_lost = lambda ids: Replica._abort_all(replica, ids)
         client = PrefillClient(handle, timeout_s=60, max_batch=8)
         call = asyncio.ensure_future(client.prefill([3] * 160, GREEDY, "orphan", 0))
-        await _wait_for(lambda: len(held.steps) == 2, "the prefill's second chunk")
+        await wait_for(lambda: len(held.steps) == 2, "the prefill's second chunk")
         client.close()  # the decode replica goes: its socket closes, no abort is sent
         with pytest.raises(RuntimeError, match="prefill of orphan ended without a token"):
             await call  # (here the call's stream still reaches it)

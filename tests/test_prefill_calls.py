@@ -53,14 +53,19 @@ async def _tokens(decode: DecodeWorker, prompt: list[int], rid: str,
     return [t async for out in decode.generate(prompt, params, rid) for t in out.new_token_ids]
 
 
-async def _settle(decode: DecodeWorker) -> None:
-    """Until the dropped calls' releases have ended (a hang guard, not a timing bound)."""
+async def wait_for(condition, what: str) -> None:
+    """Until `condition()`; a hang guard of 30 s, not a timing bound."""
     for _ in range(3000):
-        if not decode.calls.releases:
-            assert decode.calls.pending_pages == 0
+        if condition():
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("a dropped prefill call was never released")
+    raise AssertionError(f"never: {what}")
+
+
+async def _settle(decode: DecodeWorker) -> None:
+    """Until the dropped calls' releases have ended."""
+    await wait_for(lambda: not decode.calls.releases, "the dropped calls released")
+    assert decode.calls.pending_pages == 0
 
 
 def test_one_call_per_prompt_made_before_the_reservation_when_it_starts_as_expected(tiny_llama):
@@ -215,10 +220,7 @@ def test_a_caller_cancelled_as_the_answer_came_leaves_its_kv_to_be_released():
         caller.cancel()  # the client went away
         with pytest.raises(asyncio.CancelledError):
             await caller
-        for _ in range(3000):  # a hang guard, not a timing bound
-            if not calls.releases:
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: not calls.releases, "the answer's KV released")
         calls.drop(call)  # a second drop does nothing
         return call, transport.received, calls.releases, metrics.counters
 
