@@ -37,10 +37,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         mask = None
         if causal and n != m:
             mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        # A batch dim of 1 because on CPU 3-D inputs fall back to SDPA's math kernel; 4-D ones
+        # take its flash kernel, 2.6-4.8x faster (8 query heads, 64-1000 keys, one thread).
         out = F.scaled_dot_product_attention(
-            q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1),
-            attn_mask=mask, is_causal=causal and n == m, scale=scale, enable_gqa=True)
-        return out.transpose(0, 1), None  # [n, Hq, D]
+            q.float().transpose(0, 1)[None], k.float().transpose(0, 1)[None],
+            v.float().transpose(0, 1)[None], attn_mask=mask, is_causal=causal and n == m,
+            scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1), None  # [n, Hq, D]
     qf = q.float().view(n, hkv, group, -1)  # [n, Hkv, G, D]
     scores = torch.einsum("nhgd,mhd->hgnm", qf, k.float()) * scale  # [Hkv, G, n, m]
     if causal:
