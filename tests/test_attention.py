@@ -106,6 +106,20 @@ def test_paged_prefill_equals_dense_causal():
         start += n
 
 
+def test_prefill_attention_takes_sdpas_fused_cpu_kernel_not_its_math_fallback():
+    # On CPU, scaled_dot_product_attention runs 3-D inputs through its math fallback, 2.6-4.8x
+    # slower than its flash kernel (docs/cpu-benchmarks.md); `attend` passes 4-D ones. Both the
+    # causal case (n == m) and a chunk after cached tokens (an explicit mask) must take it.
+    torch.manual_seed(2)
+    for n, m in ((9, 9), (6, 11)):
+        q, k, v = torch.randn(n, HQ, D), torch.randn(m, HKV, D), torch.randn(m, HKV, D)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            attend(q, k, v, D ** -0.5, causal=True, with_lse=False)
+        ops = {e.key for e in prof.key_averages()}
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops, sorted(ops)
+        assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 def test_batched_decodes_equal_dense_per_request():
     # Five single-token requests of different lengths in one step: the torch backend attends
     # them as one batch, padded to the longest (13 pages' worth) and masked; each row must
