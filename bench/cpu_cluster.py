@@ -4,7 +4,10 @@ python -m bench.cpu_cluster [--config configs/tiny.yaml] [--out-dir DIR]
 Prints time to first HTTP 200, TTFT and TPOT of one stream, output tokens/s at concurrency
 1 and 32 and their ratio, KV bytes moved per request and how many requests the decode replica
 prefilled itself (from /metrics). The two runs' JSON goes to DIR (default: a new temporary
-directory, printed; `--out-dir docs/bench` replaces the committed ones).
+directory, printed; `--out-dir docs/bench` replaces the committed ones). First, before the
+server starts, the same workload on the config's serving engine alone in this process, on one
+torch thread as its replica gets (bench/engine_alone.py; `--no-engine-alone` skips it): the
+ratio through Serve is compared with the engine's own.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from bench import engine_alone
 from bench import serve as bench_serve
 from bench.launcher import ServerProcess, expand
 from bench.soak import parse_metrics
@@ -39,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--engine-alone", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
+    alone = None
+    if args.engine_alone:
+        alone = engine_alone.main(["--config", args.config, "--input-len", str(args.input_len),
+                                   "--output-len", str(args.output_len)])
     scratch = Path(tempfile.mkdtemp(prefix="cpu_cluster-"))  # serve.log; the JSON by default
     out = Path(args.out_dir) if args.out_dir else scratch
     out.mkdir(parents=True, exist_ok=True)
@@ -69,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"32 streams: TTFT p50 {many['ttft_ms']['p50']:.1f} ms, TPOT p50 "
           f"{many['tpot_ms']['p50']:.2f} ms, {many['output_throughput']:.1f} tok/s")
     print(f"throughput ratio 32/1: {many['output_throughput'] / one['output_throughput']:.2f}x")
+    if alone is not None:
+        print(f"engine alone, same workload: {alone[0].tok_s:.1f} and {alone[1].tok_s:.1f} "
+              f"tok/s, {alone[1].tok_s / alone[0].tok_s:.2f}x")
     if served:
         print(f"KV bytes moved per request: {moved / served:.0f} ({served:.0f} requests, "
               f"{local:.0f} of them prefilled on the decode replica)")
