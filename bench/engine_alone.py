@@ -18,8 +18,12 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from engine.llm import LLM
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Run:
         return self.output_tokens / self.seconds
 
 
-def build_llm(config: str | Path):
+def build_llm(config: str | Path) -> LLM:
     """The LLM of `config`'s first application, with its serving role's engine settings."""
     from engine.llm import LLM
     from engine.tiny_model import ensure_tiny_model
@@ -47,7 +51,7 @@ def build_llm(config: str | Path):
     return LLM(model.pop("path"), **model, **asdict(cfg.engine_config(cfg.serving_role)))
 
 
-def measure(llm, input_len: int, output_len: int, single: int, concurrency: int, waves: int,
+def measure(llm: LLM, input_len: int, output_len: int, single: int, concurrency: int, waves: int,
             vocab_size: int = 1000, seed: int = 0) -> tuple[Run, Run]:
     """(one prompt at a time, `waves` x `concurrency` at a time); the prefix cache is emptied
     first, and the prompts are distinct, so every prompt is prefilled."""
