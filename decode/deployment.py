@@ -36,7 +36,9 @@ class PrefillClient:
     """The prefill deployment seen through its handle, as DecodeWorker expects it. With
     `max_batch` > 1, `prefill` calls go many to a Serve call (`prefill_many`, through a
     SubmitBatcher: serving/batched_submit.py), and their aborts over a token socket of this
-    replica's that the prefill replicas connect to.
+    replica's that the prefill replicas connect to. Calls of one prompt carry that socket's
+    address too, though their aborts go as Serve's cancellations: either way a prefill replica
+    sees this one go when the socket closes, and aborts its prompts.
 
     An answer that comes after its caller left (the cancellation reached the prefill replica
     once it had answered) goes to `unclaimed`, which the owner of the answers' KV sets
@@ -46,8 +48,8 @@ class PrefillClient:
         self.handle = handle
         self.timeout_s = timeout_s
         self.unclaimed: Callable[[PrefillResult], None] | None = None
-        self.reader = SocketReader() if max_batch > 1 else None
-        self.batcher = (None if self.reader is None else
+        self.reader = SocketReader()
+        self.batcher = (None if max_batch == 1 else
                         SubmitBatcher(handle, self.reader, max_batch, method="prefill_many",
                                       sent_hop="decode.prefill_sent", unclaimed=self._came_late))
 
@@ -56,7 +58,8 @@ class PrefillClient:
         it all the same: its KV waits on the prefill replica until received, and the caller
         must release it (decode/prefill_calls.py)."""
         if self.batcher is None:
-            response = self.handle.prefill.remote(*args)
+            self.reader.start()  # the prefill replica connects to it for this call
+            response = self.handle.prefill.remote(*args, address=self.reader.mailbox)
             answer = asyncio.ensure_future(response)
         else:
             response = self.batcher.run(*args)
@@ -96,8 +99,7 @@ class PrefillClient:
             gen.cancel()  # no-op once the call has ended; else the prefill is aborted
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.shutdown()
+        self.reader.shutdown()
 
 
 

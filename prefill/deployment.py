@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from ray import serve
 
 from engine.sampling_params import SamplingParams
@@ -23,8 +25,16 @@ class PrefillServer:
                                     self.replica.fingerprint, self.replica.metrics)
 
     async def prefill(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                      first_block: int = 0) -> PrefillResult:
-        return await self.worker.prefill(prompt_ids, params, request_id, first_block)
+                      first_block: int = 0, address: TokenSocket | None = None
+                      ) -> PrefillResult:
+        """One prompt's prefill. With the caller's token socket at `address`, it is aborted if
+        the caller goes (serving/replica.py, `call_one`)."""
+        def run() -> Awaitable[PrefillResult]:
+            return self.worker.prefill(prompt_ids, params, request_id, first_block)
+
+        if address is None:
+            return await run()
+        return await self.replica.call_one(address, request_id, run)
 
     async def prefill_many(self, requests: list[Request], address: TokenSocket):
         """`prefill` for many requests in one call (serving/batched_runs.py): the count, then

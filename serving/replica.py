@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import Engine
@@ -24,6 +25,7 @@ from serving.step_sink import StepSink
 from serving.token_path import TokenAddress
 
 log = logging.getLogger("pdserve")
+T = TypeVar("T")
 AUDIT_EVERY_S = 2.0
 # What a replica reports to Serve's autoscaler (`record_autoscaling_stats`), read by the SLO
 # policy (cluster/slo_autoscaler.py). Gauges are values now; histograms and counters go as
@@ -140,19 +142,26 @@ class Replica:
         async for item in self.batched.run_many(requests, run):
             yield item
 
+    async def call_one(self, address: TokenAddress, request_id: str,
+                       run: Callable[[], Awaitable[T]]) -> T:
+        """`await run()`, a Serve call's value (a prefill's result), with the request open on
+        the caller's token socket at `address` meanwhile: if the caller goes (the socket
+        closes: its replica died), the request is aborted, instead of running on for nobody
+        and leaving its KV unreceived. The socket carries only aborts."""
+        sink = await self.sinks.get(address)
+        with sink.opened(request_id):
+            return await run()
+
     async def call_many(self, requests: list[Request], address: TokenAddress,
                         run: Callable[[Request], Awaitable[object]],
                         ) -> AsyncIterator[int | list[End]]:
-        """Many requests in one Serve call whose values go back in the call's stream (a
-        prefill's result), `run(request)` each. The caller's token socket at `address` carries
-        only their aborts; it is connected first, as for `run_many`. The requests are open on
-        it while they run: if the caller goes (the socket closes: its replica died), they are
-        aborted, instead of running on for nobody and leaving their KV unreceived."""
-        sink = await self.sinks.get(address)
+        """Many requests in one Serve call whose values go back in the call's stream, each
+        run as `call_one` runs one. The caller's socket is connected first, as for
+        `run_many`: the requests' aborts come over it."""
+        await self.sinks.get(address)
 
-        async def run_open(request: Request) -> object:
-            with sink.opened(request[2]):
-                return await run(request)
+        def run_open(request: Request) -> Awaitable[object]:
+            return self.call_one(address, request[2], lambda: run(request))
 
         async for item in self.batched.run_many(requests, run_open):
             yield item

@@ -24,20 +24,44 @@ from tests.test_prefill_calls import wait_for
 from tests.test_token_path import FakeResponse
 
 
+class CallingReplica:
+    """Replica's paths for calls whose values go back in the call (`call_one`, `call_many`),
+    over a BatchedRuns and a SinkSet whose sockets carry the aborts; `engine`, once set, is the
+    one a lost socket's requests are aborted on (Replica's `_abort_all`)."""
+
+    call_one, call_many, _abort_all = Replica.call_one, Replica.call_many, Replica._abort_all
+
+    def __init__(self) -> None:
+        self.batched = BatchedRuns()
+        self.engine = None
+        self.sinks = SinkSet(Metrics("prefill", "test"), on_lost=self._lost,
+                             on_abort=self.batched.abort)
+
+    def _lost(self, request_ids: list[str]) -> None:
+        if self.engine is not None:
+            self._abort_all(request_ids)
+
+
 class PrefillHandle:
     """The prefill deployment's handle: `prefill_many` runs `Replica.call_many` on a stand-in
-    replica (its BatchedRuns, and a SinkSet whose sockets carry the aborts to them) over
-    `worker`. Each call may wait for `gate` before it starts; `calls` lists each call's ids."""
+    replica over `worker`, `prefill` its `call_one` (as the prefill deployment does, given the
+    caller's address). Each call may wait for `gate` before it starts; `calls` lists each
+    call's ids."""
 
     def __init__(self, worker) -> None:
-        runs = BatchedRuns()
-        self.replica = SimpleNamespace(batched=runs, sinks=SinkSet(
-            Metrics("prefill", "test"), on_lost=lambda ids: None, on_abort=runs.abort))
+        self.replica = CallingReplica()
         self.worker = worker
         self.prefill_many = self
+        self.prefill = SimpleNamespace(remote=self._call_one)
         self.calls: list[list[str]] = []
         self.gate = asyncio.Event()
         self.gate.set()
+
+    def _call_one(self, *args, address) -> FakeResponse:
+        self.calls.append([args[2]])
+        run = asyncio.ensure_future(self.replica.call_one(address, args[2],
+                                                          lambda: self.worker.prefill(*args)))
+        return FakeResponse(run)
 
     def options(self, stream: bool) -> PrefillHandle:
         assert stream
@@ -49,8 +73,8 @@ class PrefillHandle:
 
     async def _call(self, requests, address):
         await self.gate.wait()
-        async for item in Replica.call_many(self.replica, requests, address,
-                                            lambda r: self.worker.prefill(*r)):
+        async for item in self.replica.call_many(requests, address,
+                                                 lambda r: self.worker.prefill(*r)):
             yield item
 
 
@@ -141,7 +165,7 @@ class AnsweredPrefillHandle:
         self.worker, self.prefill = worker, self
         self.runs: list[asyncio.Task] = []
 
-    def remote(self, *args) -> AnsweredResponse:
+    def remote(self, *args, address) -> AnsweredResponse:  # (no socket: it never aborts)
         self.runs.append(asyncio.ensure_future(self.worker.prefill(*args)))
         return AnsweredResponse(asyncio.shield(self.runs[-1]))  # awaited here, run there
 
@@ -190,18 +214,18 @@ def test_an_answer_that_comes_after_its_caller_left_has_its_kv_released(tiny_lla
     no_pages_left(prefill, decode)
 
 
+@pytest.mark.parametrize("max_batch", [8, 1])
 def test_a_decode_replica_that_goes_away_has_its_prompts_aborted_on_the_prefill_replica(
-        tiny_llama):
+        tiny_llama, max_batch):
     """Its socket closes (as when its process dies) while its prompt is half prefilled: the
-    prompt is aborted there and then, not prefilled for nobody with its KV left unreceived."""
+    prompt is aborted there and then, not prefilled for nobody with its KV left unreceived.
+    So with calls of one prompt too (`max_batch` 1, whose aborts go as Serve's cancels)."""
     async def main():
         prefill, _ = inline_pair(tiny_llama, max_num_batched_tokens=16)
         held = HeldStep(prefill.engine.engine, 2)
         handle = PrefillHandle(prefill)
-        replica = handle.replica  # the prefill replica's sinks abort as Replica's do
-        replica.engine = prefill.engine
-        replica.sinks.on_lost = lambda ids: Replica._abort_all(replica, ids)
-        client = PrefillClient(handle, timeout_s=60, max_batch=8)
+        handle.replica.engine = prefill.engine  # the prefill replica's sinks abort on it
+        client = PrefillClient(handle, timeout_s=60, max_batch=max_batch)
         call = asyncio.ensure_future(client.prefill([3] * 160, GREEDY, "orphan", 0))
         await wait_for(lambda: len(held.steps) == 2, "the prefill's second chunk")
         client.close()  # the decode replica goes: its socket closes, no abort is sent
@@ -239,7 +263,7 @@ class OnePrefillHandle:
         self.prefill = self
         self.responses: list[FakeResponse] = []
 
-    def remote(self, *args) -> FakeResponse:
+    def remote(self, *args, address) -> FakeResponse:
         self.responses.append(FakeResponse(asyncio.get_running_loop().create_future()))
         return self.responses[-1]
 
