@@ -45,8 +45,8 @@ class CallingReplica:
 class PrefillHandle:
     """The prefill deployment's handle: `prefill_many` runs `Replica.call_many` on a stand-in
     replica over `worker`, `prefill` its `call_one` (as the prefill deployment does, given the
-    caller's address). Each call may wait for `gate` before it starts; `calls` lists each
-    call's ids."""
+    caller's address). A `prefill_many` call may wait for `gate` before it starts; `calls`
+    lists each call's ids."""
 
     def __init__(self, worker) -> None:
         self.replica = CallingReplica()
