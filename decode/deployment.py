@@ -36,9 +36,10 @@ class PrefillClient:
     """The prefill deployment seen through its handle, as DecodeWorker expects it. With
     `max_batch` > 1, `prefill` calls go many to a Serve call (`prefill_many`, through a
     SubmitBatcher: serving/batched_submit.py), and their aborts over a token socket of this
-    replica's that the prefill replicas connect to. Calls of one prompt carry that socket's
-    address too, though their aborts go as Serve's cancellations: either way a prefill replica
-    sees this one go when the socket closes, and aborts its prompts.
+    replica's that the prefill replicas connect to. Calls of one prompt (`prefill`, and the
+    layer-streamed `prefill_stream`) carry that socket's address too, though their aborts go as
+    Serve's cancellations: either way a prefill replica sees this one go when the socket
+    closes, and aborts its prompts.
 
     An answer that comes after its caller left (the cancellation reached the prefill replica
     once it had answered) goes to `unclaimed`, which the owner of the answers' KV sets
@@ -91,7 +92,9 @@ class PrefillClient:
 
     async def prefill_stream(self, *args):
         """The handle, then the result, from one prefill replica (one streaming call)."""
-        gen = self.handle.options(stream=True).prefill_stream.remote(*args)
+        self.reader.start()
+        gen = self.handle.options(stream=True).prefill_stream.remote(
+            *args, address=self.reader.mailbox)
         try:
             for _ in range(2):
                 yield await asyncio.wait_for(gen.__anext__(), self.timeout_s)

@@ -61,6 +61,11 @@ class LayerwiseExport:
             self._cond.notify_all()
 
     @property
+    def failed(self) -> bool:
+        with self._cond:
+            return self._error is not None
+
+    @property
     def layers_ready(self) -> int:
         with self._cond:
             return self._ready

@@ -4,7 +4,8 @@ each receiver that asks, and sends offered payloads when their receiver fetches 
 Threads (daemons; `close` ends them):
 - the listener pops pair requests from the store's `pairs` queue and starts a pair thread;
 - a pair thread builds its end of the PairChannel, then serves that receiver's fetches in order;
-- the sweeper drops payloads nobody fetched within `timeout_s`.
+- the sweeper drops payloads nobody fetched within `timeout_s`, and layer streams whose
+  prefill failed or was aborted at once (about a second).
 A pair whose channel breaks (the receiver died mid-transfer) ends; the transfer it was sending
 is dropped, since its receiver is gone. Offered payloads are held in host or device memory (the
 pool pages were released at export), at most `timeout_s` each.
@@ -181,12 +182,20 @@ class ChannelSender:
             now = time.monotonic()
             with self._lock:
                 expired = [tid for tid, o in self._offers.items() if o.deadline < now]
-                for tid in expired:
+                # A layer stream whose prefill was aborted or failed will never be whole: its
+                # buffer goes now, not at its deadline (a fetch then finds it missing, which
+                # its receiver takes as lost, as it would the failure).
+                failed = [tid for tid, o in self._offers.items() if o.deadline >= now
+                          and isinstance(o.data, LayerwiseExport) and o.data.failed]
+                for tid in expired + failed:
                     del self._offers[tid]
-                self.transfers_dropped += len(expired)
+                self.transfers_dropped += len(expired) + len(failed)
             if expired:
                 log.warning("dropped %d KV payload(s) never fetched within %.0f s",
                             len(expired), self.timeout_s)
+            if failed:
+                log.info("dropped %d KV stream(s) whose prefill ended without its KV",
+                         len(failed))
 
     def _end_pair(self, pair_id: str) -> None:
         with self._lock:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 
 from ray import serve
 
@@ -44,10 +44,16 @@ class PrefillServer:
             yield item
 
     async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
-                             request_id: str, first_block: int = 0):
-        """The KV handle first (layers follow as computed), then the PrefillResult."""
-        async for item in self.worker.prefill_stream(prompt_ids, params, request_id,
-                                                     first_block):
+                             request_id: str, first_block: int = 0,
+                             address: TokenSocket | None = None):
+        """The KV handle first (layers follow as computed), then the PrefillResult. With the
+        caller's token socket at `address`, the prompt is aborted if the caller goes."""
+        def stream() -> AsyncIterator[object]:
+            return self.worker.prefill_stream(prompt_ids, params, request_id, first_block)
+
+        items = stream() if address is None else self.replica.stream_one(address, request_id,
+                                                                          stream)
+        async for item in items:
             yield item
 
     def health(self) -> dict:

@@ -152,6 +152,16 @@ class Replica:
         with sink.opened(request_id):
             return await run()
 
+    async def stream_one(self, address: TokenAddress, request_id: str,
+                         stream: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
+        """`stream()`'s items, a streaming Serve call's (a layer-streamed prefill's handle,
+        then its result), with the request open on the caller's socket meanwhile, as
+        `call_one`."""
+        sink = await self.sinks.get(address)
+        with sink.opened(request_id):
+            async for item in stream():
+                yield item
+
     async def call_many(self, requests: list[Request], address: TokenAddress,
                         run: Callable[[Request], Awaitable[object]],
                         ) -> AsyncIterator[int | list[End]]:

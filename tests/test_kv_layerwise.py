@@ -5,7 +5,8 @@ that completes it, and the channel transport sends them while later layers still
 - with the last layer held, the receiver already has every earlier layer (overlap, shown
   without any timing);
 - prefill + decode over gloo channels give the colocated engine's tokens, streamed or not;
-- a prefill aborted mid-stream ends the receive with KVTransferLost, nothing held or leaked.
+- a prefill aborted mid-stream ends the receive with KVTransferLost, nothing held or leaked;
+- so does one whose decode replica went away (its socket closed), with no receiver at all.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import pytest
 import torch
 
+from decode.deployment import PrefillClient
 from decode.worker import DecodeWorker
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, ModelConfig
@@ -26,6 +28,7 @@ from engine.llm_engine import Engine
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVTransferLost, make_transport, model_fingerprint
 from prefill.worker import PrefillWorker
+from tests.test_prefill_batch import CallingReplica
 
 ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -267,3 +270,68 @@ def test_prefill_aborted_mid_stream(tiny_llama):
         gate.release.set()
         send.close()
         recv.close()
+
+
+class StreamHandle:
+    """The prefill deployment's handle for layer-streamed calls: `prefill_stream` runs the
+    worker's stream inside `Replica.stream_one` on a stand-in replica, as the prefill
+    deployment does given the caller's address."""
+
+    def __init__(self, worker: PrefillWorker) -> None:
+        self.replica, self.worker = CallingReplica(), worker
+        self.replica.engine = worker.engine  # a lost socket's requests are aborted on it
+        self.prefill_stream = self
+
+    def options(self, stream: bool) -> StreamHandle:
+        assert stream
+        return self
+
+    def remote(self, *args, address) -> StreamResponse:
+        return StreamResponse(self.replica.stream_one(
+            address, args[2], lambda: self.worker.prefill_stream(*args)))
+
+
+class StreamResponse:
+    """A streaming DeploymentResponseGenerator stand-in: its items, and `cancel()`."""
+
+    def __init__(self, items) -> None:
+        self.items = items
+
+    def __anext__(self):
+        return self.items.__anext__()
+
+    def cancel(self) -> None:
+        asyncio.ensure_future(self.items.aclose())
+
+
+def test_a_decode_replica_that_goes_away_mid_stream_has_its_prompt_aborted(tiny_llama):
+    """The decode replica's socket closes (as when its process dies) while the prefill replica
+    runs its layer-streamed prompt: the prompt is aborted there and the prefill holds no page;
+    nobody is left to fetch the failed stream, so the sender drops its buffer at the next
+    sweep instead of holding it to its deadline."""
+    send = make_transport("gloo", timeout_s=600)  # its deadline far past the hang guard's
+    prefill = prefill_worker(tiny_llama, send)
+    gate = LastLayerGate(prefill)
+
+    async def main():
+        client = PrefillClient(StreamHandle(prefill), timeout_s=60)
+        stream = client.prefill_stream(list(range(40, 100)), ONE, "orphan")
+        await anext(stream)  # the KV handle
+        nxt = asyncio.ensure_future(anext(stream))
+        await asyncio.to_thread(gate.held.wait, 60)
+        client.close()  # the decode replica goes: its socket closes, no abort is sent
+        with pytest.raises(RuntimeError, match="prefill of orphan ended without a token"):
+            await nxt  # ends while the last layer is still held (here its stream reaches us)
+        gate.release.set()
+        await prefill.engine.check_integrity()
+
+    try:
+        asyncio.run(main())
+        assert "pdserve_prompt_tokens_total" not in prefill.metrics.counters  # it never ended
+        assert prefill.engine.stats().pages_used == 0
+        # the failed stream's buffer is dropped by the sender's sweep, not at its deadline
+        until(lambda: send.sender.num_offers == 0, "the failed stream's offer dropped")
+        assert (send.sender.transfers_sent, send.sender.transfers_dropped) == (0, 1)
+    finally:
+        gate.release.set()
+        send.close()

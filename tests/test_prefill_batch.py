@@ -25,11 +25,12 @@ from tests.test_token_path import FakeResponse
 
 
 class CallingReplica:
-    """Replica's paths for calls whose values go back in the call (`call_one`, `call_many`),
-    over a BatchedRuns and a SinkSet whose sockets carry the aborts; `engine`, once set, is the
-    one a lost socket's requests are aborted on (Replica's `_abort_all`)."""
+    """Replica's paths for calls whose values go back in the call (`call_one`, `stream_one`,
+    `call_many`), over a BatchedRuns and a SinkSet whose sockets carry the aborts; `engine`,
+    once set, is the one a lost socket's requests are aborted on (Replica's `_abort_all`)."""
 
-    call_one, call_many, _abort_all = Replica.call_one, Replica.call_many, Replica._abort_all
+    call_one, stream_one, call_many = Replica.call_one, Replica.stream_one, Replica.call_many
+    _abort_all = Replica._abort_all
 
     def __init__(self) -> None:
         self.batched = BatchedRuns()
