@@ -137,8 +137,8 @@ class ChannelReceiver:
         if echoed != tid:
             raise KVTransferLost(f"KV channel out of step: got transfer {echoed}, asked {tid}")
         if status != OK:
-            return (f"not held by its sender (expired after {self.timeout_s:.0f} s, or the "
-                    "sender restarted)")
+            return (f"not held by its sender (expired after {self.timeout_s:.0f} s, its "
+                    "layer stream failed, or the sender restarted)")
         out = torch.empty(shape, dtype=dtype, device=wire)
         for l0, l1 in spans:
             channel.recv(header, deadline)
