@@ -21,19 +21,16 @@ from pathlib import Path
 from bench import engine_alone
 from bench import serve as bench_serve
 from bench.launcher import ServerProcess, expand
-from bench.soak import parse_metrics
+from bench.soak import role_total
 
 
 def kv_bytes(base: str) -> tuple[float, float, float]:
     """(KV bytes received by decode replicas, requests they served, and of those the ones they
     prefilled themselves: `decode.local_prefill_max_tokens`) from /metrics."""
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-
-    def decode_sum(name: str) -> float:
-        return sum(v for (role, _), v in parse_metrics(text, name).items() if role == "decode")
-
-    return (decode_sum("pdserve_kv_transfer_bytes_total"), decode_sum("pdserve_requests_total"),
-            decode_sum("pdserve_local_prefills_total"))
+    return tuple(role_total(text, name, "decode") for name in (
+        "pdserve_kv_transfer_bytes_total", "pdserve_requests_total",
+        "pdserve_local_prefills_total"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,16 +30,13 @@ import threading
 import time
 import urllib.request
 
-from bench.soak import parse_metrics
+from bench.soak import role_total
 
 
 def prefill_counts(url: str) -> tuple[float, float]:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-
-    def total(name: str) -> float:
-        return sum(v for (role, _), v in parse_metrics(text, name).items() if role == "prefill")
-
-    return total("pdserve_prompt_tokens_total"), total("pdserve_requests_total")
+    return (role_total(text, "pdserve_prompt_tokens_total", "prefill"),
+            role_total(text, "pdserve_requests_total", "prefill"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,6 +50,11 @@ def parse_metrics(text: str, name: str) -> dict[tuple[str, str], float]:
     return out
 
 
+def role_total(text: str, name: str, role: str) -> float:
+    """One metric summed over the replicas of `role`, from Prometheus text."""
+    return sum(v for (r, _), v in parse_metrics(text, name).items() if r == role)
+
+
 async def replicas_state(http: httpx.AsyncClient) -> dict[str, dict]:
     text = (await http.get("/metrics")).text
     return {name: parse_metrics(text, name) for name in (
