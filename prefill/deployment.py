@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
-
 from ray import serve
 
 from engine.sampling_params import SamplingParams
@@ -25,16 +23,11 @@ class PrefillServer:
                                     self.replica.fingerprint, self.replica.metrics)
 
     async def prefill(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                      first_block: int = 0, address: TokenSocket | None = None
-                      ) -> PrefillResult:
-        """One prompt's prefill. With the caller's token socket at `address`, it is aborted if
-        the caller goes (serving/replica.py, `call_one`)."""
-        def run() -> Awaitable[PrefillResult]:
-            return self.worker.prefill(prompt_ids, params, request_id, first_block)
-
-        if address is None:
-            return await run()
-        return await self.replica.call_one(address, request_id, run)
+                      first_block: int, address: TokenSocket) -> PrefillResult:
+        """One prompt's prefill, aborted if its caller goes: its token socket at `address`
+        closes (serving/replica.py, `call_one`)."""
+        return await self.replica.call_one(address, request_id, lambda: self.worker.prefill(
+            prompt_ids, params, request_id, first_block))
 
     async def prefill_many(self, requests: list[Request], address: TokenSocket):
         """`prefill` for many requests in one call (serving/batched_runs.py): the count, then
@@ -44,16 +37,11 @@ class PrefillServer:
             yield item
 
     async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
-                             request_id: str, first_block: int = 0,
-                             address: TokenSocket | None = None):
-        """The KV handle first (layers follow as computed), then the PrefillResult. With the
-        caller's token socket at `address`, the prompt is aborted if the caller goes."""
-        def stream() -> AsyncIterator[object]:
-            return self.worker.prefill_stream(prompt_ids, params, request_id, first_block)
-
-        items = stream() if address is None else self.replica.stream_one(address, request_id,
-                                                                          stream)
-        async for item in items:
+                             request_id: str, first_block: int, address: TokenSocket):
+        """The KV handle first (layers follow as computed), then the PrefillResult; aborted
+        if the caller goes, as `prefill`."""
+        async for item in self.replica.stream_one(address, request_id, lambda: (
+                self.worker.prefill_stream(prompt_ids, params, request_id, first_block))):
             yield item
 
     def health(self) -> dict:
