@@ -104,22 +104,29 @@ class DecoderLayer(nn.Module):
 
     def forward(self, layer: int, hidden: torch.Tensor | Pending, residual: torch.Tensor | None,
                 positions: torch.Tensor, rope: RotaryEmbedding, plan: AttentionPlan,
-                kv_cache: torch.Tensor) -> tuple[torch.Tensor | Pending, torch.Tensor]:
-        """hidden [T, H], residual [T, H] or None -> (mlp_out [T, H], residual [T, H]).
+                kv_cache: torch.Tensor, rows: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor | Pending, torch.Tensor]:
+        """hidden [T, H], residual [T, H] or None -> (mlp_out [R, H], residual [R, H]).
 
         This layer's output (the input of the next) is `residual + mlp_out`; the caller adds
         them (fused into the next norm on the GPU). On the GPU `hidden` and `residual` are
         updated in place. A layer with fp8 projections returns mlp_out unscaled, as a
         `Pending`, which the next layer's first kernel scales.
+
+        `rows` (indices into T; all T rows if None) are the rows whose output is wanted: the
+        layer writes every token's K/V and attends for every token, then runs its output
+        projection and MLP on those rows only (the last layer of a prefill, whose other rows
+        nobody reads).
         """
         if fp8_fusion.fusable(self):
-            return self._forward_fp8(layer, hidden, residual, positions, rope, plan, kv_cache)
+            return self._forward_fp8(layer, hidden, residual, positions, rope, plan, kv_cache,
+                                     rows)
         if isinstance(hidden, Pending):  # after an fp8 layer, in a model with bf16 layers too
             hidden = hidden.value(residual.dtype)
         fi = fused_kernels(hidden)
         if fi is not None:
             return self._forward_fused(fi, layer, hidden, residual, positions, rope, plan,
-                                       kv_cache)
+                                       kv_cache, rows)
         a = self.arch
         t = hidden.shape[0]
         residual = hidden if residual is None else residual + hidden  # [T, H]: layer input
@@ -128,13 +135,17 @@ class DecoderLayer(nn.Module):
         q, k = rope(positions, q.view(t, a.num_heads, a.head_dim),
                     k.view(t, a.num_kv_heads, a.head_dim))
         attn = plan.forward(layer, q, k, v.view(t, a.num_kv_heads, a.head_dim), kv_cache)
-        residual = residual + self.o_proj(attn.reshape(t, a.q_size))  # [T, H]
+        attn = attn.reshape(t, a.q_size)  # [T, q_size]
+        if rows is not None:
+            attn, residual = attn[rows], residual[rows]  # [R, q_size], [R, H]
+        residual = residual + self.o_proj(attn)  # [R, H]
         gate, up = self.gate_up_proj(self.post_attn_norm(residual)).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up), residual
 
     def _forward_fused(self, fi, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
                        positions: torch.Tensor, rope: RotaryEmbedding, plan: AttentionPlan,
-                       kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       kv_cache: torch.Tensor, rows: torch.Tensor | None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same layer in fused GPU kernels: two norm kernels, each also doing an add."""
         a = self.arch
         t = hidden.shape[0]
@@ -148,7 +159,10 @@ class DecoderLayer(nn.Module):
         q, k, v = (y.view(t, -1, a.head_dim)
                    for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
         q, k = _rope_fused(fi, rope, positions, q, k)
-        h = gemv.linear(self.o_proj, plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size))
+        attn = plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size)
+        if rows is not None:  # copies: the in-place adds below then leave the [T] tensors be
+            attn, residual = attn[rows], residual[rows]
+        h = gemv.linear(self.o_proj, attn)  # [R, H]
         # residual += attention; h = post_attn_norm(residual)
         fi.norm.fused_add_rmsnorm(h, residual, self.post_attn_norm.weight,
                                   self.post_attn_norm.eps)
@@ -157,8 +171,8 @@ class DecoderLayer(nn.Module):
 
     def _forward_fp8(self, layer: int, hidden: torch.Tensor | Pending,
                      residual: torch.Tensor | None, positions: torch.Tensor,
-                     rope: RotaryEmbedding, plan: AttentionPlan,
-                     kv_cache: torch.Tensor) -> tuple[Pending, torch.Tensor]:
+                     rope: RotaryEmbedding, plan: AttentionPlan, kv_cache: torch.Tensor,
+                     rows: torch.Tensor | None) -> tuple[Pending, torch.Tensor]:
         """The layer with fp8 projections, each GEMM's scales and the next GEMM's input
         quantization fused into the kernel between them (engine/fp8_fusion.py)."""
         a, t = self.arch, positions.shape[0]
@@ -173,6 +187,8 @@ class DecoderLayer(nn.Module):
         fi = fused_kernels(qkv)
         q, k = rope(positions, q, k) if fi is None else _rope_fused(fi, rope, positions, q, k)
         attn = plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size)
+        if rows is not None:
+            attn, residual = attn[rows], residual[rows]
         # residual += o_proj(attn); xq = quantize(post_attn_norm(residual))
         xq, s, residual = fp8_fusion.add_rmsnorm_quantize(
             fp8_fusion.project(o_p, *o_p.quantize_input(attn)), residual, self.post_attn_norm,
@@ -197,17 +213,25 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], plan: AttentionPlan,
-                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, H] (normed).
+                on_layer: Callable[[int], None] | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [R, H] (normed) of `rows` (indices
+        into T, in their order; all T rows if None).
 
         `plan` is this step's attention plan (`AttentionBackend.plan`), run once per layer.
-        `on_layer(i)` runs after layer i (its KV is in kv_caches[i] by then).
+        `on_layer(i)` runs after layer i (its KV is in kv_caches[i] by then). Every layer writes
+        the K/V of all T tokens; only the last one's output projection and MLP are cut to
+        `rows`: a prefill chunk samples from its last token alone, and that layer's work on
+        the other tokens is read by nothing (1 / num_layers of a prompt's MLP).
         """
         hidden = self.embed_tokens(input_ids)  # [T, H]
+        if rows is not None and not self.layers:
+            hidden = hidden[rows]
         residual = None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(i, hidden, residual, positions, self.rope, plan,
-                                     kv_caches[i])
+                                     kv_caches[i], rows if i == last else None)
             if on_layer is not None:
                 on_layer(i)
         return self.final_norm(hidden, residual)

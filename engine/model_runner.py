@@ -132,6 +132,14 @@ class ModelRunner:
                               self.pool.page_size, self.device, cascade)
         ids = self._input_ids(reqs, num_new)
         self._fence_plan()
+        # Only a request whose step reaches its last token samples one.
+        sampling = [i for i in range(len(reqs)) if batch.samples[order[i]]]
+        last = [meta.qo_indptr_host[i + 1] - 1 for i in sampling]  # their rows
+        # Only the sampled rows need the last layer's output (a prefill chunk's last token),
+        # unless prompt logprobs read every row's logits. A step whose rows all sample (decode)
+        # or none (a chunk mid-prompt: no kernels of zero rows) keeps every row.
+        cut = (0 < len(last) < meta.num_tokens
+               and not any(r.num_prompt_logprobs_missing for r in reqs))
         graph_logits = hidden = None
         exporter = None
         if self.graphs is not None and self.graphs.can_run(meta):
@@ -141,18 +149,18 @@ class ModelRunner:
             plan = self.backend.plan(meta)
             self._mark_planned()
             exporter = LayerExporter.for_step(reqs, num_new, self.pool, self.device)
+            # Index tensors go through pinned memory: a plain copy would make the host wait for
+            # the forward pass before it could prepare the sampling.
             hidden = self.model(ids, meta.positions, self.pool.layers, plan,
-                                exporter.on_layer if exporter else None)  # [T, H]
-        # Only a request whose step reaches its last token samples one.
-        sampling = [i for i in range(len(reqs)) if batch.samples[order[i]]]
+                                exporter.on_layer if exporter else None,
+                                self._index(last) if cut else None)  # [S if cut else T, H]
         pending = None
         self._sampled = None
         if sampling:
-            # Index tensors go through pinned memory: a plain copy would make the host wait for
-            # the forward pass before it could prepare the sampling.
             if graph_logits is None:
-                last = [meta.qo_indptr_host[i + 1] - 1 for i in sampling]
-                logits = self.model.logits(hidden[self._index(last)])  # [S, vocab]
+                # [S, H]: as the forward left them when cut, or every row's (a decode step)
+                sampled = hidden if len(last) == hidden.shape[0] else hidden[self._index(last)]
+                logits = self.model.logits(sampled)  # [S, vocab]
             elif len(sampling) == len(reqs):
                 logits = graph_logits
             else:

@@ -72,3 +72,26 @@ def test_fused_kernels_are_as_close_to_float32_as_the_plain_bf16_path(monkeypatc
         err_fused, err_plain = _rel(f, r), _rel(p, r)
         assert err_plain < 3e-2  # bf16 rounding (6e-3 measured for this model on the CPU)
         assert err_fused <= 2 * err_plain + 1e-3, (err_fused, err_plain)
+
+
+def test_the_fused_last_layer_cut_to_the_sampling_rows_gives_their_full_forward_rows():
+    """FlashInfer's add+RMSNorm kernels write the residual in place: the cut layer must work
+    on copies of its rows, leave K/V as the full forward writes them, and give those rows'
+    hidden states (tests/test_last_layer_rows.py checks the plain and fp8 paths on the CPU)."""
+    torch.manual_seed(0)
+    model = CausalLM(ARCH, max_positions=256).to(DEV, torch.bfloat16)
+    assert model_module.fused_kernels(torch.empty(1, device=DEV, dtype=torch.bfloat16))
+    backend = TorchBackend(num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                           device=DEV, page_size=PS)
+    meta = build_metadata([[3, 1], [6]], [0, 0], [20, 13], PS, DEV)
+    ids = torch.randint(0, ARCH.vocab_size, (meta.num_tokens,), device=DEV)
+    rows = torch.tensor([19, 32], device=DEV)  # each prompt's last token
+    pools = [KVPool(ARCH, num_pages=8, page_size=PS, dtype=torch.bfloat16, device=DEV)
+             for _ in range(2)]
+    with torch.inference_mode():
+        full = model(ids, meta.positions, pools[0].layers, backend.plan(meta))
+        cut = model(ids, meta.positions, pools[1].layers, backend.plan(meta), rows=rows)
+    assert cut.shape == (2, ARCH.hidden_size)
+    assert _rel(cut.float(), full[rows].float()) < 1e-2  # bf16 GEMMs of 2 rows against 33
+    for a, b in zip(pools[0].layers, pools[1].layers, strict=True):
+        assert torch.equal(a, b)
