@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from bench.soak import parse_metrics
 from tests.hf_reference import hf_greedy
 
 MAX = 16
@@ -176,17 +177,18 @@ def _colocated_metric(cluster, name: str) -> list[float]:
 
 
 def test_shared_prefix_moves_fewer_kv_bytes(cluster):
-    import time
-
-    def sent() -> float:
+    def sent() -> dict[str, float]:
+        """Bytes each decode replica has received. Per replica, because a replica killed by an
+        earlier test (tests/e2e/test_kill.py) leaves /metrics at some point of this test: its
+        bytes must not count as a change of the others'."""
         text = httpx.get(f"{cluster['base']}/metrics", timeout=30).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("pdserve_kv_transfer_bytes_total{")
-                   and 'role="decode"' in line)
+        return {replica: value for (role, replica), value in
+                parse_metrics(text, "pdserve_kv_transfer_bytes_total").items()
+                if role == "decode"}
 
-    def settled() -> float:
+    def settled() -> dict[str, float]:
         """The bytes once every finished request is published: replicas publish every 0.5 s,
-        so a value unchanged over 1.5 s (three publishing periods of an idle cluster) is final.
+        so values unchanged over 1.5 s (three publishing periods of an idle cluster) are final.
         The 60 s deadline is a hang guard only."""
         deadline = time.monotonic() + 60
         prev = sent()
@@ -198,12 +200,17 @@ def test_shared_prefix_moves_fewer_kv_bytes(cluster):
             prev = now
         raise AssertionError("the decode replicas' metrics never settled")
 
+    def moved(before: dict[str, float], after: dict[str, float]) -> float:
+        """Bytes received between two snapshots by the replicas live at the second (a replica
+        new since the first counts from 0)."""
+        return sum(v - before.get(replica, 0.0) for replica, v in after.items())
+
     shared = _prompt(7, 256)
-    before = settled()
+    start = settled()
     _complete(cluster["base"], shared + [11, 12, 13])
-    first = settled() - before
+    mid = settled()
     _complete(cluster["base"], shared + [21, 22])
-    second = settled() - before - first
+    first, second = moved(start, mid), moved(mid, settled())
     assert first > 0 and 0 < second < first / 10  # 16 shared pages stay; 1 page moves
 
 
