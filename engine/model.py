@@ -160,7 +160,7 @@ class DecoderLayer(nn.Module):
                    for y in qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1))
         q, k = _rope_fused(fi, rope, positions, q, k)
         attn = plan.forward(layer, q, k, v, kv_cache).reshape(t, a.q_size)
-        if rows is not None:  # copies: the in-place adds below then leave the [T] tensors be
+        if rows is not None:  # indexing copies: the in-place add below writes the copy
             attn, residual = attn[rows], residual[rows]
         h = gemv.linear(self.o_proj, attn)  # [R, H]
         # residual += attention; h = post_attn_norm(residual)
@@ -222,7 +222,8 @@ class CausalLM(nn.Module):
         `on_layer(i)` runs after layer i (its KV is in kv_caches[i] by then). Every layer writes
         the K/V of all T tokens; only the last one's output projection and MLP are cut to
         `rows`: a prefill chunk samples from its last token alone, and that layer's work on
-        the other tokens is read by nothing (1 / num_layers of a prompt's MLP).
+        the other tokens is read by nothing (1 / num_layers of a prompt's projections after
+        attention and MLPs).
         """
         hidden = self.embed_tokens(input_ids)  # [T, H]
         if rows is not None and not self.layers:
