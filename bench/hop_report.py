@@ -1,7 +1,7 @@
 """Reads the hop logs of a serving run (engine/hop_log.py) and prints, per wave, when the wave's
 requests passed each hop and how long each hop took.
 
-    python -m bench.hop_report DIR --client SERVE.json [--concurrency N]
+    python -m bench.hop_report DIR --client SERVE.json [--concurrency N] [--span FROM TO ...]
 
 DIR holds every process's `hops-<pid>.jsonl` (a run with PDSERVE_HOP_LOG=DIR). `SERVE.json` is
 `bench.serve`'s output of the run: its `start_unix` is time 0, and only requests that reached
@@ -16,6 +16,10 @@ ingress replica's app, logged under its X-Request-Id, before the route names the
 request) go with the k-th request to reach `ingress.call`. A prefill call that a decode
 replica made again (`<id>-again`, decode/worker.py) counts as its request's: its hops replace
 those of the call it replaced.
+
+`--span FROM TO` (repeatable) adds, per wave, the median over requests of the time from hop
+FROM to hop TO: the way between two hops that are not neighbours in the table (whose `hop p50`
+rows each end at their own row), or that two runs order differently.
 """
 
 from __future__ import annotations
@@ -63,8 +67,14 @@ def wave_table(wave: list[Hops], t0: float) -> list[tuple[str, list[float], floa
     return rows
 
 
+def span_ms(wave: list[Hops], src: str, dst: str) -> tuple[float, int] | None:
+    """(median ms from hop `src` to hop `dst`, requests that passed both), None if none did."""
+    times = [1e3 * (p[dst] - p[src]) for p in wave if src in p and dst in p]
+    return (percentile(times, 50), len(times)) if times else None
+
+
 def report(reqs: dict[str, Hops], start_unix: float, duration_s: float, sends_s: list[float],
-           concurrency: int) -> list[str]:
+           concurrency: int, spans: list[tuple[str, str]] = ()) -> list[str]:
     def in_run(t: float) -> bool:
         return start_unix <= t <= start_unix + duration_s
 
@@ -82,6 +92,11 @@ def report(reqs: dict[str, Hops], start_unix: float, duration_s: float, sends_s:
         for name, qs, step in wave_table(wave, start_unix):
             cell = "" if step is None else f"{step:8.1f} ms"
             lines.append(f"  {name:<22} " + " ".join(f"{q:7.3f}" for q in qs) + f"   {cell}")
+        for src, dst in spans:
+            got = span_ms(wave, src, dst)
+            lines.append(f"  span {src} -> {dst}: " + (
+                "no request passed both" if got is None
+                else f"p50 {got[0]:.1f} ms ({got[1]} requests)"))
     return lines
 
 
@@ -90,12 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("hop_dir", type=Path)
     ap.add_argument("--client", type=Path, required=True, help="bench.serve's JSON of the run")
     ap.add_argument("--concurrency", type=int, help="default: the run's own")
+    ap.add_argument("--span", nargs=2, action="append", default=[], metavar=("FROM", "TO"),
+                    help="also print each wave's median time from hop FROM to hop TO")
     args = ap.parse_args(argv)
     client = json.loads(args.client.read_text())["runs"][0]
     n = args.concurrency or client.get("concurrency") or len(client["requests"])
     sends = [r["send_s"] for r in client["requests"]]
     print("\n".join(report(read_hops(args.hop_dir), client["start_unix"], client["duration_s"],
-                            sends, n)))
+                            sends, n, [tuple(s) for s in args.span])))
 
 
 if __name__ == "__main__":

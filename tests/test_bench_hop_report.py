@@ -60,3 +60,19 @@ def test_a_prefill_call_made_again_counts_as_its_requests(tmp_path):
     assert hop_report.read_hops(tmp_path) == {"a": {
         "ingress.call": T0 + 0.020, "decode.recv": T0 + 0.025,
         "decode.prefill_call": T0 + 0.040, "prefill.recv": T0 + 0.045}}
+
+
+def test_a_span_is_each_waves_median_from_one_hop_to_another(tmp_path, capsys):
+    _write(tmp_path / "hops-1.jsonl", [
+        (0.010, "a", "ingress.call"), (0.020, "a", "decode.recv"), (0.050, "a", "prefill.recv"),
+        (0.012, "b", "ingress.call"), (0.022, "b", "decode.recv"), (0.032, "b", "prefill.recv"),
+        (0.014, "c", "ingress.call"), (0.024, "c", "decode.recv")])  # c: no prefill.recv
+    client = tmp_path / "serve.json"
+    client.write_text(json.dumps({"runs": [{
+        "start_unix": T0, "duration_s": 1.0, "concurrency": 3,
+        "requests": [{"send_s": s} for s in (0.0, 0.001, 0.002)]}]}))
+    hop_report.main([str(tmp_path), "--client", str(client),
+                     "--span", "decode.recv", "prefill.recv", "--span", "x", "decode.recv"])
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "  span decode.recv -> prefill.recv: p50 20.0 ms (2 requests)",
+        "  span x -> decode.recv: no request passed both"]
