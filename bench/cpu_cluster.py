@@ -15,22 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from bench import engine_alone
 from bench import serve as bench_serve
 from bench.launcher import ServerProcess, expand
-from bench.soak import role_total
+from bench.soak import role_totals
 
 
 def kv_bytes(base: str) -> tuple[float, float, float]:
     """(KV bytes received by decode replicas, requests they served, and of those the ones they
     prefilled themselves: `decode.local_prefill_max_tokens`) from /metrics."""
-    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    return tuple(role_total(text, name, "decode") for name in (
-        "pdserve_kv_transfer_bytes_total", "pdserve_requests_total",
-        "pdserve_local_prefills_total"))
+    return role_totals(base, "decode", ("pdserve_kv_transfer_bytes_total",
+                                        "pdserve_requests_total", "pdserve_local_prefills_total"))
 
 
 def main(argv: list[str] | None = None) -> None:

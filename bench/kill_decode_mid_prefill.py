@@ -30,13 +30,12 @@ import threading
 import time
 import urllib.request
 
-from bench.soak import role_total
+from bench.soak import role_totals
 
 
-def prefill_counts(url: str) -> tuple[float, float]:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    return (role_total(text, "pdserve_prompt_tokens_total", "prefill"),
-            role_total(text, "pdserve_requests_total", "prefill"))
+def prefill_counts(url: str) -> tuple[float, ...]:
+    """(prompt tokens, requests) counted by the prefill replicas."""
+    return role_totals(url, "prefill", ("pdserve_prompt_tokens_total", "pdserve_requests_total"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,9 @@ import json
 import random
 import sys
 import time
+import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -50,9 +52,11 @@ def parse_metrics(text: str, name: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def role_total(text: str, name: str, role: str) -> float:
-    """One metric summed over the replicas of `role`, from Prometheus text."""
-    return sum(v for (r, _), v in parse_metrics(text, name).items() if r == role)
+def role_totals(base_url: str, role: str, names: Sequence[str]) -> tuple[float, ...]:
+    """Each metric of `names` summed over the replicas of `role`, from the server's /metrics."""
+    text = urllib.request.urlopen(f"{base_url}/metrics", timeout=10).read().decode()
+    return tuple(sum(v for (r, _), v in parse_metrics(text, name).items() if r == role)
+                 for name in names)
 
 
 async def replicas_state(http: httpx.AsyncClient) -> dict[str, dict]:
