@@ -135,11 +135,11 @@ class ModelRunner:
         # Only a request whose step reaches its last token samples one.
         sampling = [i for i in range(len(reqs)) if batch.samples[order[i]]]
         last = [meta.qo_indptr_host[i + 1] - 1 for i in sampling]  # their rows
+        want_prompt_lps = any(r.num_prompt_logprobs_missing for r in reqs)
         # Only the sampled rows need the last layer's output (a prefill chunk's last token),
         # unless prompt logprobs read every row's logits. A step whose rows all sample (decode)
         # or none (a chunk mid-prompt: no kernels of zero rows) keeps every row.
-        cut = (0 < len(last) < meta.num_tokens
-               and not any(r.num_prompt_logprobs_missing for r in reqs))
+        cut = 0 < len(last) < meta.num_tokens and not want_prompt_lps
         graph_logits = hidden = None
         exporter = None
         if self.graphs is not None and self.graphs.can_run(meta):
@@ -168,7 +168,7 @@ class ModelRunner:
             pending = self.sampler.sample_async(logits, [reqs[i] for i in sampling])
             self._sampled = ({reqs[i]: j for j, i in enumerate(sampling)}, pending.token_ids)
         prompt_lps = {}
-        if any(r.num_prompt_logprobs_missing for r in reqs):
+        if want_prompt_lps:
             def step_logits(rows: torch.Tensor) -> torch.Tensor:
                 # graph rows are the requests' (one token each), so row i is request i's
                 if graph_logits is not None:
