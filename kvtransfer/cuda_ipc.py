@@ -5,8 +5,11 @@ it, all in a worker thread on a stream of its own, before `receive` returns.
 Lifetime: the export is torch's (`_share_cuda_`, as `torch.multiprocessing` shares a CUDA
 tensor): torch keeps the sender's block until the receiver releases the reference counter that
 came with the handle, and frees it on a later `torch.cuda.ipc_collect()`, which `send` calls.
-The receiver releases it once its copy is done. Both replicas must see the same GPU (e.g.
-`num_gpus: 0.5` each on one device); across GPUs or nodes use the `ray` transport.
+The receiver releases it once its copy is done. For a receiver that never does (it died
+holding the handle) the sender drops the reference itself once `timeout_s` has passed
+(kvtransfer/ipc_exports.py), and a receiver refuses a handle past its `accept_by` with
+KVTransferLost, so no copy reads a block that the sender may free. Both replicas must see the
+same GPU (e.g. `num_gpus: 0.5` each on one device); across GPUs or nodes use the `ray` transport.
 
 The receive does not go through torch's unpickling of the tensor: torch unmaps in the tensor's
 destructor holding the GIL, and an unmap waits for the GPU (`kvtransfer/cuda_runtime.py` says
@@ -34,6 +37,7 @@ import asyncio
 import dataclasses
 import pickle
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -44,8 +48,9 @@ import torch
 
 from engine.page_import import PageImport
 from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, PROCESS_MAPPINGS, CudaRuntime, cuda_runtime
+from kvtransfer.ipc_exports import IpcExports, refused
 from kvtransfer.payload import KVPayload
-from kvtransfer.transport import KVTransport
+from kvtransfer.transport import KVTransferLost, KVTransport
 
 T = TypeVar("T")
 
@@ -59,18 +64,21 @@ class IpcPages:
     nbytes: int
     ref_counter: tuple[bytes, int]  # torch's (file, offset) counting the receiver's reference
     event: bytes | None  # cudaIpcEventHandle_t recorded after the pages were written, if needed
+    accept_by: float  # time.monotonic() after which a receiver refuses it (ipc_exports.py)
 
 
-def export_pages(data: torch.Tensor) -> IpcPages:
+def export_pages(data: torch.Tensor, exports: IpcExports) -> IpcPages:
     """(Sender.) Share a contiguous CUDA tensor's bytes; each call hands out one reference,
-    which the receiver must release."""
+    which the receiver must release (or `exports` does, at its time)."""
     if not data.is_contiguous():
         raise ValueError("cuda_ipc transport exports contiguous tensors only")
     (device, shareable, _size, storage_offset, ref_file, ref_offset, event, event_sync
      ) = data.untyped_storage()._share_cuda_()
+    accept_by = exports.add((ref_file, ref_offset), device)
     return IpcPages(device, cuda_malloc_handle(shareable),
                     storage_offset + data.storage_offset() * data.element_size(),
-                    data.nbytes, (ref_file, ref_offset), event if event_sync else None)
+                    data.nbytes, (ref_file, ref_offset), event if event_sync else None,
+                    accept_by)
 
 
 def cuda_malloc_handle(shareable: bytes) -> bytes:
@@ -86,8 +94,9 @@ def cuda_malloc_handle(shareable: bytes) -> bytes:
 class CudaIpcTransport(KVTransport):
 
     def __init__(self, timeout_s: float = 600.0, max_concurrent: int = 4,
-                 max_writers: int = 64) -> None:
+                 max_writers: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(timeout_s)
+        self.exports = IpcExports(timeout_s, clock=clock)  # what this process shared
         self.max_concurrent = max_concurrent
         # receive_into's threads: each blocks (without the GIL) until its copy is done
         self._writers = ThreadPoolExecutor(max_writers, thread_name_prefix="cuda-ipc-into")
@@ -99,9 +108,10 @@ class CudaIpcTransport(KVTransport):
     def send(self, payload: KVPayload) -> object:
         if not (isinstance(payload.data, torch.Tensor) and payload.data.is_cuda):
             raise ValueError("cuda_ipc transport needs the KV pages on a CUDA device")
-        torch.cuda.ipc_collect()  # free blocks that earlier receivers have released
+        self.exports.expire()  # release for receivers that never did, after timeout_s
+        torch.cuda.ipc_collect()  # free blocks whose receivers are done with them
         # No pages (nothing to share: CUDA has no handle for an empty block): the header says all.
-        pages = export_pages(payload.data) if payload.data.numel() else None
+        pages = export_pages(payload.data, self.exports) if payload.data.numel() else None
         return pickle.dumps((payload.header(), pages), protocol=pickle.HIGHEST_PROTOCOL)
 
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
@@ -130,7 +140,7 @@ class CudaIpcTransport(KVTransport):
     def take(self, handle: bytes, want: torch.device) -> KVPayload:
         """(A worker thread; blocks, without the GIL while CUDA works.) Copy the sender's pages
         into a new tensor on `want`."""
-        header, pages = pickle.loads(handle)
+        header, pages = self._accept(handle)
         meta = header.data
         if pages is None:
             return dataclasses.replace(header, data=torch.empty(meta.shape, dtype=meta.dtype,
@@ -149,7 +159,7 @@ class CudaIpcTransport(KVTransport):
         """(A worker thread; blocks, without the GIL while CUDA works.) Copy the sender's pages
         into the pool pages of `target` once the engine's stream has passed their reservation.
         Returns the payload's header."""
-        header, pages = pickle.loads(handle)
+        header, pages = self._accept(handle)
         meta = header.data
         # Checked before any write: a payload larger than the reservation would overrun into
         # other requests' pages.
@@ -174,6 +184,17 @@ class CudaIpcTransport(KVTransport):
 
         self._copy_out(pages, target.device, copy, after=target.ready)  # the pages are in place
         return header
+
+    def _accept(self, handle: bytes) -> tuple[KVPayload, IpcPages | None]:
+        """The handle's (header, pages); KVTransferLost, with nothing released, if it came after
+        its `accept_by`: its sender may free the pages while a copy runs, and releases them
+        itself."""
+        header, pages = pickle.loads(handle)
+        if pages is not None and refused(pages.accept_by, self.exports.clock):
+            late = self.exports.clock() - pages.accept_by
+            raise KVTransferLost(f"cuda_ipc transport: a handle {late:.1f} s past its accept_by "
+                                 f"(timeout_s {self.timeout_s:g}); its sender frees the pages")
+        return header, pages
 
     def _copy_out(self, pages: IpcPages, device: torch.device,
                   copy: Callable[[CudaRuntime, int, torch.cuda.Stream], T],

@@ -1,10 +1,12 @@
 """cuda_ipc transport: pages gathered in one process arrive intact in another (same GPU), the
-mapping is gone once `receive` returns, and the sender gets its block back."""
+mapping is gone once `receive` returns, and the sender gets its block back: from the receiver,
+or, when no receiver released it, from its own ledger once `timeout_s` has passed."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import time
 
 import pytest
 import torch
@@ -21,11 +23,18 @@ def _sender(queue, done) -> None:
     torch.cuda.synchronize()
     own = torch.cuda.memory_allocated()  # `pages` only
     payload = KVPayload.from_tensor(pages[:, 1:], 16, 1, [7, 8], "fp")  # a copy: sent
-    queue.put((CudaIpcTransport().send(payload), pages[:, 1:].float().sum().item()))
+    now = [time.monotonic()]  # the receiver's clock, until the end
+    transport = CudaIpcTransport(clock=lambda: now[0])
+    queue.put((transport.send(payload), pages[:, 1:].float().sum().item()))
     del payload  # torch holds the sent block until the receiver releases it
     done.wait(60)  # the receiver's copy is done
     torch.cuda.ipc_collect()
-    queue.put((own, torch.cuda.memory_allocated()))
+    released = torch.cuda.memory_allocated()
+    # Past timeout_s the sender drops the reference itself, not knowing the receiver did: a
+    # second release of a freed block's counter must change nothing.
+    now[0] += transport.timeout_s
+    transport.send(KVPayload.from_tensor(pages[:, :0], 16, 0, [], "fp"))
+    queue.put((own, released, torch.cuda.memory_allocated(), len(transport.exports)))
 
 
 def test_pages_cross_processes_on_device():
@@ -55,10 +64,41 @@ def test_pages_cross_processes_on_device():
         del data, payload
     finally:
         done.set()
-    own, after = queue.get(timeout=60)
+    own, after, after_expiry, held = queue.get(timeout=60)
     proc.join(60)
     assert proc.exitcode == 0
     assert after == own  # the receiver released torch's reference: the sent block is free
+    assert after_expiry == own and held == 0
+
+
+def test_the_sender_frees_pages_whose_receiver_never_released_them():
+    """A decode replica that died holding a handle: the sender's first send after `timeout_s`
+    drops the reference, and torch frees the block; the handle is refused from `accept_by` on."""
+    from kvtransfer import KVTransferLost
+    from kvtransfer.cuda_ipc import CudaIpcTransport
+    from kvtransfer.payload import KVPayload
+
+    now = [1000.0]
+    transport = CudaIpcTransport(timeout_s=10.0, clock=lambda: now[0])
+    torch.cuda.synchronize()
+    torch.cuda.ipc_collect()
+    base = torch.cuda.memory_allocated()
+    data = torch.randn(2, 4, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    nbytes = data.nbytes
+    handle = transport.send(KVPayload.from_tensor(data, 16, 0, [], "fp"))
+    del data
+    empty = KVPayload.from_tensor(torch.empty(2, 0, 2, 16, 8, 128, device="cuda",
+                                              dtype=torch.bfloat16), 16, 0, [], "fp")
+    now[0] = 1009.5
+    transport.send(empty)  # expires nothing yet
+    assert torch.cuda.memory_allocated() - base == nbytes  # held for its receiver
+    assert len(transport.exports) == 1
+    with pytest.raises(KVTransferLost, match="past its accept_by"):
+        asyncio.run(transport.receive(handle, "cuda"))  # accept_by was 1009.0
+    now[0] = 1010.0
+    transport.send(empty)
+    assert torch.cuda.memory_allocated() == base
+    assert len(transport.exports) == 0
 
 
 def test_a_payload_without_pages_needs_no_handle():
