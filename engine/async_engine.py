@@ -125,6 +125,11 @@ class AsyncEngine:
         return self.engine.device
 
     @property
+    def export_stream(self):
+        """The CUDA stream that exported KV is made on (None off CUDA): LLMEngine._export."""
+        return self.engine.export_stream
+
+    @property
     def kv_layout(self) -> tuple[object, int]:
         """(torch dtype, page size) of the KV pool: what a transferred payload must match."""
         return self.engine.pool.dtype, self.engine.cfg.page_size

@@ -14,9 +14,11 @@ API detokenizes (api/detokenizing_client.py), off the step loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -86,6 +88,11 @@ class Engine:
         self.overlap = (engine_cfg.overlap_scheduling == "on"
                         or engine_cfg.overlap_scheduling == "auto" and self.device.type == "cuda")
         self._in_flight: tuple[ScheduledBatch, LaunchedStep] | None = None
+        # A prompt's KV is read out for export on a stream of its own (`_export`): on the
+        # engine's stream the copy would queue behind the step launched meanwhile (overlapped
+        # scheduling), and the KV would leave a whole step late (~0.4 s for a prefill step of
+        # 16K tokens on one H200: docs/benchmarks.md, "The exported KV a step late").
+        self.export_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         backend.warmup()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -302,14 +309,37 @@ class Engine:
             if isinstance(stream, LayerwiseExport) and stream.layers_ready == len(self.pool.layers):
                 data = stream.data  # copied layer by layer during the last prompt step
             else:
-                data = self.pool.read_pages(req.block_table[req.kv_export_from:n_pages])
-                if isinstance(stream, LayerwiseExport):  # that step ran without the layer hook
-                    stream.fill(data)
+                with self._on_export_stream():
+                    data = self.pool.read_pages(req.block_table[req.kv_export_from:n_pages])
+                    if isinstance(stream, LayerwiseExport):  # that step ran without the hook
+                        stream.fill(data)
+                if self.export_stream is not None:  # not reused before the engine's reads
+                    data.record_stream(torch.cuda.current_stream(self.device))
             n_full = req.num_prompt_tokens // ps
             hashes = block_hashes(req.prompt_token_ids, ps, req.block_hashes[:n_full])
         finally:
             self.scheduler.release(req)
         return KVExport(data, req.kv_export_from, hashes)
+
+    @contextlib.contextmanager
+    def _on_export_stream(self) -> Iterator[None]:
+        """Work queued inside runs on `export_stream` (CUDA; elsewhere it runs as is).
+
+        It waits for nothing: the export is made once the step that ended the prompt has
+        returned its sampled tokens, so that step's kernels are done, and the step launched
+        since was planned while the pages were still the request's, so no other request's rows
+        write them. The engine's stream then waits for the copy before any later step, which
+        may be given the pages once `_export` releases them. Reads of the export on the
+        engine's stream are ordered after the copy by that wait, and the block is not reused
+        before they end (`record_stream`). A transport's `send` runs with `export_stream`
+        current (prefill/worker.py), so the KV leaves without waiting for the step in flight."""
+        if self.export_stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.export_stream):
+            yield
+        engine_stream = torch.cuda.current_stream(self.device)
+        engine_stream.wait_stream(self.export_stream)
 
     # -- state ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -51,12 +51,22 @@ class PrefillWorker:
         # The hand-off (for the object store: device-to-host copies) runs in a thread, so the
         # engine loop keeps stepping other requests meanwhile.
         start = time.perf_counter()
-        handle = await asyncio.to_thread(self.transport.send, payload)
+        handle = await asyncio.to_thread(self._send, payload)
         self.metrics.inc("pdserve_kv_transfer_send_seconds_total", time.perf_counter() - start)
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         self.metrics.inc("pdserve_kv_transfer_bytes_sent_total", payload.nbytes)
         hop(request_id, "prefill.done")
         return _result(last, handle)
+
+    def _send(self, payload: KVPayload) -> object:
+        """(A worker thread.) The transport's send, on the stream the pages were read out on,
+        as its contract wants: the engine's export stream on a GPU. On the engine's own stream
+        the KV would wait for the step launched since (engine/llm_engine.py, `_export`)."""
+        stream = self.engine.export_stream
+        if stream is None:
+            return self.transport.send(payload)
+        with torch.cuda.stream(stream):
+            return self.transport.send(payload)
 
     async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
                              request_id: str, first_block: int = 0,

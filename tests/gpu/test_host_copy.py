@@ -1,16 +1,20 @@
 """Page copies between two steps queue on the stream: the host does not wait for the step in
 flight (with overlapped scheduling one always is). Checked with the GPU held busy by a kernel
 of about a second: each call must return while that kernel still runs, and its copy must be
-right once the stream has drained."""
+right once the stream has drained. A prompt's exported KV does not wait for that step on the
+device either: it is read out on the engine's export stream."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from engine.config import EngineConfig, ModelConfig
 from engine.host_copy import index_tensor
 from engine.kv_pool import KVPool
+from engine.llm_engine import Engine
 from engine.model_arch import ModelArch
+from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -52,3 +56,36 @@ def test_page_copies_do_not_wait_for_the_gpu(dtype):
     as_f = torch.float32
     assert torch.equal(out.to(as_f), data[:, 1:].to(as_f))
     assert torch.equal(pool.kv[:, 5].to(as_f), data[:, 0].to(as_f))
+
+
+def test_an_export_does_not_wait_for_the_step_launched_after_its_prompt(tiny_llama, monkeypatch):
+    """Overlapped scheduling launches the next step before it collects the one that ended a
+    prompt, so a copy of the prompt's pages on the engine's stream would queue behind that step
+    (a whole prefill step, ~0.4 s at 16K tokens on one H200)."""
+    engine = Engine(ModelConfig(tiny_llama, device="cuda", dtype="float32"),
+                    EngineConfig(page_size=16, num_pages=64, overlap_scheduling="on",
+                                 attention_backend="torch"))
+    engine.add_request(list(range(10, 50)), SamplingParams(max_tokens=1, temperature=0.0),
+                       request_id="a", kv_export_from=0)
+    engine.add_request(list(range(60, 80)), SamplingParams(max_tokens=8, temperature=0.0,
+                                                           ignore_eos=True), request_id="b")
+    assert engine.step() == []  # both prompts launched, nothing collected yet
+    (req_a,) = [r for r in engine.scheduler.running if r.request_id == "a"]
+    pages = list(req_a.block_table)
+    assert len(pages) == 3
+
+    launch = engine.runner.launch
+
+    def launch_then_hold_the_gpu(batch):
+        launched = launch(batch)
+        _busy_gpu()  # the step in flight, made long
+        return launched
+
+    monkeypatch.setattr(engine.runner, "launch", launch_then_hold_the_gpu)
+    outputs = engine.step()  # launches b's decode step, then collects the prompts' step
+    (out_a,) = [o for o in outputs if o.request_id == "a"]
+    assert out_a.finished and out_a.kv is not None
+    engine.export_stream.synchronize()  # the export's own stream: the copy is done...
+    assert not torch.cuda.current_stream().query(), "the export waited for the step in flight"
+    torch.cuda.synchronize()
+    assert torch.equal(out_a.kv.data, engine.pool.read_pages(pages))  # ...and exact
