@@ -126,7 +126,7 @@ class AsyncEngine:
 
     @property
     def export_stream(self):
-        """The CUDA stream that exported KV is made on (None off CUDA): LLMEngine._export."""
+        """The CUDA stream that exported KV is read out on (None off CUDA): Engine._export."""
         return self.engine.export_stream
 
     @property
