@@ -333,13 +333,10 @@ class Engine:
         engine's stream are ordered after the copy by that wait, and the block is not reused
         before they end (`record_stream`). A transport's `send` runs with `export_stream`
         current (prefill/worker.py), so the KV leaves without waiting for the step in flight."""
-        if self.export_stream is None:
+        with torch.cuda.stream(self.export_stream):  # None: changes nothing
             yield
-            return
-        with torch.cuda.stream(self.export_stream):
-            yield
-        engine_stream = torch.cuda.current_stream(self.device)
-        engine_stream.wait_stream(self.export_stream)
+        if self.export_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.export_stream)
 
     # -- state ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:

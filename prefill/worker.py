@@ -61,11 +61,9 @@ class PrefillWorker:
     def _send(self, payload: KVPayload) -> object:
         """(A worker thread.) The transport's send, on the stream the pages were read out on,
         as its contract wants: the engine's export stream on a GPU. On the engine's own stream
-        the KV would wait for the step launched since (engine/llm_engine.py, `_export`)."""
-        stream = self.engine.export_stream
-        if stream is None:
-            return self.transport.send(payload)
-        with torch.cuda.stream(stream):
+        the KV would wait for the step launched since (engine/llm_engine.py, `_export`).
+        Off CUDA there is none, and `torch.cuda.stream(None)` changes nothing."""
+        with torch.cuda.stream(self.engine.export_stream):
             return self.transport.send(payload)
 
     async def prefill_stream(self, prompt_ids: list[int], params: SamplingParams,
