@@ -7,11 +7,8 @@
    the reservation starts at another block (pages evicted or cached meanwhile) or has to wait
    for free pages, that call is dropped (aborted; its KV, if it came, released) and made again
    once the reservation is there;
-3. stream the first token as soon as the prefill replica answers (`first_output`), while the
-   pages are received through the transport, checked and placed into the reserved pages (the
-   transport writes them there itself where it can: `KVTransport.receive_into`). The client's
-   first token waits for the prefill only, not for the transfer too; a first token that ends
-   the request (EOS, a stop, `max_tokens` 1) is its last output, and the KV is thrown away;
+3. receive the pages through the transport, check them, place them into the reserved pages (the
+   transport writes them there itself where it can: `KVTransport.receive_into`);
 4. join the running batch between two steps and stream every token until the request ends.
 No Ray here: `prefill` is any `Prefiller` (serving/pd_protocol.py).
 
@@ -25,8 +22,6 @@ charges to the prefill replicas (cluster/slo_autoscaler.py).
 
 Steps 2-3 are retried, at most `prefill_retries` times, when `retriable(error)` says the
 prefill replica (or the KV it owned) was lost: the next call goes to another prefill replica.
-The first answer's token stands: a retry's answer brings only the KV (the prompt's KV does not
-depend on the token sampled from it).
 The receive is bounded by `timeout_s`; the prefill client bounds its own call.
 """
 
@@ -35,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from decode.prefill_calls import PrefillCall, PrefillCalls
 from engine.async_engine import AsyncEngine, OutputSink
@@ -73,22 +66,6 @@ class FirstOutputTimer:
 
     def flush(self) -> None:
         self.sink.flush()
-
-
-@dataclass
-class _Imported:
-    """What `DecodeWorker._import` leaves: the request's first output (None if the request
-    was aborted first) and the KV, received (None where the request needs no KV: it ended at
-    its first token, or was aborted)."""
-
-    answered: bool = False  # first_output was called (with the first answer's token only)
-    first: RequestOutput | None = None
-    payload: KVPayload | None = None
-
-    @property
-    def goes_on(self) -> bool:
-        """The request runs on past its first output."""
-        return self.first is not None and not self.first.finished
 
 
 class DecodeWorker:
@@ -148,23 +125,12 @@ class DecodeWorker:
         finally:
             self.calls.reserved(early)
         hop(request_id, "decode.reserved")
-        got = _Imported()
         try:
             try:
-                async with aclosing(self._import(prompt_ids, params, request_id, rsv, sink, got,
-                                                 early)) as outputs:
-                    async for out in outputs:  # the first output, unless a sink takes it
-                        yield out
+                result, payload = await self._fetch(prompt_ids, params, request_id, rsv, early)
                 hop(request_id, "decode.kv_in")
             finally:  # an abort meanwhile (client gone) frees the pages from here on
                 self.engine.end_import(request_id)
-            payload, got.payload = got.payload, None
-            if got.first is not None:
-                self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
-            if payload is None:  # ended at its first token, or aborted: the KV was not needed
-                if got.first is not None:
-                    yield got.first  # finished: the last output, which a sink's caller gets too
-                return
             dtype, page_size = self.engine.kv_layout
             payload.check(dtype=dtype, page_size=page_size, first_block=rsv.first_block,
                           block_hashes=rsv.block_hashes, fingerprint=self.fingerprint,
@@ -174,9 +140,13 @@ class DecodeWorker:
             raise
         self.metrics.inc("pdserve_kv_transfer_bytes_total", payload.nbytes)
         self.metrics.inc("pdserve_kv_transfer_blocks_skipped_total", rsv.first_block)
+        self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         # A header (meta data): the transport already wrote the pages into the reservation.
         kv_data = None if payload.data.is_meta else payload.data
-        stream = self.engine.admit_prefilled(request_id, rsv.first_block, kv_data)
+        stream = self.engine.admit_prefilled(request_id, rsv.first_block, kv_data,
+                                             result.first_token, result.logprob,
+                                             result.num_cached_tokens, sink,
+                                             result.prompt_logprobs)
         del payload, kv_data  # the stream holds the pages only until they are in the pool
         async for out in stream:
             yield out
@@ -188,14 +158,12 @@ class DecodeWorker:
         limit = self.local_prefill_max_tokens
         return limit > 0 and len(prompt_ids) - cached <= limit
 
-    async def _import(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                      rsv: Reservation, sink: OutputSink | None, got: _Imported,
-                      early: PrefillCall | None = None) -> AsyncIterator[RequestOutput]:
+    async def _fetch(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                     rsv: Reservation, early: PrefillCall | None = None,
+                     ) -> tuple[PrefillResult, KVPayload]:
         """The first token and the missing KV blocks, from `early` where it asked for the
         reservation's blocks, else from a new call; from another prefill replica if one is
-        lost on the way. The first output goes out as soon as the first answer is here (yielded
-        where there is no sink and it is not the last), beside the KV's transfer; a retry's
-        answer only brings the KV. Leaves the first output and the KV in `got`."""
+        lost on the way."""
         if early is not None and early.first_block != rsv.first_block:
             self.calls.drop(early)
         # A dropped call may hold the request's id on its prefill replica a while yet (its
@@ -204,21 +172,23 @@ class DecodeWorker:
         for attempt in range(self.prefill_retries + 1):
             try:
                 if self.layerwise:
-                    one = self._import_layerwise(prompt_ids, params, request_id, rsv, sink, got)
+                    return await self._fetch_layerwise(prompt_ids, params, request_id,
+                                                       rsv)
+                if attempt == 0 and early is not None and not early.dropped:
+                    call = early
                 else:
-                    if attempt == 0 and early is not None and not early.dropped:
-                        call = early
-                    else:
-                        call = self.calls.start(self.prefill, prompt_ids, params, prefill_id,
-                                                rsv.first_block)
-                    one = self._import_answer(request_id, call, rsv, sink, got)
-                async with aclosing(one) as outputs:
-                    async for out in outputs:
-                        yield out
-                return
+                    call = self.calls.start(self.prefill, prompt_ids, params, prefill_id,
+                                            rsv.first_block)
+                result = await self.calls.result(call)
+                hop(request_id, "decode.prefill_done")
+                # The receive places the pages on this replica's device (or straight into the
+                # reserved pages: `receive_into`), off the engine loop; between two steps only
+                # their scatter into the reserved pages (if still needed) runs.
+                start = time.perf_counter()
+                payload = await self._receive(result.kv, rsv)
+                self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
+                return result, payload
             except Exception as e:
-                if got.answered and not got.goes_on:
-                    return  # ended at its first token (or aborted): its KV is not needed
                 if attempt == self.prefill_retries or not self.retriable(e):
                     raise
                 self.metrics.inc("pdserve_prefill_retries_total")
@@ -227,30 +197,9 @@ class DecodeWorker:
                 await asyncio.sleep(0.1 * 2**attempt)  # let Serve notice the dead replica
         raise AssertionError("unreachable")
 
-    async def _import_answer(self, request_id: str, call: PrefillCall, rsv: Reservation,
-                             sink: OutputSink | None, got: _Imported,
-                             ) -> AsyncIterator[RequestOutput]:
-        """One prefill call's answer: its KV is received (placed on this replica's device, or
-        straight into the reserved pages: `receive_into`, off the engine loop) while the first
-        output goes out."""
-        result = await self.calls.result(call)
-        hop(request_id, "decode.prefill_done")
-        start = time.perf_counter()
-        receive = asyncio.ensure_future(self._receive(result.kv, rsv))
-        try:
-            if (out := await self._first_output(request_id, result, sink, got)) is not None:
-                yield out
-            payload = await receive
-        except BaseException:
-            receive.cancel()
-            await asyncio.gather(receive, return_exceptions=True)
-            raise
-        self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
-        got.payload = payload if got.goes_on else None
-
-    async def _import_layerwise(self, prompt_ids: list[int], params: SamplingParams,
-                                request_id: str, rsv: Reservation, sink: OutputSink | None,
-                                got: _Imported) -> AsyncIterator[RequestOutput]:
+    async def _fetch_layerwise(self, prompt_ids: list[int], params: SamplingParams,
+                               request_id: str, rsv: Reservation,
+                               ) -> tuple[PrefillResult, KVPayload]:
         """The KV handle comes before the prompt runs: its layers are received while the
         prefill replica computes them, then the first token comes."""
         hop(request_id, "decode.prefill_call")
@@ -265,8 +214,6 @@ class DecodeWorker:
                 hop(request_id, "decode.prefill_done")
                 if not isinstance(result, PrefillResult):
                     raise TypeError(f"prefill stream sent {type(result).__name__} second")
-                if (out := await self._first_output(request_id, result, sink, got)) is not None:
-                    yield out
                 payload = await receive
             except BaseException:
                 receive.cancel()
@@ -276,19 +223,7 @@ class DecodeWorker:
             await stream.aclose()
         # from the handle to the last layer: overlaps the prefill, so not a pure transfer time
         self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
-        got.payload = payload if got.goes_on else None
-
-    async def _first_output(self, request_id: str, result: PrefillResult,
-                            sink: OutputSink | None, got: _Imported) -> RequestOutput | None:
-        """At the first answer only: the request's first output (`AsyncEngine.first_output`),
-        returned where the caller yields it (no sink, and not the last)."""
-        if got.answered:
-            return None  # a retry's answer: its first token is not the one streamed
-        got.first = await self.engine.first_output(
-            request_id, result.first_token, result.logprob, result.num_cached_tokens,
-            result.prompt_logprobs, sink)
-        got.answered = True
-        return got.first if sink is None and got.goes_on else None
+        return result, payload
 
     async def _receive(self, handle: object, rsv: Reservation) -> KVPayload:
         if rsv.import_to is None:

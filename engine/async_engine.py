@@ -173,47 +173,25 @@ class AsyncEngine:
         any thread, queued behind the actions submitted before it."""
         self._submit(request_id, lambda: self.engine.end_import(request_id))
 
-    async def first_output(self, request_id: str, first_token: int, logprob=None,
-                           num_cached_tokens: int = 0, prompt_logprobs: list | None = None,
-                           sink: OutputSink | None = None) -> RequestOutput | None:
-        """Open a reserved request's stream with its first output (`Engine.first_output`),
-        which is returned, and handed to `sink` too if one is given (on the step thread, as
-        every output of that request). None if the request was aborted. Unless the output is
-        finished, `admit_prefilled` goes on with the stream once the KV is in."""
-        stream = self._open(request_id, sink)
-
-        def first() -> RequestOutput | None:
-            out = self.engine.first_output(request_id, first_token, logprob, num_cached_tokens,
-                                           prompt_logprobs)
-            if out is not None and stream.sink is not None:
-                stream.sink.put(out)
-                self._dirty[id(stream.sink)] = stream.sink  # flushed after this action
-            return out
-
-        try:
-            out = await self.call(first)
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
-        if out is None or out.finished:
-            self._streams.pop(request_id, None)
-        return out
-
-    async def admit_prefilled(self, request_id: str, first_block: int, kv_data,
+    async def admit_prefilled(self, request_id: str, first_block: int, kv_data, first_token: int,
+                              logprob=None, num_cached_tokens: int = 0,
+                              sink: OutputSink | None = None,
+                              prompt_logprobs: list | None = None,
                               ) -> AsyncIterator[RequestOutput]:
-        """The outputs after the first of a request that `first_output` opened, once its prompt
-        KV from `first_block` on is here (`Engine.admit_prefilled`); with the sink given there
-        they go to it, and this stream yields only the last one. Ends at once if the request
-        was aborted meanwhile."""
-        stream = self._streams.get(request_id)
-        if stream is None:  # aborted since its first output: nothing to admit
-            return
+        """Stream a reserved request whose prompt KV from `first_block` on arrived from a
+        prefill replica; the first output is the token prefill sampled. `sink` as in
+        `generate`."""
+        stream = self._open(request_id, sink)
 
         def admit() -> None:
             nonlocal kv_data
             try:
-                if not self.engine.admit_prefilled(request_id, first_block, kv_data):
-                    self._end_stream(request_id)  # aborted meanwhile: ends as aborted
+                out = self.engine.admit_prefilled(request_id, first_block, kv_data, first_token,
+                                                  logprob, num_cached_tokens, prompt_logprobs)
+                if out is not None:
+                    self._deliver(out)
+                else:  # aborted meanwhile: the stream ends as aborted
+                    self._end_stream(request_id)
             finally:
                 kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
 

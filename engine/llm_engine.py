@@ -187,61 +187,36 @@ class Engine:
         if self.importing.pop(request_id, False):
             self.abort(request_id)
 
-    def first_output(self, request_id: str, first_token: int, logprob=None,
-                     num_cached_tokens: int = 0, prompt_logprobs: list | None = None,
-                     ) -> RequestOutput | None:
-        """A reserved request's first output, from the token (and the prompt logprobs, if asked
-        for) that the prefill side computed, while its KV may still be on the way: the client's
-        first token need not wait for the transfer. Unless that token ends the request (EOS, a
-        stop, `max_tokens` 1), `admit_prefilled` follows once the KV is in; if it does, the
-        output is the last and the reservation is freed (at `end_import` if a transport may be
-        writing into it). None if the reservation is gone: the request was aborted meanwhile
-        (its client or its token mailbox went)."""
+    def admit_prefilled(self, request_id: str, first_block: int, data, first_token: int,
+                        logprob=None, num_cached_tokens: int = 0,
+                        prompt_logprobs: list | None = None) -> RequestOutput | None:
+        """Write the transferred pages (blocks >= first_block) into the reservation (unless `data`
+        is None: a transport wrote them through the reservation's `import_to`), then join
+        the running batch with the first token (and the prompt logprobs, if asked for) that the
+        prefill side computed. On any error the reservation is freed. None if the reservation is
+        gone: the request was aborted while its KV was on the way (its client or its token
+        mailbox went)."""
         req = self.scheduler.reserved.get(request_id)
         if req is None:
             return None
         if req.params.prompt_logprobs is not None:
             if prompt_logprobs is None or len(prompt_logprobs) != req.num_prompt_tokens:
-                self.abort(request_id)
+                self.scheduler.abort(request_id)
                 raise ValueError(f"{request_id}: the prefill side sent no prompt logprobs")
             # Complete now, so a preemption's recompute here never computes them again.
             req.prompt_logprobs = list(prompt_logprobs)
-        req.num_cached_tokens = max(req.num_cached_tokens, num_cached_tokens)
-        reason = self.scheduler.first_token(req, first_token, logprob)
-        if reason:
-            self._finish(req, reason)
-        self._open_detokenizer(req)
-        hop(request_id, "engine.first_output")
-        return self._output(req)
-
-    def admit_prefilled(self, request_id: str, first_block: int, data) -> bool:
-        """Write the transferred pages (blocks >= first_block) into the reservation (unless `data`
-        is None: a transport wrote them through the reservation's `import_to`), then join the
-        running batch with the first token that `first_output` gave it. On any error the
-        reservation is freed. False if the reservation is gone (aborted, or ended by its first
-        token) or never had its `first_output`."""
-        req = self.scheduler.reserved.get(request_id)
-        if req is None or req.finished or not req.output_token_ids:
-            return False
         try:
             if data is not None:  # None: the transport wrote them (engine/page_import.py)
                 self.pool.write_pages(req.block_table[first_block:], data)
             self.scheduler.import_done(req, first_block)
         except BaseException:
-            self.abort(request_id)
+            self.scheduler.abort(request_id)
             raise
-        self.scheduler.admit(req)
+        req.num_cached_tokens = max(req.num_cached_tokens, num_cached_tokens)
+        self.scheduler.admit(req, first_token, logprob)
+        self._open_detokenizer(req)
         hop(request_id, "engine.admit")
-        return True
-
-    def _finish(self, req: Request, reason: str) -> None:
-        """End req by `reason` (stop, length). A reservation that a transport may still be
-        writing into keeps its pages until `end_import`."""
-        if req.request_id in self.importing:
-            req.finish_reason = req.finish_reason or reason
-            self.importing[req.request_id] = True
-        else:
-            self.scheduler.finish(req, reason)
+        return self._output(req)
 
     def abort(self, request_id: str) -> bool:
         self.detokenizers.pop(request_id, None)
@@ -305,7 +280,7 @@ class Engine:
         if detok is not None:
             text = detok.push([tok])
             if detok.finished_by_stop and not req.finished:
-                self._finish(req, "stop")
+                self.scheduler.finish(req, "stop")
             elif req.finished:
                 text += detok.flush()
         kv = None

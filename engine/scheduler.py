@@ -144,22 +144,16 @@ class Scheduler:
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.cache_blocks(req, first_block * self.page_size)
 
-    def first_token(self, req: Request, token: int, logprob=None) -> str | None:
-        """A reserved request takes the token its prefill sampled, before its KV is in; returns
-        the reason that token ends it, if it does (the caller then ends it, which frees the
-        reservation)."""
-        assert self.reserved.get(req.request_id) is req, f"{req.request_id} is not reserved"
-        assert not req.output_token_ids, f"{req.request_id} has its first token already"
-        req.output_token_ids.append(token)
-        req.output_logprobs.append(logprob)
-        return self.stop_reason(req, token)
-
-    def admit(self, req: Request) -> None:
-        """An imported request (its first token taken, its KV in) joins the running batch."""
+    def admit(self, req: Request, first_token: int, logprob=None) -> None:
+        """An imported request joins the running batch with the token its prefill sampled."""
         assert req.num_computed_tokens == req.num_prompt_tokens, "admit before import_done"
-        assert len(req.output_token_ids) == 1, "admit before first_token"
         del self.reserved[req.request_id]
         self.running.append(req)
+        req.output_token_ids.append(first_token)
+        req.output_logprobs.append(logprob)
+        reason = self.stop_reason(req, first_token)
+        if reason:
+            self.finish(req, reason)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -152,8 +152,7 @@ def test_pd_import_reserves_missing_pages_then_joins_the_batch():
     assert len(x.block_hashes) == 2 and x.block_table == [0, 1, 2]
     assert not sched.has_unfinished()  # reserved requests are not stepped
     sched.import_done(x, first_block=0)  # the caller wrote pages 0, 1, 2
-    assert sched.first_token(x, 40) is None  # before its KV is in
-    sched.admit(x)
+    sched.admit(x, first_token=40)
     assert x.num_computed_tokens == 9 and x.output_token_ids == [40]
     assert step(sched, 41) == [("x", 1, [0, 1, 2])]  # decodes token 40 at position 9
     assert x.finish_reason == "length" and sched.kv.num_used == 0
