@@ -88,7 +88,8 @@ def one_run(policy: str, a: argparse.Namespace, base: str, seed: str) -> dict[st
     return {"kv_bytes_per_request": (after["bytes"] - before["bytes"]) / reqs,
             "blocks_skipped_per_request": (after["skipped"] - before["skipped"]) / reqs,
             "ttft_p50_ms": run["ttft_ms"]["p50"], "ttft_p99_ms": run["ttft_ms"]["p99"],
-            "tpot_p50_ms": run["tpot_ms"]["p50"], "requests": reqs,
+            "tpot_p50_ms": run["tpot_ms"]["p50"], "output_tok_s": run["output_throughput"],
+            "requests": reqs,
             "requests_per_replica": sorted(v for k, v in after.items() if "replica" in k)}
 
 
@@ -97,7 +98,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             for p, rs in results.items()}
     rows = [f"{'metric':<28}{'default':>12}{'prefix':>12}{'prefix/default':>16}"]
     for key in ("kv_bytes_per_request", "blocks_skipped_per_request", "ttft_p50_ms",
-                "ttft_p99_ms", "tpot_p50_ms"):
+                "ttft_p99_ms", "tpot_p50_ms", "output_tok_s"):
         d, p = mean["default"][key], mean["prefix"][key]
         ratio = f"{p / d:.2f}x" if d else "-"
         rows.append(f"{key:<28}{d:>12.1f}{p:>12.1f}{ratio:>16}")

@@ -28,12 +28,16 @@ The receive is bounded by `timeout_s`; the prefill client bounds its own call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 
+from decode.imports_in_flight import Import, ImportsInFlight
 from decode.prefill_calls import PrefillCall, PrefillCalls
 from engine.async_engine import AsyncEngine, OutputSink
+from engine.block_hash import block_hashes
 from engine.hop_log import hop
 from engine.metrics import LOCAL_PREFILL_TTFT, Metrics, track_stream
 from engine.outputs import RequestOutput
@@ -85,6 +89,10 @@ class DecodeWorker:
         self.layerwise = transport.supports_layerwise if layerwise is None else layerwise
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.calls = PrefillCalls(engine, transport, self.metrics)
+        # Requests wait for the prompt blocks that others here import, where the prefix cache
+        # would then hold them.
+        self.share = engine.prefix_caching
+        self.imports = ImportsInFlight()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        sink: OutputSink | None = None):
@@ -102,8 +110,9 @@ class DecodeWorker:
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                         sink: OutputSink | None, start: float):
         self.engine.validate(prompt_ids, params)
-        # One read of the prefix cache (a hint) for both choices below.
-        cached = self.engine.cached_prefix_tokens(prompt_ids)
+        # One read of the prefix cache (a hint) for both choices below, once no other request
+        # here imports blocks of this prompt that it lacks.
+        cached = await self._wait_for_shared_imports(prompt_ids)
         if self._prefill_here(prompt_ids, cached):
             self.metrics.inc("pdserve_local_prefills_total")
             self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
@@ -113,6 +122,22 @@ class DecodeWorker:
                 timer.seen()
                 yield out
             return
+        # From here until its admission (or its end) others here wait for the blocks it
+        # fetches (decode/imports_in_flight.py): claimed before anything is awaited, so that
+        # requests that came together (one call of many) find the claim.
+        entry = self._claim(prompt_ids, cached)
+        try:
+            async with aclosing(self._remote(prompt_ids, params, request_id, sink, cached,
+                                             entry)) as outputs:
+                async for out in outputs:
+                    yield out
+        finally:
+            if entry is not None:
+                self.imports.done(entry)
+
+    async def _remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                      sink: OutputSink | None, cached: int, entry: Import | None):
+        """Steps 1-4: a prompt prefilled by a prefill replica."""
         # Step 2's call goes out before the reservation is made (decode/prefill_calls.py).
         early = None if self.layerwise else self.calls.early(self.prefill, prompt_ids, params,
                                                              request_id, cached)
@@ -143,13 +168,40 @@ class DecodeWorker:
         self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
         # A header (meta data): the transport already wrote the pages into the reservation.
         kv_data = None if payload.data.is_meta else payload.data
+        # Once admitted, the prompt's pages are in the prefix cache: the claim's waiters go on.
+        admitted = None if entry is None else functools.partial(self.imports.done, entry)
         stream = self.engine.admit_prefilled(request_id, rsv.first_block, kv_data,
                                              result.first_token, result.logprob,
                                              result.num_cached_tokens, sink,
-                                             result.prompt_logprobs)
+                                             result.prompt_logprobs, admitted)
         del payload, kv_data  # the stream holds the pages only until they are in the pool
         async for out in stream:
             yield out
+
+    def _claim(self, prompt_ids: list[int], cached: int) -> Import | None:
+        """This request's claim on the prompt's full blocks past the `cached` tokens."""
+        if not self.share:
+            return None
+        _, page_size = self.engine.kv_layout
+        return self.imports.add(block_hashes(prompt_ids, page_size)[cached // page_size:])
+
+    async def _wait_for_shared_imports(self, prompt_ids: list[int]) -> int:
+        """Waits while another request here imports blocks of this prompt past those in the
+        prefix cache (decode/imports_in_flight.py), at most `timeout_s` in all (then it
+        fetches them itself); returns the prefix cache's hint of cached prompt tokens."""
+        cached = self.engine.cached_prefix_tokens(prompt_ids)
+        if not self.share:
+            return cached
+        _, page_size = self.engine.kv_layout
+        deadline = time.monotonic() + self.timeout_s
+        while (entry := self.imports.blocking(prompt_ids, page_size, cached)) is not None:
+            self.metrics.inc("pdserve_shared_import_waits_total")
+            try:
+                await asyncio.wait_for(entry.landed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+            cached = self.engine.cached_prefix_tokens(prompt_ids)
+        return cached
 
     def _prefill_here(self, prompt_ids: list[int], cached: int) -> bool:
         """True when at most `local_prefill_max_tokens` of the prompt's tokens need computing

@@ -130,6 +130,11 @@ class AsyncEngine:
         return self.engine.export_stream
 
     @property
+    def prefix_caching(self) -> bool:
+        """Whether the engine keeps prompt pages in its prefix cache for later requests."""
+        return self.engine.cfg.enable_prefix_caching
+
+    @property
     def kv_layout(self) -> tuple[object, int]:
         """(torch dtype, page size) of the KV pool: what a transferred payload must match."""
         return self.engine.pool.dtype, self.engine.cfg.page_size
@@ -177,10 +182,12 @@ class AsyncEngine:
                               logprob=None, num_cached_tokens: int = 0,
                               sink: OutputSink | None = None,
                               prompt_logprobs: list | None = None,
+                              admitted: Callable[[], None] | None = None,
                               ) -> AsyncIterator[RequestOutput]:
         """Stream a reserved request whose prompt KV from `first_block` on arrived from a
         prefill replica; the first output is the token prefill sampled. `sink` as in
-        `generate`."""
+        `generate`. `admitted()` runs on the caller's loop once the admission has run on the
+        step thread (the prompt's pages are in the prefix cache then), or failed."""
         stream = self._open(request_id, sink)
 
         def admit() -> None:
@@ -194,6 +201,8 @@ class AsyncEngine:
                     self._end_stream(request_id)
             finally:
                 kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
+                if admitted is not None:
+                    _call_soon(stream.loop, admitted)
 
         self._submit(request_id, admit)
         async for out in self._drain(request_id, stream.queue):
