@@ -2,7 +2,8 @@
 
 python -m bench.prefix_routing [--decode-replicas 2] [--prefill-replicas 1] [--rate 4]
     [--num-groups 4] [--group-size 8] [--prefix-len 256] [--suffix-len 32] [--output-len 32]
-    [--decode-num-pages 1024] [--repeats 2] [--out docs/bench/prefix-routing-tiny-cpu.json]
+    [--decode-num-pages 1024] [--local-prefill-max-tokens 0] [--repeats 2]
+    [--out docs/bench/prefix-routing-tiny-cpu.json]
 
 Starts its own local Ray instance (never joins another one) and serves the tiny model with the
 same app config twice per repeat, `routing.policy: default` then `prefix`, each time on fresh
@@ -33,7 +34,8 @@ def app_args(policy: str, a: argparse.Namespace) -> dict[str, Any]:
             "prefill": {**ZERO_CPU, "num_replicas": a.prefill_replicas,
                         "engine": {"max_num_batched_tokens": 1024}},
             "decode": {**ZERO_CPU, "num_replicas": a.decode_replicas,
-                       "engine": {"num_pages": a.decode_num_pages}},
+                       "engine": {"num_pages": a.decode_num_pages},
+                       "local_prefill_max_tokens": a.local_prefill_max_tokens},
             "ingress": ZERO_CPU,
             "routing": {"policy": policy, "max_imbalance": a.max_imbalance}}
 
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--suffix-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--max-imbalance", type=int, default=4, help="routing.max_imbalance")
+    ap.add_argument("--local-prefill-max-tokens", type=int, default=0,
+                    help="decode.local_prefill_max_tokens")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON with every run")

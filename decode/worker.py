@@ -1,5 +1,7 @@
 """DecodeWorker: orchestrates one request across the phases and streams its tokens.
 
+0. if another request here is fetching blocks of this prompt that the prefix cache lacks, wait
+   until it has them in (decode/imports_in_flight.py); then claim the blocks it lacks itself;
 1. reserve pages for the prompt, reusing blocks this replica already caches;
 2. ask a prefill replica for the first token and only the blocks this side lacks. The call goes
    out beside 1, not after it (the reservation waits for the engine's step thread), for the
