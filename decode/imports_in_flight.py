@@ -11,16 +11,17 @@ prefix is found there, and only their own blocks are fetched, or prefilled on th
 replica itself (`decode.local_prefill_max_tokens`).
 
 Contract (all on the replica's event loop):
-- `add(hashes)` once a request has reserved pages, with the chain hashes of the blocks it
-  imports (past those it found cached): returns its entry. A hash that another request already
-  imports stays that request's.
-- `done(entry)` once those blocks are in the prefix cache, or will not be (the import failed,
-  the request was aborted): whoever waits on the entry wakes. A second call does nothing.
-- `blocking(prompt_ids, page_size, cached_tokens)`: the entry importing the deepest block of the
-  prompt past its `cached_tokens` (the prefix cache's hint), where every block between is being
-  imported too; None when the first block past the cached ones is not. It hashes the cached
-  blocks and one more for a prompt that shares nothing with an import, none while nothing is in
-  flight.
+- `add(hashes)` as a request sets out to fetch its prompt, with the chain hashes of its full
+  blocks past those the prefix cache holds, before it awaits anything after looking there (so
+  that requests which came together see each other): returns its claim. A hash that another
+  request claimed stays that request's.
+- `done(claim)` once those blocks are in the prefix cache (the request was admitted), or will
+  not be (the import failed, the request ended): whoever waits on the claim wakes. A second
+  call does nothing.
+- `blocking(prompt_ids, page_size, cached_tokens)`: the claim on the deepest block of the prompt
+  past its `cached_tokens` (the prefix cache's hint), where every block between is claimed too;
+  None when the first block past the cached ones is not. It hashes the cached blocks and one
+  more for a prompt that shares nothing with a claim, none while nothing is claimed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from engine.block_hash import iter_block_hashes
 
 
 @dataclass(eq=False)
-class Import:
+class Claim:
     """One request's blocks in flight; `landed` is set once `done` is called."""
 
     hashes: list[int]
@@ -41,35 +42,35 @@ class Import:
 
 class ImportsInFlight:
     def __init__(self) -> None:
-        self._by_hash: dict[int, Import] = {}
+        self._by_hash: dict[int, Claim] = {}
 
     def __len__(self) -> int:
         """Blocks in flight."""
         return len(self._by_hash)
 
-    def add(self, hashes: list[int]) -> Import:
-        entry = Import([h for h in hashes if h not in self._by_hash])
-        for h in entry.hashes:
-            self._by_hash[h] = entry
-        return entry
+    def add(self, hashes: list[int]) -> Claim:
+        claim = Claim([h for h in hashes if h not in self._by_hash])
+        for h in claim.hashes:
+            self._by_hash[h] = claim
+        return claim
 
-    def done(self, entry: Import) -> None:
-        if entry.landed.is_set():
+    def done(self, claim: Claim) -> None:
+        if claim.landed.is_set():
             return
-        for h in entry.hashes:
+        for h in claim.hashes:
             del self._by_hash[h]
-        entry.landed.set()
+        claim.landed.set()
 
     def blocking(self, prompt_ids: list[int], page_size: int, cached_tokens: int,
-                 ) -> Import | None:
+                 ) -> Claim | None:
         if not self._by_hash:
             return None
         deepest = None
         for i, h in enumerate(iter_block_hashes(prompt_ids, page_size)):
             if i < cached_tokens // page_size:
                 continue  # a chain hash names the whole prefix: the walk must pass these
-            entry = self._by_hash.get(h)
-            if entry is None:
+            claim = self._by_hash.get(h)
+            if claim is None:
                 break
-            deepest = entry
+            deepest = claim
         return deepest

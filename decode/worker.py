@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from contextlib import aclosing
 
-from decode.imports_in_flight import Import, ImportsInFlight
+from decode.imports_in_flight import Claim, ImportsInFlight
 from decode.prefill_calls import PrefillCall, PrefillCalls
 from engine.async_engine import AsyncEngine, OutputSink
 from engine.block_hash import block_hashes
@@ -127,18 +127,18 @@ class DecodeWorker:
         # From here until its admission (or its end) others here wait for the blocks it
         # fetches (decode/imports_in_flight.py): claimed before anything is awaited, so that
         # requests that came together (one call of many) find the claim.
-        entry = self._claim(prompt_ids, cached)
+        claim = self._claim(prompt_ids, cached)
         try:
             async with aclosing(self._remote(prompt_ids, params, request_id, sink, cached,
-                                             entry)) as outputs:
+                                             claim)) as outputs:
                 async for out in outputs:
                     yield out
         finally:
-            if entry is not None:
-                self.imports.done(entry)
+            if claim is not None:
+                self.imports.done(claim)
 
     async def _remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                      sink: OutputSink | None, cached: int, entry: Import | None):
+                      sink: OutputSink | None, cached: int, claim: Claim | None):
         """Steps 1-4: a prompt prefilled by a prefill replica."""
         # Step 2's call goes out before the reservation is made (decode/prefill_calls.py).
         early = None if self.layerwise else self.calls.early(self.prefill, prompt_ids, params,
@@ -171,7 +171,7 @@ class DecodeWorker:
         # A header (meta data): the transport already wrote the pages into the reservation.
         kv_data = None if payload.data.is_meta else payload.data
         # Once admitted, the prompt's pages are in the prefix cache: the claim's waiters go on.
-        admitted = None if entry is None else functools.partial(self.imports.done, entry)
+        admitted = None if claim is None else functools.partial(self.imports.done, claim)
         stream = self.engine.admit_prefilled(request_id, rsv.first_block, kv_data,
                                              result.first_token, result.logprob,
                                              result.num_cached_tokens, sink,
@@ -180,7 +180,7 @@ class DecodeWorker:
         async for out in stream:
             yield out
 
-    def _claim(self, prompt_ids: list[int], cached: int) -> Import | None:
+    def _claim(self, prompt_ids: list[int], cached: int) -> Claim | None:
         """This request's claim on the prompt's full blocks past the `cached` tokens."""
         if not self.share:
             return None
@@ -195,11 +195,13 @@ class DecodeWorker:
         if not self.share:
             return cached
         _, page_size = self.engine.kv_layout
-        deadline = time.monotonic() + self.timeout_s
-        while (entry := self.imports.blocking(prompt_ids, page_size, cached)) is not None:
-            self.metrics.inc("pdserve_shared_import_waits_total")
+        deadline, waited = time.monotonic() + self.timeout_s, False
+        while (claim := self.imports.blocking(prompt_ids, page_size, cached)) is not None:
+            if not waited:
+                waited = True
+                self.metrics.inc("pdserve_shared_import_waits_total")
             try:
-                await asyncio.wait_for(entry.landed.wait(), deadline - time.monotonic())
+                await asyncio.wait_for(claim.landed.wait(), deadline - time.monotonic())
             except TimeoutError:
                 break
             cached = self.engine.cached_prefix_tokens(prompt_ids)

@@ -34,20 +34,20 @@ HANG_S = 60  # a hang guard, not a speed bound
 def test_a_prompt_waits_for_the_deepest_block_in_flight_past_its_cached_ones():
     imports = ImportsInFlight()
     lead = block_hashes(LEADER, PS)  # 6 blocks
-    entry = imports.add(lead[1:])  # block 0 was cached: it imports blocks 1-5
-    assert entry.hashes == lead[1:] and len(imports) == 5
+    claim = imports.add(lead[1:])  # block 0 was cached: it fetches blocks 1-5
+    assert claim.hashes == lead[1:] and len(imports) == 5
     # The follower shares blocks 0-3; block 0 is cached, 1-3 are in flight.
-    assert imports.blocking(FOLLOWER, PS, cached_tokens=PS) is entry
+    assert imports.blocking(FOLLOWER, PS, cached_tokens=PS) is claim
     # Without block 0 cached, the walk stops there: block 0 is nobody's import.
     assert imports.blocking(FOLLOWER, PS, cached_tokens=0) is None
     assert imports.blocking(list(range(900, 980)), PS, cached_tokens=0) is None
-    # A second import of the same prompt claims only what nobody imports.
+    # A second request on the same prompt claims only what nobody claimed.
     second = imports.add(block_hashes(FOLLOWER, PS))
     assert second.hashes == [block_hashes(FOLLOWER, PS)[0], block_hashes(FOLLOWER, PS)[4]]
     assert imports.blocking(FOLLOWER, PS, cached_tokens=0) is second  # its block 4 is deepest
-    imports.done(entry)
-    assert entry.landed.is_set() and not second.landed.is_set() and len(imports) == 2
-    imports.done(entry)  # a second time changes nothing
+    imports.done(claim)
+    assert claim.landed.is_set() and not second.landed.is_set() and len(imports) == 2
+    imports.done(claim)  # a second time changes nothing
     assert len(imports) == 2
     imports.done(second)
     assert len(imports) == 0 and imports.blocking(FOLLOWER, PS, cached_tokens=PS) is None
