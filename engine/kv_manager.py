@@ -12,15 +12,20 @@ Contract (pages are ints; a request's pages are `req.block_table`, in token orde
 - `cache_blocks(req, before, end)`: after tokens [before, end) were written (end defaults to
   num_computed_tokens), their full blocks become findable by later requests. Their ids must be
   known: with overlapped scheduling `num_computed_tokens` runs ahead of the known tokens.
-- `free(req)`: drops the request's references and resets its progress to zero.
+- `claim(req)` / `computed_elsewhere(req)`: blocks being computed. A request that starts to
+  compute its prompt claims its full blocks past the cached ones, until they are cached (or it
+  lets its pages go); another request whose next block is under such a claim waits for it
+  (`computed_elsewhere`) rather than compute the same block beside it.
+- `free(req)`: drops the request's references and claims, and resets its progress to zero.
 - `check_integrity(live)`: the allocator's own invariants, plus: every page's refcount equals
-  the number of live requests (those that hold pages now) that list it.
+  the number of live requests (those that hold pages now) that list it, and only live requests
+  hold claims.
 Plain data in, plain data out: no torch.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 
 from engine.block_allocator import BlockAllocator
@@ -33,6 +38,10 @@ class KVManager:
         self.allocator = allocator
         self.page_size = allocator.page_size
         self.enable_prefix_caching = enable_prefix_caching
+        # Claimed blocks not cached yet: hash -> the request computing it, and per request its
+        # claimed hashes in block order (blocks are cached in that order).
+        self.computing: dict[int, str] = {}
+        self.claims: dict[str, deque[int]] = {}
 
     # -- queries -------------------------------------------------------------------------
     @property
@@ -93,12 +102,36 @@ class KVManager:
         req.block_hashes = block_hashes(req.all_token_ids, self.page_size, req.block_hashes)
         for i in range(first, last):
             self.allocator.register(req.block_table[i], req.block_hashes[i])
+        claims = self.claims.get(req.request_id)
+        while claims and claims[0] in self.allocator.hash_page:
+            del self.computing[claims.popleft()]
+        if claims is not None and not claims:
+            del self.claims[req.request_id]
+
+    def claim(self, req: Request) -> None:
+        """req, holding its cached prefix pages (`match_prefix`), is about to compute the rest."""
+        if not self.enable_prefix_caching or req.request_id in self.claims:
+            return
+        first, last = len(req.block_table), req.num_prompt_tokens // self.page_size
+        mine = [h for h in req.block_hashes[first:last] if h not in self.computing]
+        for h in mine:
+            self.computing[h] = req.request_id
+        if mine:
+            self.claims[req.request_id] = deque(mine)
+
+    def computed_elsewhere(self, req: Request) -> bool:
+        """Whether the block after req's cached prefix is being computed by another request."""
+        i = len(req.block_table)
+        owner = self.computing.get(req.block_hashes[i]) if i < len(req.block_hashes) else None
+        return owner is not None and owner != req.request_id
 
     def free(self, req: Request) -> None:
         if req.block_table:
             self.allocator.free(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0
+        for h in self.claims.pop(req.request_id, ()):
+            del self.computing[h]
 
     def reset_prefix_cache(self) -> None:
         self.allocator.reset_prefix_cache()
@@ -109,3 +142,7 @@ class KVManager:
         for page, rc in enumerate(self.allocator.refcount):
             assert rc == held[page], (f"page {page} has refcount {rc} but {held[page]} live "
                                       f"requests hold it")
+        ids = {req.request_id for req in live}
+        assert self.claims.keys() <= ids, f"claims of gone requests: {self.claims.keys() - ids}"
+        assert self.computing == {h: rid for rid, hs in self.claims.items() for h in hs}, \
+            "claimed blocks out of sync"

@@ -220,6 +220,7 @@ class Scheduler:
             i += 1
         # New requests wait while anything was preempted, so a preempted request is not
         # overtaken by the very ones that would push it out again.
+        later: list[Request] = []  # waiting for blocks that another request is computing
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.cfg.max_num_seqs):
             req = self.waiting[0]
@@ -228,15 +229,23 @@ class Scheduler:
             if not req.block_table:
                 # At least one token must run so that the step yields logits to sample from.
                 self.kv.match_prefix(req, max_blocks=(req.num_tokens - 1) // self.page_size)
+            if self.kv.computed_elsewhere(req):
+                # Its next block is on its way into the prefix cache (a burst on one new
+                # prefix): it waits for it rather than compute it too; the queue goes on.
+                self.kv.free(req)
+                later.append(self.waiting.popleft())
+                continue
             n = min(req.num_pending_tokens, budget)
             if not self.kv.can_grow(req, n):
                 self.kv.free(req)  # give cached prefix pages back until it can run
                 break
             self.waiting.popleft()
             self.running.append(req)
+            self.kv.claim(req)
             self.kv.grow(req, n)
             batch.add(req, n)
             budget -= n
+        self.waiting.extendleft(reversed(later))
         return batch
 
     def launch(self, batch: ScheduledBatch) -> None:

@@ -124,3 +124,21 @@ def test_bad_input_is_a_clear_value_error(tiny_llama, prompt, params, message):
 def test_invalid_sampling_values(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_burst_on_a_new_prefix_computes_it_once_and_decodes_through_cascade(tiny_llama,
+                                                                            overlap):
+    """Five prompts on one new 64-token prefix, added together: the first computes the prefix,
+    the others wait for it and compute only their own tokens, so all five share its pages and
+    their decode steps run as cascades, with the tokens of a run without either."""
+    shared = _prompts(seed=4, lengths=(64,))[0]
+    prompts = [shared + p for p in _prompts(seed=5, lengths=(3, 9, 1, 17, 5))]
+    plain = LLM(tiny_llama, page_size=16, num_pages=256, cascade="off",
+                enable_prefix_caching=False).generate(prompts, GREEDY)
+    llm = LLM(tiny_llama, page_size=16, num_pages=256, cascade="on", overlap_scheduling=overlap)
+    out = llm.generate(prompts, GREEDY)  # no warm-up: the prefix is new to the cache
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert llm.engine.scheduler.num_prefill_tokens == 67 + 9 + 1 + 17 + 5  # not 5 x 64 + ...
+    assert llm.engine.runner.num_cascade_steps > 0
+    llm.engine.check_integrity()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import deque
 
 import pytest
 
 from engine.block_allocator import BlockAllocator
+from engine.block_hash import block_hashes
 from engine.config import EngineConfig
 from engine.request import Request
 from engine.sampling_params import SamplingParams
@@ -207,3 +209,72 @@ def test_scheduler_imports_no_torch():
     code = ("import sys, engine.scheduler, engine.kv_manager; "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_burst_on_one_new_prefix_computes_it_once():
+    """Two prompts on the same two new blocks come together: the second waits while the first
+    computes them (the queue behind it goes on), then finds them cached and shares their
+    pages, computing only its own tokens."""
+    sched = scheduler(num_pages=12, budget=48, prefix_caching=True)
+    shared = list(range(2 * PS))
+    a = request("a", shared + [90, 91])
+    b = request("b", shared + [80, 81, 82])
+    c = request("c", [50] * 5)  # shares nothing: not held up behind b
+    for r in (a, b, c):
+        sched.add(r)
+    assert step(sched) == [("a", 10, [0, 1, 2]), ("c", 5, [3, 4])]
+    assert sched.kv.computing == {} and sched.kv.claims == {}  # a's blocks are cached now
+    # b finds a's two pages cached and computes its 3 tokens; a and c decode.
+    assert step(sched) == [("a", 1, [0, 1, 2]), ("c", 1, [3, 4]), ("b", 3, [0, 1, 5])]
+    assert b.num_cached_tokens == 2 * PS
+
+
+def test_a_prompt_waits_for_blocks_computed_in_chunks_until_the_shared_part_is_cached():
+    sched = scheduler(num_pages=12, budget=PS, prefix_caching=True)
+    shared = list(range(2 * PS))
+    a = request("a", shared + [90])
+    b = request("b", shared + [80])
+    sched.add(a)
+    sched.add(b)
+    assert step(sched) == [("a", 4, [0])]  # block 0; b waits for it
+    assert sched.kv.claims == {"a": deque([block_hashes(a.prompt_token_ids, PS)[1]])}
+    assert step(sched) == [("a", 4, [0, 1])]  # block 1; b waits for that one too
+    assert step(sched) == [("a", 1, [0, 1, 2]), ("b", 1, [0, 1, 3])]
+    assert b.num_cached_tokens == 2 * PS and sched.kv.claims == {}
+
+
+def test_an_aborted_leader_no_longer_holds_others_back():
+    sched = scheduler(num_pages=12, budget=PS, prefix_caching=True)
+    shared = list(range(2 * PS))
+    sched.add(request("a", shared + [90]))
+    b = request("b", shared + [80])
+    sched.add(b)
+    assert step(sched) == [("a", 4, [0])]
+    sched.abort("a")
+    assert sched.kv.claims == {} and sched.kv.computing == {}
+    # b finds block 0 cached (a computed it) and computes block 1 itself.
+    assert step(sched) == [("b", 4, [0, 1])]
+    assert b.num_cached_tokens == PS
+
+
+def test_a_preempted_leader_claims_again_when_it_resumes():
+    sched = scheduler(num_pages=12, budget=PS, prefix_caching=True)
+    shared = list(range(2 * PS))
+    a = request("a", shared + [90])
+    sched.add(a)
+    sched.add(request("b", shared + [80]))
+    assert step(sched) == [("a", 4, [0])]
+    sched._preempt(a)  # as a full pool would
+    assert sched.kv.claims == {}
+    # a comes back first (preempted requests go to the queue's head), finds block 0 cached
+    # and claims block 1 again; b still waits for it.
+    assert step(sched) == [("a", 4, [0, 1])]
+    assert list(sched.waiting) == [sched.requests["b"]]
+
+
+def test_without_a_prefix_cache_nobody_waits():
+    sched = scheduler(num_pages=12, budget=48)
+    shared = list(range(2 * PS))
+    sched.add(request("a", shared + [90]))
+    sched.add(request("b", shared + [80]))
+    assert step(sched) == [("a", 9, [0, 1, 2]), ("b", 9, [3, 4, 5])]
