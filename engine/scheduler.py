@@ -5,6 +5,9 @@ Each step mixes decode tokens and prefill chunks under `max_num_batched_tokens` 
 `max_num_seqs`. Requests can join between any two steps; finished ones leave at once. When the
 pool runs out, the latest-arrived running request is preempted: its pages are freed and it is
 recomputed later (its prompt and output so far), keeping the tokens it already produced.
+Waiting requests start in arrival order, except that one whose next uncached block another
+request is computing waits until that block is in the prefix cache (`KVManager.claim`), while
+those behind it go on: a burst on one new prefix computes it once and shares its pages.
 
 A request the scheduler knows is in exactly one place, found by id in `requests`:
 - `waiting`: queued to run (its pages, if any, come from the prefix cache);
