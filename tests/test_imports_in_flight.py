@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 
 import pytest
 
@@ -190,3 +191,37 @@ def test_without_a_prefix_cache_nobody_waits(tiny_llama, reference):
     got, got_leader, counters = asyncio.run(main())
     assert got == reference["follower"] and got_leader == reference["leader"]
     assert "pdserve_shared_import_waits_total" not in counters
+
+
+def test_a_burst_with_clients_leaving_at_random_leaves_nothing_behind(tiny_llama, reference):
+    """Twelve requests on the two prompts, a third of them cancelled at seeded points of their
+    run (waiting for a claim, fetching, decoding): the rest get their tokens, and no page,
+    claim or wait is left on either replica."""
+    rng = random.Random(7)
+    plan = [("leader" if i % 2 else "follower", rng.random() < 1 / 3, rng.randrange(40))
+            for i in range(12)]
+
+    async def main():
+        transport = FirstReceiveGated()
+        transport.gate.set()
+        prefill, decode = workers(tiny_llama, transport)
+        prompts = {"leader": LEADER, "follower": FOLLOWER}
+        tasks = [asyncio.ensure_future(tokens(decode, prompts[kind], f"r{i}"))
+                 for i, (kind, _, _) in enumerate(plan)]
+        for tick in range(40):
+            for task, (_, cancel, at) in zip(tasks, plan):
+                if cancel and at == tick:
+                    task.cancel()
+            await asyncio.sleep(0)
+        got = await asyncio.gather(*tasks, return_exceptions=True)
+        await clean(prefill, decode)
+        return got, decode, prefill
+
+    got, decode, prefill = asyncio.run(main())
+    for (kind, cancel, _), out in zip(plan, got):
+        if not cancel:
+            assert out == reference[kind]
+    assert any(cancel for _, cancel, _ in plan)
+    assert len(decode.imports) == 0
+    for w in (decode, prefill):
+        assert w.engine.engine.scheduler.kv.claims == {}
