@@ -19,9 +19,10 @@ Contract (all on the replica's event loop):
   not be (the import failed, the request ended): whoever waits on the claim wakes. A second
   call does nothing.
 - `blocking(prompt_ids, page_size, cached_tokens)`: the claim on the deepest block of the prompt
-  past its `cached_tokens` (the prefix cache's hint), where every block between is claimed too;
-  None when the first block past the cached ones is not. It hashes the cached blocks and one
-  more for a prompt that shares nothing with a claim, none while nothing is claimed.
+  past its `cached_tokens` (the prefix cache's hint), where every block between is claimed too,
+  and how many leading blocks of the prompt that makes cached once the claims land; None when
+  the first block past the cached ones is not claimed. It hashes the cached blocks and one more
+  for a prompt that shares nothing with a claim, none while nothing is claimed.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class ImportsInFlight:
         claim.landed.set()
 
     def blocking(self, prompt_ids: list[int], page_size: int, cached_tokens: int,
-                 ) -> Claim | None:
+                 ) -> tuple[Claim, int] | None:
         if not self._by_hash:
             return None
         deepest = None
@@ -72,5 +73,5 @@ class ImportsInFlight:
             claim = self._by_hash.get(h)
             if claim is None:
                 break
-            deepest = claim
+            deepest = claim, i + 1
         return deepest

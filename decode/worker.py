@@ -113,9 +113,12 @@ class DecodeWorker:
                         sink: OutputSink | None, start: float):
         self.engine.validate(prompt_ids, params)
         # One read of the prefix cache (a hint) for both choices below, once no other request
-        # here imports blocks of this prompt that it lacks.
-        cached = await self._wait_for_shared_imports(prompt_ids)
+        # here imports blocks of this prompt that it lacks (the prefill call for its own
+        # blocks may go out meanwhile: `early`).
+        cached, early = await self._wait_for_shared_imports(prompt_ids, params, request_id)
         if self._prefill_here(prompt_ids, cached):
+            self.calls.drop(early)
+            self.calls.reserved(early)
             self.metrics.inc("pdserve_local_prefills_total")
             self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
             timer = FirstOutputTimer(self.metrics, LOCAL_PREFILL_TTFT, start, sink)
@@ -130,7 +133,7 @@ class DecodeWorker:
         claim = self._claim(prompt_ids, cached)
         try:
             async with aclosing(self._remote(prompt_ids, params, request_id, sink, cached,
-                                             claim)) as outputs:
+                                             claim, early)) as outputs:
                 async for out in outputs:
                     yield out
         finally:
@@ -138,11 +141,13 @@ class DecodeWorker:
                 self.imports.done(claim)
 
     async def _remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                      sink: OutputSink | None, cached: int, claim: Claim | None):
-        """Steps 1-4: a prompt prefilled by a prefill replica."""
+                      sink: OutputSink | None, cached: int, claim: Claim | None,
+                      early: PrefillCall | None = None):
+        """Steps 1-4: a prompt prefilled by a prefill replica; `early`, a call made while it
+        waited for a claim."""
         # Step 2's call goes out before the reservation is made (decode/prefill_calls.py).
-        early = None if self.layerwise else self.calls.early(self.prefill, prompt_ids, params,
-                                                             request_id, cached)
+        if early is None and not self.layerwise:
+            early = self.calls.early(self.prefill, prompt_ids, params, request_id, cached)
         try:
             rsv = await self._reserve(request_id, prompt_ids, params,
                                       on_full=lambda: self.calls.drop(early))
@@ -187,25 +192,39 @@ class DecodeWorker:
         _, page_size = self.engine.kv_layout
         return self.imports.add(block_hashes(prompt_ids, page_size)[cached // page_size:])
 
-    async def _wait_for_shared_imports(self, prompt_ids: list[int]) -> int:
+    async def _wait_for_shared_imports(self, prompt_ids: list[int], params: SamplingParams,
+                                       request_id: str) -> tuple[int, PrefillCall | None]:
         """Waits while another request here imports blocks of this prompt past those in the
         prefix cache (decode/imports_in_flight.py), at most `timeout_s` in all (then it
-        fetches them itself); returns the prefix cache's hint of cached prompt tokens."""
+        fetches them itself). Meanwhile the prefill call for the blocks past the claimed ones
+        goes out, unless this replica would prefill those itself: it need not queue at the
+        prefill replica behind the claimant's admission. Returns the prefix cache's hint of
+        cached prompt tokens, and that call (None if none was made)."""
         cached = self.engine.cached_prefix_tokens(prompt_ids)
         if not self.share:
-            return cached
+            return cached, None
         _, page_size = self.engine.kv_layout
-        deadline, waited = time.monotonic() + self.timeout_s, False
-        while (claim := self.imports.blocking(prompt_ids, page_size, cached)) is not None:
-            if not waited:
-                waited = True
-                self.metrics.inc("pdserve_shared_import_waits_total")
-            try:
-                await asyncio.wait_for(claim.landed.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                break
-            cached = self.engine.cached_prefix_tokens(prompt_ids)
-        return cached
+        deadline, early, waited = time.monotonic() + self.timeout_s, None, False
+        try:
+            while (found := self.imports.blocking(prompt_ids, page_size, cached)) is not None:
+                claim, claimed_blocks = found
+                if not waited:
+                    waited = True
+                    self.metrics.inc("pdserve_shared_import_waits_total")
+                    expected = claimed_blocks * page_size  # cached once the claims land
+                    if not self.layerwise and not self._prefill_here(prompt_ids, expected):
+                        early = self.calls.early(self.prefill, prompt_ids, params, request_id,
+                                                 expected)
+                try:
+                    await asyncio.wait_for(claim.landed.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    break
+                cached = self.engine.cached_prefix_tokens(prompt_ids)
+        except BaseException:
+            self.calls.drop(early)
+            self.calls.reserved(early)
+            raise
+        return cached, early
 
     def _prefill_here(self, prompt_ids: list[int], cached: int) -> bool:
         """True when at most `local_prefill_max_tokens` of the prompt's tokens need computing

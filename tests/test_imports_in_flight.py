@@ -38,14 +38,14 @@ def test_a_prompt_waits_for_the_deepest_block_in_flight_past_its_cached_ones():
     claim = imports.add(lead[1:])  # block 0 was cached: it fetches blocks 1-5
     assert claim.hashes == lead[1:] and len(imports) == 5
     # The follower shares blocks 0-3; block 0 is cached, 1-3 are in flight.
-    assert imports.blocking(FOLLOWER, PS, cached_tokens=PS) is claim
+    assert imports.blocking(FOLLOWER, PS, cached_tokens=PS) == (claim, 4)
     # Without block 0 cached, the walk stops there: block 0 is nobody's import.
     assert imports.blocking(FOLLOWER, PS, cached_tokens=0) is None
     assert imports.blocking(list(range(900, 980)), PS, cached_tokens=0) is None
     # A second request on the same prompt claims only what nobody claimed.
     second = imports.add(block_hashes(FOLLOWER, PS))
     assert second.hashes == [block_hashes(FOLLOWER, PS)[0], block_hashes(FOLLOWER, PS)[4]]
-    assert imports.blocking(FOLLOWER, PS, cached_tokens=0) is second  # its block 4 is deepest
+    assert imports.blocking(FOLLOWER, PS, cached_tokens=0) == (second, 5)  # block 4 is deepest
     imports.done(claim)
     assert claim.landed.is_set() and not second.landed.is_set() and len(imports) == 2
     imports.done(claim)  # a second time changes nothing
@@ -70,12 +70,23 @@ class FirstReceiveGated(InlineTransport):
         return await super().receive(handle, device)
 
 
+class Calls:
+    """The prefill worker, noting each call's (request id, first block) as it goes out."""
+
+    def __init__(self, worker: PrefillWorker) -> None:
+        self.worker, self.made = worker, []
+
+    async def prefill(self, prompt_ids, params, request_id, first_block=0):
+        self.made.append((request_id, first_block))
+        return await self.worker.prefill(prompt_ids, params, request_id, first_block)
+
+
 def workers(path: str, transport: FirstReceiveGated, prefix_caching: bool = True):
     fp = model_fingerprint(path, "float32", "safetensors", 0)
     prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), EngineConfig(
         page_size=PS, num_pages=64))), transport, fp)
     decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), EngineConfig(
-        page_size=PS, num_pages=64, enable_prefix_caching=prefix_caching))), prefill,
+        page_size=PS, num_pages=64, enable_prefix_caching=prefix_caching))), Calls(prefill),
         transport, fp, timeout_s=HANG_S)
     return prefill, decode
 
@@ -119,16 +130,19 @@ def test_a_follower_waits_for_the_shared_blocks_then_fetches_only_its_own(tiny_l
         follower = asyncio.ensure_future(tokens(decode, FOLLOWER, "follower"))
         counters = decode.metrics.counters
         await until(lambda: counters.get("pdserve_shared_import_waits_total") == 1)
-        # Waiting, it holds no pages and has asked the prefill replica for nothing.
+        # Waiting, it holds no pages, and its prefill call for the blocks past the claimed
+        # prefix is out already: it does not queue behind the leader's admission.
         assert list(decode.engine.engine.scheduler.reserved) == ["leader"]
-        assert "follower" not in prefill.engine.engine.scheduler.requests
+        assert decode.prefill.made == [("leader", 0), ("follower", 4)]
         transport.gate.set()
         got = {"leader": await leader, "follower": await follower}
         await clean(prefill, decode)
-        return got, counters, page_bytes(decode)
+        return got, counters, page_bytes(decode), decode.prefill.made
 
-    got, counters, one_page = asyncio.run(main())
+    got, counters, one_page, made = asyncio.run(main())
     assert got == reference
+    assert made == [("leader", 0), ("follower", 4)]  # that call was used: no second one
+    assert "pdserve_prefill_calls_dropped_total" not in counters
     assert counters["pdserve_shared_import_waits_total"] == 1
     assert counters["pdserve_kv_transfer_blocks_skipped_total"] == 4  # the follower's prefix
     # The leader's 7 pages, then the follower's last full page and its partial one.
@@ -173,6 +187,8 @@ def test_a_leader_that_fails_wakes_its_followers_which_fetch_the_prefix(tiny_lla
     assert got == reference["follower"]
     assert counters["pdserve_kv_transfer_blocks_skipped_total"] == 0
     assert counters["pdserve_kv_transfer_bytes_total"] == 6 * one_page  # all its pages
+    # The call it made while waiting, for blocks 4 on, was dropped for one for all its blocks.
+    assert counters["pdserve_prefill_calls_dropped_total"] == 1
 
 
 def test_without_a_prefix_cache_nobody_waits(tiny_llama, reference):
