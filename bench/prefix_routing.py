@@ -40,20 +40,40 @@ def app_args(policy: str, a: argparse.Namespace) -> dict[str, Any]:
             "routing": {"policy": policy, "max_imbalance": a.max_imbalance}}
 
 
-def decode_metrics(base: str) -> dict[str, float]:
-    """Sums over decode replicas: KV bytes received, blocks skipped, requests."""
+def decode_metrics(base: str) -> dict[str, dict[str, float]]:
+    """Per decode replica (its `replica` label): KV bytes received, blocks skipped, requests."""
     names = {"pdserve_kv_transfer_bytes_total": "bytes",
              "pdserve_kv_transfer_blocks_skipped_total": "skipped",
              "pdserve_requests_total": "requests"}
-    got = dict.fromkeys(names.values(), 0.0)
+    got: dict[str, dict[str, float]] = {}
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     for line in text.splitlines():
         name = line.split("{", 1)[0]
         if name in names and 'role="decode"' in line:
-            got[names[name]] += float(line.rsplit(" ", 1)[1])
-            if names[name] == "requests":  # per replica: how even the routing was
-                got[line.split("{", 1)[1].split("}", 1)[0]] = float(line.rsplit(" ", 1)[1])
+            labels = line.split("{", 1)[1].split("}", 1)[0]
+            replica = labels.split('replica="', 1)[1].split('"', 1)[0]
+            totals = got.setdefault(replica, dict.fromkeys(names.values(), 0.0))
+            totals[names[name]] += float(line.rsplit(" ", 1)[1])
     return got
+
+
+def run_totals(base: str, before: dict[str, dict[str, float]], expected: int,
+               timeout_s: float = 30.0) -> tuple[dict[str, float], list[float]]:
+    """What the decode replicas of this run counted since `before`: the sums, and the requests
+    per replica. Only replicas in /metrics now count (the hub may still list a deleted app's
+    replica in `before`), and it waits until they have counted the `expected` requests."""
+    deadline = time.time() + timeout_s
+    while True:
+        now = decode_metrics(base)
+        deltas = {r: {k: v - before.get(r, {}).get(k, 0.0) for k, v in totals.items()}
+                  for r, totals in now.items()}
+        sums = {k: sum(d[k] for d in deltas.values()) for k in ("bytes", "skipped", "requests")}
+        if sums["requests"] >= expected:
+            return sums, sorted(d["requests"] for d in deltas.values())
+        if time.time() > deadline:
+            raise RuntimeError(f"/metrics counted {sums['requests']:.0f} of {expected} decode "
+                               f"requests after {timeout_s:.0f} s: {now}")
+        time.sleep(0.5)
 
 
 def wait_healthy(base: str, timeout_s: float = 300) -> None:
@@ -83,16 +103,15 @@ def one_run(policy: str, a: argparse.Namespace, base: str, seed: str) -> dict[st
                       str(a.prefix_len), "--suffix-len", str(a.suffix_len), "--output-len",
                       str(a.output_len), "--request-rate", str(a.rate), "--seed", seed,
                       "--no-progress", "--out", str(out)])
-    after = decode_metrics(base)
-    serve.delete("pd")  # the next run starts on fresh replicas: empty prefix caches
     run = json.loads(out.read_text())["runs"][0]
-    reqs = after["requests"] - before["requests"]
-    return {"kv_bytes_per_request": (after["bytes"] - before["bytes"]) / reqs,
-            "blocks_skipped_per_request": (after["skipped"] - before["skipped"]) / reqs,
+    totals, per_replica = run_totals(base, before, run["completed"])
+    serve.delete("pd")  # the next run starts on fresh replicas: empty prefix caches
+    reqs = totals["requests"]
+    return {"kv_bytes_per_request": totals["bytes"] / reqs,
+            "blocks_skipped_per_request": totals["skipped"] / reqs,
             "ttft_p50_ms": run["ttft_ms"]["p50"], "ttft_p99_ms": run["ttft_ms"]["p99"],
             "tpot_p50_ms": run["tpot_ms"]["p50"], "output_tok_s": run["output_throughput"],
-            "requests": reqs,
-            "requests_per_replica": sorted(v for k, v in after.items() if "replica" in k)}
+            "requests": reqs, "requests_per_replica": per_replica}
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
