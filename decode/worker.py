@@ -129,11 +129,14 @@ class DecodeWorker:
             return
         # From here until its admission (or its end) others here wait for the blocks it
         # fetches (decode/imports_in_flight.py): claimed before anything is awaited, so that
-        # requests that came together (one call of many) find the claim.
-        claim = self._claim(prompt_ids, cached)
+        # requests that came together (one call of many) find the claim. The prompt's block
+        # hashes are computed once, for the claim and every try of the reservation.
+        _, page_size = self.engine.kv_layout
+        hashes = block_hashes(prompt_ids, page_size) if self.share else None
+        claim = None if hashes is None else self.imports.add(hashes[cached // page_size:])
         try:
             async with aclosing(self._remote(prompt_ids, params, request_id, sink, cached,
-                                             claim, early)) as outputs:
+                                             claim, early, hashes)) as outputs:
                 async for out in outputs:
                     yield out
         finally:
@@ -142,14 +145,14 @@ class DecodeWorker:
 
     async def _remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                       sink: OutputSink | None, cached: int, claim: Claim | None,
-                      early: PrefillCall | None = None):
+                      early: PrefillCall | None = None, hashes: list[int] | None = None):
         """Steps 1-4: a prompt prefilled by a prefill replica; `early`, a call made while it
-        waited for a claim."""
+        waited for a claim; `hashes`, the prompt's block hashes if they are known."""
         # Step 2's call goes out before the reservation is made (decode/prefill_calls.py).
         if early is None and not self.layerwise:
             early = self.calls.early(self.prefill, prompt_ids, params, request_id, cached)
         try:
-            rsv = await self._reserve(request_id, prompt_ids, params,
+            rsv = await self._reserve(request_id, prompt_ids, params, hashes,
                                       on_full=lambda: self.calls.drop(early))
         except BaseException:
             self.calls.drop(early)
@@ -184,13 +187,6 @@ class DecodeWorker:
         del payload, kv_data  # the stream holds the pages only until they are in the pool
         async for out in stream:
             yield out
-
-    def _claim(self, prompt_ids: list[int], cached: int) -> Claim | None:
-        """This request's claim on the prompt's full blocks past the `cached` tokens."""
-        if not self.share:
-            return None
-        _, page_size = self.engine.kv_layout
-        return self.imports.add(block_hashes(prompt_ids, page_size)[cached // page_size:])
 
     async def _wait_for_shared_imports(self, prompt_ids: list[int], params: SamplingParams,
                                        request_id: str) -> tuple[int, PrefillCall | None]:
@@ -308,13 +304,14 @@ class DecodeWorker:
         return await asyncio.wait_for(receive, self.timeout_s)
 
     async def _reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       hashes: list[int] | None = None,
                        on_full: Callable[[], None] = lambda: None) -> Reservation:
         """Pages for the prompt; waits (bounded) while the pool is full of running requests,
         calling `on_full()` each time it finds it so."""
         deadline = time.monotonic() + self.reserve_timeout_s
         while True:
             try:
-                rsv = await self.engine.reserve(request_id, prompt_ids, params)
+                rsv = await self.engine.reserve(request_id, prompt_ids, params, hashes)
             except asyncio.CancelledError:
                 # Cancelled after the reservation ran but before this task resumed: undo it.
                 # (Cancelled before it ran, `reserve` undoes it itself.)

@@ -162,7 +162,7 @@ class AsyncEngine:
             yield out
 
     async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      ) -> Reservation | None:
+                      hashes: list[int] | None = None) -> Reservation | None:
         """Pages for a prompt whose KV comes from another replica (`Engine.reserve`). A caller
         cancelled meanwhile leaves nothing reserved; otherwise `abort` undoes it, carried out
         once `end_import` says that no transport writes into it (with a PageImport out)."""
@@ -170,7 +170,7 @@ class AsyncEngine:
             self.engine.end_import(request_id)
             self.engine.abort(request_id)
 
-        return await self.call(lambda: self.engine.reserve(request_id, prompt_ids, params),
+        return await self.call(lambda: self.engine.reserve(request_id, prompt_ids, params, hashes),
                                undo=undo)
 
     def end_import(self, request_id: str) -> None:

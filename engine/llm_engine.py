@@ -164,13 +164,16 @@ class Engine:
 
     # -- the decode role: admit a request whose prompt KV comes from elsewhere -------------
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                ) -> Reservation | None:
+                hashes: list[int] | None = None) -> Reservation | None:
         """Pages for a prompt whose KV another replica computes: cached prefix pages first, fresh
         pages for the rest; None when the pool cannot hold it now. Undo with `abort`. On a
         GPU the reservation carries a PageImport (`import_to`), and an abort of it is carried
-        out only at `end_import`, which its receiver calls once no transport writes there."""
+        out only at `end_import`, which its receiver calls once no transport writes there.
+        `hashes`: the chain hashes of the prompt's full blocks (engine/block_hash.py) where the
+        caller has them already; they are not computed again."""
         self.validate(prompt_ids, params)
-        rsv = self.scheduler.reserve(Request(request_id, list(prompt_ids), params))
+        rsv = self.scheduler.reserve(Request(request_id, list(prompt_ids), params,
+                                             block_hashes=list(hashes or ())))
         if rsv is None:
             return None
         hop(request_id, "engine.reserve")

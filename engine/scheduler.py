@@ -128,7 +128,8 @@ class Scheduler:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already running")
         # The hashes also identify the prompt to the sender, with or without a prefix cache.
-        req.block_hashes = block_hashes(req.prompt_token_ids, self.page_size)
+        # (Those the caller has already, in req.block_hashes, are not computed again.)
+        req.block_hashes = block_hashes(req.prompt_token_ids, self.page_size, req.block_hashes)
         # Every full block may come from the cache: the first token comes with the KV.
         cached = self.kv.match_prefix(req, max_blocks=len(req.block_hashes))
         rest = req.num_prompt_tokens - req.num_computed_tokens
