@@ -14,8 +14,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from engine.async_engine import merge_outputs
 from engine.hop_log import hop
+from engine.output_streams import merge_outputs
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from serving.token_path import TokenReader

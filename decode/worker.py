@@ -38,10 +38,11 @@ from contextlib import aclosing
 
 from decode.imports_in_flight import Claim, ImportsInFlight
 from decode.prefill_calls import PrefillCall, PrefillCalls
-from engine.async_engine import AsyncEngine, OutputSink
+from engine.async_engine import AsyncEngine
 from engine.block_hash import block_hashes
 from engine.hop_log import hop
 from engine.metrics import LOCAL_PREFILL_TTFT, Metrics, track_stream
+from engine.output_streams import OutputSink
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation

@@ -11,10 +11,8 @@ old loop had to be woken on the event loop (behind whatever else the serving rep
 doing), run every ready callback and hand the next step to a pool thread; on the H200 the GPU
 sat idle for those hand-offs (docs/benchmarks.md, the token path).
 
-A request started with an `OutputSink` hands every output to the sink instead of its stream
-(which then yields only the last output, or raises): the step thread calls `put` per output and
-`flush` once per step per sink, so whoever sends outputs elsewhere sends one message per step
-for all its requests, not one per token per request. Sinks are called on the step thread.
+The streams, and the `OutputSink`s that take a request's outputs in place of its stream, are
+engine/output_streams.py's.
 """
 
 from __future__ import annotations
@@ -25,12 +23,12 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from engine.kv_stream import LayerwiseExport
 from engine.llm_engine import Engine
 from engine.metrics import EngineStats
+from engine.output_streams import OutputSink, OutputStreams, call_soon
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation
@@ -44,61 +42,16 @@ IDLE_EXIT_S = 1.0  # the step thread leaves after this long without work
 _DRIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class OutputSink(Protocol):
-    """Receives the outputs of many requests, on the step thread; `flush` ends each step (and
-    each batch of between-step admissions) that put anything."""
-
-    def put(self, out: RequestOutput) -> None: ...
-
-    def flush(self) -> None: ...
-
-
-@dataclass(eq=False)
-class _Stream:
-    """A request's output queue, on the event loop of the caller that reads it."""
-
-    queue: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    sink: OutputSink | None = None
-
-    def post(self, item: object) -> None:
-        """Put `item` into the queue from any thread."""
-        try:
-            if asyncio.get_running_loop() is self.loop:
-                self.queue.put_nowait(item)
-                return
-        except RuntimeError:  # no loop running in this thread
-            pass
-        _call_soon(self.loop, self.queue.put_nowait, item)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: object) -> bool:
-    """`loop.call_soon_threadsafe(fn, *args)`; False if the loop is closed (nobody waits)."""
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-        return True
-    except RuntimeError:
-        return False
-
-
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         _DRIVERS[engine] = self
-        self._streams: dict[str, _Stream] = {}
+        self._streams = OutputStreams(on_abandon=self.abort)
         self._cond = threading.Condition()
         self._pending: list[tuple[str, Callable[[], None]]] = []  # under _cond
         self._running = False  # a step thread is alive (under _cond)
         self._closed = False
         self._thread: threading.Thread | None = None
-        # Touched by the step thread only:
-        self._dirty: dict[int, OutputSink] = {}  # sinks given outputs since their last flush
-        self._posts: list[tuple[_Stream, object]] = []  # stream items of this step
         self.num_steps = 0
         # Where the step thread's working time goes: inside `Engine.step`, and in its whole
         # rounds (actions + step + hand-off) that stepped; the difference is the host time the
@@ -155,10 +108,10 @@ class AsyncEngine:
         this stream yields only the last one."""
         prompt_ids = self.engine.tokenize(prompt)
         self.engine.validate(prompt_ids, params)  # raises ValueError before anything is queued
-        stream = self._open(request_id, sink)
+        stream = self._streams.open(request_id, sink)
         self._submit(request_id, lambda: self.engine.add_request(prompt_ids, params, request_id,
                                                                  kv_export_from, kv_stream))
-        async for out in self._drain(request_id, stream.queue):
+        async for out in self._streams.drain(request_id, stream):
             yield out
 
     async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -188,7 +141,7 @@ class AsyncEngine:
         prefill replica; the first output is the token prefill sampled. `sink` as in
         `generate`. `admitted()` runs on the caller's loop once the admission has run on the
         step thread (the prompt's pages are in the prefix cache then), or failed."""
-        stream = self._open(request_id, sink)
+        stream = self._streams.open(request_id, sink)
 
         def admit() -> None:
             nonlocal kv_data
@@ -196,29 +149,30 @@ class AsyncEngine:
                 out = self.engine.admit_prefilled(request_id, first_block, kv_data, first_token,
                                                   logprob, num_cached_tokens, prompt_logprobs)
                 if out is not None:
-                    self._deliver(out)
+                    self._streams.deliver(out)
                 else:  # aborted meanwhile: the stream ends as aborted
-                    self._end_stream(request_id)
+                    self._streams.end(request_id)
             finally:
                 kv_data = None  # a mapped sender buffer (cuda_ipc) is released once copied
                 if admitted is not None:
-                    _call_soon(stream.loop, admitted)
+                    call_soon(stream.loop, admitted)
 
         self._submit(request_id, admit)
-        async for out in self._drain(request_id, stream.queue):
+        async for out in self._streams.drain(request_id, stream):
             yield out
 
     def abort(self, request_id: str) -> None:
         """End request_id wherever it is (queued, running, reserved) and free its pages. Safe
         from any thread."""
         self._submit(request_id, lambda: self.engine.abort(request_id))
-        self._end_stream(request_id)
+        self._streams.end(request_id)
 
-    def _end_stream(self, request_id: str) -> None:
-        """The request's stream ends, as aborted (no finished output)."""
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.post(None)
+    def num_open_streams(self) -> int:
+        """Requests whose output stream is open (submitted and not yet ended or abandoned)."""
+        return len(self._streams)
+
+    def has_stream(self, request_id: str) -> bool:
+        return request_id in self._streams
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -273,9 +227,9 @@ class AsyncEngine:
             try:
                 result = fn()
             except Exception as e:
-                _call_soon(loop, fail, e)
+                call_soon(loop, fail, e)
                 return
-            if fut.cancelled() or not _call_soon(loop, settle, result):
+            if fut.cancelled() or not call_soon(loop, settle, result):
                 if undo is not None:
                     undo(result)
 
@@ -283,68 +237,6 @@ class AsyncEngine:
         return await fut
 
     # -- internals ------------------------------------------------------------------------
-    def _open(self, request_id: str, sink: OutputSink | None = None) -> _Stream:
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already running")
-        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), sink)
-        self._streams[request_id] = stream
-        return stream
-
-    def _deliver(self, out: RequestOutput) -> None:
-        """(Step thread.) Hand an output to its sink (the stream gets only the last one) or to
-        its stream."""
-        stream = self._streams.get(out.request_id)
-        if stream is None:
-            return
-        if stream.sink is not None:
-            stream.sink.put(out)
-            self._dirty[id(stream.sink)] = stream.sink
-            if not out.finished:
-                return
-        self._posts.append((stream, out))
-
-    def _flush(self) -> None:
-        """(Step thread.) Sinks first, so that a request's last batch is on its way before its
-        stream (and so its Serve call) ends; then one hand-off per event loop."""
-        dirty, self._dirty = self._dirty, {}
-        for sink in dirty.values():
-            try:
-                sink.flush()
-            except Exception:  # one consumer's failure must not stop the loop
-                log.exception("output sink flush failed")
-        posts, self._posts = self._posts, []
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, item in posts:
-            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
-        for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
-
-    async def _drain(self, request_id: str, queue: asyncio.Queue
-                     ) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                # A consumer that fell behind gets what piled up as one output: under load
-                # this cuts per-message costs downstream (Serve streams, SSE chunks).
-                merged = None
-                for item in items:
-                    if item is None or isinstance(item, BaseException):
-                        if merged is not None:
-                            yield merged
-                        if item is None:  # aborted
-                            return
-                        raise item
-                    merged = item if merged is None else merge_outputs(merged, item)
-                finished = merged.finished
-                yield merged
-        finally:
-            if not finished:  # consumer went away (disconnect, timeout): free its pages
-                self.abort(request_id)
-            self._streams.pop(request_id, None)
-
     def _submit(self, request_id: str, fn: Callable[[], None]) -> None:
         with self._cond:
             self._pending.append((request_id, fn))
@@ -406,11 +298,9 @@ class AsyncEngine:
                 fn()
             except Exception as e:  # a bad request must not stop the loop
                 log.exception("engine action for %s failed", request_id)
-                stream = self._streams.pop(request_id, None)
-                if stream is not None:
-                    self._posts.append((stream, e))
+                self._streams.fail(request_id, e)
         self.action_seconds += time.perf_counter() - start
-        self._flush()  # first tokens of the requests admitted just now
+        self._streams.flush()  # first tokens of the requests admitted just now
 
     def _step(self) -> float | None:
         """One engine step and the hand-off of its outputs; returns the step's seconds, or None
@@ -430,22 +320,13 @@ class AsyncEngine:
         self.step_seconds += step_s
         self.num_steps += 1
         for out in outputs:
-            self._deliver(out)
-        self._flush()
+            self._streams.deliver(out)
+        self._streams.flush()
         return step_s
 
     def _fail_all(self, error: BaseException) -> None:
-        for request_id in list(self._streams):
+        for request_id in self._streams.ids():
             self.engine.abort(request_id)
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                self._posts.append((stream, error))
-        self._flush()
+            self._streams.fail(request_id, error)
+        self._streams.flush()
 
-
-def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """b follows a in the same request's stream: one output carrying both."""
-    return b.evolve(
-        new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
-        new_logprobs=a.new_logprobs + b.new_logprobs,
-        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)

@@ -73,7 +73,7 @@ async def test_serve_disconnect_is_quiet(llm: LLM, caplog, path: str, spec: str,
 
     # Returns normally: nothing left for Serve to log. (A hang guard only.)
     await asyncio.wait_for(app(scope(path, spec), receive, send), timeout=60)
-    while llm.engine.has_unfinished() or engine._streams:
+    while llm.engine.has_unfinished() or engine.num_open_streams():
         await asyncio.sleep(0.01)
     engine.close()
     gc.collect()  # an unretrieved exception is reported when its future is collected

@@ -153,7 +153,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         yield client, llm, engine
         # Let anything still queued in the engine loop run before the pages are counted.
         for _ in range(200):
-            if not llm.engine.has_unfinished() and not engine._streams:
+            if not llm.engine.has_unfinished() and not engine.num_open_streams():
                 break
             time.sleep(0.01)
 
@@ -208,7 +208,7 @@ def check_choices(route: str, body: dict, answer: dict | list) -> None:
 def test_pages_back_to_zero_after_fuzzing(served) -> None:
     _, llm, engine = served
     for _ in range(300):
-        if not llm.engine.has_unfinished() and not engine._streams:
+        if not llm.engine.has_unfinished() and not engine.num_open_streams():
             break
         time.sleep(0.01)
     llm.engine.allocator.check_integrity()

@@ -82,7 +82,7 @@ async def settle(llm: LLM, engine: AsyncEngine) -> None:
     """Waits until the engine has no request and no open stream left. The deadline is a hang
     guard only; what ended the requests is for the caller to check (`assert_aborted`)."""
     deadline = asyncio.get_running_loop().time() + 60
-    while llm.engine.has_unfinished() or engine._streams:
+    while llm.engine.has_unfinished() or engine.num_open_streams():
         assert asyncio.get_running_loop().time() < deadline, "the requests never ended"
         await asyncio.sleep(0.01)
 
@@ -96,7 +96,7 @@ async def assert_aborted(llm: LLM, engine: AsyncEngine, requests: list[Request],
     for req in requests:
         assert req.finish_reason == "abort"
         assert 0 < len(req.output_token_ids) < max_tokens
-    assert not llm.engine.has_unfinished() and engine._streams == {}
+    assert not llm.engine.has_unfinished() and engine.num_open_streams() == 0
     llm.engine.allocator.check_integrity()
     assert llm.engine.num_pages_used == 0
     steps = engine.num_steps

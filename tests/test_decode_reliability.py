@@ -117,7 +117,7 @@ def test_disconnect_before_first_token_cancels_prefill(tiny_llama):
         gone = asyncio.create_task(tokens(decode, [6] * 30, GREEDY, "gone"))
         # "gone" holds reserved decode pages and waits in the prefill queue.
         await until(lambda: "gone" in decode.engine.engine.scheduler.reserved
-                    and "gone" in prefill.engine._streams)
+                    and prefill.engine.has_stream("gone"))
         gone.cancel()  # the client disconnects before its first token
         await asyncio.gather(gone, return_exceptions=True)
         gate.set()

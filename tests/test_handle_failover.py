@@ -91,7 +91,7 @@ async def assert_no_page_left(raw: Engine, engine: AsyncEngine) -> None:
     """Once the engine has let go of every request (the aborts of dead calls land between two
     steps; the deadline is a hang guard only), no page is in use."""
     deadline = asyncio.get_running_loop().time() + 60
-    while raw.has_unfinished() or engine._streams:
+    while raw.has_unfinished() or engine.num_open_streams():
         assert asyncio.get_running_loop().time() < deadline, "a request never ended"
         await asyncio.sleep(0.01)
     raw.allocator.check_integrity()
