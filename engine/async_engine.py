@@ -329,4 +329,3 @@ class AsyncEngine:
             self.engine.abort(request_id)
             self._streams.fail(request_id, error)
         self._streams.flush()
-
