@@ -78,6 +78,15 @@ class ChannelSender:
             self._offers[tid] = _Offer(data, spans, ready, time.monotonic() + self.timeout_s)
         return tid
 
+    def withdraw(self, tid: int) -> bool:
+        """Drop an offer no receiver will fetch (its handle never left this replica); False if
+        it is not held (fetched, or dropped at its deadline)."""
+        with self._lock:
+            offer = self._offers.pop(tid, None)
+            if offer is not None:
+                self.transfers_dropped += 1
+        return offer is not None
+
     @property
     def num_offers(self) -> int:
         with self._lock:

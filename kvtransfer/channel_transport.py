@@ -94,6 +94,9 @@ class ChannelTransport(KVTransport):
         sender = self.sender
         return ChannelHandle(sender.address, sender.offer(data, spans), header, spans)
 
+    def discard(self, handle: object) -> None:
+        self.sender.withdraw(handle.transfer_id)
+
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
         if not isinstance(handle, ChannelHandle):
             raise TypeError(f"{self.backend} transport got {type(handle).__name__}, "

@@ -114,6 +114,13 @@ class CudaIpcTransport(KVTransport):
         pages = export_pages(payload.data, self.exports) if payload.data.numel() else None
         return pickle.dumps((payload.header(), pages), protocol=pickle.HIGHEST_PROTOCOL)
 
+    def discard(self, handle: object) -> None:
+        """The receiver's reference, which the handle would have carried, is dropped now: torch
+        frees the block at a later `ipc_collect`."""
+        _, pages = pickle.loads(handle)
+        if pages is not None:
+            self.exports.drop(pages.ref_counter)
+
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
         _check_handle(handle)
         want = torch.device(device)

@@ -13,6 +13,8 @@ Contract:
   receiver's reference itself at `release_at` = the export + `timeout_s`; `accept_by` is
   `margin` of `timeout_s` before that (60 s for the default 600 s), the time a receiver that
   accepted in time has to finish its copy and release.
+- `drop(ref_counter)` drops the receiver's reference of one export now and forgets it: for a
+  handle that never left the sender (`CudaIpcTransport.discard`). False if it is not held.
 - `expire()` (the sender calls it before each export) drops the reference of every export past
   its `release_at` and forgets it. It cannot tell a dead receiver from one that released in
   time, so it drops both: the latter leaves torch's counter at -1, which is harmless, as torch
@@ -71,6 +73,15 @@ class IpcExports:
             self._held.append(_Export(ref_counter, device, now + self.timeout_s))
         return now + (1 - self.margin) * self.timeout_s
 
+    def drop(self, ref_counter: RefCounter) -> bool:
+        with self._lock:
+            export = next((e for e in self._held if e.ref_counter == ref_counter), None)
+            if export is None:
+                return False
+            self._held.remove(export)
+        self._release(export)
+        return True
+
     def expire(self) -> int:
         """Drop the receiver's reference of every export past its `release_at`; returns how many
         were dropped."""
@@ -79,13 +90,16 @@ class IpcExports:
             while self._held and self._held[0].release_at <= now:
                 due.append(self._held.popleft())
         for export in due:
-            try:
-                self.release(export.ref_counter, export.device)
-            except Exception as e:  # noqa: BLE001 - a send must not fail for it
-                # At worst the block stays pinned, as it did before this ledger.
-                log.warning("could not drop a cuda_ipc export's reference %r: %r",
-                            export.ref_counter, e)
+            self._release(export)
         return len(due)
+
+    def _release(self, export: _Export) -> None:
+        try:
+            self.release(export.ref_counter, export.device)
+        except Exception as e:  # noqa: BLE001 - a send must not fail for it
+            # At worst the block stays pinned, as it did before this ledger.
+            log.warning("could not drop a cuda_ipc export's reference %r: %r",
+                        export.ref_counter, e)
 
     def __len__(self) -> int:
         return len(self._held)

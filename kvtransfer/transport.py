@@ -31,6 +31,9 @@ class KVTransport(ABC):
       that can write there itself does, and returns the payload's header (`data` a meta
       tensor); it returns or raises, even cancelled, only once nothing more will be written.
       The others return `receive(handle, target.device)`, for the engine to write.
+    - `discard(handle)` runs on the sender, for a handle `send` made that will reach no
+      receiver (the prefill's caller left while it was sent): what the handle holds is let go
+      now, not at `timeout_s`. Never for a handle that left the sender.
     - Bytes moved are counted by the receiver (`KVPayload.nbytes`).
     - A sender holds a payload for at most `timeout_s` (the request timeout) waiting for its
       receiver; a receive whose KV is gone raises KVTransferLost.
@@ -58,6 +61,11 @@ class KVTransport(ABC):
 
     @abstractmethod
     def send(self, payload: KVPayload) -> object: ...
+
+    def discard(self, handle: object) -> None:
+        """Nothing to let go where a handle's pages die with it (inline; Ray object refs, which
+        Ray frees once no ref is left)."""
+        return None
 
     @abstractmethod
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload: ...

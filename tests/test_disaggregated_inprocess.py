@@ -165,3 +165,52 @@ def test_the_decode_worker_ends_every_import_it_was_given(tiny_llama, monkeypatc
     assert [t for o in got for t in o.new_token_ids] == ref
     assert decode.engine.engine.importing == {}
     assert decode.engine.stats().pages_used == 0
+
+
+def test_a_prefill_whose_caller_leaves_while_its_kv_is_sent_discards_the_handle(tiny_llama):
+    """The send runs in a thread, which the caller's cancellation does not stop: the handle it
+    makes reaches nobody, so the transport discards it at once (with `cuda_ipc`, else GPU
+    memory of the prefill replica held for `timeout_s`)."""
+    import threading
+
+    from kvtransfer.inline import InlineTransport
+
+    class HeldSend(InlineTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sending, self.go = threading.Event(), threading.Event()
+            self.sent: list[object] = []
+            self.discarded: list[object] = []
+
+        def send(self, payload: KVPayload) -> object:
+            self.sending.set()
+            self.go.wait(60)  # a hang guard, not a speed bound
+            self.sent.append(payload)
+            return payload
+
+        def discard(self, handle: object) -> None:
+            self.discarded.append(handle)
+
+    transport = HeldSend()
+    fp = model_fingerprint(tiny_llama, "float32", "safetensors", 0)
+    prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(tiny_llama), EngineConfig(
+        page_size=16, num_pages=32))), transport, fp)
+
+    async def main():
+        call = asyncio.ensure_future(prefill.prefill(list(range(5, 40)), GREEDY, "gone"))
+        await asyncio.to_thread(transport.sending.wait, 60)
+        call.cancel()  # the caller leaves while the KV is being sent
+        await asyncio.gather(call, return_exceptions=True)
+        assert call.cancelled() and transport.discarded == []  # the send is still running
+        transport.go.set()
+        for _ in range(6000):  # a hang guard, not a speed bound
+            if transport.discarded:
+                break
+            await asyncio.sleep(0.01)
+        kept = await prefill.prefill(list(range(5, 40)), GREEDY, "kept")  # answered: kept
+        return kept
+
+    kept = asyncio.run(main())
+    assert len(transport.sent) == 2 and transport.discarded == [transport.sent[0]]
+    assert kept.kv is transport.sent[1]
+    no_pages_left(prefill)

@@ -1,7 +1,7 @@
 """The cuda_ipc sender holds shared pages at most `timeout_s`, even for a receiver that died
 holding the handle: it drops the receiver's reference itself then, and a receiver refuses a
-handle past its `accept_by` (a margin earlier), releasing nothing. On the GPU:
-tests/gpu/test_cuda_ipc.py."""
+handle past its `accept_by` (a margin earlier), releasing nothing. A handle that never left the
+sender is discarded there at once. On the GPU: tests/gpu/test_cuda_ipc.py."""
 
 from __future__ import annotations
 
@@ -81,3 +81,17 @@ def test_a_receiver_refuses_a_late_handle_and_releases_nothing(monkeypatch):
         transport.take(_handle(accept_by=109.0), torch.device("cuda", 0))
     assert released == []  # the sender drops that reference at its release_at
     assert refused(109.0, clock) and not refused(109.5, clock)
+
+
+def test_a_discarded_handle_drops_its_reference_at_once_and_only_once():
+    clock, released = Clock(), []
+    transport = CudaIpcTransport(timeout_s=10.0, clock=clock)
+    transport.exports = ledger(clock, released)
+    transport.exports.add((b"/torch_1_2", 3), 0)  # as export_pages does for _handle's pages
+    transport.exports.add((b"/torch_1_2", 4), 0)
+    transport.discard(_handle(accept_by=109.0))
+    assert released == [((b"/torch_1_2", 3), 0)] and len(transport.exports) == 1
+    transport.discard(_handle(accept_by=109.0))  # not held any more: nothing is released
+    clock.now = 200.0
+    assert transport.exports.expire() == 1  # the other export, at its time
+    assert released == [((b"/torch_1_2", 3), 0), ((b"/torch_1_2", 4), 0)]

@@ -118,6 +118,20 @@ def test_unfetched_payload_is_dropped_after_the_timeout(transports):
     assert torch.equal(got.data, payload(4).data) and receiver.receiver.num_channels == 1
 
 
+def test_a_discarded_payload_is_let_go_at_once(transports):
+    """A handle that never left the sender (its prefill's caller went away while it was sent)
+    is discarded there: the payload is not held until the timeout."""
+    sender = transports(timeout_s=30)
+    kept, dropped = sender.send(payload(6)), sender.send(payload(7))
+    assert sender.sender.num_offers == 2
+    sender.discard(dropped)
+    assert sender.sender.num_offers == 1 and sender.sender.transfers_dropped == 1
+    sender.discard(dropped)  # nothing held under it any more: nothing changes
+    assert sender.sender.num_offers == 1 and sender.sender.transfers_dropped == 1
+    got = asyncio.run(transports().receive(kept, "cpu"))
+    assert torch.equal(got.data, payload(6).data) and sender.sender.num_offers == 0
+
+
 def test_unknown_sender_is_a_lost_transfer(transports):
     sender = transports()
     handle = sender.send(payload(5))
