@@ -107,8 +107,12 @@ class DecodeWorker:
         stream = self._generate(list(prompt_ids), params, request_id, sink, start)
         if sink is None:
             stream = track_stream(stream, self.metrics, start)
-        async for out in stream:
-            yield out
+        # Each stream inside is closed explicitly, down to the engine's: a caller that closes
+        # this one part-way (rather than cancelling the task that reads it) aborts the request
+        # at once, not when the garbage collector finalizes the inner generators.
+        async with aclosing(stream) as outputs:
+            async for out in outputs:
+                yield out
 
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                         sink: OutputSink | None, start: float):
@@ -123,10 +127,12 @@ class DecodeWorker:
             self.metrics.inc("pdserve_local_prefills_total")
             self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
             timer = FirstOutputTimer(self.metrics, LOCAL_PREFILL_TTFT, start, sink)
-            async for out in self.engine.generate(prompt_ids, params, request_id,
-                                                  sink=None if sink is None else timer):
-                timer.seen()
-                yield out
+            async with aclosing(self.engine.generate(
+                    prompt_ids, params, request_id, sink=None if sink is None else timer),
+                    ) as outputs:
+                async for out in outputs:
+                    timer.seen()
+                    yield out
             return
         # From here until its admission (or its end) others here wait for the blocks it
         # fetches (decode/imports_in_flight.py): claimed before anything is awaited, so that
@@ -186,8 +192,9 @@ class DecodeWorker:
                                              result.num_cached_tokens, sink,
                                              result.prompt_logprobs, admitted)
         del payload, kv_data  # the stream holds the pages only until they are in the pool
-        async for out in stream:
-            yield out
+        async with aclosing(stream) as outputs:
+            async for out in outputs:
+                yield out
 
     async def _wait_for_shared_imports(self, prompt_ids: list[int], params: SamplingParams,
                                        request_id: str) -> tuple[int, PrefillCall | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 # The TTFT of requests a decode replica prefilled itself (decode.local_prefill_max_tokens), also
@@ -139,6 +140,7 @@ def record_step(metrics: Metrics, recorders: dict[str, StreamRecorder], outs: li
 async def track_stream(stream, metrics: Metrics, start: float):
     """Pass a RequestOutput stream through, recording it (`StreamRecorder`)."""
     recorder = StreamRecorder(metrics, start)
-    async for out in stream:
-        recorder.observe(out)
-        yield out
+    async with aclosing(stream) as outputs:  # closed with this one: see DecodeWorker.generate
+        async for out in outputs:
+            recorder.observe(out)
+            yield out
