@@ -8,8 +8,10 @@ came with the handle, and frees it on a later `torch.cuda.ipc_collect()`, which 
 The receiver releases it once its copy is done. For a receiver that never does (it died
 holding the handle) the sender drops the reference itself once `timeout_s` has passed
 (kvtransfer/ipc_exports.py), and a receiver refuses a handle past its `accept_by` with
-KVTransferLost, so no copy reads a block that the sender may free. Both replicas must see the
-same GPU (e.g. `num_gpus: 0.5` each on one device); across GPUs or nodes use the `ray` transport.
+KVTransferLost, so no copy reads a block that the sender may free. A handle that never left
+the sender (its prefill's caller went away during `send`) is discarded at once (`discard`).
+Both replicas must see the same GPU (e.g. `num_gpus: 0.5` each on one device); across GPUs or
+nodes use the `ray` transport.
 
 The receive does not go through torch's unpickling of the tensor: torch unmaps in the tensor's
 destructor holding the GIL, and an unmap waits for the GPU (`kvtransfer/cuda_runtime.py` says
