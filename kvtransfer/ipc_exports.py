@@ -74,6 +74,7 @@ class IpcExports:
         return now + (1 - self.margin) * self.timeout_s
 
     def drop(self, ref_counter: RefCounter) -> bool:
+        """Drop one export's receiver reference now and forget it; False if it is not held."""
         with self._lock:
             export = next((e for e in self._held if e.ref_counter == ref_counter), None)
             if export is None:
