@@ -107,7 +107,7 @@ class Admission:
         start = time.monotonic()
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.limits.queue_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if not fut.done():
                 self._queue.remove(entry)
                 self.num_rejected += 1

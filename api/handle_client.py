@@ -136,7 +136,7 @@ class HandleClient:
                     out = await asyncio.wait_for(anext(response), self.timeout_s)
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise TimeoutError(f"no output from the serving replica for "
                                        f"{self.timeout_s:.0f} s") from None
                 finished = out.finished

@@ -10,7 +10,6 @@ number of events otherwise.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import urllib.request
@@ -190,7 +189,7 @@ async def stream_completion(
                     state.on_data(data, now)
             for data in parser.close():
                 state.on_data(data, time.perf_counter())
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         record.error = f"{type(e).__name__}: {e}"
     return state.finish(record, start, time.perf_counter())
 

@@ -108,7 +108,7 @@ async def one(http: httpx.AsyncClient, rng: random.Random, args) -> str:
     if abort and rng.random() < 0.4:  # gone before the first token, if it is quick enough
         try:
             r = await asyncio.wait_for(http.send(request, stream=True), rng.uniform(0, 0.05))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "aborted_before_response"
         await r.aclose()
         return "aborted_after_headers"
@@ -154,7 +154,7 @@ async def run_soak(url: str, requests: int = 1000, concurrency: int = 16, abort_
                 try:
                     outcome = await asyncio.wait_for(one(http, random.Random(seeds[i]), args),
                                                      timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     outcome = "fail:hang"
                 except httpx.HTTPError as e:
                     outcome = f"fail:{type(e).__name__}"

@@ -309,7 +309,11 @@ class DecodeWorker:
             receive = self.transport.receive(handle, self.engine.device)
         else:
             receive = self.transport.receive_into(handle, rsv.import_to)
-        return await asyncio.wait_for(receive, self.timeout_s)
+        # Awaited in this task, under a deadline: `asyncio.wait_for` (before Python 3.12) runs
+        # it as a task of its own, and a cancellation that came before that task started would
+        # leave the handle untaken, its pages held by the sender for its `timeout_s`.
+        async with asyncio.timeout(self.timeout_s):
+            return await receive
 
     async def _reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        hashes: list[int] | None = None,
