@@ -36,7 +36,7 @@ from api.grpc_service import GrpcService
 from api.handle_client import HandleClient
 from api.mailbox_call import Coalescing
 from api.server import MetricsSource, build_api
-from serving.admission_ledger import replica_shared_slots
+from serving.ledger_actor import replica_shared_slots
 from serving.limits import Limits
 from serving.token_path import make_reader
 

@@ -3,7 +3,7 @@ replicas would send it: how long until every request has its answer.
 
     RAY_ADDRESS=local python -m bench.admission_burst [--burst 128] [--holders 2] [--repeats 3]
 
-Starts a local Ray, the ledger actor (serving/admission_ledger.py) and one `SharedSlots` per
+Starts a local Ray, the ledger actor (serving/ledger_actor.py) and one `SharedSlots` per
 holder, then, per repeat, `--burst` concurrent acquires spread over the holders (limit = burst,
 so every one is granted), and prints the time until all are answered, the p50/p99 of one
 acquire, and the claim messages each holder sent. Then all slots are released.
@@ -19,7 +19,8 @@ from bench.stats import percentile
 
 
 async def run(burst: int, holders: int, repeats: int) -> None:
-    from serving.admission_ledger import RayLedger, SharedSlots
+    from serving.admission_ledger import SharedSlots
+    from serving.ledger_actor import RayLedger
 
     port = RayLedger(f"bench-admission-burst-{time.time_ns()}")
     slots = [SharedSlots(port, f"h{i}", burst) for i in range(holders)]

@@ -31,7 +31,8 @@ ROUNDS = 20  # bursts of probes at most, until both replicas have refused some
 def _ledger():
     import ray
 
-    from serving.admission_ledger import NAMESPACE, ledger_name
+    from serving.admission_ledger import NAMESPACE
+    from serving.ledger_actor import ledger_name
 
     return ray.get_actor(ledger_name(APP, "ingress"), namespace=NAMESPACE)
 
