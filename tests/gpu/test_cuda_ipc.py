@@ -101,6 +101,30 @@ def test_the_sender_frees_pages_whose_receiver_never_released_them():
     assert len(transport.exports) == 0
 
 
+def test_a_discarded_handle_frees_the_sent_pages_at_the_next_send():
+    """A handle that never left the sender (its prefill's caller left during `send`): `discard`
+    drops the receiver's reference, and torch frees the block at the next `ipc_collect` (the
+    next send's), long before `timeout_s`."""
+    from kvtransfer.cuda_ipc import CudaIpcTransport
+    from kvtransfer.payload import KVPayload
+
+    transport = CudaIpcTransport(timeout_s=600.0)
+    torch.cuda.synchronize()
+    torch.cuda.ipc_collect()
+    base = torch.cuda.memory_allocated()
+    data = torch.randn(2, 4, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    nbytes = data.nbytes
+    handle = transport.send(KVPayload.from_tensor(data, 16, 0, [], "fp"))
+    del data
+    assert torch.cuda.memory_allocated() - base == nbytes  # held for a receiver
+    transport.discard(handle)
+    assert len(transport.exports) == 0
+    empty = KVPayload.from_tensor(torch.empty(2, 0, 2, 16, 8, 128, device="cuda",
+                                              dtype=torch.bfloat16), 16, 0, [], "fp")
+    transport.send(empty)  # its ipc_collect frees the block
+    assert torch.cuda.memory_allocated() == base
+
+
 def test_a_payload_without_pages_needs_no_handle():
     from kvtransfer.cuda_ipc import CudaIpcTransport
     from kvtransfer.payload import KVPayload
