@@ -41,38 +41,14 @@ from decode.prefill_calls import PrefillCall, PrefillCalls
 from engine.async_engine import AsyncEngine
 from engine.block_hash import block_hashes
 from engine.hop_log import hop
-from engine.metrics import LOCAL_PREFILL_TTFT, Metrics, track_stream
+from engine.metrics import LOCAL_PREFILL_TTFT, FirstOutputTimer, Metrics, track_stream
 from engine.output_streams import OutputSink
-from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation
 from kvtransfer import KVPayload, KVTransport
 from serving.pd_protocol import Prefiller, PrefillResult
 
 log = logging.getLogger(__name__)
-
-
-class FirstOutputTimer:
-    """Records into the histogram `name` how long after `start` a request's first output came.
-    With `sink`, it stands in front of that sink (outputs pass through it on the engine's step
-    thread); without, the caller calls `seen()` for every output of the request's stream."""
-
-    def __init__(self, metrics: Metrics, name: str, start: float,
-                 sink: OutputSink | None = None) -> None:
-        self.metrics, self.name, self.start, self.sink = metrics, name, start, sink
-        self.pending = True
-
-    def seen(self) -> None:
-        if self.pending:
-            self.pending = False
-            self.metrics.observe(self.name, time.perf_counter() - self.start)
-
-    def put(self, out: RequestOutput) -> None:
-        self.seen()
-        self.sink.put(out)
-
-    def flush(self) -> None:
-        self.sink.flush()
 
 
 class DecodeWorker:

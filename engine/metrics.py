@@ -6,6 +6,11 @@ import bisect
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.output_streams import OutputSink
+    from engine.outputs import RequestOutput
 
 # The TTFT of requests a decode replica prefilled itself (decode.local_prefill_max_tokens), also
 # in pdserve_ttft_seconds: what the SLO autoscaler leaves out of the TTFT it charges to prefill.
@@ -144,3 +149,26 @@ async def track_stream(stream, metrics: Metrics, start: float):
         async for out in outputs:
             recorder.observe(out)
             yield out
+
+
+class FirstOutputTimer:
+    """Records into the histogram `name` how long after `start` a request's first output came.
+    With `sink`, it stands in front of that sink (outputs pass through it on the engine's step
+    thread); without, the caller calls `seen()` for every output of the request's stream."""
+
+    def __init__(self, metrics: Metrics, name: str, start: float,
+                 sink: OutputSink | None = None) -> None:
+        self.metrics, self.name, self.start, self.sink = metrics, name, start, sink
+        self.pending = True
+
+    def seen(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.metrics.observe(self.name, time.perf_counter() - self.start)
+
+    def put(self, out: RequestOutput) -> None:
+        self.seen()
+        self.sink.put(out)
+
+    def flush(self) -> None:
+        self.sink.flush()
