@@ -1,8 +1,8 @@
 """PrefillCalls: a decode replica's calls to the prefill deployment (step 2 of
 decode/worker.py), and the KV that each answer leaves on its prefill replica until it is
 received. One owner: an answer is either claimed (`result`) and received by the worker, or
-received and thrown away here; else the prefill replica would keep it (with `cuda_ipc`, GPU
-memory) for good.
+released here (`KVTransport.release`); else the prefill replica would keep it (with `cuda_ipc`,
+GPU memory) for good.
 
 A call may go out before the request's reservation (`early`): the reservation waits for the
 engine's step thread (~10-30 ms in a burst), and the call need not, as long as it asks for the
@@ -20,10 +20,10 @@ Contract (all on the replica's event loop):
   cancelled meanwhile drops the call.
 - `drop(call)` when the call will not be used (the reservation starts at another block or
   waits for pages, the request ended): the call is cancelled, and if it ends with an answer
-  all the same (it had come), that answer's KV is received and thrown away. Does nothing the
+  all the same (it had come), that answer's KV is released. Does nothing the
   second time. A `Prefiller` cancelled after its answer came returns it (decode/deployment.py).
 - `release(answer)`: an answer that came for no call (its caller had left, and its abort came
-  too late on the prefill replica) has its KV received and thrown away.
+  too late on the prefill replica) has its KV released.
 """
 
 from __future__ import annotations
@@ -99,8 +99,7 @@ class PrefillCalls:
         self._track(self._release(call.task))
 
     def release(self, answer: PrefillResult) -> None:
-        """An answer no call claims (it came after its caller left): its KV is received and
-        thrown away."""
+        """An answer no call claims (it came after its caller left): its KV is released."""
         self._track(self._throw_away(answer))
 
     def _track(self, coro) -> None:
@@ -115,6 +114,6 @@ class PrefillCalls:
 
     async def _throw_away(self, answer: PrefillResult) -> None:
         try:
-            await self.transport.receive(answer.kv, self.engine.device)
+            await self.transport.release(answer.kv, self.engine.device)
         except Exception as e:  # noqa: BLE001 - nothing is waiting for it
             log.warning("could not release an unused prefill's KV: %r", e)

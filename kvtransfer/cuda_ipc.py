@@ -131,6 +131,15 @@ class CudaIpcTransport(KVTransport):
         async with self._slot():
             return await asyncio.to_thread(self.take, handle, want)
 
+    async def release(self, handle: object, device: torch.device | str) -> None:
+        """The receiver's reference goes back without a mapping or a copy: the sender frees the
+        block at its next `ipc_collect`. A handle past its `accept_by` is left to the sender,
+        which drops that reference itself."""
+        _check_handle(handle)
+        _, pages = pickle.loads(handle)
+        if pages is not None and not refused(pages.accept_by, self.exports.clock):
+            _release_sender(pages, torch.device(device))
+
     async def receive_into(self, handle: object, target: PageImport) -> KVPayload:
         _check_handle(handle)
         return await _to_thread_to_the_end(self.write_into, handle, target,

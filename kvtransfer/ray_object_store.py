@@ -43,6 +43,10 @@ class RayObjectStoreTransport(KVTransport):
         # A list, so that Serve passes the refs through instead of resolving them on the way.
         return [ObjectStoreHandle(payload.header(), chunks)]
 
+    async def release(self, handle: object, device: torch.device | str) -> None:
+        """Nothing to fetch: Ray frees the chunks once no ref to them is left."""
+        return None
+
     async def receive(self, handle: object, device: torch.device | str) -> KVPayload:
         (h,) = handle
         if not isinstance(h, ObjectStoreHandle):

@@ -31,6 +31,9 @@ class KVTransport(ABC):
       that can write there itself does, and returns the payload's header (`data` a meta
       tensor); it returns or raises, even cancelled, only once nothing more will be written.
       The others return `receive(handle, target.device)`, for the engine to write.
+    - `release(handle, device)` runs on a receiver that will not read the handle's KV (its
+      request ended meanwhile): the sender may let the pages go. The default receives the
+      payload and drops it; a transport that can let go without moving the bytes does.
     - `discard(handle)` runs on the sender, for a handle `send` made that will reach no
       receiver (the prefill's caller left while it was sent): what the handle holds is let go
       now, not at `timeout_s`. Never for a handle that left the sender.
@@ -72,6 +75,9 @@ class KVTransport(ABC):
 
     async def receive_into(self, handle: object, target: PageImport) -> KVPayload:
         return await self.receive(handle, target.device)
+
+    async def release(self, handle: object, device: torch.device | str) -> None:
+        await self.receive(handle, device)
 
     def send_layerwise(self, header: KVPayload, export: LayerwiseExport) -> object:
         """`header` describes the payload (its data a meta tensor of the final shape)."""

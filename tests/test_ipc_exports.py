@@ -5,6 +5,7 @@ sender is discarded there at once. On the GPU: tests/gpu/test_cuda_ipc.py."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 
 import pytest
@@ -95,3 +96,20 @@ def test_a_discarded_handle_drops_its_reference_at_once_and_only_once():
     clock.now = 200.0
     assert transport.exports.expire() == 1  # the other export, at its time
     assert released == [((b"/torch_1_2", 3), 0), ((b"/torch_1_2", 4), 0)]
+
+
+def test_a_receiver_releases_an_unused_handle_without_a_copy(monkeypatch):
+    """A receiver that will not read a handle's KV (its request ended) gives the reference
+    back at once, mapping and copying nothing; past `accept_by` it leaves that to the sender."""
+    released = []
+    monkeypatch.setattr(cuda_ipc, "_release_sender", lambda pages, device: released.append(
+        (pages.ref_counter, str(device))))
+    monkeypatch.setattr(cuda_ipc, "cuda_runtime", lambda: pytest.fail("nothing is mapped"))
+    clock = Clock()
+    transport = CudaIpcTransport(timeout_s=10.0, clock=clock)
+    clock.now = 109.0
+    asyncio.run(transport.release(_handle(accept_by=109.0), "cuda:0"))
+    assert released == [((b"/torch_1_2", 3), "cuda:0")]
+    clock.now = 109.5
+    asyncio.run(transport.release(_handle(accept_by=109.0), "cuda:0"))
+    assert released == [((b"/torch_1_2", 3), "cuda:0")]  # late: the sender drops it itself

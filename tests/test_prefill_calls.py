@@ -3,7 +3,7 @@ reservation, for the blocks the replica caches when the request comes, where its
 to take the prompt (decode/worker.py, step 2). Where the reservation turns out otherwise (it
 starts at another block, or must wait for pages) that call is dropped and made again, under
 another id: the tokens stay the colocated engine's and neither side keeps a page. A call
-dropped as its answer came leaves that answer's KV to be received and thrown away."""
+dropped as its answer came leaves that answer's KV to be released (`KVTransport.release`)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_a_call_for_other_blocks_than_the_reservation_is_dropped_and_made_again(
     prefill, decode, calls, got = asyncio.run(main())
     assert got == [o.token_ids for o in LLM(tiny_llama, num_pages=128).generate([a, b], GREEDY)]
     assert [c[:2] for c in calls] == [["a", 0], ["b", 0], ["b-again", 4]]
-    # dropped: aborted, or (had it ended first) its KV taken and thrown away
+    # dropped: aborted, or (had it ended first) its KV released
     assert calls[1][2] in ("cancelled", "done") and calls[2][2] == "done"
     assert decode.metrics.counters["pdserve_kv_transfer_blocks_skipped_total"] == 4
     assert decode.metrics.counters["pdserve_prefill_calls_dropped_total"] == 1
@@ -198,19 +198,19 @@ class AnswerFirst:
             return PrefillResult(7, None, f"kv-of-{request_id}", 0)
 
 
-class ReceivedKV:
-    """A transport that records what it was asked to receive."""
+class ReleasedKV:
+    """A transport that records what it was asked to release."""
 
     def __init__(self) -> None:
-        self.received: list[object] = []
+        self.released: list[object] = []
 
-    async def receive(self, handle, device):
-        self.received.append((handle, device))
+    async def release(self, handle, device):
+        self.released.append((handle, device))
 
 
 def test_a_caller_cancelled_as_the_answer_came_leaves_its_kv_to_be_released():
     async def main():
-        transport = ReceivedKV()
+        transport = ReleasedKV()
         metrics = Metrics("decode", "t")
         calls = PrefillCalls(SimpleNamespace(device="cpu"), transport, metrics)
         prefill = AnswerFirst()
@@ -222,22 +222,22 @@ def test_a_caller_cancelled_as_the_answer_came_leaves_its_kv_to_be_released():
             await caller
         await wait_for(lambda: not calls.releases, "the answer's KV released")
         calls.drop(call)  # a second drop does nothing
-        return call, transport.received, calls.releases, metrics.counters
+        return call, transport.released, calls.releases, metrics.counters
 
-    call, received, releases, counters = asyncio.run(main())
+    call, released, releases, counters = asyncio.run(main())
     assert call.dropped and call.task.result().kv == "kv-of-r"
     assert counters["pdserve_prefill_calls_dropped_total"] == 1
-    assert received == [("kv-of-r", "cpu")] and not releases  # received once, thrown away
+    assert released == [("kv-of-r", "cpu")] and not releases  # released once
 
 
-def test_an_answer_for_no_call_is_received_and_thrown_away():
+def test_an_answer_for_no_call_is_released():
     """(Its caller left and its abort came too late: serving/batched_submit.py's `unclaimed`.)"""
     async def main():
-        transport = ReceivedKV()
+        transport = ReleasedKV()
         calls = PrefillCalls(SimpleNamespace(device="cpu"), transport, Metrics("decode", "t"))
         calls.release(PrefillResult(7, None, "kv-of-nobody", 0))
-        while calls.releases:  # ends as soon as the receive has run
+        while calls.releases:  # ends as soon as the release has run
             await asyncio.sleep(0)
-        return transport.received
+        return transport.released
 
     assert asyncio.run(main()) == [("kv-of-nobody", "cpu")]

@@ -125,6 +125,28 @@ def test_a_discarded_handle_frees_the_sent_pages_at_the_next_send():
     assert torch.cuda.memory_allocated() == base
 
 
+def test_a_released_handle_frees_the_sent_pages_without_a_copy():
+    """A receiver that will not read the KV (its request ended) releases the handle: nothing is
+    allocated on its side, and the sender frees the block at its next send's `ipc_collect`."""
+    from kvtransfer.cuda_ipc import CudaIpcTransport
+    from kvtransfer.payload import KVPayload
+
+    transport = CudaIpcTransport(timeout_s=600.0)
+    torch.cuda.synchronize()
+    torch.cuda.ipc_collect()
+    base = torch.cuda.memory_allocated()
+    data = torch.randn(2, 4, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    handle = transport.send(KVPayload.from_tensor(data, 16, 0, [], "fp"))
+    del data
+    held = torch.cuda.memory_allocated()
+    asyncio.run(transport.release(handle, "cuda"))
+    assert torch.cuda.memory_allocated() == held  # no copy was made
+    empty = KVPayload.from_tensor(torch.empty(2, 0, 2, 16, 8, 128, device="cuda",
+                                              dtype=torch.bfloat16), 16, 0, [], "fp")
+    transport.send(empty)
+    assert torch.cuda.memory_allocated() == base
+
+
 def test_a_payload_without_pages_needs_no_handle():
     from kvtransfer.cuda_ipc import CudaIpcTransport
     from kvtransfer.payload import KVPayload
