@@ -71,32 +71,43 @@ def test_pages_cross_processes_on_device():
     assert after_expiry == own and held == 0
 
 
+def _send_one(transport) -> tuple[bytes, int, int]:
+    """Sends one payload of fresh pages (the caller keeps no reference to them); returns the
+    handle, the memory allocated before, and the pages' bytes."""
+    from kvtransfer.payload import KVPayload
+
+    torch.cuda.synchronize()
+    torch.cuda.ipc_collect()
+    base = torch.cuda.memory_allocated()
+    data = torch.randn(2, 4, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    return transport.send(KVPayload.from_tensor(data, 16, 0, [], "fp")), base, data.nbytes
+
+
+def _send_nothing(transport) -> None:
+    """A send of no pages: its `ipc_collect` frees the blocks no receiver holds any more."""
+    from kvtransfer.payload import KVPayload
+
+    transport.send(KVPayload.from_tensor(torch.empty(2, 0, 2, 16, 8, 128, device="cuda",
+                                                     dtype=torch.bfloat16), 16, 0, [], "fp"))
+
+
 def test_the_sender_frees_pages_whose_receiver_never_released_them():
     """A decode replica that died holding a handle: the sender's first send after `timeout_s`
     drops the reference, and torch frees the block; the handle is refused from `accept_by` on."""
     from kvtransfer import KVTransferLost
     from kvtransfer.cuda_ipc import CudaIpcTransport
-    from kvtransfer.payload import KVPayload
 
     now = [1000.0]
     transport = CudaIpcTransport(timeout_s=10.0, clock=lambda: now[0])
-    torch.cuda.synchronize()
-    torch.cuda.ipc_collect()
-    base = torch.cuda.memory_allocated()
-    data = torch.randn(2, 4, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
-    nbytes = data.nbytes
-    handle = transport.send(KVPayload.from_tensor(data, 16, 0, [], "fp"))
-    del data
-    empty = KVPayload.from_tensor(torch.empty(2, 0, 2, 16, 8, 128, device="cuda",
-                                              dtype=torch.bfloat16), 16, 0, [], "fp")
+    handle, base, nbytes = _send_one(transport)
     now[0] = 1009.5
-    transport.send(empty)  # expires nothing yet
+    _send_nothing(transport)  # expires nothing yet
     assert torch.cuda.memory_allocated() - base == nbytes  # held for its receiver
     assert len(transport.exports) == 1
     with pytest.raises(KVTransferLost, match="past its accept_by"):
         asyncio.run(transport.receive(handle, "cuda"))  # accept_by was 1009.0
     now[0] = 1010.0
-    transport.send(empty)
+    _send_nothing(transport)
     assert torch.cuda.memory_allocated() == base
     assert len(transport.exports) == 0
 
@@ -106,22 +117,13 @@ def test_a_discarded_handle_frees_the_sent_pages_at_the_next_send():
     drops the receiver's reference, and torch frees the block at the next `ipc_collect` (the
     next send's), long before `timeout_s`."""
     from kvtransfer.cuda_ipc import CudaIpcTransport
-    from kvtransfer.payload import KVPayload
 
     transport = CudaIpcTransport(timeout_s=600.0)
-    torch.cuda.synchronize()
-    torch.cuda.ipc_collect()
-    base = torch.cuda.memory_allocated()
-    data = torch.randn(2, 4, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
-    nbytes = data.nbytes
-    handle = transport.send(KVPayload.from_tensor(data, 16, 0, [], "fp"))
-    del data
+    handle, base, nbytes = _send_one(transport)
     assert torch.cuda.memory_allocated() - base == nbytes  # held for a receiver
     transport.discard(handle)
     assert len(transport.exports) == 0
-    empty = KVPayload.from_tensor(torch.empty(2, 0, 2, 16, 8, 128, device="cuda",
-                                              dtype=torch.bfloat16), 16, 0, [], "fp")
-    transport.send(empty)  # its ipc_collect frees the block
+    _send_nothing(transport)
     assert torch.cuda.memory_allocated() == base
 
 
@@ -129,21 +131,13 @@ def test_a_released_handle_frees_the_sent_pages_without_a_copy():
     """A receiver that will not read the KV (its request ended) releases the handle: nothing is
     allocated on its side, and the sender frees the block at its next send's `ipc_collect`."""
     from kvtransfer.cuda_ipc import CudaIpcTransport
-    from kvtransfer.payload import KVPayload
 
     transport = CudaIpcTransport(timeout_s=600.0)
-    torch.cuda.synchronize()
-    torch.cuda.ipc_collect()
-    base = torch.cuda.memory_allocated()
-    data = torch.randn(2, 4, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
-    handle = transport.send(KVPayload.from_tensor(data, 16, 0, [], "fp"))
-    del data
-    held = torch.cuda.memory_allocated()
+    handle, base, nbytes = _send_one(transport)
+    assert torch.cuda.memory_allocated() - base == nbytes
     asyncio.run(transport.release(handle, "cuda"))
-    assert torch.cuda.memory_allocated() == held  # no copy was made
-    empty = KVPayload.from_tensor(torch.empty(2, 0, 2, 16, 8, 128, device="cuda",
-                                              dtype=torch.bfloat16), 16, 0, [], "fp")
-    transport.send(empty)
+    assert torch.cuda.memory_allocated() - base == nbytes  # no copy was made
+    _send_nothing(transport)
     assert torch.cuda.memory_allocated() == base
 
 
