@@ -20,8 +20,8 @@ Contract (all on the replica's event loop):
   cancelled meanwhile drops the call.
 - `drop(call)` when the call will not be used (the reservation starts at another block or
   waits for pages, the request ended): the call is cancelled, and if it ends with an answer
-  all the same (it had come), that answer's KV is released. Does nothing the
-  second time. A `Prefiller` cancelled after its answer came returns it (decode/deployment.py).
+  all the same (it had come), that answer's KV is released. Does nothing the second time. A
+  `Prefiller` cancelled after its answer came returns it (decode/deployment.py).
 - `release(answer)`: an answer that came for no call (its caller had left, and its abort came
   too late on the prefill replica) has its KV released.
 """
