@@ -18,19 +18,16 @@ Contract (all on the replica's event loop):
 - `done(claim)` once those blocks are in the prefix cache (the request was admitted), or will
   not be (the import failed, the request ended): whoever waits on the claim wakes. A second
   call does nothing.
-- `blocking(prompt_ids, page_size, cached_tokens)`: the claim on the deepest block of the prompt
-  past its `cached_tokens` (the prefix cache's hint), where every block between is claimed too,
-  and how many leading blocks of the prompt that makes cached once the claims land; None when
-  the first block past the cached ones is not claimed. It hashes the cached blocks and one more
-  for a prompt that shares nothing with a claim, none while nothing is claimed.
+- `blocking(hashes, cached_blocks)`: for a prompt of these block hashes, the claim on its deepest
+  block past its `cached_blocks` (the prefix cache's hint), where every block between is claimed
+  too, and how many leading blocks of the prompt that makes cached once the claims land; None
+  when the first block past the cached ones is not claimed.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-
-from engine.block_hash import iter_block_hashes
 
 
 @dataclass(eq=False)
@@ -62,15 +59,10 @@ class ImportsInFlight:
             del self._by_hash[h]
         claim.landed.set()
 
-    def blocking(self, prompt_ids: list[int], page_size: int, cached_tokens: int,
-                 ) -> tuple[Claim, int] | None:
-        if not self._by_hash:
-            return None
+    def blocking(self, hashes: list[int], cached_blocks: int) -> tuple[Claim, int] | None:
         deepest = None
-        for i, h in enumerate(iter_block_hashes(prompt_ids, page_size)):
-            if i < cached_tokens // page_size:
-                continue  # a chain hash names the whole prefix: the walk must pass these
-            claim = self._by_hash.get(h)
+        for i in range(cached_blocks, len(hashes)):
+            claim = self._by_hash.get(hashes[i])
             if claim is None:
                 break
             deepest = claim, i + 1

@@ -93,10 +93,15 @@ class DecodeWorker:
     async def _generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                         sink: OutputSink | None, start: float):
         self.engine.validate(prompt_ids, params)
+        # The prompt's block hashes, computed once: for the prefix cache's hint, the claims of
+        # others, its own claim and every try of its reservation.
+        _, page_size = self.engine.kv_layout
+        hashes = block_hashes(prompt_ids, page_size) if self.share else None
         # One read of the prefix cache (a hint) for both choices below, once no other request
         # here imports blocks of this prompt that it lacks (the prefill call for its own
         # blocks may go out meanwhile: `early`).
-        cached, early = await self._wait_for_shared_imports(prompt_ids, params, request_id)
+        cached, early = await self._wait_for_shared_imports(prompt_ids, params, request_id,
+                                                            hashes)
         if self._prefill_here(prompt_ids, cached):
             self.calls.drop(early)
             self.calls.reserved(early)
@@ -112,10 +117,7 @@ class DecodeWorker:
             return
         # From here until its admission (or its end) others here wait for the blocks it
         # fetches (decode/imports_in_flight.py): claimed before anything is awaited, so that
-        # requests that came together (one call of many) find the claim. The prompt's block
-        # hashes are computed once, for the claim and every try of the reservation.
-        _, page_size = self.engine.kv_layout
-        hashes = block_hashes(prompt_ids, page_size) if self.share else None
+        # requests that came together (one call of many) find the claim.
         claim = None if hashes is None else self.imports.add(hashes[cached // page_size:])
         try:
             async with aclosing(self._remote(prompt_ids, params, request_id, sink, cached,
@@ -173,20 +175,22 @@ class DecodeWorker:
                 yield out
 
     async def _wait_for_shared_imports(self, prompt_ids: list[int], params: SamplingParams,
-                                       request_id: str) -> tuple[int, PrefillCall | None]:
+                                       request_id: str, hashes: list[int] | None,
+                                       ) -> tuple[int, PrefillCall | None]:
         """Waits while another request here imports blocks of this prompt past those in the
         prefix cache (decode/imports_in_flight.py), at most `timeout_s` in all (then it
         fetches them itself). Meanwhile the prefill call for the blocks past the claimed ones
         goes out, unless this replica would prefill those itself: it need not queue at the
         prefill replica behind the claimant's admission. Returns the prefix cache's hint of
-        cached prompt tokens, and that call (None if none was made)."""
-        cached = self.engine.cached_prefix_tokens(prompt_ids)
-        if not self.share:
+        cached prompt tokens, and that call (None if none was made). `hashes`: the prompt's
+        block hashes; None without a prefix cache, where nothing waits."""
+        cached = self.engine.cached_prefix_tokens(prompt_ids, hashes)
+        if hashes is None:
             return cached, None
         _, page_size = self.engine.kv_layout
         deadline, early, waited = time.monotonic() + self.timeout_s, None, False
         try:
-            while (found := self.imports.blocking(prompt_ids, page_size, cached)) is not None:
+            while (found := self.imports.blocking(hashes, cached // page_size)) is not None:
                 claim, claimed_blocks = found
                 if not waited:
                     waited = True
@@ -199,7 +203,7 @@ class DecodeWorker:
                     await asyncio.wait_for(claim.landed.wait(), deadline - time.monotonic())
                 except TimeoutError:
                     break
-                cached = self.engine.cached_prefix_tokens(prompt_ids)
+                cached = self.engine.cached_prefix_tokens(prompt_ids, hashes)
         except BaseException:
             self.calls.drop(early)
             self.calls.reserved(early)

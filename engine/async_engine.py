@@ -177,11 +177,13 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def cached_prefix_tokens(self, prompt_ids: list[int]) -> int:
-        """Leading prompt tokens this engine's prefix cache holds now. Read off the step
-        thread without waiting for it (dict reads, atomic under the GIL), so only a hint:
-        the step thread may evict those pages, or cache more, before the request runs."""
-        return self.engine.scheduler.kv.cached_prefix_tokens(prompt_ids)
+    def cached_prefix_tokens(self, prompt_ids: list[int],
+                             hashes: list[int] | None = None) -> int:
+        """Leading prompt tokens this engine's prefix cache holds now (`hashes`: the prompt's
+        block hashes, where the caller has them). Read off the step thread without waiting for
+        it (dict reads, atomic under the GIL), so only a hint: the step thread may evict those
+        pages, or cache more, before the request runs."""
+        return self.engine.scheduler.kv.cached_prefix_tokens(prompt_ids, hashes)
 
     def free_pages_hint(self) -> int:
         """Pages a reservation could take now (free, or cached and evictable); read off the

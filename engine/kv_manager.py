@@ -2,8 +2,8 @@
 and given back. The scheduler owns one; nothing else touches the allocator.
 
 Contract (pages are ints; a request's pages are `req.block_table`, in token order):
-- `cached_prefix_tokens(token_ids)`: how many leading tokens a request would find cached now;
-  takes nothing.
+- `cached_prefix_tokens(token_ids, hashes)`: how many leading tokens a request would find cached
+  now (`hashes`: the tokens' block hashes, where the caller has them); takes nothing.
 - `match_prefix(req, max_blocks)`: a request holding no pages takes a reference on the cached
   pages of its longest run of leading full blocks (at most `max_blocks`) and counts those
   tokens as computed. The one prefix-cache lookup, for local prefill and for KV imports alike.
@@ -58,16 +58,18 @@ class KVManager:
         """Pages that hold a cached block and no request uses (evictable)."""
         return len(self.allocator.evictable)
 
-    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+    def cached_prefix_tokens(self, token_ids: list[int],
+                             hashes: list[int] | None = None) -> int:
         """How many leading tokens of `token_ids` the prefix cache holds now (whole pages).
         Takes nothing. A hint when called from another thread than the engine's: the pages
         may be evicted, or more cached, by the time a request for these tokens runs."""
         if not self.enable_prefix_caching:
             return 0
-        # The hashes come one block at a time and the lookup stops at the first miss: a new
-        # prompt costs one hash.
-        return len(self.allocator.lookup(iter_block_hashes(token_ids, self.page_size))) \
-            * self.page_size
+        # Without `hashes`, they come one block at a time and the lookup stops at the first
+        # miss: a new prompt costs one hash.
+        if hashes is None:
+            hashes = iter_block_hashes(token_ids, self.page_size)
+        return len(self.allocator.lookup(hashes)) * self.page_size
 
     def pages_needed(self, req: Request, n: int) -> int:
         total = -(-(req.num_computed_tokens + n) // self.page_size)

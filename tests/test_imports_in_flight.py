@@ -35,23 +35,24 @@ HANG_S = 60  # a hang guard, not a speed bound
 def test_a_prompt_waits_for_the_deepest_block_in_flight_past_its_cached_ones():
     imports = ImportsInFlight()
     lead = block_hashes(LEADER, PS)  # 6 blocks
+    follow = block_hashes(FOLLOWER, PS)  # 5 blocks, 0-3 shared with the leader
     claim = imports.add(lead[1:])  # block 0 was cached: it fetches blocks 1-5
     assert claim.hashes == lead[1:] and len(imports) == 5
     # The follower shares blocks 0-3; block 0 is cached, 1-3 are in flight.
-    assert imports.blocking(FOLLOWER, PS, cached_tokens=PS) == (claim, 4)
+    assert imports.blocking(follow, cached_blocks=1) == (claim, 4)
     # Without block 0 cached, the walk stops there: block 0 is nobody's import.
-    assert imports.blocking(FOLLOWER, PS, cached_tokens=0) is None
-    assert imports.blocking(list(range(900, 980)), PS, cached_tokens=0) is None
+    assert imports.blocking(follow, cached_blocks=0) is None
+    assert imports.blocking(block_hashes(list(range(900, 980)), PS), cached_blocks=0) is None
     # A second request on the same prompt claims only what nobody claimed.
-    second = imports.add(block_hashes(FOLLOWER, PS))
-    assert second.hashes == [block_hashes(FOLLOWER, PS)[0], block_hashes(FOLLOWER, PS)[4]]
-    assert imports.blocking(FOLLOWER, PS, cached_tokens=0) == (second, 5)  # block 4 is deepest
+    second = imports.add(follow)
+    assert second.hashes == [follow[0], follow[4]]
+    assert imports.blocking(follow, cached_blocks=0) == (second, 5)  # block 4 is deepest
     imports.done(claim)
     assert claim.landed.is_set() and not second.landed.is_set() and len(imports) == 2
     imports.done(claim)  # a second time changes nothing
     assert len(imports) == 2
     imports.done(second)
-    assert len(imports) == 0 and imports.blocking(FOLLOWER, PS, cached_tokens=PS) is None
+    assert len(imports) == 0 and imports.blocking(follow, cached_blocks=1) is None
 
 
 # -- two requests on one decode replica ----------------------------------------------------

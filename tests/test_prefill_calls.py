@@ -95,7 +95,7 @@ def test_a_call_for_other_blocks_than_the_reservation_is_dropped_and_made_again(
         prefill, decode = inline_pair(tiny_llama)
         decode.prefill = log = CallLog(prefill)
         first = await _tokens(decode, a, "a")
-        decode.engine.cached_prefix_tokens = lambda prompt_ids: 0
+        decode.engine.cached_prefix_tokens = lambda prompt_ids, hashes=None: 0
         second = await _tokens(decode, b, "b")
         await _settle(decode)
         return prefill, decode, log.calls, [first, second]
