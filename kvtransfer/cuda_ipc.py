@@ -136,8 +136,11 @@ class CudaIpcTransport(KVTransport):
         block at its next `ipc_collect`. A handle past its `accept_by` is left to the sender,
         which drops that reference itself."""
         _check_handle(handle)
-        _, pages = pickle.loads(handle)
-        if pages is not None and not refused(pages.accept_by, self.exports.clock):
+        try:
+            _, pages = self._accept(handle)
+        except KVTransferLost:
+            return
+        if pages is not None:
             _release_sender(pages, torch.device(device))
 
     async def receive_into(self, handle: object, target: PageImport) -> KVPayload:
