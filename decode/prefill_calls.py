@@ -22,6 +22,8 @@ Contract (all on the replica's event loop):
   waits for pages, the request ended): the call is cancelled, and if it ends with an answer
   all the same (it had come), that answer's KV is released. Does nothing the second time. A
   `Prefiller` cancelled after its answer came returns it (decode/deployment.py).
+- `abandon(call)`: `drop` and `reserved` at once, for an early call whose request will make no
+  reservation (it prefills here, or it ended while it waited).
 - `release(answer)`: an answer that came for no call (its caller had left, and its abort came
   too late on the prefill replica) has its KV released.
 """
@@ -97,6 +99,11 @@ class PrefillCalls:
         self.metrics.inc("pdserve_prefill_calls_dropped_total")
         call.task.cancel()
         self._track(self._release(call.task))
+
+    def abandon(self, call: PrefillCall | None) -> None:
+        """An early call that will have no reservation: dropped, its pending pages given back."""
+        self.drop(call)
+        self.reserved(call)
 
     def release(self, answer: PrefillResult) -> None:
         """An answer no call claims (it came after its caller left): its KV is released."""

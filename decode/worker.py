@@ -103,8 +103,7 @@ class DecodeWorker:
         cached, early = await self._wait_for_shared_imports(prompt_ids, params, request_id,
                                                             hashes)
         if self._prefill_here(prompt_ids, cached):
-            self.calls.drop(early)
-            self.calls.reserved(early)
+            self.calls.abandon(early)
             self.metrics.inc("pdserve_local_prefills_total")
             self.metrics.inc("pdserve_prompt_tokens_total", len(prompt_ids))
             timer = FirstOutputTimer(self.metrics, LOCAL_PREFILL_TTFT, start, sink)
@@ -205,8 +204,7 @@ class DecodeWorker:
                     break
                 cached = self.engine.cached_prefix_tokens(prompt_ids, hashes)
         except BaseException:
-            self.calls.drop(early)
-            self.calls.reserved(early)
+            self.calls.abandon(early)
             raise
         return cached, early
 
