@@ -31,7 +31,8 @@ from ray.serve.request_router import (
 
 from cluster.prefix_index import PrefixIndex
 from engine.config import EngineConfig
-from serving.config import AppConfig, Role, RoutingSection
+from serving.config import AppConfig, Role
+from serving.control_config import RoutingSection
 
 logger = logging.getLogger(SERVE_LOGGER_NAME)
 

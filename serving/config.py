@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -28,14 +27,12 @@ from pydantic import (
 
 from engine.config import ConfigFieldError, EngineConfig, ModelConfig, default_model_dir
 from kvtransfer.registry import TRANSPORTS
+from serving.config_schema import Strict, explain
+from serving.control_config import AutoscalerSection, RoleBounds, RoutingSection, SLOSection
 from serving.limits import Limits
 
 Role = Literal["prefill", "decode", "colocated"]
 ROLES: tuple[Role, ...] = typing.get_args(Role)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _field_specs(dc: type, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
@@ -52,7 +49,7 @@ def _field_specs(dc: type, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, A
     return specs
 
 
-class _ModelSectionBase(_Strict):
+class _ModelSectionBase(Strict):
     """The serving-only keys of `model:`; ModelConfig's other fields are added to ModelSection."""
 
     path: str | None = None  # None: the tiny model at $PDSERVE_HOME/models/tiny-llama
@@ -83,7 +80,7 @@ ModelSection = create_model("ModelSection", __base__=_ModelSectionBase,
                             **_field_specs(ModelConfig, skip=("path",)))
 
 
-class _Overrides(_Strict):
+class _Overrides(Strict):
     """A role's overrides of the `engine:` section. Only the keys the YAML sets count."""
 
     def as_dict(self) -> dict[str, Any]:
@@ -102,7 +99,7 @@ EngineOverrides = create_model("EngineOverrides", __base__=_Overrides, **{
     name: (hint, None) for name, (hint, _) in _field_specs(EngineConfig).items()})
 
 
-class DeploymentSection(_Strict):
+class DeploymentSection(Strict):
     num_replicas: int | Literal["auto"] | None = 1
     autoscaling_config: dict | None = None  # Serve's own schema; Serve checks it
     max_ongoing_requests: int = 256
@@ -146,72 +143,7 @@ class DecodeDeploymentSection(EngineDeploymentSection):
     prefill_batch: int = Field(32, ge=1)
 
 
-class SLOSection(_Strict):
-    """Latency targets, met on the mean over the autoscaler's look-back window."""
-
-    ttft_ms: float | None = Field(None, gt=0)  # time to first token
-    tpot_ms: float | None = Field(None, gt=0)  # time per output token
-
-
-class RoleBounds(_Strict):
-    # At least one of each role: a P/D request needs both.
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(4, ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> RoleBounds:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas "
-                             f"({self.min_replicas})")
-        return self
-
-
-class AutoscalerSection(_Strict):
-    """The SLO autoscaler (cluster/slo_autoscaler.py, docs/autoscaling.md): prefill replicas
-    to TTFT, decode replicas to TPOT and KV use, within these bounds."""
-
-    enabled: bool = False
-    prefill: RoleBounds = Field(default_factory=RoleBounds)
-    decode: RoleBounds = Field(default_factory=RoleBounds)
-    max_total_replicas: int | None = Field(None, ge=2)  # prefill + decode (e.g. GPUs); None: no cap
-    # Pressure = measure / SLO. Up when above this for upscale_after_s; down one replica when
-    # the pressure projected onto one replica fewer stays below downscale_threshold.
-    upscale_threshold: float = Field(1.0, gt=0)
-    downscale_threshold: float = Field(0.5, gt=0)
-    upscale_after_s: float = Field(10.0, ge=0)
-    downscale_after_s: float = Field(30.0, ge=0)
-    cooldown_s: float = Field(30.0, ge=0)  # per role, after each change
-    kv_high: float = Field(0.9, gt=0, le=1)  # decode KV use that counts as pressure 1.0
-    look_back_period_s: float = Field(10.0, gt=0)  # Serve's window over the replicas' reports
-    metrics_interval_s: float = Field(2.0, gt=0)  # how often replicas push their reports
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AutoscalerSection:
-        if self.downscale_threshold >= self.upscale_threshold:
-            raise ValueError("downscale_threshold must be below upscale_threshold (hysteresis)")
-        if self.look_back_period_s <= self.metrics_interval_s:
-            raise ValueError("look_back_period_s must be longer than metrics_interval_s")
-        floor = self.prefill.min_replicas + self.decode.min_replicas
-        if self.max_total_replicas is not None and self.max_total_replicas < floor:
-            raise ValueError(f"max_total_replicas ({self.max_total_replicas}) is below the "
-                             f"roles' min_replicas together ({floor})")
-        return self
-
-
-class RoutingSection(_Strict):
-    """How the ingress picks the replica of the serving deployment (decode, or colocated) for
-    a request (cluster/prefix_router.py, docs/routing.md)."""
-
-    # prefix: the replica most likely holding the prompt's prefix pages; default: Serve's own
-    # (power of two choices on queue length).
-    policy: Literal["prefix", "default"] = "default"
-    # A prefix match is followed while its replica has at most this many more requests in
-    # flight than the least loaded one; past it, the least loaded one takes the request.
-    max_imbalance: int = Field(4, ge=0)
-    max_index_pages: int = Field(200_000, ge=1)  # page hashes the router remembers (LRU)
-
-
-class AppConfig(_Strict):
+class AppConfig(Strict):
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -331,40 +263,7 @@ class AppConfig(_Strict):
         try:
             return AppConfig.model_validate(dict(args))
         except ValidationError as e:
-            raise ValueError(explain(e)) from None
-
-
-def explain(err: ValidationError) -> str:
-    """One line per error, `dotted.key: problem`; an unknown key lists the valid keys there."""
-    lines = []
-    for e in err.errors():
-        loc = [str(part) for part in e["loc"]]
-        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # model, dataclass
-            valid = ", ".join(sorted(_keys_at(loc[:-1])))
-            lines.append(f"{'.'.join(loc)}: unknown key; valid keys: {valid}")
-            continue
-        cause = e.get("ctx", {}).get("error")
-        if isinstance(cause, ConfigFieldError):  # a dataclass's check: name the field itself
-            loc, problem = loc + [cause.field], cause.problem
-        else:
-            problem = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{'.'.join(loc) or 'config'}: {problem}")
-    return "invalid app config: " + "; ".join(lines)
-
-
-def _keys_at(path: list[str]) -> list[str]:
-    """The valid keys of the section at `path` (a BaseModel or a dataclass)."""
-    section: Any = AppConfig
-    for part in path:
-        section = _fields_of(section)[part]
-    return list(_fields_of(section))
-
-
-def _fields_of(section: Any) -> dict[str, Any]:
-    if isinstance(section, type) and issubclass(section, BaseModel):
-        return {name: f.annotation for name, f in section.model_fields.items()}
-    hints = typing.get_type_hints(section)
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+            raise ValueError(explain(e, AppConfig)) from None
 
 
 def _step_aside(section: BaseModel, key: str, name: str, problem: str | None) -> None:
