@@ -12,10 +12,11 @@ Contract (pages are ints; a request's pages are `req.block_table`, in token orde
 - `cache_blocks(req, before, end)`: after tokens [before, end) were written (end defaults to
   num_computed_tokens), their full blocks become findable by later requests. Their ids must be
   known: with overlapped scheduling `num_computed_tokens` runs ahead of the known tokens.
-- `claim(req)` / `computed_elsewhere(req)`: blocks being computed. A request that starts to
-  compute its prompt claims its full blocks past the cached ones, until they are cached (or it
-  lets its pages go); another request whose next block is under such a claim waits for it
-  (`computed_elsewhere`) rather than compute the same block beside it.
+- `claim(req)` / `computed_elsewhere(req, max_blocks)`: blocks being computed. A request that
+  starts to compute its prompt claims its full blocks past the cached ones, until they are
+  cached (or it lets its pages go); another request whose next block is under such a claim
+  waits for it (`computed_elsewhere`, which takes nothing) rather than compute the same block
+  beside it.
 - `free(req)`: drops the request's references and claims, and resets its progress to zero.
 - `check_integrity(live)`: the allocator's own invariants, plus: every page's refcount equals
   the number of live requests (those that hold pages now) that list it, and only live requests
@@ -121,9 +122,14 @@ class KVManager:
         if mine:
             self.claims[req.request_id] = deque(mine)
 
-    def computed_elsewhere(self, req: Request) -> bool:
-        """Whether the block after req's cached prefix is being computed by another request."""
-        i = len(req.block_table)
+    def computed_elsewhere(self, req: Request, max_blocks: int) -> bool:
+        """Whether another request computes the block after the cached prefix that req, holding
+        no pages, would find (at most `max_blocks` blocks). Takes nothing: a request that
+        waits for such a block holds no references meanwhile."""
+        if not self.computing:
+            return False
+        req.block_hashes = block_hashes(req.all_token_ids, self.page_size, req.block_hashes)
+        i = len(self.allocator.lookup(req.block_hashes[:max_blocks]))
         owner = self.computing.get(req.block_hashes[i]) if i < len(req.block_hashes) else None
         return owner is not None and owner != req.request_id
 

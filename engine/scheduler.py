@@ -230,15 +230,14 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_output_placeholders:
                 break  # preempted while a step ran: it resumes once that step's token is back
-            if not req.block_table:
-                # At least one token must run so that the step yields logits to sample from.
-                self.kv.match_prefix(req, max_blocks=(req.num_tokens - 1) // self.page_size)
-            if self.kv.computed_elsewhere(req):
+            # At least one token must run so that the step yields logits to sample from.
+            max_blocks = (req.num_tokens - 1) // self.page_size
+            if self.kv.computed_elsewhere(req, max_blocks):
                 # Its next block is on its way into the prefix cache (a burst on one new
                 # prefix): it waits for it rather than compute it too; the queue goes on.
-                self.kv.free(req)
                 later.append(self.waiting.popleft())
                 continue
+            self.kv.match_prefix(req, max_blocks)
             n = min(req.num_pending_tokens, budget)
             if not self.kv.can_grow(req, n):
                 self.kv.free(req)  # give cached prefix pages back until it can run

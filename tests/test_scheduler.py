@@ -243,6 +243,23 @@ def test_a_prompt_waits_for_blocks_computed_in_chunks_until_the_shared_part_is_c
     assert b.num_cached_tokens == 2 * PS and sched.kv.claims == {}
 
 
+def test_a_prompt_waiting_for_a_claimed_block_takes_no_pages_meanwhile():
+    """While b waits for a's blocks it looks the prefix cache up without taking references (no
+    take-and-give-back of cached pages each step); it shares the pages once it runs."""
+    sched = scheduler(num_pages=12, budget=48, prefix_caching=True)
+    shared = list(range(2 * PS))
+    for rid, tail in (("a", [90, 91]), ("b", [80, 81, 82]), ("c", [70])):
+        sched.add(request(rid, shared + tail))
+    matched = []
+    match = sched.kv.match_prefix
+    sched.kv.match_prefix = lambda req, max_blocks: matched.append(req.request_id) or match(
+        req, max_blocks)
+    assert step(sched) == [("a", 10, [0, 1, 2])]  # b and c wait for a's two blocks
+    assert matched == ["a"]
+    assert step(sched) == [("a", 1, [0, 1, 2]), ("b", 3, [0, 1, 3]), ("c", 1, [0, 1, 4])]
+    assert matched == ["a", "b", "c"]
+
+
 def test_an_aborted_leader_no_longer_holds_others_back():
     sched = scheduler(num_pages=12, budget=PS, prefix_caching=True)
     shared = list(range(2 * PS))
