@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.attention.registry import make_backend
+from engine.batch import ScheduledBatch
 from engine.block_allocator import BlockAllocator
 from engine.block_hash import block_hashes
 from engine.config import EngineConfig, ModelConfig
@@ -39,7 +40,7 @@ from engine.outputs import KVExport, RequestOutput
 from engine.page_import import page_import
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Reservation, ScheduledBatch, Scheduler
+from engine.scheduler import Reservation, Scheduler
 
 log = logging.getLogger(__name__)
 

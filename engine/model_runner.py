@@ -16,6 +16,7 @@ import torch
 from engine.attention.base import AttentionBackend
 from engine.attention.cascade import plan_cascade
 from engine.attention.metadata import build_metadata
+from engine.batch import ModelOutput, ScheduledBatch
 from engine.block_table import BlockTableMirror
 from engine.config import EngineConfig
 from engine.fp8_fusion import fusable
@@ -28,7 +29,6 @@ from engine.outputs import TokenLogprob
 from engine.prompt_logprobs import PromptLogprobs
 from engine.request import Request
 from engine.sampler import PendingSample, Sampler
-from engine.scheduler import ModelOutput, ScheduledBatch
 
 
 @dataclass

@@ -6,12 +6,13 @@ import random
 
 import numpy as np
 
+from engine.batch import ModelOutput
 from engine.block_allocator import BlockAllocator
 from engine.block_table import BlockTableMirror, PageRows
 from engine.config import EngineConfig
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ModelOutput, Scheduler
+from engine.scheduler import Scheduler
 
 
 def _req(name: str, pages: list[int]) -> Request:

@@ -12,12 +12,13 @@ from collections import deque
 
 import pytest
 
+from engine.batch import ModelOutput
 from engine.block_allocator import BlockAllocator
 from engine.block_hash import block_hashes
 from engine.config import EngineConfig
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ModelOutput, Reservation, Scheduler
+from engine.scheduler import Reservation, Scheduler
 
 PS = 4  # tokens per page
 

@@ -24,11 +24,12 @@ import zlib
 
 import pytest
 
+from engine.batch import ModelOutput, ScheduledBatch
 from engine.block_allocator import BlockAllocator
 from engine.config import EngineConfig
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ModelOutput, ScheduledBatch, Scheduler
+from engine.scheduler import Scheduler
 
 PS = 4  # tokens per page
 STOP = 13  # the stop token of the requests that have one
