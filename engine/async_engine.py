@@ -79,7 +79,7 @@ class AsyncEngine:
 
     @property
     def export_stream(self):
-        """The CUDA stream that exported KV is read out on (None off CUDA): Engine._export."""
+        """The CUDA stream that exported KV is read out on (None off CUDA): engine/kv_export.py."""
         return self.engine.export_stream
 
     @property

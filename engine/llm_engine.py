@@ -14,11 +14,9 @@ API detokenizes (api/detokenizing_client.py), off the step loop.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,17 +24,17 @@ import torch
 from engine.attention.registry import make_backend
 from engine.batch import ScheduledBatch
 from engine.block_allocator import BlockAllocator
-from engine.block_hash import block_hashes
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.hop_log import hop
+from engine.kv_export import KVExporter
 from engine.kv_pool import KVPool
 from engine.kv_stream import LayerwiseExport
 from engine.loader import load_model
 from engine.metrics import EngineStats
 from engine.model_arch import ModelArch
 from engine.model_runner import LaunchedStep, ModelRunner, StepOutput
-from engine.outputs import KVExport, RequestOutput
+from engine.outputs import RequestOutput
 from engine.page_import import page_import
 from engine.request import Request
 from engine.sampling_params import SamplingParams
@@ -89,11 +87,9 @@ class Engine:
         self.overlap = (engine_cfg.overlap_scheduling == "on"
                         or engine_cfg.overlap_scheduling == "auto" and self.device.type == "cuda")
         self._in_flight: tuple[ScheduledBatch, LaunchedStep] | None = None
-        # A prompt's KV is read out for export on a stream of its own (`_export`): on the
-        # engine's stream the copy would queue behind the step launched meanwhile (overlapped
-        # scheduling), and the KV would leave a whole step late (~0.4 s for a prefill step of
-        # 16K tokens on one H200: docs/benchmarks.md, "The exported KV a step late").
-        self.export_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # The prefill role's exports, read out on a stream of their own (engine/kv_export.py).
+        self.exporter = KVExporter(self.pool, engine_cfg.page_size, self.device)
+        self.export_stream = self.exporter.stream
         backend.warmup()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -291,7 +287,10 @@ class Engine:
         if req.finished:
             self.detokenizers.pop(req.request_id, None)
             if req.request_id in self.scheduler.exporting:
-                kv = self._export(req)
+                try:
+                    kv = self.exporter.export(req)
+                finally:
+                    self.scheduler.release(req)  # the pages go back now
         lp = req.output_logprobs[-1]
         # The prompt's logprobs ride on the first output (complete by then: the last prompt
         # step, which scores them all, is the one that samples the first token).
@@ -303,44 +302,6 @@ class Engine:
             new_logprobs=[lp] if lp is not None else [],
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens, kv=kv, prompt_logprobs=prompt_lps)
-
-    def _export(self, req: Request) -> KVExport:
-        """A copy of the prompt's pages from req.kv_export_from on; the pages go back now."""
-        ps = self.cfg.page_size
-        n_pages = -(-req.num_prompt_tokens // ps)
-        try:
-            stream = req.kv_stream
-            if isinstance(stream, LayerwiseExport) and stream.layers_ready == len(self.pool.layers):
-                data = stream.data  # copied layer by layer during the last prompt step
-            else:
-                with self._on_export_stream():
-                    data = self.pool.read_pages(req.block_table[req.kv_export_from:n_pages])
-                    if isinstance(stream, LayerwiseExport):  # that step ran without the hook
-                        stream.fill(data)
-                if self.export_stream is not None:  # not reused before the engine's reads
-                    data.record_stream(torch.cuda.current_stream(self.device))
-            n_full = req.num_prompt_tokens // ps
-            hashes = block_hashes(req.prompt_token_ids, ps, req.block_hashes[:n_full])
-        finally:
-            self.scheduler.release(req)
-        return KVExport(data, req.kv_export_from, hashes)
-
-    @contextlib.contextmanager
-    def _on_export_stream(self) -> Iterator[None]:
-        """Work queued inside runs on `export_stream` (CUDA; elsewhere it runs as is).
-
-        It waits for nothing: the export is made once the step that ended the prompt has
-        returned its sampled tokens, so that step's kernels are done, and the step launched
-        since was planned while the pages were still the request's, so no other request's rows
-        write them. The engine's stream then waits for the copy before any later step, which
-        may be given the pages once `_export` releases them. Reads of the export on the
-        engine's stream are ordered after the copy by that wait, and the block is not reused
-        before they end (`record_stream`). A transport's `send` runs with `export_stream`
-        current (prefill/worker.py), so the KV leaves without waiting for the step in flight."""
-        with torch.cuda.stream(self.export_stream):  # None: changes nothing
-            yield
-        if self.export_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.export_stream)
 
     # -- state ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:

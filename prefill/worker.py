@@ -77,7 +77,7 @@ class PrefillWorker:
     def _send(self, payload: KVPayload) -> object:
         """(A worker thread.) The transport's send, on the stream the pages were read out on,
         as its contract wants: the engine's export stream on a GPU. On the engine's own stream
-        the KV would wait for the step launched since (engine/llm_engine.py, `_export`).
+        the KV would wait for the step launched since (engine/kv_export.py).
         Off CUDA there is none, and `torch.cuda.stream(None)` changes nothing."""
         with torch.cuda.stream(self.engine.export_stream):
             return self.transport.send(payload)
