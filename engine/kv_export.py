@@ -28,12 +28,13 @@ from engine.request import Request
 
 
 class KVExporter:
-    def __init__(self, pool: KVPool, page_size: int, device: torch.device) -> None:
-        self.pool, self.page_size, self.device = pool, page_size, device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+        self.device = pool.kv.device
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def export(self, req: Request) -> KVExport:
-        ps = self.page_size
+        ps = self.pool.page_size
         n_pages = -(-req.num_prompt_tokens // ps)
         layerwise = req.kv_stream
         if (isinstance(layerwise, LayerwiseExport)

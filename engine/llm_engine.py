@@ -88,7 +88,7 @@ class Engine:
                         or engine_cfg.overlap_scheduling == "auto" and self.device.type == "cuda")
         self._in_flight: tuple[ScheduledBatch, LaunchedStep] | None = None
         # The prefill role's exports, read out on a stream of their own (engine/kv_export.py).
-        self.exporter = KVExporter(self.pool, engine_cfg.page_size, self.device)
+        self.exporter = KVExporter(self.pool)
         self.export_stream = self.exporter.stream
         backend.warmup()
 

@@ -34,7 +34,7 @@ def _pool_and_request(kv_stream=None) -> tuple[KVPool, Request]:
 def test_an_export_is_a_copy_of_the_pages_from_its_first_block_with_every_full_blocks_hash():
     pool, req = _pool_and_request()
     before = pool.kv.clone()
-    kv = KVExporter(pool, PS, torch.device("cpu")).export(req)
+    kv = KVExporter(pool).export(req)
     assert kv.first_block == 1
     assert torch.equal(kv.data, pool.read_pages([2, 7]))
     assert kv.block_hashes == block_hashes(list(range(20, 30)), PS)
@@ -46,7 +46,7 @@ def test_an_export_is_a_copy_of_the_pages_from_its_first_block_with_every_full_b
 
 def test_a_layerwise_export_hands_on_its_copy_or_is_filled_from_the_pool():
     pool, req = _pool_and_request(LayerwiseExport(first_block=1, num_pages=2))
-    kv = KVExporter(pool, PS, torch.device("cpu")).export(req)  # no layer came: filled
+    kv = KVExporter(pool).export(req)  # no layer came: filled
     assert req.kv_stream.layers_ready == ARCH.num_layers
     assert kv.data is req.kv_stream.data
     assert torch.equal(kv.data, pool.read_pages([2, 7]))
@@ -54,9 +54,9 @@ def test_a_layerwise_export_hands_on_its_copy_or_is_filled_from_the_pool():
     pool, req = _pool_and_request(LayerwiseExport(first_block=1, num_pages=2))
     streamed = torch.full(pool.export_shape(2), 7.0)
     req.kv_stream.fill(streamed)  # every layer published during the last prompt step
-    assert KVExporter(pool, PS, torch.device("cpu")).export(req).data is streamed
+    assert KVExporter(pool).export(req).data is streamed
 
 
 def test_off_cuda_there_is_no_export_stream():
     pool, _ = _pool_and_request()
-    assert KVExporter(pool, PS, torch.device("cpu")).stream is None
+    assert KVExporter(pool).stream is None
