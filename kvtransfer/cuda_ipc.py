@@ -1,6 +1,8 @@
 """KV pages GPU to GPU on one node, never through host memory: the sender exports its page tensor
-as a CUDA IPC handle and the receiver maps it, copies the pages into its own memory and unmaps
-it, all in a worker thread on a stream of its own, before `receive` returns.
+as a CUDA IPC handle and the receiver maps it, copies the pages into its own memory and lets go
+of the mapping, all in a worker thread on a stream of its own, before `receive` returns. (The
+mapping stays a while for the sender's next payloads in the same allocation:
+kvtransfer/cuda_runtime.py's IpcMappings says why.)
 
 Lifetime: the export is torch's (`_share_cuda_`, as `torch.multiprocessing` shares a CUDA
 tensor): torch keeps the sender's block until the receiver releases the reference counter that
@@ -222,15 +224,15 @@ class CudaIpcTransport(KVTransport):
                   after: torch.cuda.Event | None = None) -> T:
         """(A worker thread.) Map the sender's pages, queue `copy(runtime, their address,
         stream)` on this transport's stream for `device` (behind the sender's writes and the
-        event `after`), wait for the stream, unmap, and release the sender's block whatever
-        happened. Returns what `copy` returned."""
+        event `after`), wait for the stream, let go of the mapping, and release the sender's
+        block whatever happened. Returns what `copy` returned."""
         try:
             _check_device(pages, device)
             runtime, stream = cuda_runtime(), self._stream(device)
             runtime.set_device(device.index)  # this thread's context: where the handle is mapped
             if after is not None:
                 stream.wait_event(after)
-            base = self.mappings.acquire(pages.handle)
+            base = self.mappings.acquire(pages.handle, device.index)
             try:
                 if pages.event is not None:  # the sender's gather may still be running
                     runtime.wait_ipc_event(stream.cuda_stream, pages.event)

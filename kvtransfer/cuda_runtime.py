@@ -15,7 +15,11 @@ CUDA contexts and its current device per thread.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -24,6 +28,8 @@ IPC_HANDLE_SIZE = 64  # bytes of cudaIpcMemHandle_t and of cudaIpcEventHandle_t
 _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 _DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
 _MAX_PITCH = 11  # cudaDevAttrMaxPitch: the largest pitch cudaMemcpy2D* take
+
+log = logging.getLogger(__name__)
 
 
 class _IpcHandle(ctypes.Structure):
@@ -128,42 +134,123 @@ def cuda_runtime() -> CudaRuntime:
     return CudaRuntime(ctypes.CDLL(sorted(paths)[0]))
 
 
+@dataclass
+class _Mapping:
+    device: int  # where it was mapped (its unmap runs there)
+    base: int | None = None  # None while a thread maps or unmaps it
+    users: int = 0
+    idle_since: float | None = None  # when its last user let go
+
+
 class IpcMappings:
     """Another process's allocations mapped into this one, each at most once at a time (CUDA
-    maps a handle once per process): `acquire` maps on first use and counts users, `release`
-    unmaps when the last one lets go. Thread-safe; the map and unmap calls hold no GIL."""
+    maps a handle once per process): `acquire` maps on first use and counts users; `release`
+    leaves a mapping nobody uses open for `linger_s`, and a sweeper thread unmaps it after that.
+    Thread-safe; the map and unmap calls hold neither the GIL nor this table's lock.
 
-    def __init__(self, runtime: CudaRuntime | None = None) -> None:
+    Why it lingers: the sender's caching allocator hands out the same few blocks again and
+    again, so the next payload is most often in an allocation already mapped. A map and an
+    unmap each wait for the GPU, under CUDA MPS for the other replica's kernels as well. Unmapped
+    at each payload's end, under this table's lock, every receive waited for the prefill
+    replica's step in flight: 1P1D under MPS on one H100, the decode replica had a prompt's KV
+    ~440 ms (p50) after the prefill replica sent it, most of them only once the prefill replica
+    went idle (docs/benchmarks.md, run 148).
+
+    What it risks: CUDA calls freeing an allocation while another process still maps it
+    undefined. torch frees a cached segment only on `torch.cuda.empty_cache()` or when an
+    allocation fails for lack of memory; a mapping nobody uses is never read again (a new
+    payload comes with its own handle: CUDA gives each allocation a new one), and it goes
+    after `linger_s`. UCX's cuda_ipc transport keeps its mappings open the same way (its
+    `UCX_CUDA_IPC_CACHE`, on by default)."""
+
+    LINGER_S = 10.0
+
+    def __init__(self, runtime: CudaRuntime | None = None, linger_s: float = LINGER_S,
+                 clock: Callable[[], float] = time.monotonic, sweep_thread: bool = True) -> None:
         self._runtime = runtime
-        self._lock = threading.Lock()
-        self._open: dict[bytes, list[int]] = {}  # handle -> [base pointer, users]
+        self.linger_s = linger_s
+        self.clock = clock
+        self._changed = threading.Condition()
+        self._open: dict[bytes, _Mapping] = {}
+        # False: the owner calls `sweep` itself (tests, with a clock of their own)
+        self._sweep_thread = sweep_thread
 
     @property
     def runtime(self) -> CudaRuntime:
         return self._runtime or cuda_runtime()
 
-    def acquire(self, handle: bytes) -> int:
-        """The base pointer of the allocation behind `handle` (mapped in the caller's current
-        device's context)."""
-        with self._lock:
-            entry = self._open.get(handle)
-            if entry is None:
-                entry = self._open[handle] = [self.runtime.open_mem(handle), 0]
-            entry[1] += 1
-            return entry[0]
+    def acquire(self, handle: bytes, device: int) -> int:
+        """The base pointer of the allocation behind `handle`, mapped on `device` (the caller's
+        current device) if it is not mapped yet."""
+        with self._changed:
+            while (m := self._open.get(handle)) is not None and m.base is None:
+                self._changed.wait()  # another thread maps or unmaps it
+            if m is not None:
+                m.users, m.idle_since = m.users + 1, None
+                return m.base
+            m = self._open[handle] = _Mapping(device)
+            if self._sweep_thread:  # started with the first mapping
+                self._sweep_thread = False
+                threading.Thread(target=self._sweep_forever, daemon=True,
+                                 name="cuda-ipc-unmap").start()
+        try:
+            base = self.runtime.open_mem(handle)
+        except BaseException:
+            with self._changed:
+                del self._open[handle]
+                self._changed.notify_all()
+            raise
+        with self._changed:
+            m.base, m.users = base, 1
+            self._changed.notify_all()
+        return base
 
     def release(self, handle: bytes) -> None:
-        with self._lock:
-            entry = self._open[handle]
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._open[handle]
-                self.runtime.close_mem(entry[0])
+        """One user of `handle`'s mapping is done with it."""
+        with self._changed:
+            m = self._open[handle]
+            m.users -= 1
+            if m.users == 0:
+                m.idle_since = self.clock()
+
+    def sweep(self) -> int:
+        """Unmap every mapping that nobody has used for `linger_s`; returns how many."""
+        now = self.clock()
+        with self._changed:
+            stale = [(handle, m) for handle, m in self._open.items()
+                     if m.users == 0 and m.base is not None and m.idle_since is not None
+                     and now - m.idle_since >= self.linger_s]
+            bases = [m.base for _, m in stale]
+            for _, m in stale:
+                m.base = None  # acquires of these wait for the unmap
+        try:
+            for (_, m), base in zip(stale, bases, strict=True):
+                try:
+                    self.runtime.set_device(m.device)
+                    self.runtime.close_mem(base)
+                except RuntimeError as e:  # left mapped: nothing reads it again
+                    log.warning("unmapping a cuda_ipc sender's allocation failed: %s", e)
+        finally:
+            with self._changed:
+                for handle, _ in stale:
+                    del self._open[handle]
+                self._changed.notify_all()
+        return len(stale)
 
     def __len__(self) -> int:
-        """How many allocations are mapped now."""
-        with self._lock:
+        """How many allocations are mapped now, used or not."""
+        with self._changed:
             return len(self._open)
+
+    def in_use(self) -> int:
+        """How many mappings some receive is using now."""
+        with self._changed:
+            return sum(m.users > 0 for m in self._open.values())
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(self.linger_s / 2)
+            self.sweep()
 
 
 # CUDA maps a handle once per process, so every receiver in the process shares one table.

@@ -1,7 +1,10 @@
-"""IpcMappings: a sender's allocation is mapped once however many receives use it at a time,
-and unmapped when the last of them lets go (CUDA maps a handle at most once per process)."""
+"""IpcMappings: a sender's allocation is mapped once however many receives use it at a time
+(CUDA maps a handle at most once per process), stays mapped while its payloads keep coming,
+and is unmapped once nobody has used it for `linger_s`."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
@@ -10,12 +13,13 @@ from kvtransfer.cuda_runtime import IPC_HANDLE_SIZE, IpcMappings, _handle
 
 class RecordingRuntime:
     """Stands in for the CUDA runtime on a machine without a GPU: hands out base pointers and
-    records which are open."""
+    records which are open, and on which device each unmap ran."""
 
     def __init__(self) -> None:
         self.open: dict[int, bytes] = {}
         self.calls: list[tuple[str, int]] = []
         self.next_ptr = 0x1000
+        self.device = 0
 
     def open_mem(self, handle: bytes) -> int:
         assert handle not in self.open.values(), "mapped twice"
@@ -24,29 +28,93 @@ class RecordingRuntime:
         self.calls.append(("open", ptr))
         return ptr
 
+    def set_device(self, index: int) -> None:
+        self.device = index
+
     def close_mem(self, ptr: int) -> None:
         del self.open[ptr]
-        self.calls.append(("close", ptr))
+        self.calls.append((f"close on {self.device}", ptr))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 A, B = b"a" * IPC_HANDLE_SIZE, b"b" * IPC_HANDLE_SIZE
 
 
-def test_one_mapping_per_allocation_until_the_last_user_releases():
-    rt = RecordingRuntime()
-    maps = IpcMappings(rt)
-    assert maps.acquire(A) == 0x1000
-    assert maps.acquire(A) == 0x1000  # a second payload in the same allocation
-    assert maps.acquire(B) == 0x2000
-    assert len(maps) == 2
-    maps.release(A)
-    assert rt.open == {0x1000: A, 0x2000: B}  # one user of A left
+def mappings(rt: RecordingRuntime, clock: Clock) -> IpcMappings:
+    return IpcMappings(rt, linger_s=10.0, clock=clock, sweep_thread=False)
+
+
+def test_one_mapping_per_allocation_kept_for_the_next_payloads():
+    rt, clock = RecordingRuntime(), Clock()
+    maps = mappings(rt, clock)
+    assert maps.acquire(A, 0) == 0x1000
+    assert maps.acquire(A, 0) == 0x1000  # a second payload in the same allocation
+    assert maps.acquire(B, 1) == 0x2000
+    assert (len(maps), maps.in_use()) == (2, 2)
+    for handle in (A, A, B):
+        maps.release(handle)
+    assert (len(maps), maps.in_use()) == (2, 0)
+    clock.now = 9.9
+    assert maps.acquire(A, 0) == 0x1000  # nothing unmapped, nothing mapped again
+    assert rt.calls == [("open", 0x1000), ("open", 0x2000)]
+    assert maps.sweep() == 0
+
+
+def test_a_mapping_unused_for_linger_s_is_unmapped_on_its_device():
+    rt, clock = RecordingRuntime(), Clock()
+    maps = mappings(rt, clock)
+    maps.acquire(A, 0)
+    maps.acquire(B, 1)
+    clock.now = 5.0
+    maps.release(B)  # unused from 5.0 on; A stays in use
+    clock.now = 14.9
+    assert maps.sweep() == 0
+    clock.now = 15.0
+    assert maps.sweep() == 1
+    assert rt.calls[-1] == ("close on 1", 0x2000)
+    assert rt.open == {0x1000: A} and len(maps) == 1
+    assert maps.acquire(B, 1) == 0x3000  # mapped afresh
+    clock.now = 100.0
     maps.release(A)
     maps.release(B)
-    assert rt.calls == [("open", 0x1000), ("open", 0x2000), ("close", 0x1000),
-                        ("close", 0x2000)]
-    assert len(maps) == 0 and rt.open == {}
-    assert maps.acquire(A) == 0x3000  # mapped afresh: the old mapping is gone
+    clock.now = 110.0
+    assert maps.sweep() == 2 and len(maps) == 0 and rt.open == {}
+
+
+def test_a_receive_during_the_unmap_waits_for_it_then_maps_afresh():
+    unmapping, finish = threading.Event(), threading.Event()
+
+    class SlowUnmap(RecordingRuntime):
+        def close_mem(self, ptr: int) -> None:
+            unmapping.set()
+            assert finish.wait(5)
+            super().close_mem(ptr)
+
+    rt, clock = SlowUnmap(), Clock()
+    maps = mappings(rt, clock)
+    maps.acquire(A, 0)
+    maps.release(A)
+    clock.now = 10.0
+    sweeper = threading.Thread(target=maps.sweep)
+    sweeper.start()
+    assert unmapping.wait(5)
+    got: list[int] = []
+    receiver = threading.Thread(target=lambda: got.append(maps.acquire(A, 0)))
+    receiver.start()
+    receiver.join(0.2)
+    assert got == []  # waits: CUDA maps a handle once per process
+    finish.set()
+    sweeper.join(5)
+    receiver.join(5)
+    assert got == [0x2000]
+    assert rt.calls == [("open", 0x1000), ("close on 0", 0x1000), ("open", 0x2000)]
 
 
 def test_a_failed_map_leaves_nothing_counted():
@@ -54,9 +122,9 @@ def test_a_failed_map_leaves_nothing_counted():
         def open_mem(self, handle: bytes) -> int:
             raise RuntimeError("cudaIpcOpenMemHandle: invalid argument")
 
-    maps = IpcMappings(Failing())
+    maps = mappings(Failing(), Clock())
     with pytest.raises(RuntimeError, match="cudaIpcOpenMemHandle"):
-        maps.acquire(A)
+        maps.acquire(A, 0)
     assert len(maps) == 0
 
 

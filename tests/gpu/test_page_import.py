@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import pickle
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from engine.kv_pool import KVPool  # noqa: E402
 from engine.model_arch import ModelArch  # noqa: E402
 from engine.page_import import page_import  # noqa: E402
 from kvtransfer import cuda_ipc  # noqa: E402
-from kvtransfer.cuda_runtime import CudaRuntime, cuda_runtime  # noqa: E402
+from kvtransfer.cuda_runtime import CudaRuntime, IpcMappings, cuda_runtime  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -84,7 +85,7 @@ def test_pages_land_in_the_reserved_pages_only(exporter, monkeypatch, rows):
     assert torch.equal(kv[:, [7, 8, 2]], sent)
     untouched = [p for p in range(13) if p not in (2, 7, 8)]  # the scratch page (12) too
     assert kv[:, untouched].count_nonzero() == 0
-    assert len(transport.mappings) == 0
+    assert transport.mappings.in_use() == 0
 
 
 def test_the_write_waits_for_the_steps_before_the_reservation(exporter):
@@ -108,7 +109,32 @@ def test_a_payload_that_does_not_fit_writes_nothing(exporter):
     with pytest.raises(ValueError, match="does not fit"):
         asyncio.run(transport.receive_into(handle, target))
     assert pool.kv.count_nonzero().item() == 0
-    assert len(transport.mappings) == 0
+    assert transport.mappings.in_use() == 0
+
+
+def test_a_mapping_serves_the_next_payloads_until_the_sweep_unmaps_it(exporter):
+    """Payloads in one sender allocation share one mapping, kept once they are written (no map
+    and unmap per payload), and unmapped by the sweep once unused for `linger_s`."""
+    clock = [0.0]
+    transport = cuda_ipc.CudaIpcTransport()
+    transport.mappings = maps = IpcMappings(linger_s=10.0, clock=lambda: clock[0],
+                                            sweep_thread=False)
+    pool = KVPool(ARCH, 8, PAGE, torch.bfloat16, "cuda")
+    sent = []
+    for seed, pages in ((11, [1]), (12, [2]), (13, [3])):
+        handle, data = exporter(1, seed=seed)
+        asyncio.run(transport.receive_into(handle, page_import(pool, pages)))
+        sent.append((handle, data))
+    allocations = {pickle.loads(handle)[1].handle for handle, _ in sent}
+    assert len(allocations) < 3  # torch's allocator packs small blocks into one segment
+    assert (len(maps), maps.in_use()) == (len(allocations), 0)
+    clock[0] = 10.0
+    assert maps.sweep() == len(allocations) and len(maps) == 0
+    last = exporter(1, seed=14)  # mapped afresh
+    asyncio.run(transport.receive_into(last[0], page_import(pool, [4])))
+    kv = pool.kv.cpu()
+    for page, (_, data) in zip([1, 2, 3, 4], [*sent, last], strict=True):
+        assert torch.equal(kv[:, page], data[:, 0])
 
 
 def _prefill_server(path: str, requests, replies) -> None:
