@@ -247,10 +247,15 @@ class CudaIpcTransport(KVTransport):
         return out
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The copies' stream on `device`, at the highest stream priority: the copies are short
+        and a request waits for each, while the engine's kernels queue whole steps. (A decode
+        replica below normal MPS client priority gets the GPU last; its stream priorities still
+        order its own work.)"""
         with self._lock:
             stream = self._streams.get(device)
             if stream is None:
-                stream = self._streams[device] = torch.cuda.Stream(device)
+                # torch clamps a priority beyond the device's range to the range's end
+                stream = self._streams[device] = torch.cuda.Stream(device, priority=-100)
             return stream
 
 
