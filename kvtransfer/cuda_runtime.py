@@ -149,17 +149,17 @@ class IpcMappings:
     Thread-safe; the map and unmap calls hold neither the GIL nor this table's lock.
 
     Why it lingers: the sender's caching allocator hands out the same few blocks again and
-    again, so the next payload is most often in an allocation already mapped. A map and an
-    unmap each wait for the GPU, under CUDA MPS for the other replica's kernels as well. Unmapped
-    at each payload's end, under this table's lock, every receive waited for the prefill
-    replica's step in flight: 1P1D under MPS on one H100, the decode replica had a prompt's KV
-    ~440 ms (p50) after the prefill replica sent it, most of them only once the prefill replica
-    went idle (docs/benchmarks.md, run 148).
+    again, so the next payload is most often in an allocation already mapped. An unmap waits
+    for the GPU, under CUDA MPS for the other replica's kernels as well (docs/benchmarks.md, run
+    49). Unmapped at each payload's end under this table's lock, the next receive's map waited
+    behind it: 1P1D under MPS on one H100, the decode replica had a prompt's KV ~440 ms (p50)
+    after the prefill replica sent it, about one receive per 15 ms while the prefill replica ran
+    and one per millisecond once it was idle (docs/benchmarks.md, run 148).
 
-    What it risks: CUDA calls freeing an allocation while another process still maps it
-    undefined. torch frees a cached segment only on `torch.cuda.empty_cache()` or when an
-    allocation fails for lack of memory; a mapping nobody uses is never read again (a new
-    payload comes with its own handle: CUDA gives each allocation a new one), and it goes
+    What it risks: CUDA leaves undefined what happens when a process frees an allocation that
+    another process still maps. torch frees a cached segment only on `torch.cuda.empty_cache()`
+    or when an allocation fails for lack of memory; a mapping nobody uses is never read again (a
+    new payload comes with its own handle: CUDA gives each allocation a new one), and it goes
     after `linger_s`. UCX's cuda_ipc transport keeps its mappings open the same way (its
     `UCX_CUDA_IPC_CACHE`, on by default)."""
 
