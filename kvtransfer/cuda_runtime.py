@@ -194,7 +194,16 @@ class IpcMappings:
                 threading.Thread(target=self._sweep_forever, daemon=True,
                                  name="cuda-ipc-unmap").start()
         try:
-            base = self.runtime.open_mem(handle)
+            try:
+                base = self.runtime.open_mem(handle)
+            except RuntimeError:
+                # A sender that freed a segment may have one at the same address now, which
+                # CUDA may refuse to map beside the old one's lingering mapping: unmap the
+                # unused ones and try once more.
+                if not self.sweep(idle_for=0.0):
+                    raise
+                self.runtime.set_device(device)  # the sweep's unmaps set theirs
+                base = self.runtime.open_mem(handle)
         except BaseException:
             with self._changed:
                 del self._open[handle]
@@ -213,13 +222,14 @@ class IpcMappings:
             if m.users == 0:
                 m.idle_since = self.clock()
 
-    def sweep(self) -> int:
-        """Unmap every mapping that nobody has used for `linger_s`; returns how many."""
-        now = self.clock()
+    def sweep(self, idle_for: float | None = None) -> int:
+        """Unmap every mapping that nobody has used for `idle_for` seconds (default:
+        `linger_s`); returns how many."""
+        now, idle_for = self.clock(), self.linger_s if idle_for is None else idle_for
         with self._changed:
             stale = [(handle, m) for handle, m in self._open.items()
                      if m.users == 0 and m.base is not None and m.idle_since is not None
-                     and now - m.idle_since >= self.linger_s]
+                     and now - m.idle_since >= idle_for]
             bases = [m.base for _, m in stale]
             for _, m in stale:
                 m.base = None  # acquires of these wait for the unmap

@@ -117,6 +117,30 @@ def test_a_receive_during_the_unmap_waits_for_it_then_maps_afresh():
     assert rt.calls == [("open", 0x1000), ("close on 0", 0x1000), ("open", 0x2000)]
 
 
+def test_a_refused_map_unmaps_the_unused_mappings_and_tries_again():
+    """A sender that freed a segment and has a new one at its address: CUDA may refuse the new
+    handle while the old one's mapping lingers."""
+    class RefusedBesideA(RecordingRuntime):
+        def open_mem(self, handle: bytes) -> int:
+            if handle == B and A in self.open.values():
+                raise RuntimeError("cudaIpcOpenMemHandle: already mapped")
+            return super().open_mem(handle)
+
+    rt, clock = RefusedBesideA(), Clock()
+    maps = mappings(rt, clock)
+    maps.acquire(A, 0)
+    maps.release(A)  # unused, within its linger_s
+    assert maps.acquire(B, 0) == 0x2000
+    assert rt.calls == [("open", 0x1000), ("close on 0", 0x1000), ("open", 0x2000)]
+
+    rt = RefusedBesideA()
+    maps = mappings(rt, clock)
+    maps.acquire(A, 0)  # in use: nothing to unmap, so the refusal stands
+    with pytest.raises(RuntimeError, match="already mapped"):
+        maps.acquire(B, 0)
+    assert (len(maps), maps.in_use()) == (1, 1) and rt.calls == [("open", 0x1000)]
+
+
 def test_a_failed_map_leaves_nothing_counted():
     class Failing(RecordingRuntime):
         def open_mem(self, handle: bytes) -> int:
