@@ -154,14 +154,16 @@ class IpcMappings:
     49). Unmapped at each payload's end under this table's lock, the next receive's map waited
     behind it: 1P1D under MPS on one H100, the decode replica had a prompt's KV ~440 ms (p50)
     after the prefill replica sent it, about one receive per 15 ms while the prefill replica ran
-    and one per millisecond once it was idle (docs/benchmarks.md, run 148).
+    and one per millisecond once it was idle (docs/benchmarks.md, run 148); 128 ms with the
+    mappings lingering (run 149).
 
     What it risks: CUDA leaves undefined what happens when a process frees an allocation that
     another process still maps. torch frees a cached segment only on `torch.cuda.empty_cache()`
     or when an allocation fails for lack of memory; a mapping nobody uses is never read again (a
     new payload comes with its own handle: CUDA gives each allocation a new one), and it goes
-    after `linger_s`. UCX's cuda_ipc transport keeps its mappings open the same way (its
-    `UCX_CUDA_IPC_CACHE`, on by default)."""
+    after `linger_s`; a map that CUDA refuses is tried again once the unused mappings are gone.
+    UCX's cuda_ipc transport keeps its mappings open the same way (its `UCX_CUDA_IPC_CACHE`, on
+    by default)."""
 
     LINGER_S = 10.0
 
