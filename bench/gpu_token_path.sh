@@ -1,10 +1,12 @@
 # The token-path runs (docs/benchmarks.md, 2026-12-01): the Serve workload through the engine
 # alone, then through Serve with the committed GPU configs and their variants.
 # On the GPU machine:  bash bench/device_run.sh bash bench/gpu_token_path.sh [NAME ...]
-# NAMEs (default: offline pd colo): offline, offline_fp8 (the engine alone, bf16 / fp8 weights
-# and KV), pd (configs/llama3-8b-gpu.yaml: 1P1D on one GPU, cuda_ipc), colo (the colocated
-# config), pd_fp8_mps (configs/llama3-8b-gpu-fp8.yaml under MPS), pd_proxy / colo_proxy (Serve's
-# Python proxy instead of the HAProxy ingress: Ray is restarted without it, then with it again),
+# NAMEs (default: offline pd colo): tests (the GPU tests: the files in GPU_TESTS, default
+# tests/gpu, within TESTS_S seconds, default 240; output in $OUT/pytest.log), offline,
+# offline_fp8 (the engine alone, bf16 / fp8 weights and KV), pd (configs/llama3-8b-gpu.yaml:
+# 1P1D on one GPU, cuda_ipc), colo (the colocated config), pd_fp8_mps
+# (configs/llama3-8b-gpu-fp8.yaml under MPS), pd_proxy / colo_proxy (Serve's Python proxy
+# instead of the HAProxy ingress: Ray is restarted without it, then with it again),
 # any variant of bench/gpu_variants.py (`python -m bench.gpu_variants --list`; also
 # <BASE>_gil<X> and <BASE>_batch<N>), and two comparisons under MPS (bench.compare):
 # lp_mps (long prompts, 2048 in / 16 out, 48 per Poisson rate in LP_RATES (default 16,24 req/s),
@@ -67,6 +69,13 @@ if [ -d ~/.cache/flashinfer ]; then OFFLINE_S=240; else OFFLINE_S=480; fi
 for name in "${@:-offline pd colo}"; do
   for n in $name; do
     case $n in
+      tests)  # the GPU tests ($GPU_TESTS, default tests/gpu) within $TESTS_S (default 240) s,
+        # their whole output to $OUT/pytest.log (a `tail` in a device command lost run 148's)
+        log=${OUT:-/tmp}/pytest.log
+        (unset RAY_ADDRESS PDSERVE_HOP_LOG PDSERVE_STEP_LOG
+         timeout ${TESTS_S:-240} python -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/gpu} \
+           > $log 2>&1; echo "pytest exit $? (124: cut at ${TESTS_S:-240} s), output in $log")
+        tail -3 $log ;;
       offline) timeout $OFFLINE_S python -m bench.gpu_offline --budgets 8192 --overlap on 2>&1 | tail -4 ;;
       offline_fp8) timeout $OFFLINE_S python -m bench.gpu_offline --budgets 8192 --overlap on --quantize fp8 \
                      --kv-cache-dtype fp8_e4m3 2>&1 | tail -6 ;;
