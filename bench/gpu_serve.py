@@ -65,6 +65,7 @@ STEP_COUNTERS = ("pdserve_engine_steps_total", "pdserve_engine_step_seconds_tota
 SCHEDULED = ("pdserve_scheduled_prefill_tokens_total", "pdserve_scheduled_prefill_steps_total",
              "pdserve_scheduled_decode_tokens_total")
 KV_BYTES = "pdserve_kv_transfer_bytes_total"  # received by decode replicas (fp8 KV: half)
+KV_MAPS = "pdserve_kv_transfer_maps_total"  # cuda_ipc: sender allocations mapped (a total)
 METRICS_PUSH_S = 3.0
 
 
@@ -75,7 +76,8 @@ def step_counters() -> dict[str, dict]:
     from bench.soak import parse_metrics
 
     text = httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
-    return {name: parse_metrics(text, name) for name in (*STEP_COUNTERS, *SCHEDULED, KV_BYTES)}
+    return {name: parse_metrics(text, name)
+            for name in (*STEP_COUNTERS, *SCHEDULED, KV_BYTES, KV_MAPS)}
 
 
 def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
@@ -153,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         kv_bytes = sum(after[KV_BYTES].values()) - sum(before[KV_BYTES].values())
         print(f"KV transferred: {kv_bytes / args.num_prompts / 2**20:.2f} MiB per request "
               f"({KV_BYTES})", flush=True)
+        if after[KV_MAPS]:  # cuda_ipc
+            maps = sum(after[KV_MAPS].values()) - sum(before[KV_MAPS].values())
+            print(f"KV sender allocations mapped: {maps:.0f} for {args.num_prompts} requests "
+                  f"({KV_MAPS})", flush=True)
     finally:
         server.stop()
     if not run["completed"]:

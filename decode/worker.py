@@ -244,6 +244,7 @@ class DecodeWorker:
                 start = time.perf_counter()
                 payload = await self._receive(result.kv, rsv)
                 self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
+                self.metrics.counters.update(self.transport.counters())
                 return result, payload
             except Exception as e:
                 if attempt == self.prefill_retries or not self.retriable(e):

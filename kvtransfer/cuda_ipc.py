@@ -153,6 +153,12 @@ class CudaIpcTransport(KVTransport):
     def close(self) -> None:
         self._writers.shutdown(wait=False)
 
+    def counters(self) -> dict[str, float]:
+        """How many sender allocations this process mapped and unmapped (every receiver in it
+        shares one table): far fewer maps than receives while mappings are reused."""
+        return {"pdserve_kv_transfer_maps_total": self.mappings.maps,
+                "pdserve_kv_transfer_unmaps_total": self.mappings.unmaps}
+
     def _slot(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
         slots = self._slots.get(loop)

@@ -176,6 +176,7 @@ class IpcMappings:
         self._open: dict[bytes, _Mapping] = {}
         # False: the owner calls `sweep` itself (tests, with a clock of their own)
         self._sweep_thread = sweep_thread
+        self.maps = self.unmaps = 0  # running totals, for /metrics
 
     @property
     def runtime(self) -> CudaRuntime:
@@ -213,6 +214,7 @@ class IpcMappings:
             raise
         with self._changed:
             m.base, m.users = base, 1
+            self.maps += 1
             self._changed.notify_all()
         return base
 
@@ -246,6 +248,7 @@ class IpcMappings:
             with self._changed:
                 for handle, _ in stale:
                     del self._open[handle]
+                self.unmaps += len(stale)
                 self._changed.notify_all()
         return len(stale)
 

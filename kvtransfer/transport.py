@@ -62,6 +62,11 @@ class KVTransport(ABC):
         nothing."""
         return None
 
+    def counters(self) -> dict[str, float]:
+        """This transport's own running totals for the receiving replica's /metrics, by metric
+        name (`pdserve_kv_transfer_*_total`); none for most."""
+        return {}
+
     @abstractmethod
     def send(self, payload: KVPayload) -> object: ...
 

@@ -17,18 +17,21 @@ from engine.llm_engine import Engine
 from engine.page_import import PageImport
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVPayload, make_transport, model_fingerprint
+from kvtransfer.inline import InlineTransport
+from kvtransfer.transport import KVTransport
 from prefill.worker import PrefillWorker
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def inline_pair(path: str, local_prefill_max_tokens: int = 0, **engine_kwargs,
-                ) -> tuple[PrefillWorker, DecodeWorker]:
-    """A prefill and a decode worker in this process over the inline transport, each with its
-    own engine (16-token pages, 128 of them, plus `engine_kwargs`)."""
+def inline_pair(path: str, local_prefill_max_tokens: int = 0, transport: KVTransport | None = None,
+                **engine_kwargs) -> tuple[PrefillWorker, DecodeWorker]:
+    """A prefill and a decode worker in this process over the inline transport (or
+    `transport`), each with its own engine (16-token pages, 128 of them, plus
+    `engine_kwargs`)."""
     cfg = EngineConfig(page_size=16, num_pages=128, **engine_kwargs)
     fp = model_fingerprint(path, "float32", "safetensors", 0)
-    transport = make_transport("inline")
+    transport = transport or make_transport("inline")
     prefill = PrefillWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), transport, fp)
     decode = DecodeWorker(AsyncEngine(Engine(ModelConfig(path), cfg)), prefill, transport, fp,
                           local_prefill_max_tokens=local_prefill_max_tokens)
@@ -87,6 +90,29 @@ def test_tokens_equal_colocated_and_prefix_pages_move_once(tiny_llama):
     assert decode.metrics.counters["pdserve_kv_transfer_seconds_total"] > 0  # two receives timed
     assert prefill.metrics.counters["pdserve_kv_transfer_bytes_sent_total"] == bytes_a + bytes_b
     no_pages_left(prefill, decode)
+
+
+def test_the_transports_own_totals_reach_the_decode_replicas_metrics(tiny_llama):
+    """A transport's `counters()` (cuda_ipc's: sender allocations mapped and unmapped) are in
+    the receiving replica's metrics as they stand after its last receive."""
+    class Counting(InlineTransport):
+        sent = 0
+
+        def send(self, payload: KVPayload) -> object:
+            self.sent += 1
+            return super().send(payload)
+
+        def counters(self) -> dict[str, float]:
+            return {"pdserve_kv_transfer_maps_total": self.sent}
+
+    async def main():
+        prefill, decode = inline_pair(tiny_llama, transport=Counting())
+        await _collect(decode, list(range(300, 340)), GREEDY, "a")
+        await _collect(decode, list(range(400, 440)), GREEDY, "b")
+        return decode
+
+    decode = asyncio.run(main())
+    assert decode.metrics.counters["pdserve_kv_transfer_maps_total"] == 2
 
 
 def test_a_prompt_cached_whole_on_the_decode_side_moves_no_pages(tiny_llama):

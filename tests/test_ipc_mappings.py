@@ -65,6 +65,7 @@ def test_one_mapping_per_allocation_kept_for_the_next_payloads():
     assert maps.acquire(A, 0) == 0x1000  # nothing unmapped, nothing mapped again
     assert rt.calls == [("open", 0x1000), ("open", 0x2000)]
     assert maps.sweep() == 0
+    assert (maps.maps, maps.unmaps) == (2, 0)  # the totals /metrics reports
 
 
 def test_a_mapping_unused_for_linger_s_is_unmapped_on_its_device():
@@ -86,6 +87,7 @@ def test_a_mapping_unused_for_linger_s_is_unmapped_on_its_device():
     maps.release(B)
     clock.now = 110.0
     assert maps.sweep() == 2 and len(maps) == 0 and rt.open == {}
+    assert (maps.maps, maps.unmaps) == (3, 3)
 
 
 def test_a_receive_during_the_unmap_waits_for_it_then_maps_afresh():
