@@ -89,7 +89,6 @@ class Engine:
         self._in_flight: tuple[ScheduledBatch, LaunchedStep] | None = None
         # The prefill role's exports, read out on a stream of their own (engine/kv_export.py).
         self.exporter = KVExporter(self.pool)
-        self.export_stream = self.exporter.stream
         backend.warmup()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -324,6 +323,11 @@ class Engine:
     def allocator(self):
         """The page allocator, to read (tests, benchmarks); only the scheduler changes it."""
         return self.scheduler.kv.allocator
+
+    @property
+    def export_stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream exports are read out on (None off CUDA): a transport sends on it."""
+        return self.exporter.stream
 
     @property
     def num_pages_used(self) -> int:
