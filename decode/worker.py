@@ -62,6 +62,7 @@ class DecodeWorker:
         self.transport = transport
         self.fingerprint = fingerprint
         self.metrics = metrics or Metrics("decode", "local")
+        self.metrics.add_counter_source(transport.counters)
         self.reserve_timeout_s = reserve_timeout_s
         self.timeout_s, self.prefill_retries, self.retriable = timeout_s, prefill_retries, retriable
         # Receive the KV while the prefill computes it, when the transport can (default).
@@ -244,7 +245,6 @@ class DecodeWorker:
                 start = time.perf_counter()
                 payload = await self._receive(result.kv, rsv)
                 self.metrics.inc("pdserve_kv_transfer_seconds_total", time.perf_counter() - start)
-                self.metrics.counters.update(self.transport.counters())
                 return result, payload
             except Exception as e:
                 if attempt == self.prefill_retries or not self.retriable(e):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -65,6 +66,12 @@ class Metrics:
         self.counters: dict[str, float] = {}
         self.gauges: dict[str, float] = {}
         self.histograms: dict[str, Histogram] = {}
+        self._counter_sources: list[Callable[[], dict[str, float]]] = []
+
+    def add_counter_source(self, source: Callable[[], dict[str, float]]) -> None:
+        """Running totals kept elsewhere (a KV transport's): `source()` joins the counters at
+        each snapshot, so they are current whenever /metrics is read."""
+        self._counter_sources.append(source)
 
     def inc(self, name: str, value: float = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + value
@@ -93,8 +100,11 @@ class Metrics:
         # Called from the metrics thread while the step thread may add a histogram: list()
         # copies the items in one call under the GIL, where iterating the dict could meet
         # the insertion ("dictionary changed size during iteration").
+        counters = dict(self.counters)
+        for source in self._counter_sources:
+            counters.update(source())
         return {"role": self.role, "replica": self.replica, "gauges": dict(self.gauges),
-                "counters": dict(self.counters),
+                "counters": counters,
                 "histograms": {k: h.snapshot() for k, h in list(self.histograms.items())}}
 
 
