@@ -11,6 +11,14 @@ with the chain hashes of all its full blocks. It takes no pages and frees none: 
 them back afterwards (`Scheduler.release`), and later steps may reuse them at once, since the
 engine's stream waits for the copy. A transport's `send` runs with `stream` current
 (prefill/worker.py), so its own reads of the copy need no wait on the step in flight.
+
+The export's memory belongs to `stream`: a reader on another stream keeps the tensor alive until
+its reads are done (a transport's `send` returns after them, or holds the tensor), or records its
+own stream on it (`KVPool.write_pages` does). The export records no other stream itself: a block
+with another stream's use recorded calls CUDA when it is freed, and torch frees a block that its
+CUDA IPC still holds (cuda_ipc, the last payloads before an exit) only as the process exits,
+after the driver has shut down: the prefill process then aborted ("driver shutting down",
+SIGABRT; docs/benchmarks.md, run 151).
 """
 
 from __future__ import annotations
@@ -45,8 +53,6 @@ class KVExporter:
                 data = self.pool.read_pages(req.block_table[req.kv_export_from:n_pages])
                 if isinstance(layerwise, LayerwiseExport):  # that step ran without the hook
                     layerwise.fill(data)
-            if self.stream is not None:  # not reused before the engine's reads
-                data.record_stream(torch.cuda.current_stream(self.device))
         n_full = req.num_prompt_tokens // ps
         hashes = block_hashes(req.prompt_token_ids, ps, req.block_hashes[:n_full])
         return KVExport(data, req.kv_export_from, hashes)
@@ -60,8 +66,7 @@ class KVExporter:
         since was planned while the pages were still the request's, so no other request's rows
         write them. The engine's stream then waits for the copy before any later step, which
         may be given the pages once they are released. Reads of the export on the engine's
-        stream are ordered after the copy by that wait, and the block is not reused before
-        they end (`record_stream`)."""
+        stream are ordered after the copy by that wait."""
         with torch.cuda.stream(self.stream):  # None: changes nothing
             yield
         if self.stream is not None:
