@@ -42,6 +42,18 @@ def test_main_prints_every_run_and_leaves_failed_requests_out(tmp_path, capsys):
         "1.33/1.45/1.57/1.60 s; end 2.01/2.05/2.09/2.10 s"]
 
 
+def test_a_waves_decode_pace_is_that_of_the_requests_whose_first_token_came_last():
+    # Three clients, 11 tokens each: the first tokens at 0.40, 0.90 and 0.93 s; the last two
+    # (within LAST_S of 0.93 s) decode their 10 further tokens in 120 and 100 ms.
+    reqs = [{**_req(0.0, 400.0, 1400.0), "output_tokens": 11},
+            {**_req(0.0, 900.0, 1020.0), "output_tokens": 11},
+            {**_req(0.01, 920.0, 1020.0), "output_tokens": 11}]
+    (w,) = waves.waves(reqs, concurrency=3)
+    assert w["decode_pace_ms"] == pytest.approx(11.0)  # the median of 12 and 10 ms a token
+    assert waves.format_wave(1, w).endswith("; decode pace 11.00 ms/token")
+    assert "decode_pace_ms" not in waves.waves(REQUESTS, concurrency=2)[0]  # no token counts
+
+
 def test_a_run_at_a_request_rate_has_no_waves(tmp_path, capsys):
     path = tmp_path / "rate.json"
     path.write_text(json.dumps({"runs": [{"label": "lp", "concurrency": None,
