@@ -80,6 +80,10 @@ def time_split(run: list[dict]) -> str:
     if all("cpu_s" in r for r in run):
         line += (f"; in steps: cpu {sum(r['cpu_s'] for r in run):.3f} s, "
                  f"gc {sum(r['gc_s'] for r in run):.3f} s")
+    timed = [r["device_s"] for r in run if "device_s" in r]
+    if timed:  # on a GPU: the share of the run the device spent in steps
+        span = run[-1]["t"] + run[-1]["step_s"] - run[0]["t"]
+        line += f"; device time of the steps {sum(timed):.3f} s of {span:.3f} s"
     return line
 
 

@@ -60,6 +60,8 @@ class AsyncEngine:
         self.round_seconds = 0.0
         self.action_seconds = 0.0  # of which applying adds, admits, aborts, calls
         self._step_log = StepLog.from_env()  # PDSERVE_STEP_LOG: a line per step
+        if self._step_log is not None:  # with each step's device time, on a GPU
+            engine.runner.time_steps = True
 
     def close(self) -> None:
         """Stop the step thread: it finishes the step it is in and applies the actions (adds,
@@ -285,7 +287,8 @@ class AsyncEngine:
                     if self._step_log is not None and step_s is not None:
                         # The round's start on the wall clock: other processes' logs line up.
                         self._step_log.record(time.time() - (time.perf_counter() - start),
-                                              len(pending), step_s, self.engine.scheduler)
+                                              len(pending), step_s, self.engine.scheduler,
+                                              self.engine.step_device_s)
         except BaseException:  # a bug here must not leave the streams waiting forever
             log.exception("engine step thread failed")
             with self._cond:

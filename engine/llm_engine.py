@@ -87,6 +87,7 @@ class Engine:
         self.overlap = (engine_cfg.overlap_scheduling == "on"
                         or engine_cfg.overlap_scheduling == "auto" and self.device.type == "cuda")
         self._in_flight: tuple[ScheduledBatch, LaunchedStep] | None = None
+        self.step_device_s: float | None = None
         # The prefill role's exports, read out on a stream of their own (engine/kv_export.py).
         self.exporter = KVExporter(self.pool)
         backend.warmup()
@@ -234,6 +235,7 @@ class Engine:
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.step_device_s = None  # the collected steps' device time (runner.time_steps)
         if not self.overlap:
             outputs = self._collect()  # a step launched while overlap was on
             batch = self.scheduler.schedule()
@@ -269,6 +271,8 @@ class Engine:
     def _apply(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         for req, lps in out.prompt_logprobs.items():
             req.prompt_logprobs += lps
+        if out.device_s is not None:
+            self.step_device_s = (self.step_device_s or 0.0) + out.device_s
         changed = self.scheduler.update(batch, out)
         return [self._output(req) for req in changed]
 

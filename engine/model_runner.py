@@ -37,6 +37,7 @@ class StepOutput(ModelOutput):
     `prompt_logprobs` (engine/prompt_logprobs.py), which the engine appends."""
 
     prompt_logprobs: dict[Request, list[TokenLogprob | None]] = field(default_factory=dict)
+    device_s: float | None = None  # with ModelRunner.time_steps: the step's device time
 
 
 @dataclass
@@ -50,6 +51,7 @@ class LaunchedStep:
     # The engine collects this step before launching another: it computed prompt logprobs (the
     # host already waited for them) or exported KV layer by layer.
     collect_now: bool
+    timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # around its device work
 
     def result(self) -> StepOutput:
         token_ids: list[int | None] = [None] * self.batch_size
@@ -59,7 +61,12 @@ class LaunchedStep:
             for i, tok, lp in zip(self.rows, out.token_ids, out.logprobs, strict=True):
                 token_ids[i] = tok
                 logprobs[i] = lp
-        return StepOutput(token_ids, logprobs, self.prompt_logprobs)
+        device_s = None
+        if self.timing is not None:
+            start, end = self.timing
+            end.synchronize()  # queued right behind the sampled ids: reached by now
+            device_s = start.elapsed_time(end) / 1e3
+        return StepOutput(token_ids, logprobs, self.prompt_logprobs, device_s)
 
 
 class ModelRunner:
@@ -79,6 +86,11 @@ class ModelRunner:
         # The last launched step's sampled ids on the device, and each sampling request's row.
         self._sampled: tuple[dict[Request, int], torch.Tensor] | None = None
         self._planned = None  # a CUDA event after the last step's attention plan
+        # Time each step on the device (CUDA only; the step log's `device_s`): from just before
+        # its forward is queued to its sampled ids, so a GPU left idle before the step (the
+        # host planning it) does not count, and one left waiting for an eager forward's
+        # kernel launches does.
+        self.time_steps = False
         if cfg.cuda_graphs and device.type == "cuda":
             from engine.cuda_graph import CudaGraphRunner
 
@@ -142,6 +154,10 @@ class ModelRunner:
         cut = 0 < len(last) < meta.num_tokens and not want_prompt_lps
         graph_logits = hidden = None
         exporter = None
+        timing = None
+        if self.time_steps and self.device.type == "cuda":
+            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timing[0].record()
         if self.graphs is not None and self.graphs.can_run(meta):
             # [B, vocab]: every row is a last token
             graph_logits = self.graphs.run(ids, meta, on_planned=self._mark_planned)
@@ -177,8 +193,10 @@ class ModelRunner:
 
             prompt_lps = self.prompt_logprobs.compute(reqs, num_new, meta.qo_indptr_host[:-1],
                                                       step_logits)
+        if timing is not None:
+            timing[1].record()
         return LaunchedStep(len(batch), [order[i] for i in sampling], pending, prompt_lps,
-                            collect_now=bool(prompt_lps) or exporter is not None)
+                            collect_now=bool(prompt_lps) or exporter is not None, timing=timing)
 
     def _input_ids(self, reqs: list[Request], num_new: list[int]) -> torch.Tensor:
         """[T] token ids on the device. A request's last input may be a placeholder (a token the

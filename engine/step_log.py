@@ -5,9 +5,16 @@ and each AsyncEngine in that process appends to `DIR/steps-<pid>-<n>.jsonl`:
 `{"t": round start (time.time()), "actions": adds/aborts applied before the step, "step_s":
 time in Engine.step, "waiting": requests left queued by the step, "running": ...,
 "prefill": prompt tokens launched, "decode": decode rows launched, "cpu_s": the step thread's CPU
-time in Engine.step, "gc_s": time the process spent collecting garbage meanwhile}`. A step whose
+time in Engine.step, "gc_s": time the process spent collecting garbage meanwhile, and on a GPU
+"device_s": the device time of the steps whose outputs the round collected}`. A step whose
 cpu_s is well below its step_s waited: for the GPU, or for the GIL held by another thread of the
-replica (its event loop, Ray's threads). Off by default: the cost is a write per step.
+replica (its event loop, Ray's threads). On a GPU the host spins in `cudaEventSynchronize`, so
+cpu_s equals step_s there (docs/benchmarks.md, runs 150-152), and device_s tells instead: it
+runs from just before a step's forward was queued to its sampled ids
+(`ModelRunner.time_steps`), so with overlapped scheduling decode rounds whose device_s matches
+the interval between their starts kept the GPU busy, and ones above it left the GPU idle while
+the host planned the next step. Off by default: the cost is a write per step (and two timing
+events per step on a GPU).
 `bench/gpu_token_path.sh` collects them (its header says how).
 """
 
@@ -73,10 +80,12 @@ class StepLog:
             return None
         return cls(Path(where) / f"steps-{os.getpid()}-{next(_numbers)}.jsonl")
 
-    def record(self, t: float, actions: int, step_s: float, sched: Scheduler) -> None:
+    def record(self, t: float, actions: int, step_s: float, sched: Scheduler,
+               device_s: float | None = None) -> None:
         """After a step: what it launched is the change in the scheduler's counters, and what
         it left waiting is the scheduler's queue now; its CPU and GC time are what
-        `start_step` / `end_step` measured around Engine.step."""
+        `start_step` / `end_step` measured around Engine.step; `device_s`, the device time of
+        the steps it collected (`Engine.step_device_s`), where they were timed."""
         cpu_s, gc_s = self._costs
         launched = (sched.num_prefill_tokens, sched.num_decode_tokens)
         prefill, decode = (a - b for a, b in zip(launched, self._launched))
@@ -84,4 +93,5 @@ class StepLog:
         self.file.write(json.dumps({
             "t": round(t, 6), "actions": actions, "step_s": round(step_s, 6),
             "waiting": len(sched.waiting), "running": len(sched.running), "prefill": prefill,
-            "decode": decode, "cpu_s": round(cpu_s, 6), "gc_s": round(gc_s, 6)}) + "\n")
+            "decode": decode, "cpu_s": round(cpu_s, 6), "gc_s": round(gc_s, 6),
+            **({} if device_s is None else {"device_s": round(device_s, 6)})}) + "\n")

@@ -56,3 +56,11 @@ def test_steps_with_cpu_and_gc_clocks_print_them():
            dict(_step(0.105, decode=1, step_s=0.004), cpu_s=0.001, gc_s=0.0)]
     assert step_log_report.time_split(run).endswith("; in steps: cpu 0.021 s, gc 0.005 s")
     assert step_log_report.report(run, full=1)[2].endswith("100.0 ms (cpu 20.0, gc 5.0)")
+
+
+def test_rounds_timed_on_the_gpu_add_their_device_time():
+    run = [dict(_step(0.0, decode=2, step_s=0.004), device_s=0.0035),
+           dict(_step(0.005, decode=2), device_s=0.003),
+           dict(_step(0.016, decode=2, step_s=0.004), device_s=0.0025)]
+    assert step_log_report.time_split(run).endswith(
+        "; device time of the steps 0.009 s of 0.020 s")
