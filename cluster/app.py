@@ -25,8 +25,8 @@ from cluster.colocated import ColocatedServer
 from cluster.prefix_router import router_config
 from cluster.slo_autoscaler import autoscaling_config
 from decode.deployment import DecodeServer
-from engine.llm_engine import Engine
 from engine.model_arch import ModelArch
+from engine.request_limits import RequestLimits
 from engine.tiny_model import ensure_tiny_model
 from prefill.deployment import PrefillServer
 from serving.config import AppConfig
@@ -45,7 +45,7 @@ def build_app(args: dict[str, Any]):
     if cfg.model.path is None:
         ensure_tiny_model()  # created once, here, before any replica starts
     arch = ModelArch.from_pretrained(cfg.model.resolved_path)
-    max_model_len = Engine.max_model_len_for(arch, cfg.engine_config(cfg.serving_role))
+    max_model_len = RequestLimits.max_model_len_for(arch, cfg.engine_config(cfg.serving_role))
     limits = cfg.limits.resolved(max_model_len)  # refuses limits past the model, at build time
     plain = cfg.model_dump()
     if cfg.mode == "disaggregated":

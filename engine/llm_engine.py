@@ -37,6 +37,7 @@ from engine.model_runner import LaunchedStep, ModelRunner, StepOutput
 from engine.outputs import RequestOutput
 from engine.page_import import page_import
 from engine.request import Request
+from engine.request_limits import RequestLimits
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation, Scheduler
 
@@ -61,7 +62,7 @@ class Engine:
         self.model_cfg, self.cfg = model_cfg, engine_cfg
         self.detokenize = detokenize
         self.arch = arch = ModelArch.from_pretrained(model_cfg.path)
-        self.max_model_len = self.max_model_len_for(arch, engine_cfg)
+        self.max_model_len = RequestLimits.max_model_len_for(arch, engine_cfg)
         # Random weights sample ids the tokenizer may not know (a shape-only model directory
         # can carry any tokenizer): with dummy weights the engine streams token ids, no text.
         self.tokenizer = (None if model_cfg.load_format == "dummy"
@@ -79,6 +80,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.pool, backend, engine_cfg, self.device)
         self.scheduler = Scheduler(engine_cfg, BlockAllocator(num_pages, engine_cfg.page_size),
                                    self.max_model_len, arch.eos_token_ids)
+        self.limits = RequestLimits(arch, engine_cfg, self.scheduler.kv.num_pages)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         # Reservations a transport may be writing into (their PageImport is out), each with
         # whether an abort came meanwhile: their pages are freed only at `end_import`.
@@ -93,16 +95,6 @@ class Engine:
         backend.warmup()
 
     # -- set-up ---------------------------------------------------------------------------
-    @staticmethod
-    def max_model_len_for(arch: ModelArch, cfg: EngineConfig) -> int:
-        limit = arch.max_position_embeddings
-        if arch.sliding_window:
-            # Attention here is full, not windowed: stay where the two are the same.
-            limit = min(limit, arch.sliding_window)
-        if cfg.max_model_len is not None and cfg.max_model_len > limit:
-            raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the model's limit {limit}")
-        return cfg.max_model_len or limit
-
     def _auto_num_pages(self, dtype: torch.dtype) -> int:
         per_page = KVPool.bytes_per_page(self.arch, self.cfg.page_size, dtype)
         if self.device.type == "cuda":
@@ -121,20 +113,8 @@ class Engine:
         return list(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but this model allows at "
-                             f"most {self.max_model_len} tokens in all (prompt + output)")
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.arch.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary "
-                             f"[0, {self.arch.vocab_size})")
-        params.validate()
-        total = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
-        if -(-total // self.cfg.page_size) > self.scheduler.kv.num_pages:
-            raise ValueError(f"a request of {total} tokens does not fit the KV pool "
-                             f"({self.scheduler.kv.num_pages} pages of {self.cfg.page_size})")
+        """ValueError if the request cannot run here (engine/request_limits.py)."""
+        self.limits.validate(prompt_ids, params)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, kv_export_from: int | None = None,
