@@ -11,9 +11,9 @@ cpu_s is well below its step_s waited: for the GPU, or for the GIL held by anoth
 replica (its event loop, Ray's threads). On a GPU the host spins in `cudaEventSynchronize`, so
 cpu_s equals step_s there (docs/benchmarks.md, runs 150-152), and device_s tells instead: it
 runs from just before a step's forward was queued to its sampled ids
-(`ModelRunner.time_steps`), so with overlapped scheduling decode rounds whose device_s matches
-the interval between their starts kept the GPU busy, and ones above it left the GPU idle while
-the host planned the next step. Off by default: the cost is a write per step (and two timing
+(`ModelRunner.time_steps`). With overlapped scheduling a decode round whose device_s matches
+the interval to the next round's start kept the GPU busy; where the interval is longer, the GPU
+sat idle for the difference while the host planned the next step. Off by default: the cost is a write per step (and two timing
 events per step on a GPU).
 `bench/gpu_token_path.sh` collects them (its header says how).
 """
