@@ -61,7 +61,8 @@ def hf_baseline(path: Path, batch: int, input_len: int, output_len: int) -> floa
 
 
 STEP_COUNTERS = ("pdserve_engine_steps_total", "pdserve_engine_step_seconds_total",
-                 "pdserve_engine_round_seconds_total", "pdserve_engine_action_seconds_total")
+                 "pdserve_engine_round_seconds_total", "pdserve_engine_action_seconds_total",
+                 "pdserve_engine_device_seconds_total")
 SCHEDULED = ("pdserve_scheduled_prefill_tokens_total", "pdserve_scheduled_prefill_steps_total",
              "pdserve_scheduled_decode_tokens_total")
 KV_BYTES = "pdserve_kv_transfer_bytes_total"  # received by decode replicas (fp8 KV: half)
@@ -82,9 +83,10 @@ def step_counters() -> dict[str, dict]:
 
 def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
     """Per serving replica, over the run: steps, mean time in `Engine.step`, the mean host
-    time the serving path added between two steps (the rest of the step thread's rounds), and
-    how full the steps were (`step_fill`)."""
-    steps, step_s, round_s, action_s, prefill, prefill_steps, decode = (
+    time the serving path added between two steps (the rest of the step thread's rounds), the
+    device's mean time in a step (the GPU sat idle for the rest of a round), and how full the
+    steps were (`step_fill`)."""
+    steps, step_s, round_s, action_s, device_s, prefill, prefill_steps, decode = (
         {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
         for name in (*STEP_COUNTERS, *SCHEDULED))
     for key, n in sorted(steps.items()):
@@ -92,7 +94,8 @@ def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
             print(f"step thread {key[0]} {key[1][:8]}: {n:.0f} steps, "
                   f"{1e3 * step_s[key] / n:.2f} ms in Engine.step, "
                   f"{1e3 * (round_s[key] - step_s[key]) / n:.2f} ms between steps "
-                  f"(actions {1e3 * action_s.get(key, 0.0) / n:.2f} ms); "
+                  f"(actions {1e3 * action_s.get(key, 0.0) / n:.2f} ms), "
+                  f"{1e3 * device_s.get(key, 0.0) / n:.2f} ms on the device; "
                   + step_fill(n, prefill.get(key, 0.0), prefill_steps.get(key, 0.0),
                               decode.get(key, 0.0)), flush=True)
 

@@ -55,13 +55,13 @@ class AsyncEngine:
         self.num_steps = 0
         # Where the step thread's working time goes: inside `Engine.step`, and in its whole
         # rounds (actions + step + hand-off) that stepped; the difference is the host time the
-        # serving path adds between two steps.
+        # serving path adds between two steps. Against the device's time in the steps
+        # (`device_seconds`), the rounds show how long the GPU sat idle between steps.
         self.step_seconds = 0.0
         self.round_seconds = 0.0
         self.action_seconds = 0.0  # of which applying adds, admits, aborts, calls
+        self.device_seconds = 0.0  # the GPU's time in the steps that ended (0 off CUDA)
         self._step_log = StepLog.from_env()  # PDSERVE_STEP_LOG: a line per step
-        if self._step_log is not None:  # with each step's device time, on a GPU
-            engine.runner.time_steps = True
 
     def close(self) -> None:
         """Stop the step thread: it finishes the step it is in and applies the actions (adds,
@@ -323,6 +323,7 @@ class AsyncEngine:
         if self._step_log is not None:
             self._step_log.end_step()
         self.step_seconds += step_s
+        self.device_seconds += self.engine.step_device_s or 0.0
         self.num_steps += 1
         for out in outputs:
             self._streams.deliver(out)

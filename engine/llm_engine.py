@@ -215,7 +215,12 @@ class Engine:
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        self.step_device_s = None  # the collected steps' device time (runner.time_steps)
+        outputs = self._step()
+        # the device time of the steps that ended since the last call (runner.time_steps)
+        self.step_device_s = self.runner.device_seconds() if self.runner.time_steps else None
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if not self.overlap:
             outputs = self._collect()  # a step launched while overlap was on
             batch = self.scheduler.schedule()
@@ -251,8 +256,6 @@ class Engine:
     def _apply(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         for req, lps in out.prompt_logprobs.items():
             req.prompt_logprobs += lps
-        if out.device_s is not None:
-            self.step_device_s = (self.step_device_s or 0.0) + out.device_s
         changed = self.scheduler.update(batch, out)
         return [self._output(req) for req in changed]
 

@@ -9,6 +9,7 @@ host and back before the next step can start.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,6 @@ class StepOutput(ModelOutput):
     `prompt_logprobs` (engine/prompt_logprobs.py), which the engine appends."""
 
     prompt_logprobs: dict[Request, list[TokenLogprob | None]] = field(default_factory=dict)
-    device_s: float | None = None  # with ModelRunner.time_steps: the step's device time
 
 
 @dataclass
@@ -51,7 +51,6 @@ class LaunchedStep:
     # The engine collects this step before launching another: it computed prompt logprobs (the
     # host already waited for them) or exported KV layer by layer.
     collect_now: bool
-    timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # around its device work
 
     def result(self) -> StepOutput:
         token_ids: list[int | None] = [None] * self.batch_size
@@ -61,12 +60,7 @@ class LaunchedStep:
             for i, tok, lp in zip(self.rows, out.token_ids, out.logprobs, strict=True):
                 token_ids[i] = tok
                 logprobs[i] = lp
-        device_s = None
-        if self.timing is not None:
-            start, end = self.timing
-            end.synchronize()  # queued right behind the sampled ids: reached by now
-            device_s = start.elapsed_time(end) / 1e3
-        return StepOutput(token_ids, logprobs, self.prompt_logprobs, device_s)
+        return StepOutput(token_ids, logprobs, self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -86,11 +80,12 @@ class ModelRunner:
         # The last launched step's sampled ids on the device, and each sampling request's row.
         self._sampled: tuple[dict[Request, int], torch.Tensor] | None = None
         self._planned = None  # a CUDA event after the last step's attention plan
-        # Time each step on the device (CUDA only; the step log's `device_s`): from just before
-        # its forward is queued to its sampled ids, so a GPU left idle before the step (the
-        # host planning it) does not count, and one left waiting for an eager forward's
-        # kernel launches does.
-        self.time_steps = False
+        # Time each step on the device (CUDA: two timing events a step, microseconds against
+        # steps of milliseconds): from just before its forward is queued to its sampled ids, so
+        # a GPU left idle before the step (the host planning it) does not count, and one left
+        # waiting for an eager forward's kernel launches does. For /metrics and the step log.
+        self.time_steps = device.type == "cuda"
+        self._timings: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         if cfg.cuda_graphs and device.type == "cuda":
             from engine.cuda_graph import CudaGraphRunner
 
@@ -155,7 +150,7 @@ class ModelRunner:
         graph_logits = hidden = None
         exporter = None
         timing = None
-        if self.time_steps and self.device.type == "cuda":
+        if self.time_steps:
             timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             timing[0].record()
         if self.graphs is not None and self.graphs.can_run(meta):
@@ -195,8 +190,18 @@ class ModelRunner:
                                                       step_logits)
         if timing is not None:
             timing[1].record()
+            self._timings.append(timing)
         return LaunchedStep(len(batch), [order[i] for i in sampling], pending, prompt_lps,
-                            collect_now=bool(prompt_lps) or exporter is not None, timing=timing)
+                            collect_now=bool(prompt_lps) or exporter is not None)
+
+    def device_seconds(self) -> float:
+        """The device time of the timed steps that have ended since the last call; never waits
+        (a step that has not ended yet counts at a later call)."""
+        total = 0.0
+        while self._timings and self._timings[0][1].query():
+            start, end = self._timings.popleft()
+            total += start.elapsed_time(end) / 1e3
+        return total
 
     def _input_ids(self, reqs: list[Request], num_new: list[int]) -> torch.Tensor:
         """[T] token ids on the device. A request's last input may be a placeholder (a token the

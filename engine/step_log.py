@@ -6,15 +6,15 @@ and each AsyncEngine in that process appends to `DIR/steps-<pid>-<n>.jsonl`:
 time in Engine.step, "waiting": requests left queued by the step, "running": ...,
 "prefill": prompt tokens launched, "decode": decode rows launched, "cpu_s": the step thread's CPU
 time in Engine.step, "gc_s": time the process spent collecting garbage meanwhile, and on a GPU
-"device_s": the device time of the steps whose outputs the round collected}`. A step whose
+"device_s": the device time of the steps that ended since the round before}`. A step whose
 cpu_s is well below its step_s waited: for the GPU, or for the GIL held by another thread of the
 replica (its event loop, Ray's threads). On a GPU the host spins in `cudaEventSynchronize`, so
-cpu_s equals step_s there (docs/benchmarks.md, runs 150-152), and device_s tells instead: it
-runs from just before a step's forward was queued to its sampled ids
-(`ModelRunner.time_steps`). With overlapped scheduling a decode round whose device_s matches
-the interval to the next round's start kept the GPU busy; where the interval is longer, the GPU
-sat idle for the difference while the host planned the next step. Off by default: the cost is a write per step (and two timing
-events per step on a GPU).
+cpu_s equals step_s there (docs/benchmarks.md, runs 150-152), and device_s tells instead: a
+step's device time runs from just before its forward was queued to its sampled ids
+(`ModelRunner.time_steps`). With overlapped scheduling a round's step ends during the next
+round, so over a stretch of decode rounds the sum of device_s against the span of the rounds
+says how long the GPU sat idle while the host planned steps. Off by default: the cost is
+a write per step.
 `bench/gpu_token_path.sh` collects them (its header says how).
 """
 
@@ -85,7 +85,7 @@ class StepLog:
         """After a step: what it launched is the change in the scheduler's counters, and what
         it left waiting is the scheduler's queue now; its CPU and GC time are what
         `start_step` / `end_step` measured around Engine.step; `device_s`, the device time of
-        the steps it collected (`Engine.step_device_s`), where they were timed."""
+        the steps that ended since the round before (`Engine.step_device_s`), where timed."""
         cpu_s, gc_s = self._costs
         launched = (sched.num_prefill_tokens, sched.num_decode_tokens)
         prefill, decode = (a - b for a, b in zip(launched, self._launched))

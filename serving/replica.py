@@ -189,6 +189,7 @@ class Replica:
         counters["pdserve_engine_step_seconds_total"] = self.engine.step_seconds
         counters["pdserve_engine_round_seconds_total"] = self.engine.round_seconds
         counters["pdserve_engine_action_seconds_total"] = self.engine.action_seconds
+        counters["pdserve_engine_device_seconds_total"] = self.engine.device_seconds
         now = time.monotonic()
         # The audit walks every page: run it while idle (nothing waits for the steps then), and
         # not too often.

@@ -104,3 +104,4 @@ def test_the_step_log_has_a_line_per_step_with_what_it_launched(tiny_llama, tmp_
     # the step thread's CPU time is within the step's wall time (plus the clocks' resolution)
     assert all(0 <= r["cpu_s"] <= r["step_s"] + 0.002 and r["gc_s"] >= 0 for r in lines)
     assert not any("device_s" in r for r in lines)  # steps are timed on a CUDA device only
+    assert engine.device_seconds == 0.0
