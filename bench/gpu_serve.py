@@ -67,6 +67,7 @@ SCHEDULED = ("pdserve_scheduled_prefill_tokens_total", "pdserve_scheduled_prefil
              "pdserve_scheduled_decode_tokens_total")
 KV_BYTES = "pdserve_kv_transfer_bytes_total"  # received by decode replicas (fp8 KV: half)
 KV_MAPS = "pdserve_kv_transfer_maps_total"  # cuda_ipc: sender allocations mapped (a total)
+KV_UNMAPS = ("pdserve_kv_transfer_unmaps_total", "pdserve_kv_transfer_unmap_seconds_total")
 METRICS_PUSH_S = 3.0
 
 
@@ -78,7 +79,7 @@ def step_counters() -> dict[str, dict]:
 
     text = httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
     return {name: parse_metrics(text, name)
-            for name in (*STEP_COUNTERS, *SCHEDULED, KV_BYTES, KV_MAPS)}
+            for name in (*STEP_COUNTERS, *SCHEDULED, KV_BYTES, KV_MAPS, *KV_UNMAPS)}
 
 
 def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
@@ -160,8 +161,11 @@ def main(argv: list[str] | None = None) -> None:
               f"({KV_BYTES})", flush=True)
         if after[KV_MAPS]:  # cuda_ipc
             maps = sum(after[KV_MAPS].values()) - sum(before[KV_MAPS].values())
+            unmaps, unmap_s = (sum(after[n].values()) - sum(before[n].values())
+                               for n in KV_UNMAPS)
             print(f"KV sender allocations mapped: {maps:.0f} for {args.num_prompts} requests "
-                  f"({KV_MAPS})", flush=True)
+                  f"({KV_MAPS}); unmapped during the run: {unmaps:.0f}, in "
+                  f"{1e3 * unmap_s:.1f} ms", flush=True)
     finally:
         server.stop()
     if not run["completed"]:

@@ -155,9 +155,11 @@ class CudaIpcTransport(KVTransport):
 
     def counters(self) -> dict[str, float]:
         """How many sender allocations this process mapped and unmapped (every receiver in it
-        shares one table): far fewer maps than receives while mappings are reused."""
+        shares one table): far fewer maps than receives while mappings are reused; and the
+        time its unmaps took."""
         return {"pdserve_kv_transfer_maps_total": self.mappings.maps,
-                "pdserve_kv_transfer_unmaps_total": self.mappings.unmaps}
+                "pdserve_kv_transfer_unmaps_total": self.mappings.unmaps,
+                "pdserve_kv_transfer_unmap_seconds_total": self.mappings.unmap_seconds}
 
     def _slot(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()

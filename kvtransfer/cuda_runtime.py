@@ -177,6 +177,9 @@ class IpcMappings:
         # False: the owner calls `sweep` itself (tests, with a clock of their own)
         self._sweep_thread = sweep_thread
         self.maps = self.unmaps = 0  # running totals, for /metrics
+        # Time the sweeps spent unmapping (by `clock`): an unmap waits for the GPU, and may hold
+        # back the process's other CUDA calls meanwhile (its engine's next step among them).
+        self.unmap_seconds = 0.0
 
     @property
     def runtime(self) -> CudaRuntime:
@@ -237,6 +240,7 @@ class IpcMappings:
             bases = [m.base for _, m in stale]
             for _, m in stale:
                 m.base = None  # acquires of these wait for the unmap
+        start = self.clock()
         try:
             for (_, m), base in zip(stale, bases, strict=True):
                 try:
@@ -249,6 +253,8 @@ class IpcMappings:
                 for handle, _ in stale:
                     del self._open[handle]
                 self.unmaps += len(stale)
+                if stale:
+                    self.unmap_seconds += self.clock() - start
                 self._changed.notify_all()
         return len(stale)
 

@@ -167,3 +167,23 @@ def test_the_sender_sends_the_cuda_malloc_handle_inside_torchs():
     assert cuda_malloc_handle(b"\x01c" + raw) == raw  # version 1, a cudaMalloc'd segment
     with pytest.raises(ValueError, match="expandable segment"):
         cuda_malloc_handle(b"\x01e" + raw + b"more")
+
+
+def test_the_sweeps_time_their_unmaps():
+    """An unmap waits for the GPU: /metrics has the time the sweeps spent in them."""
+    rt, clock = RecordingRuntime(), Clock()
+    maps = mappings(rt, clock)
+    close = rt.close_mem
+
+    def slow_close(ptr: int) -> None:  # each unmap takes 0.25 s of the clock
+        close(ptr)
+        clock.now += 0.25
+
+    rt.close_mem = slow_close
+    for handle in (A, B):
+        maps.acquire(handle, 0)
+        maps.release(handle)
+    assert maps.sweep() == 0 and maps.unmap_seconds == 0.0  # a sweep with nothing to unmap
+    clock.now = 10.0
+    assert maps.sweep() == 2
+    assert maps.unmap_seconds == 0.5
