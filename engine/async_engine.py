@@ -1,15 +1,11 @@
 """AsyncEngine: the engine's step loop in its own thread, with one output stream per request.
 
-The step thread applies pending adds and aborts between steps (the engine is never mutated
-while a step runs) and runs steps back to back while there is work; it leaves when idle and is
-started again by the next request. Streams live on the asyncio loops of their callers; the
-thread hands them outputs with one `call_soon_threadsafe` per loop per step. Cancelling a
-stream (client gone) aborts its request, which frees its pages before the next step.
-
-Why a thread of its own rather than a step per `asyncio.to_thread` call: between two steps the
-old loop had to be woken on the event loop (behind whatever else the serving replica's loop was
-doing), run every ready callback and hand the next step to a pool thread; on the H200 the GPU
-sat idle for those hand-offs (docs/benchmarks.md, the token path).
+The step thread (engine/step_thread.py) applies pending adds and aborts between steps (the
+engine is never mutated while a step runs) and runs steps back to back while there is work; it
+leaves when idle and is started again by the next request. Streams live on the asyncio loops of
+their callers; the thread hands them outputs with one `call_soon_threadsafe` per loop per step.
+Cancelling a stream (client gone) aborts its request, which frees its pages before the next
+step.
 
 The streams, and the `OutputSink`s that take a request's outputs in place of its stream, are
 engine/output_streams.py's.
@@ -19,9 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -32,47 +25,25 @@ from engine.output_streams import OutputSink, OutputStreams, call_soon
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation
-from engine.step_log import StepLog
+from engine.step_thread import StepThread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-IDLE_EXIT_S = 1.0  # the step thread leaves after this long without work
-# The AsyncEngine that drives each Engine: only its thread may step it (a test may wrap one
-# Engine in a new AsyncEngine while the old one's thread is still winding down).
-_DRIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        _DRIVERS[engine] = self
         self._streams = OutputStreams(on_abandon=self.abort)
-        self._cond = threading.Condition()
-        self._pending: list[tuple[str, Callable[[], None]]] = []  # under _cond
-        self._running = False  # a step thread is alive (under _cond)
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self.num_steps = 0
-        # Where the step thread's working time goes: inside `Engine.step`, and in its whole
-        # rounds (actions + step + hand-off) that stepped; the difference is the host time the
-        # serving path adds between two steps. Against the device's time in the steps
-        # (`device_seconds`), the rounds show how long the GPU sat idle between steps.
-        self.step_seconds = 0.0
-        self.round_seconds = 0.0
-        self.action_seconds = 0.0  # of which applying adds, admits, aborts, calls
-        self.device_seconds = 0.0  # the GPU's time in the steps that ended (0 off CUDA)
-        self._step_log = StepLog.from_env()  # PDSERVE_STEP_LOG: a line per step
+        # the step thread, and where its time goes (num_steps, step_/round_/action_/
+        # device_seconds): engine/step_thread.py
+        self.stepper = StepThread(engine, self._streams)
 
     def close(self) -> None:
         """Stop the step thread: it finishes the step it is in and applies the actions (adds,
         aborts) submitted so far, then leaves; returns when it has. A later request starts a
         new one."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        self.stepper.close()
 
     # -- what the roles call --------------------------------------------------------------
     @property
@@ -111,8 +82,8 @@ class AsyncEngine:
         prompt_ids = self.engine.tokenize(prompt)
         self.engine.validate(prompt_ids, params)  # raises ValueError before anything is queued
         stream = self._streams.open(request_id, sink)
-        self._submit(request_id, lambda: self.engine.add_request(prompt_ids, params, request_id,
-                                                                 kv_export_from, kv_stream))
+        self.stepper.submit(request_id, lambda: self.engine.add_request(
+            prompt_ids, params, request_id, kv_export_from, kv_stream))
         async for out in self._streams.drain(request_id, stream):
             yield out
 
@@ -131,7 +102,7 @@ class AsyncEngine:
     def end_import(self, request_id: str) -> None:
         """The transport is done with request_id's reservation (`Engine.end_import`); safe from
         any thread, queued behind the actions submitted before it."""
-        self._submit(request_id, lambda: self.engine.end_import(request_id))
+        self.stepper.submit(request_id, lambda: self.engine.end_import(request_id))
 
     async def admit_prefilled(self, request_id: str, first_block: int, kv_data, first_token: int,
                               logprob=None, num_cached_tokens: int = 0,
@@ -159,14 +130,14 @@ class AsyncEngine:
                 if admitted is not None:
                     call_soon(stream.loop, admitted)
 
-        self._submit(request_id, admit)
+        self.stepper.submit(request_id, admit)
         async for out in self._streams.drain(request_id, stream):
             yield out
 
     def abort(self, request_id: str) -> None:
         """End request_id wherever it is (queued, running, reserved) and free its pages. Safe
         from any thread."""
-        self._submit(request_id, lambda: self.engine.abort(request_id))
+        self.stepper.submit(request_id, lambda: self.engine.abort(request_id))
         self._streams.end(request_id)
 
     def num_open_streams(self) -> int:
@@ -206,7 +177,7 @@ class AsyncEngine:
     # -- running code between steps ----------------------------------------------------------
     def run_soon(self, fn: Callable[[], None]) -> None:
         """Run fn on the step thread between two steps; from any thread, nothing awaited."""
-        self._submit("", fn)
+        self.stepper.submit("", fn)
 
     async def call(self, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
         """Run fn between two steps (where the engine may be mutated) and return its result.
@@ -221,7 +192,7 @@ class AsyncEngine:
             if not fut.cancelled():
                 fut.set_result(result)
             elif undo is not None:
-                self._submit("", lambda: undo(result))
+                self.stepper.submit("", lambda: undo(result))
 
         def fail(e: Exception) -> None:
             if not fut.cancelled():
@@ -237,101 +208,5 @@ class AsyncEngine:
                 if undo is not None:
                     undo(result)
 
-        self._submit("", run)
+        self.stepper.submit("", run)
         return await fut
-
-    # -- internals ------------------------------------------------------------------------
-    def _submit(self, request_id: str, fn: Callable[[], None]) -> None:
-        with self._cond:
-            self._pending.append((request_id, fn))
-            if self._running:
-                self._cond.notify()
-                return
-            self._running = True
-            self._closed = False
-            self._thread = threading.Thread(target=self._run, name="pdserve-step", daemon=True)
-            self._thread.start()
-
-    def _next_actions(self) -> list[tuple[str, Callable[[], None]]] | None:
-        """The actions to apply before the next step; None when the thread should leave:
-        closed (once what was submitted before is applied), replaced as the engine's driver, or
-        idle for IDLE_EXIT_S."""
-        with self._cond:
-            idle = not self._pending and not self._has_work()
-            if idle:
-                self._cond.wait_for(lambda: self._pending or self._closed, IDLE_EXIT_S)
-            # After an idle wait only a submitted action keeps the thread: work that appeared
-            # in the engine meanwhile is someone else's (a test's LLM on the same Engine).
-            if _DRIVERS.get(self.engine) is not self or not self._pending and (
-                    self._closed or idle or not self._has_work()):
-                self._running = False
-                return None
-            pending, self._pending = self._pending, []
-            return pending
-
-    def _has_work(self) -> bool:
-        """Requests of this AsyncEngine's streams to step. Every engine request of ours has an
-        open stream (a stream that ends early aborts its request), so with no stream open the
-        engine's remaining work is someone else's (a test driving the same Engine through
-        `LLM`), which this thread must not step."""
-        return bool(self._streams) and self.engine.has_unfinished()
-
-    def _run(self) -> None:
-        try:
-            while (pending := self._next_actions()) is not None:
-                start = time.perf_counter()
-                self._apply(pending)
-                if not self._closed and self._has_work():
-                    step_s = self._step()
-                    self.round_seconds += time.perf_counter() - start
-                    if self._step_log is not None and step_s is not None:
-                        # The round's start on the wall clock: other processes' logs line up.
-                        self._step_log.record(time.time() - (time.perf_counter() - start),
-                                              len(pending), step_s, self.engine.scheduler,
-                                              self.engine.step_device_s)
-        except BaseException:  # a bug here must not leave the streams waiting forever
-            log.exception("engine step thread failed")
-            with self._cond:
-                self._running = False
-            self._fail_all(RuntimeError("the engine step thread failed"))
-            raise
-
-    def _apply(self, pending: list[tuple[str, Callable[[], None]]]) -> None:
-        start = time.perf_counter()
-        for request_id, fn in pending:
-            try:
-                fn()
-            except Exception as e:  # a bad request must not stop the loop
-                log.exception("engine action for %s failed", request_id)
-                self._streams.fail(request_id, e)
-        self.action_seconds += time.perf_counter() - start
-        self._streams.flush()  # first tokens of the requests admitted just now
-
-    def _step(self) -> float | None:
-        """One engine step and the hand-off of its outputs; returns the step's seconds, or None
-        when it failed (its requests failed with it)."""
-        if self._step_log is not None:
-            self._step_log.start_step()
-        start = time.perf_counter()
-        try:
-            outputs = self.engine.step()
-        except Exception as e:
-            log.exception("engine step failed; failing its requests")
-            self._fail_all(e)
-            return None
-        step_s = time.perf_counter() - start
-        if self._step_log is not None:
-            self._step_log.end_step()
-        self.step_seconds += step_s
-        self.device_seconds += self.engine.step_device_s or 0.0
-        self.num_steps += 1
-        for out in outputs:
-            self._streams.deliver(out)
-        self._streams.flush()
-        return step_s
-
-    def _fail_all(self, error: BaseException) -> None:
-        for request_id in self._streams.ids():
-            self.engine.abort(request_id)
-            self._streams.fail(request_id, error)
-        self._streams.flush()

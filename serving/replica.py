@@ -185,11 +185,12 @@ class Replica:
         thread."""
         self.metrics.record_engine(self.engine.stats())
         counters = self.metrics.counters
-        counters["pdserve_engine_steps_total"] = self.engine.num_steps
-        counters["pdserve_engine_step_seconds_total"] = self.engine.step_seconds
-        counters["pdserve_engine_round_seconds_total"] = self.engine.round_seconds
-        counters["pdserve_engine_action_seconds_total"] = self.engine.action_seconds
-        counters["pdserve_engine_device_seconds_total"] = self.engine.device_seconds
+        stepper = self.engine.stepper
+        counters["pdserve_engine_steps_total"] = stepper.num_steps
+        counters["pdserve_engine_step_seconds_total"] = stepper.step_seconds
+        counters["pdserve_engine_round_seconds_total"] = stepper.round_seconds
+        counters["pdserve_engine_action_seconds_total"] = stepper.action_seconds
+        counters["pdserve_engine_device_seconds_total"] = stepper.device_seconds
         now = time.monotonic()
         # The audit walks every page: run it while idle (nothing waits for the steps then), and
         # not too often.

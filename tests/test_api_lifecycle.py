@@ -99,9 +99,9 @@ async def assert_aborted(llm: LLM, engine: AsyncEngine, requests: list[Request],
     assert not llm.engine.has_unfinished() and engine.num_open_streams() == 0
     llm.engine.allocator.check_integrity()
     assert llm.engine.num_pages_used == 0
-    steps = engine.num_steps
+    steps = engine.stepper.num_steps
     await asyncio.sleep(0.1)
-    assert engine.num_steps == steps
+    assert engine.stepper.num_steps == steps
 
 
 @pytest.mark.parametrize("spec", ["2.0", "2.4"])  # Starlette watches disconnects only < 2.4

@@ -34,12 +34,12 @@ def test_the_step_thread_leaves_when_idle_and_comes_back(tiny_llama):
     async def main() -> None:
         engine = AsyncEngine(llm.engine)
         assert await _tokens(engine, [5, 6, 7], "a") == ref
-        first = engine._thread
+        first = engine.stepper.thread
         await _until(lambda: not first.is_alive(), "the idle step thread left")
         assert await _tokens(engine, [5, 6, 7], "b") == ref  # a new thread serves it
-        assert engine._thread is not first
+        assert engine.stepper.thread is not first
         engine.close()
-        assert not engine._thread.is_alive()
+        assert not engine.stepper.thread.is_alive()
 
     asyncio.run(main())
     assert llm.engine.num_pages_used == 0
@@ -55,7 +55,7 @@ def test_close_applies_what_was_submitted_before_it(tiny_llama):
         await anext(outs)  # running
         engine.abort("long")
         engine.close()  # returns once the abort is applied and the thread is gone
-        assert not engine._thread.is_alive()
+        assert not engine.stepper.thread.is_alive()
         assert not llm.engine.has_unfinished() and llm.engine.num_pages_used == 0
         await outs.aclose()
 
@@ -97,11 +97,11 @@ def test_the_step_log_has_a_line_per_step_with_what_it_launched(tiny_llama, tmp_
     asyncio.run(main())
     [path] = tmp_path.iterdir()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(lines) == engine.num_steps
+    assert len(lines) == engine.stepper.num_steps
     # 5 prompt tokens, then 3 decode rows for each request's 2nd-4th tokens
     assert sum(r["prefill"] for r in lines) == 5 and sum(r["decode"] for r in lines) == 6
     assert sum(r["actions"] for r in lines) >= 1 and lines[-1]["running"] == 0
     # the step thread's CPU time is within the step's wall time (plus the clocks' resolution)
     assert all(0 <= r["cpu_s"] <= r["step_s"] + 0.002 and r["gc_s"] >= 0 for r in lines)
     assert not any("device_s" in r for r in lines)  # steps are timed on a CUDA device only
-    assert engine.device_seconds == 0.0
+    assert engine.stepper.device_seconds == 0.0

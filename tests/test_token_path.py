@@ -60,7 +60,7 @@ def test_a_sink_gets_one_batch_per_step_and_streams_yield_only_the_end(tiny_llam
     engine, sink, streams = asyncio.run(main())
     # Both requests joined in the first step: six steps, each one batch of both requests.
     assert [[o.request_id for o in b] for b in sink.batches] == [["r0", "r1"]] * 6
-    assert engine.num_steps == 6
+    assert engine.stepper.num_steps == 6
     for i, c in enumerate(ref):
         outs = [o for b in sink.batches for o in b if o.request_id == f"r{i}"]
         assert [t for o in outs for t in o.new_token_ids] == c.token_ids
