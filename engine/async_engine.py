@@ -14,7 +14,6 @@ engine/output_streams.py's.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -27,7 +26,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Reservation
 from engine.step_thread import StepThread
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
