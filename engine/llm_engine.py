@@ -80,7 +80,8 @@ class Engine:
         self.runner = ModelRunner(self.model, self.pool, backend, engine_cfg, self.device)
         self.scheduler = Scheduler(engine_cfg, BlockAllocator(num_pages, engine_cfg.page_size),
                                    self.max_model_len, arch.eos_token_ids)
-        self.limits = RequestLimits(arch, engine_cfg, self.scheduler.kv.num_pages)
+        self.limits = RequestLimits(arch.vocab_size, self.max_model_len, engine_cfg.page_size,
+                                    self.scheduler.kv.num_pages)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         # Reservations a transport may be writing into (their PageImport is out), each with
         # whether an abort came meanwhile: their pages are freed only at `end_import`.

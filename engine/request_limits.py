@@ -15,11 +15,10 @@ from engine.sampling_params import SamplingParams
 
 
 class RequestLimits:
-    def __init__(self, arch: ModelArch, cfg: EngineConfig, num_pages: int) -> None:
-        self.vocab_size = arch.vocab_size
-        self.page_size = cfg.page_size
-        self.num_pages = num_pages
-        self.max_model_len = self.max_model_len_for(arch, cfg)
+    def __init__(self, vocab_size: int, max_model_len: int, page_size: int,
+                 num_pages: int) -> None:
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.page_size, self.num_pages = page_size, num_pages
 
     @staticmethod
     def max_model_len_for(arch: ModelArch, cfg: EngineConfig) -> int:
