@@ -75,6 +75,14 @@ class StepThread:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
+    def counters(self) -> dict[str, float]:
+        """The counters above by their /metrics names (a `Metrics` counter source)."""
+        return {"pdserve_engine_steps_total": self.num_steps,
+                "pdserve_engine_step_seconds_total": self.step_seconds,
+                "pdserve_engine_round_seconds_total": self.round_seconds,
+                "pdserve_engine_action_seconds_total": self.action_seconds,
+                "pdserve_engine_device_seconds_total": self.device_seconds}
+
     def has_work(self) -> bool:
         """Requests of these streams to step. Every engine request of ours has an open stream
         (a stream that ends early aborts its request), so with no stream open the engine's

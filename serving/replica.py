@@ -102,6 +102,7 @@ class Replica:
                                              model_cfg.load_format, model_cfg.seed,
                                              model_cfg.quantize)
         self.metrics = Metrics(role, replica_name(role))
+        self.metrics.add_counter_source(self.engine.stepper.counters)  # where steps' time goes
         # The first audit runs here, before any request (nothing else touches the engine yet),
         # so a new replica's /metrics says its accounting is sound from the start.
         self.engine.engine.check_integrity()
@@ -184,13 +185,6 @@ class Replica:
         """Called from the metrics thread; also queues a page-accounting audit for the step
         thread."""
         self.metrics.record_engine(self.engine.stats())
-        counters = self.metrics.counters
-        stepper = self.engine.stepper
-        counters["pdserve_engine_steps_total"] = stepper.num_steps
-        counters["pdserve_engine_step_seconds_total"] = stepper.step_seconds
-        counters["pdserve_engine_round_seconds_total"] = stepper.round_seconds
-        counters["pdserve_engine_action_seconds_total"] = stepper.action_seconds
-        counters["pdserve_engine_device_seconds_total"] = stepper.device_seconds
         now = time.monotonic()
         # The audit walks every page: run it while idle (nothing waits for the steps then), and
         # not too often.

@@ -105,3 +105,6 @@ def test_the_step_log_has_a_line_per_step_with_what_it_launched(tiny_llama, tmp_
     assert all(0 <= r["cpu_s"] <= r["step_s"] + 0.002 and r["gc_s"] >= 0 for r in lines)
     assert not any("device_s" in r for r in lines)  # steps are timed on a CUDA device only
     assert engine.stepper.device_seconds == 0.0
+    counters = engine.stepper.counters()  # what /metrics shows of them
+    assert counters["pdserve_engine_steps_total"] == len(lines)
+    assert counters["pdserve_engine_device_seconds_total"] == 0.0
