@@ -82,6 +82,11 @@ def step_counters() -> dict[str, dict]:
             for name in (*STEP_COUNTERS, *SCHEDULED, KV_BYTES, KV_MAPS, *KV_UNMAPS)}
 
 
+def run_total(before: dict[str, dict], after: dict[str, dict], name: str) -> float:
+    """How much counter `name` grew over the run, summed over the replicas."""
+    return sum(after[name].values()) - sum(before[name].values())
+
+
 def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
     """Per serving replica, over the run: steps, mean time in `Engine.step`, the mean host
     time the serving path added between two steps (the rest of the step thread's rounds), the
@@ -156,13 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         time.sleep(METRICS_PUSH_S)  # the replicas' last counters reach /metrics
         after = step_counters()
         print_step_times(before, after)
-        kv_bytes = sum(after[KV_BYTES].values()) - sum(before[KV_BYTES].values())
+        kv_bytes = run_total(before, after, KV_BYTES)
         print(f"KV transferred: {kv_bytes / args.num_prompts / 2**20:.2f} MiB per request "
               f"({KV_BYTES})", flush=True)
         if after[KV_MAPS]:  # cuda_ipc
-            maps = sum(after[KV_MAPS].values()) - sum(before[KV_MAPS].values())
-            unmaps, unmap_s = (sum(after[n].values()) - sum(before[n].values())
-                               for n in KV_UNMAPS)
+            maps = run_total(before, after, KV_MAPS)
+            unmaps, unmap_s = (run_total(before, after, n) for n in KV_UNMAPS)
             print(f"KV sender allocations mapped: {maps:.0f} for {args.num_prompts} requests "
                   f"({KV_MAPS}); unmapped during the run: {unmaps:.0f}, in "
                   f"{1e3 * unmap_s:.1f} ms", flush=True)

@@ -23,3 +23,9 @@ def test_each_replica_prints_its_mean_step_round_and_device_time(capsys):
         "step thread decode abcdefgh: 200 steps, 11.00 ms in Engine.step, 1.00 ms between "
         "steps (actions 0.10 ms), 10.80 ms on the device; 2 steps with prompt tokens (2048 "
         "each), 128.0 decode rows per step\n")
+
+
+def test_a_run_total_is_the_counters_growth_over_all_replicas():
+    before = {"x_total": {("decode", "a"): 2.0, ("decode", "b"): 1.0}}
+    after = {"x_total": {("decode", "a"): 5.0, ("decode", "b"): 4.0}}
+    assert gpu_serve.run_total(before, after, "x_total") == 6.0
