@@ -72,6 +72,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # a Serve call per prompt from the decode replica to the prefill replica, as before
     # `decode.prefill_batch` (the config's default sends up to 32 a call)
     "pd_mps_pb1": (PD, {"decode.prefill_batch": 1}),
+    # decode steps held (at most N ms) while the prompts on their way would double the batch
+    # (engine/decode_hold.py)
+    **{f"pd_mps_hold{n}": (PD, {"decode.engine.decode_hold_ms": n}) for n in (250, 1000)},
     # the fp8 config with its decode replica below normal priority, as PD runs it
     "pd_fp8_mps_lowd": (FP8, {DECODE_ENV: LOW}),
 }

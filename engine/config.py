@@ -92,6 +92,11 @@ class EngineConfig:
     # come one step later). auto: on for CUDA, off on CPU, where kernels run synchronously and
     # the lag would only delay tokens. The tokens are the same either way.
     overlap_scheduling: str | bool = "auto"
+    # A decode step waits up to this long for prompts reserved here (their KV on its way)
+    # while they would at least double the running batch: on a GPU shared with a prefill
+    # replica, the prefill then runs without the decode steps between its kernels
+    # (engine/decode_hold.py). 0: never waits.
+    decode_hold_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -110,6 +115,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ConfigFieldError("max_num_batched_tokens",
                                    f"must be >= 1, got {self.max_num_batched_tokens}")
+        if self.decode_hold_ms < 0:
+            raise ConfigFieldError("decode_hold_ms", f"must be >= 0, got {self.decode_hold_ms}")
         for name in ("cascade", "overlap_scheduling"):
             if isinstance(value := getattr(self, name), bool):
                 object.__setattr__(self, name, "on" if value else "off")  # frozen

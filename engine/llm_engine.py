@@ -209,6 +209,11 @@ class Engine:
             req.kv_stream.fail(f"request {request_id} was aborted")
         return req is not None
 
+    def held_s(self) -> float:
+        """Seconds for which a step would launch nothing and collect nothing: a decode hold
+        (engine/decode_hold.py) with no step in flight; 0 otherwise."""
+        return 0.0 if self._in_flight is not None else self.scheduler.hold_s()
+
     def has_unfinished(self) -> bool:
         # A request with a step in flight is still waiting or running until that step's update;
         # a step in flight for finished (aborted) requests only is collected by the next step.

@@ -36,6 +36,7 @@ from engine.batch import ModelOutput, ScheduledBatch
 from engine.block_allocator import BlockAllocator
 from engine.block_hash import block_hashes
 from engine.config import EngineConfig
+from engine.decode_hold import DecodeHold
 from engine.kv_manager import KVManager
 from engine.request import Request
 
@@ -73,6 +74,7 @@ class Scheduler:
         self.num_prefill_tokens = 0
         self.num_prefill_steps = 0
         self.num_decode_tokens = 0
+        self.hold = DecodeHold(cfg.decode_hold_ms / 1e3)
 
     # -- membership ----------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -156,9 +158,16 @@ class Scheduler:
         self.kv.check_integrity(live)
 
     # -- the step ------------------------------------------------------------------------
+    def hold_s(self) -> float:
+        """Seconds the next decode step still waits for the prompts reserved here to land
+        (engine/decode_hold.py); 0: it runs now."""
+        return self.hold.wait_s(len(self.running), len(self.reserved), len(self.waiting))
+
     def schedule(self) -> ScheduledBatch:
         budget = self.cfg.max_num_batched_tokens
         batch = ScheduledBatch([], [])
+        if self.hold_s():
+            return batch
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -214,6 +223,7 @@ class Scheduler:
         plan the step after it before this one is back (overlapped scheduling). `update` calls
         this itself when the caller did not."""
         assert not batch.launched, "a batch is launched once"
+        self.hold.launched()
         batch.computed_before = [r.num_computed_tokens for r in batch.requests]
         batch.preemptions_before = [r.num_preemptions for r in batch.requests]
         batch.launched = True

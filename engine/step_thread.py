@@ -6,7 +6,9 @@ Contract:
 - `submit(request_id, fn)`, from any thread: fn runs on the step thread before the next step, in
   submission order; a thread is started if none runs. An fn that raises fails request_id's
   stream, not the thread.
-- The thread steps while the engine has work of this thread's streams (`has_work`), hands
+- The thread steps while the engine has work of this thread's streams (`has_work`) and does
+  not hold its next decode step (`Engine.held_s`, engine/decode_hold.py: then it waits for the
+  next action or the hold's end), hands
   each step's outputs to the streams (`OutputStreams.deliver`, then one `flush`), and leaves
   after IDLE_EXIT_S with neither work nor actions; the next `submit` starts another.
 - `close()` lets the thread finish its step and apply what was submitted before, then returns
@@ -15,7 +17,7 @@ Contract:
   the whole rounds that stepped (actions + step + hand-off: the difference is the host time
   the serving path adds between steps); `action_seconds` of which applying actions; and
   `device_seconds`, the GPU's time in the steps (0 off CUDA), against which the rounds show how
-  long the GPU sat idle between steps.
+  long the GPU sat idle between steps; and the decode holds begun (`DecodeHold.num_holds`).
 
 Why a thread of its own rather than a step per `asyncio.to_thread` call: between two steps the
 old loop had to be woken on the event loop (behind whatever else the serving replica's loop was
@@ -81,7 +83,8 @@ class StepThread:
                 "pdserve_engine_step_seconds_total": self.step_seconds,
                 "pdserve_engine_round_seconds_total": self.round_seconds,
                 "pdserve_engine_action_seconds_total": self.action_seconds,
-                "pdserve_engine_device_seconds_total": self.device_seconds}
+                "pdserve_engine_device_seconds_total": self.device_seconds,
+                "pdserve_engine_decode_holds_total": self.engine.scheduler.hold.num_holds}
 
     def has_work(self) -> bool:
         """Requests of these streams to step. Every engine request of ours has an open stream
@@ -99,6 +102,9 @@ class StepThread:
             idle = not self._pending and not self.has_work()
             if idle:
                 self._cond.wait_for(lambda: self._pending or self._closed, IDLE_EXIT_S)
+            elif not self._pending and (held := self.engine.held_s()):
+                # a decode hold: until an admission (or another action) comes, or it ends
+                self._cond.wait_for(lambda: self._pending or self._closed, held)
             # After an idle wait only a submitted action keeps the thread: work that appeared
             # in the engine meanwhile is someone else's (a test's LLM on the same Engine).
             if _DRIVERS.get(self.engine) is not self or not self._pending and (
@@ -113,7 +119,7 @@ class StepThread:
             while (pending := self._next_actions()) is not None:
                 start = time.perf_counter()
                 self._apply(pending)
-                if not self._closed and self.has_work():
+                if not self._closed and self.has_work() and not self.engine.held_s():
                     step_s = self._step()
                     self.round_seconds += time.perf_counter() - start
                     if self._step_log is not None and step_s is not None:

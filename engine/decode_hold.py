@@ -1,0 +1,50 @@
+"""DecodeHold: a decode step that waits, a bounded time, for the rows on their way to its batch.
+
+Why: where a decode replica shares its GPU with a prefill replica (CUDA MPS), its steps run
+between the prefill's kernels. A decode step reads every weight once whatever its batch, so on
+the H100 one of 11 rows costs the GPU about what one of 128 does (~10 ms), and it slows the very
+prompts that are about to fill the batch: in a burst, the prefill replica's 16K-token chunks
+took 10-20% longer while the decode replica stepped its first rows (docs/benchmarks.md, run
+154). Holding those steps until the prompts land gives the GPU to the prefill, and the rows
+then decode together, at the price of a longer gap after the first tokens of the rows that came
+first (their first token is not delayed: it comes with the KV).
+
+The rule: a decode step is held while this engine runs no prompt of its own (`waiting`), has
+rows to decode, and the prompts reserved here (their KV on the way) are at least as many as
+those rows, so that the batch would at least double; and for at most `max_wait_s` from when the
+hold began. A step launched ends the hold; the next may begin at once, so a row waits at most
+`max_wait_s` between two of its steps. Under a steady load the running batch outnumbers the
+prompts in flight and nothing is held. `max_wait_s` 0 (the default) never holds.
+
+Contract (the scheduler's, on the engine's one thread):
+- `wait_s(running, reserved, waiting)`: the seconds the next decode step should still wait; 0:
+  step now. The first call that finds the rule true starts the hold's clock.
+- `launched()`: a step went to the device; the hold, if any, is over.
+Plain data: no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class DecodeHold:
+    def __init__(self, max_wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self._since: float | None = None  # when the hold in force began
+        self.num_holds = 0  # holds begun (for /metrics: how often the rule fired)
+
+    def wait_s(self, running: int, reserved: int, waiting: int) -> float:
+        if self.max_wait_s <= 0 or waiting or not running or reserved < running:
+            self._since = None
+            return 0.0
+        now = self.clock()
+        if self._since is None:
+            self._since = now
+            self.num_holds += 1
+        return max(0.0, self._since + self.max_wait_s - now)
+
+    def launched(self) -> None:
+        self._since = None
