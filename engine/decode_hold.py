@@ -13,8 +13,13 @@ The rule: a decode step is held while this engine runs no prompt of its own (`wa
 rows to decode, and the prompts reserved here (their KV on the way) are at least as many as
 those rows, so that the batch would at least double; and for at most `max_wait_s` from when the
 hold began. A step launched ends the hold; the next may begin at once, so a row waits at most
-`max_wait_s` between two of its steps. Under a steady load the running batch outnumbers the
-prompts in flight and nothing is held. `max_wait_s` 0 (the default) never holds.
+`max_wait_s` between two of its steps. Under a steady load of long answers the running batch
+outnumbers the prompts in flight and nothing is held; with short answers to long prompts it
+may not, and most steps would wait. `max_wait_s` 0 (the default) never holds.
+
+Measured (1P1D on one H100, the token-path workload, 1000 ms; runs 156-157): 266-277 decode
+steps against 301-304, ITL p99 42 ms against 94-102, tokens/s within the run-to-run spread
+(0.915-0.928x the engine alone against 0.913-0.917x).
 
 Contract (the scheduler's, on the engine's one thread):
 - `wait_s(running, reserved, waiting)`: the seconds the next decode step should still wait; 0:
