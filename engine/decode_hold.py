@@ -9,21 +9,23 @@ took 10-20% longer while the decode replica stepped its first rows (docs/benchma
 then decode together, at the price of a longer gap after the first tokens of the rows that came
 first (their first token is not delayed: it comes with the KV).
 
-The rule: a decode step is held while this engine runs no prompt of its own (`waiting`), has
-rows to decode, and the prompts reserved here (their KV on the way) are at least as many as
-those rows, so that the batch would at least double; and for at most `max_wait_s` from when the
-hold began. A step launched ends the hold; the next may begin at once, so a row waits at most
-`max_wait_s` between two of its steps. Under a steady load of long answers the running batch
-outnumbers the prompts in flight and nothing is held; with short answers to long prompts it
-may not, and most steps would wait. `max_wait_s` 0 (the default) never holds.
+The rule: a decode step is held while this engine runs no prompt of its own (none waiting,
+none part-way through its prompt: `prompts`), has rows to decode, and the prompts reserved here
+(their KV on the way) are at least as many as those rows, so that the batch would at least
+double; and for at most `max_wait_s` from when the hold began. A step launched ends the hold;
+the next may begin at once, so a row waits at most `max_wait_s` between two of its steps.
+Under a steady load of long answers the running batch outnumbers the prompts in flight and
+nothing is held; with short answers to long prompts it may not, and most steps would wait.
+`max_wait_s` 0 (the default) never holds.
 
 Measured (1P1D on one H100, the token-path workload, 1000 ms; runs 156-157): 266-277 decode
 steps against 301-304, ITL p99 42 ms against 94-102, tokens/s within the run-to-run spread
 (0.915-0.928x the engine alone against 0.913-0.917x).
 
 Contract (the scheduler's, on the engine's one thread):
-- `wait_s(running, reserved, waiting)`: the seconds the next decode step should still wait; 0:
+- `wait_s(running, reserved, prompts)`: the seconds the next decode step should still wait; 0:
   step now. The first call that finds the rule true starts the hold's clock.
+- `enabled`: whether it can ever hold (the caller may skip counting `prompts` otherwise).
 - `launched()`: a step went to the device; the hold, if any, is over.
 Plain data: no torch.
 """
@@ -41,8 +43,12 @@ class DecodeHold:
         self._since: float | None = None  # when the hold in force began
         self.num_holds = 0  # holds begun (for /metrics: how often the rule fired)
 
-    def wait_s(self, running: int, reserved: int, waiting: int) -> float:
-        if self.max_wait_s <= 0 or waiting or not running or reserved < running:
+    @property
+    def enabled(self) -> bool:
+        return self.max_wait_s > 0
+
+    def wait_s(self, running: int, reserved: int, prompts: int) -> float:
+        if not self.enabled or prompts or not running or reserved < running:
             self._since = None
             return 0.0
         now = self.clock()

@@ -161,7 +161,12 @@ class Scheduler:
     def hold_s(self) -> float:
         """Seconds the next decode step still waits for the prompts reserved here to land
         (engine/decode_hold.py); 0: it runs now."""
-        return self.hold.wait_s(len(self.running), len(self.reserved), len(self.waiting))
+        if not self.hold.enabled:
+            return 0.0
+        # prompts of its own: queued, or part-way (a local prefill in chunks) and never held
+        prompts = len(self.waiting) + sum(
+            r.num_computed_tokens < r.num_prompt_tokens for r in self.running)
+        return self.hold.wait_s(len(self.running), len(self.reserved), prompts)
 
     def schedule(self) -> ScheduledBatch:
         budget = self.cfg.max_num_batched_tokens

@@ -34,26 +34,26 @@ class Clock:
 def test_a_step_waits_while_the_reserved_prompts_would_at_least_double_the_batch():
     clock = Clock()
     hold = DecodeHold(0.5, clock)
-    assert hold.wait_s(running=4, reserved=3, waiting=0) == 0  # would not double: step
-    assert hold.wait_s(running=0, reserved=9, waiting=0) == 0  # no row to step
-    assert hold.wait_s(running=4, reserved=9, waiting=1) == 0  # a prompt of its own runs
+    assert hold.wait_s(running=4, reserved=3, prompts=0) == 0  # would not double: step
+    assert hold.wait_s(running=0, reserved=9, prompts=0) == 0  # no row to step
+    assert hold.wait_s(running=4, reserved=9, prompts=1) == 0  # a prompt of its own runs
     assert hold.num_holds == 0
-    assert hold.wait_s(running=4, reserved=4, waiting=0) == 0.5  # the hold begins
+    assert hold.wait_s(running=4, reserved=4, prompts=0) == 0.5  # the hold begins
     clock.now += 0.2
-    assert hold.wait_s(running=5, reserved=3, waiting=0) == 0  # the rows came: over
-    assert hold.wait_s(running=5, reserved=6, waiting=0) == 0.5  # a new burst: a new hold
+    assert hold.wait_s(running=5, reserved=3, prompts=0) == 0  # the rows came: over
+    assert hold.wait_s(running=5, reserved=6, prompts=0) == 0.5  # a new burst: a new hold
     clock.now += 0.375
-    assert hold.wait_s(running=5, reserved=6, waiting=0) == pytest.approx(0.125)
+    assert hold.wait_s(running=5, reserved=6, prompts=0) == pytest.approx(0.125)
     clock.now += 0.125
-    assert hold.wait_s(running=5, reserved=6, waiting=0) == 0  # at most max_wait_s
+    assert hold.wait_s(running=5, reserved=6, prompts=0) == 0  # at most max_wait_s
     hold.launched()  # the step went: the next one may be held again, from now
-    assert hold.wait_s(running=5, reserved=6, waiting=0) == 0.5
+    assert hold.wait_s(running=5, reserved=6, prompts=0) == 0.5
     assert hold.num_holds == 3
 
 
 def test_zero_never_holds_and_a_negative_wait_is_refused():
     hold = DecodeHold(0.0, Clock())
-    assert hold.wait_s(running=1, reserved=100, waiting=0) == 0 and hold.num_holds == 0
+    assert hold.wait_s(running=1, reserved=100, prompts=0) == 0 and hold.num_holds == 0
     assert EngineConfig().decode_hold_ms == 0
     with pytest.raises(ConfigFieldError, match="decode_hold_ms"):
         EngineConfig(decode_hold_ms=-1)
@@ -83,6 +83,29 @@ def test_the_scheduler_launches_nothing_while_it_holds_then_the_whole_batch():
     assert sched.reserve(c) is not None and sched.hold_s() == 0
     assert sched.hold.num_holds == 1
     sched.check_integrity()
+
+
+def test_a_prompt_of_its_own_part_way_through_is_never_held():
+    clock = Clock()
+    cfg = EngineConfig(page_size=4, num_pages=32, max_num_batched_tokens=4, decode_hold_ms=250)
+    sched = Scheduler(cfg, BlockAllocator(32, 4), max_model_len=64)
+    sched.hold.clock = clock
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    local = Request("local", list(range(10)), params)  # prefilled here, 4 tokens a step
+    sched.add(local)
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [4]
+    sched.update(batch, ModelOutput([None]))
+    for rid in ("x", "y"):  # two prompts on their way: more than the one running row
+        assert sched.reserve(Request(rid, [1, 2, 3], params)) is not None
+    batch = sched.schedule()  # the prompt goes on: not held
+    assert [r.request_id for r in batch.requests] == ["local"] and batch.num_new_tokens == [4]
+    sched.update(batch, ModelOutput([None]))
+    batch = sched.schedule()  # its last 2 prompt tokens, which sample its first token
+    assert batch.num_new_tokens == [2]
+    sched.update(batch, ModelOutput([60]))
+    assert sched.schedule().requests == []  # now a decode row, and held
+    assert sched.hold.num_holds == 1
 
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
