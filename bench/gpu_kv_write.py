@@ -8,7 +8,7 @@ are replayed in one CUDA graph; GPU us per call. Write variants (K and V only):
 - `index_copy`: the pool viewed as rows of Hkv x D, the 2B rows copied by `index_copy_`;
 - `append`: FlashInfer's `append_paged_kv_cache`, each row its own one-page "request" (int32
   page / offset buffers, as a graph replays them);
-- `engine`: the engine's `KVWrite` (engine/attention/flashinfer_backend.py), which is `append`
+- `engine`: the engine's `KVWrite` (engine/attention/flashinfer_plans.py), which is `append`
   since run 74;
 - into an fp8 pool: `fp8 index_put` (saturate, cast, one advanced-indexing kernel: the engine's
   store until run 90) and `fp8 engine` (`KVWrite`: one compiled saturate-and-cast kernel for K
@@ -32,7 +32,7 @@ import torch
 from bench.gpu_floor import graph_ms
 from bench.gpu_fp8_attention import HKV, HQ, PS, D
 from engine.attention.base import FP8_KV, store_kv
-from engine.attention.flashinfer_backend import KVWrite
+from engine.attention.flashinfer_plans import KVWrite
 
 LAYERS = 32
 Q, KV = HQ * D, HKV * D

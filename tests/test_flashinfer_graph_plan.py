@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from engine.attention import flashinfer_backend as fb
+from engine.attention import flashinfer_plans as plans
 from engine.attention.base import AttentionBackend
 from engine.attention.cascade import CascadeGroup, CascadePlan, plan_cascade
 from engine.attention.metadata import build_metadata
@@ -123,7 +124,7 @@ def _backend() -> fb.FlashInferBackend:
     be._fi, be.workspace = STAND_IN, torch.zeros(8)
     be.prefill = StandInWrapper(be.workspace, "NHD")
     be.decode = StandInWrapper(be.workspace, "NHD", decode=True)
-    be.cascade = fb.TwoLevelCascade(STAND_IN, be.workspace, "fa2")
+    be.cascade = plans.TwoLevelCascade(STAND_IN, be.workspace, "fa2")
     be.cascade_backend, be.graph_buffers = "fa2", None
     be._rows = torch.arange(1, dtype=torch.int32)
     be.xqa = None  # FA2 decodes fp8 pages (fp8_decode_kernels: None)
@@ -240,11 +241,11 @@ def test_fp8_store_input_is_k_then_v_per_row_saturated_to_e4m3_s_range():
     k = qkv[:, HQ * D:HQ * D + HKV * D].view(3, HKV, D)
     v = qkv[:, HQ * D + HKV * D:].view(3, HKV, D)
     rows = torch.cat([k.reshape(3, -1), v.reshape(3, -1)], dim=1)
-    side_by_side = fb._side_by_side(k, v)
+    side_by_side = plans._side_by_side(k, v)
     assert side_by_side.data_ptr() == k.data_ptr()  # a view of the fused qkv output
     assert torch.equal(side_by_side, rows)
-    assert torch.equal(fb._side_by_side(k.clone(), v.clone()), rows)  # apart: a copy
-    fp8 = fb.to_fp8_rows(side_by_side)
+    assert torch.equal(plans._side_by_side(k.clone(), v.clone()), rows)  # apart: a copy
+    fp8 = plans.to_fp8_rows(side_by_side)
     assert fp8.dtype == torch.float8_e4m3fn and fp8.float().abs().max().item() == 448.0
     assert torch.equal(fp8.float(), rows.clamp(-448, 448).to(torch.float8_e4m3fn).float())
 

@@ -157,7 +157,7 @@ class GraphBuffers:
         # the step, plus one per padding row
         self.indices = torch.zeros(max_num_indices + b_max, dtype=torch.int32, device=device)
         self.shared_indices = torch.zeros(max_num_indices, dtype=torch.int32, device=device)
-        # the K/V store's rows (flashinfer_backend.KVWrite): page, offset, offset + 1, 0..b_max;
+        # the K/V store's rows (flashinfer_plans.KVWrite): page, offset, offset + 1, 0..b_max;
         # `rows` is the graphs' own, as the backend's (`FlashInferBackend.rows`) is replaced
         # when it grows and captured kernels must keep reading one address
         self.page = torch.zeros(b_max, dtype=torch.int32, device=device)

@@ -17,12 +17,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("flashinfer")
 
 from engine.attention.cascade import CascadeGroup, CascadePlan, plan_cascade  # noqa: E402
-from engine.attention.flashinfer_backend import (  # noqa: E402
-    CascadeDecodePlan,
-    FlashInferBackend,
-    WrapperPlan,
-)
+from engine.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
 from engine.attention.flashinfer_graphs import cascade_graph_groups  # noqa: E402
+from engine.attention.flashinfer_plans import CascadeDecodePlan, WrapperPlan  # noqa: E402
 from engine.attention.metadata import build_metadata  # noqa: E402
 from engine.attention.torch_backend import TorchBackend  # noqa: E402
 from engine.cuda_graph import toy_step  # noqa: E402
