@@ -65,6 +65,7 @@ STEP_COUNTERS = ("pdserve_engine_steps_total", "pdserve_engine_step_seconds_tota
                  "pdserve_engine_device_seconds_total")
 SCHEDULED = ("pdserve_scheduled_prefill_tokens_total", "pdserve_scheduled_prefill_steps_total",
              "pdserve_scheduled_decode_tokens_total")
+HOLDS = ("pdserve_engine_decode_holds_total", "pdserve_engine_decode_hold_seconds_total")
 KV_BYTES = "pdserve_kv_transfer_bytes_total"  # received by decode replicas (fp8 KV: half)
 KV_MAPS = "pdserve_kv_transfer_maps_total"  # cuda_ipc: sender allocations mapped (a total)
 KV_UNMAPS = ("pdserve_kv_transfer_unmaps_total", "pdserve_kv_transfer_unmap_seconds_total")
@@ -79,7 +80,7 @@ def step_counters() -> dict[str, dict]:
 
     text = httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
     return {name: parse_metrics(text, name)
-            for name in (*STEP_COUNTERS, *SCHEDULED, KV_BYTES, KV_MAPS, *KV_UNMAPS)}
+            for name in (*STEP_COUNTERS, *SCHEDULED, *HOLDS, KV_BYTES, KV_MAPS, *KV_UNMAPS)}
 
 
 def run_total(before: dict[str, dict], after: dict[str, dict], name: str) -> float:
@@ -90,8 +91,8 @@ def run_total(before: dict[str, dict], after: dict[str, dict], name: str) -> flo
 def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
     """Per serving replica, over the run: steps, mean time in `Engine.step`, the mean host
     time the serving path added between two steps (the rest of the step thread's rounds), the
-    device's mean time in a step (the GPU sat idle for the rest of a round), and how full the
-    steps were (`step_fill`)."""
+    device's mean time in a step (the GPU sat idle for the rest of a round), how full the
+    steps were (`step_fill`), and the decode holds (engine/decode_hold.py) where there were any."""
     steps, step_s, round_s, action_s, device_s, prefill, prefill_steps, decode = (
         {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
         for name in (*STEP_COUNTERS, *SCHEDULED))
@@ -103,7 +104,14 @@ def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
                   f"(actions {1e3 * action_s.get(key, 0.0) / n:.2f} ms), "
                   f"{1e3 * device_s.get(key, 0.0) / n:.2f} ms on the device; "
                   + step_fill(n, prefill.get(key, 0.0), prefill_steps.get(key, 0.0),
-                              decode.get(key, 0.0)), flush=True)
+                              decode.get(key, 0.0)) + holds(before, after, key), flush=True)
+
+
+def holds(before: dict[str, dict], after: dict[str, dict], key: tuple) -> str:
+    """"; N decode holds, S s held" for a replica that held its decode steps over the run."""
+    grown = [after.get(name, {}).get(key, 0.0) - before.get(name, {}).get(key, 0.0)
+             for name in HOLDS]
+    return f"; {grown[0]:.0f} decode holds, {grown[1]:.3f} s held" if grown[0] else ""
 
 
 def step_fill(steps: float, prefill: float, prefill_steps: float, decode: float) -> str:

@@ -17,7 +17,8 @@ Contract:
   the whole rounds that stepped (actions + step + hand-off: the difference is the host time
   the serving path adds between steps); `action_seconds` of which applying actions; and
   `device_seconds`, the GPU's time in the steps (0 off CUDA), against which the rounds show how
-  long the GPU sat idle between steps; and the decode holds begun (`DecodeHold.num_holds`).
+  long the GPU sat idle between steps; the decode holds begun (`DecodeHold.num_holds`) and
+  `hold_seconds`, the time the thread waited in them.
 
 Why a thread of its own rather than a step per `asyncio.to_thread` call: between two steps the
 old loop had to be woken on the event loop (behind whatever else the serving replica's loop was
@@ -56,6 +57,7 @@ class StepThread:
         self.num_steps = 0
         self.step_seconds = self.round_seconds = self.action_seconds = 0.0
         self.device_seconds = 0.0
+        self.hold_seconds = 0.0  # waited in decode holds (engine/decode_hold.py)
         self._step_log = StepLog.from_env()  # PDSERVE_STEP_LOG: a line per step
 
     def submit(self, request_id: str, fn: Callable[[], None]) -> None:
@@ -84,7 +86,8 @@ class StepThread:
                 "pdserve_engine_round_seconds_total": self.round_seconds,
                 "pdserve_engine_action_seconds_total": self.action_seconds,
                 "pdserve_engine_device_seconds_total": self.device_seconds,
-                "pdserve_engine_decode_holds_total": self.engine.scheduler.hold.num_holds}
+                "pdserve_engine_decode_holds_total": self.engine.scheduler.hold.num_holds,
+                "pdserve_engine_decode_hold_seconds_total": self.hold_seconds}
 
     def has_work(self) -> bool:
         """Requests of these streams to step. Every engine request of ours has an open stream
@@ -104,7 +107,9 @@ class StepThread:
                 self._cond.wait_for(lambda: self._pending or self._closed, IDLE_EXIT_S)
             elif not self._pending and (held := self.engine.held_s()):
                 # a decode hold: until an admission (or another action) comes, or it ends
+                start = time.perf_counter()
                 self._cond.wait_for(lambda: self._pending or self._closed, held)
+                self.hold_seconds += time.perf_counter() - start
             # After an idle wait only a submitted action keeps the thread: work that appeared
             # in the engine meanwhile is someone else's (a test's LLM on the same Engine).
             if _DRIVERS.get(self.engine) is not self or not self._pending and (

@@ -25,6 +25,16 @@ def test_each_replica_prints_its_mean_step_round_and_device_time(capsys):
         "each), 128.0 decode rows per step\n")
 
 
+def test_a_replica_that_held_its_decode_steps_says_how_often_and_how_long(capsys):
+    before = _counters(10, 0.1, 0.11, 0.001, 0.09, 0, 0, 100)
+    after = _counters(110, 1.1, 1.21, 0.011, 1.09, 0, 0, 12900)
+    before.update({gpu_serve.HOLDS[0]: {KEY: 1}, gpu_serve.HOLDS[1]: {KEY: 0.25}})
+    after.update({gpu_serve.HOLDS[0]: {KEY: 7}, gpu_serve.HOLDS[1]: {KEY: 1.5}})
+    gpu_serve.print_step_times(before, after)
+    assert capsys.readouterr().out.endswith(
+        "128.0 decode rows per step; 6 decode holds, 1.250 s held\n")
+
+
 def test_a_run_total_is_the_counters_growth_over_all_replicas():
     before = {"x_total": {("decode", "a"): 2.0, ("decode", "b"): 1.0}}
     after = {"x_total": {("decode", "a"): 5.0, ("decode", "b"): 4.0}}

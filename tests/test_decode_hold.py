@@ -177,7 +177,9 @@ def test_a_decode_replica_holds_its_first_row_until_the_reserved_prompt_lands(ti
     assert len(a_held) == 1 and steps_held == 0
     assert [t for o in a_out for t in o.new_token_ids] == ref[0].token_ids
     assert [t for o in b_out for t in o.new_token_ids] == ref[1].token_ids
-    assert decode.engine.stepper.counters()["pdserve_engine_decode_holds_total"] == 1
+    counters = decode.engine.stepper.counters()
+    assert counters["pdserve_engine_decode_holds_total"] == 1
+    assert counters["pdserve_engine_decode_hold_seconds_total"] > 0  # waited for b's admission
     decode.engine.engine.check_integrity()
     assert decode.engine.stats().pages_used == 0
 
