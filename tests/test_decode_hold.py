@@ -152,18 +152,29 @@ async def outputs_of(decode: DecodeWorker, prompt: list[int], request_id: str, s
         seen.append(out)
 
 
+PA, PB = [5, 6, 7, 8, 9], list(range(20, 40))  # requests "a" and "b"
+
+
+def same_tokens_as_colocated_and_pages_back(path: str, decode: DecodeWorker, a_out: list,
+                                            b_out: list) -> None:
+    ref = LLM(path, num_pages=64).generate([PA, PB], GREEDY)
+    assert [t for o in a_out for t in o.new_token_ids] == ref[0].token_ids
+    assert [t for o in b_out for t in o.new_token_ids] == ref[1].token_ids
+    decode.engine.engine.check_integrity()
+    assert decode.engine.stats().pages_used == 0
+
+
 def test_a_decode_replica_holds_its_first_row_until_the_reserved_prompt_lands(tiny_llama):
     """With a hold longer than the test, only the admission of the reserved prompt ends it:
     the first request's first token comes at once (with its KV), its second only once the
     second request has joined, and both decode the colocated engine's tokens."""
-    pa, pb = [5, 6, 7, 8, 9], list(range(20, 40))
 
     async def main():
         prefill, decode = gated_pair(tiny_llama, hold_ms=600_000, gated={"b"})
         a_out, b_out = [], []
-        b = asyncio.create_task(outputs_of(decode, pb, "b", b_out))
+        b = asyncio.create_task(outputs_of(decode, PB, "b", b_out))
         await reserved(decode, "b")
-        a = asyncio.create_task(outputs_of(decode, pa, "a", a_out))
+        a = asyncio.create_task(outputs_of(decode, PA, "a", a_out))
         while not a_out:
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.3)  # a step would have come by now, were a not held
@@ -173,28 +184,23 @@ def test_a_decode_replica_holds_its_first_row_until_the_reserved_prompt_lands(ti
         return decode, held, a_out, b_out
 
     decode, (a_held, steps_held), a_out, b_out = asyncio.run(main())
-    ref = LLM(tiny_llama, num_pages=64).generate([pa, pb], GREEDY)
     assert len(a_held) == 1 and steps_held == 0
-    assert [t for o in a_out for t in o.new_token_ids] == ref[0].token_ids
-    assert [t for o in b_out for t in o.new_token_ids] == ref[1].token_ids
+    same_tokens_as_colocated_and_pages_back(tiny_llama, decode, a_out, b_out)
     counters = decode.engine.stepper.counters()
     assert counters["pdserve_engine_decode_holds_total"] == 1
     assert counters["pdserve_engine_decode_hold_seconds_total"] > 0  # waited for b's admission
-    decode.engine.engine.check_integrity()
-    assert decode.engine.stats().pages_used == 0
 
 
 def test_a_short_hold_lets_the_rows_decode_while_the_reserved_prompt_never_lands(tiny_llama):
     """The hold is bounded: with the second prompt's prefill held back until the first request
     has ended, the first still decodes all its tokens, one hold before each of its steps."""
-    pa, pb = [5, 6, 7, 8, 9], list(range(20, 40))
 
     async def main():
         prefill, decode = gated_pair(tiny_llama, hold_ms=20, gated={"b"})
         a_out, b_out = [], []
-        b = asyncio.create_task(outputs_of(decode, pb, "b", b_out))
+        b = asyncio.create_task(outputs_of(decode, PB, "b", b_out))
         await reserved(decode, "b")
-        await outputs_of(decode, pa, "a", a_out)
+        await outputs_of(decode, PA, "a", a_out)
         holds = decode.engine.stepper.counters()["pdserve_engine_decode_holds_total"]
         b_before = len(b_out)
         prefill.gate.set()
@@ -202,10 +208,6 @@ def test_a_short_hold_lets_the_rows_decode_while_the_reserved_prompt_never_lands
         return decode, holds, b_before, a_out, b_out
 
     decode, holds, b_before, a_out, b_out = asyncio.run(main())
-    ref = LLM(tiny_llama, num_pages=64).generate([pa, pb], GREEDY)
     assert b_before == 0  # b's prefill was still held back when a ended
-    assert [t for o in a_out for t in o.new_token_ids] == ref[0].token_ids
-    assert [t for o in b_out for t in o.new_token_ids] == ref[1].token_ids
     assert holds == 5  # before each of a's 5 decode steps (its first token came with its KV)
-    decode.engine.engine.check_integrity()
-    assert decode.engine.stats().pages_used == 0
+    same_tokens_as_colocated_and_pages_back(tiny_llama, decode, a_out, b_out)
