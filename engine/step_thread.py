@@ -6,11 +6,11 @@ Contract:
 - `submit(request_id, fn)`, from any thread: fn runs on the step thread before the next step, in
   submission order; a thread is started if none runs. An fn that raises fails request_id's
   stream, not the thread.
-- The thread steps while the engine has work of this thread's streams (`has_work`) and does
-  not hold its next decode step (`Engine.held_s`, engine/decode_hold.py: then it waits for the
-  next action or the hold's end), hands
+- The thread steps while the engine has work of this thread's streams (`has_work`), hands
   each step's outputs to the streams (`OutputStreams.deliver`, then one `flush`), and leaves
-  after IDLE_EXIT_S with neither work nor actions; the next `submit` starts another.
+  after IDLE_EXIT_S with neither work nor actions; the next `submit` starts another. While the
+  engine holds its next decode step (`Engine.held_s`, engine/decode_hold.py) it waits instead,
+  for the next action or the hold's end.
 - `close()` lets the thread finish its step and apply what was submitted before, then returns
   once it has left. A step that raises fails every open stream's request (and aborts it).
 - Counters, for /metrics: `num_steps`; `step_seconds` inside `Engine.step`; `round_seconds`,
