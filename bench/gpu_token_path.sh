@@ -8,9 +8,10 @@
 # (configs/llama3-8b-gpu-fp8.yaml under MPS), pd_proxy / colo_proxy (Serve's Python proxy
 # instead of the HAProxy ingress: Ray is restarted without it, then with it again),
 # any variant of bench/gpu_variants.py (`python -m bench.gpu_variants --list`; also
-# <BASE>_gil<X> and <BASE>_batch<N>), and two comparisons under MPS (bench.compare):
+# <BASE>_gil<X> and <BASE>_batch<N>), and three comparisons under MPS (bench.compare):
 # lp_mps (long prompts, 2048 in / 16 out, 48 per Poisson rate in LP_RATES (default 16,24 req/s),
-# SLOs TTFT <= 1 s and TPOT <= 20 ms: pd_mps_even against pd_mps) and sp_local_mps (a
+# SLOs TTFT <= 1 s and TPOT <= 20 ms: pd_mps_even against pd_mps; lp_hold_mps: pd_mps against
+# pd_mps_hold1000, the decode hold of engine/decode_hold.py) and sp_local_mps (a
 # shared-prefix workload, 16 groups of 16 requests, 1024-token prefix + 32-token suffix, 128 out,
 # 64 at a time: `decode.local_prefill_max_tokens` 0 against 64, the config's).
 # A name with "_mps" runs under CUDA MPS (the two replicas' kernels side by side on the GPU
@@ -63,6 +64,16 @@ compare_under_mps() {  # $1: name ($OUT/$1.json), $2: time limit s, $3: lines of
     mps off
   fi
 }
+save_logs() {  # the logs so far go back as one file each ($OUT returns few files; tar xzf
+  # NAME.tar.gz -C DIR), after every name: a call cut at its time limit keeps them (run 156's
+  # were lost so)
+  if [ -n "${PDSERVE_STEP_LOG:-}" ] && [ -d "$PDSERVE_STEP_LOG" ] && [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/steplog.tar.gz" -C "$PDSERVE_STEP_LOG" .
+  fi
+  if [ -n "${PDSERVE_HOP_LOG:-}" ] && [ -d "$PDSERVE_HOP_LOG" ] && [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/hoplog.tar.gz" -C "$PDSERVE_HOP_LOG" .
+  fi
+}
 # The engine alone's time limit: FlashInfer compiles its kernels on first use, ~4 minutes on a
 # machine without the JIT cache (run 144 lost its figure to a 240 s limit so).
 if [ -d ~/.cache/flashinfer ]; then OFFLINE_S=240; else OFFLINE_S=480; fi
@@ -92,6 +103,10 @@ for name in "${@:-offline pd colo}"; do
         variants pd_mps_even pd_mps && compare_under_mps lp_mps 560 14 /tmp/pd_mps_even.yaml \
           /tmp/pd_mps.yaml --labels normal,below --workload long-prompt --num-prompts 48 \
           --sweep-rates ${LP_RATES:-16,24} --slo-ttft-ms 1000 --slo-tpot-ms 20 ;;
+      lp_hold_mps)  # long prompts under MPS: the config against its decode hold of 1000 ms
+        variants pd_mps pd_mps_hold1000 && compare_under_mps lp_hold_mps 560 14 /tmp/pd_mps.yaml \
+          /tmp/pd_mps_hold1000.yaml --labels config,hold1000 --workload long-prompt \
+          --num-prompts 48 --sweep-rates ${LP_RATES:-16,24} --slo-ttft-ms 1000 --slo-tpot-ms 20 ;;
       sp_local_mps)  # shared prefixes: every prompt remote, against local when cached
         variants pd_local0_mps pd_local64_mps && compare_under_mps sp_local_mps 500 24 \
           /tmp/pd_local0_mps.yaml /tmp/pd_local64_mps.yaml --labels remote,local64 \
@@ -101,12 +116,6 @@ for name in "${@:-offline pd colo}"; do
         if variants $n && mps on; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; mps off; fi ;;
       *) if variants $n; then bash bench/gpu_serve_runs.sh $n:/tmp/$n.yaml; fi ;;
     esac
+    save_logs
   done
 done
-# The logs go back as one file each ($OUT returns few files): tar xzf NAME.tar.gz -C DIR.
-if [ -n "${PDSERVE_STEP_LOG:-}" ] && [ -d "$PDSERVE_STEP_LOG" ] && [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/steplog.tar.gz" -C "$PDSERVE_STEP_LOG" .
-fi
-if [ -n "${PDSERVE_HOP_LOG:-}" ] && [ -d "$PDSERVE_HOP_LOG" ] && [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/hoplog.tar.gz" -C "$PDSERVE_HOP_LOG" .
-fi
