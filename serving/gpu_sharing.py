@@ -6,7 +6,8 @@ together. Under an MPS control daemon their kernels run side by side. Measured o
 (docs/benchmarks.md, 2026-12-02): 1P1D on one GPU went from 0.69-0.74x to 0.79-0.90x of the
 engine alone on the Serve workload, prefill steps from ~178 to 99-129 ms. The daemon is the
 node's, started before Ray (see the README, "One GPU, prefill and decode"), so a replica can
-only look for it and say so when it is missing.
+only look for it and say so when it is missing. Likewise a replica with a GPU of its own says
+that `engine.decode_hold_ms` does nothing there but delay tokens (engine/decode_hold.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def sharing_warning(gpu_share: float | None, device: str, mps: bool) -> str | No
             f"(`nvidia-cuda-mps-control -d`; README, \"One GPU, prefill and decode\")")
 
 
+def hold_warning(gpu_share: float | None, device: str, decode_hold_ms: float) -> str | None:
+    """What to tell the operator of a replica that holds its decode steps
+    (`engine.decode_hold_ms`, engine/decode_hold.py) on a GPU of its own, where a held step
+    speeds no prefill and only delays its rows' tokens; None when there is nothing to say."""
+    if decode_hold_ms <= 0 or not device.startswith("cuda") or gpu_share is None or gpu_share < 1:
+        return None
+    return (f"engine.decode_hold_ms is {decode_hold_ms:g} on a replica with {gpu_share:g} GPU: "
+            f"the hold is for a decode replica sharing its GPU with a prefill replica; here it "
+            f"only delays tokens (set it to 0)")
+
+
 def assigned_gpu_share() -> float | None:
     """The GPU fraction Ray gave this actor; None outside a Ray worker."""
     try:
@@ -50,9 +62,11 @@ def assigned_gpu_share() -> float | None:
         return None
 
 
-def warn_if_sharing_without_mps(device: str) -> str | None:
-    """Logs (and returns) `sharing_warning` for this process."""
-    message = sharing_warning(assigned_gpu_share(), device, mps_daemon_found())
-    if message:
+def warn_about_sharing(device: str, decode_hold_ms: float = 0.0) -> list[str]:
+    """Logs (and returns) `sharing_warning` and `hold_warning` for this process."""
+    share = assigned_gpu_share()
+    messages = [m for m in (sharing_warning(share, device, mps_daemon_found()),
+                            hold_warning(share, device, decode_hold_ms)) if m]
+    for message in messages:
         log.warning(message)
-    return message
+    return messages

@@ -18,7 +18,7 @@ from engine.tiny_model import ensure_tiny_model
 from kvtransfer import KVTransferLost, model_fingerprint
 from serving.batched_runs import BatchedRuns, End, Request
 from serving.config import AppConfig
-from serving.gpu_sharing import warn_if_sharing_without_mps
+from serving.gpu_sharing import warn_about_sharing
 from serving.metrics_hub import start_pushing
 from serving.sink_set import SinkSet
 from serving.step_sink import StepSink
@@ -97,7 +97,8 @@ class Replica:
         # Text and stop strings are the API's work (api/detokenizing_client.py), not the step's;
         # outputs leave in per-step batches (serving/token_mailbox.py), coalesced, if at all,
         # by the ingress.
-        self.engine = AsyncEngine(Engine(model_cfg, cfg.engine_config(role), detokenize=False))
+        engine_cfg = cfg.engine_config(role)
+        self.engine = AsyncEngine(Engine(model_cfg, engine_cfg, detokenize=False))
         self.fingerprint = model_fingerprint(model_cfg.path, model_cfg.dtype,
                                              model_cfg.load_format, model_cfg.seed,
                                              model_cfg.quantize)
@@ -110,7 +111,7 @@ class Replica:
         self._last_audit = 0.0
         self.batched = BatchedRuns()
         self.sinks = SinkSet(self.metrics, on_lost=self._abort_all, on_abort=self.batched.abort)
-        warn_if_sharing_without_mps(model_cfg.device)
+        warn_about_sharing(model_cfg.device, engine_cfg.decode_hold_ms)
         tune_interpreter()
         self._stop_push = start_pushing(self.snapshot)
         log.info("%s replica %s ready: %d KV pages", role, self.metrics.replica,

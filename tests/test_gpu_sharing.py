@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from serving.gpu_sharing import mps_daemon_found, sharing_warning
+from serving.gpu_sharing import hold_warning, mps_daemon_found, sharing_warning
 
 
 def test_warns_only_for_a_shared_cuda_device_without_mps():
@@ -19,6 +19,15 @@ def test_warns_only_for_a_shared_cuda_device_without_mps():
     assert sharing_warning(0.0, "cuda", mps=False) is None  # no GPU assigned (CPU replica)
     assert sharing_warning(None, "cuda", mps=False) is None  # outside Ray: share unknown
     assert sharing_warning(0.5, "cpu", mps=False) is None
+
+
+def test_warns_of_a_decode_hold_only_on_a_gpu_of_its_own():
+    message = hold_warning(1.0, "cuda", decode_hold_ms=1000)
+    assert message is not None and "decode_hold_ms is 1000" in message
+    assert hold_warning(0.5, "cuda", decode_hold_ms=1000) is None  # shared: what it is for
+    assert hold_warning(1.0, "cuda", decode_hold_ms=0) is None  # off
+    assert hold_warning(None, "cuda", decode_hold_ms=1000) is None  # outside Ray: share unknown
+    assert hold_warning(0.0, "cpu", decode_hold_ms=50) is None  # CPU replicas share the cores
 
 
 def test_finds_the_daemon_by_its_control_pipe(tmp_path):
