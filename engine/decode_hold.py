@@ -16,7 +16,9 @@ double; and for at most `max_wait_s` from when the hold began. A step launched e
 the next may begin at once, so a row waits at most `max_wait_s` between two of its steps.
 Under a steady load of long answers the running batch outnumbers the prompts in flight and
 nothing is held; with short answers to long prompts it may not, and most steps would wait.
-`max_wait_s` 0 (the default) never holds.
+`max_wait_s` 0 (the default) never holds. Prompts that never land (their prefill replica lost)
+slow the rows to one step per `max_wait_s` until their reservations end (retried elsewhere,
+or failed); they never stop them.
 
 Measured (1P1D on one H100, the token-path workload, 1000 ms; runs 156-157): 266-277 decode
 steps against 301-304, ITL p99 42 ms against 94-102, tokens/s within the run-to-run spread
