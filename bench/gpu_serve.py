@@ -94,8 +94,7 @@ def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
     device's mean time in a step (the GPU sat idle for the rest of a round), how full the
     steps were (`step_fill`), and the decode holds (engine/decode_hold.py) where there were any."""
     steps, step_s, round_s, action_s, device_s, prefill, prefill_steps, decode = (
-        {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
-        for name in (*STEP_COUNTERS, *SCHEDULED))
+        growth(before, after, name) for name in (*STEP_COUNTERS, *SCHEDULED))
     for key, n in sorted(steps.items()):
         if n:
             print(f"step thread {key[0]} {key[1][:8]}: {n:.0f} steps, "
@@ -107,11 +106,15 @@ def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
                               decode.get(key, 0.0)) + holds(before, after, key), flush=True)
 
 
+def growth(before: dict[str, dict], after: dict[str, dict], name: str) -> dict:
+    """How much counter `name` grew over the run, per replica (none where /metrics lacked it)."""
+    return {k: v - before.get(name, {}).get(k, 0.0) for k, v in after.get(name, {}).items()}
+
+
 def holds(before: dict[str, dict], after: dict[str, dict], key: tuple) -> str:
     """"; N decode holds, S s held" for a replica that held its decode steps over the run."""
-    grown = [after.get(name, {}).get(key, 0.0) - before.get(name, {}).get(key, 0.0)
-             for name in HOLDS]
-    return f"; {grown[0]:.0f} decode holds, {grown[1]:.3f} s held" if grown[0] else ""
+    n, held_s = (growth(before, after, name).get(key, 0.0) for name in HOLDS)
+    return f"; {n:.0f} decode holds, {held_s:.3f} s held" if n else ""
 
 
 def step_fill(steps: float, prefill: float, prefill_steps: float, decode: float) -> str:
