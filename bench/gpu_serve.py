@@ -85,7 +85,7 @@ def step_counters() -> dict[str, dict]:
 
 def run_total(before: dict[str, dict], after: dict[str, dict], name: str) -> float:
     """How much counter `name` grew over the run, summed over the replicas."""
-    return sum(after[name].values()) - sum(before[name].values())
+    return sum(growth(before, after, name).values())
 
 
 def print_step_times(before: dict[str, dict], after: dict[str, dict]) -> None:
